@@ -1,0 +1,38 @@
+// The CPU kernel table. kernels_impl.h is compiled once per CPU capability (DEFAULT, AVX2,
+// AVX512: see setup.py), each copy in its own namespace; the launchers pick a table at run
+// time from at::get_cpu_capability(), so one portable build is fast on every x86 CPU.
+// Kernels work on a range of rows so the launcher owns threading and error reporting.
+#pragma once
+
+#include <cstdint>
+
+#include "../kernel_params.h"
+
+namespace tlf::cpu {
+
+// Row kernels return -1, or the first row in [begin, end) whose class-index target is out
+// of range (neither in [0, C) nor ignore_index); *bad_target receives that target.
+struct KernelTable {
+  const char* name;
+  int64_t (*softmax_loss_fwd)(const SoftmaxLossParams&, Dtype, int64_t begin, int64_t end,
+                              int64_t* bad_target);
+  int64_t (*softmax_loss_bwd)(const SoftmaxLossParams&, Dtype, int64_t begin, int64_t end,
+                              int64_t* bad_target);
+  void (*sigmoid_focal_fwd)(const SigmoidFocalParams&, Dtype, int64_t begin, int64_t end);
+  void (*sigmoid_focal_bwd)(const SigmoidFocalParams&, Dtype, int64_t begin, int64_t end);
+};
+
+namespace DEFAULT {
+extern const KernelTable kTable;
+}
+namespace AVX2 {
+extern const KernelTable kTable;
+}
+namespace AVX512 {
+extern const KernelTable kTable;
+}
+
+// The table for this CPU (honours ATEN_CPU_CAPABILITY, as PyTorch's own kernels do).
+const KernelTable& kernel_table();
+
+}  // namespace tlf::cpu

@@ -1,0 +1,623 @@
+// CPU kernel bodies. Included only by kernels_<capability>.cpp, each compiled with that
+// capability's flags and CPU_CAPABILITY macro, so every copy lives in its own namespace and
+// at::vec picks the matching instruction set. No torch tensor header here: kernels see only
+// the torch-free params of kernel_params.h.
+//
+// Numerics: accumulate in float (double for double inputs). A row is processed in blocks
+// of kBlock classes converted into an L1-resident buffer: the forward keeps an online
+// (max, sum of exp) pair per row, so logits are read from memory once; the backward reads
+// them once more and writes the gradient once.
+#ifndef CPU_CAPABILITY
+#error "kernels_impl.h is compiled through csrc/cpu/kernels_<capability>.cpp"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace tlf::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlock = 2048;  // classes per block; 8 KiB of floats stays in L1
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename scalar_t>
+constexpr bool kReduced =
+    std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+
+// exp for probabilities: the 1-ulp exp for float and double inputs; for bf16/fp16 inputs,
+// whose gradient keeps 8 or 11 bits, the faster polynomial is accurate enough.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  if constexpr (kReduced<scalar_t>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+template <typename T>
+inline Vectorized<T> vmax(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return at::vec::maximum(a, b);  // propagates NaN, so a NaN logit poisons its row
+}
+
+template <typename T>
+inline Vectorized<T> vadd(const Vectorized<T>& a, const Vectorized<T>& b) {
+  return a + b;
+}
+
+// n elements at src (element stride `stride`) -> contiguous acc_t.
+template <typename scalar_t, typename acc_t>
+inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
+  if (stride != 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i * stride]);
+  } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else if constexpr (kReduced<scalar_t>) {
+    using bVec = Vectorized<scalar_t>;
+    using fVec = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + bVec::size() <= n; i += bVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + fVec::size());
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  }
+}
+
+// Contiguous acc_t -> n elements at dst (element stride `stride`), rounding once.
+template <typename scalar_t, typename acc_t>
+inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stride) {
+  if (stride != 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<scalar_t>(src[i]);
+  } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(dst, src, n * sizeof(acc_t));
+  } else if constexpr (kReduced<scalar_t>) {
+    using bVec = Vectorized<scalar_t>;
+    using fVec = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + bVec::size() <= n; i += bVec::size()) {
+      auto lo = fVec::loadu(src + i);
+      auto hi = fVec::loadu(src + i + fVec::size());
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+template <typename scalar_t>
+inline void zero_row(scalar_t* dst, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    std::memset(static_cast<void*>(dst), 0, n * sizeof(scalar_t));  // +0.0 in every format
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = scalar_t(0);
+  }
+}
+
+// The logit transform s = cap * tanh(scale * x / cap) (softcap) or s = scale * x, and its
+// derivative ds/dx written in terms of s.
+template <typename acc_t>
+struct Transform {
+  using V = Vectorized<acc_t>;
+  acc_t scale, cap, k;
+  bool scaled, capped;
+
+  Transform(double logit_scale, double softcap)
+      : scale(static_cast<acc_t>(logit_scale)),
+        cap(static_cast<acc_t>(softcap)),
+        k(softcap > 0 ? static_cast<acc_t>(logit_scale / softcap) : acc_t(0)),
+        scaled(logit_scale != 1.0),
+        capped(softcap > 0) {}
+
+  bool active() const { return scaled || capped; }
+
+  void apply(acc_t* buf, int64_t n) const {
+    if (capped) {
+      const V vk(k), vc(cap);
+      at::vec::map([&](V x) { return (x * vk).tanh() * vc; }, buf, buf, n);
+    } else if (scaled) {
+      const V vs(scale);
+      at::vec::map([&](V x) { return x * vs; }, buf, buf, n);
+    }
+  }
+
+  V deriv(const V& s) const {
+    if (capped) {
+      const V u = s / V(cap);
+      return V(scale) * (V(1) - u * u);
+    }
+    return V(scale);
+  }
+
+  acc_t deriv1(acc_t s) const {
+    if (capped) {
+      const acc_t u = s / cap;
+      return scale * (acc_t(1) - u * u);
+    }
+    return scale;
+  }
+};
+
+template <typename acc_t>
+struct RowBuffers {
+  alignas(64) acc_t s[kBlock];  // transformed logits of the current block
+  alignas(64) acc_t t[kBlock];  // probability-target block
+  alignas(64) acc_t out[kBlock];
+};
+
+// Pass over a row: online log-sum-exp. Captures the transformed logit at `target` (when
+// 0 <= target < C) from the same buffer the sum used, so forward and backward agree.
+template <typename scalar_t, typename acc_t>
+inline acc_t row_lse(const scalar_t* x, int64_t C, int64_t sc, const Transform<acc_t>& tf,
+                     int64_t target, acc_t* s_target, acc_t* buf) {
+  using V = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t M = kNegInf, S = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - c0);
+    load_block(x + c0 * sc, sc, n, buf);
+    tf.apply(buf, n);
+    if (target >= c0 && target < c0 + n) *s_target = buf[target - c0];
+    const acc_t m = at::vec::reduce_all<acc_t>(vmax<acc_t>, buf, n);
+    if (!(m <= M)) {  // a larger maximum, or NaN (which then poisons S)
+      S = S * std::exp(M - m);  // exp(-inf) = 0 when nothing finite was seen yet
+      M = m;
+    }
+    if (M == kNegInf) continue;  // all -inf so far: each term is exp(-inf) = 0
+    const V vM(M);
+    S += at::vec::map_reduce_all<acc_t>(
+        [&](V v) { return vexp<scalar_t, acc_t>(v - vM); }, vadd<acc_t>, buf, n);
+  }
+  return M + std::log(S);
+}
+
+template <typename acc_t>
+inline acc_t read_acc(const RowVector& v, int64_t r) {
+  return static_cast<const acc_t*>(v.ptr)[v.offset(r)];
+}
+
+inline int64_t read_index(const SoftmaxLossParams& p, int64_t r) {
+  const int64_t off = p.index_target.offset(r);
+  switch (p.index_type) {
+    case IndexType::Int32:
+      return static_cast<const int32_t*>(p.index_target.ptr)[off];
+    case IndexType::UInt8:
+      return static_cast<const uint8_t*>(p.index_target.ptr)[off];
+    case IndexType::Int64:
+    default:
+      return static_cast<const int64_t*>(p.index_target.ptr)[off];
+  }
+}
+
+// Loads a probability-target block and turns it into t'_c * w_c, where
+// t' = (1 - eps) t + eps / C (PyTorch's smoothed probability target).
+template <typename scalar_t, typename acc_t>
+inline void load_prob_target(const SoftmaxLossParams& p, int64_t r, int64_t c0, int64_t n,
+                             acc_t* dst) {
+  const RowLayout& tl = p.prob_target_layout;
+  const int64_t off = tl.row_offset(r) + c0 * tl.sc;
+  if (p.target_is_float32 && !std::is_same_v<scalar_t, float>) {
+    load_block(static_cast<const float*>(p.prob_target_ptr) + off, tl.sc, n, dst);
+  } else {
+    load_block(static_cast<const scalar_t*>(p.prob_target_ptr) + off, tl.sc, n, dst);
+  }
+  using V = Vectorized<acc_t>;
+  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  if (eps > 0) {
+    const V keep(acc_t(1) - eps), add(eps / static_cast<acc_t>(p.in.C));
+    at::vec::map([&](V t) { return t * keep + add; }, dst, dst, n);
+  }
+  if (p.weight != nullptr) {
+    at::vec::map2([](V t, V w) { return t * w; }, dst, dst,
+                  static_cast<const acc_t*>(p.weight) + c0, n);
+  }
+}
+
+// Second pass for label smoothing and probability targets:
+// sum_c q_c * (lse - s_c), with q_c = w_c (smoothing) or t'_c * w_c (probability target).
+template <typename scalar_t, typename acc_t>
+inline acc_t row_weighted_nll_sum(const SoftmaxLossParams& p, int64_t r, const scalar_t* x,
+                                  const Transform<acc_t>& tf, acc_t lse,
+                                  RowBuffers<acc_t>& b) {
+  using V = Vectorized<acc_t>;
+  const int64_t C = p.in.C, sc = p.in.sc;
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const V vlse(lse);
+  acc_t total = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - c0);
+    load_block(x + c0 * sc, sc, n, b.s);
+    tf.apply(b.s, n);
+    if (p.prob_target) {
+      load_prob_target<scalar_t>(p, r, c0, n, b.t);
+      total += at::vec::map2_reduce_all<acc_t>([&](V s, V q) { return q * (vlse - s); },
+                                               vadd<acc_t>, b.s, b.t, n);
+    } else if (w != nullptr) {
+      total += at::vec::map2_reduce_all<acc_t>([&](V s, V q) { return q * (vlse - s); },
+                                               vadd<acc_t>, b.s, w + c0, n);
+    } else {
+      total += at::vec::map_reduce_all<acc_t>([&](V s) { return vlse - s; }, vadd<acc_t>,
+                                              b.s, n);
+    }
+  }
+  return total;
+}
+
+// Focal pieces from log p_t: loss = -alpha_t (1-p_t)^gamma log p_t, and the factor F with
+// d loss / d s_c = F * (p_c - [c == t]). Written so that gamma = 0 gives exactly the
+// cross-entropy values (F = alpha_t) and saturated logits give finite values.
+template <typename acc_t>
+struct Focal {
+  acc_t loss, factor;
+  Focal(acc_t log_pt, acc_t alpha_t, acc_t gamma) {
+    const acc_t q = -std::expm1(log_pt);  // 1 - p_t without cancellation
+    loss = -(alpha_t * std::pow(q, gamma)) * log_pt;
+    if (gamma == 0) {
+      factor = alpha_t;
+    } else {
+      const acc_t pt = std::exp(log_pt);
+      // log(1 - q) / q -> -1 as q -> 0; p_t * log p_t -> 0 as p_t -> 0.
+      const acc_t ratio = q > 0 ? log_pt / q : acc_t(-1);
+      const acc_t corr = pt > 0 ? gamma * pt * ratio : acc_t(0);
+      factor = alpha_t * std::pow(q, gamma) * (acc_t(1) - corr);
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t focal_alpha(const SoftmaxLossParams& p, int64_t t) {
+  const acc_t a = static_cast<acc_t>(p.alpha_scale);
+  return p.alpha != nullptr ? a * static_cast<const acc_t*>(p.alpha)[t] : a;
+}
+
+template <typename scalar_t>
+int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
+                              int64_t* bad_target) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const int64_t C = p.in.C, sc = p.in.sc;
+  const Transform<acc_t> tf(p.logit_scale, p.softcap);
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  const acc_t z = static_cast<acc_t>(p.z_loss);
+  auto* loss = static_cast<acc_t*>(p.loss);
+  auto* lse_out = static_cast<acc_t*>(p.lse);
+  RowBuffers<acc_t> b;
+
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* row = x + p.in.row_offset(r);
+    if (p.prob_target) {
+      const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
+      acc_t l = row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
+      if (z != 0) l += z * lse * lse;
+      loss[r] = l;
+      lse_out[r] = lse;
+      continue;
+    }
+    const int64_t t = read_index(p, r);
+    const bool ignored = t == p.ignore_index;
+    if (!ignored && (t < 0 || t >= C)) {
+      *bad_target = t;
+      return r;
+    }
+    acc_t s_t = 0;
+    const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
+    lse_out[r] = lse;
+    if (ignored) {
+      loss[r] = 0;
+      continue;
+    }
+    if (p.focal) {
+      loss[r] = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
+                             static_cast<acc_t>(p.gamma))
+                    .loss;
+      continue;
+    }
+    const acc_t nll = lse - s_t;
+    acc_t l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
+    if (eps > 0) {
+      l += eps / static_cast<acc_t>(C) * row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
+    }
+    if (z != 0) l += z * lse * lse;
+    loss[r] = l;
+  }
+  return -1;
+}
+
+// Gradient of one row: grad_c = ds/dx_c * (A p_c - D q_c) - [c == t] ds/dx_t * B, where q_c is
+// w_c (label smoothing) or t'_c w_c (probability target). The target element is
+// recomputed in acc precision so p_t - 1 is formed before rounding.
+template <typename scalar_t, typename acc_t>
+inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, scalar_t* g,
+                     const Transform<acc_t>& tf, acc_t lse, acc_t A, acc_t D, acc_t B,
+                     int64_t target, RowBuffers<acc_t>& b) {
+  using V = Vectorized<acc_t>;
+  const int64_t C = p.in.C, sc = p.in.sc, gsc = p.grad_layout.sc;
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const V vA(A), vD(D), vlse(lse);
+  const bool with_q = D != 0 && (p.prob_target || w != nullptr);
+  const bool uniform_q = D != 0 && !with_q;  // smoothing without weights: q_c = 1
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - c0);
+    load_block(x + c0 * sc, sc, n, b.s);
+    tf.apply(b.s, n);
+    const acc_t* q = nullptr;
+    if (with_q) {
+      if (p.prob_target) {
+        load_prob_target<scalar_t>(p, r, c0, n, b.t);
+        q = b.t;
+      } else {
+        q = w + c0;
+      }
+    }
+    if (q != nullptr) {
+      at::vec::map2(
+          [&](V s, V qv) {
+            V gv = vA * vexp<scalar_t, acc_t>(s - vlse) - vD * qv;
+            return tf.active() ? gv * tf.deriv(s) : gv;
+          },
+          b.out, b.s, q, n);
+    } else {
+      at::vec::map(
+          [&](V s) {
+            V gv = vA * vexp<scalar_t, acc_t>(s - vlse);
+            if (uniform_q) gv = gv - vD;
+            return tf.active() ? gv * tf.deriv(s) : gv;
+          },
+          b.out, b.s, n);
+    }
+    if (target >= c0 && target < c0 + n) {
+      const int64_t i = target - c0;
+      const acc_t s = b.s[i];
+      const acc_t qt = q != nullptr ? q[i] : (uniform_q ? acc_t(1) : acc_t(0));
+      const acc_t gt = A * std::exp(s - lse) - D * qt - B;
+      b.out[i] = tf.active() ? gt * tf.deriv1(s) : gt;
+    }
+    store_block(b.out, n, g + c0 * gsc, gsc);
+  }
+}
+
+template <typename scalar_t>
+int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
+                              int64_t* bad_target) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  auto* grad = static_cast<scalar_t*>(p.grad_input);
+  const int64_t C = p.in.C, sc = p.in.sc;
+  const Transform<acc_t> tf(p.logit_scale, p.softcap);
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
+  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  const acc_t z = static_cast<acc_t>(p.z_loss);
+  const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
+                                          : static_cast<acc_t>(C);
+  RowBuffers<acc_t> b;
+
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* row = x + p.in.row_offset(r);
+    scalar_t* grow = grad + p.grad_layout.row_offset(r);
+    const acc_t g = read_acc<acc_t>(p.grad_loss, r);
+    const acc_t g_lse = p.grad_lse.ptr != nullptr ? read_acc<acc_t>(p.grad_lse, r) : acc_t(0);
+    const acc_t lse = lse_in[r];
+
+    if (p.prob_target) {
+      // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
+      acc_t mass = 0;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - c0);
+        load_prob_target<scalar_t>(p, r, c0, n, b.t);
+        mass += at::vec::reduce_all<acc_t>(vadd<acc_t>, b.t, n);
+      }
+      acc_t A = g * mass + g_lse;
+      if (z != 0) A += g * 2 * z * lse;
+      row_grad<scalar_t>(p, r, row, grow, tf, lse, A, g, acc_t(0), -1, b);
+      continue;
+    }
+
+    const int64_t t = read_index(p, r);
+    const bool ignored = t == p.ignore_index;
+    if (!ignored && (t < 0 || t >= C)) {
+      *bad_target = t;
+      return r;
+    }
+    if (ignored) {
+      if (p.grad_lse.ptr == nullptr) {
+        zero_row(grow, C, p.grad_layout.sc);
+      } else {
+        row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse, acc_t(0), acc_t(0), -1, b);
+      }
+      continue;
+    }
+    acc_t A, D = 0, B;
+    if (p.focal) {
+      const acc_t s_t = static_cast<acc_t>(row[t * sc]);
+      const acc_t f = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
+                                   static_cast<acc_t>(p.gamma))
+                          .factor;
+      A = g * f;
+      B = g * f;
+    } else {
+      const acc_t wt = w != nullptr ? w[t] : acc_t(1);
+      acc_t coef = (acc_t(1) - eps) * wt;
+      if (eps > 0) {
+        coef += eps / static_cast<acc_t>(C) * W;
+        D = g * (eps / static_cast<acc_t>(C));
+      }
+      if (z != 0) coef += 2 * z * lse;
+      A = g * coef;
+      B = g * ((acc_t(1) - eps) * wt);
+    }
+    if (p.grad_lse.ptr != nullptr) A += g_lse;
+    row_grad<scalar_t>(p, r, row, grow, tf, lse, A, D, B, t, b);
+  }
+  return -1;
+}
+
+// ---- sigmoid focal loss (elementwise, torchvision.ops.sigmoid_focal_loss semantics) ----
+
+template <typename acc_t>
+struct SigmoidTerms {
+  using V = Vectorized<acc_t>;
+  V ce, p, q, m;  // BCE-with-logits, sigmoid(x), 1 - sigmoid(x), 1 - p_t
+  SigmoidTerms(const V& x, const V& t) {
+    const V one(1), zero(0);
+    const V e = x.abs().neg().exp();  // exp(-|x|) never overflows
+    ce = at::vec::maximum(x, zero) - x * t + e.log1p();
+    const V inv = one / (one + e);
+    const V pos = x >= zero;
+    p = V::blendv(e * inv, inv, pos);
+    q = V::blendv(inv, e * inv, pos);
+    m = t * q + (one - t) * p;
+  }
+};
+
+template <typename acc_t>
+inline Vectorized<acc_t> vpow(const Vectorized<acc_t>& m, acc_t gamma) {
+  using V = Vectorized<acc_t>;
+  if (gamma == 0) return V(1);
+  if (gamma == 1) return m;
+  if (gamma == 2) return m * m;
+  return m.pow(V(gamma));
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> alpha_t(const Vectorized<acc_t>& t, acc_t alpha) {
+  using V = Vectorized<acc_t>;
+  return V(alpha) * t + V(acc_t(1) - alpha) * (V(1) - t);
+}
+
+template <typename scalar_t>
+void sigmoid_focal_fwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using V = Vectorized<acc_t>;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const auto* t = static_cast<const scalar_t*>(p.target);
+  auto* loss = static_cast<scalar_t*>(p.loss);
+  const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
+  RowBuffers<acc_t> b;
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - i0);
+    load_block(x + i0, 1, n, b.s);
+    load_block(t + i0, 1, n, b.t);
+    at::vec::map2(
+        [&](V xv, V tv) {
+          SigmoidTerms<acc_t> s(xv, tv);
+          V l = s.ce * vpow(s.m, gamma);
+          return alpha >= 0 ? l * alpha_t(tv, alpha) : l;
+        },
+        b.out, b.s, b.t, n);
+    store_block(b.out, n, loss + i0, 1);
+  }
+}
+
+template <typename scalar_t>
+void sigmoid_focal_bwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using V = Vectorized<acc_t>;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const auto* t = static_cast<const scalar_t*>(p.target);
+  const auto* gl = static_cast<const scalar_t*>(p.grad_loss);
+  auto* grad = static_cast<scalar_t*>(p.grad_input);
+  const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
+  RowBuffers<acc_t> b;
+  alignas(64) acc_t gbuf[kBlock];
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - i0);
+    load_block(x + i0, 1, n, b.s);
+    load_block(t + i0, 1, n, b.t);
+    if (p.scalar_grad) {
+      std::fill(gbuf, gbuf + n, static_cast<acc_t>(gl[0]));
+    } else {
+      load_block(gl + i0, 1, n, gbuf);
+    }
+    at::vec::map3(
+        [&](V xv, V tv, V gv) {
+          SigmoidTerms<acc_t> s(xv, tv);
+          V d = s.p - tv;  // d ce / dx
+          if (gamma != 0) {
+            // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
+            V dpow = V(gamma) * vpow(s.m, gamma - acc_t(1));
+            if (gamma < 1) {  // m = 0 only where p q = 0: the limit of the product is 0
+              dpow = V::blendv(V(0), dpow, s.m > V(0));
+            }
+            d = d * vpow(s.m, gamma) + s.ce * dpow * s.p * s.q * (V(1) - V(2) * tv);
+          }
+          if (alpha >= 0) d = d * alpha_t(tv, alpha);
+          return d * gv;
+        },
+        b.out, b.s, b.t, gbuf, n);
+    store_block(b.out, n, grad + i0, 1);
+  }
+}
+
+template <typename F>
+inline auto dispatch_dtype(Dtype dt, F&& f) {
+  switch (dt) {
+    case Dtype::Float64:
+      return f(double{});
+    case Dtype::BFloat16:
+      return f(c10::BFloat16{});
+    case Dtype::Float16:
+      return f(c10::Half{});
+    case Dtype::Float32:
+    default:
+      return f(float{});
+  }
+}
+
+int64_t softmax_loss_fwd(const SoftmaxLossParams& p, Dtype dt, int64_t begin, int64_t end,
+                         int64_t* bad_target) {
+  return dispatch_dtype(dt, [&](auto tag) {
+    return softmax_loss_fwd_rows<decltype(tag)>(p, begin, end, bad_target);
+  });
+}
+
+int64_t softmax_loss_bwd(const SoftmaxLossParams& p, Dtype dt, int64_t begin, int64_t end,
+                         int64_t* bad_target) {
+  return dispatch_dtype(dt, [&](auto tag) {
+    return softmax_loss_bwd_rows<decltype(tag)>(p, begin, end, bad_target);
+  });
+}
+
+void sigmoid_focal_fwd(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int64_t end) {
+  dispatch_dtype(dt, [&](auto tag) { sigmoid_focal_fwd_range<decltype(tag)>(p, begin, end); });
+}
+
+void sigmoid_focal_bwd(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int64_t end) {
+  dispatch_dtype(dt, [&](auto tag) { sigmoid_focal_bwd_range<decltype(tag)>(p, begin, end); });
+}
+
+}  // namespace
+
+#define TLF_STR2(x) #x
+#define TLF_STR(x) TLF_STR2(x)
+extern const KernelTable kTable = {TLF_STR(CPU_CAPABILITY), softmax_loss_fwd, softmax_loss_bwd,
+                                   sigmoid_focal_fwd, sigmoid_focal_bwd};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace tlf::cpu

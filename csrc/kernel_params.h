@@ -1,0 +1,97 @@
+// Torch-free descriptions of one kernel launch: raw pointers, sizes, element strides and
+// options. Launchers fill these from tensors; CPU and CUDA kernel bodies read only these,
+// so kernel translation units never include a torch header.
+#pragma once
+
+#include <cstdint>
+
+namespace tlf {
+
+// Element type of the logits (kernels accumulate in float, or double for Float64).
+enum class Dtype : int32_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+
+// Integer type of a class-index target.
+enum class IndexType : int32_t { Int64 = 0, Int32 = 1, UInt8 = 2 };
+
+// Rows of a (B, C, D) view: row r = b * D + d holds classes c at
+// b * sb + c * sc + d * sd (element strides, 64-bit so B*C*D may exceed 2^31).
+struct RowLayout {
+  int64_t B = 0, C = 0, D = 1;
+  int64_t sb = 0, sc = 1, sd = 0;
+
+  int64_t rows() const { return B * D; }
+  int64_t row_offset(int64_t r) const { return (r / D) * sb + (r % D) * sd; }
+};
+
+// Strided (B, D) per-row tensor (targets, grad_output); stride 0 broadcasts.
+struct RowVector {
+  const void* ptr = nullptr;
+  int64_t sb = 0, sd = 0;
+  int64_t D = 1;
+
+  int64_t offset(int64_t r) const { return (r / D) * sb + (r % D) * sd; }
+};
+
+// What a softmax-family row loss needs. `acc` below is float for fp32/bf16/fp16 inputs
+// and double for fp64 inputs; pointers to acc values point to that type.
+struct SoftmaxLossParams {
+  // Logits (input dtype) in a (B, C, D) layout.
+  const void* input = nullptr;
+  RowLayout in;
+
+  // Class-index target: (B, D) integers. Probability target: (B, C, D) floats with
+  // strides prob_target_layout (dtype = input dtype, or float32 if target_is_float32).
+  bool prob_target = false;
+  RowVector index_target;
+  IndexType index_type = IndexType::Int64;
+  const void* prob_target_ptr = nullptr;
+  RowLayout prob_target_layout;
+  bool target_is_float32 = false;
+
+  int64_t ignore_index = -100;
+
+  // Per-class weights (acc, contiguous, C) or null; weight_sum points to sum_c w_c (acc)
+  // in the same memory space as the kernel (host for CPU, device for CUDA).
+  const void* weight = nullptr;
+  const void* weight_sum = nullptr;
+
+  // Cross-entropy options.
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;  // 0 = off
+  double logit_scale = 1.0;
+
+  // Focal options (used when focal is true): alpha_t = alpha_scale * (alpha ? alpha[t] : 1).
+  bool focal = false;
+  double gamma = 0.0;
+  const void* alpha = nullptr;  // acc, contiguous C, or null
+  double alpha_scale = 1.0;
+
+  // Forward outputs: per-row loss and log-sum-exp (acc, contiguous, B * D).
+  void* loss = nullptr;
+  void* lse = nullptr;
+
+  // Backward inputs and output.
+  const void* lse_in = nullptr;  // acc, contiguous
+  RowVector grad_loss;           // acc, strided
+  RowVector grad_lse;            // acc, strided; ptr null when absent
+  void* grad_input = nullptr;    // input dtype, in grad_layout
+  RowLayout grad_layout;
+};
+
+// Elementwise sigmoid focal loss over n contiguous elements (input and target share the
+// input dtype; loss is written in that dtype too).
+struct SigmoidFocalParams {
+  const void* input = nullptr;
+  const void* target = nullptr;
+  int64_t n = 0;
+  double alpha = 0.25;  // < 0 disables the alpha term
+  double gamma = 2.0;
+  void* loss = nullptr;
+  // Backward: grad_loss is contiguous n values, or one value broadcast when scalar_grad.
+  const void* grad_loss = nullptr;
+  bool scalar_grad = false;
+  void* grad_input = nullptr;
+};
+
+}  // namespace tlf

@@ -1,0 +1,70 @@
+// Every operator schema of torchloss_fused, declared once. Device kernels register in
+// csrc/cpu and csrc/cuda; fake kernels and autograd are registered from Python (_ops.py).
+//
+// Shapes: `input` is a (B, C, D) view with the class dim at 1 (Python reshapes
+// (C), (N, C) and (N, C, d1..dK) into it). A class-index target is (B, D) int64/int32/uint8;
+// a probability target is (B, C, D) in the input dtype or float32. Per-row outputs
+// (loss, lse) are contiguous (B, D) in the accumulation dtype: float32, or float64 for
+// float64 inputs. softcap = 0 means no soft-capping. ce_fwd's inplace_backward only tells
+// its autograd formula to call _ce_bwd_inplace; the forward kernels ignore it.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+// _C.cpu_kernels(): the instruction set of the CPU kernels chosen at run time.
+PyObject* cpu_kernels(PyObject*, PyObject*) {
+  return PyUnicode_FromString(tlf::cpu::kernel_table().name);
+}
+
+// _C.has_cuda(): whether this build contains the CUDA kernels.
+PyObject* has_cuda(PyObject*, PyObject*) {
+#if defined(TLF_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_kernels", cpu_kernels, METH_NOARGS, "Instruction set of the CPU kernels in use."},
+    {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// `import torchloss_fused._C` loads this library, which runs the registrations below.
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                   "torchloss_fused compiled kernels", -1, methods};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(torchloss_fused, m) {
+  m.def(
+      "ce_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, float logit_scale, "
+      "bool inplace_backward=False) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "_ce_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "float softcap, float logit_scale) -> Tensor");
+  // Writes the gradient into `input` (inplace_backward=True).
+  m.def(
+      "_ce_bwd_inplace(Tensor grad_loss, Tensor? grad_lse, Tensor(a!) input, Tensor target, "
+      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "float softcap, float logit_scale) -> ()");
+  m.def(
+      "focal_fwd(Tensor input, Tensor target, Tensor? alpha, float alpha_scale, "
+      "float gamma, int ignore_index) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "_focal_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, Tensor lse, "
+      "float alpha_scale, float gamma, int ignore_index) -> Tensor");
+  // Elementwise; input and target share shape and dtype; loss has that dtype.
+  m.def("sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma) -> Tensor");
+  m.def(
+      "_sigmoid_focal_bwd(Tensor grad_loss, Tensor input, Tensor target, float alpha, "
+      "float gamma) -> Tensor");
+}

@@ -1,0 +1,259 @@
+#include "tensor_params.h"
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace tlf {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+RowLayout layout_of(const at::Tensor& t) {
+  RowLayout l;
+  l.B = t.size(0);
+  l.C = t.size(1);
+  l.D = t.size(2);
+  l.sb = t.stride(0);
+  l.sc = t.stride(1);
+  l.sd = t.stride(2);
+  return l;
+}
+
+RowVector row_vector_of(const at::Tensor& t) {
+  RowVector v;
+  v.ptr = t.data_ptr();
+  v.sb = t.stride(0);
+  v.sd = t.stride(1);
+  v.D = t.size(1);
+  return v;
+}
+
+void check_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 3, op, ": input must be a (B, C, D) view, got ", input.dim(),
+              " dims");
+  TORCH_CHECK(is_supported_float(input.scalar_type()), op,
+              ": input must be float32, float64, bfloat16 or float16, got ",
+              input.scalar_type());
+}
+
+void check_same_device(const char* op, const at::Tensor& a, const at::Tensor& b,
+                       const char* name) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(),
+              " but input is on ", a.device());
+}
+
+// A per-class vector (weight, alpha) converted to the accumulation dtype, contiguous.
+at::Tensor class_vector(const char* op, const at::Tensor& input, const at::Tensor& v,
+                        const char* name) {
+  check_same_device(op, input, v, name);
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == input.size(1), op, ": ", name,
+              " must have one value per class (", input.size(1), "), got shape ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": ", name,
+              " must be floating point, got ", v.scalar_type());
+  return v.to(acc_dtype(input)).contiguous();
+}
+
+void set_index_target(const char* op, SoftmaxLossParams& p, const at::Tensor& input,
+                      const at::Tensor& target) {
+  const auto t = target.scalar_type();
+  TORCH_CHECK(t == at::kLong || t == at::kInt || t == at::kByte, op,
+              ": class-index target must be int64, int32 or uint8, got ", t);
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == input.size(0) &&
+                  target.size(1) == input.size(2),
+              op, ": target must be (B, D) = (", input.size(0), ", ", input.size(2),
+              "), got ", target.sizes());
+  p.index_target = row_vector_of(target);
+  p.index_type = t == at::kLong ? IndexType::Int64
+                 : t == at::kInt ? IndexType::Int32
+                                 : IndexType::UInt8;
+}
+
+void set_prob_target(const char* op, SoftmaxLossParams& p, const at::Tensor& input,
+                     const at::Tensor& target) {
+  TORCH_CHECK(target.sizes() == input.sizes(), op,
+              ": probability target must have the input's shape ", input.sizes(), ", got ",
+              target.sizes());
+  const bool same = target.scalar_type() == input.scalar_type();
+  const bool f32 = target.scalar_type() == at::kFloat && input.scalar_type() != at::kDouble;
+  TORCH_CHECK(same || f32, op, ": probability target must be ", input.scalar_type(),
+              " or float32, got ", target.scalar_type());
+  p.prob_target = true;
+  p.prob_target_ptr = target.data_ptr();
+  p.prob_target_layout = layout_of(target);
+  p.target_is_float32 = target.scalar_type() == at::kFloat;
+}
+
+SoftmaxLossLaunch prepare_common(const char* op, const at::Tensor& input,
+                                 const at::Tensor& target, int64_t ignore_index) {
+  check_input(op, input);
+  check_same_device(op, input, target, "target");
+  SoftmaxLossLaunch l;
+  l.p.input = input.data_ptr();
+  l.p.in = layout_of(input);
+  l.p.ignore_index = ignore_index;
+  if (at::isFloatingType(target.scalar_type())) {
+    set_prob_target(op, l.p, input, target);
+  } else {
+    set_index_target(op, l.p, input, target);
+  }
+  return l;
+}
+
+void check_per_row(const char* op, const at::Tensor& input, const at::Tensor& t,
+                   const char* name) {
+  check_same_device(op, input, t, name);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == input.size(2), op,
+              ": ", name, " must be (B, D) = (", input.size(0), ", ", input.size(2), "), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_dtype(input), op, ": ", name, " must be ",
+              acc_dtype(input), ", got ", t.scalar_type());
+}
+
+}  // namespace
+
+Dtype kernel_dtype(const at::Tensor& input) {
+  switch (input.scalar_type()) {
+    case at::kDouble:
+      return Dtype::Float64;
+    case at::kBFloat16:
+      return Dtype::BFloat16;
+    case at::kHalf:
+      return Dtype::Float16;
+    default:
+      return Dtype::Float32;
+  }
+}
+
+at::ScalarType acc_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+SoftmaxLossLaunch prepare_ce(const char* op, const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                             double label_smoothing, double z_loss, double softcap,
+                             double logit_scale) {
+  SoftmaxLossLaunch l = prepare_common(op, input, target, ignore_index);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(std::isfinite(z_loss), op, ": z_loss must be finite, got ", z_loss);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op,
+              ": softcap must be finite and >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK(std::isfinite(logit_scale), op, ": logit_scale must be finite, got ",
+              logit_scale);
+  if (weight.has_value()) {
+    l.weight_acc = class_vector(op, input, *weight, "weight");
+    l.weight_sum = l.weight_acc.sum();
+    l.p.weight = l.weight_acc.data_ptr();
+    l.p.weight_sum = l.weight_sum.data_ptr();
+  }
+  l.p.label_smoothing = label_smoothing;
+  l.p.z_loss = z_loss;
+  l.p.softcap = softcap;
+  l.p.logit_scale = logit_scale;
+  return l;
+}
+
+SoftmaxLossLaunch prepare_focal(const char* op, const at::Tensor& input,
+                                const at::Tensor& target, const std::optional<at::Tensor>& alpha,
+                                double alpha_scale, double gamma, int64_t ignore_index) {
+  SoftmaxLossLaunch l = prepare_common(op, input, target, ignore_index);
+  TORCH_CHECK(!l.p.prob_target, op, ": focal loss takes class-index targets, got ",
+              target.scalar_type());
+  TORCH_CHECK(gamma >= 0.0 && std::isfinite(gamma), op, ": gamma must be finite and >= 0, got ",
+              gamma);
+  TORCH_CHECK(std::isfinite(alpha_scale), op, ": alpha must be finite, got ", alpha_scale);
+  l.p.focal = true;
+  l.p.gamma = gamma;
+  l.p.alpha_scale = alpha_scale;
+  if (alpha.has_value()) {
+    l.alpha_acc = class_vector(op, input, *alpha, "alpha");
+    l.p.alpha = l.alpha_acc.data_ptr();
+  }
+  return l;
+}
+
+std::pair<at::Tensor, at::Tensor> set_forward_outputs(SoftmaxLossLaunch& l,
+                                                      const at::Tensor& input) {
+  auto opts = input.options().dtype(acc_dtype(input));
+  at::Tensor loss = at::empty({input.size(0), input.size(2)}, opts);
+  at::Tensor lse = at::empty({input.size(0), input.size(2)}, opts);
+  l.p.loss = loss.data_ptr();
+  l.p.lse = lse.data_ptr();
+  return {loss, lse};
+}
+
+void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
+                       const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                       const at::Tensor& lse, const at::Tensor& grad_input) {
+  check_per_row(op, input, grad_loss, "grad_loss");
+  check_per_row(op, input, lse, "lse");
+  TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous");
+  l.p.grad_loss = row_vector_of(grad_loss);
+  if (grad_lse.has_value()) {
+    check_per_row(op, input, *grad_lse, "grad_lse");
+    l.p.grad_lse = row_vector_of(*grad_lse);
+  }
+  l.p.lse_in = lse.data_ptr();
+  TORCH_CHECK(grad_input.sizes() == input.sizes() &&
+                  grad_input.scalar_type() == input.scalar_type(),
+              op, ": gradient buffer must match the input");
+  TORCH_CHECK(at::has_internal_overlap(grad_input) != at::MemOverlap::Yes, op,
+              ": cannot write the gradient into a tensor whose elements overlap (e.g. an "
+              "expanded tensor); use inplace_backward=False");
+  l.p.grad_input = grad_input.data_ptr();
+  l.p.grad_layout = layout_of(grad_input);
+}
+
+at::Tensor empty_grad_like(const at::Tensor& input) {
+  at::Tensor g = at::empty(input.sizes(), input.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = g.nbytes();
+  if (g.device().is_cpu() && bytes >= 4 * kHuge) {
+    // Advise only whole 2 MiB pages inside the buffer; the allocator owns the ends.
+    const auto start = reinterpret_cast<uintptr_t>(g.data_ptr());
+    const uintptr_t first = (start + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+    const uintptr_t last = (start + bytes) & ~(uintptr_t(kHuge) - 1);
+    if (last > first) {
+      madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // best effort
+    }
+  }
+#endif
+  return g;
+}
+
+SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,
+                                         const at::Tensor& target, double alpha, double gamma) {
+  TORCH_CHECK(is_supported_float(input.scalar_type()), op,
+              ": input must be float32, float64, bfloat16 or float16, got ",
+              input.scalar_type());
+  check_same_device(op, input, target, "target");
+  TORCH_CHECK(target.sizes() == input.sizes(), op, ": target must have the input's shape ",
+              input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), op, ": target must be ",
+              input.scalar_type(), ", got ", target.scalar_type());
+  TORCH_CHECK(input.is_contiguous() && target.is_contiguous(), op,
+              ": input and target must be contiguous");
+  TORCH_CHECK(gamma >= 0.0 && std::isfinite(gamma), op, ": gamma must be finite and >= 0, got ",
+              gamma);
+  TORCH_CHECK(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
+  SigmoidFocalParams p;
+  p.input = input.data_ptr();
+  p.target = target.data_ptr();
+  p.n = input.numel();
+  p.alpha = alpha;
+  p.gamma = gamma;
+  return p;
+}
+
+}  // namespace tlf

@@ -1,0 +1,52 @@
+// Turns op arguments (tensors) into the torch-free kernel params, checking every shape,
+// dtype and device first so that no kernel can read out of bounds. Shared by the CPU and
+// CUDA launchers; Python validates earlier with friendlier messages, these checks guard
+// direct calls of torch.ops.torchloss_fused.*.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "kernel_params.h"
+
+namespace tlf {
+
+Dtype kernel_dtype(const at::Tensor& input);
+at::ScalarType acc_dtype(const at::Tensor& input);
+
+// Params plus the small tensors they point into (weights converted to the accumulation
+// dtype, their sum), which must outlive the launch.
+struct SoftmaxLossLaunch {
+  SoftmaxLossParams p;
+  at::Tensor weight_acc, weight_sum, alpha_acc;
+  int64_t rows() const { return p.in.rows(); }
+};
+
+SoftmaxLossLaunch prepare_ce(const char* op, const at::Tensor& input, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                             double label_smoothing, double z_loss, double softcap,
+                             double logit_scale);
+
+SoftmaxLossLaunch prepare_focal(const char* op, const at::Tensor& input,
+                                const at::Tensor& target, const std::optional<at::Tensor>& alpha,
+                                double alpha_scale, double gamma, int64_t ignore_index);
+
+// Forward outputs: contiguous (B, D) loss and lse in the accumulation dtype.
+std::pair<at::Tensor, at::Tensor> set_forward_outputs(SoftmaxLossLaunch& l,
+                                                      const at::Tensor& input);
+
+// Backward inputs; grad_input is written in its own layout (the input itself when in place).
+void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
+                       const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                       const at::Tensor& lse, const at::Tensor& grad_input);
+
+// A gradient buffer shaped like `input`, contiguous. On Linux, large CPU buffers ask for
+// transparent huge pages before first touch: faulting 4 KiB pages in costs more than the
+// kernel that fills them.
+at::Tensor empty_grad_like(const at::Tensor& input);
+
+SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,
+                                         const at::Tensor& target, double alpha, double gamma);
+
+}  // namespace tlf

@@ -1,0 +1,145 @@
+"""Builds torchloss_fused._C.
+
+CPU kernels are always built (once per x86 capability: see CAPABILITY_FLAGS); CUDA kernels
+are added when torch is a CUDA build and nvcc is found, or when FORCE_CUDA=1.
+TORCHLOSS_FUSED_NO_EXTENSION=1 skips the extension: the pure-PyTorch fallback then serves.
+"""
+
+import os
+import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# Compiler flags per kernel file suffix: csrc/cpu/kernels_<capability>.cpp. The same source
+# is compiled once per capability, each copy in its own namespace (CPU_CAPABILITY), and
+# csrc/cpu/kernel_table.cpp picks one at run time; the build stays portable (no -march).
+CAPABILITY_FLAGS = {
+    "_default.cpp": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "_avx2.cpp": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c",
+                  "-mbmi", "-mbmi2"],
+    "_avx512.cpp": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f",
+                    "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _sources():
+    cpu = ["csrc/ops.cpp", "csrc/tensor_params.cpp", "csrc/cpu/kernel_table.cpp",
+           "csrc/cpu/softmax_loss_cpu.cpp", "csrc/cpu/sigmoid_focal_cpu.cpp",
+           # Default-capability objects come first in the link so that the inline functions
+           # they share with the AVX objects resolve to the portable copies.
+           "csrc/cpu/kernels_default.cpp"]
+    if IS_X86:
+        cpu += ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
+    cuda = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    return cpu, cuda
+
+
+def _want_cuda():
+    if _env_flag("FORCE_CUDA"):
+        return True
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extensions():
+    if _env_flag("TORCHLOSS_FUSED_NO_EXTENSION"):
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    class Build(BuildExtension):
+        """Adds per-file capability flags and compiles the sources in parallel.
+
+        C++ files are compiled here directly (thread-safe); .cu files go through
+        BuildExtension's nvcc wrapper one at a time, because that wrapper swaps the
+        compiler executable on the shared compiler object while it runs.
+        """
+
+        def build_extension(self, ext):
+            nvcc_compile = self.compiler._compile
+            nvcc_lock = threading.Lock()
+            cxx = list(getattr(self.compiler, "compiler_so_cxx", None)
+                       or self.compiler.compiler_so)
+
+            def compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts):
+                if src.endswith(".cu"):
+                    with nvcc_lock:
+                        nvcc_compile(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+                    return
+                flags = list(extra_postargs["cxx"] if isinstance(extra_postargs, dict)
+                             else extra_postargs or [])
+                for suffix, extra in CAPABILITY_FLAGS.items():
+                    if src.endswith(suffix):
+                        flags += extra
+                if not any(f.startswith("-std=") for f in flags):
+                    flags.append(_cxx_std())
+                self.compiler.spawn(cxx + cc_args + [src, "-o", obj] + flags)
+
+            self.compiler._compile = compile_one
+            self.compiler.compile = _parallel_compile.__get__(self.compiler)
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler._compile = nvcc_compile
+
+    cpu_sources, cuda_sources = _sources()
+    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    macros = [("TLF_X86_KERNELS", None)] if IS_X86 else []
+    if _want_cuda() and cuda_sources:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if not arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a;10.0;12.0+PTX"
+        ext = CUDAExtension(
+            "torchloss_fused._C",
+            cpu_sources + cuda_sources,
+            define_macros=macros + [("TLF_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
+                                                     "-lineinfo", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension("torchloss_fused._C", cpu_sources, define_macros=macros,
+                           extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": Build.with_options(use_ninja=False)}
+
+
+def _cxx_std():
+    """The C++ standard torch's own extension builder would use for this torch."""
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
+
+
+def _parallel_compile(self, sources, output_dir=None, macros=None, include_dirs=None,
+                      debug=0, extra_preargs=None, extra_postargs=None, depends=None):
+    """distutils' CCompiler.compile, with the objects built on all cores."""
+    macros, objects, extra_postargs, pp_opts, build = self._setup_compile(
+        output_dir, macros, include_dirs, sources, depends, extra_postargs)
+    cc_args = self._get_cc_args(pp_opts, debug, extra_preargs)
+
+    def one(obj):
+        src, ext = build[obj]
+        self._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+    jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, [o for o in objects if o in build]))
+    # Link portable objects first: where an inline function is emitted by several objects,
+    # the linker keeps the first copy, and that copy must not need AVX.
+    return sorted(objects, key=lambda o: any(k in o for k in ("_avx2.", "_avx512.")))
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

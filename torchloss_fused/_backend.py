@@ -1,0 +1,98 @@
+"""Which implementation serves which device, and why.
+
+The compiled extension (`torchloss_fused._C`) registers C++/CUDA kernels with the
+dispatcher. When it is missing, fails to load, has no kernels for a device, or
+TORCHLOSS_FUSED_FORCE_REFERENCE=1 is set, the pure-PyTorch reference ops (same contract,
+namespace `torchloss_fused_ref`) serve instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+FORCE_REFERENCE_ENV = "TORCHLOSS_FUSED_FORCE_REFERENCE"
+
+_OP = "torchloss_fused::ce_fwd"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _load_extension() -> tuple[bool, str]:
+    if _env_true(FORCE_REFERENCE_ENV):
+        return False, f"{FORCE_REFERENCE_ENV} is set"
+    try:
+        from torchloss_fused import _C  # noqa: F401  (loading registers the kernels)
+    except ImportError as exc:  # not built, or built against another torch
+        reason = f"the compiled extension could not be loaded ({exc})"
+        warnings.warn(
+            f"torchloss_fused: {reason}; using the pure-PyTorch fallback, which is correct "
+            "but slower. Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False, reason
+    return True, "compiled extension loaded"
+
+
+EXTENSION_LOADED, _LOAD_REASON = _load_extension()
+
+
+def _dispatch_key(device_type: str) -> str:
+    return {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+
+
+def has_kernels(device_type: str) -> bool:
+    """True when the compiled extension has kernels for this device type."""
+    if not EXTENSION_LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, _dispatch_key(device_type))
+
+
+def ops_for(device: torch.device):
+    """The op namespace that serves tensors on `device`."""
+    if has_kernels(device.type):
+        return torch.ops.torchloss_fused
+    return torch.ops.torchloss_fused_ref
+
+
+def _cpu_kernel_flavour() -> str:
+    # The C++ kernels pick their instruction set the way PyTorch's own do.
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def backend_info(device: str | torch.device = "cpu") -> dict:
+    """Which implementation serves `device`, and why.
+
+    Returns a dict with keys ``device``, ``implementation`` (``"cpp"``, ``"cuda"`` or
+    ``"reference"``), ``detail`` and ``reason``.
+    """
+    device = torch.device(device)
+    if has_kernels(device.type):
+        if device.type == "cpu":
+            return {
+                "device": str(device),
+                "implementation": "cpp",
+                "detail": f"C++ kernels, {_cpu_kernel_flavour()} instruction set",
+                "reason": _LOAD_REASON,
+            }
+        return {
+            "device": str(device),
+            "implementation": device.type,
+            "detail": f"{device.type.upper()} kernels",
+            "reason": _LOAD_REASON,
+        }
+    if EXTENSION_LOADED:
+        reason = f"the compiled extension was built without {device.type} kernels"
+    else:
+        reason = _LOAD_REASON
+    return {
+        "device": str(device),
+        "implementation": "reference",
+        "detail": "pure-PyTorch fallback (torchloss_fused.reference)",
+        "reason": reason,
+    }
