@@ -71,7 +71,9 @@ struct SoftmaxLossParams {
   void* loss = nullptr;
   void* lse = nullptr;
 
-  // Backward inputs and output.
+  // Backward inputs and output. A fused forward (with_grad) also writes grad_input, using
+  // grad_loss as the per-row scale of the gradient and its own lse.
+  bool with_grad = false;
   const void* lse_in = nullptr;  // acc, contiguous
   RowVector grad_loss;           // acc, strided
   RowVector grad_lse;            // acc, strided; ptr null when absent

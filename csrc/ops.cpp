@@ -62,6 +62,21 @@ TORCH_LIBRARY(torchloss_fused, m) {
   m.def(
       "_focal_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, Tensor lse, "
       "float alpha_scale, float gamma, int ignore_index) -> Tensor");
+  // Fused forward for training: also returns the gradient of sum_r grad_scale_r * loss_r
+  // (grad_scale: (B, D) accumulation dtype, usually an expanded scalar = the grad_loss the
+  // caller expects backward to receive), so logits are read once and the gradient written
+  // once. Ignored rows get a zero gradient.
+  m.def(
+      "ce_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, float logit_scale, "
+      "Tensor grad_scale) -> (Tensor loss, Tensor lse, Tensor grad)");
+  m.def(
+      "focal_fwd_grad(Tensor input, Tensor target, Tensor? alpha, float alpha_scale, "
+      "float gamma, int ignore_index, Tensor grad_scale) -> (Tensor loss, Tensor lse, "
+      "Tensor grad)");
+  // Backward of the fused ops: multiplies row r of grad by grad_loss_r / grad_scale_r,
+  // skipping rows where the two are equal (the common case: one pass is saved).
+  m.def("_rescale_grad_rows(Tensor(a!) grad, Tensor grad_loss, Tensor grad_scale) -> ()");
   // Elementwise; input and target share shape and dtype; loss has that dtype.
   m.def("sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma) -> Tensor");
   m.def(

@@ -214,6 +214,26 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
   l.p.grad_layout = layout_of(grad_input);
 }
 
+void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
+                         const at::Tensor& grad_scale, const at::Tensor& grad_input) {
+  check_per_row(op, input, grad_scale, "grad_scale");
+  TORCH_CHECK(grad_input.sizes() == input.sizes() &&
+                  grad_input.scalar_type() == input.scalar_type(),
+              op, ": gradient buffer must match the input");
+  l.p.with_grad = true;
+  l.p.grad_loss = row_vector_of(grad_scale);
+  l.p.grad_input = grad_input.data_ptr();
+  l.p.grad_layout = layout_of(grad_input);
+}
+
+void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
+                        const at::Tensor& grad_scale) {
+  const char* op = "_rescale_grad_rows";
+  check_input(op, grad);
+  check_per_row(op, grad, grad_loss, "grad_loss");
+  check_per_row(op, grad, grad_scale, "grad_scale");
+}
+
 at::Tensor empty_grad_like(const at::Tensor& input) {
   at::Tensor g = at::empty(input.sizes(), input.options());
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

@@ -41,6 +41,14 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
                        const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                        const at::Tensor& lse, const at::Tensor& grad_input);
 
+// Fused forward: also write the gradient of sum_r grad_scale_r * loss_r into grad_input.
+void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
+                         const at::Tensor& grad_scale, const at::Tensor& grad_input);
+
+// Checks the arguments of _rescale_grad_rows: grad (B, C, D) and two (B, D) row vectors.
+void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
+                        const at::Tensor& grad_scale);
+
 // A gradient buffer shaped like `input`, contiguous. On Linux, large CPU buffers ask for
 // transparent huge pages before first touch: faulting 4 KiB pages in costs more than the
 // kernel that fills them.

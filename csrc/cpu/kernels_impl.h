@@ -295,60 +295,6 @@ inline acc_t focal_alpha(const SoftmaxLossParams& p, int64_t t) {
   return p.alpha != nullptr ? a * static_cast<const acc_t*>(p.alpha)[t] : a;
 }
 
-template <typename scalar_t>
-int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
-                              int64_t* bad_target) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  const auto* x = static_cast<const scalar_t*>(p.input);
-  const int64_t C = p.in.C, sc = p.in.sc;
-  const Transform<acc_t> tf(p.logit_scale, p.softcap);
-  const auto* w = static_cast<const acc_t*>(p.weight);
-  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
-  const acc_t z = static_cast<acc_t>(p.z_loss);
-  auto* loss = static_cast<acc_t*>(p.loss);
-  auto* lse_out = static_cast<acc_t*>(p.lse);
-  RowBuffers<acc_t> b;
-
-  for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* row = x + p.in.row_offset(r);
-    if (p.prob_target) {
-      const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
-      acc_t l = row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
-      if (z != 0) l += z * lse * lse;
-      loss[r] = l;
-      lse_out[r] = lse;
-      continue;
-    }
-    const int64_t t = read_index(p, r);
-    const bool ignored = t == p.ignore_index;
-    if (!ignored && (t < 0 || t >= C)) {
-      *bad_target = t;
-      return r;
-    }
-    acc_t s_t = 0;
-    const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
-    lse_out[r] = lse;
-    if (ignored) {
-      loss[r] = 0;
-      continue;
-    }
-    if (p.focal) {
-      loss[r] = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
-                             static_cast<acc_t>(p.gamma))
-                    .loss;
-      continue;
-    }
-    const acc_t nll = lse - s_t;
-    acc_t l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
-    if (eps > 0) {
-      l += eps / static_cast<acc_t>(C) * row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
-    }
-    if (z != 0) l += z * lse * lse;
-    loss[r] = l;
-  }
-  return -1;
-}
-
 // Gradient of one row: grad_c = ds/dx_c * (A p_c - D q_c) - [c == t] ds/dx_t * B, where q_c is
 // w_c (label smoothing) or t'_c w_c (probability target). The target element is
 // recomputed in acc precision so p_t - 1 is formed before rounding.
@@ -402,78 +348,151 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   }
 }
 
+// Writes the gradient of row r given its lse, the loss gradient g and the lse gradient
+// g_lse (has_g_lse false when no gradient flows into lse). t is the class-index target
+// (already validated; unused for probability targets).
+template <typename scalar_t, typename acc_t>
+inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* row,
+                           int64_t t, acc_t lse, acc_t g, acc_t g_lse, bool has_g_lse,
+                           const Transform<acc_t>& tf, RowBuffers<acc_t>& b) {
+  const int64_t C = p.in.C;
+  scalar_t* grow = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
+  const acc_t z = static_cast<acc_t>(p.z_loss);
+
+  if (p.prob_target) {
+    // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
+    acc_t mass = 0;
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, C - c0);
+      load_prob_target<scalar_t>(p, r, c0, n, b.t);
+      mass += at::vec::reduce_all<acc_t>(vadd<acc_t>, b.t, n);
+    }
+    acc_t A = g * mass;
+    if (z != 0) A += g * 2 * z * lse;
+    if (has_g_lse) A += g_lse;
+    row_grad<scalar_t>(p, r, row, grow, tf, lse, A, g, acc_t(0), -1, b);
+    return;
+  }
+
+  if (t == p.ignore_index) {
+    if (has_g_lse) {
+      row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse, acc_t(0), acc_t(0), -1, b);
+    } else {
+      zero_row(grow, C, p.grad_layout.sc);
+    }
+    return;
+  }
+  acc_t A, D = 0, B;
+  if (p.focal) {
+    const acc_t s_t = static_cast<acc_t>(row[t * p.in.sc]);
+    const acc_t f =
+        Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma)).factor;
+    A = g * f;
+    B = g * f;
+  } else {
+    const auto* w = static_cast<const acc_t*>(p.weight);
+    const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+    const acc_t wt = w != nullptr ? w[t] : acc_t(1);
+    acc_t coef = (acc_t(1) - eps) * wt;
+    if (eps > 0) {
+      const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
+                                              : static_cast<acc_t>(C);
+      coef += eps / static_cast<acc_t>(C) * W;
+      D = g * (eps / static_cast<acc_t>(C));
+    }
+    if (z != 0) coef += 2 * z * lse;
+    A = g * coef;
+    B = g * ((acc_t(1) - eps) * wt);
+  }
+  if (has_g_lse) A += g_lse;
+  row_grad<scalar_t>(p, r, row, grow, tf, lse, A, D, B, t, b);
+}
+
 template <typename scalar_t>
-int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
+int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
                               int64_t* bad_target) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto* x = static_cast<const scalar_t*>(p.input);
-  auto* grad = static_cast<scalar_t*>(p.grad_input);
   const int64_t C = p.in.C, sc = p.in.sc;
   const Transform<acc_t> tf(p.logit_scale, p.softcap);
   const auto* w = static_cast<const acc_t*>(p.weight);
-  const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t z = static_cast<acc_t>(p.z_loss);
-  const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
-                                          : static_cast<acc_t>(C);
+  auto* loss = static_cast<acc_t*>(p.loss);
+  auto* lse_out = static_cast<acc_t*>(p.lse);
   RowBuffers<acc_t> b;
+  // Fused forward: the row was just read, so its second pass mostly hits cache.
+  auto fused_grad = [&](int64_t r, int64_t t, acc_t lse) {
+    write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
+                             read_acc<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
+  };
 
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = x + p.in.row_offset(r);
-    scalar_t* grow = grad + p.grad_layout.row_offset(r);
-    const acc_t g = read_acc<acc_t>(p.grad_loss, r);
-    const acc_t g_lse = p.grad_lse.ptr != nullptr ? read_acc<acc_t>(p.grad_lse, r) : acc_t(0);
-    const acc_t lse = lse_in[r];
-
     if (p.prob_target) {
-      // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
-      acc_t mass = 0;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t n = std::min(kBlock, C - c0);
-        load_prob_target<scalar_t>(p, r, c0, n, b.t);
-        mass += at::vec::reduce_all<acc_t>(vadd<acc_t>, b.t, n);
-      }
-      acc_t A = g * mass + g_lse;
-      if (z != 0) A += g * 2 * z * lse;
-      row_grad<scalar_t>(p, r, row, grow, tf, lse, A, g, acc_t(0), -1, b);
+      const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
+      acc_t l = row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
+      if (z != 0) l += z * lse * lse;
+      loss[r] = l;
+      lse_out[r] = lse;
+      if (p.with_grad) fused_grad(r, -1, lse);
       continue;
     }
-
     const int64_t t = read_index(p, r);
     const bool ignored = t == p.ignore_index;
     if (!ignored && (t < 0 || t >= C)) {
       *bad_target = t;
       return r;
     }
+    acc_t s_t = 0;
+    const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
+    lse_out[r] = lse;
+    if (p.with_grad) fused_grad(r, t, lse);
     if (ignored) {
-      if (p.grad_lse.ptr == nullptr) {
-        zero_row(grow, C, p.grad_layout.sc);
-      } else {
-        row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse, acc_t(0), acc_t(0), -1, b);
-      }
+      loss[r] = 0;
       continue;
     }
-    acc_t A, D = 0, B;
     if (p.focal) {
-      const acc_t s_t = static_cast<acc_t>(row[t * sc]);
-      const acc_t f = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
-                                   static_cast<acc_t>(p.gamma))
-                          .factor;
-      A = g * f;
-      B = g * f;
-    } else {
-      const acc_t wt = w != nullptr ? w[t] : acc_t(1);
-      acc_t coef = (acc_t(1) - eps) * wt;
-      if (eps > 0) {
-        coef += eps / static_cast<acc_t>(C) * W;
-        D = g * (eps / static_cast<acc_t>(C));
-      }
-      if (z != 0) coef += 2 * z * lse;
-      A = g * coef;
-      B = g * ((acc_t(1) - eps) * wt);
+      loss[r] = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
+                             static_cast<acc_t>(p.gamma))
+                    .loss;
+      continue;
     }
-    if (p.grad_lse.ptr != nullptr) A += g_lse;
-    row_grad<scalar_t>(p, r, row, grow, tf, lse, A, D, B, t, b);
+    const acc_t nll = lse - s_t;
+    acc_t l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
+    if (eps > 0) {
+      l += eps / static_cast<acc_t>(C) * row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
+    }
+    if (z != 0) l += z * lse * lse;
+    loss[r] = l;
+  }
+  return -1;
+}
+
+template <typename scalar_t>
+int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
+                              int64_t* bad_target) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const int64_t C = p.in.C;
+  const Transform<acc_t> tf(p.logit_scale, p.softcap);
+  const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
+  const bool has_g_lse = p.grad_lse.ptr != nullptr;
+  RowBuffers<acc_t> b;
+
+  for (int64_t r = begin; r < end; ++r) {
+    int64_t t = -1;
+    if (!p.prob_target) {
+      t = read_index(p, r);
+      if (t != p.ignore_index && (t < 0 || t >= C)) {
+        *bad_target = t;
+        return r;
+      }
+    }
+    const acc_t g = read_acc<acc_t>(p.grad_loss, r);
+    const acc_t g_lse = has_g_lse ? read_acc<acc_t>(p.grad_lse, r) : acc_t(0);
+    write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse_in[r], g, g_lse, has_g_lse,
+                             tf, b);
   }
   return -1;
 }

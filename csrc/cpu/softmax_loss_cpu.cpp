@@ -100,9 +100,50 @@ at::Tensor focal_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input,
                   empty_grad_like(input));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused(const char* op, SoftmaxLossLaunch l,
+                                                     const at::Tensor& input,
+                                                     const at::Tensor& grad_scale) {
+  auto [loss, lse] = set_forward_outputs(l, input);
+  at::Tensor grad = empty_grad_like(input);
+  set_fused_grad_args(op, l, input, grad_scale, grad);
+  run_rows(l, input, cpu::kernel_table().softmax_loss_fwd);
+  return {loss, lse, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    double logit_scale, const at::Tensor& grad_scale) {
+  auto l = prepare_ce("ce_fwd_grad", input, target, weight, ignore_index, label_smoothing,
+                      z_loss, softcap, logit_scale);
+  return fused("ce_fwd_grad", std::move(l), input, grad_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_fwd_grad_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& alpha,
+    double alpha_scale, double gamma, int64_t ignore_index, const at::Tensor& grad_scale) {
+  auto l = prepare_focal("focal_fwd_grad", input, target, alpha, alpha_scale, gamma,
+                         ignore_index);
+  return fused("focal_fwd_grad", std::move(l), input, grad_scale);
+}
+
+void rescale_grad_rows_cpu(const at::Tensor& grad, const at::Tensor& grad_loss,
+                           const at::Tensor& grad_scale) {
+  check_rescale_args(grad, grad_loss, grad_scale);
+  // Reading two per-row vectors on the host is free on CPU; skip the pass when nothing
+  // differs (loss.backward() on a mean or sum, the usual case).
+  const at::Tensor differs = grad_loss.ne(grad_scale);
+  if (!differs.any().item<bool>()) return;
+  const at::Tensor factor = at::where(differs, grad_loss / grad_scale, 1.0);
+  grad.mul_(factor.unsqueeze(1));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchloss_fused, CPU, m) {
+  m.impl("ce_fwd_grad", &ce_fwd_grad_cpu);
+  m.impl("focal_fwd_grad", &focal_fwd_grad_cpu);
+  m.impl("_rescale_grad_rows", &rescale_grad_rows_cpu);
   m.impl("ce_fwd", &ce_fwd_cpu);
   m.impl("_ce_bwd", &ce_bwd_cpu);
   m.impl("_ce_bwd_inplace", &ce_bwd_inplace_cpu);
