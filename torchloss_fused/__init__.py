@@ -1,0 +1,26 @@
+"""torchloss_fused: fused softmax cross-entropy and focal losses for PyTorch.
+
+    import torchloss_fused as tlf
+    loss = tlf.cross_entropy(logits, target)   # drop-in for F.cross_entropy
+
+C++ kernels serve CPU tensors, CUDA kernels GPU tensors, and a pure-PyTorch fallback
+anything else; `backend_info(device)` says which and why.
+"""
+
+from . import _ops  # noqa: F401  (registers fake kernels and autograd for the ops)
+from ._backend import FORCE_REFERENCE_ENV, backend_info
+from .functional import cross_entropy, focal_loss, sigmoid_focal_loss
+from .modules import CrossEntropyLoss, FocalLoss, SigmoidFocalLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORCE_REFERENCE_ENV",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "SigmoidFocalLoss",
+    "backend_info",
+    "cross_entropy",
+    "focal_loss",
+    "sigmoid_focal_loss",
+]

@@ -46,23 +46,32 @@ def _dispatch_key(device_type: str) -> str:
     return {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
 
 
-def has_kernels(device_type: str) -> bool:
-    """True when the compiled extension has kernels for this device type."""
+def _query_kernels(device_type: str) -> bool:
     if not EXTENSION_LOADED:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, _dispatch_key(device_type))
 
 
+# Decided once at import, so that functions traced by torch.compile only read a dict.
+_HAS_KERNELS = {t: _query_kernels(t) for t in ("cpu", "cuda")}
+
+
+def has_kernels(device_type: str) -> bool:
+    """True when the compiled extension has kernels for this device type."""
+    return _HAS_KERNELS.get(device_type, False)
+
+
 def ops_for(device: torch.device):
     """The op namespace that serves tensors on `device`."""
-    if has_kernels(device.type):
+    if _HAS_KERNELS.get(device.type, False):
         return torch.ops.torchloss_fused
     return torch.ops.torchloss_fused_ref
 
 
 def _cpu_kernel_flavour() -> str:
-    # The C++ kernels pick their instruction set the way PyTorch's own do.
-    return torch.backends.cpu.get_cpu_capability()
+    from torchloss_fused import _C
+
+    return _C.cpu_kernels()
 
 
 def backend_info(device: str | torch.device = "cpu") -> dict:

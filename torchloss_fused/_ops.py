@@ -1,0 +1,276 @@
+"""Fake kernels and autograd formulas for every op, in both op namespaces.
+
+`torchloss_fused::*` ops come from the compiled extension (csrc/ops.cpp). The same ops are
+defined here in the `torchloss_fused_ref` namespace on top of `reference.py`, so the
+pure-PyTorch fallback goes through exactly the same dispatcher, fake-tensor and autograd
+machinery (torch.compile, opcheck) as the kernels. Their schemas must match ops.cpp; a
+test compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference
+
+REF_NAMESPACE = "torchloss_fused_ref"
+
+SCHEMAS = {
+    "ce_fwd": "(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+    "float label_smoothing, float z_loss, float softcap, float logit_scale, "
+    "bool inplace_backward=False) -> (Tensor loss, Tensor lse)",
+    "_ce_bwd": "(Tensor grad_loss, Tensor? grad_lse, Tensor input, Tensor target, "
+    "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+    "float softcap, float logit_scale) -> Tensor",
+    "_ce_bwd_inplace": "(Tensor grad_loss, Tensor? grad_lse, Tensor(a!) input, Tensor target, "
+    "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+    "float softcap, float logit_scale) -> ()",
+    "focal_fwd": "(Tensor input, Tensor target, Tensor? alpha, float alpha_scale, "
+    "float gamma, int ignore_index) -> (Tensor loss, Tensor lse)",
+    "_focal_bwd": "(Tensor grad_loss, Tensor input, Tensor target, Tensor? alpha, Tensor lse, "
+    "float alpha_scale, float gamma, int ignore_index) -> Tensor",
+    "ce_fwd_grad": "(Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+    "float label_smoothing, float z_loss, float softcap, float logit_scale, "
+    "Tensor grad_scale) -> (Tensor loss, Tensor lse, Tensor grad)",
+    "focal_fwd_grad": "(Tensor input, Tensor target, Tensor? alpha, float alpha_scale, "
+    "float gamma, int ignore_index, Tensor grad_scale) -> (Tensor loss, Tensor lse, "
+    "Tensor grad)",
+    "_rescale_grad_rows": "(Tensor(a!) grad, Tensor grad_loss, Tensor grad_scale) -> ()",
+    "sigmoid_focal_fwd": "(Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
+    "_sigmoid_focal_bwd": "(Tensor grad_loss, Tensor input, Tensor target, float alpha, "
+    "float gamma) -> Tensor",
+}
+
+_REFERENCE_IMPLS = {
+    "ce_fwd": reference.ce_fwd,
+    "_ce_bwd": reference.ce_bwd,
+    "_ce_bwd_inplace": reference.ce_bwd_inplace,
+    "focal_fwd": reference.focal_fwd,
+    "_focal_bwd": reference.focal_bwd,
+    "ce_fwd_grad": reference.ce_fwd_grad,
+    "focal_fwd_grad": reference.focal_fwd_grad,
+    "_rescale_grad_rows": reference.rescale_grad_rows,
+    "sigmoid_focal_fwd": reference.sigmoid_focal_fwd,
+    "_sigmoid_focal_bwd": reference.sigmoid_focal_bwd,
+}
+
+_MUTATED = {"_ce_bwd_inplace": ("input",), "_rescale_grad_rows": ("grad",)}
+
+
+def _define_reference_ops() -> None:
+    for name, schema in SCHEMAS.items():
+        torch.library.custom_op(
+            f"{REF_NAMESPACE}::{name}",
+            _REFERENCE_IMPLS[name],
+            mutates_args=_MUTATED.get(name, ()),
+            schema=schema,
+        )
+
+
+# ---- fake kernels (shapes, dtypes, strides of the real outputs) ------------------------
+
+
+def _per_row(input: torch.Tensor) -> torch.Tensor:
+    B, _, D = input.shape
+    return input.new_empty((B, D), dtype=reference.acc_dtype(input.dtype))
+
+
+def _grad_like(input: torch.Tensor) -> torch.Tensor:
+    return input.new_empty(input.shape)  # contiguous, as the kernels allocate it
+
+
+def _fake_fwd(input, *args, **kwargs):
+    return _per_row(input), _per_row(input)
+
+
+def _fake_fwd_grad(input, *args, **kwargs):
+    return _per_row(input), _per_row(input), _grad_like(input)
+
+
+def _fake_bwd(grad_loss, grad_lse, input, *args):
+    return _grad_like(input)
+
+
+def _fake_focal_bwd(grad_loss, input, *args):
+    return _grad_like(input)
+
+
+def _fake_mutating(*args):
+    return None
+
+
+def _fake_sigmoid_fwd(input, target, alpha, gamma):
+    return input.new_empty(input.shape)
+
+
+def _fake_sigmoid_bwd(grad_loss, input, target, alpha, gamma):
+    return input.new_empty(input.shape)
+
+
+_FAKES = {
+    "ce_fwd": _fake_fwd,
+    "_ce_bwd": _fake_bwd,
+    "_ce_bwd_inplace": _fake_mutating,
+    "focal_fwd": _fake_fwd,
+    "_focal_bwd": _fake_focal_bwd,
+    "ce_fwd_grad": _fake_fwd_grad,
+    "focal_fwd_grad": _fake_fwd_grad,
+    "_rescale_grad_rows": _fake_mutating,
+    "sigmoid_focal_fwd": _fake_sigmoid_fwd,
+    "_sigmoid_focal_bwd": _fake_sigmoid_bwd,
+}
+
+
+# ---- autograd -----------------------------------------------------------------------------
+
+
+def _ns(namespace: str):
+    return getattr(torch.ops, namespace)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _make_ce_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, *args, inplace = inputs
+        ctx.save_for_backward(input, target, weight, output[1])
+        ctx.args = tuple(args)
+        ctx.inplace = inplace
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_lse):
+        input, target, weight, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
+            return (None,) * 9
+        grad_loss = _zeros_if_none(grad_loss, lse)
+        ops = _ns(namespace)
+        if ctx.inplace:
+            ops._ce_bwd_inplace(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
+            if not torch.compiler.is_compiling():
+                # So a later backward that saved these logits fails loudly, not silently.
+                torch.autograd.graph.increment_version(input)
+            grad = input
+        else:
+            grad = ops._ce_bwd(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
+        return (grad,) + (None,) * 8
+
+    return backward, setup_context
+
+
+def _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute):
+    """Backward of a *_fwd_grad op: the gradient was computed by the forward for an expected
+    grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
+
+    A second backward through the same graph (retain_graph=True) must not rescale the
+    buffer again, nor reuse it (it may now be the caller's .grad): it recomputes instead,
+    as does a backward that also carries a gradient for lse."""
+    saved = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
+        return None
+    grad, grad_scale, lse = saved[-2], saved[-1], saved[3]
+    if grad_lse is not None or ctx.grad_consumed:
+        return recompute(_zeros_if_none(grad_loss, lse), grad_lse)
+    ctx.grad_consumed = True
+    _ns(namespace)._rescale_grad_rows(grad, grad_loss, grad_scale)
+    return grad
+
+
+def _make_ce_fwd_grad_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, weight, *args, grad_scale = inputs
+        ctx.save_for_backward(input, target, weight, output[1], output[2], grad_scale)
+        ctx.args = tuple(args)
+        ctx.grad_consumed = False
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_lse, _unused):
+        def recompute(g, g_lse):
+            input, target, weight, lse = ctx.saved_tensors[:4]
+            return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
+
+        grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute)
+        return (grad,) + (None,) * 8
+
+    return backward, setup_context
+
+
+def _make_focal_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, alpha, *args = inputs
+        ctx.save_for_backward(input, target, alpha, output[1])
+        ctx.args = tuple(args)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_lse):
+        input, target, alpha, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or grad_loss is None:
+            return (None,) * 6
+        grad = _ns(namespace)._focal_bwd(grad_loss, input, target, alpha, lse, *ctx.args)
+        return (grad,) + (None,) * 5
+
+    return backward, setup_context
+
+
+def _make_focal_fwd_grad_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, alpha, *args, grad_scale = inputs
+        ctx.save_for_backward(input, target, alpha, output[1], output[2], grad_scale)
+        ctx.args = tuple(args)
+        ctx.grad_consumed = False
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, grad_lse, _unused):
+        # lse is not differentiable for focal loss: its gradient, if any, is ignored.
+        def recompute(g, _g_lse):
+            input, target, alpha, lse = ctx.saved_tensors[:4]
+            return _ns(namespace)._focal_bwd(g, input, target, alpha, lse, *ctx.args)
+
+        if grad_loss is None:
+            return (None,) * 7
+        grad = _fused_backward(ctx, namespace, grad_loss, None, recompute)
+        return (grad,) + (None,) * 6
+
+    return backward, setup_context
+
+
+def _make_sigmoid_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, alpha, gamma = inputs
+        ctx.save_for_backward(input, target)
+        ctx.args = (alpha, gamma)
+
+    def backward(ctx, grad_loss):
+        input, target = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 4
+        grad = _ns(namespace)._sigmoid_focal_bwd(grad_loss, input, target, *ctx.args)
+        return grad, None, None, None
+
+    return backward, setup_context
+
+
+_AUTOGRAD = {
+    "ce_fwd": _make_ce_autograd,
+    "ce_fwd_grad": _make_ce_fwd_grad_autograd,
+    "focal_fwd": _make_focal_autograd,
+    "focal_fwd_grad": _make_focal_fwd_grad_autograd,
+    "sigmoid_focal_fwd": _make_sigmoid_autograd,
+}
+
+
+def _register(namespace: str) -> None:
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+    for name, make in _AUTOGRAD.items():
+        backward, setup_context = make(namespace)
+        torch.library.register_autograd(
+            f"{namespace}::{name}", backward, setup_context=setup_context
+        )
+
+
+_define_reference_ops()
+_register(REF_NAMESPACE)
+if _backend.EXTENSION_LOADED:
+    _register("torchloss_fused")

@@ -1,0 +1,365 @@
+"""Public loss functions: validate arguments, pick the path, reduce.
+
+Kernels return per-row values; every policy (argument checks, reductions, denominators,
+result dtypes) lives here, so all backends share it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction
+
+from . import _backend, reference
+
+__all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _check_tensor(x, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_logits(input, name: str = "input") -> None:
+    _check_tensor(input, name)
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float64, bfloat16 or float16, got {input.dtype}"
+        )
+    if input.dim() == 0:
+        raise ValueError(
+            f"{name} has no class dimension: expected shape (C), (N, C) or "
+            "(N, C, d1, ..., dK), got a 0-dim tensor"
+        )
+
+
+def _check_device(input: Tensor, other: Tensor, name: str) -> None:
+    if other.device != input.device:
+        raise ValueError(
+            f"{name} is on {other.device} but input is on {input.device}; "
+            "move them to the same device"
+        )
+
+
+def _check_number(value, name: str, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and value > high
+    if not math.isfinite(value) or below or above:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{name} must be finite{' and ' + bounds if bounds else ''}, got {value}")
+    return value
+
+
+def _check_index_target(input: Tensor, target: Tensor, out_shape: tuple) -> None:
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(
+            "class-index target must be int64, int32 or uint8 (or a floating-point "
+            f"tensor of class probabilities shaped like input), got {target.dtype}"
+        )
+    if tuple(target.shape) == out_shape:
+        return
+    if input.dim() == 2 and target.dim() == 1:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0]})."
+        )
+    raise ValueError(f"Expected target size {list(out_shape)}, got {list(target.shape)}")
+
+
+def _check_class_vector(input: Tensor, v, name: str) -> None:
+    _check_tensor(v, name)
+    _check_device(input, v, name)
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if v.dim() != 1 or v.shape[0] != C:
+        raise ValueError(
+            f"{name} must hold one value per class ({C}), got shape {tuple(v.shape)}"
+        )
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+
+
+def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
+    """(N, C, d1..dK) -> (N, C, d1*...*dK) and the unreduced loss shape (N, d1..dK)."""
+    if input.dim() == 1:
+        return input.reshape(1, input.shape[0], 1), ()
+    N, C, *rest = input.shape
+    return input.reshape(N, C, math.prod(rest)), (N, *rest)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fused_path(x: Tensor, inplace_backward: bool = False) -> bool:
+    """Compute the gradient in the forward pass (logits read once): eager training only.
+
+    Under torch.compile the split forward/backward ops are traced instead: a compiled
+    backward cannot skip the rescale pass the fused path may need.
+    """
+    return (_wants_grad(x) and not inplace_backward
+            and not torch.compiler.is_compiling())
+
+
+# ---- reductions -----------------------------------------------------------------------------
+
+
+def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: int,
+                       acc: torch.dtype) -> Tensor:
+    """Sum of the targets' weights over non-ignored rows (their count without weights)."""
+    valid = t2 != ignore_index
+    if weight is None or C == 0:
+        return valid.sum().to(acc)
+    # Clamped so an out-of-range target reaches the kernel, which reports it by value.
+    w_t = weight.to(acc).gather(0, t2.long().clamp(0, C - 1).flatten()).view_as(t2)
+    return torch.where(valid, w_t, 0).sum()
+
+
+def _reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
+            dtype: torch.dtype) -> Tensor:
+    if reduction == "none":
+        return loss_rows.reshape(out_shape).to(dtype)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total.to(dtype)
+    return (total / denom).to(dtype)
+
+
+def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
+    """The grad_loss backward will see per row when the caller backpropagates the loss
+    unscaled; computed exactly as autograd will compute it, so the common case matches
+    bitwise and backward skips its rescale pass."""
+    one = torch.ones((), dtype=rows.dtype, device=rows.device)
+    scale = one / denom if reduction == "mean" else one
+    return scale.expand(rows.shape)
+
+
+# ---- cross-entropy ------------------------------------------------------------------------
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+):
+    """Fused softmax cross-entropy: a drop-in for ``torch.nn.functional.cross_entropy``.
+
+    Accepts every call ``F.cross_entropy`` accepts (same positional order, including the
+    deprecated ``size_average``/``reduce``) and returns the same values, dtype and
+    gradients. Keyword-only extras, all off by default:
+
+    - ``z_loss``: adds ``z_loss * lse**2`` for each counted row (PaLM's auxiliary loss).
+    - ``softcap``: logits become ``softcap * tanh(x / softcap)`` before the softmax (Gemma 2).
+    - ``logit_scale``: multiplies the logits before the softmax (and before ``softcap``).
+    - ``return_lse``: also return the per-row log-sum-exp (float32; float64 for float64
+      input), shaped like the unreduced loss: ``(loss, lse)``.
+    - ``inplace_backward``: the backward writes the gradient into ``input``'s storage,
+      saving a logits-sized buffer. This DESTROYS the input's values during backward;
+      use it only when nothing else needs the logits afterwards.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    _check_reduction(reduction)
+    _check_logits(input)
+    _check_tensor(target, "target")
+    _check_device(input, target, "target")
+    label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    z_loss = _check_number(z_loss, "z_loss", 0.0)
+    softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
+    logit_scale = _check_number(logit_scale, "logit_scale")
+    ignore_index = int(ignore_index)
+
+    x3, out_shape = _rows_view(input)
+    prob = target.is_floating_point()
+    if prob:
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(
+                "a probability target must have the input's shape "
+                f"{tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if ignore_index >= 0:
+            raise ValueError("ignore_index is not supported for floating point target")
+        t = target.reshape(x3.shape)
+    else:
+        _check_index_target(input, target, out_shape)
+        t = target.reshape(x3.shape[0], x3.shape[2])
+    if weight is not None:
+        _check_class_vector(input, weight, "weight")
+        if not prob and weight.dtype != input.dtype:
+            raise TypeError(
+                f"weight must have the input's dtype {input.dtype} (as F.cross_entropy "
+                f"requires for class-index targets), got {weight.dtype}"
+            )
+
+    dtype = input.dtype
+    if prob:
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
+        if dtype == torch.float64 and x3.dtype != torch.float64:
+            x3 = x3.double()  # rare: a float64 target or weight makes the loss float64
+        if t.dtype != x3.dtype and not (t.dtype == torch.float32 and x3.dtype != torch.float64):
+            t = t.to(torch.float64 if x3.dtype == torch.float64 else torch.float32)
+
+    acc = reference.acc_dtype(x3.dtype)
+    C = x3.shape[1]
+    if reduction != "mean":
+        denom = None
+    elif prob:
+        denom = torch.tensor(float(x3.shape[0] * x3.shape[2]), dtype=acc, device=x3.device)
+    else:
+        denom = _index_denominator(t, weight, ignore_index, C, acc)
+    args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
+
+    if _wants_grad(weight) or (prob and _wants_grad(target)):
+        # Gradients for the weight or the target: autograd through the reference code.
+        if not prob and not torch.compiler.is_compiling():
+            reference.check_index_target(t, C, ignore_index)
+        loss_rows, lse = reference.ce_fwd(x3, t, weight, *args)
+    else:
+        ops = _backend.ops_for(x3.device)
+        if _fused_path(x3, inplace_backward):
+            rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc)
+            scale = _grad_scale(reduction, denom, rows)
+            loss_rows, lse, _ = ops.ce_fwd_grad(x3, t, weight, *args, scale)
+        else:
+            loss_rows, lse = ops.ce_fwd(x3, t, weight, *args, inplace_backward)
+
+    loss = _reduce(loss_rows, reduction, denom, out_shape, dtype)
+    if return_lse:
+        return loss, lse.reshape(out_shape)
+    return loss
+
+
+# ---- softmax focal loss -------------------------------------------------------------------
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    alpha: float | Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Softmax focal loss ``-alpha_t * (1 - p_t)**gamma * log p_t`` over C classes.
+
+    ``input`` is shaped like ``F.cross_entropy``'s, ``target`` holds class indices.
+    ``alpha`` is None, a number, or a per-class tensor indexed by the target. ``mean``
+    divides by the number of non-ignored targets. With ``gamma=0`` and ``alpha=None`` it
+    equals ``cross_entropy`` exactly, in value and gradient; values and gradients stay
+    finite at saturated logits for every ``gamma >= 0``.
+    """
+    _check_reduction(reduction)
+    _check_logits(input)
+    _check_tensor(target, "target")
+    _check_device(input, target, "target")
+    gamma = _check_number(gamma, "gamma", 0.0)
+    ignore_index = int(ignore_index)
+    x3, out_shape = _rows_view(input)
+    if target.is_floating_point():
+        raise TypeError(
+            f"focal_loss takes class-index targets (int64, int32 or uint8), got {target.dtype}"
+        )
+    _check_index_target(input, target, out_shape)
+    t = target.reshape(x3.shape[0], x3.shape[2])
+    alpha_vec, alpha_scale = None, 1.0
+    if isinstance(alpha, Tensor):
+        _check_class_vector(input, alpha, "alpha")
+        alpha_vec = alpha
+    elif alpha is not None:
+        alpha_scale = _check_number(alpha, "alpha")
+
+    acc = reference.acc_dtype(x3.dtype)
+    denom = (t != ignore_index).sum().to(acc) if reduction == "mean" else None
+    args = (alpha_scale, gamma, ignore_index)
+    if _wants_grad(alpha_vec):
+        if not torch.compiler.is_compiling():
+            reference.check_index_target(t, x3.shape[1], ignore_index)
+        loss_rows, _ = reference.focal_fwd(x3, t, alpha_vec, *args)
+    else:
+        ops = _backend.ops_for(x3.device)
+        if _fused_path(x3):
+            rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc)
+            scale = _grad_scale(reduction, denom, rows)
+            loss_rows, _, _ = ops.focal_fwd_grad(x3, t, alpha_vec, *args, scale)
+        else:
+            loss_rows, _ = ops.focal_fwd(x3, t, alpha_vec, *args)
+    return _reduce(loss_rows, reduction, denom, out_shape, input.dtype)
+
+
+# ---- sigmoid focal loss -------------------------------------------------------------------
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """``torchvision.ops.sigmoid_focal_loss``, fused: the same arguments, values and
+    gradients (``alpha < 0`` disables the alpha term), without importing torchvision."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: "
+            "'none', 'mean', 'sum'"
+        )
+    _check_tensor(inputs, "inputs")
+    _check_tensor(targets, "targets")
+    if inputs.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"inputs must be float32, float64, bfloat16 or float16, got {inputs.dtype}"
+        )
+    if not targets.is_floating_point():
+        raise TypeError(f"targets must be a floating-point tensor, got {targets.dtype}")
+    _check_device(inputs, targets, "targets")
+    if targets.shape != inputs.shape:
+        raise ValueError(
+            f"Target size ({targets.shape}) must be the same as input size ({inputs.shape})"
+        )
+    alpha = _check_number(alpha, "alpha")
+    gamma = _check_number(gamma, "gamma", 0.0)
+
+    dtype = torch.promote_types(inputs.dtype, targets.dtype)
+    x, t = inputs.to(dtype), targets.to(dtype)
+    if _wants_grad(t):
+        loss = reference.sigmoid_focal_fwd(x, t, alpha, gamma)
+    else:
+        loss = _backend.ops_for(x.device).sigmoid_focal_fwd(x, t, alpha, gamma)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss

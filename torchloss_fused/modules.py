@@ -1,0 +1,97 @@
+"""nn.Module wrappers whose constructors mirror torch.nn.CrossEntropyLoss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import _reduction
+
+from . import functional as F
+
+__all__ = ["CrossEntropyLoss", "FocalLoss", "SigmoidFocalLoss"]
+
+
+class CrossEntropyLoss(nn.Module):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` with the keyword-only extras of
+    :func:`torchloss_fused.cross_entropy`. ``weight`` is a buffer, as in PyTorch."""
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        return_lse: bool = False,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.return_lse = return_lse
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor):
+        return F.cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
+            return_lse=self.return_lse, inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss module; see :func:`torchloss_fused.focal_loss`. A per-class
+    ``alpha`` tensor is a buffer (it follows ``.to(device)``)."""
+
+    def __init__(self, gamma: float = 2.0, alpha: float | Tensor | None = None,
+                 ignore_index: int = -100, reduction: str = "mean") -> None:
+        super().__init__()
+        self.gamma = gamma
+        if isinstance(alpha, torch.Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.focal_loss(input, target, gamma=self.gamma, alpha=self.alpha,
+                            ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Module form of :func:`torchloss_fused.sigmoid_focal_loss` (torchvision semantics)."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma,
+                                    reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"

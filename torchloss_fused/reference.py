@@ -1,0 +1,356 @@
+"""Pure-PyTorch implementations of every op, with the kernels' contract (csrc/ops.cpp).
+
+They are the fallback where the compiled kernels are unavailable, and the oracle the tests
+compare the kernels with. Rows are processed in chunks so the float32 temporaries stay
+small: the fallback never needs more memory than F.cross_entropy does. The functions are
+plain differentiable PyTorch, so autograd can also run straight through them (used when a
+target or weight itself requires grad).
+
+Shapes: `input` is (B, C, D) with the class dim at 1; a class-index target is (B, D);
+a probability target is (B, C, D); per-row results are (B, D) in the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements per chunk of float32 temporaries (16 MiB).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(input: Tensor):
+    B, C, D = input.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, C * D))
+    for b0 in range(0, B, step):
+        yield b0, min(B, b0 + step)
+
+
+def _transform(x: Tensor, softcap: float, logit_scale: float) -> Tensor:
+    if softcap > 0:
+        return torch.tanh(x * (logit_scale / softcap)) * softcap
+    if logit_scale != 1.0:
+        return x * logit_scale
+    return x
+
+
+def _transform_deriv(s: Tensor, softcap: float, logit_scale: float):
+    if softcap > 0:
+        u = s / softcap
+        return logit_scale * (1 - u * u)
+    return logit_scale
+
+
+def check_index_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first out-of-range target, as PyTorch's CPU loss raises.
+
+    Only on CPU: elsewhere the check would synchronise with the host, and the gather that
+    follows raises a device-side assertion instead.
+    """
+    if target.device.type != "cpu" or target.numel() == 0:
+        return
+    t = target.long()
+    bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+
+
+def _class_vector(v: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if v is None else v.to(dtype)
+
+
+def _rows(x_chunk: Tensor, acc: torch.dtype, softcap: float, logit_scale: float) -> Tensor:
+    # (b, C, D) -> (b, D, C) float rows of transformed logits
+    return _transform(x_chunk.to(acc).movedim(1, -1), softcap, logit_scale)
+
+
+def _gather_target(s: Tensor, safe: Tensor) -> Tensor:
+    """s[..., t]; a row with no classes (C = 0) can only be ignored, so any value will do."""
+    if s.shape[-1] == 0:
+        return s.new_zeros(safe.shape)
+    return s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+
+
+def _smoothed_prob_target(t: Tensor, eps: float, C: int) -> Tensor:
+    return t * (1 - eps) + eps / C if eps > 0 else t
+
+
+def _ce_chunk(s, lse, target, w, ignore_index, eps, z_loss):
+    """Per-row loss of one chunk; s is (b, D, C), lse (b, D)."""
+    C = s.shape[-1]
+    if target.is_floating_point():
+        q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
+        if w is not None:
+            q = q * w
+        loss = (q * (lse.unsqueeze(-1) - s)).sum(-1)
+        if z_loss != 0:
+            loss = loss + z_loss * lse * lse
+        return loss
+    t = target.long()
+    valid = t != ignore_index
+    safe = t.masked_fill(~valid, 0)
+    nll = lse - _gather_target(s, safe)
+    loss = (1 - eps) * (w[safe] * nll if w is not None else nll)
+    if eps > 0:
+        nll_all = lse.unsqueeze(-1) - s
+        smooth = (nll_all * w).sum(-1) if w is not None else nll_all.sum(-1)
+        loss = loss + eps / C * smooth
+    if z_loss != 0:
+        loss = loss + z_loss * lse * lse
+    return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+
+
+def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+           label_smoothing: float, z_loss: float, softcap: float, logit_scale: float,
+           inplace_backward: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy loss and log-sum-exp (see csrc/ops.cpp: ce_fwd)."""
+    acc = acc_dtype(input.dtype)
+    if not target.is_floating_point():
+        check_index_target(target, input.shape[1], ignore_index)
+    w = _class_vector(weight, acc)
+    losses, lses = [], []
+    for b0, b1 in _chunks(input):
+        s = _rows(input[b0:b1], acc, softcap, logit_scale)
+        lse = torch.logsumexp(s, dim=-1)
+        losses.append(_ce_chunk(s, lse, target[b0:b1], w, ignore_index, label_smoothing, z_loss))
+        lses.append(lse)
+    return _cat_rows(losses, input, acc), _cat_rows(lses, input, acc)
+
+
+def _cat_rows(parts, input: Tensor, acc: torch.dtype) -> Tensor:
+    if parts:
+        return torch.cat(parts)
+    return input.new_empty((input.shape[0], input.shape[2]), dtype=acc)
+
+
+def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
+    """(A, Dq, B, t) with grad_s = A p - Dq - [c == t] B, per row; see kernels_impl.h."""
+    C = s.shape[-1]
+    if target.is_floating_point():
+        q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
+        if w is not None:
+            q = q * w
+        A = g * q.sum(-1)
+        if z_loss != 0:
+            A = A + g * 2 * z_loss * lse
+        if g_lse is not None:
+            A = A + g_lse
+        return A, g.unsqueeze(-1) * q, None, None, None
+    t = target.long()
+    valid = t != ignore_index
+    safe = t.masked_fill(~valid, 0)
+    wt = w[safe] if w is not None else torch.ones_like(lse)
+    coef = (1 - eps) * wt
+    Dq = None
+    if eps > 0:
+        W = w.sum() if w is not None else C
+        coef = coef + eps / C * W
+        Dq = (g * (eps / C)).unsqueeze(-1) * (w if w is not None else 1.0)
+    if z_loss != 0:
+        coef = coef + 2 * z_loss * lse
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    A = torch.where(valid, g * coef, zero)
+    B = torch.where(valid, g * ((1 - eps) * wt), zero)
+    if Dq is not None:
+        Dq = torch.where(valid.unsqueeze(-1), Dq, zero)
+    if g_lse is not None:
+        A = A + g_lse
+    keep = None if g_lse is not None else valid
+    return A, Dq, B, safe, keep
+
+
+def _grad_chunk(s, lse, A, Dq, B, t, softcap, logit_scale, keep=None):
+    grad = A.unsqueeze(-1) * torch.exp(s - lse.unsqueeze(-1))
+    if Dq is not None:
+        grad = grad - Dq
+    if B is not None and s.shape[-1] > 0:
+        grad = grad.scatter_add(-1, t.unsqueeze(-1), -B.unsqueeze(-1))
+    if softcap > 0 or logit_scale != 1.0:
+        grad = grad * _transform_deriv(s, softcap, logit_scale)
+    if keep is not None:  # ignored rows get exact zeros, whatever their logits hold
+        grad = torch.where(keep.unsqueeze(-1), grad, 0)
+    return grad
+
+
+def _write_grad(out: Tensor, b0: int, b1: int, grad_rows: Tensor) -> None:
+    out[b0:b1].copy_(grad_rows.movedim(-1, 1))
+
+
+def _ce_bwd_into(out, grad_loss, grad_lse, input, target, weight, lse, ignore_index,
+                 label_smoothing, z_loss, softcap, logit_scale):
+    acc = acc_dtype(input.dtype)
+    w = _class_vector(weight, acc)
+    for b0, b1 in _chunks(input):
+        s = _rows(input[b0:b1], acc, softcap, logit_scale)
+        g_lse = None if grad_lse is None else grad_lse[b0:b1].to(acc)
+        A, Dq, B, t, keep = _ce_coefficients(s, lse[b0:b1], target[b0:b1], w, ignore_index,
+                                             label_smoothing, z_loss,
+                                             grad_loss[b0:b1].to(acc), g_lse)
+        grad = _grad_chunk(s, lse[b0:b1], A, Dq, B, t, softcap, logit_scale, keep)
+        _write_grad(out, b0, b1, grad)
+    return out
+
+
+def ce_bwd(grad_loss: Tensor, grad_lse: Tensor | None, input: Tensor, target: Tensor,
+           weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float,
+           z_loss: float, softcap: float, logit_scale: float) -> Tensor:
+    """Gradient of the per-row loss (and lse) with respect to input (csrc/ops.cpp: _ce_bwd)."""
+    out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    return _ce_bwd_into(out, grad_loss, grad_lse, input, target, weight, lse, ignore_index,
+                        label_smoothing, z_loss, softcap, logit_scale)
+
+
+def ce_bwd_inplace(grad_loss: Tensor, grad_lse: Tensor | None, input: Tensor, target: Tensor,
+                   weight: Tensor | None, lse: Tensor, ignore_index: int,
+                   label_smoothing: float, z_loss: float, softcap: float,
+                   logit_scale: float) -> None:
+    """As ce_bwd, writing the gradient over `input` (each chunk is read before written)."""
+    _ce_bwd_into(input, grad_loss, grad_lse, input, target, weight, lse, ignore_index,
+                 label_smoothing, z_loss, softcap, logit_scale)
+
+
+def ce_fwd_grad(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                logit_scale, grad_scale):
+    """Forward plus the gradient of sum_r grad_scale_r * loss_r (csrc/ops.cpp: ce_fwd_grad)."""
+    loss, lse = ce_fwd(input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                       logit_scale)
+    grad = ce_bwd(grad_scale, None, input, target, weight, lse, ignore_index, label_smoothing,
+                  z_loss, softcap, logit_scale)
+    return loss, lse, grad
+
+
+# ---- softmax focal loss ------------------------------------------------------------------
+
+
+def _focal_alpha_t(alpha, alpha_scale, t):
+    return alpha_scale * alpha[t] if alpha is not None else alpha_scale
+
+
+def _focal_terms(log_pt: Tensor, alpha_t, gamma: float):
+    """(loss, factor) as csrc/cpu/kernels_impl.h's Focal: finite at saturation."""
+    q = -torch.expm1(log_pt)
+    loss = -(alpha_t * q.pow(gamma)) * log_pt
+    if gamma == 0:
+        factor = alpha_t * torch.ones_like(log_pt)
+    else:
+        pt = torch.exp(log_pt)
+        ratio = torch.where(q > 0, log_pt / torch.where(q > 0, q, 1), -1)
+        corr = torch.where(pt > 0, gamma * pt * ratio, 0)
+        factor = alpha_t * q.pow(gamma) * (1 - corr)
+    return loss, factor
+
+
+def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: float,
+              gamma: float, ignore_index: int) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(input.dtype)
+    check_index_target(target, input.shape[1], ignore_index)
+    a = _class_vector(alpha, acc)
+    losses, lses = [], []
+    for b0, b1 in _chunks(input):
+        s = _rows(input[b0:b1], acc, 0.0, 1.0)
+        lse = torch.logsumexp(s, dim=-1)
+        t = target[b0:b1].long()
+        valid = t != ignore_index
+        safe = t.masked_fill(~valid, 0)
+        log_pt = _gather_target(s, safe) - lse
+        loss, _ = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
+        losses.append(torch.where(valid, loss, torch.zeros((), dtype=acc, device=loss.device)))
+        lses.append(lse)
+    return _cat_rows(losses, input, acc), _cat_rows(lses, input, acc)
+
+
+def focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: Tensor | None,
+              lse: Tensor, alpha_scale: float, gamma: float, ignore_index: int) -> Tensor:
+    acc = acc_dtype(input.dtype)
+    a = _class_vector(alpha, acc)
+    out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    for b0, b1 in _chunks(input):
+        s = _rows(input[b0:b1], acc, 0.0, 1.0)
+        l = lse[b0:b1]
+        t = target[b0:b1].long()
+        valid = t != ignore_index
+        safe = t.masked_fill(~valid, 0)
+        log_pt = _gather_target(s, safe) - l
+        _, factor = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
+        coef = torch.where(valid, grad_loss[b0:b1].to(acc) * factor,
+                           torch.zeros((), dtype=acc, device=s.device))
+        _write_grad(out, b0, b1, _grad_chunk(s, l, coef, None, coef, safe, 0.0, 1.0, valid))
+    return out
+
+
+def focal_fwd_grad(input, target, alpha, alpha_scale, gamma, ignore_index, grad_scale):
+    loss, lse = focal_fwd(input, target, alpha, alpha_scale, gamma, ignore_index)
+    grad = focal_bwd(grad_scale, input, target, alpha, lse, alpha_scale, gamma, ignore_index)
+    return loss, lse, grad
+
+
+def rescale_grad_rows(grad: Tensor, grad_loss: Tensor, grad_scale: Tensor) -> None:
+    """Scales row r of grad (B, C, D) by grad_loss_r / grad_scale_r where they differ."""
+    differs = grad_loss != grad_scale
+    factor = torch.where(differs, grad_loss / grad_scale, 1.0)
+    grad.mul_(factor.unsqueeze(1))
+
+
+# ---- sigmoid focal loss (torchvision.ops.sigmoid_focal_loss) ----------------------------
+
+
+def _sigmoid_terms(x: Tensor, t: Tensor):
+    e = torch.exp(-x.abs())
+    ce = x.clamp_min(0) - x * t + torch.log1p(e)
+    inv = 1 / (1 + e)
+    pos = x >= 0
+    p = torch.where(pos, inv, e * inv)
+    q = torch.where(pos, e * inv, inv)
+    m = t * q + (1 - t) * p
+    return ce, p, q, m
+
+
+def _alpha_t(t: Tensor, alpha: float) -> Tensor:
+    return alpha * t + (1 - alpha) * (1 - t)
+
+
+def sigmoid_focal_fwd(input: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+    acc = acc_dtype(input.dtype)
+    x, t = input.to(acc), target.to(acc)
+    ce, _, _, m = _sigmoid_terms(x, t)
+    loss = ce * m.pow(gamma)
+    if alpha >= 0:
+        loss = loss * _alpha_t(t, alpha)
+    return loss.to(input.dtype)
+
+
+def sigmoid_focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: float,
+                      gamma: float) -> Tensor:
+    acc = acc_dtype(input.dtype)
+    x, t = input.to(acc), target.to(acc)
+    ce, p, q, m = _sigmoid_terms(x, t)
+    d = p - t
+    if gamma != 0:
+        dpow = gamma * m.pow(gamma - 1)
+        if gamma < 1:  # m = 0 only where p q = 0: the product's limit is 0
+            dpow = torch.where(m > 0, dpow, 0)
+        d = d * m.pow(gamma) + ce * dpow * p * q * (1 - 2 * t)
+    if alpha >= 0:
+        d = d * _alpha_t(t, alpha)
+    return (d * grad_loss.to(acc)).to(input.dtype).contiguous()
+
+
+def sigmoid_focal_loss_torchvision(inputs: Tensor, targets: Tensor, alpha: float = 0.25,
+                                   gamma: float = 2.0, reduction: str = "none") -> Tensor:
+    """torchvision.ops.sigmoid_focal_loss's formula, written out (the tests' oracle)."""
+    p = torch.sigmoid(inputs)
+    ce_loss = torch.nn.functional.binary_cross_entropy_with_logits(inputs, targets,
+                                                                   reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = _alpha_t(targets, alpha) * loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
