@@ -147,10 +147,9 @@ def _make_ce_autograd(namespace: str):
         grad_loss = _zeros_if_none(grad_loss, lse)
         ops = _ns(namespace)
         if ctx.inplace:
+            # The op bumps input's version counter, so a later backward that saved these
+            # logits fails loudly instead of reading gradients.
             ops._ce_bwd_inplace(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
-            if not torch.compiler.is_compiling():
-                # So a later backward that saved these logits fails loudly, not silently.
-                torch.autograd.graph.increment_version(input)
             grad = input
         else:
             grad = ops._ce_bwd(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
@@ -159,35 +158,41 @@ def _make_ce_autograd(namespace: str):
     return backward, setup_context
 
 
+def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
+    # Kept outside save_for_backward: backward rescales the buffer in place and hands it
+    # on (a detached alias, so no reference cycle through the output's grad_fn).
+    ctx.fused_grad = grad.detach()
+    ctx.grad_scale = grad_scale
+    ctx.set_materialize_grads(False)
+
+
 def _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute):
-    """Backward of a *_fwd_grad op: the gradient was computed by the forward for an expected
+    """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
-    A second backward through the same graph (retain_graph=True) must not rescale the
-    buffer again, nor reuse it (it may now be the caller's .grad): it recomputes instead,
-    as does a backward that also carries a gradient for lse."""
-    saved = ctx.saved_tensors
+    The buffer is handed on once. A second backward through the same graph
+    (retain_graph=True) recomputes from the saved inputs instead, as does a backward that
+    also carries a gradient for lse."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
-    grad, grad_scale, lse = saved[-2], saved[-1], saved[3]
-    if grad_lse is not None or ctx.grad_consumed:
-        return recompute(_zeros_if_none(grad_loss, lse), grad_lse)
-    ctx.grad_consumed = True
-    _ns(namespace)._rescale_grad_rows(grad, grad_loss, grad_scale)
+    grad, ctx.fused_grad = ctx.fused_grad, None
+    if grad_lse is not None or grad is None:
+        return recompute(grad_loss, grad_lse)
+    _ns(namespace)._rescale_grad_rows(grad, grad_loss, ctx.grad_scale)
     return grad
 
 
 def _make_ce_fwd_grad_autograd(namespace: str):
     def setup_context(ctx, inputs, output):
         input, target, weight, *args, grad_scale = inputs
-        ctx.save_for_backward(input, target, weight, output[1], output[2], grad_scale)
+        ctx.save_for_backward(input, target, weight, output[1])
         ctx.args = tuple(args)
-        ctx.grad_consumed = False
-        ctx.set_materialize_grads(False)
+        _save_fused(ctx, output[2], grad_scale)
 
     def backward(ctx, grad_loss, grad_lse, _unused):
         def recompute(g, g_lse):
-            input, target, weight, lse = ctx.saved_tensors[:4]
+            input, target, weight, lse = ctx.saved_tensors
+            g = _zeros_if_none(g, lse)
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
         grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute)
@@ -216,15 +221,14 @@ def _make_focal_autograd(namespace: str):
 def _make_focal_fwd_grad_autograd(namespace: str):
     def setup_context(ctx, inputs, output):
         input, target, alpha, *args, grad_scale = inputs
-        ctx.save_for_backward(input, target, alpha, output[1], output[2], grad_scale)
+        ctx.save_for_backward(input, target, alpha, output[1])
         ctx.args = tuple(args)
-        ctx.grad_consumed = False
-        ctx.set_materialize_grads(False)
+        _save_fused(ctx, output[2], grad_scale)
 
     def backward(ctx, grad_loss, grad_lse, _unused):
-        # lse is not differentiable for focal loss: its gradient, if any, is ignored.
+        # focal_loss does not expose lse: a gradient for it can only be zero.
         def recompute(g, _g_lse):
-            input, target, alpha, lse = ctx.saved_tensors[:4]
+            input, target, alpha, lse = ctx.saved_tensors
             return _ns(namespace)._focal_bwd(g, input, target, alpha, lse, *ctx.args)
 
         if grad_loss is None:

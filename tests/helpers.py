@@ -1,0 +1,95 @@
+"""Oracles in float64 and the comparison rules of DESIGN.md §6."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def random_logits(shape, dtype, device, scale=3.0, requires_grad=True):
+    """Fresh random logits (never zeros), rounded to `dtype`."""
+    x = (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def random_targets(shape, num_classes, device, ignore_index=-100, ignore_frac=0.0,
+                   dtype=torch.int64):
+    t = torch.randint(0, max(num_classes, 1), shape)
+    if ignore_frac > 0:
+        t[torch.rand(shape) < ignore_frac] = ignore_index
+    return t.to(device=device, dtype=dtype)
+
+
+def oracle_cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
+                         dtype=torch.float64):
+    """F.cross_entropy on the transformed logits, plus z_loss on counted rows, computed in
+    `dtype` (float64: the oracle; the input's dtype: eager PyTorch's own answer).
+    Returns (loss, lse) with lse shaped like the unreduced loss."""
+    x = x.to(dtype)
+    if weight is not None:
+        weight = weight.to(dtype)
+    s = x * logit_scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if target.is_floating_point():
+        target = target.to(torch.promote_types(dtype, target.dtype))
+    elif target.dtype != torch.int64:
+        target = target.long()
+    loss = F.cross_entropy(s, target, weight=weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+    lse = torch.logsumexp(s, dim=1 if s.dim() > 1 else 0)
+    if z_loss:
+        if target.is_floating_point():
+            counted = torch.ones_like(lse, dtype=torch.bool)
+            denom = torch.tensor(float(lse.numel()), dtype=lse.dtype)
+        else:
+            counted = target != ignore_index
+            w_t = weight[target.clamp(0)] if weight is not None else torch.ones_like(lse)
+            denom = torch.where(counted, w_t, 0).sum()
+        z = torch.where(counted, z_loss * lse * lse, 0)
+        if reduction == "none":
+            loss = loss + z
+        elif reduction == "sum":
+            loss = loss + z.sum()
+        else:
+            loss = loss + z.sum() / denom
+    return loss, lse
+
+
+def _max_err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    a, b = a.detach().double(), b.detach().double()
+    d = (a - b).abs()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    same_inf = torch.isinf(a) & (a == b)
+    d = torch.where(both_nan | same_inf, 0, d)
+    return float(d.max())
+
+
+def assert_matches(ours, oracle, eager=None, dtype=None, factor=2.0, what="value"):
+    """ours vs the float64 oracle. float32/float64: assert_close's defaults for that dtype.
+    bf16/fp16: our max error may exceed eager PyTorch's own (same dtype) by `factor`, plus
+    an absolute floor of a few units in the last place of the values' magnitude."""
+    dtype = dtype or ours.dtype
+    assert ours.shape == oracle.shape, f"{what}: shape {ours.shape} != {oracle.shape}"
+    assert torch.equal(torch.isnan(ours.double()), torch.isnan(oracle.double())), (
+        f"{what}: NaN positions differ")
+    if dtype not in LOW_PRECISION:
+        tol = {"rtol": 1.3e-6, "atol": 1e-5} if dtype == torch.float32 else \
+            {"rtol": 1e-7, "atol": 1e-7}
+        torch.testing.assert_close(ours.double(), oracle.double(), equal_nan=True,
+                                   msg=lambda m: f"{what}: {m}", **tol)
+        return
+    assert eager is not None, "low-precision comparisons need eager PyTorch's result"
+    err = _max_err(ours, oracle)
+    eager_err = _max_err(eager, oracle)
+    finite = oracle.double()[torch.isfinite(oracle.double())]
+    mag = float(finite.abs().max()) if finite.numel() else 0.0
+    floor = 4 * torch.finfo(dtype).eps * max(mag, 1e-3)
+    assert err <= factor * eager_err + floor, (
+        f"{what} ({dtype}): max error {err:.3g} vs eager PyTorch's {eager_err:.3g} "
+        f"(allowed {factor} x + {floor:.3g})")

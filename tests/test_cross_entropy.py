@@ -1,0 +1,231 @@
+"""cross_entropy against F.cross_entropy in float64: values and gradients over dtypes,
+shapes, reductions and options (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchloss_fused as tlf
+
+from .helpers import assert_matches, oracle_cross_entropy, random_logits, random_targets
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def check(x, target, reduction="mean", grad_out=None, **kw):
+    """Runs ours, the float64 oracle and eager PyTorch (for low precision); compares
+    values and input gradients. Returns our loss."""
+    dtype = x.dtype
+    ours = tlf.cross_entropy(x, target, reduction=reduction, **kw)
+    assert ours.dtype == (dtype if not target.is_floating_point()
+                          else torch.promote_types(dtype, target.dtype)), ours.dtype
+    if grad_out is None:
+        grad_out = torch.rand_like(ours, dtype=torch.float64).to(ours.dtype) + 0.5
+    results = {}
+    for name, compute in (("oracle", torch.float64), ("eager", dtype)):
+        xr = x.detach().clone().requires_grad_()
+        loss, _ = oracle_cross_entropy(xr, target, reduction=reduction, dtype=compute, **kw)
+        (g,) = torch.autograd.grad(loss, xr, grad_out.to(loss.dtype)) if loss.numel() else (
+            torch.zeros_like(xr),)
+        results[name] = (loss.detach(), g)
+    (g_ours,) = torch.autograd.grad(ours, x, grad_out) if ours.numel() else (
+        torch.zeros_like(x),)
+    assert g_ours.dtype == x.dtype and g_ours.shape == x.shape
+    assert_matches(ours.detach(), results["oracle"][0], results["eager"][0], dtype, what="loss")
+    assert_matches(g_ours, results["oracle"][1], results["eager"][1], dtype, what="grad")
+    return ours
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N", [0, 1, 7])
+@pytest.mark.parametrize("V", [1, 2, 3, 761])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_small_grid(device, backend, dtype, N, V, reduction):
+    x = random_logits((N, V), dtype, device)
+    y = random_targets((N,), V, device)
+    check(x, y, reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1000, 761), (1000, 32000), (3, 128256), (2, 262147)])
+def test_large_shapes(device, backend, dtype, shape):
+    if backend == "reference" and shape[0] * shape[1] > 4_000_000:
+        pytest.skip("the fallback is covered on the smaller large shapes")
+    x = random_logits(shape, dtype, device)
+    y = random_targets(shape[:1], shape[1], device, ignore_frac=0.1)
+    check(x, y, "mean")
+    check(x, y, "none")
+
+
+OPTIONS = [
+    {},
+    {"ignore_index": 3},
+    {"weight": "w"},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"weight": "w", "label_smoothing": 0.25, "ignore_index": 0},
+    {"z_loss": 1e-3},
+    {"softcap": 5.0},
+    {"logit_scale": 0.5},
+    {"softcap": 2.0, "logit_scale": 1.7, "z_loss": 0.01, "label_smoothing": 0.2, "weight": "w"},
+]
+
+
+def _materialise(opts, C, dtype, device):
+    opts = dict(opts)
+    if opts.get("weight") == "w":
+        opts["weight"] = (torch.rand(C, dtype=torch.float64) + 0.1).to(device=device, dtype=dtype)
+    return opts
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_options(device, backend, dtype, opts, reduction):
+    N, C = 64, 761
+    opts = _materialise(opts, C, dtype, device)
+    x = random_logits((N, C), dtype, device)
+    y = random_targets((N,), C, device, ignore_index=opts.get("ignore_index", -100),
+                       ignore_frac=0.2)
+    check(x, y, reduction, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5,), (4, 11, 3), (2, 7, 3, 5), (3, 6, 0)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_class_dim_layouts(device, backend, dtype, shape, reduction):
+    C = shape[0] if len(shape) == 1 else shape[1]
+    x = random_logits(shape, dtype, device)
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    y = random_targets(tshape, C, device, ignore_frac=0.2)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
+    check(x, y, reduction)
+    check(x, y, reduction, weight=w, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32, torch.uint8])
+def test_target_dtypes(device, backend, tdtype):
+    x = random_logits((9, 200), torch.float32, device)
+    y = random_targets((9,), 200, device, dtype=tdtype)
+    ours = check(x, y, "mean")
+    ref = tlf.cross_entropy(x.detach(), y.long())
+    assert torch.equal(ours.detach(), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tdtype", ["same", torch.float32, torch.float64])
+@pytest.mark.parametrize("opts", [{}, {"weight": "w"}, {"label_smoothing": 0.3},
+                                  {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-2}],
+                         ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets(device, backend, dtype, tdtype, opts, reduction):
+    N, C = 33, 300
+    tdtype = dtype if tdtype == "same" else tdtype
+    opts = _materialise(opts, C, dtype, device)
+    x = random_logits((N, C), dtype, device)
+    t = torch.softmax(torch.randn(N, C, dtype=torch.float64) * 2, 1).to(device=device,
+                                                                       dtype=tdtype)
+    check(x, t, reduction, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probability_targets_kdim_and_unnormalised(device, backend, dtype):
+    x = random_logits((3, 5, 4, 2), dtype, device)
+    t = torch.rand(3, 5, 4, 2, dtype=torch.float64).mul(3).to(device=device, dtype=dtype)
+    check(x, t, "mean")
+    check(x, t, "none", label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_return_lse(device, backend, dtype):
+    x = random_logits((6, 4, 3), dtype, device)
+    y = random_targets((6, 3), 4, device, ignore_frac=0.3)
+    loss, lse = tlf.cross_entropy(x, y, return_lse=True, softcap=3.0, logit_scale=2.0)
+    _, ref_lse = oracle_cross_entropy(x.detach(), y, softcap=3.0, logit_scale=2.0)
+    assert lse.shape == (6, 3)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    # Gradients flow through lse too (e.g. a user's own z-loss on it).
+    (g,) = torch.autograd.grad(loss + (lse**2).sum() * 0.1, x)
+    xr = x.detach().double().requires_grad_()
+    ref_loss, ref_lse = oracle_cross_entropy(xr, y, softcap=3.0, logit_scale=2.0)
+    (g_ref,) = torch.autograd.grad(ref_loss + (ref_lse**2).sum() * 0.1, xr)
+    tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}],
+                         ids=["plain", "smooth-z"])
+def test_inplace_backward(device, backend, dtype, reduction, opts):
+    x0 = random_logits((17, 333), dtype, device, requires_grad=False)
+    y = random_targets((17,), 333, device, ignore_frac=0.2)
+    leaf = x0.clone().requires_grad_()
+    expected_loss = tlf.cross_entropy(leaf, y, reduction=reduction, **opts)
+    g_out = torch.rand_like(expected_loss) + 0.5
+    (expected,) = torch.autograd.grad(expected_loss, leaf, g_out)
+
+    logits_src = x0.clone().requires_grad_()
+    logits = logits_src * 1.0  # non-leaf, as an LM head's output would be
+    loss = tlf.cross_entropy(logits, y, reduction=reduction, inplace_backward=True, **opts)
+    assert torch.equal(loss.detach(), expected_loss.detach())
+    assert torch.equal(logits.detach(), x0), "forward must not touch the input"
+    loss.backward(g_out)
+    # (not bitwise: the out-of-place path may rescale a gradient made in the forward)
+    torch.testing.assert_close(logits_src.grad, expected)
+    assert torch.equal(logits.detach(), logits_src.grad), "the gradient lives in the input"
+
+
+def test_no_grad_leaves_input_untouched(device, backend):
+    x = random_logits((8, 50), torch.float32, device, requires_grad=False)
+    y = random_targets((8,), 50, device)
+    before = x.clone()
+    with torch.no_grad():
+        tlf.cross_entropy(x, y, inplace_backward=True)
+    xg = x.clone().requires_grad_()
+    tlf.cross_entropy(xg, y).backward()
+    assert torch.equal(x, before) and torch.equal(xg.detach(), before)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("scale", [1.0, 2.5, 0.0])
+def test_upstream_gradient_scales(device, backend, reduction, scale):
+    """The gradient computed by the forward is rescaled when backward receives another
+    grad_output (loss scaling, averaging over micro-batches)."""
+    x = random_logits((12, 97), torch.float32, device)
+    y = random_targets((12,), 97, device, ignore_frac=0.25)
+    loss = tlf.cross_entropy(x, y, reduction=reduction)
+    g_out = torch.full_like(loss, scale)
+    (g,) = torch.autograd.grad(loss, x, g_out)
+    xr = x.detach().double().requires_grad_()
+    ref, _ = oracle_cross_entropy(xr, y, reduction=reduction)
+    (g_ref,) = torch.autograd.grad(ref, xr, g_out.double())
+    torch.testing.assert_close(g.double(), g_ref, rtol=1.3e-6, atol=1e-6)
+
+
+def test_retain_graph_backward_twice(device, backend):
+    x = random_logits((10, 64), torch.float32, device)
+    y = random_targets((10,), 64, device)
+    loss = tlf.cross_entropy(x, y) * 3.0
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    x.grad = None
+    xr = x.detach().double().requires_grad_()
+    (oracle_cross_entropy(xr, y)[0] * 3.0).backward()
+    torch.testing.assert_close(first.double(), xr.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_size_average_and_reduce_legacy(device, backend):
+    x = random_logits((5, 7), torch.float32, device)
+    y = random_targets((5,), 7, device)
+    with pytest.warns(UserWarning):
+        s = tlf.cross_entropy(x, y, size_average=False)
+    torch.testing.assert_close(s, tlf.cross_entropy(x, y, reduction="sum"))
+    with pytest.warns(UserWarning):
+        n = tlf.cross_entropy(x, y, None, None, -100, False)
+    assert n.shape == (5,)
