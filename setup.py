@@ -95,6 +95,9 @@ def _extensions():
                 self.compiler._compile = nvcc_compile
 
     cpu_sources, cuda_sources = _sources()
+    # Headers: distutils rebuilds every object when one of these changes.
+    depends = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh")
+                     for p in (ROOT / "csrc").rglob(pattern))
     cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     macros = [("TLF_X86_KERNELS", None)] if IS_X86 else []
     if _want_cuda() and cuda_sources:
@@ -105,12 +108,13 @@ def _extensions():
             "torchloss_fused._C",
             cpu_sources + cuda_sources,
             define_macros=macros + [("TLF_WITH_CUDA", None)],
+            depends=depends,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                      "-lineinfo", "--expt-relaxed-constexpr"]},
         )
     else:
         ext = CppExtension("torchloss_fused._C", cpu_sources, define_macros=macros,
-                           extra_compile_args={"cxx": cxx})
+                           depends=depends, extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": Build.with_options(use_ninja=False)}
 
 

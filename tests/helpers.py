@@ -86,7 +86,10 @@ def assert_matches(ours, oracle, eager=None, dtype=None, factor=2.0, what="value
         return
     assert eager is not None, "low-precision comparisons need eager PyTorch's result"
     err = _max_err(ours, oracle)
-    eager_err = _max_err(eager, oracle)
+    # Where eager PyTorch itself breaks down (NaN/inf where the oracle is finite), its
+    # error says nothing about the attainable accuracy: leave those places out of it.
+    usable = torch.isfinite(eager.double()) | ~torch.isfinite(oracle.double())
+    eager_err = _max_err(eager.double()[usable], oracle.double()[usable])
     finite = oracle.double()[torch.isfinite(oracle.double())]
     mag = float(finite.abs().max()) if finite.numel() else 0.0
     floor = 4 * torch.finfo(dtype).eps * max(mag, 1e-3)

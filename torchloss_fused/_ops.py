@@ -147,9 +147,12 @@ def _make_ce_autograd(namespace: str):
         grad_loss = _zeros_if_none(grad_loss, lse)
         ops = _ns(namespace)
         if ctx.inplace:
-            # The op bumps input's version counter, so a later backward that saved these
-            # logits fails loudly instead of reading gradients.
             ops._ce_bwd_inplace(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
+            if namespace != REF_NAMESPACE and not torch.compiler.is_compiling():
+                # Ops from TORCH_LIBRARY do not bump version counters themselves (custom_op
+                # ops do). Bumping makes a later backward that saved these logits fail
+                # loudly instead of reading gradients.
+                torch.autograd.graph.increment_version(input)
             grad = input
         else:
             grad = ops._ce_bwd(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)

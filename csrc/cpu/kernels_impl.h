@@ -46,11 +46,12 @@ constexpr bool kReduced =
     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
 // exp for probabilities: the 1-ulp exp for float and double inputs; for bf16/fp16 inputs,
-// whose gradient keeps 8 or 11 bits, the faster polynomial is accurate enough.
+// whose gradient keeps 8 or 11 bits, the faster polynomial is accurate enough (it maps NaN
+// to inf, so NaN is put back: a NaN logit must poison its row).
 template <typename scalar_t, typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (kReduced<scalar_t>) {
-    return v.exp_u20();
+    return Vectorized<acc_t>::blendv(v.exp_u20(), v, v.isnan());
   } else {
     return v.exp();
   }

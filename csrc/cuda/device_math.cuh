@@ -1,0 +1,100 @@
+// Math helpers whose accuracy does not depend on --use_fast_math (the build passes it).
+//
+// Hot-path exp/log: float uses the hardware approximations (__expf/__logf: about 2 ulp for
+// arguments near 0, which is where softmax terms that matter live, and the outputs are
+// rounded to at most float anyway); double uses libm. Where an approximation would be too
+// coarse (fast-math tanhf is a 2^-11 approximation, powf loses bits for small bases) the
+// libdevice functions are called by name, which fast math does not rewrite.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+extern "C" __device__ float __nv_tanhf(float);
+extern "C" __device__ float __nv_powf(float, float);
+extern "C" __device__ float __nv_log1pf(float);
+
+namespace tlf::cuda {
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -static_cast<acc_t>(INFINITY);
+}
+
+__device__ __forceinline__ float exp_fast(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_fast(double x) { return exp(x); }
+__device__ __forceinline__ float log_fast(float x) { return __logf(x); }
+__device__ __forceinline__ double log_fast(double x) { return log(x); }
+
+__device__ __forceinline__ float tanh_accurate(float x) { return __nv_tanhf(x); }
+__device__ __forceinline__ double tanh_accurate(double x) { return tanh(x); }
+__device__ __forceinline__ float pow_accurate(float x, float y) { return __nv_powf(x, y); }
+__device__ __forceinline__ double pow_accurate(double x, double y) { return pow(x, y); }
+__device__ __forceinline__ float log1p_accurate(float x) { return __nv_log1pf(x); }
+__device__ __forceinline__ double log1p_accurate(double x) { return log1p(x); }
+
+// Correctly rounded division and product: never contracted into an FMA nor approximated,
+// so both operand orders give the same bits (reductions rely on that).
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// max that returns NaN when either side is NaN, so a NaN logit poisons its row (fmaxf
+// would drop it).
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a > b || a != a) ? a : b;
+#endif
+}
+__device__ __forceinline__ double max_nan(double a, double b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Online log-sum-exp state: m is the largest value seen (NaN once a NaN was seen, possibly
+// replaced later while s stays NaN), s = sum exp(v - m).
+template <typename acc_t>
+struct LseState {
+  acc_t m, s;
+
+  __device__ __forceinline__ LseState() : m(neg_inf<acc_t>()), s(0) {}
+
+  // Adds n values; entries the caller wants skipped are -inf (they add exp(-inf) = 0).
+  template <int N>
+  __device__ __forceinline__ void add(const acc_t (&v)[N]) {
+    acc_t vmax = v[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) vmax = max_nan(vmax, v[j]);
+    if (!(vmax <= m)) {  // a larger maximum, or NaN (which then poisons s)
+      s = s * exp_fast(m - vmax);  // exp(-inf) = 0 while nothing finite was seen
+      m = vmax;
+    }
+    if (m == neg_inf<acc_t>()) return;  // all -inf so far: every term is exp(-inf) = 0
+    acc_t part = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j) part += exp_fast(v[j] - m);
+    s += part;
+  }
+
+  // Symmetric in (this, other) bit for bit, so butterfly reductions leave every lane with
+  // the same state.
+  __device__ __forceinline__ void merge(acc_t m2, acc_t s2) {
+    const acc_t M = max_nan(m, m2);
+    if (M == neg_inf<acc_t>()) {  // both empty: s = 0
+      s = s + s2;
+      return;
+    }
+    s = mul_rn(s, exp_fast(m - M)) + mul_rn(s2, exp_fast(m2 - M));
+    m = M;
+  }
+
+  // log(sum exp) = m + log(s): -inf for an empty or all -inf row, NaN if a NaN was seen.
+  __device__ __forceinline__ acc_t lse() const { return m + log_fast(s); }
+};
+
+}  // namespace tlf::cuda

@@ -1,0 +1,36 @@
+// Torch-free entry points of the CUDA kernels. The torch launchers (*_cuda.cu) fill the
+// params with tensor_params.h, then call these on the tensor's device and current stream.
+// Each returns the launch error, if any; none synchronises with the host.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "../kernel_params.h"
+
+namespace tlf::cuda {
+
+enum class Mode : int {
+  Forward = 0,   // loss + lse
+  Backward = 1,  // gradient from a saved lse
+  Fused = 2      // loss + lse + gradient of sum_r grad_scale_r * loss_r
+};
+
+// Softmax-family losses (cross-entropy, focal); p says which and what to write.
+cudaError_t softmax_loss(const SoftmaxLossParams& p, Dtype dt, Mode mode, cudaStream_t stream);
+
+// grad row r *= grad_loss[r] / grad_scale[r], rows where the two are equal left untouched.
+cudaError_t rescale_grad_rows(void* grad, const RowLayout& layout, const RowVector& grad_loss,
+                              const RowVector& grad_scale, Dtype dt, cudaStream_t stream);
+
+// Elementwise sigmoid focal loss (forward writes p.loss, backward p.grad_input).
+cudaError_t sigmoid_focal(const SigmoidFocalParams& p, Dtype dt, bool backward,
+                          cudaStream_t stream);
+
+// Per-dtype instantiations (softmax_loss_<dtype>.cu), dispatched by the functions above.
+template <typename T>
+cudaError_t softmax_loss_t(const SoftmaxLossParams& p, Mode mode, cudaStream_t stream);
+template <typename T>
+cudaError_t rescale_grad_rows_t(T* grad, const RowLayout& layout, const RowVector& grad_loss,
+                                const RowVector& grad_scale, cudaStream_t stream);
+
+}  // namespace tlf::cuda

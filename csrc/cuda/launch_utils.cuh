@@ -1,0 +1,97 @@
+// Host-side launch helpers: device properties and kernel occupancy, cached so a launch
+// costs no driver queries after the first. Only host computations: nothing here enqueues
+// work or synchronises, so launches stay capturable in CUDA graphs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+
+namespace tlf::cuda {
+
+struct DeviceProps {
+  int sms = 0;
+  int smem_optin = 0;  // largest shared memory one block may opt into
+};
+
+inline cudaError_t device_props(int device, DeviceProps* out) {
+  static std::mutex mu;
+  static std::map<int, DeviceProps> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it == cache.end()) {
+    DeviceProps d;
+    cudaError_t err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    }
+    if (err != cudaSuccess) return err;
+    it = cache.emplace(device, d).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+inline cudaError_t current_device_props(DeviceProps* out) {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return device_props(device, out);
+}
+
+// Blocks of `kernel` that fit on one SM with `threads` threads and `smem` bytes of dynamic
+// shared memory; opts the kernel into more than the default 48 KiB when asked for.
+template <typename Kernel>
+cudaError_t resident_blocks(Kernel kernel, int threads, size_t smem, int* out) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> blocks;
+  static std::map<std::pair<const void*, int>, size_t> opted;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(fn, device, threads, smem);
+  auto it = blocks.find(key);
+  if (it == blocks.end()) {
+    constexpr size_t kDefaultSmem = 48 << 10;
+    size_t& have = opted[{fn, device}];
+    if (smem > kDefaultSmem && smem > have) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+      have = smem;
+    }
+    int n = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+    if (err != cudaSuccess) return err;
+    if (n < 1) return cudaErrorInvalidConfiguration;
+    it = blocks.emplace(key, n).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
+// A persistent grid: enough blocks for `work_blocks`, at most what is resident at once.
+template <typename Kernel>
+cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t work_blocks,
+                            int* grid) {
+  DeviceProps props;
+  cudaError_t err = current_device_props(&props);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0;
+  err = resident_blocks(kernel, threads, smem, &per_sm);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = static_cast<int64_t>(per_sm) * props.sms;
+  *grid = static_cast<int>(std::max<int64_t>(1, std::min(work_blocks, resident)));
+  return cudaSuccess;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace tlf::cuda

@@ -1,0 +1,414 @@
+// Kernel bodies of the softmax-family losses (cross-entropy, focal): forward, backward and
+// the fused forward that also writes the gradient. Torch-free: only kernel_params.h and
+// CUDA headers.
+//
+// A group of threads (thread, warp or block: group_reduce.cuh) owns one row at a time.
+// Pass 1 (forward modes) reads the row once for the online log-sum-exp; pass 2 re-reads it
+// to write the gradient and/or sum the label-smoothing / probability-target term. On the
+// vector path (classes contiguous, rows 16-byte compatible) each thread moves 16 bytes per
+// load and keeps what it loaded in pass 1 in its own slots of a shared-memory row cache, so
+// pass 2 reads those from shared memory instead of global memory: the logits come from
+// DRAM once. Whatever does not fit is re-read from global memory, last-read first, while it
+// is most likely still in L2.
+#pragma once
+
+#include <assert.h>  // declares __assert_fail for device code too
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../kernel_params.h"
+#include "device_math.cuh"
+#include "group_reduce.cuh"
+#include "launch.h"
+#include "softmax_row_math.cuh"
+#include "vec_io.cuh"
+
+namespace tlf::cuda {
+
+template <class G>
+struct GroupTraits {
+  static constexpr int kMaxThreads = 256;
+  static constexpr int kUnroll = 4;  // loads in flight per thread and batch
+};
+template <>
+struct GroupTraits<BlockGroup> {
+  // One block per row and (with a large row cache) one block per SM: eight 16-byte loads
+  // per thread keep 64 KiB in flight per SM, enough to cover DRAM latency.
+  static constexpr int kMaxThreads = 512;
+  static constexpr int kUnroll = 8;
+};
+
+__device__ __noinline__ inline void fail_bad_target() {
+  __assert_fail("class index target out of range: need 0 <= target < C or target == ignore_index",
+                __FILE__, __LINE__, __func__);
+}
+
+template <typename T, Mode kMode, class G, bool kVec>
+class SoftmaxRow {
+  using acc_t = acc_of<T>;
+  using V = Vec16<T>;
+  static constexpr int kN = V::kVec;
+  static constexpr int kU = GroupTraits<G>::kUnroll;
+  static constexpr bool kGrad = kMode != Mode::Forward;
+
+  const SoftmaxLossParams& p;
+  const G& grp;
+  const Transform<acc_t>& tf;
+  const int64_t r, C, sc;
+  const int lane, gsize;
+  const T* x;
+  T* gx = nullptr;
+  int64_t gsc = 1;
+  const QReader<T> q;
+
+  // Vector geometry: [0, head) scalar, head + [0, nvec * kN) vectors, [tail, C) scalar.
+  int64_t head = 0, nvec = 0, tail = 0;
+  uint4* cache;
+  int64_t cache_n = 0;
+
+  // Pass-2 state.
+  acc_t lse = 0, A = 0, B = 0, D = 0;
+  int64_t t = -1;
+  QKind q_grad = QKind::None, q_sum = QKind::None;
+  bool need_sum = false;
+  acc_t total = 0;
+
+ public:
+  __device__ __forceinline__ SoftmaxRow(const SoftmaxLossParams& p_, const G& g_,
+                                        const Transform<acc_t>& tf_, int64_t r_, uint4* cache_,
+                                        int64_t cache_cap)
+      : p(p_),
+        grp(g_),
+        tf(tf_),
+        r(r_),
+        C(p_.in.C),
+        sc(p_.in.sc),
+        lane(g_.lane()),
+        gsize(g_.size()),
+        x(static_cast<const T*>(p_.input) + row_offset(p_.in, r_)),
+        q(p_, r_),
+        cache(cache_) {
+    if (kGrad) {
+      gx = static_cast<T*>(p.grad_input) + row_offset(p.grad_layout, r);
+      gsc = p.grad_layout.sc;
+    }
+    if (kVec) {
+      head = elems_to_alignment(x);
+      if (head > C) head = C;
+      nvec = (C - head) / kN;
+      tail = head + nvec * kN;
+      cache_n = nvec < cache_cap ? nvec : cache_cap;
+    }
+  }
+
+  __device__ __forceinline__ void run() {
+    bool ignored = false;
+    if (!p.prob_target) {
+      t = read_index(p, r);
+      ignored = t == p.ignore_index;
+      if (!ignored && (t < 0 || t >= C)) {
+        fail_bad_target();
+        ignored = true;  // not reached; never index with t
+        t = -1;
+      }
+    }
+    const bool counted = !p.prob_target && !ignored;
+    const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+    const acc_t z = static_cast<acc_t>(p.z_loss);
+    const acc_t* w = static_cast<const acc_t*>(p.weight);
+
+    // The target logit (transformed as in the sums); its load overlaps pass 1.
+    acc_t s_t = 0;
+    if (counted && (kMode != Mode::Backward || p.focal)) s_t = tf.apply(to_acc(x[t * sc]));
+
+    acc_t mass = 0;  // sum_c q_c of a probability target
+    if (kMode != Mode::Backward) {
+      LseState<acc_t> st;
+      const bool with_mass = kMode == Mode::Fused && p.prob_target;
+      pass1(st, mass, with_mass);
+      grp.merge(st);
+      lse = st.lse();
+      if (with_mass) mass = grp.sum(mass);
+    } else {
+      lse = static_cast<const acc_t*>(p.lse_in)[r];
+      if (p.prob_target) mass = grp.sum(mass_pass());
+    }
+
+    const bool focal_ready = counted && p.focal;
+    Focal<acc_t> focal;
+    if (focal_ready) focal.compute(s_t - lse, focal_alpha<acc_t>(p, t), p.gamma);
+
+    bool zero_row = false;
+    if (kGrad) {
+      const acc_t g = read_row_value<acc_t>(p.grad_loss, r);
+      const bool has_g_lse = kMode == Mode::Backward && p.grad_lse.ptr != nullptr;
+      const acc_t g_lse = has_g_lse ? read_row_value<acc_t>(p.grad_lse, r) : acc_t(0);
+      if (p.prob_target) {
+        // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
+        A = g * mass;
+        if (z != 0) A += g * 2 * z * lse;
+        if (has_g_lse) A += g_lse;
+        D = g;
+        if (D != 0) q_grad = QKind::ProbTarget;
+      } else if (ignored) {
+        if (has_g_lse) {
+          A = g_lse;
+        } else {
+          zero_row = true;
+        }
+      } else {
+        if (focal_ready) {
+          A = g * focal.factor;
+          B = g * focal.factor;
+        } else {
+          const acc_t wt = w != nullptr ? w[t] : acc_t(1);
+          acc_t coef = (acc_t(1) - eps) * wt;
+          if (eps > 0) {
+            const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
+                                                    : static_cast<acc_t>(C);
+            coef += eps / static_cast<acc_t>(C) * W;
+            D = g * (eps / static_cast<acc_t>(C));
+            if (D != 0) q_grad = w != nullptr ? QKind::Weight : QKind::One;
+          }
+          if (z != 0) coef += 2 * z * lse;
+          A = g * coef;
+          B = g * ((acc_t(1) - eps) * wt);
+        }
+        if (has_g_lse) A += g_lse;
+      }
+    }
+    if (!counted) t = -1;  // no target element in the gradient
+
+    if (kMode != Mode::Backward) {
+      need_sum = p.prob_target || (counted && eps > 0);
+      q_sum = p.prob_target ? QKind::ProbTarget : (w != nullptr ? QKind::Weight : QKind::One);
+    }
+
+    if (kGrad && zero_row) {
+      write_zero_row();
+    } else if (kGrad || need_sum) {
+      pass2();
+      if (need_sum) total = grp.sum(total);
+    }
+
+    if (kMode != Mode::Backward && lane == 0) {
+      acc_t l;
+      if (p.prob_target) {
+        l = total;
+        if (z != 0) l += z * lse * lse;
+      } else if (ignored) {
+        l = 0;
+      } else if (focal_ready) {
+        l = focal.loss;
+      } else {
+        const acc_t nll = lse - s_t;
+        l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
+        if (eps > 0) l += eps / static_cast<acc_t>(C) * total;
+        if (z != 0) l += z * lse * lse;
+      }
+      static_cast<acc_t*>(p.loss)[r] = l;
+      static_cast<acc_t*>(p.lse)[r] = lse;
+    }
+  }
+
+ private:
+  __device__ __forceinline__ acc_t load_scalar(int64_t c) const { return to_acc(x[c * sc]); }
+
+  // ---- pass 1: online log-sum-exp (and the target mass of the fused probability case) ----
+
+  __device__ __forceinline__ void pass1(LseState<acc_t>& st, acc_t& mass, bool with_mass) {
+    if (kVec) {
+      // At most one head and one tail element per thread (both fewer than kN <= 32).
+      acc_t ends[2];
+      const int64_t ch = lane, ct = tail + lane;
+      ends[0] = lane < head ? tf.apply(load_scalar(ch)) : neg_inf<acc_t>();
+      ends[1] = ct < C ? tf.apply(load_scalar(ct)) : neg_inf<acc_t>();
+      st.add(ends);
+      if (with_mass) {
+        if (lane < head) mass += q.prob(ch);
+        if (ct < C) mass += q.prob(ct);
+      }
+      const T* xv = x + head;
+      const int64_t step = static_cast<int64_t>(gsize) * kU;
+      for (int64_t v0 = lane; v0 < nvec; v0 += step) {
+        uint4 raw[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
+          if (v < nvec) raw[u] = V::load(xv + v * kN);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
+          if (v < nvec) {
+            if (v < cache_n) cache[v] = raw[u];
+            acc_t e[kN];
+            V::unpack(raw[u], e);
+            if (tf.active()) {
+#pragma unroll
+              for (int j = 0; j < kN; ++j) e[j] = tf.apply(e[j]);
+            }
+            st.add(e);
+            if (with_mass) {
+              const int64_t c0 = head + v * kN;
+              for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
+            }
+          }
+        }
+      }
+    } else {
+      const int64_t step = static_cast<int64_t>(gsize) * kU;
+      for (int64_t c0 = lane; c0 < C; c0 += step) {
+        acc_t e[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
+          e[u] = c < C ? load_scalar(c) : neg_inf<acc_t>();
+        }
+        if (tf.active()) {
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+            const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
+            if (c < C) e[u] = tf.apply(e[u]);
+          }
+        }
+        st.add(e);
+        if (with_mass) {
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+            const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
+            if (c < C) mass += q.prob(c);
+          }
+        }
+      }
+    }
+  }
+
+  // Backward with a probability target: sum_c q_c before any gradient element.
+  __device__ __forceinline__ acc_t mass_pass() const {
+    acc_t mass = 0;
+    for (int64_t c = lane; c < C; c += gsize) mass += q.prob(c);
+    return mass;
+  }
+
+  // ---- pass 2: gradient and/or smoothing sum ----
+
+  // Gradient of one non-target element (s transformed, column c); adds its share of the
+  // smoothing sum.
+  __device__ __forceinline__ acc_t element(acc_t s, int64_t c) {
+    const QKind qk = q_sum != QKind::None ? q_sum : q_grad;
+    const acc_t qc = qk != QKind::None ? q(qk, c) : acc_t(0);
+    if (need_sum) total += q_sum == QKind::One ? lse - s : qc * (lse - s);
+    if (!kGrad) return acc_t(0);
+    const acc_t gv = q_grad != QKind::None ? A * exp_fast(s - lse) - D * qc : A * exp_fast(s - lse);
+    return tf.active() ? gv * tf.deriv(s) : gv;
+  }
+
+  // The target element's gradient, with p_t - 1 formed in acc precision before rounding.
+  __device__ __forceinline__ acc_t target_element(acc_t s) const {
+    const acc_t qt = q_grad != QKind::None ? q(q_grad, t) : acc_t(0);
+    const acc_t gv = A * exp_fast(s - lse) - D * qt - B;
+    return tf.active() ? gv * tf.deriv(s) : gv;
+  }
+
+  __device__ __forceinline__ void scalar_element(int64_t c, acc_t raw) {
+    const acc_t s = tf.apply(raw);
+    acc_t gv = element(s, c);
+    if (kGrad && c == t) gv = target_element(s);
+    if (kGrad) gx[c * gsc] = from_acc<T>(gv);
+  }
+
+  __device__ __forceinline__ void vector_element(const uint4& raw, int64_t v, T* gxv) {
+    acc_t s[kN], out[kN];
+    V::unpack(raw, s);
+    const int64_t c0 = head + v * kN;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      s[j] = tf.apply(s[j]);
+      out[j] = element(s[j], c0 + j);
+    }
+    const int64_t jt = t - c0;  // t = -1 for rows without a target element
+    if (kGrad && jt >= 0 && jt < kN) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        if (j == jt) out[j] = target_element(s[j]);
+      }
+    }
+    if (kGrad) V::store_streaming(gxv + v * kN, V::pack(out));
+  }
+
+  __device__ __forceinline__ void pass2() {
+    if (kVec) {
+      if (lane < head) scalar_element(lane, load_scalar(lane));
+      if (tail + lane < C) scalar_element(tail + lane, load_scalar(tail + lane));
+      const T* xv = x + head;
+      T* gxv = kGrad ? gx + head : nullptr;
+      // Uncached vectors, last-read first (most likely still in L2).
+      if (nvec > lane) {
+        const int64_t last = lane + ((nvec - 1 - lane) / gsize) * gsize;
+        const int64_t step = static_cast<int64_t>(gsize) * kU;
+        for (int64_t v0 = last; v0 >= cache_n; v0 -= step) {
+          uint4 raw[kU];
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+            const int64_t v = v0 - static_cast<int64_t>(u) * gsize;
+            if (v >= cache_n) raw[u] = V::load_last(xv + v * kN);
+          }
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+            const int64_t v = v0 - static_cast<int64_t>(u) * gsize;
+            if (v >= cache_n) vector_element(raw[u], v, gxv);
+          }
+        }
+      }
+      // Cached vectors: this thread wrote exactly these slots in pass 1.
+      for (int64_t v = lane; v < cache_n; v += gsize) vector_element(cache[v], v, gxv);
+    } else {
+      const int64_t step = static_cast<int64_t>(gsize) * kU;
+      for (int64_t c0 = lane; c0 < C; c0 += step) {
+        acc_t e[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
+          if (c < C) e[u] = load_scalar(c);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
+          if (c < C) scalar_element(c, e[u]);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void write_zero_row() {
+    const T zero = zero_of<T>();
+    if (kVec) {
+      if (lane < head) gx[lane] = zero;
+      if (tail + lane < C) gx[tail + lane] = zero;
+      T* gxv = gx + head;
+      const uint4 zv = make_uint4(0, 0, 0, 0);  // +0.0 in every format
+      for (int64_t v = lane; v < nvec; v += gsize) V::store_streaming(gxv + v * kN, zv);
+    } else {
+      for (int64_t c = lane; c < C; c += gsize) gx[c * gsc] = zero;
+    }
+  }
+};
+
+// cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
+// dynamic shared memory holds (groups per block) * cache_vecs slots.
+template <typename T, Mode kMode, class G, bool kVec>
+__global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads)
+    softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs) {
+  extern __shared__ uint4 tlf_row_cache[];
+  const G grp;
+  const Transform<acc_of<T>> tf(p.logit_scale, p.softcap);
+  uint4* cache = tlf_row_cache + static_cast<int64_t>(grp.slot()) * cache_vecs;
+  const int64_t rows = p.in.B * p.in.D;
+  for (int64_t r = grp.first(); r < rows; r += grp.stride()) {
+    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache, cache_vecs).run();
+  }
+}
+
+}  // namespace tlf::cuda

@@ -1,0 +1,161 @@
+// Host-side choice of kernel, group shape, row cache and grid for the softmax-family ops
+// and _rescale_grad_rows. Included once per dtype (softmax_loss_<dtype>.cu) so the kernel
+// instantiations compile in parallel.
+//
+//   classes contiguous (sc == 1):  C <= 32            one thread per row
+//                                  C * size <= 4 KiB  one warp per row, 8 rows per block
+//                                  larger             one block per row (128-512 threads)
+//   classes strided:               C <= 32 or many rows: one thread per row (neighbouring
+//                                  rows are neighbours in memory when sd == 1, so loads
+//                                  coalesce); else a warp or a block per row
+// Vector (16-byte) loads need sc == 1 and, when a gradient is written, a gradient layout
+// with the same offset modulo 16 bytes in every row (true for the contiguous gradient of a
+// contiguous input, and in place); each row peels its first elements up to a 16-byte
+// boundary, so any vocabulary size and row stride is vectorised.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../kernel_params.h"
+#include "group_reduce.cuh"
+#include "launch.h"
+#include "launch_utils.cuh"
+#include "rescale_grad_kernels.cuh"
+#include "softmax_loss_kernels.cuh"
+#include "vec_io.cuh"
+
+namespace tlf::cuda {
+
+namespace detail {
+
+constexpr int64_t kThreadRowMaxC = 32;
+constexpr int64_t kWarpRowMaxBytes = 4096;
+constexpr int kRowsPerWarpBlock = 8;
+constexpr size_t kSmemReserve = 1024;  // static shared memory of the block reductions
+
+template <typename T>
+bool same_alignment(int64_t a_elems, int64_t b_elems) {
+  return ((a_elems - b_elems) * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+// Whether every row of the input and of the gradient can use 16-byte accesses after the
+// same number of peeled elements.
+template <typename T>
+bool vector_path_ok(const SoftmaxLossParams& p, bool with_grad) {
+  if (p.in.sc != 1) return false;
+  if (!with_grad) return true;
+  const RowLayout& g = p.grad_layout;
+  if (g.sc != 1) return false;
+  const auto a = reinterpret_cast<uintptr_t>(p.input);
+  const auto b = reinterpret_cast<uintptr_t>(p.grad_input);
+  if ((a & 15u) != (b & 15u)) return false;
+  if (p.in.B > 1 && !same_alignment<T>(p.in.sb, g.sb)) return false;
+  if (p.in.D > 1 && !same_alignment<T>(p.in.sd, g.sd)) return false;
+  return true;
+}
+
+template <typename T, Mode kMode, class G, bool kVec>
+cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_block,
+                        int64_t cache_vecs, cudaStream_t stream) {
+  auto kernel = softmax_loss_kernel<T, kMode, G, kVec>;
+  // Every group of the block has its own cache slots.
+  const size_t groups = G::kUsesBarriers ? 1 : static_cast<size_t>(rows_per_block);
+  const size_t smem = static_cast<size_t>(cache_vecs) * sizeof(uint4) * groups;
+  const int64_t rows = p.in.B * p.in.D;
+  int grid = 0;
+  cudaError_t err = persistent_grid(kernel, threads, smem, ceil_div(rows, rows_per_block), &grid);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem, stream>>>(p, cache_vecs);
+  return cudaGetLastError();
+}
+
+template <typename T, Mode kMode>
+cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
+  const int64_t rows = p.in.B * p.in.D;
+  if (rows == 0) return cudaSuccess;
+  DeviceProps props;
+  cudaError_t err = current_device_props(&props);
+  if (err != cudaSuccess) return err;
+
+  constexpr int kN = Vec16<T>::kVec;
+  const int64_t C = p.in.C;
+  const bool vec = vector_path_ok<T>(p, kMode != Mode::Forward);
+  // A second pass over the row: the row cache saves its DRAM traffic.
+  const bool two_pass =
+      kMode == Mode::Fused || (kMode == Mode::Forward && (p.prob_target || p.label_smoothing > 0));
+  const bool many_rows = rows >= static_cast<int64_t>(props.sms) * 256;
+
+  const bool thread_rows = C <= kThreadRowMaxC || (p.in.sc != 1 && many_rows);
+  if (thread_rows) {
+    return launch_rows<T, kMode, ThreadGroup, false>(p, 256, 256, 0, stream);
+  }
+  if (static_cast<int64_t>(sizeof(T)) * C <= kWarpRowMaxBytes) {
+    constexpr int kThreads = 32 * kRowsPerWarpBlock;
+    if (vec) {
+      const int64_t cache = two_pass ? ceil_div(C, kN) : 0;
+      return launch_rows<T, kMode, WarpGroup, true>(p, kThreads, kRowsPerWarpBlock, cache, stream);
+    }
+    return launch_rows<T, kMode, WarpGroup, false>(p, kThreads, kRowsPerWarpBlock, 0, stream);
+  }
+  // A block per row: 512 threads for large rows, fewer when that leaves each thread less
+  // than four units (vectors or elements) of work.
+  const int64_t units = vec ? C / kN : C;
+  int threads = GroupTraits<BlockGroup>::kMaxThreads;
+  while (threads > 128 && units < 4 * threads) threads /= 2;
+  if (vec) {
+    int64_t cache = 0;
+    if (two_pass) {
+      const int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
+      cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
+    }
+    return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, stream);
+  }
+  return launch_rows<T, kMode, BlockGroup, false>(p, threads, 1, 0, stream);
+}
+
+}  // namespace detail
+
+template <typename T>
+cudaError_t softmax_loss_t(const SoftmaxLossParams& p, Mode mode, cudaStream_t stream) {
+  switch (mode) {
+    case Mode::Forward:
+      return detail::launch_mode<T, Mode::Forward>(p, stream);
+    case Mode::Backward:
+      return detail::launch_mode<T, Mode::Backward>(p, stream);
+    case Mode::Fused:
+    default:
+      return detail::launch_mode<T, Mode::Fused>(p, stream);
+  }
+}
+
+template <typename T>
+cudaError_t rescale_grad_rows_t(T* grad, const RowLayout& layout, const RowVector& grad_loss,
+                                const RowVector& grad_scale, cudaStream_t stream) {
+  const int64_t rows = layout.B * layout.D;
+  if (rows == 0 || layout.C == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  int grid = 0;
+  cudaError_t err;
+  if (layout.sc != 1) {
+    auto kernel = rescale_grad_rows_kernel<T, ThreadGroup, false>;
+    err = persistent_grid(kernel, kThreads, 0, ceil_div(rows, kThreads), &grid);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, 0, stream>>>(grad, layout, grad_loss, grad_scale);
+  } else if (static_cast<int64_t>(sizeof(T)) * layout.C <= 4 * detail::kWarpRowMaxBytes) {
+    auto kernel = rescale_grad_rows_kernel<T, WarpGroup, true>;
+    err = persistent_grid(kernel, kThreads, 0, ceil_div(rows, kThreads / 32), &grid);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, 0, stream>>>(grad, layout, grad_loss, grad_scale);
+  } else {
+    auto kernel = rescale_grad_rows_kernel<T, BlockGroup, true>;
+    err = persistent_grid(kernel, kThreads, 0, rows, &grid);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, 0, stream>>>(grad, layout, grad_loss, grad_scale);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace tlf::cuda

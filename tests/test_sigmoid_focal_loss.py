@@ -1,0 +1,80 @@
+"""sigmoid_focal_loss against torchvision.ops.sigmoid_focal_loss's formula in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchloss_fused as tlf
+from torchloss_fused.reference import sigmoid_focal_loss_torchvision as torchvision_formula
+
+from .helpers import assert_matches
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, dtype, device, soft=False):
+    x = (torch.randn(shape, dtype=torch.float64) * 3).to(device=device, dtype=dtype)
+    t = torch.rand(shape, dtype=torch.float64) if soft else (
+        torch.rand(shape, dtype=torch.float64) < 0.3).double()
+    return x.requires_grad_(), t.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [0.25, -1.0, 0.9])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.3])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
+def test_against_torchvision_formula(device, backend, dtype, alpha, gamma, reduction, soft):
+    x, t = _inputs((37, 23), dtype, device, soft)
+    ours = tlf.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction)
+    assert ours.dtype == dtype and ours.shape == (() if reduction != "none" else x.shape)
+    g_out = torch.rand_like(ours) + 0.5
+    (g,) = torch.autograd.grad(ours, x, g_out)
+    res = {}
+    for name, dt in (("oracle", torch.float64), ("eager", dtype)):
+        xr = x.detach().to(dt).requires_grad_()
+        loss = torchvision_formula(xr, t.to(dt), alpha, gamma, reduction)
+        (gr,) = torch.autograd.grad(loss, xr, g_out.to(dt))
+        res[name] = (loss.detach(), gr)
+    assert_matches(ours.detach(), res["oracle"][0], res["eager"][0], dtype, what="loss")
+    assert_matches(g, res["oracle"][1], res["eager"][1], dtype, what="grad")
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (5, 0), (3, 4, 5), (100_003,)])
+def test_shapes(device, backend, shape):
+    x, t = _inputs(shape, torch.float32, device)
+    ours = tlf.sigmoid_focal_loss(x, t)
+    ref = torchvision_formula(x.detach().double(), t.double())
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.isnan(tlf.sigmoid_focal_loss(x, t, reduction="mean")) == (x.numel() == 0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_saturated_inputs_finite_gradients(device, backend, gamma):
+    x = torch.tensor([-200.0, -50.0, 50.0, 200.0, 0.0], device=device, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], device=device)
+    loss = tlf.sigmoid_focal_loss(x, t, gamma=gamma, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+def test_non_contiguous_and_targets_requiring_grad(device, backend):
+    base = torch.randn(8, 12, dtype=torch.float64, device=device)
+    x = base.t().requires_grad_()  # non-contiguous
+    t = torch.rand(12, 8, dtype=torch.float64, device=device).requires_grad_()
+    loss = tlf.sigmoid_focal_loss(x, t, reduction="sum")
+    gx, gt = torch.autograd.grad(loss, (x, t))
+    x2, t2 = x.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+    gx2, gt2 = torch.autograd.grad(torchvision_formula(x2, t2, reduction="sum"), (x2, t2))
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gt, gt2)
+
+
+def test_mixed_dtypes_promote(device, backend):
+    x, _ = _inputs((6, 5), torch.bfloat16, device)
+    t = (torch.rand(6, 5, device=device) < 0.5).float()
+    loss = tlf.sigmoid_focal_loss(x, t)
+    assert loss.dtype == torch.float32
+    ref = torchvision_formula(x.detach().double(), t.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
