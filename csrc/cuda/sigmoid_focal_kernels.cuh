@@ -1,0 +1,131 @@
+// Kernel bodies of the elementwise sigmoid focal loss (torchvision.ops.sigmoid_focal_loss
+// semantics), matching the CPU formulas of csrc/cpu/kernels_impl.h. Torch-free.
+//
+// The loss is elementwise with several transcendental functions per element, so the exp,
+// log1p, division and pow below are the accurate ones (device_math.cuh): --use_fast_math
+// would otherwise cost the fp32 results several ulp.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../kernel_params.h"
+#include "device_math.cuh"
+#include "vec_io.cuh"
+
+extern "C" __device__ float __nv_expf(float);
+
+namespace tlf::cuda {
+
+__device__ __forceinline__ float exp_accurate(float x) { return __nv_expf(x); }
+__device__ __forceinline__ double exp_accurate(double x) { return exp(x); }
+
+template <typename acc_t>
+struct SigmoidTerms {
+  acc_t ce, p, q, m;  // BCE-with-logits, sigmoid(x), 1 - sigmoid(x), 1 - p_t
+  __device__ __forceinline__ SigmoidTerms(acc_t x, acc_t t) {
+    const acc_t e = exp_accurate(-fabs(x));  // exp(-|x|) never overflows
+    ce = max_nan(x, acc_t(0)) - x * t + log1p_accurate(e);
+    const acc_t inv = div_rn(acc_t(1), acc_t(1) + e);
+    const bool pos = x >= acc_t(0);
+    p = pos ? inv : e * inv;
+    q = pos ? e * inv : inv;
+    m = t * q + (acc_t(1) - t) * p;
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t pow_gamma(acc_t m, acc_t gamma) {
+  if (gamma == 0) return acc_t(1);
+  if (gamma == 1) return m;
+  if (gamma == 2) return m * m;
+  return pow_accurate(m, gamma);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_alpha_t(acc_t t, acc_t alpha) {
+  return alpha * t + (acc_t(1) - alpha) * (acc_t(1) - t);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_focal_value(acc_t x, acc_t t, acc_t alpha, acc_t gamma) {
+  const SigmoidTerms<acc_t> s(x, t);
+  acc_t l = s.ce * pow_gamma(s.m, gamma);
+  if (alpha >= 0) l = l * sigmoid_alpha_t(t, alpha);
+  return l;
+}
+
+// d loss / dx times the incoming gradient g.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_focal_grad(acc_t x, acc_t t, acc_t g, acc_t alpha,
+                                                    acc_t gamma) {
+  const SigmoidTerms<acc_t> s(x, t);
+  acc_t d = s.p - t;  // d ce / dx
+  if (gamma != 0) {
+    // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
+    acc_t dpow = gamma * pow_gamma(s.m, gamma - acc_t(1));
+    if (gamma < 1 && !(s.m > 0)) dpow = 0;  // m = 0 only where p q = 0: the product's limit
+    d = d * pow_gamma(s.m, gamma) + s.ce * dpow * s.p * s.q * (acc_t(1) - acc_t(2) * t);
+  }
+  if (alpha >= 0) d = d * sigmoid_alpha_t(t, alpha);
+  return d * g;
+}
+
+// kVec: every pointer in use is 16-byte aligned (checked at launch); the n % kN last
+// elements go through the scalar path.
+template <typename T, bool kVec, bool kBackward>
+__global__ void __launch_bounds__(256)
+    sigmoid_focal_kernel(const __grid_constant__ SigmoidFocalParams p) {
+  using acc_t = acc_of<T>;
+  using V = Vec16<T>;
+  constexpr int kN = V::kVec;
+  const acc_t alpha = static_cast<acc_t>(p.alpha), gamma = static_cast<acc_t>(p.gamma);
+  const T* x = static_cast<const T*>(p.input);
+  const T* t = static_cast<const T*>(p.target);
+  const T* gl = static_cast<const T*>(p.grad_loss);
+  T* out = static_cast<T*>(kBackward ? p.grad_input : p.loss);
+  const acc_t g0 = kBackward && p.scalar_grad ? to_acc(gl[0]) : acc_t(0);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+
+  auto one = [&](int64_t i) {
+    const acc_t xi = to_acc(x[i]), ti = to_acc(t[i]);
+    acc_t r;
+    if (kBackward) {
+      r = sigmoid_focal_grad(xi, ti, p.scalar_grad ? g0 : to_acc(gl[i]), alpha, gamma);
+    } else {
+      r = sigmoid_focal_value(xi, ti, alpha, gamma);
+    }
+    out[i] = from_acc<T>(r);
+  };
+
+  int64_t scalar_from = 0;
+  if (kVec) {
+    const int64_t nvec = p.n / kN;
+    for (int64_t v = tid; v < nvec; v += nthreads) {
+      const int64_t i = v * kN;
+      acc_t xv[kN], tv[kN], gv[kN];
+      V::unpack(V::load(x + i), xv);
+      V::unpack(V::load(t + i), tv);
+      if (kBackward) {
+        if (p.scalar_grad) {
+#pragma unroll
+          for (int j = 0; j < kN; ++j) gv[j] = g0;
+        } else {
+          V::unpack(V::load(gl + i), gv);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        xv[j] = kBackward ? sigmoid_focal_grad(xv[j], tv[j], gv[j], alpha, gamma)
+                          : sigmoid_focal_value(xv[j], tv[j], alpha, gamma);
+      }
+      V::store(out + i, V::pack(xv));
+    }
+    scalar_from = nvec * kN;
+  }
+  for (int64_t i = scalar_from + tid; i < p.n; i += nthreads) one(i);
+}
+
+}  // namespace tlf::cuda
