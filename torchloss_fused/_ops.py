@@ -181,6 +181,13 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute):
     grad, ctx.fused_grad = ctx.fused_grad, None
     if grad_lse is not None or grad is None:
         return recompute(grad_loss, grad_lse)
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+        # Traced graphs (fake/functional tensors) must not mutate a saved forward output:
+        # scale out of place. (functional.py does not pick the fused ops under
+        # torch.compile; this keeps direct calls of them correct there.)
+        differs = grad_loss != ctx.grad_scale
+        factor = torch.where(differs, grad_loss / ctx.grad_scale, 1.0)
+        return (grad * factor.unsqueeze(1)).to(grad.dtype)
     _ns(namespace)._rescale_grad_rows(grad, grad_loss, ctx.grad_scale)
     return grad
 

@@ -63,7 +63,8 @@ def _check_number(value, name: str, low: float | None = None, high: float | None
     value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and value > high
-    if not math.isfinite(value) or below or above:
+    finite = value == value and abs(value) != math.inf  # (math.isfinite breaks tracing)
+    if not finite or below or above:
         lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
         hi = "" if high is None else f"<= {high}"
         bounds = " and ".join(b for b in (lo, hi) if b)
@@ -201,6 +202,12 @@ def cross_entropy(
     ignore_index = int(ignore_index)
 
     x3, out_shape = _rows_view(input)
+    if inplace_backward and _wants_grad(x3) and not torch.compiler.is_compiling() and \
+            torch._debug_has_internal_overlap(x3) == 1:
+        raise ValueError(
+            "inplace_backward=True writes the gradient into the input, but elements of this "
+            "input share memory (an expanded tensor?); clone it or use inplace_backward=False"
+        )
     prob = target.is_floating_point()
     if prob:
         if tuple(target.shape) != tuple(input.shape):

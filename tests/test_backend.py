@@ -1,0 +1,138 @@
+"""Backend selection: which implementation serves a device, the forced fallback, the
+warning when the extension cannot load, and the CPU instruction-set variants."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchloss_fused as tlf
+from torchloss_fused import _backend
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ext = pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="extension not loaded")
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@needs_ext
+def test_backend_info_names_the_cpu_kernels():
+    info = tlf.backend_info("cpu")
+    assert info["implementation"] == "cpp"
+    from torchloss_fused import _C
+
+    assert _C.cpu_kernels() in info["detail"]
+    assert set(info) == {"device", "implementation", "detail", "reason"}
+
+
+def test_backend_info_for_a_device_without_kernels():
+    info = tlf.backend_info("meta")
+    assert info["implementation"] == "reference"
+    assert info["reason"]
+
+
+CHECK = """
+    import torch, torch.nn.functional as F, warnings
+    warnings.simplefilter("error", UserWarning)
+    import torchloss_fused as tlf
+    torch.manual_seed(0)
+    x = torch.randn(33, 1000, dtype=torch.{dtype}, requires_grad=True)
+    y = torch.randint(0, 1000, (33,))
+    y[0] = -100
+    loss = tlf.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3)
+    loss.backward()
+    fl = tlf.focal_loss(x.detach(), y)
+    sfl = tlf.sigmoid_focal_loss(x.detach(), (x.detach() > 0).to(x.dtype), reduction="sum")
+    print(tlf.backend_info("cpu")["implementation"], tlf.backend_info("cpu")["detail"])
+    torch.save((loss.detach(), x.grad, fl, sfl), {out!r})
+"""
+
+
+def _results(tmp_path, name, dtype="float32", **env):
+    out = tmp_path / f"{name}.pt"
+    proc = _run(CHECK.format(dtype=dtype, out=str(out)), **env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, torch.load(out)
+
+
+@needs_ext
+def test_forced_reference_matches_kernels(tmp_path):
+    out_k, kernels = _results(tmp_path, "kernels")
+    out_r, reference = _results(tmp_path, "reference", TORCHLOSS_FUSED_FORCE_REFERENCE="1")
+    assert out_k.startswith("cpp") and out_r.startswith("reference")
+    for a, b in zip(kernels, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_unloadable_extension_warns_once_and_falls_back():
+    code = """
+        import sys, warnings
+        sys.modules["torchloss_fused._C"] = None  # makes `import torchloss_fused._C` fail
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torchloss_fused as tlf
+            import torch
+            loss = tlf.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+        ours = [w for w in caught if "torchloss_fused" in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in caught]
+        print(tlf.backend_info("cpu")["implementation"])
+        print(ours[0].message)
+    """
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "reference"
+    assert "could not be loaded" in lines[1] and "fallback" in lines[1]
+
+
+@needs_ext
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_cpu_capability_gives_the_same_results(tmp_path, capability, dtype):
+    """The kernels are compiled once per instruction set; each copy must agree."""
+    best = torch.backends.cpu.get_cpu_capability()
+    if capability == "avx2" and best not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    out_best, ref = _results(tmp_path, "best", dtype)
+    out_cap, got = _results(tmp_path, capability, dtype, ATEN_CPU_CAPABILITY=capability)
+    assert capability.upper() in out_cap
+    tol = {"rtol": 2e-2, "atol": 1e-3} if dtype == "bfloat16" else {"rtol": 1e-5, "atol": 1e-7}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+@needs_ext
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or shutil.which("objdump") is None, reason="needs x86 and objdump")
+def test_avx_instructions_only_in_their_capability_copies():
+    """Inline functions shared by the per-capability objects must resolve to portable
+    copies, so a CPU without AVX never executes an AVX instruction from this library."""
+    so = Path(_backend.__file__).parent
+    lib = next(so.glob("_C*.so"))
+    dis = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(lib)],
+                         capture_output=True, text=True, check=True).stdout
+    offenders, fn = set(), None
+    for line in dis.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            fn = m.group(1)
+            continue
+        parts = line.split("\t")
+        if len(parts) >= 2 and parts[1].startswith("v") and fn is not None:
+            if "AVX512" not in fn and "AVX2" not in fn:
+                offenders.add(fn)
+    assert not offenders, sorted(offenders)[:10]

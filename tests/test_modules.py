@@ -1,0 +1,45 @@
+"""nn.Module wrappers: constructor arguments, buffers, and the functional results."""
+
+from __future__ import annotations
+
+import torch
+
+import torchloss_fused as tlf
+
+
+def test_cross_entropy_loss_module_mirrors_torch():
+    w = torch.rand(7) + 0.1
+    ours = tlf.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum", label_smoothing=0.1)
+    ref = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum",
+                                    label_smoothing=0.1)
+    x, y = torch.randn(9, 7), torch.randint(0, 7, (9,))
+    torch.testing.assert_close(ours(x, y), ref(x, y))
+    assert "weight" in dict(ours.named_buffers())
+    assert ours.to(torch.float64).weight.dtype == torch.float64
+    assert "label_smoothing=0.1" in repr(ours)
+
+
+def test_cross_entropy_loss_module_extras():
+    m = tlf.CrossEntropyLoss(z_loss=1e-3, softcap=5.0, logit_scale=0.5, return_lse=True)
+    x, y = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    loss, lse = m(x, y)
+    l2, lse2 = tlf.cross_entropy(x, y, z_loss=1e-3, softcap=5.0, logit_scale=0.5,
+                                 return_lse=True)
+    assert torch.equal(loss, l2) and torch.equal(lse, lse2)
+
+
+def test_focal_modules():
+    x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    alpha = torch.rand(4)
+    m = tlf.FocalLoss(gamma=1.5, alpha=alpha, reduction="none")
+    assert "alpha" in dict(m.named_buffers())
+    assert torch.equal(m(x, y), tlf.focal_loss(x, y, gamma=1.5, alpha=alpha, reduction="none"))
+    assert torch.equal(tlf.FocalLoss(alpha=0.3)(x, y), tlf.focal_loss(x, y, alpha=0.3))
+    t = torch.rand(5, 4)
+    s = tlf.SigmoidFocalLoss(alpha=-1, gamma=0.5, reduction="mean")
+    assert torch.equal(s(x, t), tlf.sigmoid_focal_loss(x, t, -1, 0.5, "mean"))
+
+
+def test_legacy_reduction_arguments():
+    m = tlf.CrossEntropyLoss(size_average=False)
+    assert m.reduction == "sum"

@@ -1,0 +1,141 @@
+"""Bad input gets a clear Python exception before any kernel runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchloss_fused as tlf
+
+X = torch.randn(4, 5)
+Y = torch.tensor([0, 1, 2, 3])
+
+CE_BAD_CALLS = [
+    ("unknown reduction", ValueError, "not a valid value for reduction",
+     lambda: tlf.cross_entropy(X, Y, reduction="avg")),
+    ("label_smoothing > 1", ValueError, "label_smoothing",
+     lambda: tlf.cross_entropy(X, Y, label_smoothing=1.5)),
+    ("label_smoothing < 0", ValueError, "label_smoothing",
+     lambda: tlf.cross_entropy(X, Y, label_smoothing=-0.1)),
+    ("label_smoothing nan", ValueError, "label_smoothing",
+     lambda: tlf.cross_entropy(X, Y, label_smoothing=float("nan"))),
+    ("weight wrong length", ValueError, "one value per class",
+     lambda: tlf.cross_entropy(X, Y, weight=torch.ones(4))),
+    ("weight 2-d", ValueError, "one value per class",
+     lambda: tlf.cross_entropy(X, Y, weight=torch.ones(5, 1))),
+    ("weight wrong dtype", TypeError, "dtype",
+     lambda: tlf.cross_entropy(X, Y, weight=torch.ones(5, dtype=torch.float64))),
+    ("weight integer", TypeError, "floating-point",
+     lambda: tlf.cross_entropy(X, torch.softmax(X, 1), weight=torch.ones(5, dtype=torch.long))),
+    ("weight not a tensor", TypeError, "weight must be a torch.Tensor",
+     lambda: tlf.cross_entropy(X, Y, weight=[1.0] * 5)),
+    ("target batch mismatch", ValueError, "batch_size",
+     lambda: tlf.cross_entropy(X, Y[:3])),
+    ("target K-dim mismatch", ValueError, "Expected target size",
+     lambda: tlf.cross_entropy(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.long))),
+    ("target extra dim", ValueError, "Expected target size",
+     lambda: tlf.cross_entropy(X, Y[:, None])),
+    ("prob target wrong shape", ValueError, "probability target",
+     lambda: tlf.cross_entropy(X, torch.rand(4, 6))),
+    ("prob target with ignore_index", ValueError, "ignore_index",
+     lambda: tlf.cross_entropy(X, torch.rand(4, 5), ignore_index=1)),
+    ("bool target", TypeError, "class-index target",
+     lambda: tlf.cross_entropy(X, Y > 1)),
+    ("int16 target", TypeError, "class-index target",
+     lambda: tlf.cross_entropy(X, Y.short())),
+    ("complex target", TypeError, "class-index target",
+     lambda: tlf.cross_entropy(X, Y.to(torch.complex64))),
+    ("target not a tensor", TypeError, "target must be a torch.Tensor",
+     lambda: tlf.cross_entropy(X, [0, 1, 2, 3])),
+    ("0-dim input", ValueError, "class dimension",
+     lambda: tlf.cross_entropy(torch.tensor(1.0), torch.tensor(0))),
+    ("integer input", TypeError, "float32, float64, bfloat16 or float16",
+     lambda: tlf.cross_entropy(torch.ones(4, 5, dtype=torch.long), Y)),
+    ("negative softcap", ValueError, "softcap",
+     lambda: tlf.cross_entropy(X, Y, softcap=-1.0)),
+    ("zero softcap", ValueError, "softcap",
+     lambda: tlf.cross_entropy(X, Y, softcap=0.0)),
+    ("negative z_loss", ValueError, "z_loss",
+     lambda: tlf.cross_entropy(X, Y, z_loss=-1e-4)),
+    ("inf logit_scale", ValueError, "logit_scale",
+     lambda: tlf.cross_entropy(X, Y, logit_scale=float("inf"))),
+    ("string z_loss", TypeError, "z_loss",
+     lambda: tlf.cross_entropy(X, Y, z_loss="1e-4")),
+    ("expanded input, in place", ValueError, "share memory",
+     lambda: tlf.cross_entropy(torch.randn(1, 5, requires_grad=True).expand(4, 5), Y,
+                               inplace_backward=True)),
+]
+
+FOCAL_BAD_CALLS = [
+    ("negative gamma", ValueError, "gamma", lambda: tlf.focal_loss(X, Y, gamma=-1.0)),
+    ("alpha wrong length", ValueError, "one value per class",
+     lambda: tlf.focal_loss(X, Y, alpha=torch.ones(3))),
+    ("alpha string", TypeError, "alpha", lambda: tlf.focal_loss(X, Y, alpha="0.25")),
+    ("float target", TypeError, "class-index", lambda: tlf.focal_loss(X, torch.rand(4, 5))),
+    ("bad reduction", ValueError, "reduction", lambda: tlf.focal_loss(X, Y, reduction="x")),
+    ("target shape", ValueError, "batch_size", lambda: tlf.focal_loss(X, Y[:2])),
+    ("sigmoid bad reduction", ValueError, "Invalid Value for arg 'reduction'",
+     lambda: tlf.sigmoid_focal_loss(X, torch.rand(4, 5), reduction="avg")),
+    ("sigmoid shape", ValueError, "must be the same as input size",
+     lambda: tlf.sigmoid_focal_loss(X, torch.rand(4, 6))),
+    ("sigmoid integer targets", TypeError, "floating-point",
+     lambda: tlf.sigmoid_focal_loss(X, torch.ones(4, 5, dtype=torch.long))),
+    ("sigmoid negative gamma", ValueError, "gamma",
+     lambda: tlf.sigmoid_focal_loss(X, torch.rand(4, 5), gamma=-2.0)),
+]
+
+
+@pytest.mark.parametrize("case", CE_BAD_CALLS + FOCAL_BAD_CALLS, ids=lambda c: c[0])
+def test_bad_input_raises(backend, case):
+    _, exc, pattern, call = case
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_meta_device_mismatch_raises_before_kernels():
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="same device"):
+        tlf.cross_entropy(x, torch.zeros(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="same device"):
+        tlf.cross_entropy(x, torch.zeros(4, dtype=torch.long), weight=torch.ones(5, device="meta"))
+    with pytest.raises(ValueError, match="same device"):
+        tlf.focal_loss(x, torch.zeros(4, dtype=torch.long), alpha=torch.ones(5, device="meta"))
+    with pytest.raises(ValueError, match="same device"):
+        tlf.sigmoid_focal_loss(x, torch.rand(4, 5, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cpu_cuda_mismatch_raises():
+    with pytest.raises(ValueError, match="same device"):
+        tlf.cross_entropy(torch.randn(4, 5, device="cuda"), Y)
+
+
+def test_direct_op_calls_are_checked_too():
+    """The C++ ops check shapes themselves, so a direct call cannot read out of bounds."""
+    ops = torch.ops.torchloss_fused
+    x3 = torch.randn(4, 5, 1)
+    with pytest.raises(RuntimeError, match="target must be"):
+        ops.ce_fwd(x3, torch.zeros(3, 1, dtype=torch.long), None, -100, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="weight must have one value per class"):
+        ops.ce_fwd(x3, torch.zeros(4, 1, dtype=torch.long), torch.ones(4), -100, 0.0, 0.0, 0.0,
+                   1.0)
+    with pytest.raises(RuntimeError, match="input must be a"):
+        ops.ce_fwd(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), None, -100, 0.0, 0.0,
+                   0.0, 1.0)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        ops._ce_bwd(torch.ones(4, 1), None, x3, torch.zeros(4, 1, dtype=torch.long), None,
+                    torch.zeros(4, 2), -100, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        ops.ce_fwd(x3, torch.full((4, 1), 7), None, -100, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_caller_tensors_are_not_modified(backend):
+    x = torch.randn(6, 9, requires_grad=True)
+    y = torch.randint(0, 9, (6,))
+    w = torch.rand(9)
+    copies = [t.detach().clone() for t in (x, y, w)]
+    loss = tlf.cross_entropy(x, y, weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+    loss.backward()
+    tlf.focal_loss(x, y).backward()
+    for t, c in zip((x, y, w), copies):
+        assert torch.equal(t.detach(), c)
