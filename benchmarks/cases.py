@@ -1,0 +1,106 @@
+"""What the benchmark sweeps: ops x dtypes x shapes, per sweep size and device kind.
+
+Shapes are (N, V) rows x classes, except linear_ce_fwd_bwd: (N, H, V) tokens x hidden x
+vocabulary. The quick sweep is sized to finish in about a minute on a 2-core CPU and holds
+(4096, 32000) for cross-entropy because the project's CPU targets are stated on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+OPS = ("ce_fwd", "ce_fwd_bwd", "focal_fwd_bwd", "sigmoid_focal_fwd_bwd", "linear_ce_fwd_bwd")
+
+OP_LABELS = {
+    "ce_fwd": "cross_entropy fwd",
+    "ce_fwd_bwd": "cross_entropy fwd+bwd",
+    "focal_fwd_bwd": "focal_loss fwd+bwd",
+    "sigmoid_focal_fwd_bwd": "sigmoid_focal_loss fwd+bwd",
+    "linear_ce_fwd_bwd": "linear_cross_entropy fwd+bwd",
+}
+
+# Ops whose timed iteration includes backward (inputs require grad, grads are dropped).
+BACKWARD_OPS = frozenset(op for op in OPS if op.endswith("_bwd"))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPES = ("fp32", "bf16")
+
+LM_VOCABS = (32000, 50257, 128256, 151936, 262144)
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def backward(self) -> bool:
+        return self.op in BACKWARD_OPS
+
+    @property
+    def classes(self) -> int:
+        """The class/vocabulary count: the x axis of the plots."""
+        return self.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    def shape_str(self) -> str:
+        return "x".join(str(s) for s in self.shape)
+
+
+def _grid(op: str, shapes, dtypes) -> list[Case]:
+    return [Case(op, dt, tuple(s)) for s in shapes for dt in dtypes]
+
+
+def _shapes(device_kind: str, size: str) -> dict[str, list[tuple[int, ...]]]:
+    if size == "tiny":
+        # Seconds in total: for the harness's own tests.
+        return {
+            "ce_fwd": [(64, 1000)],
+            "ce_fwd_bwd": [(64, 1000)],
+            "focal_fwd_bwd": [(64, 1000)],
+            "sigmoid_focal_fwd_bwd": [(256, 80)],
+            "linear_ce_fwd_bwd": [(64, 32, 1000)],
+        }
+    if size == "quick":
+        linear = [(512, 256, 32000)] if device_kind == "cpu" else [(4096, 2048, 32000)]
+        return {
+            "ce_fwd": [(4096, 32000)],
+            "ce_fwd_bwd": [(4096, 32000)],
+            "focal_fwd_bwd": [(16384, 1000)],
+            # Dense detection-style heads: anchors x classes (COCO has 80).
+            "sigmoid_focal_fwd_bwd": [(131072, 80)],
+            "linear_ce_fwd_bwd": linear,
+        }
+    if size != "full":
+        raise ValueError(f"unknown sweep size {size!r}")
+    if device_kind == "cuda":
+        rows, focal_rows = (4096, 16384, 65536), (4096, 16384, 65536)
+        linear = [(8192, 4096, v) for v in (32000, 128256, 262144)]
+    else:
+        rows, focal_rows = (1024, 4096, 8192), (4096, 16384)
+        linear = [(1024, 512, v) for v in (32000, 128256)]
+    lm = [(n, v) for v in LM_VOCABS for n in rows]
+    return {
+        "ce_fwd": lm,
+        "ce_fwd_bwd": lm,
+        "focal_fwd_bwd": [(n, c) for c in (1000, 32000, 128256) for n in focal_rows],
+        # COCO (80 classes) at two anchor counts, and LVIS (1203 classes).
+        "sigmoid_focal_fwd_bwd": [(131072, 80), (524288, 80), (65536, 1203)],
+        "linear_ce_fwd_bwd": linear,
+    }
+
+
+def sweep(device_kind: str, size: str, ops=OPS, dtypes=DEFAULT_DTYPES) -> list[Case]:
+    """The cases of a sweep, in table order (op, shape, dtype)."""
+    shapes = _shapes(device_kind, size)
+    return [case for op in ops for case in _grid(op, shapes[op], dtypes)]

@@ -1,0 +1,94 @@
+"""Reference results for the correctness check: computed in fp64, row chunk by row chunk.
+
+Each op's mean loss is a sum of per-row (per-element for sigmoid focal) terms divided by a
+count, so the fp64 loss and gradient can be built from slices of rows without ever holding
+an fp64 copy of the whole logits (a 16384 x 262144 fp64 tensor would not fit). Gradients
+are stored in fp32: their rounding (~6e-8 relative) is far below every tolerance used.
+Targets are never ignore_index here, so every mean divides by the row (element) count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import eager_losses
+from .cases import Case
+
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """Working-set size of one chunk. On CPU small enough (< glibc's 32 MiB mmap ceiling)
+    that the allocator recycles chunk buffers instead of faulting in fresh pages each time;
+    on GPU large enough to keep kernels busy."""
+    return 256 * 2**20 if device.type == "cuda" else 16 * 2**20
+
+
+def row_chunks(rows: int, row_bytes: int, device: torch.device):
+    step = max(1, chunk_bytes(device) // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+@dataclass
+class Oracle:
+    loss: float
+    grads: tuple[torch.Tensor, ...]  # fp32, one per input that requires grad; () if forward
+    grad_scales: tuple[float, ...] = ()  # mean |grad| of each, for the error metric
+
+    @classmethod
+    def make(cls, loss: float, grads: tuple[torch.Tensor, ...]) -> Oracle:
+        scales = tuple(
+            sum(g[s].abs().sum().item() for s in row_chunks(g.shape[0], 4 * g[0].numel(),
+                                                            g.device)) / max(1, g.numel())
+            for g in grads)
+        return cls(loss, grads, scales)
+
+
+def _per_row_terms(op: str):
+    if op in ("ce_fwd", "ce_fwd_bwd"):
+        return lambda x, y: F.cross_entropy(x, y, reduction="none")
+    if op == "focal_fwd_bwd":
+        return eager_losses.softmax_focal_rows
+    if op == "sigmoid_focal_fwd_bwd":
+        return eager_losses.sigmoid_focal_elements
+    raise ValueError(op)
+
+
+def compute(case: Case, inputs: tuple[torch.Tensor, ...]) -> Oracle:
+    with torch.enable_grad():
+        if case.op == "linear_ce_fwd_bwd":
+            return _linear_ce(case, *inputs)
+        return _rowwise(case, *inputs)
+
+
+def _rowwise(case: Case, x: torch.Tensor, y: torch.Tensor) -> Oracle:
+    terms = _per_row_terms(case.op)
+    count = y.numel()
+    grad = torch.empty(x.shape, dtype=torch.float32, device=x.device) if case.backward else None
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for rows in row_chunks(x.shape[0], 8 * x[0].numel(), x.device):
+        xc = x.detach()[rows].double().requires_grad_(case.backward)
+        yc = y[rows].double() if y.is_floating_point() else y[rows]
+        part = terms(xc, yc).sum() / count
+        if case.backward:
+            part.backward()
+            grad[rows] = xc.grad
+        total += part.detach()
+    return Oracle.make(total.item(), (grad,) if case.backward else ())
+
+
+def _linear_ce(case: Case, hidden, weight, target) -> Oracle:
+    n = hidden.shape[0]
+    w = weight.detach().double().requires_grad_()
+    grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for rows in row_chunks(n, 8 * weight.shape[0], hidden.device):
+        hc = hidden.detach()[rows].double().requires_grad_()
+        part = F.cross_entropy(hc @ w.T, target[rows], reduction="sum") / n
+        part.backward()
+        grad_h[rows] = hc.grad
+        total += part.detach()
+    return Oracle.make(total.item(), (grad_h, w.grad.float()))

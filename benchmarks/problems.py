@@ -1,0 +1,68 @@
+"""The inputs of each benchmarked op, generated deterministically on the device.
+
+Input set `k` of a case is a pure function of (case, seed + k): input sets can be rebuilt
+after an implementation that writes into its inputs (inplace backward) and still match the
+oracle computed once per case. Tensors that a user would differentiate are leaves with
+requires_grad=True for the forward+backward ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cases import Case
+
+LOGIT_STD = 2.0  # a spread like trained LM logits, so the softmax is not near-uniform
+POSITIVE_RATE = 0.01  # share of positive labels in sigmoid focal targets (detection heads)
+
+
+def make_inputs(case: Case, device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    dtype, grad = case.torch_dtype, case.backward
+
+    def randn(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+        if scale != 1.0:
+            t.mul_(scale)
+        return t.requires_grad_(grad)
+
+    if case.op == "sigmoid_focal_fwd_bwd":
+        n, c = case.shape
+        targets = torch.rand(n, c, generator=gen, device=device) < POSITIVE_RATE
+        return randn(n, c, scale=LOGIT_STD), targets.to(dtype)
+    if case.op == "linear_ce_fwd_bwd":
+        n, h, v = case.shape
+        hidden = randn(n, h)
+        weight = randn(v, h, scale=LOGIT_STD / math.sqrt(h))
+        return hidden, weight, _targets(n, v, gen, device)
+    n, v = case.shape
+    return randn(n, v, scale=LOGIT_STD), _targets(n, v, gen, device)
+
+
+def _targets(n: int, v: int, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(0, v, (n,), generator=gen, device=device)
+
+
+def input_set_bytes(inputs: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs)
+
+
+def grad_inputs(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """The inputs whose gradient the benchmark checks and drops."""
+    return [t for t in inputs if t.requires_grad]
+
+
+def input_set_nbytes(case: Case) -> int:
+    """Bytes of one input set, known before any tensor is made."""
+    size = case.torch_dtype.itemsize
+    if case.op == "sigmoid_focal_fwd_bwd":
+        n, c = case.shape
+        return 2 * n * c * size
+    if case.op == "linear_ce_fwd_bwd":
+        n, h, v = case.shape
+        return (n * h + v * h) * size + 8 * n
+    n, v = case.shape
+    return n * v * size + 8 * n

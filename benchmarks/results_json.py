@@ -1,0 +1,107 @@
+"""The results file: one JSON document per run, schema "torchloss_fused-benchmark" v1.
+
+Top level (all keys required):
+  schema          "torchloss_fused-benchmark"
+  schema_version  1 (int; bumped on any incompatible change)
+  date            ISO 8601 UTC, e.g. "2026-11-21T12:00:00Z"
+  command         the command line as run (str); argv: list[str]
+  sweep           "tiny" | "quick" | "full"
+  device          {kind: "cpu"|"cuda", name, slug, cpu_model: str, gpu_name: str|null,
+                   cores: int, threads: int, cpu_capability: str, llc_bytes: int,
+                   memory_bytes: int|null}
+  software        {torch, python, platform: str, cuda: str|null}
+  git             {commit: str ("unknown" outside a checkout), dirty: bool|null}
+  ours            torchloss_fused.backend_info(device) ({device, implementation, detail,
+                  reason}) or null when the package does not import
+  copy_bandwidth  {tensor_bytes: int, bytes_moved: int, median_ms: float, gb_per_s: float}
+  timing          {method: str, min_run_time_s: float, min_runs: int, warmup: int}
+  memory          {method: "peak-rss"|"profiler"|"cuda-allocator",
+                   probe: {expected_bytes: int, seen_bytes: int}}
+  rows            list of rows:
+    op, op_label, impl, impl_kind ("ours"|"eager"|"compile"|"peer"), dtype: str
+    shape: list[int]; logits_bytes, bytes_moved, input_sets: int
+    status: "ok"|"FAILED"|"ERROR"|"SKIPPED"; message: str (why, when not ok)
+    median_ms, iqr_ms: float|null; runs: int|null
+    peak_extra_bytes: int|null; peak_extra_mib, peak_extra_ratio: float|null
+    gb_per_s, pct_copy_bw, speedup_vs_eager, speedup_vs_compile: float|null
+    check: {ok: bool, loss_err: float|null, grad_err: float|null, loss_tol: float,
+            grad_tol: float|null, message: str} | null (null when the row never ran)
+  Figures are null unless status is "ok"; a FAILED row keeps its check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCHEMA = "torchloss_fused-benchmark"
+SCHEMA_VERSION = 1
+
+_STR, _INT, _FLOAT, _BOOL = (str,), (int,), (int, float), (bool,)
+_NONE = (type(None),)
+
+TOP_LEVEL = {
+    "schema": _STR, "schema_version": _INT, "date": _STR, "command": _STR, "argv": (list,),
+    "sweep": _STR, "device": (dict,), "software": (dict,), "git": (dict,),
+    "ours": (dict,) + _NONE, "copy_bandwidth": (dict,), "timing": (dict,),
+    "memory": (dict,), "rows": (list,),
+}
+NESTED = {
+    "device": {"kind": _STR, "name": _STR, "slug": _STR, "cpu_model": _STR,
+               "gpu_name": _STR + _NONE, "cores": _INT, "threads": _INT,
+               "cpu_capability": _STR, "llc_bytes": _INT, "memory_bytes": _INT + _NONE},
+    "software": {"torch": _STR, "python": _STR, "platform": _STR, "cuda": _STR + _NONE},
+    "git": {"commit": _STR, "dirty": _BOOL + _NONE},
+    "copy_bandwidth": {"tensor_bytes": _INT, "bytes_moved": _INT, "median_ms": _FLOAT,
+                       "gb_per_s": _FLOAT},
+    "timing": {"method": _STR, "min_run_time_s": _FLOAT, "min_runs": _INT, "warmup": _INT},
+    "memory": {"method": _STR, "probe": (dict,)},
+}
+ROW = {
+    "op": _STR, "op_label": _STR, "impl": _STR, "impl_kind": _STR, "dtype": _STR,
+    "shape": (list,), "logits_bytes": _INT, "bytes_moved": _INT, "input_sets": _INT,
+    "status": _STR, "message": _STR,
+    "median_ms": _FLOAT + _NONE, "iqr_ms": _FLOAT + _NONE, "runs": _INT + _NONE,
+    "peak_extra_bytes": _INT + _NONE, "peak_extra_mib": _FLOAT + _NONE,
+    "peak_extra_ratio": _FLOAT + _NONE, "gb_per_s": _FLOAT + _NONE,
+    "pct_copy_bw": _FLOAT + _NONE, "speedup_vs_eager": _FLOAT + _NONE,
+    "speedup_vs_compile": _FLOAT + _NONE, "check": (dict,) + _NONE,
+}
+ROW_STATUSES = ("ok", "FAILED", "ERROR", "SKIPPED")
+
+
+def _check_keys(obj: dict, spec: dict, where: str) -> None:
+    for key, types in spec.items():
+        if key not in obj:
+            raise ValueError(f"{where}: missing key {key!r}")
+        value = obj[key]
+        # bool is an int in Python; only accept it where bool is meant.
+        if isinstance(value, bool) and bool not in types:
+            raise ValueError(f"{where}.{key}: expected {types}, got bool")
+        if not isinstance(value, types):
+            raise ValueError(f"{where}.{key}: expected {types}, got {type(value).__name__}")
+
+
+def validate(doc: dict) -> None:
+    """Raises ValueError when `doc` does not follow the schema."""
+    _check_keys(doc, TOP_LEVEL, "results")
+    if doc["schema"] != SCHEMA or doc["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"not a {SCHEMA} v{SCHEMA_VERSION} document")
+    for key, spec in NESTED.items():
+        _check_keys(doc[key], spec, key)
+    if doc["device"]["kind"] not in ("cpu", "cuda"):
+        raise ValueError(f"device.kind: {doc['device']['kind']!r}")
+    for i, row in enumerate(doc["rows"]):
+        _check_keys(row, ROW, f"rows[{i}]")
+        if row["status"] not in ROW_STATUSES:
+            raise ValueError(f"rows[{i}].status: {row['status']!r}")
+        if row["status"] == "ok" and row["median_ms"] is None:
+            raise ValueError(f"rows[{i}]: an ok row needs median_ms")
+        if not all(isinstance(s, int) for s in row["shape"]):
+            raise ValueError(f"rows[{i}].shape: expected list[int]")
+
+
+def write(doc: dict, path: Path) -> None:
+    validate(doc)
+    # allow_nan=False: a NaN/inf would make the file unreadable to strict JSON parsers.
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")

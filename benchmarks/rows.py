@@ -1,0 +1,40 @@
+"""One table/JSON row: an implementation's figures on one case."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+OK, FAILED, ERROR, SKIPPED = "ok", "FAILED", "ERROR", "SKIPPED"
+
+
+@dataclass
+class Row:
+    op: str
+    op_label: str
+    impl: str
+    impl_kind: str  # ours | eager | compile | peer
+    dtype: str
+    shape: list[int]
+    logits_bytes: int
+    bytes_moved: int
+    input_sets: int
+    status: str = OK
+    message: str = ""
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    runs: int | None = None
+    peak_extra_bytes: int | None = None
+    peak_extra_mib: float | None = None
+    peak_extra_ratio: float | None = None
+    gb_per_s: float | None = None
+    pct_copy_bw: float | None = None
+    speedup_vs_eager: float | None = None
+    speedup_vs_compile: float | None = None
+    check: dict | None = None
+
+    def key(self) -> tuple:
+        """The case this row belongs to."""
+        return (self.op, self.dtype, tuple(self.shape))
+
+    def to_json(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,177 @@
+"""The benchmark CLI: python -m benchmarks.run [--full | --tiny] [--device ...] [--help]
+
+Runs each case on the best available device (or --device), prints the report and writes
+<out>/<device-slug>-<UTC stamp>.json and .png plus <out>/<device-slug>-latest.md (the
+printed report). Exits 1 when a torchloss_fused row FAILED its correctness check or raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import baselines, device_info, memory, plot, report, results_json, runner, timing
+from .cases import DEFAULT_DTYPES, DTYPES, OPS, sweep
+from .rows import ERROR, FAILED
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Per sweep size: timing settings, and the size of the tensor copied for bandwidth.
+SETTINGS = {
+    "tiny": timing.Settings(min_run_time=0.01, min_runs=2, warmup=2),
+    "quick": timing.Settings(min_run_time=0.5, min_runs=5, warmup=2),
+    "full": timing.Settings(min_run_time=1.0, min_runs=10, warmup=5),
+}
+
+
+def _names(values, allowed, flag):
+    """Space- or comma-separated names, checked against `allowed`."""
+    names = [n for v in values for n in v.split(",") if n]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise SystemExit(f"{flag}: unknown {bad}; choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run",
+                                description="Benchmark torchloss_fused against PyTorch "
+                                            "and peer libraries.")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available, else cpu")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick",
+                      help="default: about a minute on a 2-core CPU")
+    size.add_argument("--full", dest="size", action="store_const", const="full",
+                      help="LM vocabularies 32000..262144 at several row counts")
+    size.add_argument("--tiny", dest="size", action="store_const", const="tiny",
+                      help="small shapes, few runs, no torch.compile: for tests")
+    p.set_defaults(size="quick")
+    p.add_argument("--ops", nargs="+", default=list(OPS), help=f"subset of {', '.join(OPS)}")
+    p.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES),
+                   help=f"subset of {', '.join(DTYPES)}")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    compile_group = p.add_mutually_exclusive_group()
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false",
+                               default=None, help="skip the torch.compile baselines")
+    compile_group.add_argument("--compile", dest="compile", action="store_true",
+                               help="keep the torch.compile baselines with --tiny")
+    p.add_argument("--no-peers", action="store_true", help="skip peer libraries")
+    p.add_argument("--min-run-time", type=float, help="seconds of timed runs per row")
+    p.add_argument("--min-runs", type=int, help="timed runs per row, at the least")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.ops = _names(args.ops, OPS, "--ops")
+    args.dtypes = _names(args.dtypes, tuple(DTYPES), "--dtypes")
+    if args.compile is None:
+        args.compile = args.size != "tiny"  # compiling costs seconds per shape
+    return args
+
+
+def _settings(args) -> timing.Settings:
+    base = SETTINGS[args.size]
+    return timing.Settings(
+        min_run_time=base.min_run_time if args.min_run_time is None else args.min_run_time,
+        min_runs=base.min_runs if args.min_runs is None else args.min_runs,
+        warmup=base.warmup)
+
+
+def _copy_tensor_bytes(device: torch.device, size: str, llc: int) -> int:
+    if size == "tiny":
+        return 32 * 2**20
+    floor = 2**30 if device.type == "cuda" else 256 * 2**20
+    want = max(floor, 8 * llc)
+    avail = device_info.available_memory_bytes(device)
+    return min(want, avail // 8) if avail else want
+
+
+def _progress(total: int, disable: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety: run without it
+        return None
+    return tqdm(total=total, unit="row", disable=disable or None, dynamic_ncols=True)
+
+
+def _ours_info(device):
+    tlf = baselines.ours_module()
+    return tlf.backend_info(device) if tlf is not None and hasattr(tlf, "backend_info") else None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = device_info.resolve_device(args.device)
+    settings = _settings(args)
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    llc = device_info.llc_bytes(device)
+
+    mem_method = memory.method_for(device)
+    probe = memory.probe(device, mem_method)
+    bw = timing.copy_bandwidth(device, _copy_tensor_bytes(device, args.size, llc), settings)
+    ctx = runner.Context(device, settings, llc, bw.gb_per_s, mem_method, args.seed)
+
+    cases = sweep(device.type, args.size, args.ops, args.dtypes)
+    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers))
+            for case in cases]
+    plan = [(case, impls) for case, impls in plan if impls]
+    bar = _progress(sum(len(impls) for _, impls in plan), args.no_progress)
+    rows = []
+    for case, impls in plan:
+        def on_row(row, case=case):
+            if bar is not None:
+                bar.set_postfix_str(f"{case.op} {case.dtype} {case.shape_str()} {row.impl}")
+                bar.update(1)
+
+        rows += runner.run_case(case, impls, ctx, on_row)
+    if bar is not None:
+        bar.close()
+
+    argv_list = [sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.run",
+                 *(sys.argv[1:] if argv is None else argv)]
+    doc = {
+        "schema": results_json.SCHEMA,
+        "schema_version": results_json.SCHEMA_VERSION,
+        "date": started.isoformat().replace("+00:00", "Z"),
+        "command": shlex.join(argv_list),
+        "argv": argv_list,
+        "sweep": args.size,
+        "device": device_info.describe(device),
+        "software": device_info.software(),
+        "git": device_info.git_state(),
+        "ours": _ours_info(device),
+        "copy_bandwidth": {"tensor_bytes": bw.tensor_bytes, "bytes_moved": bw.bytes_moved,
+                           "median_ms": bw.median_s * 1e3, "gb_per_s": bw.gb_per_s},
+        "timing": {"method": ("cuda-events" if device.type == "cuda"
+                              else "torch.utils.benchmark.Timer.blocked_autorange"),
+                   "min_run_time_s": settings.min_run_time, "min_runs": settings.min_runs,
+                   "warmup": settings.warmup},
+        "memory": {"method": mem_method, "probe": probe},
+        "rows": [r.to_json() for r in rows],
+    }
+    text = report.render(doc, rows)
+    print(text)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{doc['device']['slug']}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+    results_json.write(doc, stem.with_suffix(".json"))
+    (args.out / f"{doc['device']['slug']}-latest.md").write_text(text + "\n")  # as printed
+    written = [stem.with_suffix(".json"), args.out / f"{doc['device']['slug']}-latest.md"]
+    if not args.no_plot:
+        png = plot.plot(rows, stem.with_suffix(".png"), f"{doc['device']['name']} - {doc['date']}")
+        if png is not None:
+            written.append(png)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    ours_broken = any(r.impl_kind == baselines.OURS and r.status in (FAILED, ERROR)
+                      for r in rows)
+    return 1 if ours_broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""One case end to end: inputs, oracle, then per implementation check -> warm-up ->
+peak memory -> timing, and the ratios against the baselines measured alongside."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import bytes_model, correctness, memory, oracle, problems, timing
+from .baselines import COMPILE, EAGER, Impl
+from .cases import OP_LABELS, Case
+from .rows import ERROR, FAILED, OK, SKIPPED, Row
+
+# Input sets are rotated until they span this many times the last-level cache, so a step
+# never finds its data in cache; capped to bound the warm-up of tiny shapes.
+CACHE_MULTIPLE = 4
+MAX_INPUT_SETS = 16
+# Peak memory of the greediest baseline (eager fwd+bwd keeps log-probabilities, their
+# gradient and the logits' gradient), in logits sizes: used to skip cases that cannot fit.
+BASELINE_PEAK_LOGITS = 4
+MEMORY_HEADROOM = 0.9
+
+
+@dataclass
+class Context:
+    device: torch.device
+    settings: timing.Settings
+    llc_bytes: int
+    copy_gb_per_s: float
+    memory_method: str
+    seed: int = 0
+
+
+def input_sets_for(case: Case, llc_bytes: int) -> int:
+    nbytes = problems.input_set_nbytes(case)
+    if nbytes >= CACHE_MULTIPLE * llc_bytes:
+        return 1
+    return min(MAX_INPUT_SETS, math.ceil(CACHE_MULTIPLE * llc_bytes / nbytes))
+
+
+def memory_needed(case: Case, sets: int, device: torch.device) -> int:
+    """A generous estimate of the bytes a case needs at once."""
+    oracle_grads = 4 * problems.input_set_nbytes(case) // case.torch_dtype.itemsize
+    if case.op == "linear_ce_fwd_bwd":  # fp64 weight and its gradient
+        n, h, v = case.shape
+        oracle_grads += 2 * 8 * v * h
+    return (sets * problems.input_set_nbytes(case) + oracle_grads
+            + BASELINE_PEAK_LOGITS * bytes_model.logits_bytes(case) + 4 * oracle.chunk_bytes(device))
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    from .device_info import available_memory_bytes
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return available_memory_bytes(device)
+
+
+def make_step(fn: Callable, sets: list[tuple], backward: bool) -> Callable[[], None]:
+    """One user iteration per call, cycling through the input sets."""
+    if not backward:
+        order = itertools.cycle(sets)
+        return lambda: fn(*next(order))
+    order = itertools.cycle([(s, problems.grad_inputs(s)) for s in sets])
+
+    def step():
+        args, leaves = next(order)
+        fn(*args).backward()
+        for t in leaves:  # the user's optimizer step would consume and drop it
+            t.grad = None
+
+    return step
+
+
+def _blank_row(case: Case, impl: Impl, sets: int) -> Row:
+    return Row(op=case.op, op_label=OP_LABELS[case.op], impl=impl.name, impl_kind=impl.kind,
+               dtype=case.dtype, shape=list(case.shape),
+               logits_bytes=bytes_model.logits_bytes(case),
+               bytes_moved=bytes_model.bytes_moved(case), input_sets=sets)
+
+
+def _check(case: Case, fn: Callable, inputs: tuple, ref: oracle.Oracle):
+    loss = fn(*inputs)
+    grads = []
+    if case.backward:
+        loss.backward()
+        grads = [t.grad for t in problems.grad_inputs(inputs)]
+    result = correctness.compare(case.dtype, loss.detach(), grads, ref)
+    for t in problems.grad_inputs(inputs):
+        t.grad = None
+    return result
+
+
+def _measure(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Context) -> None:
+    fn = impl.build()
+    result = _check(case, fn, sets[0], ref)  # first call: also torch.compile's compile
+    row.check = result.to_json()
+    if not result.ok:
+        row.status, row.message = FAILED, result.message
+        return
+    step = make_step(fn, sets, case.backward)
+    # The check was the first call (compiles, lazy init); the memory run is the second and
+    # counts as warm-up too. Then every other input set once, so that all their pages are
+    # resident before timing, and up to `warmup` calls in all.
+    timing.sync(ctx.device)
+    t0 = time.perf_counter()
+    peak = memory.peak_extra_bytes(step, ctx.device, ctx.memory_method)
+    estimate = time.perf_counter() - t0
+    more = max(len(sets) - 1, ctx.settings.warmup - 2)
+    if more > 0:
+        estimate = timing.warm_up(step, ctx.device, more)
+    t = timing.measure(step, ctx.device, ctx.settings, estimate)
+    row.median_ms, row.iqr_ms, row.runs = t.median_s * 1e3, t.iqr_s * 1e3, t.runs
+    row.peak_extra_bytes = peak
+    row.peak_extra_mib = peak / 2**20
+    row.peak_extra_ratio = peak / row.logits_bytes
+    row.gb_per_s = bytes_model.gb_per_s(row.bytes_moved, t.median_s)
+    row.pct_copy_bw = 100 * row.gb_per_s / ctx.copy_gb_per_s
+
+
+def _run_impl(case: Case, impl: Impl, sets: list[tuple], ref, ctx: Context) -> Row:
+    row = _blank_row(case, impl, len(sets))
+    try:
+        _measure(row, case, impl, sets, ref, ctx)
+    except Exception as exc:  # noqa: BLE001  (one broken implementation must not end the run)
+        row.status = ERROR
+        row.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        for s in sets:
+            for t in problems.grad_inputs(s):
+                t.grad = None
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()  # an OOM in one row must not starve the next
+    return row
+
+
+def _fill_ratios(rows: list[Row]) -> None:
+    def median_of(kind):
+        return next((r.median_ms for r in rows if r.impl_kind == kind and r.status == OK), None)
+
+    eager, compiled = median_of(EAGER), median_of(COMPILE)
+    for r in rows:
+        if r.status != OK:
+            continue
+        r.speedup_vs_eager = eager / r.median_ms if eager else None
+        r.speedup_vs_compile = compiled / r.median_ms if compiled else None
+
+
+def run_case(case: Case, impls: list[Impl], ctx: Context,
+             on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
+    n_sets = input_sets_for(case, ctx.llc_bytes)
+    need, avail = memory_needed(case, n_sets, ctx.device), _available_bytes(ctx.device)
+    if avail is not None and need > MEMORY_HEADROOM * avail:
+        rows = []
+        for impl in impls:
+            row = _blank_row(case, impl, n_sets)
+            row.status = SKIPPED
+            row.message = f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
+            rows.append(row)
+            on_row(row)
+        return rows
+
+    if any(impl.kind == COMPILE for impl in impls):
+        torch._dynamo.reset()  # one compile per shape; no recompile limits across cases
+
+    def build_sets():
+        return [problems.make_inputs(case, ctx.device, ctx.seed + k) for k in range(n_sets)]
+
+    sets = build_sets()
+    ref = oracle.compute(case, sets[0])
+    rows = []
+    for impl in impls:
+        row = _run_impl(case, impl, sets, ref, ctx)
+        rows.append(row)
+        on_row(row)
+        if impl.mutates_inputs:
+            del sets
+            gc.collect()
+            sets = build_sets()
+    _fill_ratios(rows)
+    del sets, ref
+    gc.collect()
+    return rows

@@ -1,0 +1,288 @@
+"""The benchmark harness itself (benchmarks/): bytes model, JSON schema, the correctness
+gate, peak-memory measurement, and a tiny sweep end to end. No assertion is about speed."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bytes_model, memory, report, results_json, run, runner, timing
+from benchmarks.baselines import EAGER, OURS, Impl, impls_for
+from benchmarks.cases import Case, sweep
+from benchmarks.rows import FAILED, OK, Row
+
+CPU = torch.device("cpu")
+MiB = 2**20
+
+
+# ---- bytes model ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # logits read + targets (int64) read
+        (Case("ce_fwd", "bf16", (4096, 32000)), 4096 * 32000 * 2 + 4096 * 8),
+        # logits read + gradient written + targets
+        (Case("ce_fwd_bwd", "fp32", (4096, 32000)), 1_048_576_000 + 32_768),
+        (Case("focal_fwd_bwd", "bf16", (16384, 1000)), 2 * 16384 * 1000 * 2 + 16384 * 8),
+        # inputs + targets read, gradient written, all in the input dtype
+        (Case("sigmoid_focal_fwd_bwd", "fp32", (131072, 80)), 125_829_120),
+        # hidden + weight read, their gradients written, targets
+        (Case("linear_ce_fwd_bwd", "bf16", (512, 256, 32000)),
+         2 * (512 * 256 + 32000 * 256) * 2 + 512 * 8),
+    ],
+)
+def test_bytes_model(case, expected):
+    assert bytes_model.bytes_moved(case) == expected
+
+
+def test_bytes_model_logits_copy_and_rate():
+    assert bytes_model.logits_bytes(Case("ce_fwd_bwd", "bf16", (4096, 32000))) == 262_144_000
+    # linear CE: the logits a materialising implementation would hold
+    assert bytes_model.logits_bytes(Case("linear_ce_fwd_bwd", "fp32", (8, 4, 10))) == 320
+    assert bytes_model.copy_bytes_moved(256 * MiB) == 512 * MiB
+    assert bytes_model.gb_per_s(3_000_000_000, 1.5) == pytest.approx(2.0)
+
+
+# ---- sweep definitions ----------------------------------------------------------------------
+
+
+def test_quick_sweep_holds_the_target_shape():
+    cases = sweep("cpu", "quick")
+    for dtype in ("fp32", "bf16"):
+        assert Case("ce_fwd_bwd", dtype, (4096, 32000)) in cases
+
+
+def test_full_gpu_sweep_holds_large_vocab_bf16():
+    assert Case("ce_fwd_bwd", "bf16", (16384, 128256)) in sweep("cuda", "full")
+
+
+def test_input_rotation_only_when_data_fits_in_cache():
+    llc = 32 * MiB
+    assert runner.input_sets_for(Case("ce_fwd_bwd", "fp32", (4096, 32000)), llc) == 1
+    small = runner.input_sets_for(Case("ce_fwd_bwd", "fp32", (1024, 1000)), llc)
+    assert small > 1 and small * 1024 * 1000 * 4 >= min(runner.MAX_INPUT_SETS * 1024 * 1000 * 4,
+                                                       runner.CACHE_MULTIPLE * llc)
+
+
+# ---- correctness gate -----------------------------------------------------------------------
+
+
+class _DoubledGrad(torch.autograd.Function):
+    """Right forward value, gradient twice too large."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def _context():
+    return runner.Context(CPU, timing.Settings(min_run_time=0.0, min_runs=2, warmup=2),
+                          llc_bytes=MiB, copy_gb_per_s=10.0, memory_method=memory.cpu_method())
+
+
+def _impl(name, fn, kind=OURS):
+    return Impl(name, kind, lambda: fn)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_wrong_implementations_are_marked_failed(dtype):
+    case = Case("ce_fwd_bwd", dtype, (64, 500))
+    impls = [
+        _impl("right", F.cross_entropy, EAGER),
+        _impl("wrong value", lambda x, y: F.cross_entropy(x, y) * 1.05),
+        _impl("label smoothing", lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1)),
+        _impl("wrong grad", lambda x, y: F.cross_entropy(_DoubledGrad.apply(x), y)),
+        _impl("no off-target grad",
+              lambda x, y: F.cross_entropy(x.detach(), y) - x.gather(1, y[:, None]).mean()
+              + x.gather(1, y[:, None]).detach().mean()),
+        _impl("nan", lambda x, y: F.cross_entropy(x, y) * float("nan")),
+    ]
+    rows = {r.impl: r for r in runner.run_case(case, impls, _context())}
+    assert rows["right"].status == OK and rows["right"].median_ms > 0
+    for name in ("wrong value", "label smoothing", "wrong grad", "no off-target grad", "nan"):
+        row = rows[name]
+        assert row.status == FAILED, (name, row.check)
+        assert row.median_ms is None and row.gb_per_s is None and row.speedup_vs_eager is None
+        assert row.check["ok"] is False and row.message
+    assert "grad err" in rows["wrong grad"].message
+    assert "loss err" not in rows["wrong grad"].message
+    assert rows["wrong value"].check["loss_err"] > rows["wrong value"].check["loss_tol"]
+    # A failed row shows as FAILED in the printed table, without figures.
+    table = report.tables(list(rows.values()))
+    assert table.count("FAILED") == 5
+
+
+def test_failed_forward_only_row():
+    case = Case("ce_fwd", "fp32", (32, 100))
+    rows = runner.run_case(case, [_impl("off", lambda x, y: F.cross_entropy(x, y) * 1.01)],
+                           _context())
+    assert rows[0].status == FAILED and rows[0].check["grad_err"] is None
+
+
+def test_every_implementation_passes_the_check_on_cpu():
+    """The real implementations (ours and eager; no compile: slow to build) pass the gate."""
+    for op, shape in (("ce_fwd_bwd", (32, 300)), ("focal_fwd_bwd", (32, 300)),
+                      ("sigmoid_focal_fwd_bwd", (32, 80)), ("ce_fwd", (32, 300))):
+        for dtype in ("fp32", "bf16"):
+            impls = impls_for(op, CPU, compile_baseline=False)
+            rows = runner.run_case(Case(op, dtype, shape), impls, _context())
+            assert [r.status for r in rows] == [OK] * len(rows), [(r.impl, r.message)
+                                                                   for r in rows]
+
+
+def test_step_drops_gradients():
+    x = torch.randn(8, 10, requires_grad=True)
+    y = torch.randint(0, 10, (8,))
+    runner.make_step(F.cross_entropy, [(x, y)], backward=True)()
+    assert x.grad is None
+
+
+# ---- peak memory ----------------------------------------------------------------------------
+
+
+def _ce_forward_internal_buffer(nbytes):
+    """F.cross_entropy's forward allocates and frees a log-softmax buffer of the input's
+    size inside C++: nothing survives the call for Python to see."""
+    x = torch.randn(1024, nbytes // (4 * 1024))
+    y = torch.zeros(1024, dtype=torch.long)
+    F.cross_entropy(x, y)
+    return lambda: F.cross_entropy(x, y)
+
+
+@pytest.mark.parametrize("method", ["peak-rss", "profiler"])
+def test_memory_sees_allocations_inside_cpp_ops(method):
+    if method == "peak-rss" and not memory.rss_available():
+        pytest.skip("no /proc/self/clear_refs")
+    nbytes = 32 * MiB
+    seen = memory.peak_extra_bytes(_ce_forward_internal_buffer(nbytes), CPU, method)
+    assert 0.95 * nbytes <= seen <= 1.5 * nbytes
+
+
+def test_peak_rss_sees_reused_heap_memory():
+    """Memory freed by an earlier step may stay resident in the C heap; the method must still
+    count it when a later step uses it again."""
+    if not memory.rss_available():
+        pytest.skip("no /proc/self/clear_refs")
+    a = torch.ones(5 * MiB)  # 20 MiB: raises glibc's mmap threshold when freed
+    del a
+    b = torch.ones(4 * MiB)  # 16 MiB: may now come from (and return to) the heap
+    del b
+    seen = memory.peak_extra_bytes(lambda: torch.ones(4 * MiB), CPU, "peak-rss")
+    assert seen >= 0.95 * 16 * MiB
+
+
+def test_memory_probe_reports_what_it_saw():
+    probe = memory.probe(CPU, nbytes=16 * MiB)
+    assert probe["expected_bytes"] == 16 * MiB
+    assert probe["seen_bytes"] >= 0.95 * probe["expected_bytes"]
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    pytest.importorskip("tabulate")
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--tiny", "--device", "cpu", "--out", str(out), "--no-progress",
+            "--ops", "ce_fwd_bwd,sigmoid_focal_fwd_bwd", "--dtypes", "fp32", "bf16"]
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    printed = StringIO()
+    with redirect_stdout(printed):
+        code = run.main(argv)
+    return code, out, printed.getvalue()
+
+
+def test_tiny_sweep_end_to_end(tiny_run):
+    code, out, printed = tiny_run
+    assert code == 0
+    (json_path,) = out.glob("cpu-*.json")
+    doc = json.loads(json_path.read_text())
+    results_json.validate(doc)
+    rows = doc["rows"]
+    assert {(r["op"], r["dtype"]) for r in rows} == {
+        (op, dt) for op in ("ce_fwd_bwd", "sigmoid_focal_fwd_bwd") for dt in ("fp32", "bf16")}
+    assert all(r["status"] == OK for r in rows), [(r["impl"], r["message"]) for r in rows]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["runs"] >= 2
+        assert r["gb_per_s"] == pytest.approx(r["bytes_moved"] / (r["median_ms"] * 1e6))
+        assert r["peak_extra_ratio"] == pytest.approx(r["peak_extra_bytes"] / r["logits_bytes"])
+    eager = [r for r in rows if r["impl_kind"] == EAGER]
+    assert eager and all(r["speedup_vs_eager"] == pytest.approx(1.0) for r in eager)
+    assert not any(r["impl_kind"] == "compile" for r in rows)  # --tiny skips compile
+    # The eager fwd+bwd keeps log-probabilities and their gradient: at least the gradient of
+    # the logits (1x) must show up in its peak.
+    ce_eager = next(r for r in eager if r["op"] == "ce_fwd_bwd" and r["dtype"] == "fp32")
+    assert ce_eager["peak_extra_ratio"] >= 0.9
+    # The markdown file is the printed report.
+    (md,) = out.glob("cpu-*-latest.md")
+    assert md.read_text() == printed
+    assert "### cross_entropy fwd+bwd" in printed and doc["date"] in printed
+    if _has_matplotlib():
+        (png,) = out.glob("cpu-*.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_results_schema(tiny_run):
+    _, out, _ = tiny_run
+    (json_path,) = out.glob("cpu-*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["schema"] == results_json.SCHEMA and doc["schema_version"] == 1
+    assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1
+    assert doc["date"].endswith("Z") and "T" in doc["date"]
+    assert doc["git"]["commit"] == "unknown" or len(doc["git"]["commit"]) == 40
+    assert doc["copy_bandwidth"]["bytes_moved"] == 2 * doc["copy_bandwidth"]["tensor_bytes"]
+    assert doc["software"]["torch"] == torch.__version__
+    assert doc["command"].startswith("python") and "--tiny" in doc["argv"]
+
+    for mutate in (
+        lambda d: d.pop("git"),
+        lambda d: d.__setitem__("schema_version", "1"),
+        lambda d: d["device"].__setitem__("cores", "2"),
+        lambda d: d["device"].__setitem__("kind", "tpu"),
+        lambda d: d["rows"][0].pop("median_ms"),
+        lambda d: d["rows"][0].__setitem__("status", "fine"),
+        lambda d: d["rows"][0].__setitem__("shape", [1.5, 2]),
+        lambda d: d["rows"][0].__setitem__("runs", True),
+    ):
+        bad = copy.deepcopy(doc)
+        mutate(bad)
+        with pytest.raises(ValueError):
+            results_json.validate(bad)
+
+
+def test_cli_arguments():
+    args = run.parse_args(["--ops", "ce_fwd,focal_fwd_bwd", "ce_fwd", "--dtypes", "bf16"])
+    assert args.ops == ("ce_fwd", "focal_fwd_bwd") and args.dtypes == ("bf16",)
+    assert args.size == "quick" and args.compile is True
+    assert run.parse_args(["--tiny"]).compile is False
+    assert run.parse_args(["--tiny", "--compile"]).compile is True
+    assert run.parse_args(["--full"]).size == "full"
+    with pytest.raises(SystemExit):
+        run.parse_args(["--ops", "softmax"])
+
+
+def test_rows_serialise_without_nan():
+    row = Row(op="ce_fwd", op_label="x", impl="i", impl_kind=OURS, dtype="fp32", shape=[1, 2],
+              logits_bytes=8, bytes_moved=8, input_sets=1)
+    assert json.dumps(row.to_json(), allow_nan=False)
