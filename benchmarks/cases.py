@@ -21,6 +21,14 @@ OP_LABELS = {
     "linear_ce_fwd_bwd": "linear_cross_entropy fwd+bwd",
 }
 
+# The public function names select all the benchmarked ops of that function.
+OP_ALIASES = {
+    "cross_entropy": ("ce_fwd", "ce_fwd_bwd"),
+    "focal_loss": ("focal_fwd_bwd",),
+    "sigmoid_focal_loss": ("sigmoid_focal_fwd_bwd",),
+    "linear_cross_entropy": ("linear_ce_fwd_bwd",),
+}
+
 # Ops whose timed iteration includes backward (inputs require grad, grads are dropped).
 BACKWARD_OPS = frozenset(op for op in OPS if op.endswith("_bwd"))
 

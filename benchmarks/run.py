@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import baselines, device_info, memory, plot, report, results_json, runner, timing
-from .cases import DEFAULT_DTYPES, DTYPES, OPS, sweep
+from .cases import DEFAULT_DTYPES, DTYPES, OP_ALIASES, OPS, sweep
 from .rows import ERROR, FAILED
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -29,13 +29,16 @@ SETTINGS = {
 }
 
 
-def _names(values, allowed, flag):
-    """Space- or comma-separated names, checked against `allowed`."""
+def _names(values, allowed, flag, aliases=None):
+    """Space- or comma-separated names, checked against `allowed` (or an alias of some)."""
+    aliases = aliases or {}
     names = [n for v in values for n in v.split(",") if n]
-    bad = [n for n in names if n not in allowed]
+    bad = [n for n in names if n not in allowed and n not in aliases]
     if bad:
-        raise SystemExit(f"{flag}: unknown {bad}; choose from {', '.join(allowed)}")
-    return tuple(dict.fromkeys(names))
+        choices = ", ".join([*allowed, *aliases])
+        raise SystemExit(f"{flag}: unknown {bad}; choose from {choices}")
+    expanded = [m for n in names for m in aliases.get(n, (n,))]
+    return tuple(dict.fromkeys(expanded))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--tiny", dest="size", action="store_const", const="tiny",
                       help="small shapes, few runs, no torch.compile: for tests")
     p.set_defaults(size="quick")
-    p.add_argument("--ops", nargs="+", default=list(OPS), help=f"subset of {', '.join(OPS)}")
+    p.add_argument("--ops", nargs="+", default=list(OPS),
+                   help=f"subset of {', '.join(OPS)}, or function names ({', '.join(OP_ALIASES)})")
     p.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES),
                    help=f"subset of {', '.join(DTYPES)}")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
@@ -68,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    args.ops = _names(args.ops, OPS, "--ops")
+    args.ops = _names(args.ops, OPS, "--ops", OP_ALIASES)
     args.dtypes = _names(args.dtypes, tuple(DTYPES), "--dtypes")
     if args.compile is None:
         args.compile = args.size != "tiny"  # compiling costs seconds per shape

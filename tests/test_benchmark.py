@@ -140,6 +140,18 @@ def test_every_implementation_passes_the_check_on_cpu():
                                                                    for r in rows]
 
 
+def test_linear_cross_entropy_gate():
+    """The materialised baseline passes the fp64 oracle (hidden and weight gradients); a
+    version that forgets the weight gradient does not."""
+    from benchmarks.eager_losses import linear_cross_entropy
+
+    impls = [_impl("eager", linear_cross_entropy, EAGER),
+             _impl("frozen weight", lambda h, w, y: linear_cross_entropy(h, w.detach(), y)
+                   + 0 * w.sum())]
+    rows = runner.run_case(Case("linear_ce_fwd_bwd", "fp32", (64, 32, 500)), impls, _context())
+    assert [r.status for r in rows] == [OK, FAILED]
+
+
 def test_step_drops_gradients():
     x = torch.randn(8, 10, requires_grad=True)
     y = torch.randint(0, 10, (8,))
@@ -278,8 +290,21 @@ def test_cli_arguments():
     assert run.parse_args(["--tiny"]).compile is False
     assert run.parse_args(["--tiny", "--compile"]).compile is True
     assert run.parse_args(["--full"]).size == "full"
+    assert run.parse_args(["--ops", "cross_entropy"]).ops == ("ce_fwd", "ce_fwd_bwd")
     with pytest.raises(SystemExit):
         run.parse_args(["--ops", "softmax"])
+
+
+def test_plot_against_vocabulary(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    rows = [Row(op="ce_fwd_bwd", op_label="x", impl=impl, impl_kind=OURS, dtype="bf16",
+                shape=[4096, v], logits_bytes=4096 * v * 2, bytes_moved=1, input_sets=1,
+                median_ms=v / 1000 * k, peak_extra_ratio=k / 2)
+            for v in (32000, 128256) for k, impl in ((1, "a"), (3, "b"))]
+    png = plot.plot(rows, tmp_path / "p.png", "title")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rows_serialise_without_nan():
