@@ -62,13 +62,13 @@ def header(doc: dict) -> str:
         f"- date: {doc['date']}; commit {commit}; torch {sw['torch']}; python {sw['python']}",
         f"- command: `{doc['command']}` (sweep: {doc['sweep']})",
         f"- torchloss_fused: {ours_line}",
-        f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
-        f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)",
-        f"- timing: {doc['timing']['method']}, median; memory: {mem['method']} "
-        f"(saw {seen:.0f}% of a {probe['expected_bytes'] / 2**20:.0f} MiB allocation made "
-        "inside a C++ op)",
-        "- GB/s from benchmarks/bytes_model.py; extra/logits = peak extra memory / logits "
-        "bytes; vs eager / vs compile = speed-up over those rows",
+        (f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
+         f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)"),
+        (f"- timing: {doc['timing']['method']}, median; memory: {mem['method']} "
+         f"(saw {seen:.0f}% of a {probe['expected_bytes'] / 2**20:.0f} MiB allocation made "
+         "inside a C++ op)"),
+        ("- GB/s from benchmarks/bytes_model.py; extra/logits = peak extra memory / logits "
+         "bytes; vs eager / vs compile = speed-up over those rows"),
     ]
     return "\n".join(lines)
 

@@ -70,35 +70,39 @@ ROW = {
 ROW_STATUSES = ("ok", "FAILED", "ERROR", "SKIPPED")
 
 
+class SchemaError(ValueError):
+    """A results document that does not follow the schema."""
+
+
 def _check_keys(obj: dict, spec: dict, where: str) -> None:
     for key, types in spec.items():
         if key not in obj:
-            raise ValueError(f"{where}: missing key {key!r}")
+            raise SchemaError(f"{where}: missing key {key!r}")
         value = obj[key]
         # bool is an int in Python; only accept it where bool is meant.
         if isinstance(value, bool) and bool not in types:
-            raise ValueError(f"{where}.{key}: expected {types}, got bool")
+            raise SchemaError(f"{where}.{key}: expected {types}, got bool")
         if not isinstance(value, types):
-            raise ValueError(f"{where}.{key}: expected {types}, got {type(value).__name__}")
+            raise SchemaError(f"{where}.{key}: expected {types}, got {type(value).__name__}")
 
 
 def validate(doc: dict) -> None:
-    """Raises ValueError when `doc` does not follow the schema."""
+    """Raises SchemaError (a ValueError) when `doc` does not follow the schema."""
     _check_keys(doc, TOP_LEVEL, "results")
     if doc["schema"] != SCHEMA or doc["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"not a {SCHEMA} v{SCHEMA_VERSION} document")
+        raise SchemaError(f"not a {SCHEMA} v{SCHEMA_VERSION} document")
     for key, spec in NESTED.items():
         _check_keys(doc[key], spec, key)
     if doc["device"]["kind"] not in ("cpu", "cuda"):
-        raise ValueError(f"device.kind: {doc['device']['kind']!r}")
+        raise SchemaError(f"device.kind: {doc['device']['kind']!r}")
     for i, row in enumerate(doc["rows"]):
         _check_keys(row, ROW, f"rows[{i}]")
         if row["status"] not in ROW_STATUSES:
-            raise ValueError(f"rows[{i}].status: {row['status']!r}")
+            raise SchemaError(f"rows[{i}].status: {row['status']!r}")
         if row["status"] == "ok" and row["median_ms"] is None:
-            raise ValueError(f"rows[{i}]: an ok row needs median_ms")
+            raise SchemaError(f"rows[{i}]: an ok row needs median_ms")
         if not all(isinstance(s, int) for s in row["shape"]):
-            raise ValueError(f"rows[{i}].shape: expected list[int]")
+            raise SchemaError(f"rows[{i}].shape: expected list[int]")
 
 
 def write(doc: dict, path: Path) -> None:

@@ -109,37 +109,24 @@ def _ours_info(device):
     return tlf.backend_info(device) if tlf is not None and hasattr(tlf, "backend_info") else None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = device_info.resolve_device(args.device)
-    settings = _settings(args)
-    started = datetime.now(timezone.utc).replace(microsecond=0)
-    llc = device_info.llc_bytes(device)
-
-    mem_method = memory.method_for(device)
-    probe = memory.probe(device, mem_method)
-    bw = timing.copy_bandwidth(device, _copy_tensor_bytes(device, args.size, llc), settings)
-    ctx = runner.Context(device, settings, llc, bw.gb_per_s, mem_method, args.seed)
-
-    cases = sweep(device.type, args.size, args.ops, args.dtypes)
-    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers))
-            for case in cases]
-    plan = [(case, impls) for case, impls in plan if impls]
-    bar = _progress(sum(len(impls) for _, impls in plan), args.no_progress)
+def _sweep(plan, ctx: runner.Context, no_progress: bool) -> list:
+    bar = _progress(sum(len(impls) for _, impls in plan), no_progress)
     rows = []
     for case, impls in plan:
-        def on_row(row, case=case):
-            if bar is not None:
-                bar.set_postfix_str(f"{case.op} {case.dtype} {case.shape_str()} {row.impl}")
-                bar.update(1)
-
-        rows += runner.run_case(case, impls, ctx, on_row)
+        if bar is not None:
+            bar.set_description(f"{case.op} {case.dtype} {case.shape_str()}")
+        rows += runner.run_case(case, impls, ctx,
+                                on_row=(lambda row: bar.update(1)) if bar is not None
+                                else (lambda row: None))
     if bar is not None:
         bar.close()
+    return rows
 
+
+def _document(args, argv, started, device, settings, bw, mem_method, probe, rows) -> dict:
     argv_list = [sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.run",
                  *(sys.argv[1:] if argv is None else argv)]
-    doc = {
+    return {
         "schema": results_json.SCHEMA,
         "schema_version": results_json.SCHEMA_VERSION,
         "date": started.isoformat().replace("+00:00", "Z"),
@@ -159,18 +146,50 @@ def main(argv=None) -> int:
         "memory": {"method": mem_method, "probe": probe},
         "rows": [r.to_json() for r in rows],
     }
-    text = report.render(doc, rows)
-    print(text)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{doc['device']['slug']}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+
+def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    slug = doc["device"]["slug"]
+    stem = out / f"{slug}-{started.strftime('%Y%m%dT%H%M%SZ')}"
     results_json.write(doc, stem.with_suffix(".json"))
-    (args.out / f"{doc['device']['slug']}-latest.md").write_text(text + "\n")  # as printed
-    written = [stem.with_suffix(".json"), args.out / f"{doc['device']['slug']}-latest.md"]
-    if not args.no_plot:
+    latest = out / f"{slug}-latest.md"
+    latest.write_text(text + "\n")  # exactly as printed
+    written = [stem.with_suffix(".json"), latest]
+    if with_plot:
         png = plot.plot(rows, stem.with_suffix(".png"), f"{doc['device']['name']} - {doc['date']}")
         if png is not None:
             written.append(png)
+    return written
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = device_info.resolve_device(args.device)
+    settings = _settings(args)
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    llc = device_info.llc_bytes(device)
+
+    cases = sweep(device.type, args.size, args.ops, args.dtypes)
+    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers))
+            for case in cases]
+    plan = [(case, impls) for case, impls in plan if impls]
+    if not plan:
+        print("nothing to run: no implementation of the selected ops on this device "
+              "(linear_ce_fwd_bwd runs once torchloss_fused.linear_cross_entropy exists)",
+              file=sys.stderr)
+        return 0
+
+    mem_method = memory.method_for(device)
+    probe = memory.probe(device, mem_method)
+    bw = timing.copy_bandwidth(device, _copy_tensor_bytes(device, args.size, llc), settings)
+    ctx = runner.Context(device, settings, llc, bw.gb_per_s, mem_method, args.seed)
+    rows = _sweep(plan, ctx, args.no_progress)
+
+    doc = _document(args, argv, started, device, settings, bw, mem_method, probe, rows)
+    text = report.render(doc, rows)
+    print(text)
+    written = _write(doc, text, rows, args.out, started, not args.no_plot)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     ours_broken = any(r.impl_kind == baselines.OURS and r.status in (FAILED, ERROR)
                       for r in rows)

@@ -48,7 +48,7 @@ def memory_needed(case: Case, sets: int, device: torch.device) -> int:
     """A generous estimate of the bytes a case needs at once."""
     oracle_grads = 4 * problems.input_set_nbytes(case) // case.torch_dtype.itemsize
     if case.op == "linear_ce_fwd_bwd":  # fp64 weight and its gradient
-        n, h, v = case.shape
+        _, h, v = case.shape
         oracle_grads += 2 * 8 * v * h
     return (sets * problems.input_set_nbytes(case) + oracle_grads
             + BASELINE_PEAK_LOGITS * bytes_model.logits_bytes(case) + 4 * oracle.chunk_bytes(device))
