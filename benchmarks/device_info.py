@@ -118,6 +118,14 @@ def describe(device: torch.device) -> dict:
     }
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine skews CPU timings."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,

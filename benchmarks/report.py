@@ -56,11 +56,14 @@ def header(doc: dict) -> str:
                  else "not importable")
     probe = mem["probe"]
     seen = 100 * probe["seen_bytes"] / probe["expected_bytes"]
+    load = doc["load_average"]
+    load_line = (f"; load average {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end"
+                 if load["start"] and load["end"] else "")
     lines = [
         f"## torchloss_fused benchmark: {dev['name']} ({where})",
         "",
         f"- date: {doc['date']}; commit {commit}; torch {sw['torch']}; python {sw['python']}",
-        f"- command: `{doc['command']}` (sweep: {doc['sweep']})",
+        f"- command: `{doc['command']}` (sweep: {doc['sweep']}){load_line}",
         f"- torchloss_fused: {ours_line}",
         (f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
          f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)"),

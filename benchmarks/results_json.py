@@ -17,6 +17,7 @@ Top level (all keys required):
   timing          {method: str, min_run_time_s: float, min_runs: int, warmup: int}
   memory          {method: "peak-rss"|"profiler"|"cuda-allocator",
                    probe: {expected_bytes: int, seen_bytes: int}}
+  load_average    {start, end: [1-min, 5-min, 15-min] | null}: host load around the run
   rows            list of rows:
     op, op_label, impl, impl_kind ("ours"|"eager"|"compile"|"peer"), dtype: str
     shape: list[int]; logits_bytes, bytes_moved, input_sets: int
@@ -44,7 +45,7 @@ TOP_LEVEL = {
     "schema": _STR, "schema_version": _INT, "date": _STR, "command": _STR, "argv": (list,),
     "sweep": _STR, "device": (dict,), "software": (dict,), "git": (dict,),
     "ours": (dict,) + _NONE, "copy_bandwidth": (dict,), "timing": (dict,),
-    "memory": (dict,), "rows": (list,),
+    "memory": (dict,), "load_average": (dict,), "rows": (list,),
 }
 NESTED = {
     "device": {"kind": _STR, "name": _STR, "slug": _STR, "cpu_model": _STR,
@@ -56,6 +57,7 @@ NESTED = {
                        "gb_per_s": _FLOAT},
     "timing": {"method": _STR, "min_run_time_s": _FLOAT, "min_runs": _INT, "warmup": _INT},
     "memory": {"method": _STR, "probe": (dict,)},
+    "load_average": {"start": (list,) + _NONE, "end": (list,) + _NONE},
 }
 ROW = {
     "op": _STR, "op_label": _STR, "impl": _STR, "impl_kind": _STR, "dtype": _STR,

@@ -123,7 +123,8 @@ def _sweep(plan, ctx: runner.Context, no_progress: bool) -> list:
     return rows
 
 
-def _document(args, argv, started, device, settings, bw, mem_method, probe, rows) -> dict:
+def _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
+              load_start) -> dict:
     argv_list = [sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.run",
                  *(sys.argv[1:] if argv is None else argv)]
     return {
@@ -144,6 +145,7 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
                    "min_run_time_s": settings.min_run_time, "min_runs": settings.min_runs,
                    "warmup": settings.warmup},
         "memory": {"method": mem_method, "probe": probe},
+        "load_average": {"start": load_start, "end": device_info.load_average()},
         "rows": [r.to_json() for r in rows],
     }
 
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     device = device_info.resolve_device(args.device)
     settings = _settings(args)
     started = datetime.now(timezone.utc).replace(microsecond=0)
+    load_start = device_info.load_average()
     llc = device_info.llc_bytes(device)
 
     cases = sweep(device.type, args.size, args.ops, args.dtypes)
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
     ctx = runner.Context(device, settings, llc, bw.gb_per_s, mem_method, args.seed)
     rows = _sweep(plan, ctx, args.no_progress)
 
-    doc = _document(args, argv, started, device, settings, bw, mem_method, probe, rows)
+    doc = _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
+                    load_start)
     text = report.render(doc, rows)
     print(text)
     written = _write(doc, text, rows, args.out, started, not args.no_plot)
