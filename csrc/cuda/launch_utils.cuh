@@ -62,13 +62,13 @@ cudaError_t resident_blocks(Kernel kernel, int threads, size_t smem, int* out) {
     constexpr size_t kDefaultSmem = 48 << 10;
     size_t& have = opted[{fn, device}];
     if (smem > kDefaultSmem && smem > have) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(smem));
       if (err != cudaSuccess) return err;
       have = smem;
     }
     int n = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem);
     if (err != cudaSuccess) return err;
     if (n < 1) return cudaErrorInvalidConfiguration;
     it = blocks.emplace(key, n).first;

@@ -26,20 +26,27 @@
 
 namespace tlf::cuda {
 
+// Loads in flight per thread and batch: kUnroll for the vector pass 1 (the DRAM read),
+// 4 elsewhere (pass 2 mostly reads the row cache or L2; scalar loads are few bytes each).
 template <class G>
 struct GroupTraits {
   static constexpr int kMaxThreads = 256;
-  static constexpr int kUnroll = 4;  // loads in flight per thread and batch
+  static constexpr int kUnroll = 4;
 };
 template <>
 struct GroupTraits<BlockGroup> {
-  // One block per row and (with a large row cache) one block per SM: eight 16-byte loads
-  // per thread keep 64 KiB in flight per SM, enough to cover DRAM latency.
+  // One block per row and (with a large row cache) one block per SM: six 16-byte loads per
+  // thread keep 48 KiB in flight per SM to cover DRAM latency. More would spill registers
+  // in the fused kernel (four on sm_8x, where six already does).
   static constexpr int kMaxThreads = 512;
-  static constexpr int kUnroll = 8;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr int kUnroll = 4;
+#else
+  static constexpr int kUnroll = 6;
+#endif
 };
 
-__device__ __noinline__ inline void fail_bad_target() {
+__device__ __forceinline__ void fail_bad_target() {
   __assert_fail("class index target out of range: need 0 <= target < C or target == ignore_index",
                 __FILE__, __LINE__, __func__);
 }
@@ -50,6 +57,7 @@ class SoftmaxRow {
   using V = Vec16<T>;
   static constexpr int kN = V::kVec;
   static constexpr int kU = GroupTraits<G>::kUnroll;
+  static constexpr int kU2 = 4;
   static constexpr bool kGrad = kMode != Mode::Forward;
 
   const SoftmaxLossParams& p;
@@ -60,6 +68,7 @@ class SoftmaxRow {
   const T* x;
   T* gx = nullptr;
   int64_t gsc = 1;
+  const bool grad_vec;  // the gradient row is 16-byte aligned wherever the input row is
   const QReader<T> q;
 
   // Vector geometry: [0, head) scalar, head + [0, nvec * kN) vectors, [tail, C) scalar.
@@ -77,7 +86,7 @@ class SoftmaxRow {
  public:
   __device__ __forceinline__ SoftmaxRow(const SoftmaxLossParams& p_, const G& g_,
                                         const Transform<acc_t>& tf_, int64_t r_, uint4* cache_,
-                                        int64_t cache_cap)
+                                        int64_t cache_cap, bool grad_vec_)
       : p(p_),
         grp(g_),
         tf(tf_),
@@ -87,6 +96,7 @@ class SoftmaxRow {
         lane(g_.lane()),
         gsize(g_.size()),
         x(static_cast<const T*>(p_.input) + row_offset(p_.in, r_)),
+        grad_vec(grad_vec_),
         q(p_, r_),
         cache(cache_) {
     if (kGrad) {
@@ -258,17 +268,17 @@ class SoftmaxRow {
         }
       }
     } else {
-      const int64_t step = static_cast<int64_t>(gsize) * kU;
+      const int64_t step = static_cast<int64_t>(gsize) * kU2;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
-        acc_t e[kU];
+        acc_t e[kU2];
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
+        for (int u = 0; u < kU2; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
           e[u] = c < C ? load_scalar(c) : neg_inf<acc_t>();
         }
         if (tf.active()) {
 #pragma unroll
-          for (int u = 0; u < kU; ++u) {
+          for (int u = 0; u < kU2; ++u) {
             const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
             if (c < C) e[u] = tf.apply(e[u]);
           }
@@ -276,7 +286,7 @@ class SoftmaxRow {
         st.add(e);
         if (with_mass) {
 #pragma unroll
-          for (int u = 0; u < kU; ++u) {
+          for (int u = 0; u < kU2; ++u) {
             const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
             if (c < C) mass += q.prob(c);
           }
@@ -335,7 +345,13 @@ class SoftmaxRow {
         if (j == jt) out[j] = target_element(s[j]);
       }
     }
-    if (kGrad) V::store_streaming(gxv + v * kN, V::pack(out));
+    if (!kGrad) return;
+    if (grad_vec) {
+      V::store_streaming(gxv + v * kN, V::pack(out));
+    } else {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) gx[(c0 + j) * gsc] = from_acc<T>(out[j]);
+    }
   }
 
   __device__ __forceinline__ void pass2() {
@@ -343,20 +359,20 @@ class SoftmaxRow {
       if (lane < head) scalar_element(lane, load_scalar(lane));
       if (tail + lane < C) scalar_element(tail + lane, load_scalar(tail + lane));
       const T* xv = x + head;
-      T* gxv = kGrad ? gx + head : nullptr;
+      T* gxv = kGrad && grad_vec ? gx + head : nullptr;
       // Uncached vectors, last-read first (most likely still in L2).
       if (nvec > lane) {
         const int64_t last = lane + ((nvec - 1 - lane) / gsize) * gsize;
-        const int64_t step = static_cast<int64_t>(gsize) * kU;
+        const int64_t step = static_cast<int64_t>(gsize) * kU2;
         for (int64_t v0 = last; v0 >= cache_n; v0 -= step) {
-          uint4 raw[kU];
+          uint4 raw[kU2];
 #pragma unroll
-          for (int u = 0; u < kU; ++u) {
+          for (int u = 0; u < kU2; ++u) {
             const int64_t v = v0 - static_cast<int64_t>(u) * gsize;
             if (v >= cache_n) raw[u] = V::load_last(xv + v * kN);
           }
 #pragma unroll
-          for (int u = 0; u < kU; ++u) {
+          for (int u = 0; u < kU2; ++u) {
             const int64_t v = v0 - static_cast<int64_t>(u) * gsize;
             if (v >= cache_n) vector_element(raw[u], v, gxv);
           }
@@ -365,16 +381,16 @@ class SoftmaxRow {
       // Cached vectors: this thread wrote exactly these slots in pass 1.
       for (int64_t v = lane; v < cache_n; v += gsize) vector_element(cache[v], v, gxv);
     } else {
-      const int64_t step = static_cast<int64_t>(gsize) * kU;
+      const int64_t step = static_cast<int64_t>(gsize) * kU2;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
-        acc_t e[kU];
+        acc_t e[kU2];
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
+        for (int u = 0; u < kU2; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
           if (c < C) e[u] = load_scalar(c);
         }
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
+        for (int u = 0; u < kU2; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
           if (c < C) scalar_element(c, e[u]);
         }
@@ -384,7 +400,7 @@ class SoftmaxRow {
 
   __device__ __forceinline__ void write_zero_row() {
     const T zero = zero_of<T>();
-    if (kVec) {
+    if (kVec && grad_vec) {
       if (lane < head) gx[lane] = zero;
       if (tail + lane < C) gx[tail + lane] = zero;
       T* gxv = gx + head;
@@ -396,18 +412,23 @@ class SoftmaxRow {
   }
 };
 
+// kVec: the classes are contiguous (in.sc == 1); rows are read with 16-byte loads after
+// peeling up to the first 16-byte boundary. grad_vec: the gradient can be stored the same
+// way (same offset modulo 16 bytes in every row), else it is stored element by element;
+// either way the reduction order, hence every output bit, depends on the input alone.
 // cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
 // dynamic shared memory holds (groups per block) * cache_vecs slots.
 template <typename T, Mode kMode, class G, bool kVec>
-__global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads)
-    softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs) {
+__global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, 1)
+    softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
+                        bool grad_vec) {
   extern __shared__ uint4 tlf_row_cache[];
   const G grp;
   const Transform<acc_of<T>> tf(p.logit_scale, p.softcap);
   uint4* cache = tlf_row_cache + static_cast<int64_t>(grp.slot()) * cache_vecs;
   const int64_t rows = p.in.B * p.in.D;
   for (int64_t r = grp.first(); r < rows; r += grp.stride()) {
-    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache, cache_vecs).run();
+    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache, cache_vecs, grad_vec).run();
   }
 }
 

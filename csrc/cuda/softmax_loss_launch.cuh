@@ -8,16 +8,17 @@
 //   classes strided:               C <= 32 or many rows: one thread per row (neighbouring
 //                                  rows are neighbours in memory when sd == 1, so loads
 //                                  coalesce); else a warp or a block per row
-// Vector (16-byte) loads need sc == 1 and, when a gradient is written, a gradient layout
-// with the same offset modulo 16 bytes in every row (true for the contiguous gradient of a
-// contiguous input, and in place); each row peels its first elements up to a 16-byte
-// boundary, so any vocabulary size and row stride is vectorised.
+// Vector (16-byte) loads need sc == 1: each row peels its first elements up to a 16-byte
+// boundary, so any vocabulary size and row stride is vectorised. The gradient is stored
+// with 16-byte stores when its layout has the same offset modulo 16 bytes in every row
+// (true for the contiguous gradient of a contiguous input, and in place).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernel_params.h"
 #include "group_reduce.cuh"
@@ -41,12 +42,11 @@ bool same_alignment(int64_t a_elems, int64_t b_elems) {
   return ((a_elems - b_elems) * static_cast<int64_t>(sizeof(T))) % 16 == 0;
 }
 
-// Whether every row of the input and of the gradient can use 16-byte accesses after the
-// same number of peeled elements.
+// Whether every gradient row can use 16-byte stores after the same number of peeled
+// elements as the input row.
 template <typename T>
-bool vector_path_ok(const SoftmaxLossParams& p, bool with_grad) {
-  if (p.in.sc != 1) return false;
-  if (!with_grad) return true;
+bool grad_vector_ok(const SoftmaxLossParams& p, bool with_grad) {
+  if (p.in.sc != 1 || !with_grad) return false;
   const RowLayout& g = p.grad_layout;
   if (g.sc != 1) return false;
   const auto a = reinterpret_cast<uintptr_t>(p.input);
@@ -59,7 +59,7 @@ bool vector_path_ok(const SoftmaxLossParams& p, bool with_grad) {
 
 template <typename T, Mode kMode, class G, bool kVec>
 cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_block,
-                        int64_t cache_vecs, cudaStream_t stream) {
+                        int64_t cache_vecs, bool grad_vec, cudaStream_t stream) {
   auto kernel = softmax_loss_kernel<T, kMode, G, kVec>;
   // Every group of the block has its own cache slots.
   const size_t groups = G::kUsesBarriers ? 1 : static_cast<size_t>(rows_per_block);
@@ -68,7 +68,7 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
   int grid = 0;
   cudaError_t err = persistent_grid(kernel, threads, smem, ceil_div(rows, rows_per_block), &grid);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p, cache_vecs);
+  kernel<<<grid, threads, smem, stream>>>(p, cache_vecs, grad_vec);
   return cudaGetLastError();
 }
 
@@ -82,7 +82,10 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
 
   constexpr int kN = Vec16<T>::kVec;
   const int64_t C = p.in.C;
-  const bool vec = vector_path_ok<T>(p, kMode != Mode::Forward);
+  // float64 (correctness only) keeps to the scalar kernels: half the instantiations.
+  constexpr bool kHasVec = !std::is_same_v<T, double>;
+  const bool vec = kHasVec && p.in.sc == 1;
+  const bool gvec = grad_vector_ok<T>(p, kMode != Mode::Forward);
   // A second pass over the row: the row cache saves its DRAM traffic.
   const bool two_pass =
       kMode == Mode::Fused || (kMode == Mode::Forward && (p.prob_target || p.label_smoothing > 0));
@@ -90,30 +93,36 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
 
   const bool thread_rows = C <= kThreadRowMaxC || (p.in.sc != 1 && many_rows);
   if (thread_rows) {
-    return launch_rows<T, kMode, ThreadGroup, false>(p, 256, 256, 0, stream);
+    return launch_rows<T, kMode, ThreadGroup, false>(p, 256, 256, 0, false, stream);
   }
   if (static_cast<int64_t>(sizeof(T)) * C <= kWarpRowMaxBytes) {
     constexpr int kThreads = 32 * kRowsPerWarpBlock;
-    if (vec) {
-      const int64_t cache = two_pass ? ceil_div(C, kN) : 0;
-      return launch_rows<T, kMode, WarpGroup, true>(p, kThreads, kRowsPerWarpBlock, cache, stream);
+    if constexpr (kHasVec) {
+      if (vec) {
+        const int64_t cache = two_pass ? ceil_div(C, kN) : 0;
+        return launch_rows<T, kMode, WarpGroup, true>(p, kThreads, kRowsPerWarpBlock, cache,
+                                                      gvec, stream);
+      }
     }
-    return launch_rows<T, kMode, WarpGroup, false>(p, kThreads, kRowsPerWarpBlock, 0, stream);
+    return launch_rows<T, kMode, WarpGroup, false>(p, kThreads, kRowsPerWarpBlock, 0, false,
+                                                   stream);
   }
   // A block per row: 512 threads for large rows, fewer when that leaves each thread less
   // than four units (vectors or elements) of work.
   const int64_t units = vec ? C / kN : C;
   int threads = GroupTraits<BlockGroup>::kMaxThreads;
   while (threads > 128 && units < 4 * threads) threads /= 2;
-  if (vec) {
-    int64_t cache = 0;
-    if (two_pass) {
-      const int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
-      cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
+  if constexpr (kHasVec) {
+    if (vec) {
+      int64_t cache = 0;
+      if (two_pass) {
+        const int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
+        cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
+      }
+      return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, gvec, stream);
     }
-    return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, stream);
   }
-  return launch_rows<T, kMode, BlockGroup, false>(p, threads, 1, 0, stream);
+  return launch_rows<T, kMode, BlockGroup, false>(p, threads, 1, 0, false, stream);
 }
 
 }  // namespace detail

@@ -79,6 +79,15 @@ struct Transform {
 // expm1/pow, whatever the input dtype: gamma = 0 still gives exactly the cross-entropy
 // value (a product of two floats is exact in double, so it rounds as the float product
 // does) and F = alpha_t, and saturated logits stay finite.
+// q^gamma for q in [0, 1]: exact for the usual integer gammas, and inline (libm's double
+// pow is a function call, which costs the calling kernel registers).
+__device__ __forceinline__ double pow_q(double q, double gamma) {
+  if (gamma == 0) return 1.0;
+  if (gamma == 1) return q;
+  if (gamma == 2) return q * q;
+  return exp(gamma * log(q));  // q = 0: exp(-inf) = 0
+}
+
 template <typename acc_t>
 struct Focal {
   acc_t loss = 0, factor = 0;
@@ -86,7 +95,7 @@ struct Focal {
   __device__ __forceinline__ void compute(acc_t log_pt_acc, acc_t alpha_t_acc, double gamma) {
     const double log_pt = log_pt_acc, alpha_t = alpha_t_acc;
     const double q = -expm1(log_pt);  // 1 - p_t without cancellation
-    const double q_pow = pow(q, gamma);
+    const double q_pow = pow_q(q, gamma);
     loss = static_cast<acc_t>(-(alpha_t * q_pow) * log_pt);
     if (gamma == 0) {
       factor = alpha_t_acc;
