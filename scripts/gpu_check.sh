@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# GPU check, run on a machine with an NVIDIA GPU (H100/H200), a CUDA build of PyTorch,
+# nvcc and no network: builds the extension for this GPU, prints which backend serves
+# CUDA, runs the whole test suite, runs compute-sanitizer (memcheck, racecheck) over every
+# CUDA op, then the benchmark. Logs and the benchmark's results go to $OUT (at most 8
+# files). Every stage has a time limit so the whole run ends within GPU_CHECK_BUDGET
+# seconds (default 570); a failed stage is reported and the later stages still run.
+#
+#   OUT=/some/dir bash scripts/gpu_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-$ROOT/out}"
+mkdir -p "$OUT"
+BUDGET="${GPU_CHECK_BUDGET:-570}"
+START=$SECONDS
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+TMPD="$(mktemp -d)"
+trap 'rm -rf "$TMPD"' EXIT
+overall=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# Seconds left for a stage: at most $1, and never past the budget minus a reserve for the
+# stages after it ($2).
+stage_limit() {
+  local cap=$1 reserve=$2 left
+  left=$((BUDGET - (SECONDS - START) - reserve))
+  ((left < cap)) && cap=$left
+  ((cap < 10)) && cap=10
+  echo "$cap"
+}
+
+# run_stage NAME LOG LIMIT CMD...: runs CMD with a time limit, output to the console and LOG.
+run_stage() {
+  local name=$1 log=$2 limit=$3 t0=$SECONDS rc
+  shift 3
+  echo "=== $name (limit ${limit}s) ===" | tee "$log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  note "$name: rc=$rc in $((SECONDS - t0)) s$([[ $rc -eq 124 ]] && echo ' (timed out)')"
+  [[ $rc -ne 0 ]] && overall=1
+  return "$rc"
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader \
+    2>/dev/null || echo "nvidia-smi unavailable"
+  python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpus", torch.cuda.device_count())'
+  nvcc --version | tail -n 2 | head -n 1
+} 2>&1 | tee -a "$SUMMARY"
+
+# ---- 1. build (this GPU's architecture only; C++ files on every core) ----------------------
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if ! run_stage build "$OUT/build.log" "$(stage_limit 300 240)" \
+    python setup.py build_ext --inplace; then
+  note "build failed: see build.log"
+  exit 1
+fi
+
+python - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torchloss_fused
+print("backend_info('cuda'):", torchloss_fused.backend_info("cuda"))
+EOF
+
+# ---- 2. the whole test suite -----------------------------------------------------------------
+run_stage tests "$OUT/tests.log" "$(stage_limit 240 150)" \
+  python -m pytest -x -q -rs tests
+tail -n 3 "$OUT/tests.log" | sed 's/^/tests: /' >>"$SUMMARY"
+
+# ---- 3. compute-sanitizer over every CUDA op ---------------------------------------------------
+SAN="$(command -v compute-sanitizer || true)"
+[[ -z "$SAN" && -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/compute-sanitizer" ]] &&
+  SAN="$CUDA_HOME/bin/compute-sanitizer"
+[[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
+cat >"$TMPD/exercise_ops.py" <<'EOF'
+"""Calls every CUDA op on small inputs that reach each kernel shape: thread / warp / block
+rows, vector and scalar paths, misaligned and padded rows, every option. With --block-only,
+only the block-per-row shapes (the ones that use shared memory)."""
+import sys
+import torch
+import torchloss_fused  # noqa: F401
+ops = torch.ops.torchloss_fused
+block_only = "--block-only" in sys.argv
+dev = "cuda"
+torch.manual_seed(0)
+shapes = [(300, 5000, 1), (2, 3000, 3)] if block_only else \
+    [(64, 3, 1), (64, 100, 1), (16, 1000, 2), (300, 5000, 1), (2, 3000, 3), (3, 40000, 1)]
+for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    for B, C, D in shapes:
+        for layout in ("contig", "offset", "padded"):
+            if layout == "contig":
+                x = torch.randn(B, C, D, device=dev).to(dt)
+            elif layout == "offset":
+                x = torch.randn(B * C * D + 1, device=dev).to(dt)[1:].view(B, C, D)
+            else:
+                x = torch.randn(B, C + 3, D, device=dev).to(dt)[:, :C]
+            t = torch.randint(0, C, (B, D), device=dev)
+            t[0, 0] = -100
+            w = torch.rand(C, device=dev, dtype=acc) + 0.5
+            g = torch.rand(B, D, device=dev, dtype=acc)
+            for weight, ls, z, cap, sc in ((None, 0.0, 0.0, 0.0, 1.0), (w, 0.1, 1e-3, 5.0, 0.5)):
+                loss, lse = ops.ce_fwd(x, t, weight, -100, ls, z, cap, sc, False)
+                ops._ce_bwd(g, g, x, t, weight, lse, -100, ls, z, cap, sc)
+                ops._ce_bwd_inplace(g, None, x.clone(), t, weight, lse, -100, ls, z, cap, sc)
+                _, _, grad = ops.ce_fwd_grad(x, t, weight, -100, ls, z, cap, sc, g)
+                ops._rescale_grad_rows(grad, g * 2, g)
+            p = torch.softmax(torch.randn(B, C, D, device=dev), 1)
+            ops.ce_fwd(x, p.to(dt), None, -100, 0.1, 0.0, 0.0, 1.0, False)
+            if dt != torch.float64:
+                ops.ce_fwd_grad(x, p, w, -100, 0.0, 0.0, 0.0, 1.0, g)
+            loss, lse = ops.focal_fwd(x, t, None, 0.25, 2.0, -100)
+            ops._focal_bwd(g, x, t, None, lse, 0.25, 2.0, -100)
+            ops.focal_fwd_grad(x, t, w, 1.0, 1.5, -100, g)
+    if not block_only:
+        for n in (1, 1000, 4099):
+            xs = torch.randn(n + 1, device=dev).to(dt)[1:]
+            ts = (torch.rand(n, device=dev) > 0.5).to(dt)
+            ops.sigmoid_focal_fwd(xs, ts, 0.25, 2.0)
+            ops._sigmoid_focal_bwd(torch.rand(n, device=dev).to(dt), xs, ts, 0.25, 1.5)
+torch.cuda.synchronize()
+print("exercised every op")
+EOF
+if [[ -n "$SAN" ]]; then
+  run_stage memcheck "$OUT/sanitizer.log" "$(stage_limit 120 120)" \
+    "$SAN" --tool memcheck --error-exitcode 3 python "$TMPD/exercise_ops.py"
+  cp "$OUT/sanitizer.log" "$TMPD/memcheck.log"
+  run_stage racecheck "$TMPD/racecheck.log" "$(stage_limit 90 100)" \
+    "$SAN" --tool racecheck --error-exitcode 3 python "$TMPD/exercise_ops.py" --block-only
+  cat "$TMPD/memcheck.log" "$TMPD/racecheck.log" >"$OUT/sanitizer.log"
+else
+  note "compute-sanitizer not found: skipped"
+fi
+
+# ---- 4. benchmark ------------------------------------------------------------------------------
+marker="$TMPD/marker"
+touch "$marker"
+run_stage benchmark "$OUT/bench.log" "$(stage_limit 400 10)" \
+  python -m benchmarks.run --device cuda --full
+# The results the benchmark wrote in this run (JSON, PNG): the newest three.
+mkdir -p "$OUT/results"
+find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' \) \
+  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 3 | cut -d' ' -f2- |
+  while read -r f; do cp "$f" "$OUT/results/"; done
+note "results: $(ls "$OUT/results" 2>/dev/null | tr '\n' ' ')"
+
+note "total: $((SECONDS - START)) s, overall rc=$overall"
+exit "$overall"
