@@ -28,9 +28,12 @@ namespace tlf::cuda {
 
 // Loads in flight per thread and batch: kUnroll for the vector pass 1 (the DRAM read),
 // 4 elsewhere (pass 2 mostly reads the row cache or L2; scalar loads are few bytes each).
+// kMinBlocks: resident blocks per SM the register allocation must allow (a warp or thread
+// per row needs many rows in flight; a block per row runs one or a few blocks per SM).
 template <class G>
 struct GroupTraits {
   static constexpr int kMaxThreads = 256;
+  static constexpr int kMinBlocks = 2;
   static constexpr int kUnroll = 4;
 };
 template <>
@@ -39,6 +42,7 @@ struct GroupTraits<BlockGroup> {
   // thread keep 48 KiB in flight per SM to cover DRAM latency. More would spill registers
   // in the fused kernel (four on sm_8x, where six already does).
   static constexpr int kMaxThreads = 512;
+  static constexpr int kMinBlocks = 1;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   static constexpr int kUnroll = 4;
 #else
@@ -419,7 +423,7 @@ class SoftmaxRow {
 // cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
 // dynamic shared memory holds (groups per block) * cache_vecs slots.
 template <typename T, Mode kMode, class G, bool kVec>
-__global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, 1)
+__global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
                         bool grad_vec) {
   extern __shared__ uint4 tlf_row_cache[];
