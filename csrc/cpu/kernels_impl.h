@@ -45,12 +45,12 @@ template <typename scalar_t>
 constexpr bool kReduced =
     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
-// exp for probabilities: the 1-ulp exp for float and double inputs; for bf16/fp16 inputs,
-// whose gradient keeps 8 or 11 bits, the faster polynomial is accurate enough (it maps NaN
-// to inf, so NaN is put back: a NaN logit must poison its row).
-template <typename scalar_t, typename acc_t>
+// exp for probabilities and sums of exponentials. float: ATen's inline polynomial exp_u20
+// (within 4 ulp on [-87, 0], the only range used here, and free of a library call); it maps
+// NaN to inf, so NaN is put back (a NaN logit must poison its row). double: Sleef's exp.
+template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
-  if constexpr (kReduced<scalar_t>) {
+  if constexpr (std::is_same_v<acc_t, float>) {
     return Vectorized<acc_t>::blendv(v.exp_u20(), v, v.isnan());
   } else {
     return v.exp();
@@ -164,6 +164,109 @@ struct Transform {
   }
 };
 
+// NaN-propagating scalar max, matching vmax.
+template <typename T>
+inline T smax(T a, T b) {
+  return (std::isnan(a) || a >= b) ? a : b;
+}
+
+// Max of n contiguous values. Four independent accumulators keep the vector max unit
+// busy instead of waiting on one dependency chain.
+template <typename acc_t>
+inline acc_t block_max(const acc_t* s, int64_t n) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const V lowest(-std::numeric_limits<acc_t>::infinity());
+  V m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    m0 = vmax(m0, V::loadu(s + i));
+    m1 = vmax(m1, V::loadu(s + i + W));
+    m2 = vmax(m2, V::loadu(s + i + 2 * W));
+    m3 = vmax(m3, V::loadu(s + i + 3 * W));
+  }
+  for (; i + W <= n; i += W) m0 = vmax(m0, V::loadu(s + i));
+  acc_t m = at::vec::vec_reduce_all<acc_t>(vmax<acc_t>, vmax(vmax(m0, m1), vmax(m2, m3)));
+  for (; i < n; ++i) m = smax(m, s[i]);
+  return m;
+}
+
+// sum_i exp(s_i - M) over n contiguous values, four accumulators.
+template <typename acc_t>
+inline acc_t block_expsum(const acc_t* s, int64_t n, acc_t M) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const V vM(M);
+  V a0(0), a1(0), a2(0), a3(0);
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 = a0 + vexp(V::loadu(s + i) - vM);
+    a1 = a1 + vexp(V::loadu(s + i + W) - vM);
+    a2 = a2 + vexp(V::loadu(s + i + 2 * W) - vM);
+    a3 = a3 + vexp(V::loadu(s + i + 3 * W) - vM);
+  }
+  for (; i + W <= n; i += W) a0 = a0 + vexp(V::loadu(s + i) - vM);
+  if (i < n) {  // a partial vector: lanes past n stay zero
+    a1 = a1 + V::set(V(0), vexp(V::loadu(s + i, n - i) - vM), n - i);
+  }
+  return at::vec::vec_reduce_all<acc_t>(vadd<acc_t>, (a0 + a1) + (a2 + a3));
+}
+
+// Converts n contiguous bf16/fp16 logits to float in buf, applying a plain logit scale,
+// and returns their max: one pass instead of convert, scale and max passes.
+template <typename scalar_t>
+inline float convert_block_max(const scalar_t* x, int64_t n, float scale, bool scaled,
+                               float* buf) {
+  using bVec = Vectorized<scalar_t>;
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  const V lowest(-std::numeric_limits<float>::infinity()), vs(scale);
+  V m0 = lowest, m1 = lowest;
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(x + i));
+    if (scaled) {
+      lo = lo * vs;
+      hi = hi * vs;
+    }
+    lo.store(buf + i);
+    hi.store(buf + i + W);
+    m0 = vmax(m0, lo);
+    m1 = vmax(m1, hi);
+  }
+  float m = at::vec::vec_reduce_all<float>(vmax<float>, vmax(m0, m1));
+  for (; i < n; ++i) {
+    buf[i] = scaled ? static_cast<float>(x[i]) * scale : static_cast<float>(x[i]);
+    m = smax(m, buf[i]);
+  }
+  return m;
+}
+
+// The transformed logits of classes [c0, c0 + n) of a row as contiguous acc_t, and their
+// max. Read in place when the row already is contiguous float/double with no transform;
+// otherwise converted (and transformed) into buf.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* logits_block(const scalar_t* x, int64_t sc, int64_t c0, int64_t n,
+                                 const Transform<acc_t>& tf, acc_t* buf,
+                                 acc_t* max_out = nullptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sc == 1 && !tf.active()) {
+      if (max_out != nullptr) *max_out = block_max(x + c0, n);
+      return x + c0;
+    }
+  }
+  if constexpr (kReduced<scalar_t>) {
+    if (sc == 1 && !tf.capped && max_out != nullptr) {
+      *max_out = convert_block_max(x + c0, n, tf.scale, tf.scaled, buf);
+      return buf;
+    }
+  }
+  load_block(x + c0 * sc, sc, n, buf);
+  tf.apply(buf, n);
+  if (max_out != nullptr) *max_out = block_max(buf, n);
+  return buf;
+}
+
 template <typename acc_t>
 struct RowBuffers {
   alignas(64) acc_t s[kBlock];  // transformed logits of the current block
@@ -181,18 +284,15 @@ inline acc_t row_lse(const scalar_t* x, int64_t C, int64_t sc, const Transform<a
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = std::min(kBlock, C - c0);
-    load_block(x + c0 * sc, sc, n, buf);
-    tf.apply(buf, n);
-    if (target >= c0 && target < c0 + n) *s_target = buf[target - c0];
-    const acc_t m = at::vec::reduce_all<acc_t>(vmax<acc_t>, buf, n);
+    acc_t m;
+    const acc_t* s = logits_block(x, sc, c0, n, tf, buf, &m);
+    if (target >= c0 && target < c0 + n) *s_target = s[target - c0];
     if (!(m <= M)) {  // a larger maximum, or NaN (which then poisons S)
       S = S * std::exp(M - m);  // exp(-inf) = 0 when nothing finite was seen yet
       M = m;
     }
     if (M == kNegInf) continue;  // all -inf so far: each term is exp(-inf) = 0
-    const V vM(M);
-    S += at::vec::map_reduce_all<acc_t>(
-        [&](V v) { return vexp<scalar_t, acc_t>(v - vM); }, vadd<acc_t>, buf, n);
+    S += block_expsum(s, n, M);
   }
   return M + std::log(S);
 }
@@ -252,18 +352,17 @@ inline acc_t row_weighted_nll_sum(const SoftmaxLossParams& p, int64_t r, const s
   acc_t total = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = std::min(kBlock, C - c0);
-    load_block(x + c0 * sc, sc, n, b.s);
-    tf.apply(b.s, n);
+    const acc_t* s = logits_block(x, sc, c0, n, tf, b.s);
     if (p.prob_target) {
       load_prob_target<scalar_t>(p, r, c0, n, b.t);
-      total += at::vec::map2_reduce_all<acc_t>([&](V s, V q) { return q * (vlse - s); },
-                                               vadd<acc_t>, b.s, b.t, n);
+      total += at::vec::map2_reduce_all<acc_t>([&](V sv, V q) { return q * (vlse - sv); },
+                                               vadd<acc_t>, s, b.t, n);
     } else if (w != nullptr) {
-      total += at::vec::map2_reduce_all<acc_t>([&](V s, V q) { return q * (vlse - s); },
-                                               vadd<acc_t>, b.s, w + c0, n);
+      total += at::vec::map2_reduce_all<acc_t>([&](V sv, V q) { return q * (vlse - sv); },
+                                               vadd<acc_t>, s, w + c0, n);
     } else {
-      total += at::vec::map_reduce_all<acc_t>([&](V s) { return vlse - s; }, vadd<acc_t>,
-                                              b.s, n);
+      total += at::vec::map_reduce_all<acc_t>([&](V sv) { return vlse - sv; }, vadd<acc_t>,
+                                              s, n);
     }
   }
   return total;
@@ -296,6 +395,46 @@ inline acc_t focal_alpha(const SoftmaxLossParams& p, int64_t t) {
   return p.alpha != nullptr ? a * static_cast<const acc_t*>(p.alpha)[t] : a;
 }
 
+// row_grad for contiguous bf16/fp16 rows without soft-capping or probability targets (the
+// LM-training case): load, convert, compute and store in registers, one pass, no buffers.
+template <typename scalar_t>
+inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
+                             const Transform<float>& tf, float lse, float A, float D,
+                             const float* q, bool uniform_q, float B, int64_t target) {
+  using bVec = Vectorized<scalar_t>;
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  // Read before the row is written: g may be x itself (inplace_backward).
+  const float x_target = target >= 0 ? static_cast<float>(x[target]) : 0.f;
+  const V vA(A), vD(D), vlse(lse), vs(tf.scale);
+  auto grad = [&](V sv, int64_t at) {
+    V gv = vA * vexp(sv - vlse);
+    if (q != nullptr) {
+      gv = gv - vD * V::loadu(q + at);
+    } else if (uniform_q) {
+      gv = gv - vD;
+    }
+    return tf.scaled ? gv * vs : gv;
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= C; i += 2 * W) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(x + i));
+    if (tf.scaled) {
+      lo = lo * vs;
+      hi = hi * vs;
+    }
+    at::vec::convert_from_float<scalar_t>(grad(lo, i), grad(hi, i + W)).store(g + i);
+  }
+  auto scalar_grad = [&](float xc, int64_t c) {
+    const float sv = tf.scaled ? xc * tf.scale : xc;
+    const float qc = q != nullptr ? q[c] : (uniform_q ? 1.f : 0.f);
+    float gc = A * std::exp(sv - lse) - D * qc - (c == target ? B : 0.f);
+    return tf.scaled ? gc * tf.scale : gc;
+  };
+  for (; i < C; ++i) g[i] = static_cast<scalar_t>(scalar_grad(static_cast<float>(x[i]), i));
+  if (target >= 0) g[target] = static_cast<scalar_t>(scalar_grad(x_target, target));
+}
+
 // Gradient of one row: grad_c = ds/dx_c * (A p_c - D q_c) - [c == t] ds/dx_t * B, where q_c is
 // w_c (label smoothing) or t'_c w_c (probability target). The target element is
 // recomputed in acc precision so p_t - 1 is formed before rounding.
@@ -309,10 +448,15 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   const V vA(A), vD(D), vlse(lse);
   const bool with_q = D != 0 && (p.prob_target || w != nullptr);
   const bool uniform_q = D != 0 && !with_q;  // smoothing without weights: q_c = 1
+  if constexpr (kReduced<scalar_t>) {
+    if (sc == 1 && gsc == 1 && !tf.capped && !p.prob_target) {
+      row_grad_reduced(x, g, C, tf, lse, A, D, with_q ? w : nullptr, uniform_q, B, target);
+      return;
+    }
+  }
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = std::min(kBlock, C - c0);
-    load_block(x + c0 * sc, sc, n, b.s);
-    tf.apply(b.s, n);
+    const acc_t* s = logits_block(x, sc, c0, n, tf, b.s);
     const acc_t* q = nullptr;
     if (with_q) {
       if (p.prob_target) {
@@ -322,30 +466,37 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
         q = w + c0;
       }
     }
+    // Read before the block is written: g may be x itself (inplace_backward).
+    const bool has_target = target >= c0 && target < c0 + n;
+    const acc_t st = has_target ? s[target - c0] : acc_t(0);
+    // Contiguous float/double gradients are computed straight into place.
+    acc_t* out = b.out;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (gsc == 1) out = g + c0;
+    }
     if (q != nullptr) {
       at::vec::map2(
-          [&](V s, V qv) {
-            V gv = vA * vexp<scalar_t, acc_t>(s - vlse) - vD * qv;
-            return tf.active() ? gv * tf.deriv(s) : gv;
+          [&](V sv, V qv) {
+            V gv = vA * vexp<acc_t>(sv - vlse) - vD * qv;
+            return tf.active() ? gv * tf.deriv(sv) : gv;
           },
-          b.out, b.s, q, n);
+          out, s, q, n);
     } else {
       at::vec::map(
-          [&](V s) {
-            V gv = vA * vexp<scalar_t, acc_t>(s - vlse);
+          [&](V sv) {
+            V gv = vA * vexp<acc_t>(sv - vlse);
             if (uniform_q) gv = gv - vD;
-            return tf.active() ? gv * tf.deriv(s) : gv;
+            return tf.active() ? gv * tf.deriv(sv) : gv;
           },
-          b.out, b.s, n);
+          out, s, n);
     }
-    if (target >= c0 && target < c0 + n) {
+    if (has_target) {
       const int64_t i = target - c0;
-      const acc_t s = b.s[i];
       const acc_t qt = q != nullptr ? q[i] : (uniform_q ? acc_t(1) : acc_t(0));
-      const acc_t gt = A * std::exp(s - lse) - D * qt - B;
-      b.out[i] = tf.active() ? gt * tf.deriv1(s) : gt;
+      const acc_t gt = A * std::exp(st - lse) - D * qt - B;
+      out[i] = tf.active() ? gt * tf.deriv1(st) : gt;
     }
-    store_block(b.out, n, g + c0 * gsc, gsc);
+    if (out == b.out) store_block(b.out, n, g + c0 * gsc, gsc);
   }
 }
 
