@@ -56,7 +56,12 @@ def _compiled(fn) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _eager_fn(op: str) -> tuple[str, Callable]:
+def eager_fn(op: str) -> Callable:
+    """Eager PyTorch's version of `op`: the baseline, and the bar for bf16/fp16 accuracy."""
+    return _eager_named(op)[1]
+
+
+def _eager_named(op: str) -> tuple[str, Callable]:
     if op in ("ce_fwd", "ce_fwd_bwd"):
         return "F.cross_entropy", F.cross_entropy
     if op == "focal_fwd_bwd":
@@ -124,7 +129,7 @@ def impls_for(op: str, device: torch.device, compile_baseline: bool = True,
     ours = _ours(op, ours_label(device))
     if op == "linear_ce_fwd_bwd" and not ours:
         return []
-    name, eager = _eager_fn(op)
+    name, eager = _eager_named(op)
     impls = ours + [Impl(f"{name} (eager)", EAGER, lambda: eager)]
     if compile_baseline:
         impls.append(Impl(f"torch.compile({name})", COMPILE, lambda: _compiled(eager)))

@@ -7,9 +7,11 @@ Both figures are measured against the fp64 oracle (benchmarks.oracle):
   so that the many small off-target entries (about 1/(N*V) each) count as much as the large
   target entries; the mean|ref| floor keeps entries near zero from dividing by ~0.
 
-Tolerances are per dtype and leave room for PyTorch's own eager error in that dtype (which
-rounds log-probabilities to bf16 before exp in backward: a few % per element), while a
-wrong formula (wrong scale, missing term, label smoothing, dropped rows) misses by far more.
+Tolerances (DESIGN.md §6): fp32 has fixed ones. For bf16/fp16 an implementation must be
+no worse than EAGER_FACTOR times eager PyTorch's own error on the same inputs in that dtype
+(measured per case: eager rounds log-probabilities to bf16, and its bf16 mean loss drifts
+with N), and never has to beat a fixed floor. A wrong formula (wrong scale, missing term,
+label smoothing, dropped rows) misses by far more.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import torch
 
 from .oracle import Oracle, row_chunks
 
-# dtype -> (loss relative tolerance, gradient tolerance)
+# dtype -> (loss relative tolerance, gradient tolerance): the whole tolerance for fp32, the
+# floor for the low-precision dtypes.
 TOLERANCES = {
-    "fp64": (1e-10, 1e-8),
     "fp32": (1e-4, 1e-3),
-    "fp16": (2e-3, 3e-2),
-    "bf16": (1e-2, 1e-1),
+    "fp16": (2e-3, 1e-2),
+    "bf16": (1e-2, 5e-2),
 }
+LOW_PRECISION = frozenset({"bf16", "fp16"})
+EAGER_FACTOR = 2.0
 
 
 @dataclass
@@ -71,9 +75,21 @@ def grad_error(grad: torch.Tensor | None, ref: torch.Tensor, scale: float) -> fl
     return worst
 
 
-def compare(dtype: str, loss: torch.Tensor, grads, oracle: Oracle) -> CheckResult:
-    """Checks a loss value (and its gradients, for fwd+bwd ops) against the oracle."""
+def tolerances(dtype: str, eager: CheckResult | None = None) -> tuple[float, float]:
+    """(loss, gradient) tolerances; `eager` is eager PyTorch's own check on the case."""
     loss_tol, grad_tol = TOLERANCES[dtype]
+    if dtype in LOW_PRECISION and eager is not None:
+        if math.isfinite(eager.loss_err):
+            loss_tol = max(loss_tol, EAGER_FACTOR * eager.loss_err)
+        if eager.grad_err is not None and math.isfinite(eager.grad_err):
+            grad_tol = max(grad_tol, EAGER_FACTOR * eager.grad_err)
+    return loss_tol, grad_tol
+
+
+def compare(loss: torch.Tensor, grads, oracle: Oracle,
+            tol: tuple[float, float]) -> CheckResult:
+    """Checks a loss value (and its gradients, for fwd+bwd ops) against the oracle."""
+    loss_tol, grad_tol = tol
     problems = []
     if loss.numel() != 1:
         problems.append(f"loss has shape {tuple(loss.shape)}, expected a scalar")

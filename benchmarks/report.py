@@ -4,6 +4,7 @@ format), so the same text is printed and written to <device-slug>-latest.md."""
 from __future__ import annotations
 
 from .cases import OP_LABELS, OPS
+from .correctness import EAGER_FACTOR
 from .rows import OK, Row
 
 COLUMNS = ["dtype", "shape", "impl", "median ms", "extra MiB", "extra/logits", "GB/s",
@@ -72,6 +73,8 @@ def header(doc: dict) -> str:
          "inside a C++ op)"),
         ("- GB/s from benchmarks/bytes_model.py; extra/logits = peak extra memory / logits "
          "bytes; vs eager / vs compile = speed-up over those rows"),
+        ("- every row is checked against an fp64 oracle before timing (bf16/fp16: error at "
+         f"most {EAGER_FACTOR:g}x eager PyTorch's own); a miss is FAILED, with no figures"),
     ]
     return "\n".join(lines)
 

@@ -122,6 +122,18 @@ def test_wrong_implementations_are_marked_failed(dtype):
     assert table.count("FAILED") == 5
 
 
+def test_low_precision_tolerance_follows_eager_pytorch():
+    from benchmarks import correctness
+
+    eager = correctness.CheckResult(True, loss_err=0.03, grad_err=1e-3, loss_tol=1.0,
+                                    grad_tol=1.0, message="")
+    floor_loss, floor_grad = correctness.TOLERANCES["bf16"]
+    assert correctness.tolerances("bf16", eager) == (0.03 * correctness.EAGER_FACTOR, floor_grad)
+    assert correctness.tolerances("fp32", eager) == correctness.TOLERANCES["fp32"]
+    broken = correctness.CheckResult(False, float("inf"), None, 1.0, None, "")
+    assert correctness.tolerances("bf16", broken) == (floor_loss, floor_grad)
+
+
 def test_failed_forward_only_row():
     case = Case("ce_fwd", "fp32", (32, 100))
     rows = runner.run_case(case, [_impl("off", lambda x, y: F.cross_entropy(x, y) * 1.01)],
