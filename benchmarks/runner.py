@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import itertools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,14 +116,11 @@ def _measure(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Cont
     step = make_step(fn, sets, case.backward)
     # The check was the first call (compiles, lazy init); the memory run is the second and
     # counts as warm-up too. Then every other input set once, so that all their pages are
-    # resident before timing, and up to `warmup` calls in all.
-    timing.sync(ctx.device)
-    t0 = time.perf_counter()
+    # resident before timing, and up to `warmup` calls in all; at least one, whose time
+    # sizes the timing budget (the memory run is slower: it starts from a trimmed heap).
     peak = memory.peak_extra_bytes(step, ctx.device, ctx.memory_method)
-    estimate = time.perf_counter() - t0
-    more = max(len(sets) - 1, ctx.settings.warmup - 2)
-    if more > 0:
-        estimate = timing.warm_up(step, ctx.device, more)
+    more = max(len(sets) - 1, ctx.settings.warmup - 2, 1)
+    estimate = timing.warm_up(step, ctx.device, more)
     t = timing.measure(step, ctx.device, ctx.settings, estimate)
     row.median_ms, row.iqr_ms, row.runs = t.median_s * 1e3, t.iqr_s * 1e3, t.runs
     row.peak_extra_bytes = peak
