@@ -20,9 +20,11 @@ from .rows import ERROR, FAILED, OK, SKIPPED, Row
 # never finds its data in cache; capped to bound the warm-up of tiny shapes.
 CACHE_MULTIPLE = 4
 MAX_INPUT_SETS = 16
-# Peak memory of the greediest baseline (eager fwd+bwd keeps log-probabilities, their
-# gradient and the logits' gradient), in logits sizes: used to skip cases that cannot fit.
-BASELINE_PEAK_LOGITS = 4
+# Peak memory of the greediest baseline in logits sizes, rounded up (eager CE fwd+bwd keeps
+# log-probabilities, their gradient and the logits' gradient: 3x; eager sigmoid focal keeps
+# a dozen elementwise intermediates): used to skip cases that cannot fit.
+BASELINE_PEAK_LOGITS = {"sigmoid_focal_fwd_bwd": 20}
+DEFAULT_BASELINE_PEAK_LOGITS = 4
 MEMORY_HEADROOM = 0.9
 
 
@@ -50,7 +52,8 @@ def memory_needed(case: Case, sets: int, device: torch.device) -> int:
         _, h, v = case.shape
         oracle_grads += 2 * 8 * v * h
     return (sets * problems.input_set_nbytes(case) + oracle_grads
-            + BASELINE_PEAK_LOGITS * bytes_model.logits_bytes(case) + 4 * oracle.chunk_bytes(device))
+            + BASELINE_PEAK_LOGITS.get(case.op, DEFAULT_BASELINE_PEAK_LOGITS)
+            * bytes_model.logits_bytes(case) + 4 * oracle.chunk_bytes(device))
 
 
 def _available_bytes(device: torch.device) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from benchmarks import bytes_model, memory, report, results_json, run, runner, timing
 from benchmarks.baselines import EAGER, OURS, Impl, impls_for
 from benchmarks.cases import Case, sweep
-from benchmarks.rows import FAILED, OK, Row
+from benchmarks.rows import FAILED, OK, SKIPPED, Row
 
 CPU = torch.device("cpu")
 MiB = 2**20
@@ -162,6 +163,13 @@ def test_linear_cross_entropy_gate():
                    + 0 * w.sum())]
     rows = runner.run_case(Case("linear_ce_fwd_bwd", "fp32", (64, 32, 500)), impls, _context())
     assert [r.status for r in rows] == [OK, FAILED]
+
+
+def test_cases_too_big_for_memory_are_skipped(monkeypatch):
+    monkeypatch.setattr(runner, "_available_bytes", lambda device: 2**20)
+    impls = [_impl("eager", F.cross_entropy, EAGER)]
+    (row,) = runner.run_case(Case("ce_fwd_bwd", "fp32", (64, 500)), impls, _context())
+    assert row.status == SKIPPED and "GiB available" in row.message and row.median_ms is None
 
 
 def test_step_drops_gradients():
@@ -321,6 +329,20 @@ def test_plot_against_vocabulary(tmp_path):
             for v in (32000, 128256) for k, impl in ((1, "a"), (3, "b"))]
     png = plot.plot(rows, tmp_path / "p.png", "title")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_without_tqdm_and_matplotlib(monkeypatch, tmp_path):
+    """Both are niceties: without them there is no bar and no plot, and nothing else
+    changes."""
+    from benchmarks import plot
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert run._progress(3, disable=False) is None
+    row = Row(op="ce_fwd", op_label="x", impl="i", impl_kind=OURS, dtype="fp32", shape=[1, 2],
+              logits_bytes=8, bytes_moved=8, input_sets=1, median_ms=1.0, peak_extra_ratio=0.0)
+    assert plot.plot([row], tmp_path / "p.png", "t") is None
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_rows_serialise_without_nan():
