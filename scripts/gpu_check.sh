@@ -72,7 +72,7 @@ print("backend_info('cuda'):", torchloss_fused.backend_info("cuda"))
 EOF
 
 # ---- 2. the whole test suite -----------------------------------------------------------------
-run_stage tests "$OUT/tests.log" "$(stage_limit 200 170)" \
+run_stage tests "$OUT/tests.log" "$(stage_limit 240 150)" \
   "$PY" -m pytest -x -q -rs tests
 tail -n 3 "$OUT/tests.log" | sed 's/^/tests: /' >>"$SUMMARY"
 

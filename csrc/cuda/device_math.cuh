@@ -34,12 +34,10 @@ __device__ __forceinline__ double pow_accurate(double x, double y) { return pow(
 __device__ __forceinline__ float log1p_accurate(float x) { return __nv_log1pf(x); }
 __device__ __forceinline__ double log1p_accurate(double x) { return log1p(x); }
 
-// Correctly rounded division and product: never contracted into an FMA nor approximated,
-// so both operand orders give the same bits (reductions rely on that).
+// Correctly rounded division (fast math would approximate a / b): for the few per-row or
+// per-element quotients whose accuracy shows in the results.
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // max that returns NaN when either side is NaN, so a NaN logit poisons its row (fmaxf
 // would drop it).
@@ -81,16 +79,11 @@ struct LseState {
     s += part;
   }
 
-  // Symmetric in (this, other) bit for bit, so butterfly reductions leave every lane with
-  // the same state.
-  __device__ __forceinline__ void merge(acc_t m2, acc_t s2) {
-    const acc_t M = max_nan(m, m2);
-    if (M == neg_inf<acc_t>()) {  // both empty: s = 0
-      s = s + s2;
-      return;
-    }
-    s = mul_rn(s, exp_fast(m - M)) + mul_rn(s2, exp_fast(m2 - M));
-    m = M;
+  // s expressed relative to M >= m (M the maximum over the states being merged):
+  // exp(-inf) = 0 drops states that saw only -inf, and a NaN in M or s carries through.
+  __device__ __forceinline__ acc_t rescaled(acc_t M) const {
+    if (M == neg_inf<acc_t>()) return s;  // every state empty: s = 0
+    return s * exp_fast(m - M);
   }
 
   // log(sum exp) = m + log(s): -inf for an empty or all -inf row, NaN if a NaN was seen.

@@ -23,13 +23,19 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ void warp_merge(LseState<acc_t>& st) {
+__device__ __forceinline__ acc_t warp_max_nan(acc_t v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const acc_t m2 = __shfl_xor_sync(kFullMask, st.m, off);
-    const acc_t s2 = __shfl_xor_sync(kFullMask, st.s, off);
-    st.merge(m2, s2);
-  }
+  for (int off = 16; off > 0; off >>= 1) v = max_nan(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+// Merges the warp's states: the common maximum first, then one rescale per lane and a
+// plain sum, which keeps the dependent chain short (one exp instead of one per step).
+template <typename acc_t>
+__device__ __forceinline__ void warp_merge(LseState<acc_t>& st) {
+  const acc_t M = warp_max_nan(st.m);
+  st.s = warp_sum(st.rescaled(M));
+  st.m = M;
 }
 
 // One thread per row: for tiny class counts, or strided classes with many rows.
@@ -105,13 +111,19 @@ struct BlockGroup {
       part[32 + (threadIdx.x >> 5)] = st.s;
     }
     __syncthreads();
-    LseState<acc_t> all;
-    all.m = part[0];
-    all.s = part[32];
     const int warps = blockDim.x >> 5;
-    for (int w = 1; w < warps; ++w) all.merge(part[w], part[32 + w]);
+    acc_t M = part[0];
+    for (int w = 1; w < warps; ++w) M = max_nan(M, part[w]);
+    acc_t S = 0;
+    for (int w = 0; w < warps; ++w) {
+      LseState<acc_t> wst;
+      wst.m = part[w];
+      wst.s = part[32 + w];
+      S += wst.rescaled(M);
+    }
     __syncthreads();
-    st = all;
+    st.m = M;
+    st.s = S;
   }
 
  private:

@@ -26,8 +26,8 @@
 
 namespace tlf::cuda {
 
-// Loads in flight per thread and batch: kUnroll for the vector pass 1 (the DRAM read),
-// 4 elsewhere (pass 2 mostly reads the row cache or L2; scalar loads are few bytes each).
+// Loads in flight per thread and batch: kUnroll for the vector pass 1 (the DRAM read);
+// fewer in pass 2, which mostly reads the row cache or L2, and for scalar loads.
 // kMinBlocks: resident blocks per SM the register allocation must allow (a warp or thread
 // per row needs many rows in flight; a block per row runs one or a few blocks per SM).
 template <class G>
@@ -61,7 +61,10 @@ class SoftmaxRow {
   using V = Vec16<T>;
   static constexpr int kN = V::kVec;
   static constexpr int kU = GroupTraits<G>::kUnroll;
-  static constexpr int kU2 = 4;
+  // Pass-2 vector loads: the backward's only pass reads DRAM; otherwise pass 2 reads what
+  // pass 1 just read (row cache or L2), with a shorter latency to cover.
+  static constexpr int kU2 = kMode == Mode::Backward ? kU : 2;
+  static constexpr int kUS = 4;  // scalar loads per batch
   static constexpr bool kGrad = kMode != Mode::Forward;
 
   const SoftmaxLossParams& p;
@@ -272,17 +275,17 @@ class SoftmaxRow {
         }
       }
     } else {
-      const int64_t step = static_cast<int64_t>(gsize) * kU2;
+      const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
-        acc_t e[kU2];
+        acc_t e[kUS];
 #pragma unroll
-        for (int u = 0; u < kU2; ++u) {
+        for (int u = 0; u < kUS; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
           e[u] = c < C ? load_scalar(c) : neg_inf<acc_t>();
         }
         if (tf.active()) {
 #pragma unroll
-          for (int u = 0; u < kU2; ++u) {
+          for (int u = 0; u < kUS; ++u) {
             const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
             if (c < C) e[u] = tf.apply(e[u]);
           }
@@ -290,7 +293,7 @@ class SoftmaxRow {
         st.add(e);
         if (with_mass) {
 #pragma unroll
-          for (int u = 0; u < kU2; ++u) {
+          for (int u = 0; u < kUS; ++u) {
             const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
             if (c < C) mass += q.prob(c);
           }
@@ -385,16 +388,16 @@ class SoftmaxRow {
       // Cached vectors: this thread wrote exactly these slots in pass 1.
       for (int64_t v = lane; v < cache_n; v += gsize) vector_element(cache[v], v, gxv);
     } else {
-      const int64_t step = static_cast<int64_t>(gsize) * kU2;
+      const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
-        acc_t e[kU2];
+        acc_t e[kUS];
 #pragma unroll
-        for (int u = 0; u < kU2; ++u) {
+        for (int u = 0; u < kUS; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
           if (c < C) e[u] = load_scalar(c);
         }
 #pragma unroll
-        for (int u = 0; u < kU2; ++u) {
+        for (int u = 0; u < kUS; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
           if (c < C) scalar_element(c, e[u]);
         }
