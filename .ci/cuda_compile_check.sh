@@ -33,7 +33,8 @@ if [[ -z "$wheel" ]]; then
   cert=()
   [[ -n "${PIP_CERT:-}" ]] && cert=(--cert "$PIP_CERT")
   # --isolated and an empty find-links: a local CPU-only wheel must not be picked instead.
-  PIP_FIND_LINKS= python3 -m pip download --no-deps --isolated "${cert[@]}" \
+  PIP_FIND_LINKS= python3 -m pip download --no-deps --isolated --disable-pip-version-check \
+    ${cert[@]+"${cert[@]}"} \
     "torch==$TORCH_VERSION" -d "$CACHE/wheel" --quiet
   wheel="$(ls "$CACHE"/wheel/torch-"$TORCH_VERSION"-"$PYTAG"-*manylinux*x86_64.whl | head -n 1)"
 fi

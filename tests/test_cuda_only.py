@@ -413,3 +413,49 @@ def test_out_of_range_target_is_a_device_side_assert(public_api):
     assert proc.returncode != 0, output
     assert "NO ERROR" not in output
     assert "device-side assert" in output or "CUDA error" in output, output[-2000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [3, 1000, 5003])
+def test_special_values_match_cpu_kernels(dtype, C):
+    # A NaN poisons its row, a partly -inf row stays finite, an all -inf row gives NaN:
+    # the CUDA kernels must agree with the CPU kernels value for value.
+    x = (torch.randn(5, C, 1, dtype=torch.float64) * 3).to(dtype)
+    x[0, C // 2] = float("nan")
+    x[1, : max(1, C // 2)] = float("-inf")
+    x[2] = float("-inf")
+    x[3, C - 1] = float("inf")
+    t = torch.randint(0, C, (5, 1))
+    t[1] = C - 1
+    g = torch.rand(5, 1, dtype=_acc(dtype))
+    xc, tc, gc = x.cuda(), t.cuda(), g.cuda()
+    pairs = [
+        (OPS.ce_fwd(x, t, None, -100, 0.1, 0.0, 0.0, 1.0, False),
+         OPS.ce_fwd(xc, tc, None, -100, 0.1, 0.0, 0.0, 1.0, False)),
+        (OPS.ce_fwd_grad(x, t, None, -100, 0.0, 1e-3, 0.0, 1.0, g),
+         OPS.ce_fwd_grad(xc, tc, None, -100, 0.0, 1e-3, 0.0, 1.0, gc)),
+        (OPS.focal_fwd_grad(x, t, None, 1.0, 2.0, -100, g),
+         OPS.focal_fwd_grad(xc, tc, None, 1.0, 2.0, -100, gc)),
+    ]
+    for cpu_out, cuda_out in pairs:
+        for a, b in zip(cpu_out, cuda_out):
+            b = b.cpu()
+            assert torch.equal(a.isnan(), b.isnan())
+            torch.testing.assert_close(b.double(), a.double(), equal_nan=True, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_rows_and_zero_classes(dtype):
+    x = torch.randn(0, 7, device="cuda").to(dtype).requires_grad_()
+    t = torch.zeros(0, dtype=torch.long, device="cuda")
+    loss = tlf.cross_entropy(x, t, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0 and x.grad.shape == x.shape
+    assert tlf.focal_loss(x.detach(), t, reduction="none").numel() == 0
+    # C = 0 with every target ignored: nothing to read, zero loss, an empty gradient.
+    x = torch.randn(3, 0, device="cuda").to(dtype).requires_grad_()
+    t = torch.full((3,), -100, device="cuda")
+    loss = tlf.cross_entropy(x, t, reduction="none")
+    assert torch.equal(loss, torch.zeros(3, device="cuda", dtype=dtype))
+    loss.sum().backward()
+    assert x.grad.shape == (3, 0)
