@@ -63,13 +63,22 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
   auto kernel = softmax_loss_kernel<T, kMode, G, kVec>;
   // Every group of the block has its own cache slots.
   const size_t groups = G::kUsesBarriers ? 1 : static_cast<size_t>(rows_per_block);
-  const size_t smem = static_cast<size_t>(cache_vecs) * sizeof(uint4) * groups;
   const int64_t rows = p.in.B * p.in.D;
-  int grid = 0;
-  cudaError_t err = persistent_grid(kernel, threads, smem, ceil_div(rows, rows_per_block), &grid);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p, cache_vecs, grad_vec);
-  return cudaGetLastError();
+  for (;;) {
+    const size_t smem = static_cast<size_t>(cache_vecs) * sizeof(uint4) * groups;
+    int grid = 0;
+    const cudaError_t err =
+        persistent_grid(kernel, threads, smem, ceil_div(rows, rows_per_block), &grid);
+    if (err == cudaSuccess) {
+      kernel<<<grid, threads, smem, stream>>>(p, cache_vecs, grad_vec);
+      return cudaGetLastError();
+    }
+    // A device that grants less shared memory than it reports: a smaller cache (the
+    // results do not depend on its size), down to none.
+    if (cache_vecs == 0) return err;
+    (void)cudaGetLastError();  // the refused request is not this launch's error
+    cache_vecs /= 2;
+  }
 }
 
 template <typename T, Mode kMode>
@@ -107,11 +116,12 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
     return launch_rows<T, kMode, WarpGroup, false>(p, kThreads, kRowsPerWarpBlock, 0, false,
                                                    stream);
   }
-  // A block per row: 512 threads for large rows, fewer when that leaves each thread less
-  // than four units (vectors or elements) of work.
+  // A block per row: 512 threads (one block per SM: the register file) for rows of at
+  // least 8 units (vectors or elements) per thread; smaller blocks for smaller rows, so
+  // that several blocks share an SM and one's reductions overlap another's loads.
   const int64_t units = vec ? C / kN : C;
   int threads = GroupTraits<BlockGroup>::kMaxThreads;
-  while (threads > 128 && units < 4 * threads) threads /= 2;
+  while (threads > 128 && units < 8 * threads) threads /= 2;
   if constexpr (kHasVec) {
     if (vec) {
       int64_t cache = 0;
