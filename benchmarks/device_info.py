@@ -144,10 +144,29 @@ def git_state() -> dict:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+# Environment variables that change what is measured: threads, kernel choice, and whether
+# PyTorch's CPU allocator asks for huge pages (fresh logits-sized buffers fault in far
+# faster with them, for every implementation that allocates one).
+PERF_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE",
+            "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "TORCHLOSS_FUSED_FORCE_REFERENCE")
+
+
+def transparent_hugepages() -> str | None:
+    """The kernel's THP mode, e.g. "madvise" (the bracketed choice in sysfs)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else None
+
+
 def software() -> dict:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.version.cuda,
+        "env": {k: os.environ[k] for k in PERF_ENV if k in os.environ},
+        "transparent_hugepage": transparent_hugepages(),
     }

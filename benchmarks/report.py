@@ -60,12 +60,15 @@ def header(doc: dict) -> str:
     load = doc["load_average"]
     load_line = (f"; load average {load['start'][0]:.2f} at start, {load['end'][0]:.2f} at end"
                  if load["start"] and load["end"] else "")
+    env = " ".join(f"{k}={v}" for k, v in sw["env"].items())
     lines = [
         f"## torchloss_fused benchmark: {dev['name']} ({where})",
         "",
         f"- date: {doc['date']}; commit {commit}; torch {sw['torch']}; python {sw['python']}",
         f"- command: `{doc['command']}` (sweep: {doc['sweep']}){load_line}",
         f"- torchloss_fused: {ours_line}",
+        (f"- environment: {env or 'no performance variables set'}; transparent hugepages: "
+         f"{sw['transparent_hugepage']}"),
         (f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
          f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)"),
         (f"- timing: {doc['timing']['method']}, median; memory: {mem['method']} "

@@ -9,7 +9,9 @@ Top level (all keys required):
   device          {kind: "cpu"|"cuda", name, slug, cpu_model: str, gpu_name: str|null,
                    cores: int, threads: int, cpu_capability: str, llc_bytes: int,
                    memory_bytes: int|null}
-  software        {torch, python, platform: str, cuda: str|null}
+  software        {torch, python, platform: str, cuda: str|null, env: {name: value} of the
+                   performance-relevant variables set (device_info.PERF_ENV),
+                   transparent_hugepage: str|null (the kernel's THP mode)}
   git             {commit: str ("unknown" outside a checkout), dirty: bool|null}
   ours            torchloss_fused.backend_info(device) ({device, implementation, detail,
                   reason}) or null when the package does not import
@@ -51,7 +53,8 @@ NESTED = {
     "device": {"kind": _STR, "name": _STR, "slug": _STR, "cpu_model": _STR,
                "gpu_name": _STR + _NONE, "cores": _INT, "threads": _INT,
                "cpu_capability": _STR, "llc_bytes": _INT, "memory_bytes": _INT + _NONE},
-    "software": {"torch": _STR, "python": _STR, "platform": _STR, "cuda": _STR + _NONE},
+    "software": {"torch": _STR, "python": _STR, "platform": _STR, "cuda": _STR + _NONE,
+                 "env": (dict,), "transparent_hugepage": _STR + _NONE},
     "git": {"commit": _STR, "dirty": _BOOL + _NONE},
     "copy_bandwidth": {"tensor_bytes": _INT, "bytes_moved": _INT, "median_ms": _FLOAT,
                        "gb_per_s": _FLOAT},
