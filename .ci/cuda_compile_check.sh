@@ -4,7 +4,7 @@
 # against the headers of the CUDA build of torch, for sm_80 and sm_90a. Any compile error
 # fails the script. Nothing is linked or run.
 #
-# Needs nvcc, python3 (with python3-config), unzip or python's zipfile, and either network
+# Needs nvcc, python3 (with python3-config) and a C++ compiler, and either network
 # to PyPI or the wheel already in the cache directory.
 #   TLF_CUDA_CHECK_CACHE  cache directory (default ~/.cache/torchloss_fused/cuda-check)
 #   TLF_CUDA_CHECK_ARCHS  space-separated compute capabilities (default "80 90a")
@@ -27,7 +27,10 @@ log "$(nvcc --version | tail -n 2 | head -n 1)"
 # ---- torch headers from the CUDA wheel ---------------------------------------------------
 mkdir -p "$CACHE/wheel"
 PYTAG="cp$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
-wheel="$(ls "$CACHE"/wheel/torch-"$TORCH_VERSION"-"$PYTAG"-*manylinux*x86_64.whl 2>/dev/null | head -n 1 || true)"
+find_wheel() {
+  ls "$CACHE"/wheel/torch-"$TORCH_VERSION"-"$PYTAG"-*manylinux*x86_64.whl 2>/dev/null | head -n 1
+}
+wheel="$(find_wheel || true)"
 if [[ -z "$wheel" ]]; then
   log "downloading the torch $TORCH_VERSION wheel (CUDA build) from PyPI"
   cert=()
@@ -36,7 +39,8 @@ if [[ -z "$wheel" ]]; then
   PIP_FIND_LINKS= python3 -m pip download --no-deps --isolated --disable-pip-version-check \
     ${cert[@]+"${cert[@]}"} \
     "torch==$TORCH_VERSION" -d "$CACHE/wheel" --quiet
-  wheel="$(ls "$CACHE"/wheel/torch-"$TORCH_VERSION"-"$PYTAG"-*manylinux*x86_64.whl | head -n 1)"
+  wheel="$(find_wheel)"
+  [[ -n "$wheel" ]] || { log "pip download did not produce a $PYTAG manylinux wheel"; exit 1; }
 fi
 log "wheel: $(basename "$wheel")"
 
@@ -54,7 +58,8 @@ EOF
   grep -q "cuda: Optional\[str\] = '" "$INC/torch/version.py" ||
     { log "the downloaded torch is not a CUDA build"; exit 1; }
   # The wheel's C++ ABI: libc10 exports std::__cxx11 symbols only under the new ABI.
-  if grep -q "__cxx11" "$INC/torch/lib/libc10.so"; then echo 1 > "$INC/abi"; else echo 0 > "$INC/abi"; fi
+  if grep -q "__cxx11" "$INC/torch/lib/libc10.so"; then abi=1; else abi=0; fi
+  echo "$abi" >"$INC/abi"
   rm -f "$INC/torch/lib/libc10.so"
   touch "$INC/.complete"
 fi
@@ -111,7 +116,8 @@ else
 fi
 
 # Register use and local-memory spills per kernel, from ptxas.
-spills=$(cat "$OUT"/*.log 2>/dev/null | grep -E "bytes spill (stores|loads)" | grep -vc " 0 bytes spill stores, 0 bytes spill loads" || true)
+spills=$(cat "$OUT"/*.log 2>/dev/null | grep -E "bytes spill (stores|loads)" |
+  grep -vc " 0 bytes spill stores, 0 bytes spill loads" || true)
 log "kernels with local-memory spills: $spills"
 if [[ -n "${TLF_PTXAS_LOG_DIR:-}" ]]; then
   mkdir -p "$TLF_PTXAS_LOG_DIR" && cp "$OUT"/*.log "$TLF_PTXAS_LOG_DIR"/

@@ -5,7 +5,8 @@
 namespace tlf::cuda {
 
 template cudaError_t softmax_loss_t<__half>(const SoftmaxLossParams&, Mode, cudaStream_t);
-template cudaError_t rescale_grad_rows_t<__half>(__half*, const RowLayout&, const RowVector&,
-                                              const RowVector&, cudaStream_t);
+template cudaError_t rescale_grad_rows_t<__half>(__half*, const RowLayout&,
+                                              const RowVector&, const RowVector&,
+                                              cudaStream_t);
 
 }  // namespace tlf::cuda

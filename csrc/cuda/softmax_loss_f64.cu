@@ -5,7 +5,8 @@
 namespace tlf::cuda {
 
 template cudaError_t softmax_loss_t<double>(const SoftmaxLossParams&, Mode, cudaStream_t);
-template cudaError_t rescale_grad_rows_t<double>(double*, const RowLayout&, const RowVector&,
-                                              const RowVector&, cudaStream_t);
+template cudaError_t rescale_grad_rows_t<double>(double*, const RowLayout&,
+                                              const RowVector&, const RowVector&,
+                                              cudaStream_t);
 
 }  // namespace tlf::cuda
