@@ -229,3 +229,18 @@ def test_size_average_and_reduce_legacy(device, backend):
     with pytest.warns(UserWarning):
         n = tlf.cross_entropy(x, y, None, None, -100, False)
     assert n.shape == (5,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_fn", ["ce", "focal"])
+def test_deterministic_and_retained_graph_repeats_bitwise(device, backend, dtype, loss_fn):
+    x = random_logits((37, 5000), dtype, device)
+    y = random_targets((37,), 5000, device, ignore_frac=0.1)
+    f = (lambda a: tlf.cross_entropy(a, y, z_loss=1e-4)) if loss_fn == "ce" else (
+        lambda a: tlf.focal_loss(a, y, gamma=1.5))
+    loss = f(x)
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, x)[0]  # recomputed by the separate backward
+    again = torch.autograd.grad(f(x), x)[0]
+    assert torch.equal(first, second) and torch.equal(first, again)
+    assert torch.equal(loss, f(x))

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -500,6 +501,37 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   }
 }
 
+// Coefficients of a counted class-index row: grad_s = A p - D q - [c == t] B (see row_grad).
+// s_t is the target's logit; only focal loss reads it (its factor depends on log p_t).
+template <typename acc_t>
+struct IndexRowCoef {
+  acc_t A, D, B;
+};
+
+template <typename acc_t>
+inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t, acc_t lse,
+                                          acc_t g, acc_t s_t) {
+  if (p.focal) {
+    const acc_t f =
+        Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma)).factor;
+    return {g * f, acc_t(0), g * f};
+  }
+  const int64_t C = p.in.C;
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  const acc_t z = static_cast<acc_t>(p.z_loss);
+  const acc_t wt = w != nullptr ? w[t] : acc_t(1);
+  acc_t coef = (acc_t(1) - eps) * wt, D = 0;
+  if (eps > 0) {
+    const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
+                                            : static_cast<acc_t>(C);
+    coef += eps / static_cast<acc_t>(C) * W;
+    D = g * (eps / static_cast<acc_t>(C));
+  }
+  if (z != 0) coef += 2 * z * lse;
+  return {g * coef, D, g * ((acc_t(1) - eps) * wt)};
+}
+
 // Writes the gradient of row r given its lse, the loss gradient g and the lse gradient
 // g_lse (has_g_lse false when no gradient flows into lse). t is the class-index target
 // (already validated; unused for probability targets).
@@ -534,30 +566,132 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
     }
     return;
   }
-  acc_t A, D = 0, B;
-  if (p.focal) {
-    const acc_t s_t = static_cast<acc_t>(row[t * p.in.sc]);
-    const acc_t f =
-        Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma)).factor;
-    A = g * f;
-    B = g * f;
-  } else {
-    const auto* w = static_cast<const acc_t*>(p.weight);
-    const acc_t eps = static_cast<acc_t>(p.label_smoothing);
-    const acc_t wt = w != nullptr ? w[t] : acc_t(1);
-    acc_t coef = (acc_t(1) - eps) * wt;
-    if (eps > 0) {
-      const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
-                                              : static_cast<acc_t>(C);
-      coef += eps / static_cast<acc_t>(C) * W;
-      D = g * (eps / static_cast<acc_t>(C));
-    }
-    if (z != 0) coef += 2 * z * lse;
-    A = g * coef;
-    B = g * ((acc_t(1) - eps) * wt);
+  IndexRowCoef<acc_t> k = index_row_coef<acc_t>(p, t, lse, g,
+                                                static_cast<acc_t>(row[t * p.in.sc]));
+  if (has_g_lse) k.A += g_lse;
+  row_grad<scalar_t>(p, r, row, grow, tf, lse, k.A, k.D, k.B, t, b);
+}
+
+// ---- fused forward + gradient, one exp per logit -------------------------------------------
+// The common training row (contiguous classes, class-index target, no label smoothing or
+// soft-capping) keeps e_c = exp(s_c - M_b) from the log-sum-exp pass, M_b being the running
+// max when block b was summed; the gradient pass then needs no exp per logit:
+// p_c = e_c * exp(M_b - lse). float rows keep e in the gradient buffer itself, bf16/fp16
+// rows in a per-thread float scratch row.
+
+// sum_i exp(s_i - M), storing each term in e.
+template <typename acc_t>
+inline acc_t block_exp_store(const acc_t* s, int64_t n, acc_t M, acc_t* e) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const V vM(M);
+  V a0(0), a1(0);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V e0 = vexp(V::loadu(s + i) - vM), e1 = vexp(V::loadu(s + i + W) - vM);
+    e0.store(e + i);
+    e1.store(e + i + W);
+    a0 = a0 + e0;
+    a1 = a1 + e1;
   }
-  if (has_g_lse) A += g_lse;
-  row_grad<scalar_t>(p, r, row, grow, tf, lse, A, D, B, t, b);
+  acc_t total = at::vec::vec_reduce_all<acc_t>(vadd<acc_t>, a0 + a1);
+  for (; i < n; ++i) {
+    e[i] = std::exp(s[i] - M);
+    total += e[i];
+  }
+  return total;
+}
+
+template <typename acc_t>
+struct ExpRow {
+  std::vector<acc_t> e;      // bf16/fp16 rows: exp terms of the whole row
+  std::vector<acc_t> max_b;  // running max per block
+};
+
+// Whether counted rows take the one-exp path. The separate backward takes it too (redoing
+// the log-sum-exp pass instead of reading the saved lse), so a gradient does not depend on
+// which path made it: a second backward through a retained graph repeats the first bitwise.
+template <typename acc_t>
+inline bool one_exp_path(const SoftmaxLossParams& p, const Transform<acc_t>& tf) {
+  return p.in.sc == 1 && p.grad_layout.sc == 1 && !tf.capped && !p.prob_target &&
+         p.label_smoothing == 0 && p.grad_lse.ptr == nullptr;
+}
+
+template <typename acc_t>
+inline void size_scratch(ExpRow<acc_t>& scratch, int64_t C, bool need_e) {
+  if (need_e) scratch.e.resize(C);
+  scratch.max_b.resize((C + kBlock - 1) / kBlock + 1);
+}
+
+// Pass 1: online log-sum-exp keeping the exp terms in e (C values) and the running max per
+// block in max_b; captures the target's transformed logit.
+template <typename scalar_t, typename acc_t>
+inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_t>& tf,
+                              int64_t target, acc_t* s_target, acc_t* buf, acc_t* e,
+                              acc_t* max_b) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t M = kNegInf, S = 0;
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
+    const int64_t n = std::min(kBlock, C - c0);
+    acc_t m;
+    const acc_t* s = logits_block(x, 1, c0, n, tf, buf, &m);
+    if (target >= c0 && target < c0 + n) *s_target = s[target - c0];
+    if (!(m <= M)) {
+      S = S * std::exp(M - m);
+      M = m;
+    }
+    max_b[k] = M;
+    if (M == kNegInf) {
+      std::fill(e + c0, e + c0 + n, acc_t(0));
+      continue;
+    }
+    S += block_exp_store(s, n, M, e + c0);
+  }
+  return M + std::log(S);
+}
+
+// Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g.
+template <typename scalar_t, typename acc_t>
+inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, int64_t C,
+                              const Transform<acc_t>& tf, acc_t lse, acc_t A, acc_t B,
+                              int64_t target, acc_t s_t) {
+  using V = Vectorized<acc_t>;
+  const acc_t deriv = tf.scaled ? tf.scale : acc_t(1);
+  for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
+    const int64_t n = std::min(kBlock, C - c0);
+    const V f(A * std::exp(max_b[k] - lse) * deriv);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      at::vec::map([&](V ev) { return ev * f; }, g + c0, e + c0, n);
+    } else {
+      using bVec = Vectorized<scalar_t>;
+      constexpr int64_t W = V::size();
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        const V lo = V::loadu(e + c0 + i) * f, hi = V::loadu(e + c0 + i + W) * f;
+        at::vec::convert_from_float<scalar_t>(lo, hi).store(g + c0 + i);
+      }
+      const acc_t fs = A * std::exp(max_b[k] - lse) * deriv;
+      for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(e[c0 + i] * fs);
+    }
+  }
+  if (target >= 0) {
+    g[target] = static_cast<scalar_t>((A * std::exp(s_t - lse) - B) * deriv);
+  }
+}
+
+// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns lse.
+template <typename scalar_t, typename acc_t>
+inline acc_t one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
+                         acc_t g_loss, const Transform<acc_t>& tf, acc_t* buf,
+                         ExpRow<acc_t>& scratch, acc_t* s_t) {
+  auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
+  acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
+  const int64_t C = p.in.C;
+  const acc_t lse = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
+                                                      scratch.max_b.data());
+  const auto k = index_row_coef<acc_t>(p, t, lse, g_loss, *s_t);
+  row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, lse, k.A, k.B, t, *s_t);
+  return lse;
 }
 
 template <typename scalar_t>
@@ -578,6 +712,9 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
                              read_acc<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
   };
+  const bool one_exp = p.with_grad && one_exp_path(p, tf);
+  ExpRow<acc_t> scratch;
+  if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t>);
 
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = x + p.in.row_offset(r);
@@ -597,9 +734,15 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       return r;
     }
     acc_t s_t = 0;
-    const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
+    acc_t lse;
+    if (one_exp && !ignored) {
+      lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_acc<acc_t>(p.grad_loss, r), tf,
+                                         b.s, scratch, &s_t);
+    } else {
+      lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
+      if (p.with_grad) fused_grad(r, t, lse);
+    }
     lse_out[r] = lse;
-    if (p.with_grad) fused_grad(r, t, lse);
     if (ignored) {
       loss[r] = 0;
       continue;
@@ -631,6 +774,9 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
   RowBuffers<acc_t> b;
+  const bool one_exp = one_exp_path(p, tf);
+  ExpRow<acc_t> scratch;
+  if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t>);
 
   for (int64_t r = begin; r < end; ++r) {
     int64_t t = -1;
@@ -642,6 +788,11 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       }
     }
     const acc_t g = read_acc<acc_t>(p.grad_loss, r);
+    if (one_exp && t != p.ignore_index) {
+      acc_t s_t;
+      one_exp_row<scalar_t, acc_t>(p, r, x + p.in.row_offset(r), t, g, tf, b.s, scratch, &s_t);
+      continue;
+    }
     const acc_t g_lse = has_g_lse ? read_acc<acc_t>(p.grad_lse, r) : acc_t(0);
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse_in[r], g, g_lse, has_g_lse,
                              tf, b);
