@@ -1,0 +1,519 @@
+"""linear_cross_entropy against the materialised path (F.linear + F.cross_entropy, plus
+z_loss/softcap written out) in float64: values and the gradients of hidden, weight and
+bias over dtypes, reductions, options, shapes and chunk sizes; memory (no N x V tensor),
+torch.compile, the ops, validation (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchloss_fused as tlf
+lce_mod = importlib.import_module("torchloss_fused.linear_cross_entropy")
+
+from .helpers import assert_matches, oracle_cross_entropy
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def make(N, H, V, dtype, device, bias=False, ignore_frac=0.2, ignore_index=-100, lead=None):
+    """Inputs scaled like an LM head (logits of std ~2), rounded to `dtype`."""
+    shape = (N,) if lead is None else lead
+    hidden = torch.randn(*shape, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64) * (2.0 / H ** 0.5)
+    b = torch.randn(V, dtype=torch.float64) * 0.5 if bias else None
+    target = torch.randint(0, V, shape)
+    if ignore_frac:
+        target[torch.rand(shape) < ignore_frac] = ignore_index
+
+    def leaf(t):
+        return None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+
+    return leaf(hidden), leaf(weight), target.to(device), leaf(b)
+
+
+def materialised(hidden, weight, target, bias, dtype, reduction="mean", ignore_index=-100,
+                 label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """The oracle (dtype=float64) or eager PyTorch's own answer (the input dtype): the full
+    logits, then F.cross_entropy (+ z_loss, softcap) as tests/helpers.py writes them out."""
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+    logits = F.linear(h, w, b)
+    loss, _ = oracle_cross_entropy(logits.reshape(-1, w.shape[0]), target.flatten(),
+                                   ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing, z_loss=z_loss,
+                                   softcap=softcap, dtype=dtype)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss, [t for t in (h, w, b) if t is not None]
+
+
+def check(hidden, weight, target, bias=None, reduction="mean", grad_out=None, **kw):
+    """Ours vs the float64 oracle (and eager PyTorch in the input dtype for bf16/fp16):
+    the loss and every gradient. Returns (loss, grads)."""
+    dtype = hidden.dtype
+    ours = tlf.linear_cross_entropy(hidden, weight, target, bias, reduction=reduction, **kw)
+    assert ours.dtype == dtype and ours.shape == (target.shape if reduction == "none" else ())
+    if grad_out is None:
+        grad_out = (torch.rand(ours.shape, dtype=torch.float64) + 0.5).to(ours.device)
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    g_ours = torch.autograd.grad(ours, leaves, grad_out.to(dtype))
+    opts = {k: v for k, v in kw.items() if k not in ("chunk_size", "accum_dtype")}
+    results = {}
+    for name, compute in (("oracle", torch.float64), ("eager", dtype)):
+        loss, ins = materialised(hidden, weight, target, bias, compute, reduction, **opts)
+        grads = torch.autograd.grad(loss, ins, grad_out.to(compute))
+        results[name] = (loss.detach(), grads)
+    assert_matches(ours.detach(), results["oracle"][0], results["eager"][0], dtype, what="loss")
+    for i, (name, g) in enumerate(zip(("grad_hidden", "grad_weight", "grad_bias"), g_ours)):
+        assert g.dtype == dtype and g.shape == leaves[i].shape
+        assert_matches(g, results["oracle"][1][i], results["eager"][1][i], dtype, what=name)
+    return ours.detach(), g_ours
+
+
+# ---- values and gradients -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_materialised(device, backend, dtype, reduction, bias):
+    hidden, weight, target, b = make(37, 24, 67, dtype, device, bias=bias)
+    check(hidden, weight, target, b, reduction, chunk_size=8)  # 8 does not divide 37
+
+
+OPTIONS = [
+    {"ignore_index": 3},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"softcap": 2.5, "z_loss": 1e-3, "label_smoothing": 0.2, "ignore_index": 0},
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_options(device, dtype, reduction, opts):
+    ii = opts.get("ignore_index", -100)
+    hidden, weight, target, b = make(29, 16, 41, dtype, device, bias=True, ignore_index=ii)
+    if ii >= 0:
+        assert (target == ii).any()
+    check(hidden, weight, target, b, reduction, chunk_size=6, **opts)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 40, 1000, None])
+def test_chunk_sizes_fp64(device, chunk_size):
+    """Chunk size 1, sizes that do not divide N, exactly N (one chunk), larger than N, auto."""
+    hidden, weight, target, b = make(40, 12, 33, torch.float64, device, bias=True)
+    check(hidden, weight, target, b, "mean", chunk_size=chunk_size, z_loss=1e-3,
+          label_smoothing=0.05)
+
+
+def test_chunk_size_does_not_change_the_result_much(device):
+    hidden, weight, target, _ = make(50, 32, 100, torch.float32, device)
+    results = []
+    for chunk in (1, 7, 50):
+        loss = tlf.linear_cross_entropy(hidden, weight, target, chunk_size=chunk)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_3d_hidden(device, dtype, reduction):
+    hidden, weight, target, b = make(0, 20, 53, dtype, device, bias=True, lead=(3, 11))
+    check(hidden, weight, target, b, reduction, chunk_size=4)
+
+
+def test_1d_hidden_is_one_row(device):
+    hidden, weight, target, _ = make(0, 8, 13, torch.float64, device, ignore_frac=0, lead=())
+    assert hidden.shape == (8,) and target.shape == ()
+    check(hidden, weight, target, None, "none")
+    check(hidden, weight, target, None, "mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_moderate_shape(device, dtype):
+    """A vocabulary in the thousands, chunking on, the fp32 accumulator split in two."""
+    hidden, weight, target, b = make(300, 64, 5003, dtype, device, bias=True, ignore_frac=0.1)
+    check(hidden, weight, target, b, "mean", chunk_size=128)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_targets_ignored(device, backend, reduction):
+    hidden, weight, target, b = make(9, 8, 17, torch.float32, device, bias=True,
+                                     ignore_frac=1.0)
+    assert (target == -100).all()
+    loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction,
+                                    chunk_size=4)
+    ref, _ = materialised(hidden, weight, target, b, torch.float64, reduction)
+    if reduction == "mean":
+        assert torch.isnan(loss) and torch.isnan(ref)
+    else:
+        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(ref, torch.zeros_like(ref))
+    grads = torch.autograd.grad(loss.sum(), (hidden, weight, b))
+    for g, t in zip(grads, (hidden, weight, b)):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_rows(device, reduction):
+    hidden, weight, target, b = make(0, 8, 17, torch.float32, device, bias=True)
+    loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction)
+    ref = F.cross_entropy(F.linear(hidden, weight, b), target, reduction=reduction)
+    assert loss.shape == ref.shape
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref))
+    if reduction != "mean":
+        assert torch.equal(loss, ref)
+    grads = torch.autograd.grad(loss.sum(), (hidden, weight, b), allow_unused=True)
+    assert grads[0].shape == (0, 8)
+    assert torch.equal(grads[1], torch.zeros_like(weight))
+    assert torch.equal(grads[2], torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("dtype,accum", [
+    (torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float64), (torch.float16, None), (torch.float32, torch.float64),
+])
+def test_accum_dtype(device, dtype, accum):
+    """Every grad_weight accumulator: in place (same dtype), twice as wide (shares the
+    gradient's storage; V odd so the halves differ), four times as wide (separate)."""
+    hidden, weight, target, b = make(64, 16, 301, dtype, device, bias=True)
+    if accum == dtype:  # narrow accumulation: a little worse than eager, still close
+        loss = tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=8,
+                                        accum_dtype=accum)
+        grads = torch.autograd.grad(loss, (hidden, weight, b))
+        ref, ins = materialised(hidden, weight, target, b, torch.float64)
+        ref_grads = torch.autograd.grad(ref, ins)
+        for g, r in zip(grads, ref_grads):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), r, rtol=0.03, atol=2e-4)
+        return
+    check(hidden, weight, target, b, "mean", chunk_size=8, accum_dtype=accum)
+
+
+def test_fp32_accumulation_beats_narrow_accumulation(device):
+    """Many chunks in bf16: float32 accumulation of grad_weight is more accurate."""
+    hidden, weight, target, _ = make(512, 16, 64, torch.bfloat16, device, ignore_frac=0)
+    ref, ins = materialised(hidden, weight, target, None, torch.float64, "sum")
+    ref_gw = torch.autograd.grad(ref, ins)[1]
+    errs = {}
+    for accum in (None, torch.bfloat16):
+        loss = tlf.linear_cross_entropy(hidden, weight, target, reduction="sum",
+                                        chunk_size=4, accum_dtype=accum)
+        (gw,) = torch.autograd.grad(loss, weight)
+        errs[accum] = float((gw.double() - ref_gw).abs().max())
+    assert errs[None] < errs[torch.bfloat16] / 2, errs
+
+
+def test_sum_for_gradient_accumulation(device):
+    """reduction='sum' over micro-batches divided by the global count == one 'mean'."""
+    hidden, weight, target, b = make(40, 12, 29, torch.float64, device, bias=True)
+    count = (target != -100).sum()
+    total = 0
+    for rows in (slice(0, 13), slice(13, 40)):
+        total = total + tlf.linear_cross_entropy(hidden[rows], weight, target[rows], b,
+                                                 reduction="sum", chunk_size=5) / count
+    grads = torch.autograd.grad(total, (hidden, weight, b))
+    mean = tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=7)
+    ref_grads = torch.autograd.grad(mean, (hidden, weight, b))
+    torch.testing.assert_close(total, mean)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_upstream_gradient_and_retain_graph(device):
+    """backward of 3 * loss scales every gradient; a second backward through the same
+    graph (retain_graph=True) recomputes and gives the same gradients."""
+    hidden, weight, target, b = make(21, 10, 31, torch.float64, device, bias=True)
+    loss = tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=4)
+    ref, ins = materialised(hidden, weight, target, b, torch.float64)
+    ref_grads = torch.autograd.grad(3 * ref, ins)
+    first = torch.autograd.grad(3 * loss, (hidden, weight, b), retain_graph=True)
+    second = torch.autograd.grad(3 * loss, (hidden, weight, b))
+    for g1, g2, r in zip(first, second, ref_grads):
+        torch.testing.assert_close(g1, r)
+        torch.testing.assert_close(g2, r)
+
+
+def test_backward_accumulates_into_grad(device):
+    hidden, weight, target, b = make(15, 6, 11, torch.float64, device, bias=True)
+    for _ in range(2):
+        tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=4).backward()
+    ref, ins = materialised(hidden, weight, target, b, torch.float64)
+    ref_grads = torch.autograd.grad(2 * ref, ins)
+    for t, r in zip((hidden, weight, b), ref_grads):
+        torch.testing.assert_close(t.grad, r)
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight", "bias"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_for_one_input_only(device, which, reduction):
+    hidden, weight, target, b = make(17, 8, 23, torch.float64, device, bias=True)
+    leaves = {"hidden": hidden, "weight": weight, "bias": b}
+    for name, t in leaves.items():
+        t.requires_grad_(name == which)
+    loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction,
+                                    chunk_size=5)
+    (g,) = torch.autograd.grad(loss.sum(), leaves[which])
+    ref, ins = materialised(hidden, weight, target, b, torch.float64, reduction)
+    r = torch.autograd.grad(ref.sum(), ins)[["hidden", "weight", "bias"].index(which)]
+    torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_grad_values(device, reduction):
+    hidden, weight, target, b = make(23, 8, 19, torch.float64, device, bias=True)
+    with torch.no_grad():
+        loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction,
+                                        chunk_size=6, z_loss=1e-3)
+    assert loss.grad_fn is None
+    ref, _ = materialised(hidden, weight, target, b, torch.float64, reduction, z_loss=1e-3)
+    torch.testing.assert_close(loss, ref.detach())
+
+
+def test_layouts_and_target_dtypes(device):
+    """Non-contiguous hidden and weight (a tied embedding's transpose), int32/uint8 targets."""
+    base, weight, target, _ = make(26, 9, 12, torch.float64, device)
+    hidden = base.detach()[::2].requires_grad_()
+    w_t = weight.detach().t().contiguous().t().requires_grad_()
+    assert not hidden.is_contiguous() or not w_t.is_contiguous()
+    t = target[::2]
+    for tt in (t, t.clamp_min(0).to(torch.int32), t.clamp_min(0).to(torch.uint8)):
+        check(hidden, w_t, tt, None, "mean", chunk_size=3)
+
+
+def test_deterministic(device):
+    hidden, weight, target, b = make(64, 16, 97, torch.float32, device, bias=True)
+    runs = []
+    for _ in range(2):
+        loss = tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=9)
+        runs.append((loss, *torch.autograd.grad(loss, (hidden, weight, b))))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_module(device):
+    hidden, weight, target, b = make(19, 8, 21, torch.float64, device, bias=True)
+    mod = tlf.LinearCrossEntropyLoss(ignore_index=-100, reduction="sum", label_smoothing=0.1,
+                                     z_loss=1e-3, softcap=4.0, chunk_size=5)
+    assert "chunk_size=5" in repr(mod)
+    out = mod(hidden, weight, target, b)
+    ref = tlf.linear_cross_entropy(hidden, weight, target, b, reduction="sum",
+                                   label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    oracle, _ = materialised(hidden, weight, target, b, torch.float64, "sum",
+                             label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, oracle)
+
+
+def test_target_out_of_range_cpu():
+    hidden, weight, target, _ = make(6, 4, 5, torch.float32, "cpu", ignore_frac=0)
+    target[2] = 7
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        tlf.linear_cross_entropy(hidden, weight, target)
+
+
+# ---- memory: no N x V tensor ----------------------------------------------------------------
+
+
+def _cpu_allocations(fn):
+    """Sizes of every allocation PyTorch's CPU allocator made while fn ran (kernels'
+    internal buffers included), and the running peak of allocated bytes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    sizes = [n for _, n in events if n > 0]
+    current = peak = 0
+    for _, n in events:
+        current += n
+        peak = max(peak, current)
+    return sizes, peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_logits_sized_allocation_cpu(dtype, reduction):
+    """Every allocation (the matmul libraries' scratch included) is at most a chunk of
+    logits or a weight-sized buffer, and doubling N adds only N-sized rows (the grad_hidden
+    rows), not N x V logits."""
+    H, V, chunk = 16, 3000, 64
+    itemsize = dtype.itemsize
+    peaks = {}
+    for N in (1024, 2048):
+        hidden, weight, target, b = make(N, H, V, dtype, "cpu", bias=True)
+
+        def step():
+            loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction,
+                                            chunk_size=chunk)
+            loss.sum().backward()
+
+        step()
+        hidden.grad = weight.grad = b.grad = None
+        sizes, peaks[N] = _cpu_allocations(step)
+        assert max(sizes) <= max(chunk * V, V * H) * 4 + 4096, max(sizes)
+        assert peaks[N] < N * V * itemsize / 4, (peaks[N], N * V * itemsize)
+    growth = peaks[2048] - peaks[1024]
+    assert growth <= 1024 * (H * itemsize + 64) + 4096, growth
+    # The method does see logits-sized buffers: the materialised path's peak.
+    _, base_peak = _cpu_allocations(
+        lambda: F.cross_entropy(F.linear(hidden, weight, b), target).backward())
+    assert base_peak >= 2 * 2048 * V * itemsize
+
+
+def test_auto_chunk_keeps_the_buffer_small_cpu():
+    N, H, V = 4096, 32, 32000
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = lce_mod.auto_chunk_size(N, V, H, dtype, torch.device("cpu"))
+        assert 1 <= rows < N
+        assert rows * V * dtype.itemsize <= max(lce_mod.CPU_BUFFER_BYTES,
+                                                lce_mod.CPU_MIN_ROWS * V * dtype.itemsize)
+    assert lce_mod.auto_chunk_size(10, 100, 8, torch.float32, torch.device("cpu")) == 10
+    assert lce_mod.auto_chunk_size(0, 100, 8, torch.float32, torch.device("cpu")) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_logits_sized_allocation_cuda():
+    N, H, V = 4096, 64, 32000
+    hidden, weight, target, _ = make(N, H, V, torch.bfloat16, "cuda")
+    step = lambda: tlf.linear_cross_entropy(hidden, weight, target).backward()  # noqa: E731
+    step()
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < N * V * 2 / 2, extra
+
+
+# ---- torch.compile and the ops ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(device, compile_backend):
+    torch._dynamo.reset()
+
+    def f(h, w, y, b):
+        a = tlf.linear_cross_entropy(h, w, y, b, z_loss=1e-3, label_smoothing=0.1,
+                                     chunk_size=7)
+        c = tlf.linear_cross_entropy(h, w, y, b, reduction="none", softcap=3.0)
+        return a + (c * c).mean()
+
+    hidden, weight, target, b = make(2, 16, 37, torch.float32, device, bias=True, lead=(2, 9))
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    out = compiled(hidden, weight, target, b)
+    g_out = torch.autograd.grad(out, (hidden, weight, b))
+    eager = f(hidden, weight, target, b)
+    g_eager = torch.autograd.grad(eager, (hidden, weight, b))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    for a, c in zip(g_out, g_eager):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    # and both against the float64 oracle of the same function
+    h, w, bb = (t.detach().double().requires_grad_() for t in (hidden, weight, b))
+    logits = F.linear(h, w, bb).flatten(0, -2)
+    a, _ = oracle_cross_entropy(logits, target.flatten(), z_loss=1e-3, label_smoothing=0.1)
+    c, _ = oracle_cross_entropy(logits, target.flatten(), reduction="none", softcap=3.0)
+    ref = a + (c * c).mean()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(g_out, torch.autograd.grad(ref, (h, w, bb))):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_one_opaque_op(device):
+    """The graph holds our op, not a per-chunk unrolled loop."""
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    hidden, weight, target, _ = make(40, 8, 20, torch.float32, device)
+    f = torch.compile(lambda h, w, y: tlf.linear_cross_entropy(h, w, y, chunk_size=3),
+                      fullgraph=True, backend=counter)
+    f(hidden, weight, target).backward()
+    assert counter.frame_count == 1
+    graph = counter.graphs[0]
+    calls = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    ours = [c for c in calls if "torchloss_fused_py" in c]
+    assert len(ours) == 1 and "linear_ce_fwd_grad" in ours[0], calls
+    assert not any("mm" in c for c in calls), calls
+
+
+@pytest.mark.parametrize("name", ["linear_ce_fwd", "linear_ce_fwd_grad", "_linear_ce_bwd"])
+def test_opcheck(device, name):
+    hidden, weight, target, b = make(9, 6, 11, torch.float32, device, bias=True)
+    ce = (-100, 0.1, 1e-3, 0.0)
+    ops = getattr(torch.ops, lce_mod.NAMESPACE)
+    if name == "linear_ce_fwd":
+        args = (hidden, weight, b, target, *ce, 4, None)
+    elif name == "linear_ce_fwd_grad":
+        denom = (target != -100).sum().float()
+        args = (hidden, weight, b, target, denom, *ce, 4, None, True, True, True)
+    else:
+        with torch.no_grad():
+            _, lse = ops.linear_ce_fwd(hidden, weight, b, target, *ce, 4, None)
+        g = torch.rand(9, device=device)
+        args = (g, hidden.detach(), weight.detach(), b.detach(), target, lse, *ce, 4, None,
+                True, True, True)
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+H_ = torch.randn(4, 3)
+W_ = torch.randn(5, 3)
+Y_ = torch.tensor([0, 1, 2, 3])
+
+BAD_CALLS = [
+    ("unknown reduction", ValueError, "reduction", dict(reduction="avg")),
+    ("hidden not a tensor", TypeError, "hidden must be a torch.Tensor", dict(hidden=[1.0])),
+    ("hidden integer", TypeError, "hidden must be float", dict(hidden=H_.long())),
+    ("hidden 0-dim", ValueError, "0-dim", dict(hidden=torch.tensor(1.0))),
+    ("weight wrong H", ValueError, "weight must have shape", dict(weight=torch.randn(5, 4))),
+    ("weight 1-d", ValueError, "weight must have shape", dict(weight=torch.randn(3))),
+    ("weight empty vocabulary", ValueError, "vocabulary", dict(weight=torch.randn(0, 3))),
+    ("weight dtype", TypeError, "weight must have hidden's dtype", dict(weight=W_.double())),
+    ("bias shape", ValueError, "bias must have shape", dict(bias=torch.randn(4))),
+    ("bias dtype", TypeError, "bias must have hidden's dtype",
+     dict(bias=torch.randn(5, dtype=torch.float64))),
+    ("target float", TypeError, "class indices", dict(target=Y_.float())),
+    ("target shape", ValueError, "target must have hidden's shape", dict(target=Y_[:3])),
+    ("target extra dim", ValueError, "target must have hidden's shape", dict(target=Y_[:, None])),
+    ("chunk_size 0", ValueError, "chunk_size must be >= 1", dict(chunk_size=0)),
+    ("chunk_size float", TypeError, "chunk_size must be an int", dict(chunk_size=2.0)),
+    ("chunk_size bool", TypeError, "chunk_size must be an int", dict(chunk_size=True)),
+    ("accum_dtype int", TypeError, "accum_dtype", dict(accum_dtype=torch.int32)),
+    ("accum_dtype narrower", ValueError, "accum_dtype", dict(accum_dtype=torch.bfloat16)),
+    ("label_smoothing > 1", ValueError, "label_smoothing", dict(label_smoothing=1.5)),
+    ("label_smoothing < 0", ValueError, "label_smoothing", dict(label_smoothing=-0.1)),
+    ("z_loss < 0", ValueError, "z_loss", dict(z_loss=-1.0)),
+    ("softcap 0", ValueError, "softcap", dict(softcap=0.0)),
+    ("softcap nan", ValueError, "softcap", dict(softcap=float("nan"))),
+]
+
+
+@pytest.mark.parametrize("what,exc,match,kw", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_arguments(what, exc, match, kw):
+    args = {"hidden": H_, "weight": W_, "target": Y_, **kw}
+    with pytest.raises(exc, match=match):
+        tlf.linear_cross_entropy(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="same device"):
+        tlf.linear_cross_entropy(H_.cuda(), W_, Y_)
+    with pytest.raises(ValueError, match="same device"):
+        tlf.linear_cross_entropy(H_.cuda(), W_.cuda(), Y_)
