@@ -80,7 +80,7 @@ def _shapes(device_kind: str, size: str) -> dict[str, list[tuple[int, ...]]]:
             "linear_ce_fwd_bwd": [(64, 32, 1000)],
         }
     if size == "quick":
-        linear = [(512, 256, 32000)] if device_kind == "cpu" else [(4096, 2048, 32000)]
+        linear = [(256, 256, 32000)] if device_kind == "cpu" else [(4096, 2048, 32000)]
         return {
             "ce_fwd": [(4096, 32000)],
             "ce_fwd_bwd": [(4096, 32000)],
