@@ -60,39 +60,46 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     class Build(BuildExtension):
-        """Adds per-file capability flags and compiles the sources in parallel.
+        """Adds per-file capability flags and compiles all sources in parallel.
 
-        C++ files are compiled here directly (thread-safe); .cu files go through
-        BuildExtension's nvcc wrapper one at a time, because that wrapper swaps the
-        compiler executable on the shared compiler object while it runs.
+        Sources are compiled here directly with the commands BuildExtension would run:
+        its own per-file wrapper swaps the executable on the shared compiler object, so it
+        cannot run from several threads (it stays the fallback, one file at a time).
         """
 
         def build_extension(self, ext):
-            nvcc_compile = self.compiler._compile
-            nvcc_lock = threading.Lock()
+            wrapped_compile = self.compiler._compile
+            lock = threading.Lock()
             cxx = list(getattr(self.compiler, "compiler_so_cxx", None)
                        or self.compiler.compiler_so)
+            has_cuda = any(src.endswith(".cu") for src in ext.sources)
+            nvcc_command = _nvcc_command() if has_cuda else None
 
             def compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts):
-                if src.endswith(".cu"):
-                    with nvcc_lock:
-                        nvcc_compile(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+                is_cuda = src.endswith(".cu")
+                if is_cuda and nvcc_command is None:
+                    with lock:
+                        wrapped_compile(obj, src, ext_, cc_args, extra_postargs, pp_opts)
                     return
-                flags = list(extra_postargs["cxx"] if isinstance(extra_postargs, dict)
+                key = "nvcc" if is_cuda else "cxx"
+                flags = list(extra_postargs[key] if isinstance(extra_postargs, dict)
                              else extra_postargs or [])
                 for suffix, extra in CAPABILITY_FLAGS.items():
                     if src.endswith(suffix):
                         flags += extra
                 if not any(f.startswith("-std=") for f in flags):
                     flags.append(_cxx_std())
-                self.compiler.spawn(cxx + cc_args + [src, "-o", obj] + flags)
+                if is_cuda:
+                    self.compiler.spawn(nvcc_command(cc_args, src, obj, flags))
+                else:
+                    self.compiler.spawn(cxx + cc_args + [src, "-o", obj] + flags)
 
             self.compiler._compile = compile_one
             self.compiler.compile = _parallel_compile.__get__(self.compiler)
             try:
                 super().build_extension(ext)
             finally:
-                self.compiler._compile = nvcc_compile
+                self.compiler._compile = wrapped_compile
 
     cpu_sources, cuda_sources = _sources()
     # Headers: distutils rebuilds every object when one of these changes.
@@ -109,13 +116,32 @@ def _extensions():
             cpu_sources + cuda_sources,
             define_macros=macros + [("TLF_WITH_CUDA", None)],
             depends=depends,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
-                                                     "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+                                                     "--expt-relaxed-constexpr",
+                                                     "--threads=4"]},
         )
     else:
         ext = CppExtension("torchloss_fused._C", cpu_sources, define_macros=macros,
                            depends=depends, extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": Build.with_options(use_ninja=False)}
+
+
+def _nvcc_command():
+    """A function building the nvcc command line BuildExtension uses for a .cu file, or None
+    where torch's helpers for it are missing."""
+    try:
+        from torch.utils.cpp_extension import (COMMON_NVCC_FLAGS, _get_cuda_arch_flags,
+                                               _join_cuda_home)
+    except ImportError:
+        return None
+    nvcc = _join_cuda_home("bin", "nvcc")
+
+    def command(cc_args, src, obj, flags):
+        flags = (COMMON_NVCC_FLAGS + ["--compiler-options", "'-fPIC'"] + flags
+                 + _get_cuda_arch_flags(flags))
+        return [nvcc] + cc_args + [src, "-o", obj] + flags
+
+    return command
 
 
 def _cxx_std():
