@@ -10,6 +10,13 @@ namespace tlf {
 // Element type of the logits (kernels accumulate in float, or double for Float64).
 enum class Dtype : int32_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
+// What a softmax-family launch computes.
+enum class Mode : int32_t {
+  Forward = 0,   // per-row loss and lse
+  Backward = 1,  // the gradient, from a saved lse
+  Fused = 2      // loss, lse and the gradient of sum_r grad_scale_r * loss_r
+};
+
 // Integer type of a class-index target.
 enum class IndexType : int32_t { Int64 = 0, Int32 = 1, UInt8 = 2 };
 

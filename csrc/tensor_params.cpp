@@ -18,6 +18,8 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
 
+}  // namespace
+
 RowLayout layout_of(const at::Tensor& t) {
   RowLayout l;
   l.B = t.size(0);
@@ -37,6 +39,8 @@ RowVector row_vector_of(const at::Tensor& t) {
   v.D = t.size(1);
   return v;
 }
+
+namespace {
 
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 3, op, ": input must be a (B, C, D) view, got ", input.dim(),
@@ -274,6 +278,24 @@ SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input
   p.alpha = alpha;
   p.gamma = gamma;
   return p;
+}
+
+at::Tensor set_sigmoid_grad_loss(const char* op, SigmoidFocalParams& p, const at::Tensor& input,
+                                 const at::Tensor& grad_loss) {
+  TORCH_CHECK(grad_loss.sizes() == input.sizes() &&
+                  grad_loss.scalar_type() == input.scalar_type() &&
+                  grad_loss.device() == input.device(),
+              op, ": grad_loss must match the input");
+  at::Tensor g = grad_loss;
+  bool scalar = false;
+  if (g.numel() > 0 && !g.is_contiguous()) {
+    scalar = true;
+    for (int64_t s : g.strides()) scalar = scalar && s == 0;
+    if (!scalar) g = g.contiguous();
+  }
+  p.grad_loss = g.data_ptr();
+  p.scalar_grad = scalar;
+  return g;
 }
 
 }  // namespace tlf

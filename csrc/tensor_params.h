@@ -15,6 +15,10 @@ namespace tlf {
 Dtype kernel_dtype(const at::Tensor& input);
 at::ScalarType acc_dtype(const at::Tensor& input);
 
+// Layouts of a (B, C, D) tensor and a (B, D) per-row tensor, in element strides.
+RowLayout layout_of(const at::Tensor& t);
+RowVector row_vector_of(const at::Tensor& t);
+
 // Params plus the small tensors they point into (weights converted to the accumulation
 // dtype, their sum), which must outlive the launch.
 struct SoftmaxLossLaunch {
@@ -56,5 +60,11 @@ at::Tensor empty_grad_like(const at::Tensor& input);
 
 SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,
                                          const at::Tensor& target, double alpha, double gamma);
+
+// Checks the sigmoid backward's grad_loss and points p at it. A reduced loss sends back one
+// value expanded over every element: that is read as a single value, anything else
+// contiguously. Returns the tensor p points into (keep it alive for the launch).
+at::Tensor set_sigmoid_grad_loss(const char* op, SigmoidFocalParams& p, const at::Tensor& input,
+                                 const at::Tensor& grad_loss);
 
 }  // namespace tlf

@@ -1,5 +1,6 @@
-// Torch-free entry points of the CUDA kernels. The torch launchers (*_cuda.cu) fill the
-// params with tensor_params.h, then call these on the tensor's device and current stream.
+// Torch-free entry points of the CUDA kernels. The ops (csrc/loss_ops.h through
+// ops_cuda.cu) fill the params with tensor_params.h, then call these on the tensor's device
+// and current stream.
 // Each returns the launch error, if any; none synchronises with the host.
 #pragma once
 
@@ -9,11 +10,7 @@
 
 namespace tlf::cuda {
 
-enum class Mode : int {
-  Forward = 0,   // loss + lse
-  Backward = 1,  // gradient from a saved lse
-  Fused = 2      // loss + lse + gradient of sum_r grad_scale_r * loss_r
-};
+// Mode (forward, backward, fused) is tlf::Mode from kernel_params.h.
 
 // Softmax-family losses (cross-entropy, focal); p says which and what to write.
 cudaError_t softmax_loss(const SoftmaxLossParams& p, Dtype dt, Mode mode, cudaStream_t stream);

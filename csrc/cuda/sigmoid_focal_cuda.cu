@@ -1,11 +1,6 @@
-// CUDA launchers of the elementwise sigmoid focal loss.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// Launch of the elementwise sigmoid focal loss kernels (16-byte accesses when aligned).
+#include <cstdint>
 
-#include "../tensor_params.h"
 #include "launch.h"
 #include "launch_utils.cuh"
 #include "sigmoid_focal_kernels.cuh"
@@ -68,55 +63,5 @@ cudaError_t sigmoid_focal(const SigmoidFocalParams& p, Dtype dt, bool backward,
 }
 
 }  // namespace cuda
-
-namespace {
-
-void run(const SigmoidFocalParams& p, const at::Tensor& input, bool backward) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(input.device().index()).stream();
-  C10_CUDA_CHECK(cuda::sigmoid_focal(p, kernel_dtype(input), backward, stream));
-}
-
-at::Tensor sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target,
-                                  double alpha, double gamma) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), t = target.contiguous();
-  SigmoidFocalParams p = prepare_sigmoid_focal("sigmoid_focal_fwd", x, t, alpha, gamma);
-  at::Tensor loss = at::empty(x.sizes(), x.options());
-  p.loss = loss.data_ptr();
-  run(p, x, false);
-  return loss;
-}
-
-at::Tensor sigmoid_focal_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& input,
-                                  const at::Tensor& target, double alpha, double gamma) {
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), t = target.contiguous();
-  SigmoidFocalParams p = prepare_sigmoid_focal("_sigmoid_focal_bwd", x, t, alpha, gamma);
-  TORCH_CHECK(grad_loss.sizes() == x.sizes() && grad_loss.scalar_type() == x.scalar_type() &&
-                  grad_loss.device() == x.device(),
-              "_sigmoid_focal_bwd: grad_loss must match the input");
-  // A reduced loss sends back one value expanded over every element: read it once.
-  at::Tensor g = grad_loss;
-  bool scalar = false;
-  if (g.numel() > 0 && !g.is_contiguous()) {
-    scalar = true;
-    for (int64_t s : g.strides()) scalar = scalar && s == 0;
-    if (!scalar) g = g.contiguous();
-  }
-  p.grad_loss = g.data_ptr();
-  p.scalar_grad = scalar;
-  at::Tensor grad = at::empty(x.sizes(), x.options());
-  p.grad_input = grad.data_ptr();
-  run(p, x, true);
-  return grad;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(torchloss_fused, CUDA, m) {
-  m.impl("sigmoid_focal_fwd", &sigmoid_focal_fwd_cuda);
-  m.impl("_sigmoid_focal_bwd", &sigmoid_focal_bwd_cuda);
-}
 
 }  // namespace tlf

@@ -1,0 +1,84 @@
+// The CPU device policy of csrc/loss_ops.h: rows (or elements) split over PyTorch's
+// intra-op threads, kernels from the table for this CPU's instruction set.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <mutex>
+
+#include "../loss_ops.h"
+#include "kernels.h"
+
+namespace tlf {
+
+namespace {
+
+// The first (lowest) row whose class index is out of range, over all threads.
+class BadTarget {
+ public:
+  void report(int64_t row, int64_t target) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (row < row_) {
+      row_ = row;
+      target_ = target;
+    }
+  }
+  // IndexError naming the target, as PyTorch's CPU loss raises.
+  void raise_if_any() const {
+    TORCH_CHECK_INDEX(row_ == std::numeric_limits<int64_t>::max(), "Target ", target_,
+                      " is out of bounds.");
+  }
+
+ private:
+  std::mutex mutex_;
+  int64_t row_ = std::numeric_limits<int64_t>::max();
+  int64_t target_ = 0;
+};
+
+struct Cpu {
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
+
+  static void run(const SoftmaxLossLaunch& l, const at::Tensor& input, Mode mode) {
+    const int64_t rows = l.rows();
+    if (rows == 0) return;
+    const auto& table = cpu::kernel_table();
+    const auto kernel = mode == Mode::Backward ? table.softmax_loss_bwd : table.softmax_loss_fwd;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(l.p.in.C, 1));
+    const Dtype dt = kernel_dtype(input);
+    BadTarget bad;
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      int64_t target = 0;
+      const int64_t r = kernel(l.p, dt, begin, end, &target);
+      if (r >= 0) bad.report(r, target);
+    });
+    bad.raise_if_any();
+  }
+
+  static void rescale(const at::Tensor& grad, const at::Tensor& grad_loss,
+                      const at::Tensor& grad_scale) {
+    // Reading two per-row vectors on the host costs nothing on CPU: skip the pass when no
+    // row differs (loss.backward() on a mean or a sum, the usual case).
+    const at::Tensor differs = grad_loss.ne(grad_scale);
+    if (!differs.any().item<bool>()) return;
+    grad.mul_(at::where(differs, grad_loss / grad_scale, 1.0).unsqueeze(1));
+  }
+
+  static void sigmoid(const SigmoidFocalParams& p, const at::Tensor& input, bool backward) {
+    const auto& table = cpu::kernel_table();
+    const auto kernel = backward ? table.sigmoid_focal_bwd : table.sigmoid_focal_fwd;
+    const Dtype dt = kernel_dtype(input);
+    at::parallel_for(0, p.n, 16384,
+                     [&](int64_t begin, int64_t end) { kernel(p, dt, begin, end); });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchloss_fused, CPU, m) {
+  register_loss_ops<Cpu>(m);
+}
+
+}  // namespace tlf

@@ -1,0 +1,173 @@
+// Every op of csrc/ops.cpp written once, over a device policy: the argument checks and
+// params come from tensor_params.h, the outputs are allocated here, and the policy only
+// runs the kernels. csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cu register these for their
+// dispatch keys.
+//
+// A policy provides:
+//   Guard                     constructed from the input's device for the op's duration
+//   run(launch, input, Mode)  the softmax-family kernels for all rows
+//   rescale(grad, grad_loss, grad_scale)   _rescale_grad_rows
+//   sigmoid(params, input, backward)       the elementwise sigmoid focal kernels
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "tensor_params.h"
+
+namespace tlf {
+
+template <class Device>
+struct LossOps {
+  using Tensor = at::Tensor;
+  using OptTensor = std::optional<at::Tensor>;
+
+  static std::tuple<Tensor, Tensor> forward(SoftmaxLossLaunch l, const Tensor& input) {
+    auto [loss, lse] = set_forward_outputs(l, input);
+    Device::run(l, input, Mode::Forward);
+    return {loss, lse};
+  }
+
+  static Tensor backward(const char* op, SoftmaxLossLaunch l, const Tensor& grad_loss,
+                         const OptTensor& grad_lse, const Tensor& input, const Tensor& lse,
+                         const Tensor& grad_input) {
+    set_backward_args(op, l, input, grad_loss, grad_lse, lse, grad_input);
+    Device::run(l, input, Mode::Backward);
+    return grad_input;
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> fused(const char* op, SoftmaxLossLaunch l,
+                                                  const Tensor& input,
+                                                  const Tensor& grad_scale) {
+    auto [loss, lse] = set_forward_outputs(l, input);
+    Tensor grad = empty_grad_like(input);
+    set_fused_grad_args(op, l, input, grad_scale, grad);
+    Device::run(l, input, Mode::Fused);
+    return {loss, lse, grad};
+  }
+
+  static std::tuple<Tensor, Tensor> ce_fwd(const Tensor& input, const Tensor& target,
+                                           const OptTensor& weight, int64_t ignore_index,
+                                           double label_smoothing, double z_loss,
+                                           double softcap, double logit_scale,
+                                           bool /*inplace_backward: autograd's business*/) {
+    typename Device::Guard guard(input.device());
+    return forward(prepare_ce("ce_fwd", input, target, weight, ignore_index, label_smoothing,
+                              z_loss, softcap, logit_scale),
+                   input);
+  }
+
+  static Tensor ce_bwd(const Tensor& grad_loss, const OptTensor& grad_lse, const Tensor& input,
+                       const Tensor& target, const OptTensor& weight, const Tensor& lse,
+                       int64_t ignore_index, double label_smoothing, double z_loss,
+                       double softcap, double logit_scale) {
+    typename Device::Guard guard(input.device());
+    return backward("_ce_bwd",
+                    prepare_ce("_ce_bwd", input, target, weight, ignore_index, label_smoothing,
+                               z_loss, softcap, logit_scale),
+                    grad_loss, grad_lse, input, lse, empty_grad_like(input));
+  }
+
+  // Safe in place on both devices: every element of a row is read before the kernel
+  // overwrites it, and the target logit is taken before its row is written.
+  static void ce_bwd_inplace(const Tensor& grad_loss, const OptTensor& grad_lse,
+                             const Tensor& input, const Tensor& target, const OptTensor& weight,
+                             const Tensor& lse, int64_t ignore_index, double label_smoothing,
+                             double z_loss, double softcap, double logit_scale) {
+    typename Device::Guard guard(input.device());
+    backward("_ce_bwd_inplace",
+             prepare_ce("_ce_bwd_inplace", input, target, weight, ignore_index,
+                        label_smoothing, z_loss, softcap, logit_scale),
+             grad_loss, grad_lse, input, lse, input);
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> ce_fwd_grad(
+      const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+      double label_smoothing, double z_loss, double softcap, double logit_scale,
+      const Tensor& grad_scale) {
+    typename Device::Guard guard(input.device());
+    return fused("ce_fwd_grad",
+                 prepare_ce("ce_fwd_grad", input, target, weight, ignore_index,
+                            label_smoothing, z_loss, softcap, logit_scale),
+                 input, grad_scale);
+  }
+
+  static std::tuple<Tensor, Tensor> focal_fwd(const Tensor& input, const Tensor& target,
+                                              const OptTensor& alpha, double alpha_scale,
+                                              double gamma, int64_t ignore_index) {
+    typename Device::Guard guard(input.device());
+    return forward(
+        prepare_focal("focal_fwd", input, target, alpha, alpha_scale, gamma, ignore_index),
+        input);
+  }
+
+  static Tensor focal_bwd(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                          const OptTensor& alpha, const Tensor& lse, double alpha_scale,
+                          double gamma, int64_t ignore_index) {
+    typename Device::Guard guard(input.device());
+    return backward(
+        "_focal_bwd",
+        prepare_focal("_focal_bwd", input, target, alpha, alpha_scale, gamma, ignore_index),
+        grad_loss, std::nullopt, input, lse, empty_grad_like(input));
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> focal_fwd_grad(
+      const Tensor& input, const Tensor& target, const OptTensor& alpha, double alpha_scale,
+      double gamma, int64_t ignore_index, const Tensor& grad_scale) {
+    typename Device::Guard guard(input.device());
+    return fused("focal_fwd_grad",
+                 prepare_focal("focal_fwd_grad", input, target, alpha, alpha_scale, gamma,
+                               ignore_index),
+                 input, grad_scale);
+  }
+
+  static void rescale_grad_rows(const Tensor& grad, const Tensor& grad_loss,
+                                const Tensor& grad_scale) {
+    check_rescale_args(grad, grad_loss, grad_scale);
+    typename Device::Guard guard(grad.device());
+    Device::rescale(grad, grad_loss, grad_scale);
+  }
+
+  static Tensor sigmoid_focal_fwd(const Tensor& input, const Tensor& target, double alpha,
+                                  double gamma) {
+    typename Device::Guard guard(input.device());
+    const Tensor x = input.contiguous(), t = target.contiguous();
+    SigmoidFocalParams p = prepare_sigmoid_focal("sigmoid_focal_fwd", x, t, alpha, gamma);
+    Tensor loss = at::empty(x.sizes(), x.options());
+    p.loss = loss.data_ptr();
+    Device::sigmoid(p, x, /*backward=*/false);
+    return loss;
+  }
+
+  static Tensor sigmoid_focal_bwd(const Tensor& grad_loss, const Tensor& input,
+                                  const Tensor& target, double alpha, double gamma) {
+    typename Device::Guard guard(input.device());
+    const Tensor x = input.contiguous(), t = target.contiguous();
+    SigmoidFocalParams p = prepare_sigmoid_focal("_sigmoid_focal_bwd", x, t, alpha, gamma);
+    const Tensor g = set_sigmoid_grad_loss("_sigmoid_focal_bwd", p, x, grad_loss);
+    Tensor grad = empty_grad_like(x);
+    p.grad_input = grad.data_ptr();
+    Device::sigmoid(p, x, /*backward=*/true);
+    return grad;
+  }
+};
+
+template <class Device>
+void register_loss_ops(torch::Library& m) {
+  using Ops = LossOps<Device>;
+  m.impl("ce_fwd", &Ops::ce_fwd);
+  m.impl("_ce_bwd", &Ops::ce_bwd);
+  m.impl("_ce_bwd_inplace", &Ops::ce_bwd_inplace);
+  m.impl("ce_fwd_grad", &Ops::ce_fwd_grad);
+  m.impl("focal_fwd", &Ops::focal_fwd);
+  m.impl("_focal_bwd", &Ops::focal_bwd);
+  m.impl("focal_fwd_grad", &Ops::focal_fwd_grad);
+  m.impl("_rescale_grad_rows", &Ops::rescale_grad_rows);
+  m.impl("sigmoid_focal_fwd", &Ops::sigmoid_focal_fwd);
+  m.impl("_sigmoid_focal_bwd", &Ops::sigmoid_focal_bwd);
+}
+
+}  // namespace tlf
