@@ -50,10 +50,9 @@ NAMESPACE = "torchloss_fused_py"
 # ---- chunking policy ----------------------------------------------------------------------
 #
 # Per chunk of n rows the three products cost ~6 n V H flops, while accumulating grad_weight
-# reads and writes the V x H accumulator once: the overhead relative to the products falls
-# as 1/n, independent of V. The logits buffer costs n V bytes-per-element. So: n rows
-# proportional to H (the buffer is then a fixed fraction of the weight's own size), at
-# least a floor that keeps the products efficient, capped by a memory budget.
+# reads and writes the V x H accumulator once: that overhead relative to the products falls
+# as 1/n, whatever V and H. The logits buffer costs n x V elements. So n is kept above a
+# floor that keeps the products efficient and below a memory budget.
 
 # CPU: rows from a fixed buffer budget, within bounds (measured at N=4096, H=1024,
 # V=32000 on 2 cores: 512 rows beat 256 and 1024 in fp32 and bf16; more rows add memory,
@@ -61,8 +60,9 @@ NAMESPACE = "torchloss_fused_py"
 CPU_BUFFER_BYTES = 64 << 20
 CPU_MIN_ROWS = 64
 CPU_MAX_ROWS = 512
-# CUDA: rows = H * GPU_ROWS_PER_HIDDEN (buffer = that fraction of the weight's bytes), at
-# least GPU_MIN_ROWS, and the buffer at most 1/GPU_FREE_FRACTION of the free memory.
+# CUDA: rows = H * GPU_ROWS_PER_HIDDEN (the buffer is then that fraction of the weight's
+# bytes), at least GPU_MIN_ROWS, and the buffer at most 1/GPU_FREE_FRACTION of the free
+# memory. Not yet tuned on a GPU.
 GPU_ROWS_PER_HIDDEN = 0.5
 GPU_MIN_ROWS = 256
 GPU_FREE_FRACTION = 8
