@@ -106,6 +106,12 @@ def _extensions():
     depends = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh")
                      for p in (ROOT / "csrc").rglob(pattern))
     cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    link = []
+    if _torch_uses_openmp():
+        # at::parallel_for is inline OpenMP code: without -fopenmp it silently runs on one
+        # thread. The OpenMP runtime resolves to the libgomp torch has already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     macros = [("TLF_X86_KERNELS", None)] if IS_X86 else []
     if _want_cuda() and cuda_sources:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -116,13 +122,15 @@ def _extensions():
             cpu_sources + cuda_sources,
             define_macros=macros + [("TLF_WITH_CUDA", None)],
             depends=depends,
+            extra_link_args=link,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                                                      "--expt-relaxed-constexpr",
                                                      "--threads=4"]},
         )
     else:
         ext = CppExtension("torchloss_fused._C", cpu_sources, define_macros=macros,
-                           depends=depends, extra_compile_args={"cxx": cxx})
+                           depends=depends, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
     return [ext], {"build_ext": Build.with_options(use_ninja=False)}
 
 
@@ -142,6 +150,13 @@ def _nvcc_command():
         return [nvcc] + cc_args + [src, "-o", obj] + flags
 
     return command
+
+
+def _torch_uses_openmp():
+    """Whether torch's intra-op threads are OpenMP (Linux builds), and gcc can compile it."""
+    import torch
+
+    return "OpenMP" in torch.__config__.parallel_info() and platform.system() == "Linux"
 
 
 def _cxx_std():

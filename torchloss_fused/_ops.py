@@ -169,18 +169,21 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute):
+def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute):
     """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
     The buffer is handed on once. A second backward through the same graph
-    (retain_graph=True) recomputes from the saved inputs instead, as does a backward that
-    also carries a gradient for lse."""
+    (retain_graph=True) runs the fused forward again (`redo_forward`) and the same rescale,
+    so it repeats the first bitwise; a backward that also carries a gradient for lse
+    computes it with the separate backward op (`recompute`)."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
-    grad, ctx.fused_grad = ctx.fused_grad, None
-    if grad_lse is not None or grad is None:
+    if grad_lse is not None:
         return recompute(grad_loss, grad_lse)
+    grad, ctx.fused_grad = ctx.fused_grad, None
+    if grad is None:
+        grad = redo_forward(ctx.grad_scale)
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         # Traced graphs (fake/functional tensors) must not mutate a saved forward output:
         # scale out of place. (functional.py does not pick the fused ops under
@@ -200,12 +203,16 @@ def _make_ce_fwd_grad_autograd(namespace: str):
         _save_fused(ctx, output[2], grad_scale)
 
     def backward(ctx, grad_loss, grad_lse, _unused):
+        def redo_forward(grad_scale):
+            input, target, weight, _ = ctx.saved_tensors
+            return _ns(namespace).ce_fwd_grad(input, target, weight, *ctx.args, grad_scale)[2]
+
         def recompute(g, g_lse):
             input, target, weight, lse = ctx.saved_tensors
             g = _zeros_if_none(g, lse)
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
-        grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, recompute)
+        grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute)
         return (grad,) + (None,) * 8
 
     return backward, setup_context
@@ -236,14 +243,14 @@ def _make_focal_fwd_grad_autograd(namespace: str):
         _save_fused(ctx, output[2], grad_scale)
 
     def backward(ctx, grad_loss, grad_lse, _unused):
-        # focal_loss does not expose lse: a gradient for it can only be zero.
-        def recompute(g, _g_lse):
-            input, target, alpha, lse = ctx.saved_tensors
-            return _ns(namespace)._focal_bwd(g, input, target, alpha, lse, *ctx.args)
+        # focal_loss does not expose lse: a gradient for it can only be zero, and is ignored.
+        def redo_forward(grad_scale):
+            input, target, alpha, _ = ctx.saved_tensors
+            return _ns(namespace).focal_fwd_grad(input, target, alpha, *ctx.args, grad_scale)[2]
 
         if grad_loss is None:
             return (None,) * 7
-        grad = _fused_backward(ctx, namespace, grad_loss, None, recompute)
+        grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None)
         return (grad,) + (None,) * 6
 
     return backward, setup_context

@@ -608,13 +608,12 @@ struct ExpRow {
   std::vector<acc_t> max_b;  // running max per block
 };
 
-// Whether counted rows take the one-exp path. The separate backward takes it too (redoing
-// the log-sum-exp pass instead of reading the saved lse), so a gradient does not depend on
-// which path made it: a second backward through a retained graph repeats the first bitwise.
+// Whether the fused forward's counted rows take the one-exp path. (The separate backward
+// reads the saved lse and needs one pass with one exp per logit anyway.)
 template <typename acc_t>
 inline bool one_exp_path(const SoftmaxLossParams& p, const Transform<acc_t>& tf) {
-  return p.in.sc == 1 && p.grad_layout.sc == 1 && !tf.capped && !p.prob_target &&
-         p.label_smoothing == 0 && p.grad_lse.ptr == nullptr;
+  return p.with_grad && p.in.sc == 1 && p.grad_layout.sc == 1 && !tf.capped &&
+         !p.prob_target && p.label_smoothing == 0;
 }
 
 template <typename acc_t>
@@ -712,7 +711,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
                              read_acc<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
   };
-  const bool one_exp = p.with_grad && one_exp_path(p, tf);
+  const bool one_exp = one_exp_path(p, tf);
   ExpRow<acc_t> scratch;
   if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t>);
 
@@ -774,9 +773,6 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
   RowBuffers<acc_t> b;
-  const bool one_exp = one_exp_path(p, tf);
-  ExpRow<acc_t> scratch;
-  if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t>);
 
   for (int64_t r = begin; r < end; ++r) {
     int64_t t = -1;
@@ -788,11 +784,6 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       }
     }
     const acc_t g = read_acc<acc_t>(p.grad_loss, r);
-    if (one_exp && t != p.ignore_index) {
-      acc_t s_t;
-      one_exp_row<scalar_t, acc_t>(p, r, x + p.in.row_offset(r), t, g, tf, b.s, scratch, &s_t);
-      continue;
-    }
     const acc_t g_lse = has_g_lse ? read_acc<acc_t>(p.grad_lse, r) : acc_t(0);
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse_in[r], g, g_lse, has_g_lse,
                              tf, b);
