@@ -28,9 +28,20 @@ PyObject* has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// _C.openmp(): whether at::parallel_for in these kernels uses OpenMP threads (it runs
+// serially when torch's OpenMP build is used without -fopenmp).
+PyObject* openmp(PyObject*, PyObject*) {
+#if defined(_OPENMP)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"openmp", openmp, METH_NOARGS, "Whether the CPU kernels run on OpenMP threads."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

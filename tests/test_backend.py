@@ -38,6 +38,16 @@ def test_backend_info_names_the_cpu_kernels():
     assert set(info) == {"device", "implementation", "detail", "reason"}
 
 
+@needs_ext
+def test_cpu_kernels_are_multithreaded_like_torch():
+    """at::parallel_for is inline OpenMP code in torch's OpenMP builds: an extension built
+    without -fopenmp would silently run every op on one thread."""
+    from torchloss_fused import _C
+
+    if "OpenMP" in torch.__config__.parallel_info() and platform.system() == "Linux":
+        assert _C.openmp()
+
+
 def test_backend_info_for_a_device_without_kernels():
     info = tlf.backend_info("meta")
     assert info["implementation"] == "reference"
