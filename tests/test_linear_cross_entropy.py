@@ -5,18 +5,17 @@ torch.compile, the ops, validation (DESIGN.md §6)."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import torchloss_fused as tlf
 
-from .helpers import assert_matches, oracle_cross_entropy
-
 # The module (the package's attribute of that name is the function).
-lce_mod = importlib.import_module("torchloss_fused.linear_cross_entropy")
+from torchloss_fused.linear_ce import chunking
+from torchloss_fused.linear_ce import ops as lce_ops
+
+from .helpers import assert_matches, oracle_cross_entropy
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -382,19 +381,21 @@ def test_no_logits_sized_allocation_cpu(backend, dtype, reduction):
 def test_auto_chunk_keeps_the_buffer_small_cpu():
     N, H, V = 4096, 32, 32000
     for dtype in (torch.float32, torch.bfloat16):
-        rows = lce_mod.auto_chunk_size(N, V, H, dtype, torch.device("cpu"))
+        rows = chunking.auto_chunk_size(N, V, H, dtype, torch.device("cpu"))
         assert 1 <= rows < N
-        assert rows * V * dtype.itemsize <= max(lce_mod.CPU_BUFFER_BYTES,
-                                                lce_mod.CPU_MIN_ROWS * V * dtype.itemsize)
-    assert lce_mod.auto_chunk_size(10, 100, 8, torch.float32, torch.device("cpu")) == 10
-    assert lce_mod.auto_chunk_size(0, 100, 8, torch.float32, torch.device("cpu")) == 1
+        assert rows * V * dtype.itemsize <= max(chunking.CPU_BUFFER_BYTES,
+                                                chunking.CPU_MIN_ROWS * V * dtype.itemsize)
+    assert chunking.auto_chunk_size(10, 100, 8, torch.float32, torch.device("cpu")) == 10
+    assert chunking.auto_chunk_size(0, 100, 8, torch.float32, torch.device("cpu")) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_logits_sized_allocation_cuda():
     N, H, V = 4096, 64, 32000
     hidden, weight, target, _ = make(N, H, V, torch.bfloat16, "cuda")
-    step = lambda: tlf.linear_cross_entropy(hidden, weight, target).backward()
+    def step():
+        tlf.linear_cross_entropy(hidden, weight, target).backward()
+
     step()
     hidden.grad = weight.grad = None
     torch.cuda.synchronize()
@@ -461,7 +462,7 @@ def test_compile_one_opaque_op(device):
 def test_opcheck(device, name):
     hidden, weight, target, b = make(9, 6, 11, torch.float32, device, bias=True)
     ce = (-100, 0.1, 1e-3, 0.0)
-    ops = getattr(torch.ops, lce_mod.NAMESPACE)
+    ops = getattr(torch.ops, lce_ops.NAMESPACE)
     if name == "linear_ce_fwd":
         args = (hidden, weight, b, target, *ce, 4, None)
     elif name == "linear_ce_fwd_grad":

@@ -10,7 +10,7 @@ anything else; `backend_info(device)` says which and why.
 from . import _ops  # noqa: F401  (registers fake kernels and autograd for the ops)
 from ._backend import FORCE_REFERENCE_ENV, backend_info
 from .functional import cross_entropy, focal_loss, sigmoid_focal_loss
-from .linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss, FocalLoss, SigmoidFocalLoss
 
 __version__ = "0.1.0"

@@ -270,15 +270,15 @@ def focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: Tensor | 
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, 0.0, 1.0)
-        l = lse[b0:b1]
+        lse_c = lse[b0:b1]
         t = target[b0:b1].long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)
-        log_pt = _gather_target(s, safe) - l
+        log_pt = _gather_target(s, safe) - lse_c
         _, factor = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
         coef = torch.where(valid, grad_loss[b0:b1].to(acc) * factor,
                            torch.zeros((), dtype=acc, device=s.device))
-        _write_grad(out, b0, b1, _grad_chunk(s, l, coef, None, coef, safe, 0.0, 1.0, valid))
+        _write_grad(out, b0, b1, _grad_chunk(s, lse_c, coef, None, coef, safe, 0.0, 1.0, valid))
     return out
 
 

@@ -1,0 +1,201 @@
+"""Fused linear + cross-entropy for LM heads: the loss of ``F.linear(hidden, weight, bias)``
+without ever materialising the N x V logits.
+
+    loss = tlf.linear_cross_entropy(hidden, lm_head.weight, target)
+
+How: rows (tokens) are processed in chunks. For each chunk, one matrix product writes its
+logits into a (chunk, V) buffer allocated once per call; the cross-entropy ops of
+`_backend.ops_for(device)` compute the per-row loss and log-sum-exp and then write the
+gradient of the logits over that same buffer; two more products turn it into the chunk's
+rows of grad_hidden and its contribution to grad_weight (and grad_bias). For
+``reduction="mean"``/``"sum"`` all of this happens in the forward pass (the gradient scale,
+1/number of counted targets, is a device tensor known before the loop), and backward only
+rescales the three gradients by the upstream gradient: three matrix products in all. For
+``reduction="none"`` the per-row upstream gradients are known only in backward, which
+recomputes the logits chunk by chunk (four products).
+
+Memory model (besides the inputs and the gradients autograd hands back): one (chunk, V)
+logits buffer in the input dtype, plus, when grad_weight accumulates in a wider dtype than
+the weight's (bf16/fp16 weights: float32 by default), that accumulator. A float32
+accumulator for a bf16/fp16 weight shares its first half with the returned gradient's
+storage, which it is converted into in place at the end, so the accumulator and the
+gradient together cost V x H x 4 bytes, not 6. No tensor of N x V elements is allocated.
+
+The chunked loops are custom ops (namespace ``torchloss_fused_py``) with fake kernels and
+autograd formulas, so ``torch.compile(fullgraph=True)`` sees one opaque op. Nothing
+synchronises with the host: chunk sizes come from shapes (and, on CUDA, the free memory the
+driver reports), the mean denominator stays on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from ..functional import (
+    _FLOAT_DTYPES,
+    _INDEX_DTYPES,
+    _check_device,
+    _check_number,
+    _check_reduction,
+    _check_tensor,
+    _wants_grad,
+)
+from .chunking import auto_chunk_size
+from .ops import NAMESPACE
+
+__all__ = ["LinearCrossEntropyLoss", "auto_chunk_size", "linear_cross_entropy"]
+
+
+def _ns():
+    return getattr(torch.ops, NAMESPACE)
+
+
+
+def _check_args(hidden, weight, target, bias, chunk_size, accum_dtype) -> None:
+    _check_tensor(hidden, "hidden")
+    _check_tensor(weight, "weight")
+    _check_tensor(target, "target")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"hidden must be float32, float64, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() == 0:
+        raise ValueError("hidden must have shape (..., H), got a 0-dim tensor")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(
+            f"weight must have shape (V, H) = (vocabulary, {H}) as in nn.Linear, got "
+            f"{tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows: the vocabulary size V must be at least 1")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    _check_device(hidden, weight, "weight")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        _check_device(hidden, bias, "bias")
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(
+            f"target must hold class indices (int64, int32 or uint8), got {target.dtype}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target must have hidden's shape without its last dimension, "
+            f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
+    _check_device(hidden, target, "target")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if accum_dtype is not None:
+        if not isinstance(accum_dtype, torch.dtype) or accum_dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"accum_dtype must be None or a floating-point torch.dtype, got {accum_dtype!r}")
+        if accum_dtype != hidden.dtype and accum_dtype.itemsize <= hidden.dtype.itemsize:
+            raise ValueError(
+                f"accum_dtype must be the weight's dtype ({hidden.dtype}) or wider, got "
+                f"{accum_dtype}")
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), ...)``
+    without materialising the logits.
+
+    ``hidden`` is (..., H), ``weight`` (V, H) as in ``nn.Linear``, ``bias`` (V,) or None,
+    ``target`` class indices shaped like ``hidden`` without its last dimension. Gradients
+    flow to hidden, weight and bias. ``mean`` divides by the number of non-ignored targets
+    of the whole call; ``sum`` is for gradient accumulation, where the caller divides by a
+    token count across micro-batches; ``none`` returns the loss shaped like ``target``.
+
+    Extras, keyword-only: ``z_loss`` (adds ``z_loss * lse**2`` per counted row), ``softcap``
+    (logits become ``softcap * tanh(logits / softcap)``), ``chunk_size`` (rows per chunk;
+    default: chosen from the shapes and, on CUDA, free memory) and ``accum_dtype`` (dtype of
+    the grad_weight/grad_bias accumulator: float32 for bf16/fp16 inputs by default, else the
+    input dtype; pass the input dtype to save memory).
+    """
+    _check_reduction(reduction)
+    _check_args(hidden, weight, target, bias, chunk_size, accum_dtype)
+    label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    z_loss = _check_number(z_loss, "z_loss", 0.0)
+    softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
+    ignore_index = int(ignore_index)
+
+    H = hidden.shape[-1]
+    h2 = hidden.reshape(-1, H)
+    t1 = target.reshape(-1)
+    acc = reference.acc_dtype(hidden.dtype)
+    ce_args = (ignore_index, label_smoothing, z_loss, softcap)
+    chunk = 0 if chunk_size is None else chunk_size
+    ops = _ns()
+    denom = (t1 != ignore_index).sum().to(acc) if reduction == "mean" else None
+
+    needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
+    if reduction != "none" and any(needs):
+        loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, denom, *ce_args, chunk,
+                                          accum_dtype, *needs)
+        return loss.to(hidden.dtype)
+    loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, *ce_args, chunk, accum_dtype)
+    if reduction == "none":
+        return loss_rows.reshape(target.shape).to(hidden.dtype)
+    total = loss_rows.sum()
+    return (total if denom is None else total / denom).to(hidden.dtype)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`linear_cross_entropy`: ``loss(hidden, weight, target, bias)``.
+
+    The LM head's weight (and bias) stay with the model; pass them to ``forward``.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor,
+                bias: Tensor | None = None) -> Tensor:
+        return linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
+            accum_dtype=self.accum_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, chunk_size={self.chunk_size}, "
+                f"accum_dtype={self.accum_dtype}")

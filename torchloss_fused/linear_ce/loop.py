@@ -1,0 +1,90 @@
+"""The chunked loop shared by the linear cross-entropy ops: per chunk of rows, the logits
+(one product) in a reused buffer, the cross-entropy ops (loss, lse, then the logits'
+gradient written over the buffer), then the chunk's gradient products."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+from .chunking import auto_chunk_size
+from .weight_grad import WeightGrad, resolve_accum
+
+
+def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+          ce_args: tuple, chunk_size: int, accum_dtype: torch.dtype | None, *,
+          row_grad: Tensor | None, lse_in: Tensor | None, need_h: bool, need_w: bool,
+          need_b: bool):
+    """The chunked loop shared by the three ops.
+
+    lse_in None: computes per-row loss and lse. row_grad: the gradient of the loss with
+    respect to each row's loss, a 0-dim tensor (same for every row) or (N,); None: no
+    gradients. Returns (loss_rows, lse, grad_hidden, grad_weight, grad_bias) with None for
+    what was not computed.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = reference.acc_dtype(hidden.dtype)
+    ops = _backend.ops_for(hidden.device)
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(N, V, H, hidden.dtype,
+                                                             hidden.device)
+    chunk = max(1, min(chunk, N))
+    grads = row_grad is not None
+    need_h, need_w, need_b = grads and need_h, grads and need_w, grads and need_b
+
+    loss_rows = lse = None
+    if lse_in is None:
+        loss_rows = hidden.new_empty((N,), dtype=acc)
+        lse = hidden.new_empty((N,), dtype=acc)
+    grad_h = hidden.new_empty((N, H)) if need_h else None
+    # One chunk: one product, accumulated inside the matmul, rounded once, as F.linear's
+    # backward does; no separate accumulator is needed.
+    w_accum = weight.dtype if chunk >= N else resolve_accum(weight.dtype, accum_dtype)
+    gw = WeightGrad(weight, w_accum) if need_w else None
+    gb = None
+    if need_b:
+        gb = torch.zeros((V,), dtype=resolve_accum(bias.dtype, accum_dtype),
+                         device=bias.device)
+    buf = hidden.new_empty((chunk * V,)) if N > 0 else None
+    ones = None
+    wT = weight.t()
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        n = e - s
+        h = hidden[s:e]
+        logits = buf[: n * V].view(n, V)
+        if bias is None:
+            torch.mm(h, wT, out=logits)
+        else:
+            torch.addmm(bias, h, wT, out=logits)
+        x3 = logits.unsqueeze(-1)  # (B, C, D) = (n, V, 1)
+        t2 = target[s:e].unsqueeze(-1)
+        if lse_in is None:
+            loss_c, lse_c = ops.ce_fwd(x3, t2, None, *ce_args, 1.0, False)
+            loss_rows[s:e].copy_(loss_c.view(n))
+            lse[s:e].copy_(lse_c.view(n))
+        else:
+            lse_c = lse_in[s:e].unsqueeze(-1)
+        if not grads:
+            continue
+        g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
+        ops._ce_bwd_inplace(g, None, x3, t2, None, lse_c, *ce_args, 1.0)
+        if need_h:
+            torch.mm(logits, weight, out=grad_h[s:e])
+        if need_w:
+            gw.add(logits, h)
+        if need_b:  # column sums as a matrix-vector product (fp32 accumulation inside)
+            ones = ones if ones is not None and ones.shape[0] == n else logits.new_ones((n,))
+            if gb.dtype == logits.dtype:
+                gb.addmv_(logits.t(), ones)
+            else:  # rounded to the input dtype once per chunk, summed across chunks in gb
+                gb.add_(torch.mv(logits.t(), ones))
+    del buf
+    grad_w = gw.result() if need_w else None
+    grad_b = gb.to(bias.dtype) if need_b else None
+    return loss_rows, lse, grad_h, grad_w, grad_b
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    return like.new_empty((0,))

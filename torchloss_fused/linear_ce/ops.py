@@ -1,0 +1,185 @@
+"""The linear cross-entropy custom ops (namespace ``torchloss_fused_py``): schemas,
+implementations on top of the chunked loop, fake kernels and autograd formulas, so
+``torch.compile(fullgraph=True)`` sees one opaque op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .loop import _loop, _placeholder
+
+NAMESPACE = "torchloss_fused_py"
+
+
+_CE = "int ignore_index, float label_smoothing, float z_loss, float softcap"
+_CHUNK = "int chunk_size, ScalarType? accum_dtype"
+_NEEDS = "bool grad_hidden, bool grad_weight, bool grad_bias"
+SCHEMAS = {
+    # Per-row loss and lse (accumulation dtype), no gradients.
+    "linear_ce_fwd": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, {_CE}, "
+    f"{_CHUNK}) -> (Tensor loss, Tensor lse)",
+    # Training forward for mean/sum: the reduced loss sum(loss_r) / denom (denom None: 1),
+    # lse, and the gradients of that loss (empty where not asked for).
+    "linear_ce_fwd_grad": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+    f"Tensor? denom, {_CE}, {_CHUNK}, {_NEEDS}) -> (Tensor loss, Tensor lse, "
+    "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    # Backward for per-row upstream gradients: recomputes the logits chunk by chunk.
+    "_linear_ce_bwd": f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
+    f"Tensor target, Tensor lse, {_CE}, {_CHUNK}, {_NEEDS}) -> (Tensor grad_hidden, "
+    "Tensor grad_weight, Tensor grad_bias)",
+}
+
+
+def _fwd_impl(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
+              chunk_size, accum_dtype):
+    loss, lse, *_ = _loop(hidden, weight, bias, target,
+                          (ignore_index, label_smoothing, z_loss, softcap), chunk_size,
+                          accum_dtype, row_grad=None, lse_in=None, need_h=False,
+                          need_w=False, need_b=False)
+    return loss, lse
+
+
+def _row_scale(denom: Tensor | None, like: Tensor) -> Tensor:
+    one = torch.ones((), dtype=reference.acc_dtype(like.dtype), device=like.device)
+    return one if denom is None else one / denom
+
+
+def _fwd_grad_impl(hidden, weight, bias, target, denom, ignore_index, label_smoothing, z_loss,
+                   softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+    loss_rows, lse, gh, gw, gb = _loop(
+        hidden, weight, bias, target, (ignore_index, label_smoothing, z_loss, softcap),
+        chunk_size, accum_dtype, row_grad=_row_scale(denom, hidden), lse_in=None,
+        need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
+    total = loss_rows.sum()
+    loss = total if denom is None else total / denom
+    return (loss, lse, gh if gh is not None else _placeholder(hidden),
+            gw if gw is not None else _placeholder(hidden),
+            gb if gb is not None else _placeholder(hidden))
+
+
+def _bwd_impl(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
+              z_loss, softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+    _, _, gh, gw, gb = _loop(
+        hidden, weight, bias, target, (ignore_index, label_smoothing, z_loss, softcap),
+        chunk_size, accum_dtype, row_grad=grad_loss.to(lse.dtype), lse_in=lse,
+        need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
+    return (gh if gh is not None else _placeholder(hidden),
+            gw if gw is not None else _placeholder(hidden),
+            gb if gb is not None else _placeholder(hidden))
+
+
+# ---- fake kernels -------------------------------------------------------------------------
+
+
+def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    gh = hidden.new_empty((N, H)) if grad_hidden else _placeholder(hidden)
+    gw = weight.new_empty((V, H)) if grad_weight else _placeholder(hidden)
+    gb = bias.new_empty((V,)) if grad_bias and bias is not None else _placeholder(hidden)
+    return gh, gw, gb
+
+
+def _fake_fwd(hidden, weight, bias, target, *args):
+    acc = reference.acc_dtype(hidden.dtype)
+    N = hidden.shape[0]
+    return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc)
+
+
+def _fake_fwd_grad(hidden, weight, bias, target, denom, ignore_index, label_smoothing, z_loss,
+                   softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+    acc = reference.acc_dtype(hidden.dtype)
+    loss = hidden.new_empty((), dtype=acc)
+    lse = hidden.new_empty((hidden.shape[0],), dtype=acc)
+    return (loss, lse, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))
+
+
+def _fake_bwd(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
+              z_loss, softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+    return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+
+
+# ---- autograd -----------------------------------------------------------------------------
+
+
+def _ns():
+    return getattr(torch.ops, NAMESPACE)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, *args = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+    ctx.args = tuple(args)  # ce args, chunk_size, accum_dtype
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _fwd_backward(ctx, grad_loss, _grad_lse):
+    needs = tuple(ctx.needs_input_grad[:3])
+    if grad_loss is None or not any(needs):
+        return (None,) * 10
+    hidden, weight, bias, target, lse = ctx.saved_tensors
+    gh, gw, gb = _ns()._linear_ce_bwd(grad_loss, hidden, weight, bias, target, lse, *ctx.args,
+                                      *needs)
+    return (gh if needs[0] else None, gw if needs[1] else None,
+            gb if needs[2] and bias is not None else None) + (None,) * 7
+
+
+def _fwd_grad_setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, denom, *rest = inputs
+    ctx.ce_args, ctx.chunk = tuple(rest[:4]), tuple(rest[4:6])
+    _, lse, gh, gw, gb = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    # Eager: the gradients are handed on once, scaled in place, from a plain attribute (no
+    # reference cycle through the outputs' grad_fn); a second backward (retain_graph)
+    # recomputes. Traced (torch.compile): saved normally and scaled out of place.
+    ctx.eager = not torch.compiler.is_compiling() and type(gh) is torch.Tensor
+    if ctx.eager:
+        ctx.fused = (gh.detach(), gw.detach(), gb.detach())
+        ctx.save_for_backward(hidden, weight, bias, target, denom, lse)
+    else:
+        ctx.fused = None
+        ctx.save_for_backward(hidden, weight, bias, target, denom, lse, gh, gw, gb)
+
+
+def _fwd_grad_backward(ctx, grad_loss, *_unused):
+    needs = tuple(ctx.needs_input_grad[:3])
+    none = (None,) * 11
+    if grad_loss is None or not any(needs):
+        return (None, None, None) + none
+    saved = ctx.saved_tensors
+    hidden, weight, bias, target, denom, lse = saved[:6]
+    needs = (needs[0], needs[1], needs[2] and bias is not None)
+    if ctx.eager:
+        fused, ctx.fused = ctx.fused, None
+        if fused is None:  # second backward through the same graph: recompute
+            rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
+            fused = _ns()._linear_ce_bwd(rows, hidden, weight, bias, target, lse,
+                                         *ctx.ce_args, *ctx.chunk, *needs)
+            grads = fused
+        else:
+            grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(fused, needs))
+    else:
+        grads = tuple(g * grad_loss if need else None for g, need in zip(saved[6:], needs))
+    return tuple(g if need else None for g, need in zip(grads, needs)) + none
+
+
+def _define_ops() -> None:
+    impls = {"linear_ce_fwd": _fwd_impl, "linear_ce_fwd_grad": _fwd_grad_impl,
+             "_linear_ce_bwd": _bwd_impl}
+    fakes = {"linear_ce_fwd": _fake_fwd, "linear_ce_fwd_grad": _fake_fwd_grad,
+             "_linear_ce_bwd": _fake_bwd}
+    for name, schema in SCHEMAS.items():
+        qualname = f"{NAMESPACE}::{name}"
+        torch.library.custom_op(qualname, impls[name], mutates_args=(), schema=schema)
+        torch.library.register_fake(qualname, fakes[name])
+    torch.library.register_autograd(f"{NAMESPACE}::linear_ce_fwd", _fwd_backward,
+                                    setup_context=_fwd_setup_context)
+    torch.library.register_autograd(f"{NAMESPACE}::linear_ce_fwd_grad", _fwd_grad_backward,
+                                    setup_context=_fwd_grad_setup_context)
+
+
+_define_ops()
