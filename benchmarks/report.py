@@ -71,6 +71,7 @@ def header(doc: dict) -> str:
          f"{sw['transparent_hugepage']}"),
         (f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
          f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)"),
+        *_prefault_line(mem),
         (f"- timing: {doc['timing']['method']}, median; memory: {mem['method']} "
          f"(saw {seen:.0f}% of a {probe['expected_bytes'] / 2**20:.0f} MiB allocation made "
          "inside a C++ op)"),
@@ -80,6 +81,14 @@ def header(doc: dict) -> str:
          f"most {EAGER_FACTOR:g}x eager PyTorch's own); a miss is FAILED, with no figures"),
     ]
     return "\n".join(lines)
+
+
+def _prefault_line(mem: dict) -> list[str]:
+    pre = mem.get("prefault") or {}
+    if not pre.get("bytes"):
+        return []
+    return [f"- before timing, {pre['bytes'] / 2**30:.1f} GiB of fresh memory was touched once "
+            f"({pre['seconds']:.1f} s), so first-touch page costs hit no row"]
 
 
 def render(doc: dict, rows: list[Row]) -> str:

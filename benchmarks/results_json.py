@@ -18,7 +18,9 @@ Top level (all keys required):
   copy_bandwidth  {tensor_bytes: int, bytes_moved: int, median_ms: float, gb_per_s: float}
   timing          {method: str, min_run_time_s: float, min_runs: int, warmup: int}
   memory          {method: "peak-rss"|"profiler"|"cuda-allocator",
-                   probe: {expected_bytes: int, seen_bytes: int}}
+                   probe: {expected_bytes: int, seen_bytes: int},
+                   prefault: {bytes: int, seconds: float}: fresh memory touched once before
+                   timing (CPU; 0 bytes elsewhere)}
   load_average    {start, end: [1-min, 5-min, 15-min] | null}: host load around the run
   rows            list of rows:
     op, op_label, impl, impl_kind ("ours"|"eager"|"compile"|"peer"), dtype: str
@@ -38,7 +40,7 @@ import json
 from pathlib import Path
 
 SCHEMA = "torchloss_fused-benchmark"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: memory.prefault
 
 _STR, _INT, _FLOAT, _BOOL = (str,), (int,), (int, float), (bool,)
 _NONE = (type(None),)
@@ -59,7 +61,7 @@ NESTED = {
     "copy_bandwidth": {"tensor_bytes": _INT, "bytes_moved": _INT, "median_ms": _FLOAT,
                        "gb_per_s": _FLOAT},
     "timing": {"method": _STR, "min_run_time_s": _FLOAT, "min_runs": _INT, "warmup": _INT},
-    "memory": {"method": _STR, "probe": (dict,)},
+    "memory": {"method": _STR, "probe": (dict,), "prefault": (dict,)},
     "load_average": {"start": (list,) + _NONE, "end": (list,) + _NONE},
 }
 ROW = {

@@ -69,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-peers", action="store_true", help="skip peer libraries")
     p.add_argument("--min-run-time", type=float, help="seconds of timed runs per row")
     p.add_argument("--min-runs", type=int, help="timed runs per row, at the least")
+    p.add_argument("--prefault-gib", type=float,
+                   help="CPU: touch this much fresh memory before timing, so first-touch "
+                        "page costs of a virtual machine hit no row (default: 4x the "
+                        "largest case's logits, at least 1 GiB, at most 1/3 of free memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -94,6 +98,17 @@ def _copy_tensor_bytes(device: torch.device, size: str, llc: int) -> int:
     want = max(floor, 8 * llc)
     avail = device_info.available_memory_bytes(device)
     return min(want, avail // 8) if avail else want
+
+
+def _prefault_bytes(args, device: torch.device, cases) -> int:
+    if device.type != "cpu" or args.size == "tiny":
+        return 0
+    if args.prefault_gib is not None:
+        return int(args.prefault_gib * 2**30)
+    largest = max(case.rows * case.classes * case.torch_dtype.itemsize for case in cases)
+    want = max(2**30, 4 * largest)
+    avail = device_info.available_memory_bytes(device)
+    return min(want, avail // 3) if avail else want
 
 
 def _progress(total: int, disable: bool):
@@ -124,7 +139,7 @@ def _sweep(plan, ctx: runner.Context, no_progress: bool) -> list:
 
 
 def _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
-              load_start) -> dict:
+              load_start, prefault) -> dict:
     argv_list = [sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.run",
                  *(sys.argv[1:] if argv is None else argv)]
     return {
@@ -144,7 +159,7 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
                               else "torch.utils.benchmark.Timer.blocked_autorange"),
                    "min_run_time_s": settings.min_run_time, "min_runs": settings.min_runs,
                    "warmup": settings.warmup},
-        "memory": {"method": mem_method, "probe": probe},
+        "memory": {"method": mem_method, "probe": probe, "prefault": prefault},
         "load_average": {"start": load_start, "end": device_info.load_average()},
         "rows": [r.to_json() for r in rows],
     }
@@ -183,6 +198,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 0
 
+    prefault_bytes = _prefault_bytes(args, device, [case for case, _ in plan])
+    prefault = {"bytes": prefault_bytes, "seconds": memory.prefault(prefault_bytes)}
     mem_method = memory.method_for(device)
     probe = memory.probe(device, mem_method)
     bw = timing.copy_bandwidth(device, _copy_tensor_bytes(device, args.size, llc), settings)
@@ -190,7 +207,7 @@ def main(argv=None) -> int:
     rows = _sweep(plan, ctx, args.no_progress)
 
     doc = _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
-                    load_start)
+                    load_start, prefault)
     text = report.render(doc, rows)
     print(text)
     written = _write(doc, text, rows, args.out, started, not args.no_plot)

@@ -283,7 +283,8 @@ def test_results_schema(tiny_run):
     _, out, _ = tiny_run
     (json_path,) = out.glob("cpu-*.json")
     doc = json.loads(json_path.read_text())
-    assert doc["schema"] == results_json.SCHEMA and doc["schema_version"] == 1
+    assert doc["schema"] == results_json.SCHEMA
+    assert doc["schema_version"] == results_json.SCHEMA_VERSION == 2
     assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1
     assert doc["date"].endswith("Z") and "T" in doc["date"]
     assert doc["git"]["commit"] == "unknown" or len(doc["git"]["commit"]) == 40
