@@ -365,8 +365,10 @@ def sigmoid_focal_loss(
         loss = reference.sigmoid_focal_fwd(x, t, alpha, gamma)
     else:
         loss = _backend.ops_for(x.device).sigmoid_focal_fwd(x, t, alpha, gamma)
+    # sum()/numel rather than mean(): for bf16/fp16, mean() makes a float32 copy of the
+    # whole loss, and its backward a full-size gradient; sum() needs neither.
     if reduction == "mean":
-        return loss.mean()
+        return loss.sum() / loss.numel()
     if reduction == "sum":
         return loss.sum()
     return loss
