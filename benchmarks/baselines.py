@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from . import eager_losses
 
 OURS, EAGER, COMPILE, PEER = "ours", "eager", "compile", "peer"
+# A lower bound, not a loss: timed and measured, never checked (linear CE's three products).
+BOUND = "bound"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class Impl:
     # Writes into its inputs (gradient stored in the logits): run after the others, and
     # the runner rebuilds the input sets afterwards.
     mutates_inputs: bool = False
+
+    @property
+    def checked(self) -> bool:
+        return self.kind != BOUND
 
 
 def _try_import(module: str):
@@ -133,6 +139,9 @@ def impls_for(op: str, device: torch.device, compile_baseline: bool = True,
     impls = ours + [Impl(f"{name} (eager)", EAGER, lambda: eager)]
     if compile_baseline:
         impls.append(Impl(f"torch.compile({name})", COMPILE, lambda: _compiled(eager)))
+    if op == "linear_ce_fwd_bwd":
+        impls.append(Impl("3 matmuls alone (time floor, no loss)", BOUND,
+                          lambda: eager_losses.linear_matmuls_only))
     if peers and device.type == "cuda":
         impls += _peers(op)
     return sorted(impls, key=lambda impl: impl.mutates_inputs)

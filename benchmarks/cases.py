@@ -93,10 +93,12 @@ def _shapes(device_kind: str, size: str) -> dict[str, list[tuple[int, ...]]]:
         raise ValueError(f"unknown sweep size {size!r}")
     if device_kind == "cuda":
         rows, focal_rows = (4096, 16384, 65536), (4096, 16384, 65536)
-        linear = [(8192, 4096, v) for v in (32000, 128256, 262144)]
+        # (16384, 4096, 128256): the LM-head case the linear cross-entropy targets are set on
+        linear = [(8192, 4096, v) for v in (32000, 128256, 262144)] + [(16384, 4096, 128256)]
     else:
         rows, focal_rows = (1024, 4096, 8192), (4096, 16384)
-        linear = [(1024, 512, v) for v in (32000, 128256)]
+        # (4096, 1024, 32000): the CPU case the linear cross-entropy targets are set on
+        linear = [(1024, 512, 128256), (4096, 1024, 32000)]
     lm = [(n, v) for v in LM_VOCABS for n in rows]
     return {
         "ce_fwd": lm,

@@ -44,3 +44,26 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def linear_cross_entropy(hidden, weight, target) -> torch.Tensor:
     """The materialised baseline: the full N x V logits, then cross-entropy."""
     return F.cross_entropy(F.linear(hidden, weight), target)
+
+
+class _ThreeProducts(torch.autograd.Function):
+    """Only the matrix products a linear cross-entropy cannot avoid: logits = h W^T in the
+    forward; grad_h = G W and grad_W = G^T h in the backward, G standing in for the logits'
+    gradient (the logits buffer itself: the values do not matter). No loss is computed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        logits = hidden @ weight.t()
+        ctx.save_for_backward(hidden, weight, logits)
+        return hidden.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, g = ctx.saved_tensors
+        return g @ weight, g.t() @ hidden
+
+
+def linear_matmuls_only(hidden, weight, target) -> torch.Tensor:
+    """The time floor of linear_cross_entropy: its three matrix products alone."""
+    del target
+    return _ThreeProducts.apply(hidden, weight)
