@@ -1,7 +1,8 @@
 """Builds torchloss_fused._C.
 
 CPU kernels are always built (once per x86 capability: see CAPABILITY_FLAGS); CUDA kernels
-are added when torch is a CUDA build and nvcc is found, or when FORCE_CUDA=1.
+are added when torch is a CUDA build and nvcc is found, or when FORCE_CUDA=1, and left out
+when TORCHLOSS_FUSED_CPU_ONLY=1 (e.g. an nvcc that does not match torch's CUDA).
 TORCHLOSS_FUSED_NO_EXTENSION=1 skips the extension: the pure-PyTorch fallback then serves.
 """
 
@@ -46,6 +47,8 @@ def _sources():
 
 
 def _want_cuda():
+    if _env_flag("TORCHLOSS_FUSED_CPU_ONLY"):
+        return False
     if _env_flag("FORCE_CUDA"):
         return True
     import torch
