@@ -2,7 +2,8 @@
 
 Runs each case on the best available device (or --device), prints the report and writes
 <out>/<device-slug>-<UTC stamp>.json and .png plus <out>/<device-slug>-latest.md (the
-printed report). Exits 1 when a torchloss_fused row FAILED its correctness check or raised.
+printed report; runs other than the default sweep name their selection in it). Exits 1
+when a torchloss_fused row FAILED its correctness check or raised.
 """
 
 from __future__ import annotations
@@ -165,12 +166,26 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
     }
 
 
-def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool) -> list[Path]:
+def latest_name(slug: str, size: str, ops: tuple, dtypes: tuple) -> str:
+    """<slug>-latest.md for the default run (quick sweep, every op and dtype); other
+    selections get their own file, so a partial run never replaces the default table."""
+    parts = [slug]
+    if size != "quick":
+        parts.append(size)
+    if tuple(ops) != tuple(OPS):
+        parts.append("+".join(ops))
+    if tuple(dtypes) != tuple(DEFAULT_DTYPES):
+        parts.append("+".join(dtypes))
+    return "-".join(parts) + "-latest.md"
+
+
+def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool,
+           latest_file: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     slug = doc["device"]["slug"]
     stem = out / f"{slug}-{started.strftime('%Y%m%dT%H%M%SZ')}"
     results_json.write(doc, stem.with_suffix(".json"))
-    latest = out / f"{slug}-latest.md"
+    latest = out / latest_file
     latest.write_text(text + "\n")  # exactly as printed
     written = [stem.with_suffix(".json"), latest]
     if with_plot:
@@ -210,7 +225,8 @@ def main(argv=None) -> int:
                     load_start, prefault)
     text = report.render(doc, rows)
     print(text)
-    written = _write(doc, text, rows, args.out, started, not args.no_plot)
+    latest_file = latest_name(doc["device"]["slug"], args.size, args.ops, args.dtypes)
+    written = _write(doc, text, rows, args.out, started, not args.no_plot, latest_file)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     ours_broken = any(r.impl_kind == baselines.OURS and r.status in (FAILED, ERROR)
                       for r in rows)

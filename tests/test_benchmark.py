@@ -265,10 +265,21 @@ def test_tiny_sweep_end_to_end(tiny_run):
     # The markdown file is the printed report.
     (md,) = out.glob("cpu-*-latest.md")
     assert md.read_text() == printed
+    assert "-tiny-" in md.name  # a partial run never replaces the default table
     assert "### cross_entropy fwd+bwd" in printed and doc["date"] in printed
     if _has_matplotlib():
         (png,) = out.glob("cpu-*.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latest_file_names_a_partial_selection():
+    from benchmarks.cases import DEFAULT_DTYPES, OPS
+    from benchmarks.run import latest_name
+
+    assert latest_name("cpu-x", "quick", OPS, DEFAULT_DTYPES) == "cpu-x-latest.md"
+    assert latest_name("cpu-x", "full", ("linear_ce_fwd_bwd",), DEFAULT_DTYPES) == (
+        "cpu-x-full-linear_ce_fwd_bwd-latest.md")
+    assert latest_name("cpu-x", "quick", OPS, ("bf16",)) == "cpu-x-bf16-latest.md"
 
 
 def _has_matplotlib():
