@@ -5,6 +5,13 @@
 
 #include <cstdint>
 
+// Helpers below run on the host (CPU kernels, launchers) and on the device (CUDA kernels).
+#if defined(__CUDACC__)
+#define TLF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TLF_HOST_DEVICE inline
+#endif
+
 namespace tlf {
 
 // Element type of the logits (kernels accumulate in float, or double for Float64).
@@ -26,8 +33,11 @@ struct RowLayout {
   int64_t B = 0, C = 0, D = 1;
   int64_t sb = 0, sc = 1, sd = 0;
 
-  int64_t rows() const { return B * D; }
-  int64_t row_offset(int64_t r) const { return (r / D) * sb + (r % D) * sd; }
+  TLF_HOST_DEVICE int64_t rows() const { return B * D; }
+  TLF_HOST_DEVICE int64_t row_offset(int64_t r) const {
+    if (D == 1) return r * sb;  // the common case skips a 64-bit division
+    return (r / D) * sb + (r % D) * sd;
+  }
 };
 
 // Strided (B, D) per-row tensor (targets, grad_output); stride 0 broadcasts.
@@ -36,7 +46,10 @@ struct RowVector {
   int64_t sb = 0, sd = 0;
   int64_t D = 1;
 
-  int64_t offset(int64_t r) const { return (r / D) * sb + (r % D) * sd; }
+  TLF_HOST_DEVICE int64_t offset(int64_t r) const {
+    if (D == 1) return r * sb;
+    return (r / D) * sb + (r % D) * sd;
+  }
 };
 
 // What a softmax-family row loss needs. `acc` below is float for fp32/bf16/fp16 inputs
@@ -102,5 +115,25 @@ struct SigmoidFocalParams {
   bool scalar_grad = false;
   void* grad_input = nullptr;
 };
+
+// Value of row r of a per-row vector of acc_t (float or double).
+template <typename acc_t>
+TLF_HOST_DEVICE acc_t read_row_value(const RowVector& v, int64_t r) {
+  return static_cast<const acc_t*>(v.ptr)[v.offset(r)];
+}
+
+// The class-index target of row r, whatever its integer type.
+TLF_HOST_DEVICE int64_t read_index(const SoftmaxLossParams& p, int64_t r) {
+  const int64_t off = p.index_target.offset(r);
+  switch (p.index_type) {
+    case IndexType::Int32:
+      return static_cast<const int32_t*>(p.index_target.ptr)[off];
+    case IndexType::UInt8:
+      return static_cast<const uint8_t*>(p.index_target.ptr)[off];
+    case IndexType::Int64:
+    default:
+      return static_cast<const int64_t*>(p.index_target.ptr)[off];
+  }
+}
 
 }  // namespace tlf

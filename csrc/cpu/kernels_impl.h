@@ -280,7 +280,6 @@ struct RowBuffers {
 template <typename scalar_t, typename acc_t>
 inline acc_t row_lse(const scalar_t* x, int64_t C, int64_t sc, const Transform<acc_t>& tf,
                      int64_t target, acc_t* s_target, acc_t* buf) {
-  using V = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
@@ -296,24 +295,6 @@ inline acc_t row_lse(const scalar_t* x, int64_t C, int64_t sc, const Transform<a
     S += block_expsum(s, n, M);
   }
   return M + std::log(S);
-}
-
-template <typename acc_t>
-inline acc_t read_acc(const RowVector& v, int64_t r) {
-  return static_cast<const acc_t*>(v.ptr)[v.offset(r)];
-}
-
-inline int64_t read_index(const SoftmaxLossParams& p, int64_t r) {
-  const int64_t off = p.index_target.offset(r);
-  switch (p.index_type) {
-    case IndexType::Int32:
-      return static_cast<const int32_t*>(p.index_target.ptr)[off];
-    case IndexType::UInt8:
-      return static_cast<const uint8_t*>(p.index_target.ptr)[off];
-    case IndexType::Int64:
-    default:
-      return static_cast<const int64_t*>(p.index_target.ptr)[off];
-  }
 }
 
 // Loads a probability-target block and turns it into t'_c * w_c, where
@@ -662,7 +643,6 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       at::vec::map([&](V ev) { return ev * f; }, g + c0, e + c0, n);
     } else {
-      using bVec = Vectorized<scalar_t>;
       constexpr int64_t W = V::size();
       int64_t i = 0;
       for (; i + 2 * W <= n; i += 2 * W) {
@@ -709,7 +689,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   // Fused forward: the row was just read, so its second pass mostly hits cache.
   auto fused_grad = [&](int64_t r, int64_t t, acc_t lse) {
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
-                             read_acc<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
+                             read_row_value<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
   };
   const bool one_exp = one_exp_path(p, tf);
   ExpRow<acc_t> scratch;
@@ -735,8 +715,8 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     acc_t s_t = 0;
     acc_t lse;
     if (one_exp && !ignored) {
-      lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_acc<acc_t>(p.grad_loss, r), tf,
-                                         b.s, scratch, &s_t);
+      lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
+                                         tf, b.s, scratch, &s_t);
     } else {
       lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
       if (p.with_grad) fused_grad(r, t, lse);
@@ -783,8 +763,8 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
         return r;
       }
     }
-    const acc_t g = read_acc<acc_t>(p.grad_loss, r);
-    const acc_t g_lse = has_g_lse ? read_acc<acc_t>(p.grad_lse, r) : acc_t(0);
+    const acc_t g = read_row_value<acc_t>(p.grad_loss, r);
+    const acc_t g_lse = has_g_lse ? read_row_value<acc_t>(p.grad_lse, r) : acc_t(0);
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse_in[r], g, g_lse, has_g_lse,
                              tf, b);
   }

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(256)
     const acc_t b = read_row_value<acc_t>(grad_scale, r);
     if (a == b) continue;  // NaN != NaN: a NaN grad_loss still reaches the row
     const acc_t f = div_rn(a, b);
-    T* row = grad + row_offset(layout, r);
+    T* row = grad + layout.row_offset(r);
     auto scale1 = [&](T* e) { *e = from_acc<T>(to_acc(*e) * f); };
     if (kVec) {
       int64_t head = elems_to_alignment(row);

@@ -102,12 +102,12 @@ class SoftmaxRow {
         sc(p_.in.sc),
         lane(g_.lane()),
         gsize(g_.size()),
-        x(static_cast<const T*>(p_.input) + row_offset(p_.in, r_)),
+        x(static_cast<const T*>(p_.input) + p_.in.row_offset(r_)),
         grad_vec(grad_vec_),
         q(p_, r_),
         cache(cache_) {
     if (kGrad) {
-      gx = static_cast<T*>(p.grad_input) + row_offset(p.grad_layout, r);
+      gx = static_cast<T*>(p.grad_input) + p.grad_layout.row_offset(r);
       gsc = p.grad_layout.sc;
     }
     if (kVec) {

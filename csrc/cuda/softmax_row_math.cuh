@@ -15,34 +15,6 @@
 
 namespace tlf::cuda {
 
-__device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t r) {
-  if (l.D == 1) return r * l.sb;  // the common case skips a 64-bit division
-  return (r / l.D) * l.sb + (r % l.D) * l.sd;
-}
-
-__device__ __forceinline__ int64_t row_offset(const RowVector& v, int64_t r) {
-  if (v.D == 1) return r * v.sb;
-  return (r / v.D) * v.sb + (r % v.D) * v.sd;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t read_row_value(const RowVector& v, int64_t r) {
-  return static_cast<const acc_t*>(v.ptr)[row_offset(v, r)];
-}
-
-__device__ __forceinline__ int64_t read_index(const SoftmaxLossParams& p, int64_t r) {
-  const int64_t off = row_offset(p.index_target, r);
-  switch (p.index_type) {
-    case IndexType::Int32:
-      return static_cast<const int32_t*>(p.index_target.ptr)[off];
-    case IndexType::UInt8:
-      return static_cast<const uint8_t*>(p.index_target.ptr)[off];
-    case IndexType::Int64:
-    default:
-      return static_cast<const int64_t*>(p.index_target.ptr)[off];
-  }
-}
-
 // s = cap * tanh(scale * x / cap) (softcap), s = scale * x, or s = x; deriv gives ds/dx
 // in terms of s.
 template <typename acc_t>
@@ -146,7 +118,7 @@ struct QReader {
       const RowLayout& tl = p.prob_target_layout;
       target_sc = tl.sc;
       target_f32 = p.target_is_float32;
-      const int64_t off = row_offset(tl, r);
+      const int64_t off = tl.row_offset(r);
       if (target_f32) {
         target_row = static_cast<const float*>(p.prob_target_ptr) + off;
       } else {
