@@ -114,6 +114,10 @@ struct SigmoidFocalParams {
   const void* grad_loss = nullptr;
   bool scalar_grad = false;
   void* grad_input = nullptr;
+  // Reduced forms (sigmoid_focal_sum, sigmoid_focal_sum_grad): no elementwise loss is
+  // written; the result is scale * (sum of the losses), and when grad_input is set the same
+  // pass writes grad = scale * d loss / dx (the gradient of that result).
+  double scale = 1.0;
 };
 
 // Value of row r of a per-row vector of acc_t (float or double).

@@ -8,11 +8,15 @@
 //   run(launch, input, Mode)  the softmax-family kernels for all rows
 //   rescale(grad, grad_loss, grad_scale)   _rescale_grad_rows
 //   sigmoid(params, input, backward)       the elementwise sigmoid focal kernels
+//   sigmoid_sum(params, input, out)        the reduced sigmoid focal kernel: writes
+//                                          scale * sum into the 0-dim out (and the
+//                                          gradient when params.grad_input is set)
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -153,6 +157,37 @@ struct LossOps {
     Device::sigmoid(p, x, /*backward=*/true);
     return grad;
   }
+
+  static Tensor sigmoid_focal_sum(const Tensor& input, const Tensor& target, double alpha,
+                                  double gamma, double scale) {
+    typename Device::Guard guard(input.device());
+    return reduce_sigmoid_focal("sigmoid_focal_sum", input, target, alpha, gamma, scale,
+                                nullptr);
+  }
+
+  static std::tuple<Tensor, Tensor> sigmoid_focal_sum_grad(const Tensor& input,
+                                                           const Tensor& target, double alpha,
+                                                           double gamma, double scale) {
+    typename Device::Guard guard(input.device());
+    Tensor grad = empty_grad_like(input);
+    Tensor loss = reduce_sigmoid_focal("sigmoid_focal_sum_grad", input, target, alpha, gamma,
+                                       scale, &grad);
+    return {loss, grad};
+  }
+
+ private:
+  static Tensor reduce_sigmoid_focal(const char* op, const Tensor& input, const Tensor& target,
+                                     double alpha, double gamma, double scale,
+                                     const Tensor* grad) {
+    TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+    const Tensor x = input.contiguous(), t = target.contiguous();
+    SigmoidFocalParams p = prepare_sigmoid_focal(op, x, t, alpha, gamma);
+    p.scale = scale;
+    if (grad != nullptr) p.grad_input = grad->data_ptr();
+    Tensor out = at::empty({}, x.options().dtype(acc_dtype(x)));
+    Device::sigmoid_sum(p, x, out);
+    return out;
+  }
 };
 
 template <class Device>
@@ -168,6 +203,8 @@ void register_loss_ops(torch::Library& m) {
   m.impl("_rescale_grad_rows", &Ops::rescale_grad_rows);
   m.impl("sigmoid_focal_fwd", &Ops::sigmoid_focal_fwd);
   m.impl("_sigmoid_focal_bwd", &Ops::sigmoid_focal_bwd);
+  m.impl("sigmoid_focal_sum", &Ops::sigmoid_focal_sum);
+  m.impl("sigmoid_focal_sum_grad", &Ops::sigmoid_focal_sum_grad);
 }
 
 }  // namespace tlf

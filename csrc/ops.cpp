@@ -93,4 +93,14 @@ TORCH_LIBRARY(torchloss_fused, m) {
   m.def(
       "_sigmoid_focal_bwd(Tensor grad_loss, Tensor input, Tensor target, float alpha, "
       "float gamma) -> Tensor");
+  // Reductions without an elementwise loss tensor: scale * sum of the losses, as a 0-dim
+  // tensor in the accumulation dtype (float64 for float64 input, else float32), summed in a
+  // fixed order (bitwise the same run to run). The _grad form also returns the gradient of
+  // that value, computed in the same pass (eager training reads the inputs once).
+  m.def(
+      "sigmoid_focal_sum(Tensor input, Tensor target, float alpha, float gamma, float scale) "
+      "-> Tensor");
+  m.def(
+      "sigmoid_focal_sum_grad(Tensor input, Tensor target, float alpha, float gamma, "
+      "float scale) -> (Tensor loss, Tensor grad)");
 }

@@ -40,6 +40,13 @@ def test_kernels_allocate_only_the_gradient(backend, dtype):
     logits = x.numel() * x.element_size()
     assert _peak(_fwd_bwd(tlf.cross_entropy, x, y)) <= logits + SLACK
     assert _peak(_fwd_bwd(tlf.focal_loss, x, y)) <= logits + SLACK
+    # Reduced sigmoid focal loss: no elementwise loss tensor, in training or not.
+    t = (torch.rand(N, V) < 0.1).to(dtype)
+    for reduction in ("mean", "sum"):
+        assert _peak(_fwd_bwd(tlf.sigmoid_focal_loss, x, t, reduction=reduction)) <= (
+            logits + SLACK)
+        with torch.no_grad():
+            assert _peak(lambda: tlf.sigmoid_focal_loss(x, t, reduction=reduction)) <= SLACK
 
     # inplace_backward: the gradient is the input's own storage. Each step consumes fresh
     # logits made beforehand (the loss overwrites them).

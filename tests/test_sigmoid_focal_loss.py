@@ -78,3 +78,65 @@ def test_mixed_dtypes_promote(device, backend):
     assert loss.dtype == torch.float32
     ref = torchvision_formula(x.detach().double(), t.double())
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("path", ["training", "no-grad", "split-ops"])
+def test_reduced_paths(device, backend, dtype, reduction, path):
+    """The three ways a reduced loss is computed: eager training (loss and gradient from
+    one pass, backward() with a unit gradient skips the rescale), without autograd, and
+    the split ops that torch.compile traces (sum, then a separate backward)."""
+    x, t = _inputs((300, 257), dtype, device)  # several of the CPU's fixed chunks
+    oracle_x = x.detach().double().requires_grad_()
+    oracle = torchvision_formula(oracle_x, t.double(), 0.25, 2.0, reduction)
+    oracle.backward()
+    eager_x = x.detach().requires_grad_()
+    eager = torchvision_formula(eager_x, t, 0.25, 2.0, reduction)
+    eager.backward()
+    if path == "no-grad":
+        with torch.no_grad():
+            ours = tlf.sigmoid_focal_loss(x, t, reduction=reduction)
+        assert ours.grad_fn is None
+    else:
+        if path == "training":
+            ours = tlf.sigmoid_focal_loss(x, t, reduction=reduction)
+        else:
+            ops = torch.ops.torchloss_fused_ref if backend == "reference" else (
+                torch.ops.torchloss_fused)
+            scale = 1.0 / x.numel() if reduction == "mean" else 1.0
+            ours = ops.sigmoid_focal_sum(x, t, 0.25, 2.0, scale).to(dtype)
+        ours.backward()
+        assert_matches(x.grad, oracle_x.grad, eager_x.grad, dtype, what="grad")
+    assert ours.dtype == dtype
+    assert_matches(ours.detach(), oracle.detach(), eager.detach(), dtype, what="loss")
+
+
+def test_reduced_retain_graph_repeats_bitwise(device, backend):
+    x, t = _inputs((64, 80), torch.float32, device)
+    loss = tlf.sigmoid_focal_loss(x, t, reduction="mean")
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x, torch.tensor(2.0, device=device))
+    assert torch.equal(g1, g2)
+    torch.testing.assert_close(g3, 2 * g1, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduced_sum_independent_of_thread_count(backend, dtype):
+    # The CPU kernel sums a fixed partition in order: the thread count cannot change a bit.
+    if backend != "kernels":
+        pytest.skip("a property of the C++ kernel")
+    x, t = _inputs((513, 301), dtype, "cpu")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            loss = tlf.sigmoid_focal_loss(x, t, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x)
+            results.append((loss, g))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, g in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(g, results[0][1])

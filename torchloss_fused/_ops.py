@@ -39,6 +39,10 @@ SCHEMAS = {
     "sigmoid_focal_fwd": "(Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
     "_sigmoid_focal_bwd": "(Tensor grad_loss, Tensor input, Tensor target, float alpha, "
     "float gamma) -> Tensor",
+    "sigmoid_focal_sum": "(Tensor input, Tensor target, float alpha, float gamma, "
+    "float scale) -> Tensor",
+    "sigmoid_focal_sum_grad": "(Tensor input, Tensor target, float alpha, float gamma, "
+    "float scale) -> (Tensor loss, Tensor grad)",
 }
 
 _REFERENCE_IMPLS = {
@@ -52,6 +56,8 @@ _REFERENCE_IMPLS = {
     "_rescale_grad_rows": reference.rescale_grad_rows,
     "sigmoid_focal_fwd": reference.sigmoid_focal_fwd,
     "_sigmoid_focal_bwd": reference.sigmoid_focal_bwd,
+    "sigmoid_focal_sum": reference.sigmoid_focal_sum,
+    "sigmoid_focal_sum_grad": reference.sigmoid_focal_sum_grad,
 }
 
 _MUTATED = {"_ce_bwd_inplace": ("input",), "_rescale_grad_rows": ("grad",)}
@@ -107,6 +113,14 @@ def _fake_sigmoid_bwd(grad_loss, input, target, alpha, gamma):
     return input.new_empty(input.shape)
 
 
+def _fake_sigmoid_sum(input, *args):
+    return input.new_empty((), dtype=reference.acc_dtype(input.dtype))
+
+
+def _fake_sigmoid_sum_grad(input, *args):
+    return _fake_sigmoid_sum(input), _grad_like(input)
+
+
 _FAKES = {
     "ce_fwd": _fake_fwd,
     "_ce_bwd": _fake_bwd,
@@ -118,6 +132,8 @@ _FAKES = {
     "_rescale_grad_rows": _fake_mutating,
     "sigmoid_focal_fwd": _fake_sigmoid_fwd,
     "_sigmoid_focal_bwd": _fake_sigmoid_bwd,
+    "sigmoid_focal_sum": _fake_sigmoid_sum,
+    "sigmoid_focal_sum_grad": _fake_sigmoid_sum_grad,
 }
 
 
@@ -169,14 +185,17 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute):
+def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
+                    as_rows=None):
     """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
     The buffer is handed on once. A second backward through the same graph
     (retain_graph=True) runs the fused forward again (`redo_forward`) and the same rescale,
     so it repeats the first bitwise; a backward that also carries a gradient for lse
-    computes it with the separate backward op (`recompute`)."""
+    computes it with the separate backward op (`recompute`). `as_rows` maps (grad,
+    grad_loss, grad_scale) to the (B, C, D), (B, D), (B, D) views the rescale works on,
+    when the op's outputs are not already shaped so."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
     if grad_lse is not None:
@@ -184,14 +203,14 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     grad, ctx.fused_grad = ctx.fused_grad, None
     if grad is None:
         grad = redo_forward(ctx.grad_scale)
+    rows, g, scale = (as_rows or (lambda *views: views))(grad, grad_loss, ctx.grad_scale)
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         # Traced graphs (fake/functional tensors) must not mutate a saved forward output:
         # scale out of place. (functional.py does not pick the fused ops under
         # torch.compile; this keeps direct calls of them correct there.)
-        differs = grad_loss != ctx.grad_scale
-        factor = torch.where(differs, grad_loss / ctx.grad_scale, 1.0)
-        return (grad * factor.unsqueeze(1)).to(grad.dtype)
-    _ns(namespace)._rescale_grad_rows(grad, grad_loss, ctx.grad_scale)
+        factor = torch.where(g != scale, g / scale, 1.0)
+        return (rows * factor.unsqueeze(1)).to(grad.dtype).view(grad.shape)
+    _ns(namespace)._rescale_grad_rows(rows, g, scale)
     return grad
 
 
@@ -272,12 +291,65 @@ def _make_sigmoid_autograd(namespace: str):
     return backward, setup_context
 
 
+def _elementwise_as_rows(grad, grad_loss, grad_scale):
+    """A contiguous elementwise gradient as (rows, C, 1), with one scalar grad_loss and
+    grad_scale broadcast to every row: rows of 4096 when they divide it, so a GPU
+    rescale has many rows to spread over."""
+    n = grad.numel()
+    c = 4096 if n % 4096 == 0 else (grad.shape[-1] if grad.dim() and n else 1)
+    rows = grad.view(n // c, c, 1)
+    return (rows, grad_loss.reshape(1, 1).expand(n // c, 1),
+            grad_scale.reshape(1, 1).expand(n // c, 1))
+
+
+def _make_sigmoid_sum_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, *args = inputs
+        ctx.save_for_backward(input, target)
+        ctx.args = tuple(args)
+
+    def backward(ctx, grad_loss):
+        input, target = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 5
+        alpha, gamma, scale = ctx.args
+        g = (grad_loss * scale).to(input.dtype).expand(input.shape)
+        grad = _ns(namespace)._sigmoid_focal_bwd(g, input, target, alpha, gamma)
+        return grad, None, None, None, None
+
+    return backward, setup_context
+
+
+def _make_sigmoid_sum_grad_autograd(namespace: str):
+    def setup_context(ctx, inputs, output):
+        input, target, *args = inputs
+        ctx.save_for_backward(input, target)
+        ctx.args = tuple(args)
+        # The buffer is d(output)/dx itself: backward rescales it by grad_loss unless 1.
+        _save_fused(ctx, output[1], torch.ones_like(output[0]))
+
+    def backward(ctx, grad_loss, _unused):
+        def redo_forward(_):
+            input, target = ctx.saved_tensors
+            return _ns(namespace).sigmoid_focal_sum_grad(input, target, *ctx.args)[1]
+
+        if grad_loss is None:
+            return (None,) * 5
+        grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
+                               as_rows=_elementwise_as_rows)
+        return (grad,) + (None,) * 4
+
+    return backward, setup_context
+
+
 _AUTOGRAD = {
     "ce_fwd": _make_ce_autograd,
     "ce_fwd_grad": _make_ce_fwd_grad_autograd,
     "focal_fwd": _make_focal_autograd,
     "focal_fwd_grad": _make_focal_fwd_grad_autograd,
     "sigmoid_focal_fwd": _make_sigmoid_autograd,
+    "sigmoid_focal_sum": _make_sigmoid_sum_autograd,
+    "sigmoid_focal_sum_grad": _make_sigmoid_sum_grad_autograd,
 }
 
 

@@ -361,14 +361,20 @@ def sigmoid_focal_loss(
 
     dtype = torch.promote_types(inputs.dtype, targets.dtype)
     x, t = inputs.to(dtype), targets.to(dtype)
-    if _wants_grad(t):
-        loss = reference.sigmoid_focal_fwd(x, t, alpha, gamma)
+    if reduction == "none" or x.numel() == 0 or _wants_grad(t):
+        # Gradients for the target: autograd through the reference code.
+        fwd = reference.sigmoid_focal_fwd if _wants_grad(t) else (
+            _backend.ops_for(x.device).sigmoid_focal_fwd)
+        loss = fwd(x, t, alpha, gamma)
+        if reduction == "mean":
+            return loss.sum() / loss.numel()  # nan for an empty input, as mean() gives
+        return loss.sum() if reduction == "sum" else loss
+    # Reduced in the kernel, in the accumulation dtype: no elementwise loss tensor; eager
+    # training also gets the gradient from the same pass (the inputs are read once).
+    ops = _backend.ops_for(x.device)
+    scale = 1.0 / x.numel() if reduction == "mean" else 1.0
+    if _fused_path(x):
+        loss, _ = ops.sigmoid_focal_sum_grad(x, t, alpha, gamma, scale)
     else:
-        loss = _backend.ops_for(x.device).sigmoid_focal_fwd(x, t, alpha, gamma)
-    # sum()/numel rather than mean(): for bf16/fp16, mean() makes a float32 copy of the
-    # whole loss, and its backward a full-size gradient; sum() needs neither.
-    if reduction == "mean":
-        return loss.sum() / loss.numel()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+        loss = ops.sigmoid_focal_sum(x, t, alpha, gamma, scale)
+    return loss.to(dtype)

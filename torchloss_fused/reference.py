@@ -313,14 +313,31 @@ def _alpha_t(t: Tensor, alpha: float) -> Tensor:
     return alpha * t + (1 - alpha) * (1 - t)
 
 
-def sigmoid_focal_fwd(input: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+def _sigmoid_focal_losses(input: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
     acc = acc_dtype(input.dtype)
     x, t = input.to(acc), target.to(acc)
     ce, _, _, m = _sigmoid_terms(x, t)
     loss = ce * m.pow(gamma)
     if alpha >= 0:
         loss = loss * _alpha_t(t, alpha)
-    return loss.to(input.dtype)
+    return loss
+
+
+def sigmoid_focal_fwd(input: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+    return _sigmoid_focal_losses(input, target, alpha, gamma).to(input.dtype)
+
+
+def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
+                      scale: float) -> Tensor:
+    """scale * the sum of the elementwise losses, a 0-dim tensor in the accumulation dtype."""
+    return _sigmoid_focal_losses(input, target, alpha, gamma).sum() * scale
+
+
+def sigmoid_focal_sum_grad(input: Tensor, target: Tensor, alpha: float, gamma: float,
+                           scale: float) -> tuple[Tensor, Tensor]:
+    grad_loss = torch.full((), scale, dtype=acc_dtype(input.dtype), device=input.device)
+    return (sigmoid_focal_sum(input, target, alpha, gamma, scale),
+            sigmoid_focal_bwd(grad_loss, input, target, alpha, gamma))
 
 
 def sigmoid_focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: float,

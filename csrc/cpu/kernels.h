@@ -20,6 +20,9 @@ struct KernelTable {
                               int64_t* bad_target);
   void (*sigmoid_focal_fwd)(const SigmoidFocalParams&, Dtype, int64_t begin, int64_t end);
   void (*sigmoid_focal_bwd)(const SigmoidFocalParams&, Dtype, int64_t begin, int64_t end);
+  // Unscaled sum of the losses of elements [begin, end); writes their scaled gradient too
+  // when p.grad_input is set.
+  double (*sigmoid_focal_sum)(const SigmoidFocalParams&, Dtype, int64_t begin, int64_t end);
 };
 
 namespace DEFAULT {

@@ -804,6 +804,32 @@ inline Vectorized<acc_t> alpha_t(const Vectorized<acc_t>& t, acc_t alpha) {
   return V(alpha) * t + V(acc_t(1) - alpha) * (V(1) - t);
 }
 
+template <typename acc_t>
+inline Vectorized<acc_t> sigmoid_focal_value(const SigmoidTerms<acc_t>& s,
+                                             const Vectorized<acc_t>& t, acc_t alpha,
+                                             acc_t gamma) {
+  const Vectorized<acc_t> l = s.ce * vpow(s.m, gamma);
+  return alpha >= 0 ? l * alpha_t(t, alpha) : l;
+}
+
+// d loss / dx.
+template <typename acc_t>
+inline Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
+                                             const Vectorized<acc_t>& t, acc_t alpha,
+                                             acc_t gamma) {
+  using V = Vectorized<acc_t>;
+  V d = s.p - t;  // d ce / dx
+  if (gamma != 0) {
+    // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
+    V dpow = V(gamma) * vpow(s.m, gamma - acc_t(1));
+    if (gamma < 1) {  // m = 0 only where p q = 0: the limit of the product is 0
+      dpow = V::blendv(V(0), dpow, s.m > V(0));
+    }
+    d = d * vpow(s.m, gamma) + s.ce * dpow * s.p * s.q * (V(1) - V(2) * t);
+  }
+  return alpha >= 0 ? d * alpha_t(t, alpha) : d;
+}
+
 template <typename scalar_t>
 void sigmoid_focal_fwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -819,9 +845,7 @@ void sigmoid_focal_fwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t
     load_block(t + i0, 1, n, b.t);
     at::vec::map2(
         [&](V xv, V tv) {
-          SigmoidTerms<acc_t> s(xv, tv);
-          V l = s.ce * vpow(s.m, gamma);
-          return alpha >= 0 ? l * alpha_t(tv, alpha) : l;
+          return sigmoid_focal_value(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
         },
         b.out, b.s, b.t, n);
     store_block(b.out, n, loss + i0, 1);
@@ -850,22 +874,48 @@ void sigmoid_focal_bwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t
     }
     at::vec::map3(
         [&](V xv, V tv, V gv) {
-          SigmoidTerms<acc_t> s(xv, tv);
-          V d = s.p - tv;  // d ce / dx
-          if (gamma != 0) {
-            // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
-            V dpow = V(gamma) * vpow(s.m, gamma - acc_t(1));
-            if (gamma < 1) {  // m = 0 only where p q = 0: the limit of the product is 0
-              dpow = V::blendv(V(0), dpow, s.m > V(0));
-            }
-            d = d * vpow(s.m, gamma) + s.ce * dpow * s.p * s.q * (V(1) - V(2) * tv);
-          }
-          if (alpha >= 0) d = d * alpha_t(tv, alpha);
-          return d * gv;
+          return sigmoid_focal_deriv(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma) * gv;
         },
         b.out, b.s, b.t, gbuf, n);
     store_block(b.out, n, grad + i0, 1);
   }
+}
+
+// One pass for the reduced loss: each element's terms are computed once, for its loss and
+// (when p.grad_input is set) its gradient. Lanes accumulate in acc_t; the caller sums the
+// ranges of a fixed partition in order, so the result does not depend on the thread count.
+template <typename scalar_t>
+double sigmoid_focal_sum_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const auto* t = static_cast<const scalar_t*>(p.target);
+  auto* grad = static_cast<scalar_t*>(p.grad_input);
+  const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
+  const V scale(static_cast<acc_t>(p.scale));
+  RowBuffers<acc_t> b;
+  V total(0);
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t n = std::min(kBlock, end - i0);
+    load_block(x + i0, 1, n, b.s);
+    load_block(t + i0, 1, n, b.t);
+    for (int64_t i = 0; i < n; i += W) {
+      const int64_t k = std::min(W, n - i);
+      const V xv = V::loadu(b.s + i, k), tv = V::loadu(b.t + i, k);
+      const SigmoidTerms<acc_t> s(xv, tv);
+      total += V::set(V(0), sigmoid_focal_value(s, tv, alpha, gamma), k);
+      if (grad != nullptr) {
+        (sigmoid_focal_deriv(s, tv, alpha, gamma) * scale).store(b.out + i, k);
+      }
+    }
+    if (grad != nullptr) store_block(b.out, n, grad + i0, 1);
+  }
+  alignas(64) acc_t lanes[W];
+  total.store(lanes);
+  double sum = 0;
+  for (int64_t j = 0; j < W; ++j) sum += lanes[j];
+  return sum;
 }
 
 template <typename F>
@@ -905,12 +955,17 @@ void sigmoid_focal_bwd(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int
   dispatch_dtype(dt, [&](auto tag) { sigmoid_focal_bwd_range<decltype(tag)>(p, begin, end); });
 }
 
+double sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int64_t end) {
+  return dispatch_dtype(
+      dt, [&](auto tag) { return sigmoid_focal_sum_range<decltype(tag)>(p, begin, end); });
+}
+
 }  // namespace
 
 #define TLF_STR2(x) #x
 #define TLF_STR(x) TLF_STR2(x)
 extern const KernelTable kTable = {TLF_STR(CPU_CAPABILITY), softmax_loss_fwd, softmax_loss_bwd,
-                                   sigmoid_focal_fwd, sigmoid_focal_bwd};
+                                   sigmoid_focal_fwd, sigmoid_focal_bwd, sigmoid_focal_sum};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace tlf::cpu

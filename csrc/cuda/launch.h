@@ -23,6 +23,13 @@ cudaError_t rescale_grad_rows(void* grad, const RowLayout& layout, const RowVect
 cudaError_t sigmoid_focal(const SigmoidFocalParams& p, Dtype dt, bool backward,
                           cudaStream_t stream);
 
+// scale * the sum of the elementwise sigmoid focal losses into *out (one float, or double
+// for double input); writes the gradient of that value too when p.grad_input is set.
+// `partials` is device scratch for kSigmoidSumBlocks accumulation-dtype values.
+constexpr int kSigmoidSumBlocks = 1024;
+cudaError_t sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, void* partials, void* out,
+                              cudaStream_t stream);
+
 // Per-dtype instantiations (softmax_loss_<dtype>.cu), dispatched by the functions above.
 template <typename T>
 cudaError_t softmax_loss_t(const SoftmaxLossParams& p, Mode mode, cudaStream_t stream);

@@ -36,6 +36,14 @@ struct Cuda {
   static void sigmoid(const SigmoidFocalParams& p, const at::Tensor& input, bool backward) {
     C10_CUDA_CHECK(cuda::sigmoid_focal(p, kernel_dtype(input), backward, stream_of(input)));
   }
+
+  static void sigmoid_sum(const SigmoidFocalParams& p, const at::Tensor& input,
+                          const at::Tensor& out) {
+    // Scratch from the caching allocator, on the current stream: capturable in a graph.
+    const at::Tensor partials = at::empty({cuda::kSigmoidSumBlocks}, out.options());
+    C10_CUDA_CHECK(cuda::sigmoid_focal_sum(p, kernel_dtype(input), partials.data_ptr(),
+                                           out.data_ptr(), stream_of(input)));
+  }
 };
 
 }  // namespace

@@ -1,4 +1,5 @@
 // Launch of the elementwise sigmoid focal loss kernels (16-byte accesses when aligned).
+#include <algorithm>
 #include <cstdint>
 
 #include "launch.h"
@@ -45,7 +46,51 @@ cudaError_t launch_sigmoid_focal(const SigmoidFocalParams& p, bool backward,
                   : launch_sigmoid_focal<T, false>(p, stream);
 }
 
+template <typename T>
+cudaError_t launch_sigmoid_focal_sum(const SigmoidFocalParams& p, void* partials, void* out,
+                                     cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  constexpr int kThreads = 256;
+  constexpr int kN = Vec16<T>::kVec;
+  auto* part = static_cast<acc_t*>(partials);
+  const bool grad = p.grad_input != nullptr;
+  const bool vec = aligned16(p.input) && aligned16(p.target) && (!grad || aligned16(p.grad_input));
+  const int64_t units = vec ? ceil_div(p.n, kN) : p.n;
+  // A grid that depends on n alone, not on the device: the same sum on every GPU.
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(units, kThreads),
+                                                      kSigmoidSumBlocks));
+  if (grid > 0) {
+    if (vec) {
+      (grad ? sigmoid_focal_sum_kernel<T, true, true> : sigmoid_focal_sum_kernel<T, true, false>)
+          <<<grid, kThreads, 0, stream>>>(p, part);
+    } else {
+      (grad ? sigmoid_focal_sum_kernel<T, false, true>
+            : sigmoid_focal_sum_kernel<T, false, false>)<<<grid, kThreads, 0, stream>>>(p, part);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  sum_partials_kernel<acc_t><<<1, kThreads, 0, stream>>>(part, grid, p.scale,
+                                                         static_cast<acc_t*>(out));
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, void* partials, void* out,
+                              cudaStream_t stream) {
+  switch (dt) {
+    case Dtype::Float64:
+      return launch_sigmoid_focal_sum<double>(p, partials, out, stream);
+    case Dtype::BFloat16:
+      return launch_sigmoid_focal_sum<__nv_bfloat16>(p, partials, out, stream);
+    case Dtype::Float16:
+      return launch_sigmoid_focal_sum<__half>(p, partials, out, stream);
+    case Dtype::Float32:
+    default:
+      return launch_sigmoid_focal_sum<float>(p, partials, out, stream);
+  }
+}
 
 cudaError_t sigmoid_focal(const SigmoidFocalParams& p, Dtype dt, bool backward,
                           cudaStream_t stream) {

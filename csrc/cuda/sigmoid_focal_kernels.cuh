@@ -12,6 +12,7 @@
 
 #include "../kernel_params.h"
 #include "device_math.cuh"
+#include "group_reduce.cuh"
 #include "vec_io.cuh"
 
 extern "C" __device__ float __nv_expf(float);
@@ -49,18 +50,22 @@ __device__ __forceinline__ acc_t sigmoid_alpha_t(acc_t t, acc_t alpha) {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid_focal_value(acc_t x, acc_t t, acc_t alpha, acc_t gamma) {
-  const SigmoidTerms<acc_t> s(x, t);
+__device__ __forceinline__ acc_t sigmoid_focal_value(const SigmoidTerms<acc_t>& s, acc_t t,
+                                                     acc_t alpha, acc_t gamma) {
   acc_t l = s.ce * pow_gamma(s.m, gamma);
   if (alpha >= 0) l = l * sigmoid_alpha_t(t, alpha);
   return l;
 }
 
-// d loss / dx times the incoming gradient g.
 template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid_focal_grad(acc_t x, acc_t t, acc_t g, acc_t alpha,
-                                                    acc_t gamma) {
-  const SigmoidTerms<acc_t> s(x, t);
+__device__ __forceinline__ acc_t sigmoid_focal_value(acc_t x, acc_t t, acc_t alpha, acc_t gamma) {
+  return sigmoid_focal_value(SigmoidTerms<acc_t>(x, t), t, alpha, gamma);
+}
+
+// d loss / dx.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s, acc_t t,
+                                                     acc_t alpha, acc_t gamma) {
   acc_t d = s.p - t;  // d ce / dx
   if (gamma != 0) {
     // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
@@ -69,7 +74,14 @@ __device__ __forceinline__ acc_t sigmoid_focal_grad(acc_t x, acc_t t, acc_t g, a
     d = d * pow_gamma(s.m, gamma) + s.ce * dpow * s.p * s.q * (acc_t(1) - acc_t(2) * t);
   }
   if (alpha >= 0) d = d * sigmoid_alpha_t(t, alpha);
-  return d * g;
+  return d;
+}
+
+// d loss / dx times the incoming gradient g.
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid_focal_grad(acc_t x, acc_t t, acc_t g, acc_t alpha,
+                                                    acc_t gamma) {
+  return sigmoid_focal_deriv(SigmoidTerms<acc_t>(x, t), t, alpha, gamma) * g;
 }
 
 // kVec: every pointer in use is 16-byte aligned (checked at launch); the n % kN last
@@ -126,6 +138,64 @@ __global__ void __launch_bounds__(256)
     scalar_from = nvec * kN;
   }
   for (int64_t i = scalar_from + tid; i < p.n; i += nthreads) one(i);
+}
+
+// The reduced loss (sigmoid_focal_sum[_grad]): each block writes the sum of its threads'
+// losses to partial[blockIdx.x]; with kGrad the same pass writes grad = scale * d loss / dx.
+// The grid size depends only on n (see the launcher), so the sum is bitwise reproducible.
+template <typename T, bool kVec, bool kGrad>
+__global__ void __launch_bounds__(256)
+    sigmoid_focal_sum_kernel(const __grid_constant__ SigmoidFocalParams p,
+                             acc_of<T>* __restrict__ partial) {
+  using acc_t = acc_of<T>;
+  using V = Vec16<T>;
+  constexpr int kN = V::kVec;
+  const acc_t alpha = static_cast<acc_t>(p.alpha), gamma = static_cast<acc_t>(p.gamma);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const T* x = static_cast<const T*>(p.input);
+  const T* t = static_cast<const T*>(p.target);
+  T* grad = static_cast<T*>(p.grad_input);
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  acc_t total = 0;
+
+  int64_t scalar_from = 0;
+  if (kVec) {
+    const int64_t nvec = p.n / kN;
+    for (int64_t v = tid; v < nvec; v += nthreads) {
+      const int64_t i = v * kN;
+      acc_t xv[kN], tv[kN];
+      V::unpack(V::load(x + i), xv);
+      V::unpack(V::load(t + i), tv);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) {
+        const SigmoidTerms<acc_t> s(xv[j], tv[j]);
+        total += sigmoid_focal_value(s, tv[j], alpha, gamma);
+        if (kGrad) xv[j] = sigmoid_focal_deriv(s, tv[j], alpha, gamma) * scale;
+      }
+      if (kGrad) V::store(grad + i, V::pack(xv));
+    }
+    scalar_from = nvec * kN;
+  }
+  for (int64_t i = scalar_from + tid; i < p.n; i += nthreads) {
+    const acc_t xi = to_acc(x[i]), ti = to_acc(t[i]);
+    const SigmoidTerms<acc_t> s(xi, ti);
+    total += sigmoid_focal_value(s, ti, alpha, gamma);
+    if (kGrad) grad[i] = from_acc<T>(sigmoid_focal_deriv(s, ti, alpha, gamma) * scale);
+  }
+  total = BlockGroup{}.sum(total);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// One block: out = scale * (partial[0] + ... + partial[count - 1]), in a fixed order.
+template <typename acc_t>
+__global__ void __launch_bounds__(256)
+    sum_partials_kernel(const acc_t* __restrict__ partial, int count, double scale,
+                        acc_t* __restrict__ out) {
+  acc_t v = 0;
+  for (int i = threadIdx.x; i < count; i += blockDim.x) v += partial[i];
+  v = BlockGroup{}.sum(v);
+  if (threadIdx.x == 0) *out = static_cast<acc_t>(static_cast<double>(v) * scale);
 }
 
 }  // namespace tlf::cuda
