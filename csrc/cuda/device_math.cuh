@@ -87,7 +87,14 @@ struct LseState {
   }
 
   // log(sum exp) = m + log(s): -inf for an empty or all -inf row, NaN if a NaN was seen.
-  __device__ __forceinline__ acc_t lse() const { return m + log_fast(s); }
+  // s >= 1 whenever m is finite (the largest term is exp(0) = 1), so log(s) >= 0; __logf's
+  // absolute error near 1 (up to 2^-21.4) can make it slightly negative, which would put lse
+  // below the largest logit: a negative loss, log p_t > 0 and 1 - p_t < 0 (a NaN focal loss
+  // for non-integer gamma). Clamped; NaN stays NaN, and s = 0 gives -inf either way.
+  __device__ __forceinline__ acc_t lse() const {
+    const acc_t l = log_fast(s);
+    return m + (l < acc_t(0) ? acc_t(0) : l);
+  }
 };
 
 }  // namespace tlf::cuda
