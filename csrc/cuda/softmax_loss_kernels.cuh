@@ -424,7 +424,8 @@ class SoftmaxRow {
 // way (same offset modulo 16 bytes in every row), else it is stored element by element;
 // either way the reduction order, hence every output bit, depends on the input alone.
 // cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
-// dynamic shared memory holds (groups per block) * cache_vecs slots.
+// dynamic shared memory holds (groups per block) * cache_vecs slots. The backward has no
+// first pass to fill a cache, so it ignores one even if a launcher passes it.
 template <typename T, Mode kMode, class G, bool kVec>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
@@ -435,7 +436,9 @@ __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::k
   uint4* cache = tlf_row_cache + static_cast<int64_t>(grp.slot()) * cache_vecs;
   const int64_t rows = p.in.B * p.in.D;
   for (int64_t r = grp.first(); r < rows; r += grp.stride()) {
-    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache, cache_vecs, grad_vec).run();
+    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache,
+                                  kMode == Mode::Backward ? 0 : cache_vecs, grad_vec)
+        .run();
   }
 }
 
