@@ -85,6 +85,18 @@ def test_gamma_zero_is_cross_entropy_exactly(device, backend, dtype, shape, redu
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gamma_zero_is_cross_entropy_bitwise_at_certainty(device, backend, dtype):
+    # p_t = 1 exactly: cross-entropy is lse - s_t = +0.0, and so must focal be (not -0.0).
+    x = torch.tensor([[0.0, -200.0, -300.0], [5.0, -100.0, -120.0], [1.0, 2.0, 3.0]],
+                     dtype=dtype, device=device)
+    y = torch.tensor([0, 0, 2], device=device)
+    fl = tlf.focal_loss(x, y, gamma=0.0, reduction="none")
+    ce = tlf.cross_entropy(x, y, reduction="none")
+    assert ce[0] == 0 and not ce[0].signbit()
+    assert torch.equal(fl, ce) and torch.equal(fl.signbit(), ce.signbit()), (fl, ce)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0, 5.0])
 def test_focal_at_most_cross_entropy(device, backend, dtype, gamma):
     x = random_logits((200, 50), dtype, device, scale=4.0, requires_grad=False)

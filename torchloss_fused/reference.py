@@ -233,7 +233,7 @@ def _focal_alpha_t(alpha, alpha_scale, t):
 def _focal_terms(log_pt: Tensor, alpha_t, gamma: float):
     """(loss, factor) as csrc/cpu/kernels_impl.h's Focal: finite at saturation."""
     q = -torch.expm1(log_pt)
-    loss = -(alpha_t * q.pow(gamma)) * log_pt
+    loss = (alpha_t * q.pow(gamma)) * (0 - log_pt)  # 0 - x: +0.0 at p_t = 1, as lse - s_t
     if gamma == 0:
         factor = alpha_t * torch.ones_like(log_pt)
     else:

@@ -358,7 +358,8 @@ struct Focal {
   acc_t loss, factor;
   Focal(acc_t log_pt, acc_t alpha_t, acc_t gamma) {
     const acc_t q = -std::expm1(log_pt);  // 1 - p_t without cancellation
-    loss = -(alpha_t * std::pow(q, gamma)) * log_pt;
+    // 0 - log_pt rather than -log_pt: +0.0 where p_t = 1, as cross-entropy's lse - s_t.
+    loss = (alpha_t * std::pow(q, gamma)) * (acc_t(0) - log_pt);
     if (gamma == 0) {
       factor = alpha_t;
     } else {

@@ -68,7 +68,8 @@ struct Focal {
     const double log_pt = log_pt_acc, alpha_t = alpha_t_acc;
     const double q = -expm1(log_pt);  // 1 - p_t without cancellation
     const double q_pow = pow_q(q, gamma);
-    loss = static_cast<acc_t>(-(alpha_t * q_pow) * log_pt);
+    // 0 - log_pt rather than -log_pt: +0.0 where p_t = 1, as cross-entropy's lse - s_t.
+    loss = static_cast<acc_t>((alpha_t * q_pow) * (0.0 - log_pt));
     if (gamma == 0) {
       factor = alpha_t_acc;
     } else {
