@@ -7,11 +7,17 @@
 # seconds (default 570); a failed stage is reported and the later stages still run.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
+#
+# Peer libraries for the benchmark (Liger-Kernel, cut-cross-entropy: pure Python + Triton)
+# are installed from wheels in .whl/ when present (not tracked: fetch them with `pip
+# download --no-deps -d .whl liger-kernel cut-cross-entropy` and carry .whl to the machine).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# The in-place build is imported from scripts run outside the repository root too.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$ROOT/out}"
 mkdir -p "$OUT"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
@@ -56,6 +62,16 @@ run_stage() {
       "gpus", torch.cuda.device_count())'
   nvcc --version | tail -n 2 | head -n 1
 } 2>&1 | tee -a "$SUMMARY"
+
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$TMPD/site" "$ROOT"/.whl/*.whl; then
+    export PYTHONPATH="$TMPD/site${PYTHONPATH:+:$PYTHONPATH}"
+    note "peer wheels: $(cd "$ROOT/.whl" && ls -- *.whl | tr '\n' ' ')"
+  else
+    note "peer wheels in .whl/ failed to install: benchmark without them"
+  fi
+fi
 
 # ---- 1. build (this GPU's architecture only; C++ files on every core) ----------------------
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
@@ -127,6 +143,11 @@ for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             ts = (torch.rand(n, device=dev) > 0.5).to(dt)
             ops.sigmoid_focal_fwd(xs, ts, 0.25, 2.0)
             ops._sigmoid_focal_bwd(torch.rand(n, device=dev).to(dt), xs, ts, 0.25, 1.5)
+            ops.sigmoid_focal_sum(xs, ts, 0.25, 2.0, 1.0 / n)
+            ops.sigmoid_focal_sum_grad(xs, ts, -1.0, 1.5, 1.0)
+        # Enough elements for the reduced sum's grid to reach its block cap.
+        xs = torch.randn(1_500_001, device=dev).to(dt)
+        ops.sigmoid_focal_sum_grad(xs, (xs > 0).to(dt), 0.25, 2.0, 1.0)
 torch.cuda.synchronize()
 print("exercised every op")
 EOF
