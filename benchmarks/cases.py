@@ -89,6 +89,15 @@ def _shapes(device_kind: str, size: str) -> dict[str, list[tuple[int, ...]]]:
             "sigmoid_focal_fwd_bwd": [(131072, 80)],
             "linear_ce_fwd_bwd": linear,
         }
+    if size == "targets":
+        # Exactly the cases the project's performance targets are stated on (issues 3-5),
+        # so a GPU session short of time measures those first.
+        if device_kind == "cuda":
+            ce, linear = (16384, 128256), (16384, 4096, 128256)
+        else:
+            ce, linear = (4096, 32000), (4096, 1024, 32000)
+        return {"ce_fwd": [ce], "ce_fwd_bwd": [ce], "focal_fwd_bwd": [ce],
+                "sigmoid_focal_fwd_bwd": [(131072, 80)], "linear_ce_fwd_bwd": [linear]}
     if size != "full":
         raise ValueError(f"unknown sweep size {size!r}")
     if device_kind == "cuda":

@@ -5,7 +5,7 @@ Top level (all keys required):
   schema_version  1 (int; bumped on any incompatible change)
   date            ISO 8601 UTC, e.g. "2026-11-21T12:00:00Z"
   command         the command line as run (str); argv: list[str]
-  sweep           "tiny" | "quick" | "full"
+  sweep           "tiny" | "quick" | "full" | "targets"
   device          {kind: "cpu"|"cuda", name, slug, cpu_model: str, gpu_name: str|null,
                    cores: int, threads: int, cpu_capability: str, llc_bytes: int,
                    memory_bytes: int|null}

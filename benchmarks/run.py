@@ -1,4 +1,4 @@
-"""The benchmark CLI: python -m benchmarks.run [--full | --tiny] [--device ...] [--help]
+"""The benchmark CLI: python -m benchmarks.run [--full | --targets | --tiny] [--device ...] [--help]
 
 Runs each case on the best available device (or --device), prints the report and writes
 <out>/<device-slug>-<UTC stamp>.json and .png plus <out>/<device-slug>-latest.md (the
@@ -27,6 +27,7 @@ SETTINGS = {
     "tiny": timing.Settings(min_run_time=0.01, min_runs=2, warmup=2),
     "quick": timing.Settings(min_run_time=0.5, min_runs=5, warmup=2),
     "full": timing.Settings(min_run_time=1.0, min_runs=10, warmup=5),
+    "targets": timing.Settings(min_run_time=1.0, min_runs=10, warmup=5),
 }
 
 
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="default: about a minute on a 2-core CPU")
     size.add_argument("--full", dest="size", action="store_const", const="full",
                       help="LM vocabularies 32000..262144 at several row counts")
+    size.add_argument("--targets", dest="size", action="store_const", const="targets",
+                      help="only the shapes the project's performance targets are set on")
     size.add_argument("--tiny", dest="size", action="store_const", const="tiny",
                       help="small shapes, few runs, no torch.compile: for tests")
     p.set_defaults(size="quick")

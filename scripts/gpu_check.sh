@@ -8,6 +8,11 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
+# GPU_CHECK_STAGES (default "build tests sanitizer bench") picks stages, so a session can
+# split the work over several calls (the build is kept between calls on a warm machine).
+# BENCH_ARGS (default --targets: the shapes the performance targets are set on) are passed
+# to the benchmark; --quick or --full measure more, in more time.
+#
 # Peer libraries for the benchmark (Liger-Kernel, cut-cross-entropy: pure Python + Triton)
 # are installed from wheels in .whl/ when present (not tracked: fetch them with `pip
 # download --no-deps -d .whl liger-kernel cut-cross-entropy` and carry .whl to the machine).
@@ -30,6 +35,8 @@ overall=0
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
+STAGES=" ${GPU_CHECK_STAGES:-build tests sanitizer bench} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 
 # Seconds left for a stage: at most $1, and never past the budget minus a reserve for the
 # stages after it ($2).
@@ -76,7 +83,7 @@ fi
 # ---- 1. build (this GPU's architecture only; C++ files on every core) ----------------------
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-if ! run_stage build "$OUT/build.log" "$(stage_limit 270 270)" \
+if want build && ! run_stage build "$OUT/build.log" "$(stage_limit 270 270)" \
     "$PY" setup.py build_ext --inplace; then
   note "build failed: see build.log"
   exit 1
@@ -88,9 +95,9 @@ print("backend_info('cuda'):", torchloss_fused.backend_info("cuda"))
 EOF
 
 # ---- 2. the whole test suite -----------------------------------------------------------------
-run_stage tests "$OUT/tests.log" "$(stage_limit 240 150)" \
+want tests && run_stage tests "$OUT/tests.log" "$(stage_limit 240 150)" \
   "$PY" -m pytest -x -q -rs tests
-tail -n 3 "$OUT/tests.log" | sed 's/^/tests: /' >>"$SUMMARY"
+want tests && tail -n 3 "$OUT/tests.log" | sed 's/^/tests: /' >>"$SUMMARY"
 
 # ---- 3. compute-sanitizer over every CUDA op ---------------------------------------------------
 SAN="$(command -v compute-sanitizer || true)"
@@ -151,7 +158,9 @@ for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
 torch.cuda.synchronize()
 print("exercised every op")
 EOF
-if [[ -n "$SAN" ]]; then
+if ! want sanitizer; then
+  :
+elif [[ -n "$SAN" ]]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees an
   # access past a tensor's end even where the cache would have had memory there.
   run_stage memcheck "$TMPD/memcheck.log" "$(stage_limit 90 140)" \
@@ -167,12 +176,13 @@ fi
 # ---- 4. benchmark ------------------------------------------------------------------------------
 marker="$TMPD/marker"
 touch "$marker"
-run_stage benchmark "$OUT/bench.log" "$(stage_limit 400 10)" \
-  "$PY" -m benchmarks.run --device cuda --full
-# The results the benchmark wrote in this run (JSON, PNG): the newest three.
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+want bench && run_stage benchmark "$OUT/bench.log" "$(stage_limit 400 10)" \
+  "$PY" -m benchmarks.run --device cuda --no-progress ${BENCH_ARGS:---targets}
+# The results the benchmark wrote in this run (JSON, PNG, the -latest.md table).
 mkdir -p "$OUT/results"
-find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' \) \
-  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 3 | cut -d' ' -f2- |
+find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \
+  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 4 | cut -d' ' -f2- |
   while read -r f; do cp "$f" "$OUT/results/"; done
 note "results: $(ls "$OUT/results" 2>/dev/null | tr '\n' ' ')"
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from benchmarks import bytes_model, memory, report, results_json, run, runner, timing
 from benchmarks.baselines import EAGER, OURS, Impl, impls_for
-from benchmarks.cases import Case, sweep
+from benchmarks.cases import OPS, Case, sweep
 from benchmarks.rows import FAILED, OK, SKIPPED, Row
 
 CPU = torch.device("cpu")
@@ -57,6 +57,16 @@ def test_quick_sweep_holds_the_target_shape():
     cases = sweep("cpu", "quick")
     for dtype in ("fp32", "bf16"):
         assert Case("ce_fwd_bwd", dtype, (4096, 32000)) in cases
+
+
+@pytest.mark.parametrize("device_kind", ["cpu", "cuda"])
+def test_targets_sweep_is_the_target_shapes(device_kind):
+    cases = sweep(device_kind, "targets")
+    ce = (16384, 128256) if device_kind == "cuda" else (4096, 32000)
+    linear = (16384, 4096, 128256) if device_kind == "cuda" else (4096, 1024, 32000)
+    assert Case("ce_fwd_bwd", "bf16", ce) in cases and Case("focal_fwd_bwd", "bf16", ce) in cases
+    assert Case("linear_ce_fwd_bwd", "bf16", linear) in cases
+    assert {c.op for c in cases} == set(OPS)
 
 
 def test_full_gpu_sweep_holds_large_vocab_bf16():
