@@ -377,6 +377,13 @@ def test_fused_and_split_paths_agree_bitwise():
     xi = x3.clone()
     OPS._ce_bwd_inplace(g, None, xi, t2, None, lse, -100, 0.0, 0.0, 0.0, 1.0)
     assert torch.equal(xi, grad)
+    # Probability targets with smoothing: the backward sums the target mass in the order the
+    # fused forward did.
+    q = torch.softmax(torch.randn(300, 5003, 1, device="cuda"), 1)
+    loss, lse = OPS.ce_fwd(x3, q, None, -100, 0.1, 0.0, 0.0, 1.0, False)
+    _, _, grad_f = OPS.ce_fwd_grad(x3, q, None, -100, 0.1, 0.0, 0.0, 1.0, g)
+    grad = OPS._ce_bwd(g, None, x3, q, None, lse, -100, 0.1, 0.0, 0.0, 1.0)
+    assert torch.equal(grad, grad_f)
 
 
 def test_rescale_grad_rows_only_touches_rows_that_differ():

@@ -46,7 +46,7 @@ def test_kernels_allocate_only_the_gradient(backend, dtype):
         assert _peak(_fwd_bwd(tlf.sigmoid_focal_loss, x, t, reduction=reduction)) <= (
             logits + SLACK)
         with torch.no_grad():
-            assert _peak(lambda: tlf.sigmoid_focal_loss(x, t, reduction=reduction)) <= SLACK
+            assert _peak(lambda r=reduction: tlf.sigmoid_focal_loss(x, t, reduction=r)) <= SLACK
 
     # inplace_backward: the gradient is the input's own storage. Each step consumes fresh
     # logits made beforehand (the loss overwrites them).

@@ -302,10 +302,21 @@ class SoftmaxRow {
     }
   }
 
-  // Backward with a probability target: sum_c q_c before any gradient element.
+  // Backward with a probability target: sum_c q_c before any gradient element, each thread
+  // adding its classes in pass1's order, so the separate backward and the fused forward
+  // give the same bits.
   __device__ __forceinline__ acc_t mass_pass() const {
     acc_t mass = 0;
-    for (int64_t c = lane; c < C; c += gsize) mass += q.prob(c);
+    if (kVec) {
+      if (lane < head) mass += q.prob(lane);
+      if (tail + lane < C) mass += q.prob(tail + lane);
+      for (int64_t v = lane; v < nvec; v += gsize) {
+        const int64_t c0 = head + v * kN;
+        for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
+      }
+    } else {
+      for (int64_t c = lane; c < C; c += gsize) mass += q.prob(c);
+    }
     return mass;
   }
 
