@@ -141,8 +141,11 @@ def _nvcc_command():
     """A function building the nvcc command line BuildExtension uses for a .cu file, or None
     where torch's helpers for it are missing."""
     try:
-        from torch.utils.cpp_extension import (COMMON_NVCC_FLAGS, _get_cuda_arch_flags,
-                                               _join_cuda_home)
+        from torch.utils.cpp_extension import (
+            COMMON_NVCC_FLAGS,
+            _get_cuda_arch_flags,
+            _join_cuda_home,
+        )
     except ImportError:
         return None
     nvcc = _join_cuda_home("bin", "nvcc")
