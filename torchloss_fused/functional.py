@@ -108,6 +108,14 @@ def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
     return input.reshape(N, C, math.prod(rest)), (N, *rest)
 
 
+def _autocast_to_float32(x: Tensor) -> bool:
+    """Whether F.cross_entropy would compute in float32 here: under autocast on x's device,
+    losses are on autocast's float32 list, so float16/bfloat16 inputs give float32 results.
+    The kernels accumulate in float32 anyway: matching that costs no memory."""
+    return (x.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(x.device.type))
+
+
 def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -221,9 +229,12 @@ def cross_entropy(
     else:
         _check_index_target(input, target, out_shape)
         t = target.reshape(x3.shape[0], x3.shape[2])
+    autocast = _autocast_to_float32(input)
     if weight is not None:
         _check_class_vector(input, weight, "weight")
-        if not prob and weight.dtype != input.dtype:
+        # (Autocast casts both to float32 for F.cross_entropy, so any such pair is fine.)
+        if not prob and weight.dtype != input.dtype and not (
+                autocast and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             raise TypeError(
                 f"weight must have the input's dtype {input.dtype} (as F.cross_entropy "
                 f"requires for class-index targets), got {weight.dtype}"
@@ -239,6 +250,8 @@ def cross_entropy(
         if t.dtype != x3.dtype and not (t.dtype == torch.float32 and x3.dtype != torch.float64):
             t = t.to(torch.float64 if x3.dtype == torch.float64 else torch.float32)
 
+    if autocast and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     acc = reference.acc_dtype(x3.dtype)
     C = x3.shape[1]
     if reduction != "mean":
@@ -323,7 +336,8 @@ def focal_loss(
             loss_rows, _, _ = ops.focal_fwd_grad(x3, t, alpha_vec, *args, scale)
         else:
             loss_rows, _ = ops.focal_fwd(x3, t, alpha_vec, *args)
-    return _reduce(loss_rows, reduction, denom, out_shape, input.dtype)
+    dtype = torch.float32 if _autocast_to_float32(input) else input.dtype
+    return _reduce(loss_rows, reduction, denom, out_shape, dtype)
 
 
 # ---- sigmoid focal loss -------------------------------------------------------------------
@@ -360,6 +374,14 @@ def sigmoid_focal_loss(
     gamma = _check_number(gamma, "gamma", 0.0)
 
     dtype = torch.promote_types(inputs.dtype, targets.dtype)
+    if _autocast_to_float32(inputs.to(dtype) if dtype != inputs.dtype else inputs):
+        # torchvision's formula runs binary_cross_entropy_with_logits, on autocast's float32
+        # list: the loss is float32. Reductions stay in the input dtype (the kernel sums in
+        # float32); the elementwise loss is computed in float32 to be returned as such.
+        dtype = torch.float32 if reduction == "none" else dtype
+        out_dtype = torch.float32
+    else:
+        out_dtype = dtype
     x, t = inputs.to(dtype), targets.to(dtype)
     if reduction == "none" or x.numel() == 0 or _wants_grad(t):
         # Gradients for the target: autograd through the reference code.
@@ -367,8 +389,10 @@ def sigmoid_focal_loss(
             _backend.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)
         if reduction == "mean":
-            return loss.sum() / loss.numel()  # nan for an empty input, as mean() gives
-        return loss.sum() if reduction == "sum" else loss
+            loss = loss.sum() / loss.numel()  # nan for an empty input, as mean() gives
+        elif reduction == "sum":
+            loss = loss.sum()
+        return loss.to(out_dtype)
     # Reduced in the kernel, in the accumulation dtype: no elementwise loss tensor; eager
     # training also gets the gradient from the same pass (the inputs are read once).
     ops = _backend.ops_for(x.device)
@@ -377,4 +401,4 @@ def sigmoid_focal_loss(
         loss, _ = ops.sigmoid_focal_sum_grad(x, t, alpha, gamma, scale)
     else:
         loss = ops.sigmoid_focal_sum(x, t, alpha, gamma, scale)
-    return loss.to(dtype)
+    return loss.to(out_dtype)

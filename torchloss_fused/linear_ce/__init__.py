@@ -103,6 +103,23 @@ def _check_args(hidden, weight, target, bias, chunk_size, accum_dtype) -> None:
                 f"{accum_dtype}")
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under autocast, F.linear runs in the autocast dtype and F.cross_entropy returns
+    float32: cast the same way (float32 weights get a low-precision copy, as F.linear makes
+    one) and say which dtype the loss takes (None: the input's)."""
+    if not (isinstance(hidden, Tensor) and hidden.dtype != torch.float64
+            and hidden.is_floating_point() and torch.is_autocast_enabled(hidden.device.type)):
+        return hidden, weight, bias, None
+
+    low = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(v):
+        eligible = isinstance(v, Tensor) and v.is_floating_point() and v.dtype != torch.float64
+        return v.to(low) if eligible else v
+
+    return cast(hidden), cast(weight), cast(bias), torch.float32
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -133,6 +150,7 @@ def linear_cross_entropy(
     input dtype; pass the input dtype to save memory).
     """
     _check_reduction(reduction)
+    hidden, weight, bias, out_dtype = _autocast_inputs(hidden, weight, bias)
     _check_args(hidden, weight, target, bias, chunk_size, accum_dtype)
     label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
     z_loss = _check_number(z_loss, "z_loss", 0.0)
@@ -152,12 +170,12 @@ def linear_cross_entropy(
     if reduction != "none" and any(needs):
         loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, denom, *ce_args, chunk,
                                           accum_dtype, *needs)
-        return loss.to(hidden.dtype)
+        return loss.to(out_dtype or hidden.dtype)
     loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, *ce_args, chunk, accum_dtype)
     if reduction == "none":
-        return loss_rows.reshape(target.shape).to(hidden.dtype)
+        return loss_rows.reshape(target.shape).to(out_dtype or hidden.dtype)
     total = loss_rows.sum()
-    return (total if denom is None else total / denom).to(hidden.dtype)
+    return (total if denom is None else total / denom).to(out_dtype or hidden.dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -1,0 +1,82 @@
+"""Under torch.autocast the losses behave as PyTorch's do there: F.cross_entropy and
+binary_cross_entropy_with_logits are on autocast's float32 list, so float16/bfloat16 logits
+give a float32 loss (our kernels read them as they are and accumulate in float32), and
+F.linear runs in the autocast dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchloss_fused as tlf
+from torchloss_fused.reference import sigmoid_focal_loss_torchvision as torchvision_formula
+
+
+def _autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kw", [{}, {"reduction": "none"}, {"reduction": "sum"},
+                                {"weight": "float32"}, {"weight": "bfloat16"},
+                                {"label_smoothing": 0.1, "ignore_index": 3}],
+                         ids=str)
+def test_cross_entropy_matches_f_cross_entropy_under_autocast(device, backend, kw):
+    kw = dict(kw)
+    if "weight" in kw:
+        kw["weight"] = (torch.rand(300, device=device) + 0.5).to(getattr(torch, kw["weight"]))
+    x = (torch.randn(40, 300, device=device) * 3).bfloat16().requires_grad_()
+    y = torch.randint(0, 300, (40,), device=device)
+    with _autocast(device):
+        ours = tlf.cross_entropy(x, y, **kw)
+        theirs = F.cross_entropy(x, y, **kw)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+    g = torch.rand_like(ours)
+    g_ours, = torch.autograd.grad(ours, x, g)
+    g_theirs, = torch.autograd.grad(theirs, x, g)
+    assert g_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(g_ours.float(), g_theirs.float(), rtol=1e-2, atol=1e-5)
+
+
+def test_probability_targets_and_focal_under_autocast(device, backend):
+    x = torch.randn(16, 50, device=device).bfloat16()
+    p = torch.softmax(torch.randn(16, 50, device=device), 1)
+    y = torch.randint(0, 50, (16,), device=device)
+    with _autocast(device):
+        ours, theirs = tlf.cross_entropy(x, p), F.cross_entropy(x, p)
+        focal = tlf.focal_loss(x, y, gamma=0.0)
+        ce = tlf.cross_entropy(x, y)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+    assert focal.dtype == torch.float32 and torch.equal(focal, ce)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_focal_loss_is_float32_under_autocast(device, backend, reduction):
+    x = (torch.randn(64, 80, device=device) * 3).bfloat16().requires_grad_()
+    t = (torch.rand(64, 80, device=device) < 0.2).bfloat16()
+    with _autocast(device):
+        ours = tlf.sigmoid_focal_loss(x, t, reduction=reduction)
+    oracle = torchvision_formula(x.detach().double(), t.double(), reduction=reduction)
+    assert ours.dtype == torch.float32
+    # float32 arithmetic on the bfloat16 inputs: close to the float64 oracle.
+    torch.testing.assert_close(ours.double(), oracle, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(ours.sum(), x)
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+
+
+def test_linear_cross_entropy_casts_like_f_linear_under_autocast(device, backend):
+    h = torch.randn(64, 32, device=device, requires_grad=True)
+    w = (torch.randn(500, 32, device=device) * 0.3).requires_grad_()
+    b = torch.randn(500, device=device, requires_grad=True)
+    y = torch.randint(0, 500, (64,), device=device)
+    with _autocast(device):
+        ours = tlf.linear_cross_entropy(h, w, y, b)
+        theirs = F.cross_entropy(F.linear(h, w, b), y)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, (h, w, b)),
+                                torch.autograd.grad(theirs, (h, w, b))):
+        assert g_ours.dtype == torch.float32
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-2, atol=1e-4)
