@@ -108,12 +108,11 @@ def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
     return input.reshape(N, C, math.prod(rest)), (N, *rest)
 
 
-def _autocast_to_float32(x: Tensor) -> bool:
-    """Whether F.cross_entropy would compute in float32 here: under autocast on x's device,
+def _autocast_to_float32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether F.cross_entropy would compute in float32 here: under autocast on the device,
     losses are on autocast's float32 list, so float16/bfloat16 inputs give float32 results.
     The kernels accumulate in float32 anyway: matching that costs no memory."""
-    return (x.dtype in (torch.float16, torch.bfloat16)
-            and torch.is_autocast_enabled(x.device.type))
+    return dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type)
 
 
 def _wants_grad(*tensors) -> bool:
@@ -229,7 +228,7 @@ def cross_entropy(
     else:
         _check_index_target(input, target, out_shape)
         t = target.reshape(x3.shape[0], x3.shape[2])
-    autocast = _autocast_to_float32(input)
+    autocast = _autocast_to_float32(input.dtype, input.device)
     if weight is not None:
         _check_class_vector(input, weight, "weight")
         # (Autocast casts both to float32 for F.cross_entropy, so any such pair is fine.)
@@ -336,7 +335,7 @@ def focal_loss(
             loss_rows, _, _ = ops.focal_fwd_grad(x3, t, alpha_vec, *args, scale)
         else:
             loss_rows, _ = ops.focal_fwd(x3, t, alpha_vec, *args)
-    dtype = torch.float32 if _autocast_to_float32(input) else input.dtype
+    dtype = torch.float32 if _autocast_to_float32(input.dtype, input.device) else input.dtype
     return _reduce(loss_rows, reduction, denom, out_shape, dtype)
 
 
@@ -374,7 +373,7 @@ def sigmoid_focal_loss(
     gamma = _check_number(gamma, "gamma", 0.0)
 
     dtype = torch.promote_types(inputs.dtype, targets.dtype)
-    if _autocast_to_float32(inputs.to(dtype) if dtype != inputs.dtype else inputs):
+    if _autocast_to_float32(dtype, inputs.device):
         # torchvision's formula runs binary_cross_entropy_with_logits, on autocast's float32
         # list: the loss is float32. Reductions stay in the input dtype (the kernel sums in
         # float32); the elementwise loss is computed in float32 to be returned as such.
