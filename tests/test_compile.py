@@ -42,6 +42,21 @@ def test_compile_fullgraph_matches_eager(device, backend, compile_backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_compile_graph_holds_the_ops(device, backend):
+    """Dynamo records our ops as single nodes: the losses are neither traced into plain
+    PyTorch (as they are under torch.func) nor split by graph breaks."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compile(_all_losses, fullgraph=True, backend=counter)(*_inputs(device)).backward()
+    calls = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
+    namespace = "torchloss_fused_ref" if backend == "reference" else "torchloss_fused"
+    ours = sorted(c.split(".")[1] for c in calls if c.startswith(namespace + "."))
+    assert ours == ["ce_fwd", "ce_fwd", "focal_fwd", "sigmoid_focal_sum"], calls
+    assert not any("logsumexp" in c or "log_softmax" in c for c in calls), calls
+
+
 def test_compile_inplace_backward_and_probability_targets(device, backend):
     torch._dynamo.reset()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, reference
+from ._higher_order import creating_graph, differentiable_grads
 
 REF_NAMESPACE = "torchloss_fused_ref"
 
@@ -148,6 +149,12 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def _graph_grad(forward, input, *grad_outputs):
+    """backward(create_graph=True): the input's gradient recorded by autograd through the
+    reference forward (a tuple of outputs), so it can be differentiated again."""
+    return differentiable_grads(forward, (input,), (True,), grad_outputs)[0]
+
+
 def _make_ce_autograd(namespace: str):
     def setup_context(ctx, inputs, output):
         input, target, weight, *args, inplace = inputs
@@ -160,6 +167,10 @@ def _make_ce_autograd(namespace: str):
         input, target, weight, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
             return (None,) * 9
+        if creating_graph():  # (out of place even with inplace_backward: input is needed)
+            grad = _graph_grad(lambda x: reference.ce_fwd(x, target, weight, *ctx.args), input,
+                               grad_loss, grad_lse)
+            return (grad,) + (None,) * 8
         grad_loss = _zeros_if_none(grad_loss, lse)
         ops = _ns(namespace)
         if ctx.inplace:
@@ -186,7 +197,7 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
 
 
 def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                    as_rows=None):
+                    as_rows=None, graph_forward=None):
     """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
@@ -195,9 +206,13 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     so it repeats the first bitwise; a backward that also carries a gradient for lse
     computes it with the separate backward op (`recompute`). `as_rows` maps (grad,
     grad_loss, grad_scale) to the (B, C, D), (B, D), (B, D) views the rescale works on,
-    when the op's outputs are not already shaped so."""
+    when the op's outputs are not already shaped so. With create_graph=True the gradient
+    comes from autograd through `graph_forward` (the reference forward of the input)."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
+    if creating_graph():
+        ctx.fused_grad = None
+        return _graph_grad(graph_forward, ctx.saved_tensors[0], grad_loss, grad_lse)
     if grad_lse is not None:
         return recompute(grad_loss, grad_lse)
     grad, ctx.fused_grad = ctx.fused_grad, None
@@ -231,7 +246,12 @@ def _make_ce_fwd_grad_autograd(namespace: str):
             g = _zeros_if_none(g, lse)
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
-        grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute)
+        def graph_forward(x):
+            _, target, weight, _ = ctx.saved_tensors
+            return reference.ce_fwd(x, target, weight, *ctx.args)
+
+        grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
+                               graph_forward=graph_forward)
         return (grad,) + (None,) * 8
 
     return backward, setup_context
@@ -248,6 +268,10 @@ def _make_focal_autograd(namespace: str):
         input, target, alpha, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or grad_loss is None:
             return (None,) * 6
+        if creating_graph():
+            grad = _graph_grad(lambda x: reference.focal_fwd(x, target, alpha, *ctx.args), input,
+                               grad_loss, None)
+            return (grad,) + (None,) * 5
         grad = _ns(namespace)._focal_bwd(grad_loss, input, target, alpha, lse, *ctx.args)
         return (grad,) + (None,) * 5
 
@@ -267,9 +291,14 @@ def _make_focal_fwd_grad_autograd(namespace: str):
             input, target, alpha, _ = ctx.saved_tensors
             return _ns(namespace).focal_fwd_grad(input, target, alpha, *ctx.args, grad_scale)[2]
 
+        def graph_forward(x):
+            _, target, alpha, _ = ctx.saved_tensors
+            return reference.focal_fwd(x, target, alpha, *ctx.args)
+
         if grad_loss is None:
             return (None,) * 7
-        grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None)
+        grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
+                               graph_forward=graph_forward)
         return (grad,) + (None,) * 6
 
     return backward, setup_context
@@ -285,6 +314,10 @@ def _make_sigmoid_autograd(namespace: str):
         input, target = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 4
+        if creating_graph():
+            grad = _graph_grad(lambda x: (reference.sigmoid_focal_fwd(x, target, *ctx.args),),
+                               input, grad_loss)
+            return grad, None, None, None
         grad = _ns(namespace)._sigmoid_focal_bwd(grad_loss, input, target, *ctx.args)
         return grad, None, None, None
 
@@ -312,6 +345,10 @@ def _make_sigmoid_sum_autograd(namespace: str):
         input, target = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 5
+        if creating_graph():
+            grad = _graph_grad(lambda x: (reference.sigmoid_focal_sum(x, target, *ctx.args),),
+                               input, grad_loss)
+            return grad, None, None, None, None
         alpha, gamma, scale = ctx.args
         g = (grad_loss * scale).to(input.dtype).expand(input.shape)
         grad = _ns(namespace)._sigmoid_focal_bwd(g, input, target, alpha, gamma)
@@ -333,10 +370,14 @@ def _make_sigmoid_sum_grad_autograd(namespace: str):
             input, target = ctx.saved_tensors
             return _ns(namespace).sigmoid_focal_sum_grad(input, target, *ctx.args)[1]
 
+        def graph_forward(x):
+            _, target = ctx.saved_tensors
+            return (reference.sigmoid_focal_sum(x, target, *ctx.args),)
+
         if grad_loss is None:
             return (None,) * 5
         grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
-                               as_rows=_elementwise_as_rows)
+                               as_rows=_elementwise_as_rows, graph_forward=graph_forward)
         return (grad,) + (None,) * 4
 
     return backward, setup_context

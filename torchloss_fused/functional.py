@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.nn import _reduction
 
 from . import _backend, reference
+from ._higher_order import transform_active
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
 
@@ -209,8 +210,10 @@ def cross_entropy(
     ignore_index = int(ignore_index)
 
     x3, out_shape = _rows_view(input)
+    # torch.func and forward-mode AD: the reference code, which they see through.
+    transformed = transform_active(input, weight, target if target.is_floating_point() else None)
     if inplace_backward and _wants_grad(x3) and not torch.compiler.is_compiling() and \
-            torch._debug_has_internal_overlap(x3) == 1:
+            not transformed and torch._debug_has_internal_overlap(x3) == 1:
         raise ValueError(
             "inplace_backward=True writes the gradient into the input, but elements of this "
             "input share memory (an expanded tensor?); clone it or use inplace_backward=False"
@@ -261,10 +264,8 @@ def cross_entropy(
         denom = _index_denominator(t, weight, ignore_index, C, acc)
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
 
-    if _wants_grad(weight) or (prob and _wants_grad(target)):
-        # Gradients for the weight or the target: autograd through the reference code.
-        if not prob and not torch.compiler.is_compiling():
-            reference.check_index_target(t, C, ignore_index)
+    if transformed or _wants_grad(weight) or (prob and _wants_grad(target)):
+        # Gradients for the weight or the target, torch.func: autograd through the reference.
         loss_rows, lse = reference.ce_fwd(x3, t, weight, *args)
     else:
         ops = _backend.ops_for(x3.device)
@@ -323,9 +324,7 @@ def focal_loss(
     acc = reference.acc_dtype(x3.dtype)
     denom = (t != ignore_index).sum().to(acc) if reduction == "mean" else None
     args = (alpha_scale, gamma, ignore_index)
-    if _wants_grad(alpha_vec):
-        if not torch.compiler.is_compiling():
-            reference.check_index_target(t, x3.shape[1], ignore_index)
+    if _wants_grad(alpha_vec) or transform_active(input, alpha_vec):
         loss_rows, _ = reference.focal_fwd(x3, t, alpha_vec, *args)
     else:
         ops = _backend.ops_for(x3.device)
@@ -382,9 +381,10 @@ def sigmoid_focal_loss(
     else:
         out_dtype = dtype
     x, t = inputs.to(dtype), targets.to(dtype)
-    if reduction == "none" or x.numel() == 0 or _wants_grad(t):
-        # Gradients for the target: autograd through the reference code.
-        fwd = reference.sigmoid_focal_fwd if _wants_grad(t) else (
+    # Gradients for the target, torch.func: autograd through the reference code.
+    use_reference = _wants_grad(t) or transform_active(x, t)
+    if reduction == "none" or x.numel() == 0 or use_reference:
+        fwd = reference.sigmoid_focal_fwd if use_reference else (
             _backend.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)
         if reduction == "mean":

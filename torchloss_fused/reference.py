@@ -49,9 +49,12 @@ def check_index_target(target: Tensor, num_classes: int, ignore_index: int) -> N
     """IndexError naming the first out-of-range target, as PyTorch's CPU loss raises.
 
     Only on CPU: elsewhere the check would synchronise with the host, and the gather that
-    follows raises a device-side assertion instead.
+    follows raises a device-side assertion instead. Not while traced (torch.compile) or
+    batched by torch.func.vmap, which cannot branch on values: there the gather's own
+    bounds check raises.
     """
-    if target.device.type != "cpu" or target.numel() == 0:
+    if (target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling()
+            or torch._C._functorch.is_functorch_wrapped_tensor(target)):
         return
     t = target.long()
     bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from .._higher_order import transform_active
 from ..functional import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
@@ -43,7 +44,7 @@ from ..functional import (
     _wants_grad,
 )
 from .chunking import auto_chunk_size
-from .ops import NAMESPACE
+from .ops import NAMESPACE, materialised_rows
 
 __all__ = ["LinearCrossEntropyLoss", "auto_chunk_size", "linear_cross_entropy"]
 
@@ -167,11 +168,15 @@ def linear_cross_entropy(
     denom = (t1 != ignore_index).sum().to(acc) if reduction == "mean" else None
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
-    if reduction != "none" and any(needs):
+    if transform_active(hidden, weight, bias):
+        # torch.func / forward-mode AD see through this, not through the custom ops.
+        loss_rows, _ = materialised_rows(h2, weight, bias, t1, *ce_args)
+    elif reduction != "none" and any(needs):
         loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, denom, *ce_args, chunk,
                                           accum_dtype, *needs)
         return loss.to(out_dtype or hidden.dtype)
-    loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, *ce_args, chunk, accum_dtype)
+    else:
+        loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, *ce_args, chunk, accum_dtype)
     if reduction == "none":
         return loss_rows.reshape(target.shape).to(out_dtype or hidden.dtype)
     total = loss_rows.sum()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .._higher_order import creating_graph, differentiable_grads
 from .loop import _loop, _placeholder
 
 NAMESPACE = "torchloss_fused_py"
@@ -70,6 +71,28 @@ def _bwd_impl(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_
             gb if gb is not None else _placeholder(hidden))
 
 
+def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                      ignore_index: int, label_smoothing: float, z_loss: float,
+                      softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row loss and lse through the full (N, V) logits, in plain differentiable PyTorch:
+    what torch.func transforms and higher-order gradients differentiate (never the
+    training path)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    loss, lse = reference.ce_fwd(logits.unsqueeze(-1), target.unsqueeze(-1), None, ignore_index,
+                                 label_smoothing, z_loss, softcap, 1.0)
+    return loss.squeeze(-1), lse.squeeze(-1)
+
+
+def _graph_grads(saved, ce_args, needs, grad_rows):
+    """backward(create_graph=True): gradients recorded by autograd through the materialised
+    forward, so they can be differentiated again."""
+    hidden, weight, bias, target = saved[:4]
+    grads = differentiable_grads(
+        lambda h, w, b: materialised_rows(h, w, b, target, *ce_args),
+        (hidden, weight, bias), needs, (grad_rows, None))
+    return grads + (None,) * (len(needs) - 3)
+
+
 # ---- fake kernels -------------------------------------------------------------------------
 
 
@@ -121,6 +144,9 @@ def _fwd_backward(ctx, grad_loss, _grad_lse):
     if grad_loss is None or not any(needs):
         return (None,) * 10
     hidden, weight, bias, target, lse = ctx.saved_tensors
+    if creating_graph():
+        needs = (needs[0], needs[1], needs[2] and bias is not None)
+        return _graph_grads(ctx.saved_tensors, ctx.args[:4], needs, grad_loss) + (None,) * 7
     gh, gw, gb = _ns()._linear_ce_bwd(grad_loss, hidden, weight, bias, target, lse, *ctx.args,
                                       *needs)
     return (gh if needs[0] else None, gw if needs[1] else None,
@@ -153,6 +179,10 @@ def _fwd_grad_backward(ctx, grad_loss, *_unused):
     saved = ctx.saved_tensors
     hidden, weight, bias, target, denom, lse = saved[:6]
     needs = (needs[0], needs[1], needs[2] and bias is not None)
+    if creating_graph():
+        ctx.fused = None
+        rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
+        return _graph_grads(saved, ctx.ce_args, needs, rows) + none
     if ctx.eager:
         fused, ctx.fused = ctx.fused, None
         if fused is None:  # second backward through the same graph: recompute

@@ -1,0 +1,269 @@
+"""Higher-order gradients (backward with create_graph=True) and torch.func transforms
+(grad, vmap, jacrev, hessian, jvp) and forward-mode AD, against the same computations on
+F.cross_entropy and the float64 oracles. Before this was supported, a second-order term
+through the loss silently vanished (the kernels' gradient was a constant to autograd)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import grad, hessian, jacrev, jvp, vmap
+
+import torchloss_fused as tlf
+from torchloss_fused import _backend, reference
+from torchloss_fused.reference import sigmoid_focal_loss_torchvision
+
+from .helpers import oracle_cross_entropy, random_logits, random_targets
+from .test_focal_loss import focal_oracle
+
+F64 = torch.float64
+
+
+def _hvp(loss_fn, inputs, vs):
+    """Gradient with create_graph, then the gradient of <gradient, v>: a Hessian-vector
+    product; also differentiates through the incoming gradient (a 1.7 scale)."""
+    loss = loss_fn(*inputs)
+    if loss.dim():
+        loss = (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype,
+                                      device=loss.device).view(loss.shape)).sum()
+    scale = torch.tensor(1.7, dtype=loss.dtype, device=loss.device, requires_grad=True)
+    grads = torch.autograd.grad(loss * scale, inputs, create_graph=True)
+    inner = sum((g * v).sum() for g, v in zip(grads, vs))
+    second = torch.autograd.grad(inner, (*inputs, scale))
+    return [g.detach() for g in grads], list(second)
+
+
+def _assert_same_hvp(ours, ref, inputs, rtol=1e-9, atol=1e-11):
+    vs = [torch.randn_like(x) for x in inputs]
+    leaves = [[x.detach().clone().requires_grad_() for x in inputs] for _ in range(2)]
+    g1, h1 = _hvp(ours, leaves[0], vs)
+    g2, h2 = _hvp(ref, leaves[1], vs)
+    for a, b in zip(g1 + h1, g2 + h2):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+CE_CASES = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.15},
+    {"weight": True, "ignore_index": 2},
+    {"weight": True, "label_smoothing": 0.1, "reduction": "sum"},
+    {"z_loss": 1e-2, "softcap": 4.0, "logit_scale": 0.8},
+    {"prob": True},
+    {"prob": True, "label_smoothing": 0.2, "weight": True},
+]
+
+
+@pytest.mark.parametrize("case", CE_CASES, ids=lambda c: "-".join(map(str, c.items())) or "plain")
+@pytest.mark.parametrize("kdim", [False, True], ids=["2d", "kdim"])
+def test_cross_entropy_second_order_matches_pytorch(case, kdim, device, backend):
+    case = dict(case)
+    shape = (5, 7, 3) if kdim else (9, 7)
+    x = random_logits(shape, F64, device, requires_grad=False)
+    if case.pop("prob", False):
+        t = torch.softmax(torch.randn(shape, dtype=F64), 1).to(device)
+    else:
+        t = random_targets((shape[0], *shape[2:]), 7, device, ignore_index=2, ignore_frac=0.2)
+        t[0] = 2
+    if case.pop("weight", False):
+        case["weight"] = torch.rand(7, dtype=F64, device=device) + 0.5
+    extras = {k: case.pop(k) for k in ("z_loss", "softcap", "logit_scale") if k in case}
+
+    def oracle(a):
+        return oracle_cross_entropy(a, t, **case, **extras)[0]
+
+    _assert_same_hvp(lambda a: tlf.cross_entropy(a, t, **case, **extras), oracle, [x])
+
+
+def test_inplace_backward_with_create_graph_leaves_input_intact(device, backend):
+    x = random_logits((6, 11), F64, device, requires_grad=False)
+    t = random_targets((6,), 11, device)
+    _assert_same_hvp(lambda a: tlf.cross_entropy(a, t, inplace_backward=True),
+                     lambda a: F.cross_entropy(a, t), [x])
+    leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(tlf.cross_entropy(leaf, t, inplace_backward=True), leaf,
+                               create_graph=True)
+    assert torch.equal(leaf.detach(), x) and g.requires_grad
+
+
+@pytest.mark.parametrize("gamma,alpha", [(0.0, None), (2.0, 0.25), (1.5, "vec")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_focal_second_order_matches_oracle(gamma, alpha, reduction, device, backend):
+    x = random_logits((8, 6), F64, device, requires_grad=False)
+    t = random_targets((8,), 6, device, ignore_frac=0.2)
+    if alpha == "vec":
+        alpha = torch.rand(6, dtype=F64, device=device)
+    _assert_same_hvp(lambda a: tlf.focal_loss(a, t, gamma, alpha, reduction=reduction),
+                     lambda a: focal_oracle(a, t, gamma, alpha, reduction=reduction), [x])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_focal_second_order_matches_torchvision(reduction, device, backend):
+    x = random_logits((7, 5), F64, device, requires_grad=False)
+    t = (torch.rand(7, 5) > 0.6).to(device, F64)
+    _assert_same_hvp(lambda a: tlf.sigmoid_focal_loss(a, t, 0.3, 1.5, reduction),
+                     lambda a: sigmoid_focal_loss_torchvision(a, t, 0.3, 1.5, reduction), [x])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_second_order(reduction, with_bias, device, backend):
+    h = torch.randn(10, 4, dtype=F64, device=device)
+    w = torch.randn(9, 4, dtype=F64, device=device)
+    b = torch.randn(9, dtype=F64, device=device)
+    t = random_targets((10,), 9, device, ignore_frac=0.2)
+    inputs = [h, w, b] if with_bias else [h, w]
+
+    def ours(h, w, b=None):
+        return tlf.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1,
+                                        chunk_size=3)
+
+    def ref(h, w, b=None):
+        return F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=0.1)
+
+    _assert_same_hvp(ours, ref, inputs)
+
+
+def test_gradgradcheck_every_loss(device, backend):
+    """Numerical second derivatives, including the extras F.cross_entropy lacks."""
+    x = random_logits((4, 5), F64, device)
+    t = random_targets((4,), 5, device)
+    xs = random_logits((3, 4), F64, device)
+    ts = (torch.rand(3, 4) > 0.5).to(device, F64)
+    h, w = (torch.randn(s, dtype=F64, device=device, requires_grad=True) for s in ((4, 3), (5, 3)))
+    checks = [
+        (lambda a: tlf.cross_entropy(a, t, z_loss=0.05, softcap=2.0, logit_scale=1.3,
+                                     label_smoothing=0.1), (x,)),
+        (lambda a: tlf.focal_loss(a, t, gamma=2.5, alpha=0.5, reduction="sum"), (x,)),
+        (lambda a: tlf.sigmoid_focal_loss(a, ts, -1.0, 2.0, "mean"), (xs,)),
+        (lambda a, b: tlf.linear_cross_entropy(a, b, t, z_loss=0.1, softcap=3.0), (h, w)),
+    ]
+    for fn, inputs in checks:
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_meta_gradient_through_an_inner_step(device, backend):
+    """MAML: the outer gradient flows through the inner step's gradient of the loss."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 8, dtype=F64, device=device)
+    t = random_targets((16,), 5, device)
+
+    def outer_grad(loss_fn):
+        w = torch.randn(5, 8, dtype=F64, device=device, generator=None)
+        w = w.requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(x @ w.T, t), w, create_graph=True)
+        w_adapted = w - 0.5 * g
+        (outer,) = torch.autograd.grad(loss_fn(x @ w_adapted.T, t), w)
+        return outer
+
+    torch.manual_seed(2)
+    ours = outer_grad(tlf.cross_entropy)
+    torch.manual_seed(2)
+    ref = outer_grad(F.cross_entropy)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+# ---- torch.func and forward-mode AD ---------------------------------------------------------
+
+
+def _no_fallback_warnings():
+    # The custom ops would run under vmap through a slow per-sample fallback with a warning.
+    return warnings.catch_warnings(record=True)
+
+
+def test_per_sample_gradients_with_vmap_grad(device, backend):
+    x = random_logits((6, 9), F64, device, requires_grad=False)
+    t = random_targets((6,), 9, device)
+    xs = random_logits((6, 4), F64, device, requires_grad=False)
+    ts = (torch.rand(6, 4) > 0.5).to(device, F64)
+    pairs = [
+        (lambda a, b: tlf.cross_entropy(a[None], b[None], label_smoothing=0.1),
+         lambda a, b: F.cross_entropy(a[None], b[None], label_smoothing=0.1), x, t),
+        (lambda a, b: tlf.focal_loss(a[None], b[None], 2.0),
+         lambda a, b: focal_oracle(a[None], b[None], 2.0), x, t),
+        (lambda a, b: tlf.sigmoid_focal_loss(a, b, reduction="mean"),
+         lambda a, b: sigmoid_focal_loss_torchvision(a, b, reduction="mean"), xs, ts),
+    ]
+    with _no_fallback_warnings() as caught:
+        warnings.simplefilter("always")
+        for ours, ref, a, b in pairs:
+            torch.testing.assert_close(vmap(grad(ours))(a, b), vmap(grad(ref))(a, b))
+    assert not [w for w in caught if "performance drop" in str(w.message)]
+
+
+def test_func_transforms_match_pytorch(device, backend):
+    x = random_logits((5, 6), F64, device, requires_grad=False)
+    t = random_targets((5,), 6, device, ignore_frac=0.3)
+    v = torch.randn_like(x)
+    w = torch.rand(6, dtype=F64, device=device) + 0.5
+
+    def ours(a, **kw):
+        return tlf.cross_entropy(a, t, weight=w, **kw)
+
+    def ref(a, **kw):
+        return F.cross_entropy(a, t, weight=w, **kw)
+
+    torch.testing.assert_close(grad(ours)(x), grad(ref)(x))
+    torch.testing.assert_close(hessian(ours)(x), hessian(ref)(x))
+    torch.testing.assert_close(jacrev(lambda a: ours(a, reduction="none"))(x),
+                               jacrev(lambda a: ref(a, reduction="none"))(x))
+    torch.testing.assert_close(jvp(ours, (x,), (v,)), jvp(ref, (x,), (v,)))
+    batch = random_logits((3, 5, 6), F64, device, requires_grad=False)
+    torch.testing.assert_close(vmap(ours)(batch), vmap(ref)(batch))
+
+
+def test_forward_mode_ad(device, backend):
+    x = random_logits((5, 6), F64, device, requires_grad=False)
+    t = random_targets((5,), 6, device)
+    v = torch.randn_like(x)
+    xs, ts = x[:, :4], (torch.rand(5, 4) > 0.5).to(device, F64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, v)
+        pairs = [
+            (tlf.cross_entropy(dual, t, reduction="none"),
+             F.cross_entropy(dual, t, reduction="none")),
+            (tlf.focal_loss(dual, t, 2.0), focal_oracle(dual, t, 2.0)),
+            (tlf.sigmoid_focal_loss(fwAD.make_dual(xs, v[:, :4]), ts, reduction="sum"),
+             sigmoid_focal_loss_torchvision(fwAD.make_dual(xs, v[:, :4]), ts, reduction="sum")),
+        ]
+        for ours, ref in pairs:
+            torch.testing.assert_close(fwAD.unpack_dual(ours).tangent,
+                                       fwAD.unpack_dual(ref).tangent)
+
+
+def test_linear_cross_entropy_under_func_transforms(device, backend):
+    h = torch.randn(6, 4, dtype=F64, device=device)
+    w = torch.randn(7, 4, dtype=F64, device=device)
+    t = random_targets((6,), 7, device, ignore_frac=0.2)
+
+    def ours(h, w):
+        return tlf.linear_cross_entropy(h, w, t, z_loss=1e-2)
+
+    def ref(h, w):
+        logits = F.linear(h, w)
+        return oracle_cross_entropy(logits, t, z_loss=1e-2)[0]
+
+    for a, b in zip(grad(ours, argnums=(0, 1))(h, w), grad(ref, argnums=(0, 1))(h, w)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(hessian(ours)(h, w), hessian(ref)(h, w))
+
+
+def test_ordinary_training_never_takes_the_reference_route(device, monkeypatch):
+    """The transform checks must not send plain eager training to the slow path."""
+    if not _backend.has_kernels(device.type):
+        pytest.skip("no compiled kernels for this device")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("reference path taken")
+
+    monkeypatch.setattr(reference, "ce_fwd", fail)
+    monkeypatch.setattr(reference, "focal_fwd", fail)
+    x = random_logits((4, 10), torch.float32, device)
+    t = random_targets((4,), 10, device)
+    (tlf.cross_entropy(x, t) + tlf.focal_loss(x, t)).backward()
+    assert torch.isfinite(x.grad).all()

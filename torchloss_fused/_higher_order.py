@@ -1,0 +1,60 @@
+"""Higher-order derivatives and torch.func transforms.
+
+To autograd, a kernel's gradient is a plain tensor. Differentiated again (a backward with
+``create_graph=True``: gradient penalties, MAML, Hessian-vector products) it would count as
+a constant and the second-order terms would silently vanish; and torch.func's transforms
+cannot use the autograd formulas of custom ops at all (pytorch/pytorch#168393,
+#179652). In both cases the losses run the pure-PyTorch reference code instead, which
+autograd and torch.func differentiate and batch like any PyTorch code: exact
+derivatives of every order, at the reference's speed. Ordinary training never comes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+
+def transform_active(*tensors: Tensor | None) -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, hessian, ...) is running, or
+    forward-mode AD carries a tangent for one of `tensors`. Always False under torch.compile,
+    where this cannot be told (torch.compile of a torch.func transform of these losses is
+    not supported)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def creating_graph() -> bool:
+    """Inside a backward formula: whether the caller asked for a differentiable gradient
+    (backward or autograd.grad with create_graph=True runs the formulas with grad mode on)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def differentiable_grads(
+    forward: Callable[..., Sequence[Tensor]],
+    inputs: Sequence[Tensor | None],
+    needs: Sequence[bool],
+    grad_outputs: Sequence[Tensor | None],
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``forward(*inputs)`` (a tuple of outputs) for the inputs marked in
+    `needs`, given the outputs' incoming gradients (None: no gradient), recorded by autograd
+    so that they can be differentiated again, with respect to the inputs and to
+    `grad_outputs` alike."""
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() if need and not x.requires_grad else x
+                  for x, need in zip(inputs, needs)]
+        outputs = forward(*leaves)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+        wrt = [x for x, need in zip(leaves, needs) if need]
+        grads = iter(torch.autograd.grad(
+            [o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True,
+            allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if need else None for need in needs)
