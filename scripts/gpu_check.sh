@@ -194,6 +194,10 @@ find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.p
   -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 4 | cut -d' ' -f2- |
   while read -r f; do cp "$f" "$OUT/results/"; done
 note "results: $(ls "$OUT/results" 2>/dev/null | tr '\n' ' ')"
+# The issues' performance targets, read from the results JSON just written.
+if compgen -G "$OUT/results/*.json" >/dev/null; then
+  "$PY" -m benchmarks.targets "$OUT"/results/*.json 2>&1 | tee -a "$SUMMARY"
+fi
 
 note "total: $((SECONDS - START)) s, overall rc=$overall"
 exit "$overall"

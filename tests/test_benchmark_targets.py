@@ -1,0 +1,82 @@
+"""benchmarks/targets.py: the performance targets read from a results JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import targets
+from benchmarks.cases import sweep
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+CPU_TARGETS_RUN = RESULTS / "cpu-amd-epyc-20261121T162151Z.json"
+
+
+@pytest.mark.parametrize("device_kind", ["cpu", "cuda"])
+def test_targets_sweep_measures_every_target(device_kind):
+    """`benchmarks.run --targets` must produce the rows every target reads."""
+    cases = {(c.op, tuple(c.shape), c.dtype) for c in sweep(device_kind, "targets")}
+    for t in targets.TARGETS:
+        if t.device_kind == device_kind:
+            for dtype in t.dtypes:
+                assert (t.op, t.shape, dtype) in cases, (t.what, dtype)
+
+
+def test_committed_cpu_run_meets_the_cpu_targets():
+    results = json.loads(CPU_TARGETS_RUN.read_text())
+    verdicts = targets.evaluate(results)
+    assert len(verdicts) == 10 and all(v["met"] for v in verdicts)
+    rows = {(r["op"], r["impl"], r["dtype"]): r for r in results["rows"]}
+    ce = rows[("ce_fwd_bwd", "torchloss_fused", "bf16")]
+    speedup = next(v for v in verdicts if v["dtype"] == "bf16" and "over eager" in v["target"])
+    assert speedup["value"] == ce["speedup_vs_eager"]
+    lm_ours = rows[("linear_ce_fwd_bwd", "torchloss_fused", "fp32")]
+    lm_eager = rows[("linear_ce_fwd_bwd", "F.linear+F.cross_entropy (eager)", "fp32")]
+    mem = next(v for v in verdicts if v["dtype"] == "fp32" and "peak extra / mat" in v["target"])
+    assert mem["value"] == pytest.approx(lm_ours["peak_extra_bytes"] / lm_eager["peak_extra_bytes"])
+
+
+def _row(op, impl, kind, shape, **figures):
+    return {"op": op, "impl": impl, "impl_kind": kind, "dtype": "bf16", "shape": list(shape),
+            "status": "ok", **figures}
+
+
+def _gpu_results(pct_copy_bw=90.0, with_inplace=True):
+    ce, lm = (16384, 128256), (16384, 4096, 128256)
+    rows = [
+        _row("ce_fwd_bwd", "torchloss_fused", "ours", ce, pct_copy_bw=pct_copy_bw,
+             speedup_vs_eager=4.0, speedup_vs_compile=1.5, peak_extra_ratio=1.0,
+             median_ms=3.0),
+        _row("focal_fwd_bwd", "torchloss_fused", "ours", ce, median_ms=3.2),
+        _row("linear_ce_fwd_bwd", "torchloss_fused", "ours", lm, median_ms=110.0,
+             peak_extra_bytes=5e8),
+        _row("linear_ce_fwd_bwd", "F.linear+F.cross_entropy (eager)", "eager", lm,
+             median_ms=150.0, peak_extra_bytes=1.2e10),
+        _row("linear_ce_fwd_bwd", "3 matmuls alone (time floor, no loss)", "bound", lm,
+             median_ms=100.0, peak_extra_bytes=3e9),
+    ]
+    if with_inplace:
+        rows.append(_row("ce_fwd_bwd", "torchloss_fused inplace_backward", "ours", ce,
+                         peak_extra_ratio=0.01, median_ms=2.9))
+    return {"device": {"kind": "cuda", "name": "test GPU"}, "date": "d", "git": {"commit": "c"},
+            "rows": rows}
+
+
+def test_gpu_verdicts_met_missed_and_not_measured(tmp_path):
+    verdicts = {v["target"]: v for v in targets.evaluate(_gpu_results())}
+    assert len(verdicts) == 8 and all(v["met"] for v in verdicts.values())
+    assert verdicts["focal fwd+bwd time / CE fwd+bwd time"]["value"] == pytest.approx(3.2 / 3.0)
+    assert verdicts["linear CE time / the 3 matrix products'"]["value"] == pytest.approx(1.1)
+
+    verdicts = {v["target"]: v for v in targets.evaluate(_gpu_results(84.9, False))}
+    assert verdicts["CE fwd+bwd, % of copy bandwidth"]["met"] is False
+    # The plain row must not be mistaken for the missing inplace_backward one.
+    assert verdicts["CE fwd+bwd inplace_backward, peak extra / logits"]["met"] is None
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_gpu_results(84.9)))
+    assert targets.main([str(path)]) == 1
+    path.write_text(json.dumps(_gpu_results(85.0)))
+    assert targets.main([str(path)]) == 0
