@@ -267,3 +267,45 @@ def test_ordinary_training_never_takes_the_reference_route(device, monkeypatch):
     t = random_targets((4,), 10, device)
     (tlf.cross_entropy(x, t) + tlf.focal_loss(x, t)).backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_batched_upstream_gradients(reduction, device, backend):
+    """autograd.grad(is_grads_batched=True) and vectorised autograd.functional, which batch
+    the incoming gradients with vmap."""
+    x = random_logits((5, 6), F64, device)
+    t = random_targets((5,), 6, device, ignore_frac=0.2)
+    xs = random_logits((5, 6), F64, device)
+    ts = (torch.rand(5, 6) > 0.5).to(device, F64)
+    h = torch.randn(5, 3, dtype=F64, device=device, requires_grad=True)
+    w = torch.randn(6, 3, dtype=F64, device=device, requires_grad=True)
+    pairs = [
+        (tlf.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1),
+         F.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1), x),
+        (tlf.focal_loss(x, t, 2.0, reduction=reduction),
+         focal_oracle(x, t, 2.0, reduction=reduction), x),
+        (tlf.sigmoid_focal_loss(xs, ts, reduction=reduction).reshape(-1)[:5],
+         sigmoid_focal_loss_torchvision(xs, ts, reduction=reduction).reshape(-1)[:5], xs),
+        (tlf.linear_cross_entropy(h, w, t, reduction=reduction),
+         F.cross_entropy(F.linear(h, w), t, reduction=reduction), w),
+    ]
+    for ours, ref, wrt in pairs:
+        basis = torch.randn(3, *ours.shape, dtype=F64, device=device)
+        (g1,) = torch.autograd.grad(ours, wrt, basis, retain_graph=True, is_grads_batched=True)
+        (g2,) = torch.autograd.grad(ref, wrt, basis, retain_graph=True, is_grads_batched=True)
+        assert g1.shape == (3, *wrt.shape)
+        torch.testing.assert_close(g1, g2)
+
+    def ours_fn(a):
+        return tlf.cross_entropy(a, t, reduction=reduction)
+
+    def ref_fn(a):
+        return F.cross_entropy(a, t, reduction=reduction)
+
+    jac = torch.autograd.functional.jacobian
+    a = x.detach()
+    torch.testing.assert_close(jac(ours_fn, a, vectorize=True), jac(ref_fn, a, vectorize=True))
+    if reduction == "mean":
+        hes = torch.autograd.functional.hessian
+        torch.testing.assert_close(hes(ours_fn, a, vectorize=True),
+                                   hes(ref_fn, a, vectorize=True))

@@ -32,10 +32,22 @@ def transform_active(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def creating_graph() -> bool:
-    """Inside a backward formula: whether the caller asked for a differentiable gradient
-    (backward or autograd.grad with create_graph=True runs the formulas with grad mode on)."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+def reference_backward(*grads: Tensor | None) -> bool:
+    """Inside a backward formula: whether the gradient must come from autograd through the
+    reference forward. Yes when the caller asked for a differentiable gradient
+    (create_graph=True runs the formulas with grad mode on), and when the incoming
+    gradients are batched by vmap (autograd.grad(is_grads_batched=True),
+    torch.autograd.functional.jacobian(vectorize=True)), which the kernels cannot take."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() or any(g is not None and _batched(g) for g in grads)
+
+
+def _batched(t: Tensor) -> bool:
+    # autograd.grad(is_grads_batched=True) batches with the legacy vmap, invisible to
+    # functorch's wrapper checks.
+    ft = torch._C._functorch
+    return ft.is_functorch_wrapped_tensor(t) or ft.is_legacy_batchedtensor(t)
 
 
 def differentiable_grads(

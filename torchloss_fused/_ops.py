@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, reference
-from ._higher_order import creating_graph, differentiable_grads
+from ._higher_order import differentiable_grads, reference_backward
 
 REF_NAMESPACE = "torchloss_fused_ref"
 
@@ -150,8 +150,8 @@ def _zeros_if_none(grad, like):
 
 
 def _graph_grad(forward, input, *grad_outputs):
-    """backward(create_graph=True): the input's gradient recorded by autograd through the
-    reference forward (a tuple of outputs), so it can be differentiated again."""
+    """The input's gradient recorded by autograd through the reference forward (a tuple of
+    outputs): differentiable again, and batchable by vmap (see reference_backward)."""
     return differentiable_grads(forward, (input,), (True,), grad_outputs)[0]
 
 
@@ -167,7 +167,7 @@ def _make_ce_autograd(namespace: str):
         input, target, weight, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
             return (None,) * 9
-        if creating_graph():  # (out of place even with inplace_backward: input is needed)
+        if reference_backward(grad_loss, grad_lse):  # (out of place even when inplace)
             grad = _graph_grad(lambda x: reference.ce_fwd(x, target, weight, *ctx.args), input,
                                grad_loss, grad_lse)
             return (grad,) + (None,) * 8
@@ -206,11 +206,11 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     so it repeats the first bitwise; a backward that also carries a gradient for lse
     computes it with the separate backward op (`recompute`). `as_rows` maps (grad,
     grad_loss, grad_scale) to the (B, C, D), (B, D), (B, D) views the rescale works on,
-    when the op's outputs are not already shaped so. With create_graph=True the gradient
-    comes from autograd through `graph_forward` (the reference forward of the input)."""
+    when the op's outputs are not already shaped so. With create_graph=True or batched
+    gradients, it comes from autograd through `graph_forward` (the reference forward)."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
-    if creating_graph():
+    if reference_backward(grad_loss, grad_lse):
         ctx.fused_grad = None
         return _graph_grad(graph_forward, ctx.saved_tensors[0], grad_loss, grad_lse)
     if grad_lse is not None:
@@ -268,7 +268,7 @@ def _make_focal_autograd(namespace: str):
         input, target, alpha, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or grad_loss is None:
             return (None,) * 6
-        if creating_graph():
+        if reference_backward(grad_loss):
             grad = _graph_grad(lambda x: reference.focal_fwd(x, target, alpha, *ctx.args), input,
                                grad_loss, None)
             return (grad,) + (None,) * 5
@@ -314,7 +314,7 @@ def _make_sigmoid_autograd(namespace: str):
         input, target = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 4
-        if creating_graph():
+        if reference_backward(grad_loss):
             grad = _graph_grad(lambda x: (reference.sigmoid_focal_fwd(x, target, *ctx.args),),
                                input, grad_loss)
             return grad, None, None, None
@@ -345,7 +345,7 @@ def _make_sigmoid_sum_autograd(namespace: str):
         input, target = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 5
-        if creating_graph():
+        if reference_backward(grad_loss):
             grad = _graph_grad(lambda x: (reference.sigmoid_focal_sum(x, target, *ctx.args),),
                                input, grad_loss)
             return grad, None, None, None, None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._higher_order import creating_graph, differentiable_grads
+from .._higher_order import differentiable_grads, reference_backward
 from .loop import _loop, _placeholder
 
 NAMESPACE = "torchloss_fused_py"
@@ -84,8 +84,8 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
 
 
 def _graph_grads(saved, ce_args, needs, grad_rows):
-    """backward(create_graph=True): gradients recorded by autograd through the materialised
-    forward, so they can be differentiated again."""
+    """Gradients recorded by autograd through the materialised forward (create_graph=True,
+    batched gradients: see reference_backward)."""
     hidden, weight, bias, target = saved[:4]
     grads = differentiable_grads(
         lambda h, w, b: materialised_rows(h, w, b, target, *ce_args),
@@ -144,7 +144,7 @@ def _fwd_backward(ctx, grad_loss, _grad_lse):
     if grad_loss is None or not any(needs):
         return (None,) * 10
     hidden, weight, bias, target, lse = ctx.saved_tensors
-    if creating_graph():
+    if reference_backward(grad_loss):
         needs = (needs[0], needs[1], needs[2] and bias is not None)
         return _graph_grads(ctx.saved_tensors, ctx.args[:4], needs, grad_loss) + (None,) * 7
     gh, gw, gb = _ns()._linear_ce_bwd(grad_loss, hidden, weight, bias, target, lse, *ctx.args,
@@ -179,7 +179,7 @@ def _fwd_grad_backward(ctx, grad_loss, *_unused):
     saved = ctx.saved_tensors
     hidden, weight, bias, target, denom, lse = saved[:6]
     needs = (needs[0], needs[1], needs[2] and bias is not None)
-    if creating_graph():
+    if reference_backward(grad_loss):
         ctx.fused = None
         rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
         return _graph_grads(saved, ctx.ce_args, needs, rows) + none
