@@ -149,10 +149,31 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _graph_grad(forward, input, *grad_outputs):
-    """The input's gradient recorded by autograd through the reference forward (a tuple of
-    outputs): differentiable again, and batchable by vmap (see reference_backward)."""
-    return differentiable_grads(forward, (input,), (True,), grad_outputs)[0]
+# Each loss's reference forward, from a backward's ctx (the plain and the fused op save the
+# input first, the same tensors after it, and the same scalar arguments).
+def _ce_reference(x, ctx):
+    _, target, weight, _ = ctx.saved_tensors
+    return reference.ce_fwd(x, target, weight, *ctx.args)
+
+
+def _focal_reference(x, ctx):
+    _, target, alpha, _ = ctx.saved_tensors
+    return reference.focal_fwd(x, target, alpha, *ctx.args)
+
+
+def _sigmoid_reference(x, ctx):
+    return (reference.sigmoid_focal_fwd(x, ctx.saved_tensors[1], *ctx.args),)
+
+
+def _sigmoid_sum_reference(x, ctx):
+    return (reference.sigmoid_focal_sum(x, ctx.saved_tensors[1], *ctx.args),)
+
+
+def _graph_grad(ctx, reference_forward, *grad_outputs):
+    """The input's gradient recorded by autograd through the loss's reference forward:
+    differentiable again, and batchable by vmap (see reference_backward)."""
+    return differentiable_grads(lambda x: reference_forward(x, ctx), ctx.saved_tensors[:1],
+                                (True,), grad_outputs)[0]
 
 
 def _make_ce_autograd(namespace: str):
@@ -168,9 +189,7 @@ def _make_ce_autograd(namespace: str):
         if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
             return (None,) * 9
         if reference_backward(grad_loss, grad_lse):  # (out of place even when inplace)
-            grad = _graph_grad(lambda x: reference.ce_fwd(x, target, weight, *ctx.args), input,
-                               grad_loss, grad_lse)
-            return (grad,) + (None,) * 8
+            return (_graph_grad(ctx, _ce_reference, grad_loss, grad_lse),) + (None,) * 8
         grad_loss = _zeros_if_none(grad_loss, lse)
         ops = _ns(namespace)
         if ctx.inplace:
@@ -197,7 +216,7 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
 
 
 def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                    as_rows=None, graph_forward=None):
+                    as_rows=None, reference_forward=None):
     """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
@@ -207,12 +226,12 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     computes it with the separate backward op (`recompute`). `as_rows` maps (grad,
     grad_loss, grad_scale) to the (B, C, D), (B, D), (B, D) views the rescale works on,
     when the op's outputs are not already shaped so. With create_graph=True or batched
-    gradients, it comes from autograd through `graph_forward` (the reference forward)."""
+    gradients, it comes from autograd through `reference_forward` (see _graph_grad)."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
     if reference_backward(grad_loss, grad_lse):
         ctx.fused_grad = None
-        return _graph_grad(graph_forward, ctx.saved_tensors[0], grad_loss, grad_lse)
+        return _graph_grad(ctx, reference_forward, grad_loss, grad_lse)
     if grad_lse is not None:
         return recompute(grad_loss, grad_lse)
     grad, ctx.fused_grad = ctx.fused_grad, None
@@ -246,12 +265,8 @@ def _make_ce_fwd_grad_autograd(namespace: str):
             g = _zeros_if_none(g, lse)
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
-        def graph_forward(x):
-            _, target, weight, _ = ctx.saved_tensors
-            return reference.ce_fwd(x, target, weight, *ctx.args)
-
         grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                               graph_forward=graph_forward)
+                               reference_forward=_ce_reference)
         return (grad,) + (None,) * 8
 
     return backward, setup_context
@@ -269,9 +284,7 @@ def _make_focal_autograd(namespace: str):
         if not ctx.needs_input_grad[0] or grad_loss is None:
             return (None,) * 6
         if reference_backward(grad_loss):
-            grad = _graph_grad(lambda x: reference.focal_fwd(x, target, alpha, *ctx.args), input,
-                               grad_loss, None)
-            return (grad,) + (None,) * 5
+            return (_graph_grad(ctx, _focal_reference, grad_loss),) + (None,) * 5
         grad = _ns(namespace)._focal_bwd(grad_loss, input, target, alpha, lse, *ctx.args)
         return (grad,) + (None,) * 5
 
@@ -291,14 +304,10 @@ def _make_focal_fwd_grad_autograd(namespace: str):
             input, target, alpha, _ = ctx.saved_tensors
             return _ns(namespace).focal_fwd_grad(input, target, alpha, *ctx.args, grad_scale)[2]
 
-        def graph_forward(x):
-            _, target, alpha, _ = ctx.saved_tensors
-            return reference.focal_fwd(x, target, alpha, *ctx.args)
-
         if grad_loss is None:
             return (None,) * 7
         grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
-                               graph_forward=graph_forward)
+                               reference_forward=_focal_reference)
         return (grad,) + (None,) * 6
 
     return backward, setup_context
@@ -315,9 +324,7 @@ def _make_sigmoid_autograd(namespace: str):
         if not ctx.needs_input_grad[0]:
             return (None,) * 4
         if reference_backward(grad_loss):
-            grad = _graph_grad(lambda x: (reference.sigmoid_focal_fwd(x, target, *ctx.args),),
-                               input, grad_loss)
-            return grad, None, None, None
+            return _graph_grad(ctx, _sigmoid_reference, grad_loss), None, None, None
         grad = _ns(namespace)._sigmoid_focal_bwd(grad_loss, input, target, *ctx.args)
         return grad, None, None, None
 
@@ -346,9 +353,7 @@ def _make_sigmoid_sum_autograd(namespace: str):
         if not ctx.needs_input_grad[0]:
             return (None,) * 5
         if reference_backward(grad_loss):
-            grad = _graph_grad(lambda x: (reference.sigmoid_focal_sum(x, target, *ctx.args),),
-                               input, grad_loss)
-            return grad, None, None, None, None
+            return _graph_grad(ctx, _sigmoid_sum_reference, grad_loss), None, None, None, None
         alpha, gamma, scale = ctx.args
         g = (grad_loss * scale).to(input.dtype).expand(input.shape)
         grad = _ns(namespace)._sigmoid_focal_bwd(g, input, target, alpha, gamma)
@@ -370,14 +375,11 @@ def _make_sigmoid_sum_grad_autograd(namespace: str):
             input, target = ctx.saved_tensors
             return _ns(namespace).sigmoid_focal_sum_grad(input, target, *ctx.args)[1]
 
-        def graph_forward(x):
-            _, target = ctx.saved_tensors
-            return (reference.sigmoid_focal_sum(x, target, *ctx.args),)
-
         if grad_loss is None:
             return (None,) * 5
         grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
-                               as_rows=_elementwise_as_rows, graph_forward=graph_forward)
+                               as_rows=_elementwise_as_rows,
+                               reference_forward=_sigmoid_sum_reference)
         return (grad,) + (None,) * 4
 
     return backward, setup_context

@@ -87,10 +87,9 @@ def _graph_grads(saved, ce_args, needs, grad_rows):
     """Gradients recorded by autograd through the materialised forward (create_graph=True,
     batched gradients: see reference_backward)."""
     hidden, weight, bias, target = saved[:4]
-    grads = differentiable_grads(
+    return differentiable_grads(
         lambda h, w, b: materialised_rows(h, w, b, target, *ce_args),
         (hidden, weight, bias), needs, (grad_rows, None))
-    return grads + (None,) * (len(needs) - 3)
 
 
 # ---- fake kernels -------------------------------------------------------------------------
