@@ -88,12 +88,13 @@ def test_ignore_index_inside_class_range(device, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_nan_and_inf_logits(device, backend, dtype):
-    x = random_logits((5, 6), dtype, device, requires_grad=False)
+    x = random_logits((6, 6), dtype, device, requires_grad=False)
     x[0, 2] = float("nan")  # poisons row 0
     x[1, :3] = float("-inf")  # partly -inf: finite
     x[2, :] = float("-inf")  # all -inf: NaN, as in PyTorch
     x[3, 4] = float("inf")  # +inf: NaN, as in PyTorch
-    y = torch.tensor([1, 4, 0, 4, 5], device=device)
+    x[5, 0] = float("inf")  # +inf off the target: NaN too (not +inf)
+    y = torch.tensor([1, 4, 0, 4, 5, 3], device=device)
     x.requires_grad_()
     ours = tlf.cross_entropy(x, y, reduction="none")
     ref = F.cross_entropy(x.detach().double(), y, reduction="none")
@@ -101,6 +102,7 @@ def test_nan_and_inf_logits(device, backend, dtype):
     torch.testing.assert_close(ours[[1, 4]].double(), ref[[1, 4]], rtol=1e-2, atol=1e-2)
     (g,) = torch.autograd.grad(ours.sum(), x)
     assert g[0].isnan().all() and torch.isfinite(g[[1, 4]]).all()
+    assert g[5].isnan().all(), g[5]  # as F.cross_entropy's gradient
     assert (g[1, :3] == 0).all()
 
 

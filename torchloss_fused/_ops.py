@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, reference
+from . import _backend, _sharding, reference
 from ._higher_order import differentiable_grads, reference_backward
 
 REF_NAMESPACE = "torchloss_fused_ref"
@@ -410,3 +410,7 @@ _define_reference_ops()
 _register(REF_NAMESPACE)
 if _backend.EXTENSION_LOADED:
     _register("torchloss_fused")
+
+_sharding.register(REF_NAMESPACE)
+if _backend.EXTENSION_LOADED:
+    _sharding.register("torchloss_fused")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from . import _backend, reference
+from . import _backend, reference, vocab_parallel
 from ._higher_order import transform_active
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
@@ -50,6 +50,13 @@ def _check_logits(input, name: str = "input") -> None:
 
 
 def _check_device(input: Tensor, other: Tensor, name: str) -> None:
+    if vocab_parallel.is_dtensor(input) != vocab_parallel.is_dtensor(other):
+        kinds = ("a DTensor", "a plain tensor")
+        a, b = kinds if vocab_parallel.is_dtensor(input) else kinds[::-1]
+        raise TypeError(
+            f"input is {a} but {name} is {b}; make both DTensors on the same mesh "
+            "(distribute_tensor, or DTensor.from_local with the placements they have)"
+        )
     if other.device != input.device:
         raise ValueError(
             f"{name} is on {other.device} but input is on {input.device}; "
@@ -158,7 +165,7 @@ def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
     """The grad_loss backward will see per row when the caller backpropagates the loss
     unscaled; computed exactly as autograd will compute it, so the common case matches
     bitwise and backward skips its rescale pass."""
-    one = torch.ones((), dtype=rows.dtype, device=rows.device)
+    one = rows.new_ones(())  # (a DTensor when rows is one: no mixing with plain tensors)
     scale = one / denom if reduction == "mean" else one
     return scale.expand(rows.shape)
 
@@ -266,7 +273,9 @@ def cross_entropy(
 
     if transformed or _wants_grad(weight) or (prob and _wants_grad(target)):
         # Gradients for the weight or the target, torch.func: autograd through the reference.
-        loss_rows, lse = reference.ce_fwd(x3, t, weight, *args)
+        loss_rows, lse = reference.ce_fwd(vocab_parallel.gather_classes(x3), t, weight, *args)
+    elif vocab_parallel.class_sharded(x3):
+        loss_rows, lse = vocab_parallel.ce_rows(x3, t, weight, *args, inplace_backward)
     else:
         ops = _backend.ops_for(x3.device)
         if _fused_path(x3, inplace_backward):
@@ -325,7 +334,10 @@ def focal_loss(
     denom = (t != ignore_index).sum().to(acc) if reduction == "mean" else None
     args = (alpha_scale, gamma, ignore_index)
     if _wants_grad(alpha_vec) or transform_active(input, alpha_vec):
-        loss_rows, _ = reference.focal_fwd(x3, t, alpha_vec, *args)
+        loss_rows, _ = reference.focal_fwd(vocab_parallel.gather_classes(x3), t, alpha_vec,
+                                           *args)
+    elif vocab_parallel.class_sharded(x3):
+        loss_rows, _ = vocab_parallel.focal_rows(x3, t, alpha_vec, *args)
     else:
         ops = _backend.ops_for(x3.device)
         if _fused_path(x3):

@@ -62,6 +62,13 @@ def check_index_target(target: Tensor, num_classes: int, ignore_index: int) -> N
         raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
 
 
+def logsumexp(s: Tensor) -> Tensor:
+    """Log-sum-exp over the last dim; NaN for a row holding +inf, as the max-shifted
+    softmax of F.cross_entropy and of the kernels gives (torch.logsumexp says +inf)."""
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.where(lse == float("inf"), float("nan"), lse)
+
+
 def _class_vector(v: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if v is None else v.to(dtype)
 
@@ -118,7 +125,7 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
     losses, lses = [], []
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, softcap, logit_scale)
-        lse = torch.logsumexp(s, dim=-1)
+        lse = logsumexp(s)
         losses.append(_ce_chunk(s, lse, target[b0:b1], w, ignore_index, label_smoothing, z_loss))
         lses.append(lse)
     return _cat_rows(losses, input, acc), _cat_rows(lses, input, acc)
@@ -255,7 +262,7 @@ def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: 
     losses, lses = [], []
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, 0.0, 1.0)
-        lse = torch.logsumexp(s, dim=-1)
+        lse = logsumexp(s)
         t = target[b0:b1].long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)

@@ -1,0 +1,343 @@
+"""The DTensor cases, run by every rank of a CPU process group (gloo).
+
+`python -m tests.dtensor_worker OUT_DIR [WORLD]` starts WORLD processes (4 by default:
+a 1-D mesh of 4 ranks and a 2x2 mesh); each runs every case in CASES in the same order and
+writes OUT_DIR/rank<r>.json mapping the case name to "ok" or the failure's traceback.
+tests/test_dtensor.py runs it once and turns each case into a test.
+
+Every rank builds the same full tensors from the same seed, so each can compare the
+gathered DTensor results with F.cross_entropy (and the other oracles) on the whole tensors
+in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+
+import torchloss_fused as tlf
+from tests.helpers import oracle_cross_entropy
+from tests.test_focal_loss import focal_oracle
+from torchloss_fused import reference
+
+CASES = {}
+
+
+def case(name):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+    return register
+
+
+class Ctx:
+    def __init__(self, rank: int, world: int):
+        from torch.distributed.device_mesh import init_device_mesh
+        self.rank, self.world = rank, world
+        self.mesh = init_device_mesh("cpu", (world,))
+        self.mesh2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+
+
+def _dist(t, mesh, placements, requires_grad=False):
+    d = distribute_tensor(t, mesh, placements)
+    return d.requires_grad_() if requires_grad else d
+
+
+def _close(ours, oracle, dtype, what):
+    ours = ours.full_tensor() if isinstance(ours, DTensor) else ours
+    tol = {} if dtype in (torch.float32, torch.float64) else {"rtol": 2e-2, "atol": 2e-2}
+    if dtype == torch.float32:
+        tol = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(ours.double(), oracle.double(), equal_nan=True, msg=lambda m: (
+        f"{what}: {m}"), **tol)
+
+
+def _upstream(loss, mesh):
+    """A random upstream gradient laid out like the loss (ones for a scalar)."""
+    if loss.dim() == 0:
+        return None, torch.ones((), dtype=torch.float64)
+    g = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    return distribute_tensor(g.to(loss.dtype), mesh, loss.placements), g
+
+
+def check_ce(ctx, placements, shape=(12, 10), dtype=torch.float64, prob=False,
+             target_placements=None, mesh=None, reduction="mean", seed=0, fn=None,
+             oracle=None, expect_grad_placements=None, **kwargs):
+    """tlf.cross_entropy on DTensors equals the oracle on the whole tensors, in value and
+    gradient; the gradient keeps the input's layout."""
+    mesh = mesh or ctx.mesh
+    torch.manual_seed(seed)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    if prob:
+        t = torch.softmax(torch.randn(shape, dtype=torch.float64), dim=1 if len(shape) > 1 else 0)
+    else:
+        t_shape = (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
+        t = torch.randint(0, C, t_shape)
+        if "ignore_index" in kwargs and t.dim():
+            t[torch.rand(t.shape) < 0.3] = kwargs["ignore_index"]
+    w = kwargs.pop("weight", None)
+    xd = _dist(x, mesh, placements, requires_grad=True)
+    tp = target_placements or [p if (p.is_shard(0) or prob) else Replicate() for p in placements]
+    td = _dist(t, mesh, tp)
+    wd = None if w is None else _dist(w.to(dtype), mesh, [Replicate()] * mesh.ndim)
+    loss = (fn or tlf.cross_entropy)(xd, td, weight=wd, reduction=reduction, **kwargs)
+    if isinstance(loss, tuple):
+        loss, lse = loss
+    else:
+        lse = None
+    gd, g = _upstream(loss, mesh)
+    (loss.backward() if gd is None else (loss * gd).sum().backward())
+
+    x64 = x.double().requires_grad_()
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in ("return_lse", "inplace_backward")}
+    ref, ref_lse = (oracle or oracle_cross_entropy)(x64, t, weight=w, reduction=reduction,
+                                                    **ref_kwargs)
+    (ref * g).sum().backward()
+    _close(loss, ref, dtype, "loss")
+    _close(xd.grad, x64.grad, dtype, "grad")
+    if lse is not None:
+        _close(lse, ref_lse, dtype, "lse")
+    want = expect_grad_placements or xd.placements
+    assert tuple(xd.grad.placements) == tuple(want), (xd.grad.placements, want)
+    return xd, loss
+
+
+# ---- logits sharded on the class dim (vocab-parallel) ----------------------------------------
+
+VOCAB = [Shard(1)]
+
+for _red in ("mean", "sum", "none"):
+    case(f"vocab_plain_{_red}")(lambda ctx, r=_red: check_ce(ctx, VOCAB, reduction=r))
+case("vocab_uneven_classes")(lambda ctx: check_ce(ctx, VOCAB, shape=(9, 10)))
+case("vocab_empty_slice")(lambda ctx: check_ce(ctx, VOCAB, shape=(7, 3)))
+case("vocab_single_sample")(lambda ctx: check_ce(ctx, [Shard(0)], shape=(11,),
+                                                 target_placements=[Replicate()]))
+case("vocab_kdim")(lambda ctx: check_ce(ctx, VOCAB, shape=(4, 10, 3, 2), reduction="none"))
+case("vocab_weight")(lambda ctx: check_ce(ctx, VOCAB, weight=torch.rand(10) + 0.2))
+case("vocab_ignore_index")(lambda ctx: check_ce(ctx, VOCAB, ignore_index=-100))
+# An ignore_index that is a class of one slice: its rows must count nowhere.
+case("vocab_ignore_index_inside_a_slice")(lambda ctx: check_ce(ctx, VOCAB, ignore_index=4))
+case("vocab_label_smoothing")(lambda ctx: check_ce(ctx, VOCAB, label_smoothing=0.2))
+case("vocab_weight_smoothing_ignore")(lambda ctx: check_ce(
+    ctx, VOCAB, weight=torch.rand(10) + 0.2, label_smoothing=0.1, ignore_index=2,
+    reduction="sum"))
+case("vocab_prob_target")(lambda ctx: check_ce(ctx, VOCAB, prob=True))
+case("vocab_prob_target_weight_smoothing")(lambda ctx: check_ce(
+    ctx, VOCAB, prob=True, weight=torch.rand(10) + 0.2, label_smoothing=0.3,
+    reduction="none"))
+case("vocab_z_loss")(lambda ctx: check_ce(ctx, VOCAB, z_loss=1e-2, weight=torch.rand(10)))
+case("vocab_softcap_scale")(lambda ctx: check_ce(ctx, VOCAB, softcap=4.0, logit_scale=1.5,
+                                                  label_smoothing=0.1))
+case("vocab_prob_z_loss_softcap")(lambda ctx: check_ce(ctx, VOCAB, prob=True, z_loss=1e-3,
+                                                        softcap=3.0))
+case("vocab_return_lse")(lambda ctx: check_ce(ctx, VOCAB, return_lse=True, reduction="none"))
+case("vocab_bf16")(lambda ctx: check_ce(ctx, VOCAB, shape=(16, 70), dtype=torch.bfloat16))
+case("vocab_fp32")(lambda ctx: check_ce(ctx, VOCAB, shape=(16, 70), dtype=torch.float32,
+                                        label_smoothing=0.1))
+case("vocab_target_sharded_on_rows")(lambda ctx: check_ce(ctx, VOCAB,
+                                                          target_placements=[Shard(0)]))
+case("vocab_2d_mesh_rows_and_classes")(lambda ctx: check_ce(
+    ctx, [Shard(0), Shard(1)], mesh=ctx.mesh2d, label_smoothing=0.1, ignore_index=-100))
+case("vocab_2d_mesh_classes_twice")(lambda ctx: check_ce(
+    ctx, [Shard(1), Shard(1)], mesh=ctx.mesh2d, weight=torch.rand(10) + 0.2,
+    target_placements=[Replicate(), Replicate()]))
+case("vocab_2d_mesh_replicate_and_classes")(lambda ctx: check_ce(
+    ctx, [Replicate(), Shard(1)], mesh=ctx.mesh2d, reduction="none"))
+
+
+@case("vocab_only_all_reduces_per_row_stats")
+def _(ctx):
+    """No rank ever gathers the logits: the collectives are all-reduces of (k, rows)."""
+    torch.manual_seed(0)
+    N, C = 32, 4096
+    xd = _dist(torch.randn(N, C), ctx.mesh, VOCAB, requires_grad=True)
+    td = _dist(torch.randint(0, C, (N,)), ctx.mesh, [Replicate()])
+    with CommDebugMode() as comm:
+        tlf.cross_entropy(xd, td, label_smoothing=0.1).backward()
+    counts = {str(k): v for k, v in comm.get_comm_counts().items()}
+    assert not any("gather" in k or "scatter" in k for k in counts), counts
+    assert xd.grad.to_local().shape == xd.to_local().shape
+
+
+@case("vocab_inplace_backward")
+def _(ctx):
+    xd, _ = check_ce(ctx, VOCAB, shape=(12, 10), inplace_backward=True, label_smoothing=0.1)
+    # The gradient was written over the input's own local slice.
+    assert xd.grad.to_local().data_ptr() == xd.to_local().data_ptr(), (
+        xd.grad.to_local().data_ptr(), xd.to_local().data_ptr(), xd.to_local().stride(),
+        xd.grad.to_local().stride())
+
+
+@case("vocab_non_finite_rows")
+def _(ctx):
+    x = torch.randn(4, 10, dtype=torch.float64)
+    x[0, :] = -float("inf")
+    x[0, 7] = 1.0  # partly -inf: finite
+    x[1, 2] = float("nan")  # NaN poisons its row only
+    x[2, 8] = float("inf")
+    t = torch.tensor([7, 3, 1, 5])
+    xd = _dist(x, ctx.mesh, VOCAB)
+    td = _dist(t, ctx.mesh, [Replicate()])
+    ours = tlf.cross_entropy(xd, td, reduction="none").full_tensor()
+    ref = F.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+
+
+@case("vocab_target_out_of_range")
+def _(ctx):
+    xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)
+    td = _dist(torch.tensor([1, 10, 2, 3]), ctx.mesh, [Replicate()])
+    try:
+        tlf.cross_entropy(xd, td)
+    except IndexError as e:
+        assert "10" in str(e), e
+    else:
+        raise AssertionError("an out-of-range target raised nothing")
+
+
+@case("vocab_weight_requiring_grad_gathers")
+def _(ctx):
+    torch.manual_seed(1)
+    x, t, w = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 10, (6,)), torch.rand(
+        10, dtype=torch.float64)
+    xd = _dist(x, ctx.mesh, VOCAB, requires_grad=True)
+    wd = _dist(w, ctx.mesh, [Replicate()], requires_grad=True)
+    tlf.cross_entropy(xd, _dist(t, ctx.mesh, [Replicate()]), weight=wd).backward()
+    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    # (F.cross_entropy has no gradient for the weight: its formula, written out.)
+    w_t = w64[t]
+    (-(w_t * torch.log_softmax(x64, 1).gather(1, t[:, None])[:, 0]).sum() / w_t.sum()).backward()
+    _close(xd.grad, x64.grad, torch.float64, "grad x")
+    _close(wd.grad, w64.grad, torch.float64, "grad weight")
+
+
+@case("vocab_plain_target_is_a_clear_error")
+def _(ctx):
+    xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)
+    try:
+        tlf.cross_entropy(xd, torch.tensor([1, 2, 3, 4]))
+    except TypeError as e:
+        assert "DTensor" in str(e), e
+    else:
+        raise AssertionError("a plain target with a DTensor input raised nothing")
+
+
+def _focal(xd, td, weight=None, reduction="mean", **kwargs):
+    assert weight is None
+    return tlf.focal_loss(xd, td, reduction=reduction, **kwargs)
+
+
+def _focal_oracle(x, t, weight=None, reduction="mean", gamma=2.0, alpha=None,
+                  ignore_index=-100):
+    return focal_oracle(x, t, gamma, alpha, ignore_index, reduction), None
+
+
+for _g in (0.0, 2.0):
+    case(f"vocab_focal_gamma{_g:g}")(lambda ctx, g=_g: check_ce(
+        ctx, VOCAB, fn=_focal, oracle=_focal_oracle, gamma=g, ignore_index=-100))
+case("vocab_focal_gamma1.5_none")(lambda ctx: check_ce(
+    ctx, VOCAB, fn=_focal, oracle=_focal_oracle, gamma=1.5, reduction="none"))
+case("vocab_focal_2d_mesh")(lambda ctx: check_ce(
+    ctx, [Shard(0), Shard(1)], mesh=ctx.mesh2d, fn=_focal, oracle=_focal_oracle, gamma=2.0,
+    alpha=0.25, reduction="sum"))
+
+
+@case("vocab_focal_alpha_tensor")
+def _(ctx):
+    torch.manual_seed(2)
+    x, t, a = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 10, (8,)), torch.rand(
+        10, dtype=torch.float64)
+    xd = _dist(x, ctx.mesh, VOCAB, requires_grad=True)
+    ad = _dist(a, ctx.mesh, [Shard(0)])  # a sharded alpha is gathered (C values)
+    loss = tlf.focal_loss(xd, _dist(t, ctx.mesh, [Replicate()]), gamma=2.0, alpha=ad)
+    loss.backward()
+    x64 = x.clone().requires_grad_()
+    ref = focal_oracle(x64, t, 2.0, a)
+    ref.backward()
+    _close(loss, ref, torch.float64, "loss")
+    _close(xd.grad, x64.grad, torch.float64, "grad")
+
+
+# ---- rows sharded or replicated: the ops run on local rows -----------------------------------
+
+ROWS = [Shard(0)]
+for _red in ("mean", "sum", "none"):
+    case(f"rows_plain_{_red}")(lambda ctx, r=_red: check_ce(ctx, ROWS, reduction=r))
+case("rows_uneven")(lambda ctx: check_ce(ctx, ROWS, shape=(7, 10)))
+case("rows_weight_smoothing_ignore")(lambda ctx: check_ce(
+    ctx, ROWS, weight=torch.rand(10) + 0.2, label_smoothing=0.1, ignore_index=2))
+case("rows_prob_target")(lambda ctx: check_ce(ctx, ROWS, prob=True, label_smoothing=0.1))
+case("rows_extras")(lambda ctx: check_ce(ctx, ROWS, z_loss=1e-2, softcap=4.0,
+                                         logit_scale=0.7, return_lse=True, reduction="none"))
+case("rows_bf16")(lambda ctx: check_ce(ctx, ROWS, shape=(16, 70), dtype=torch.bfloat16))
+case("rows_inplace_backward")(lambda ctx: check_ce(ctx, ROWS, inplace_backward=True))
+case("rows_kdim_spatial_shard")(lambda ctx: check_ce(ctx, [Shard(2)], shape=(2, 6, 8),
+                                                     target_placements=[Shard(1)]))
+case("rows_replicated")(lambda ctx: check_ce(ctx, [Replicate()], label_smoothing=0.1))
+case("rows_2d_mesh")(lambda ctx: check_ce(ctx, [Shard(0), Replicate()], mesh=ctx.mesh2d,
+                                          shape=(8, 10), reduction="sum"))
+case("rows_focal")(lambda ctx: check_ce(ctx, ROWS, fn=_focal, oracle=_focal_oracle,
+                                        gamma=2.0, alpha=0.5))
+
+
+@case("rows_sigmoid_focal")
+def _(ctx):
+    torch.manual_seed(3)
+    x, t = torch.randn(8, 5, dtype=torch.float64), (torch.rand(8, 5) > 0.5).double()
+    for placements in ([Shard(0)], [Shard(1)], [Replicate()]):
+        for reduction in ("none", "mean", "sum"):
+            xd = _dist(x, ctx.mesh, placements, requires_grad=True)
+            loss = tlf.sigmoid_focal_loss(xd, _dist(t, ctx.mesh, placements), reduction=reduction)
+            gd, g = _upstream(loss, ctx.mesh)
+            (loss.backward() if gd is None else (loss * gd).sum().backward())
+            x64 = x.clone().requires_grad_()
+            ref = reference.sigmoid_focal_loss_torchvision(x64, t, reduction=reduction)
+            (ref * g).sum().backward()
+            what = f"{placements} {reduction}"
+            _close(loss, ref, torch.float64, what)
+            _close(xd.grad, x64.grad, torch.float64, what + " grad")
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+
+def _run(rank: int, world: int, out_dir: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    ctx = Ctx(rank, world)
+    results = {}
+    only = os.environ.get("DTENSOR_CASES")  # a substring, to run a few cases by hand
+    for name, fn in CASES.items():
+        if only and only not in name:
+            continue
+        try:
+            fn(ctx)
+            results[name] = "ok"
+        except Exception:  # recorded, reported by the test of this case
+            results[name] = traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    out, world = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    mp.spawn(_run, args=(world, out, _free_port()), nprocs=world)

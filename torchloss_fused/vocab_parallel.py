@@ -1,0 +1,355 @@
+"""Cross-entropy and focal loss of logits sharded on the class dim (vocab-parallel).
+
+A tensor-parallel LM head (ColwiseParallel) leaves each rank a slice of the vocabulary.
+Gathering the full logits to compute the loss would cost every rank the whole logits
+tensor; instead each rank reduces its own slice to a few numbers per row (local
+log-sum-exp, the target's logit when the target falls in the slice, the weighted sum of
+logits label smoothing needs), the ranks all-reduce those (one max, one sum), and each
+rank writes the gradient of its own slice. Memory per rank stays that of its slice, and
+the values equal the unsharded loss (tests compare with F.cross_entropy on the gathered
+logits).
+
+functional.py comes here when the input is a DTensor with Shard(1) (the class dim) on some
+mesh dim; other mesh dims may shard the rows or replicate. The per-row results come back
+as DTensors (rows sharded as the input's rows, replicated over the class-sharding mesh
+dims), so functional.py reduces them exactly as it reduces local ones.
+
+The arithmetic is reference.py's, on local chunks with the global normalisers (C, the
+summed weights, the all-reduced lse): the same formulas the kernels implement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # torch without distributed, or before the public DTensor API (2.5)
+    DTensor = None
+
+
+def is_dtensor(x) -> bool:
+    return DTensor is not None and isinstance(x, DTensor)
+
+
+def class_sharded(x3) -> bool:
+    """Whether (B, C, D) logits are a DTensor split along the class dim."""
+    return is_dtensor(x3) and any(p.is_shard(1) for p in x3.placements)
+
+
+def gather_classes(x3):
+    """x3 with every class-dim shard gathered (for the rare paths that need whole rows:
+    gradients for the weight or a probability target, torch.func)."""
+    if not class_sharded(x3):
+        return x3
+    return x3.redistribute(placements=[Replicate() if p.is_shard(1) else p
+                                       for p in x3.placements])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where this rank's slice of the (B, C, D) logits lies, and who shares its rows."""
+    mesh: object
+    logits_placements: tuple
+    rows_placements: tuple
+    groups: tuple  # process groups of the mesh dims that split the classes
+    offset: int  # first class of the local slice
+    num_classes: int  # C of the whole tensor
+    rows_shape: tuple  # global (B, D)
+
+
+def _layout(x3) -> tuple[_Layout, object]:
+    """The layout of x3, and x3 redistributed so every mesh dim splits rows or classes or
+    replicates (a partial sum, or a split of anything else, is made whole first)."""
+    usable = [p if (p.is_shard() and p.dim in (0, 1, 2)) or p.is_replicate() else Replicate()
+              for p in x3.placements]
+    if tuple(usable) != tuple(x3.placements):
+        x3 = x3.redistribute(placements=usable)
+    mesh = x3.device_mesh
+    _, offset = compute_local_shape_and_global_offset(x3.shape, mesh, usable)
+    rows = tuple(Replicate() if p.is_replicate() or p.dim == 1 else Shard(0 if p.dim == 0 else 1)
+                 for p in usable)
+    groups = tuple(mesh.get_group(i) for i, p in enumerate(usable) if p.is_shard(1))
+    B, C, D = x3.shape
+    return _Layout(mesh, tuple(usable), rows, groups, offset[1], C, (B, D)), x3
+
+
+def _as_rows_local(t, layout: _Layout) -> Tensor:
+    """The local rows of a per-row (B, D) tensor, for this rank's rows."""
+    return t.redistribute(layout.mesh, layout.rows_placements).to_local()
+
+
+def _as_logits_local(t, layout: _Layout) -> Tensor:
+    """The local slice of a (B, C, D) tensor laid out like the logits."""
+    return t.redistribute(layout.mesh, layout.logits_placements).to_local()
+
+
+def _whole(v) -> Tensor | None:
+    return v.full_tensor() if is_dtensor(v) else v
+
+
+def _to_rows_dtensor(local: Tensor, layout: _Layout):
+    return DTensor.from_local(local, layout.mesh, layout.rows_placements, run_check=False,
+                              shape=torch.Size(layout.rows_shape),
+                              stride=(layout.rows_shape[1], 1))
+
+
+def _meta(x3) -> tuple:
+    return x3.shape, x3.stride()
+
+
+def _to_logits_dtensor(local: Tensor, layout: _Layout, meta: tuple):
+    """The local gradient as a DTensor laid out like the logits, with their global shape
+    and strides given (derived ones can differ for uneven slices, and a later view of
+    the gradient would then copy it)."""
+    shape, stride = meta
+    return DTensor.from_local(local, layout.mesh, layout.logits_placements, run_check=False,
+                              shape=shape, stride=stride)
+
+
+def _local(grad, layout: _Layout) -> Tensor | None:
+    """An incoming per-row gradient (a DTensor, perhaps partial) as this rank's rows."""
+    return None if grad is None else _as_rows_local(grad, layout)
+
+
+def _all_reduce_lse(lse_local: Tensor, sums: Tensor, groups) -> tuple[Tensor, Tensor]:
+    """The log-sum-exp over all slices of each row, and `sums` (k, b, D) summed over the
+    slices: two collectives per mesh dim, whatever k."""
+    top = lse_local.clone()
+    for g in groups:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=g)
+    # A row whose max is -inf (all logits -inf) shifts by 0 and stays -inf, as
+    # torch.logsumexp does; a NaN (a NaN or +inf logit in some slice) spreads to the row.
+    shift = torch.where(top.isfinite(), top, torch.zeros((), dtype=top.dtype, device=top.device))
+    parts = torch.cat([torch.exp(lse_local - shift).unsqueeze(0), sums])
+    for g in groups:
+        dist.all_reduce(parts, op=dist.ReduceOp.SUM, group=g)
+    return torch.log(parts[0]) + shift, parts[1:]
+
+
+class _Target:
+    """A chunk's class-index targets, seen from the local slice."""
+
+    def __init__(self, t: Tensor, ignore_index: int, offset: int, local_classes: int):
+        t = t.long()
+        self.valid = t != ignore_index
+        self.safe = t.masked_fill(~self.valid, 0)  # a global class index
+        local = self.safe - offset
+        self.here = self.valid & (local >= 0) & (local < local_classes)
+        self.local = torch.where(self.here, local, 0)
+
+    def logit(self, s: Tensor) -> Tensor:
+        """s at the target where it lies in this slice, 0 elsewhere (summed over slices)."""
+        return torch.where(self.here, reference._gather_target(s, self.local), 0)
+
+
+def _check_targets(t: Tensor, num_classes: int, ignore_index: int) -> None:
+    """An out-of-range target is an error (no slice would hold it): an IndexError on CPU,
+    an asynchronous device-side assertion elsewhere (no host synchronisation)."""
+    if t.device.type == "cpu":
+        reference.check_index_target(t, num_classes, ignore_index)
+    elif t.numel():
+        t = t.long()
+        ok = ((t >= 0) & (t < num_classes)) | (t == ignore_index)
+        torch._assert_async(ok.all(), "cross_entropy: a target is out of range")
+
+
+def _local_chunks(x: Tensor, acc, softcap: float, logit_scale: float):
+    for b0, b1 in reference._chunks(x):
+        yield b0, b1, reference._rows(x[b0:b1], acc, softcap, logit_scale)
+
+
+def _stack_rows(parts: list[list[Tensor]], k: int, x: Tensor, acc) -> tuple[Tensor, Tensor]:
+    """Per-chunk [lse_local, sum_1, ..., sum_k] -> lse_local (b, D) and sums (k, b, D)."""
+    if not parts:  # no local rows: the collectives still run, on empty tensors
+        empty = x.new_empty((k + 1, x.shape[0], x.shape[2]), dtype=acc)
+        return empty[0], empty[1:]
+    cols = [torch.cat(col) for col in zip(*parts)]
+    return cols[0], torch.stack(cols[1:])
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy (and lse) of the local slice: (B_local, C_local, D) logits."""
+
+    @staticmethod
+    def forward(ctx, x3, target, weight, layout, ignore_index, eps, z_loss, softcap,
+                logit_scale, inplace_backward):
+        x = x3.to_local()
+        ctx.set_materialize_grads(False)
+        acc = reference.acc_dtype(x.dtype)
+        C, off, Cl = layout.num_classes, layout.offset, x.shape[1]
+        prob = target.is_floating_point()
+        w = reference._class_vector(weight, acc)
+        w_here = None if w is None else w[off:off + Cl]
+        parts = []
+        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
+            lse_local = reference.logsumexp(s)
+            if prob:
+                q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
+                parts.append([lse_local, q.sum(-1), (q * s).sum(-1)])
+                continue
+            tg = _Target(target[b0:b1], ignore_index, off, Cl)
+            part = [lse_local, tg.logit(s)]
+            if eps > 0:
+                part.append((s * w_here).sum(-1) if w is not None else s.sum(-1))
+            parts.append(part)
+        k = 2 if prob or eps > 0 else 1
+        lse_local, sums = _stack_rows(parts, k, x, acc)
+        lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
+        if prob:
+            loss = lse * sums[0] - sums[1]
+            if z_loss != 0:
+                loss = loss + z_loss * lse * lse
+        else:
+            t = target.long()
+            valid = t != ignore_index
+            w_t = w[t.masked_fill(~valid, 0)] if w is not None else torch.ones_like(lse)
+            loss = (1 - eps) * (w_t * (lse - sums[0]))
+            if eps > 0:
+                W = w.sum() if w is not None else C
+                loss = loss + eps / C * (W * lse - sums[1])
+            if z_loss != 0:
+                loss = loss + z_loss * lse * lse
+            loss = torch.where(valid, loss, torch.zeros((), dtype=acc, device=x.device))
+        # A probability target's rows also keep their total weight (sum over all slices).
+        ctx.save_for_backward(x, target, weight, lse, sums[0] if prob else None)
+        ctx.layout, ctx.inplace, ctx.x3_meta = layout, inplace_backward, _meta(x3)
+        ctx.args = (ignore_index, eps, z_loss, softcap, logit_scale)
+        return _to_rows_dtensor(loss, layout), _to_rows_dtensor(lse, layout)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_lse):
+        x, target, weight, lse, q_total = ctx.saved_tensors
+        grad_loss, grad_lse = _local(grad_loss, ctx.layout), _local(grad_lse, ctx.layout)
+        ignore_index, eps, z_loss, softcap, logit_scale = ctx.args
+        acc = reference.acc_dtype(x.dtype)
+        C, off, Cl = ctx.layout.num_classes, ctx.layout.offset, x.shape[1]
+        w = reference._class_vector(weight, acc)
+        w_here = None if w is None else w[off:off + Cl]
+        out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
+            g, l_c = grad_loss[b0:b1].to(acc), lse[b0:b1]
+            g_lse = None if grad_lse is None else grad_lse[b0:b1].to(acc)
+            if target.is_floating_point():
+                q = _weighted_prob_target(target[b0:b1], acc, eps, C, w_here)
+                q_all = q_total[b0:b1]
+                A = g * (q_all + 2 * z_loss * l_c) if z_loss else g * q_all
+                A = A if g_lse is None else A + g_lse
+                grad = reference._grad_chunk(s, l_c, A, g.unsqueeze(-1) * q, None, None,
+                                             softcap, logit_scale)
+            else:
+                tg = _Target(target[b0:b1], ignore_index, off, Cl)
+                w_t = w[tg.safe] if w is not None else torch.ones_like(l_c)
+                coef = (1 - eps) * w_t
+                Dq = None
+                if eps > 0:
+                    coef = coef + eps / C * (w.sum() if w is not None else C)
+                    Dq = (g * (eps / C)).unsqueeze(-1) * (w_here if w is not None else 1.0)
+                    Dq = torch.where(tg.valid.unsqueeze(-1), Dq, zero)
+                if z_loss != 0:
+                    coef = coef + 2 * z_loss * l_c
+                A = torch.where(tg.valid, g * coef, zero)
+                A = A if g_lse is None else A + g_lse
+                B = torch.where(tg.here, g * ((1 - eps) * w_t), zero)
+                keep = None if g_lse is not None else tg.valid
+                grad = reference._grad_chunk(s, l_c, A, Dq, B, tg.local, softcap, logit_scale,
+                                             keep)
+            reference._write_grad(out, b0, b1, grad)
+        return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
+
+
+def _weighted_prob_target(q: Tensor, dtype, eps: float, C: int, w_here):
+    """A chunk's probability target as (b, D, C_local), smoothed over all C classes and
+    weighted: the q'' of reference._ce_chunk."""
+    q = reference._smoothed_prob_target(q.to(dtype).movedim(1, -1), eps, C)
+    return q * w_here if w_here is not None else q
+
+
+class _Focal(torch.autograd.Function):
+    """Per-row softmax focal loss (and lse) of the local slice."""
+
+    @staticmethod
+    def forward(ctx, x3, target, alpha, layout, alpha_scale, gamma, ignore_index):
+        x = x3.to_local()
+        ctx.set_materialize_grads(False)
+        acc = reference.acc_dtype(x.dtype)
+        off, Cl = layout.offset, x.shape[1]
+        parts = []
+        for b0, b1, s in _local_chunks(x, acc, 0.0, 1.0):
+            tg = _Target(target[b0:b1], ignore_index, off, Cl)
+            parts.append([reference.logsumexp(s), tg.logit(s)])
+        lse_local, sums = _stack_rows(parts, 1, x, acc)
+        lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
+        s_t = sums[0]
+        loss, _ = _focal_terms(s_t, lse, target, alpha, alpha_scale, gamma, ignore_index)
+        ctx.save_for_backward(x, target, alpha, lse, s_t)
+        ctx.layout, ctx.args, ctx.x3_meta = layout, (alpha_scale, gamma, ignore_index), _meta(x3)
+        return _to_rows_dtensor(loss, layout), _to_rows_dtensor(lse, layout)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_lse):  # focal_loss does not return lse
+        x, target, alpha, lse, s_t = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * 7
+        grad_loss = _local(grad_loss, ctx.layout)
+        alpha_scale, gamma, ignore_index = ctx.args
+        acc = reference.acc_dtype(x.dtype)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        zero = torch.zeros((), dtype=acc, device=x.device)
+        for b0, b1, s in _local_chunks(x, acc, 0.0, 1.0):
+            tg = _Target(target[b0:b1], ignore_index, ctx.layout.offset, x.shape[1])
+            l_c = lse[b0:b1]
+            _, factor = _focal_terms(s_t[b0:b1], l_c, target[b0:b1], alpha, alpha_scale,
+                                     gamma, ignore_index)
+            coef = torch.where(tg.valid, grad_loss[b0:b1].to(acc) * factor, zero)
+            B = torch.where(tg.here, coef, zero)
+            reference._write_grad(out, b0, b1, reference._grad_chunk(
+                s, l_c, coef, None, B, tg.local, 0.0, 1.0, tg.valid))
+        return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 6
+
+
+def _focal_terms(s_t, lse, target, alpha, alpha_scale, gamma, ignore_index):
+    """(loss, factor) per row from the whole row's target logit and lse; ignored rows 0."""
+    t = target.long()
+    valid = t != ignore_index
+    a = reference._class_vector(alpha, lse.dtype)
+    alpha_t = reference._focal_alpha_t(a, alpha_scale, t.masked_fill(~valid, 0))
+    loss, factor = reference._focal_terms(s_t - lse, alpha_t, gamma)
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    return torch.where(valid, loss, zero), factor
+
+
+# ---- entry points from functional.py ------------------------------------------------------
+
+
+def ce_rows(x3, target, weight, ignore_index: int, label_smoothing: float, z_loss: float,
+            softcap: float, logit_scale: float, inplace_backward: bool):
+    """(loss, lse) per row, as DTensors shaped (B, D), of class-sharded (B, C, D) logits."""
+    layout, x3 = _layout(x3)
+    if target.is_floating_point():
+        t = _as_logits_local(target, layout)
+    else:
+        t = _as_rows_local(target, layout)
+        _check_targets(t, layout.num_classes, ignore_index)
+    return _CrossEntropy.apply(x3, t, _whole(weight), layout, ignore_index, label_smoothing,
+                               z_loss, softcap, logit_scale, inplace_backward)
+
+
+def focal_rows(x3, target, alpha, alpha_scale: float, gamma: float, ignore_index: int):
+    """(loss, lse) per row, as DTensors shaped (B, D), of class-sharded (B, C, D) logits."""
+    layout, x3 = _layout(x3)
+    t = _as_rows_local(target, layout)
+    _check_targets(t, layout.num_classes, ignore_index)
+    return _Focal.apply(x3, t, _whole(alpha), layout, alpha_scale, gamma, ignore_index)
