@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 import torchloss_fused as tlf
@@ -307,6 +307,67 @@ def _(ctx):
             what = f"{placements} {reduction}"
             _close(loss, ref, torch.float64, what)
             _close(xd.grad, x64.grad, torch.float64, what + " grad")
+
+
+# ---- torch.compile ----------------------------------------------------------------------------
+
+
+@case("compile_rows_fullgraph_and_vocab_with_a_graph_break")
+def _(ctx):
+    for placements, fullgraph in (([Shard(0)], True), (VOCAB, False)):
+        torch._dynamo.reset()
+        torch.manual_seed(5)
+        x, t = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 10, (8,))
+        xd = _dist(x, ctx.mesh, placements, requires_grad=True)
+        td = _dist(t, ctx.mesh, [p if p.is_shard(0) else Replicate() for p in placements])
+        fn = torch.compile(tlf.cross_entropy, fullgraph=fullgraph, backend="aot_eager")
+        loss = fn(xd, td, label_smoothing=0.1)
+        loss.backward()
+        x64 = x.clone().requires_grad_()
+        ref = F.cross_entropy(x64, t, label_smoothing=0.1)
+        ref.backward()
+        _close(loss, ref, torch.float64, f"{placements} loss")
+        _close(xd.grad, x64.grad, torch.float64, f"{placements} grad")
+        assert xd.grad.placements == xd.placements
+
+
+# ---- linear cross-entropy: tokens split over ranks, the LM head replicated --------------------
+
+
+def check_linear(ctx, hidden_placements, weight_placements, reduction="mean", bias=True,
+                 **kwargs):
+    torch.manual_seed(4)
+    N, H, V = 10, 6, 9
+    h, w = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    b = torch.randn(V, dtype=torch.float64) if bias else None
+    t = torch.randint(0, V, (N,))
+    t[3] = -100
+    hd = _dist(h, ctx.mesh, hidden_placements, requires_grad=True)
+    wd = _dist(w, ctx.mesh, weight_placements, requires_grad=True)
+    bd = None if b is None else _dist(b, ctx.mesh, weight_placements, requires_grad=True)
+    td = _dist(t, ctx.mesh, [p if p.is_shard(0) else Replicate() for p in hidden_placements])
+    loss = tlf.linear_cross_entropy(hd, wd, td, bd, reduction=reduction, **kwargs)
+    gd, g = _upstream(loss, ctx.mesh)
+    (loss.backward() if gd is None else (loss * gd).sum().backward())
+    leaves = [v.clone().requires_grad_() for v in (h, w) + ((b,) if bias else ())]
+    ref = F.cross_entropy(F.linear(*leaves), t, reduction=reduction, **kwargs)
+    (ref * g).sum().backward()
+    _close(loss, ref, torch.float64, "loss")
+    # hidden's gradient is split like hidden; the LM head's may be a partial sum (each rank's
+    # tokens' part), as DTensor's own F.linear leaves it, until something reduces it.
+    for name, ours, leaf in zip(("hidden", "weight", "bias"), (hd, wd, bd), leaves):
+        _close(ours.grad, leaf.grad, torch.float64, f"grad {name}")
+        allowed = [ours.placements] + ([] if name == "hidden" else [(Partial(),)])
+        assert ours.grad.placements in allowed, (name, ours.grad.placements)
+
+
+for _red in ("mean", "sum", "none"):
+    case(f"linear_rows_{_red}")(lambda ctx, r=_red: check_linear(
+        ctx, [Shard(0)], [Replicate()], reduction=r, label_smoothing=0.1))
+case("linear_replicated")(lambda ctx: check_linear(ctx, [Replicate()], [Replicate()],
+                                                   bias=False))
+# A vocabulary-sharded LM head is gathered first (correct, not memory-lean).
+case("linear_vocab_sharded_weight")(lambda ctx: check_linear(ctx, [Shard(0)], [Shard(0)]))
 
 
 # ---- driver ----------------------------------------------------------------------------------

@@ -59,10 +59,12 @@ def test_every_op_has_a_sharding_rule():
     from torch.distributed.tensor import DTensor
 
     from torchloss_fused import _ops
+    from torchloss_fused.linear_ce import ops as linear_ops
 
     propagator = DTensor._op_dispatcher.sharding_propagator
-    for ns in ("torchloss_fused", _ops.REF_NAMESPACE) if _backend.EXTENSION_LOADED else (
-            _ops.REF_NAMESPACE,):
-        for name in _ops.SCHEMAS:
+    namespaces = [(ns, _ops.SCHEMAS) for ns in ("torchloss_fused", _ops.REF_NAMESPACE)
+                  if ns != "torchloss_fused" or _backend.EXTENSION_LOADED]
+    for ns, schemas in namespaces + [(linear_ops.NAMESPACE, linear_ops.SCHEMAS)]:
+        for name in schemas:
             op = getattr(getattr(torch.ops, ns), name).default
             assert op in propagator.op_strategy_funcs, f"{ns}::{name}"

@@ -10,6 +10,11 @@ listed here: `tlf.cross_entropy`/`tlf.focal_loss` take them to the vocab-paralle
 redistributed by DTensor to a listed layout. The sigmoid focal ops are elementwise: any
 shard dim works, and their sums become partial sums over the ranks.
 
+Linear cross-entropy's ops run on local rows the same way (hidden and target split over
+tokens, the LM head's weight and bias replicated): each rank's grad_weight, grad_bias and
+summed loss are its part of the total (Partial). A weight sharded over the vocabulary is
+gathered by DTensor first: correct, but it costs the whole weight on every rank.
+
 Without torch.distributed (or before the public DTensor API of torch 2.5) nothing is
 registered and nothing else changes.
 """
@@ -44,6 +49,35 @@ _SIGMOID_ROLES = {
     "sigmoid_focal_sum": (("sum",), ("elem", "elem", None, None, None)),
     "sigmoid_focal_sum_grad": (("sum", "elem"), ("elem", "elem", None, None, None)),
 }
+
+
+# Linear cross-entropy ops: "tokens" (N, H) or (N,), split over rows; "vocab" (V, H) or (V,)
+# replicated; "partial" a total each rank holds a part of (the loss's sum, grad_weight,
+# grad_bias); "whole" a replicated scalar (the mean's denominator).
+_LINEAR_ROLES = {
+    "linear_ce_fwd": (("tokens", "tokens"), ("tokens", "vocab", "vocab", "tokens")
+                      + (None,) * 6),
+    "linear_ce_fwd_grad": (("partial", "tokens", "tokens", "partial", "partial"),
+                           ("tokens", "vocab", "vocab", "tokens", "whole") + (None,) * 9),
+    "_linear_ce_bwd": (("tokens", "partial", "partial"), ("tokens", "tokens", "vocab", "vocab",
+                                                          "tokens", "tokens") + (None,) * 9),
+}
+
+
+def _linear_rule(outputs, inputs, P):
+    def rule(*args):
+        def place(role, split, present=True):
+            if role is None or not present:
+                return None
+            if not split or role in ("vocab", "whole"):
+                return P.Replicate()
+            return P.Partial() if role == "partial" else P.Shard(0)
+
+        return [([place(r, split) for r in outputs],
+                 [place(r, split, a is not None) for r, a in zip(inputs, args)])
+                for split in (False, True)]
+
+    return rule
 
 
 def _softmax_placement(role, arg, split, P):
@@ -89,15 +123,20 @@ def _sigmoid_rule(outputs, inputs, P):
     return rule
 
 
-def register(namespace: str) -> bool:
-    """Registers the rules for the ops of `namespace`; False where DTensor is unavailable."""
+_TABLES = {"loss": ((_SOFTMAX_ROLES, _softmax_rule), (_SIGMOID_ROLES, _sigmoid_rule)),
+           "linear": ((_LINEAR_ROLES, _linear_rule),)}
+
+
+def register(namespace: str, kind: str = "loss") -> bool:
+    """Registers the rules for the ops of `namespace` (`kind`: "loss" for the loss ops,
+    "linear" for linear cross-entropy's); False where DTensor is unavailable."""
     try:
         import torch.distributed.tensor as P
         from torch.distributed.tensor.experimental import register_sharding
     except ImportError:
         return False
     ops = getattr(torch.ops, namespace)
-    for table, make in ((_SOFTMAX_ROLES, _softmax_rule), (_SIGMOID_ROLES, _sigmoid_rule)):
+    for table, make in _TABLES[kind]:
         for name, (outputs, inputs) in table.items():
             register_sharding(getattr(ops, name).default)(make(outputs, inputs, P))
     return True

@@ -173,6 +173,7 @@ def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
 # ---- cross-entropy ------------------------------------------------------------------------
 
 
+@vocab_parallel.eager_when_class_sharded
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -294,6 +295,7 @@ def cross_entropy(
 # ---- softmax focal loss -------------------------------------------------------------------
 
 
+@vocab_parallel.eager_when_class_sharded
 def focal_loss(
     input: Tensor,
     target: Tensor,

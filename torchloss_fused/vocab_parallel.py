@@ -20,6 +20,7 @@ summed weights, the all-reduced lse): the same formulas the kernels implement.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,23 @@ def is_dtensor(x) -> bool:
 def class_sharded(x3) -> bool:
     """Whether (B, C, D) logits are a DTensor split along the class dim."""
     return is_dtensor(x3) and any(p.is_shard(1) for p in x3.placements)
+
+
+def eager_when_class_sharded(loss_fn):
+    """Under torch.compile, a loss of class-sharded logits runs eagerly behind a graph
+    break (fullgraph=True refuses it): its collectives are plain torch.distributed calls,
+    and the break comes before any view of the DTensor input is made (AOTAutograd cannot
+    hand a DTensor view across a graph boundary)."""
+    eager = torch.compiler.disable(loss_fn)
+
+    @functools.wraps(loss_fn)
+    def wrapper(input, *args, **kwargs):
+        if torch.compiler.is_compiling() and is_dtensor(input) and input.dim() > 0 and any(
+                p.is_shard(1 if input.dim() > 1 else 0) for p in input.placements):
+            return eager(input, *args, **kwargs)
+        return loss_fn(input, *args, **kwargs)
+
+    return wrapper
 
 
 def gather_classes(x3):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import _sharding, reference
 from .._higher_order import differentiable_grads, reference_backward
 from .loop import _loop, _placeholder
 
@@ -212,3 +212,4 @@ def _define_ops() -> None:
 
 
 _define_ops()
+_sharding.register(NAMESPACE, "linear")
