@@ -170,6 +170,28 @@ def _(ctx):
     assert xd.grad.to_local().shape == xd.to_local().shape
 
 
+@case("vocab_memory_is_the_local_gradient")
+def _(ctx):
+    """Per rank, forward+backward allocates the gradient of its own slice and bounded
+    float32 chunks, nothing of the whole logits' size (128 MiB slices of 512 MiB logits)."""
+    from benchmarks import memory
+    N, V = 2048, 65536
+    local = torch.randn(N, V // ctx.world)
+    xd = DTensor.from_local(local, ctx.mesh, VOCAB).requires_grad_()
+    td = _dist(torch.randint(0, V, (N,)), ctx.mesh, [Replicate()])
+
+    def step():
+        tlf.cross_entropy(xd, td, label_smoothing=0.1).backward()
+        xd.grad = None
+
+    step()
+    # (The profiler counts allocations exactly; resident-set peaks of 4 processes on 2
+    # cores are noisy.)
+    peak = memory.peak_extra_bytes(step, torch.device("cpu"), method="profiler")
+    local_bytes = local.numel() * local.element_size()
+    assert peak <= local_bytes + 96 * 2**20, (peak / 2**20, local_bytes / 2**20)
+
+
 @case("vocab_inplace_backward")
 def _(ctx):
     xd, _ = check_ce(ctx, VOCAB, shape=(12, 10), inplace_backward=True, label_smoothing=0.1)
