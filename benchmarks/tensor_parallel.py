@@ -1,0 +1,185 @@
+"""Tensor parallelism: cross-entropy of logits sharded on the class dim (vocab-parallel),
+per rank, against F.cross_entropy on the same DTensors.
+
+    python -m benchmarks.tensor_parallel [--world 2] [--rows 4096] [--vocab 32768]
+                                         [--dtypes float32 bfloat16] [--out DIR]
+
+Starts WORLD CPU processes (gloo), each holding (rows, vocab / WORLD) logits of a
+DTensor sharded with Shard(1), and measures forward+backward of a mean loss for:
+
+- ours: ``tlf.cross_entropy`` (the vocab-parallel path);
+- ``F.cross_entropy`` under ``torch.distributed.tensor.parallel.loss_parallel()``;
+- ``F.cross_entropy`` without it (DTensor gathers the classes first).
+
+Before timing, each row's loss and gradient are checked against ours (the float64 check
+against F.cross_entropy on whole tensors is tests/test_dtensor.py's job). Time: median of
+--repeats runs, each the slowest rank's. Memory: peak bytes allocated per rank above what
+was in use before (the profiler's count), the largest over ranks, and its ratio to the
+rank's slice of the logits. Prints a markdown table; with --out, also writes
+``tp-<device slug>-<date>.json`` and ``tp-<device slug>-latest.md`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from . import device_info, memory
+
+SCHEMA = "torchloss_fused-tp-benchmark"
+IMPLS = ("torchloss_fused", "F.cross_entropy + loss_parallel", "F.cross_entropy (gathered)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tensor_parallel",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=2, help="processes (ranks)")
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32768, help="classes, split over the ranks")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, help="write the results JSON and markdown here")
+    return p.parse_args(argv)
+
+
+def _step(impl: str, xd, td):
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import torchloss_fused as tlf
+
+    def run():
+        if impl == IMPLS[0]:
+            loss = tlf.cross_entropy(xd, td)
+            loss.backward()
+        elif impl == IMPLS[1]:
+            with loss_parallel():
+                loss = F.cross_entropy(xd, td)
+                loss.backward()
+        else:
+            loss = F.cross_entropy(xd, td)
+            loss.backward()
+        grad, xd.grad = xd.grad, None
+        return loss, grad
+
+    return run
+
+
+def _slowest(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _rank(rank: int, args, port: int, out_file: str) -> None:
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world))
+    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    mesh = init_device_mesh("cpu", (args.world,))
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(rank)
+        local = (torch.randn(args.rows, args.vocab // args.world) * 3).to(dtype)
+        xd = DTensor.from_local(local, mesh, [Shard(1)]).requires_grad_()
+        target = torch.randint(0, args.vocab // args.world * args.world, (args.rows,),
+                               generator=torch.Generator().manual_seed(0))
+        td = DTensor.from_local(target, mesh, [Replicate()])
+        ref_loss, ref_grad = _step(IMPLS[0], xd, td)()
+        ref_loss, ref_grad = ref_loss.full_tensor().double(), ref_grad.to_local().double()
+        for impl in IMPLS:
+            run = _step(impl, xd, td)
+            loss, grad = run()  # warm-up, and the check
+            loss_err = float((loss.full_tensor().double() - ref_loss).abs())
+            # (the gathered path's gradient comes back replicated: compare this rank's slice)
+            mine = grad.redistribute(placements=[Shard(1)]).to_local().double()
+            grad_err = float((mine - ref_grad).abs().max())
+            del loss, grad
+            times = []
+            for _ in range(args.repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                run()
+                times.append(_slowest(time.perf_counter() - t0))
+            peak = memory.peak_extra_bytes(run, torch.device("cpu"), method="profiler")
+            peak_t = torch.tensor([peak], dtype=torch.float64)
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            local_bytes = local.numel() * local.element_size()
+            rows.append({
+                "impl": impl, "dtype": dtype_name, "rows": args.rows, "vocab": args.vocab,
+                "local_bytes": local_bytes, "median_ms": statistics.median(times) * 1e3,
+                "peak_extra_bytes": int(peak_t), "peak_extra_ratio": float(peak_t) / local_bytes,
+                "check": {"loss_err_vs_ours": loss_err, "grad_err_vs_ours": grad_err},
+            })
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(doc: dict) -> str:
+    from tabulate import tabulate
+
+    d = doc["device"]
+    head = (f"## Tensor-parallel cross-entropy: {d['name']} ({doc['world']} CPU ranks, gloo)\n\n"
+            f"{doc['date']} · torch {doc['software']['torch']} · commit "
+            f"{doc['git']['commit'][:10]} · logits ({doc['rows'][0]['rows']}, "
+            f"{doc['rows'][0]['vocab']}) sharded on the class dim · mean loss, "
+            "forward+backward\n\n")
+    table = [[r["dtype"], r["impl"], f"{r['local_bytes'] / 2**20:.0f}", f"{r['median_ms']:.1f}",
+              f"{r['peak_extra_bytes'] / 2**20:.1f}", f"{r['peak_extra_ratio']:.2f}x",
+              f"{r['check']['loss_err_vs_ours']:.1e} / {r['check']['grad_err_vs_ours']:.1e}"]
+             for r in doc["rows"]]
+    return head + tabulate(table, headers=[
+        "dtype", "implementation", "slice MiB", "median ms", "peak extra MiB per rank",
+        "peak / slice", "|loss|, max|grad| diff vs ours"], tablefmt="github") + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.vocab % args.world:
+        raise SystemExit("--vocab must be a multiple of --world (equal slices)")
+    started = datetime.now(timezone.utc)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "rows.json")
+        mp.spawn(_rank, args=(args, _free_port(), out_file), nprocs=args.world)
+        rows = json.loads(Path(out_file).read_text())
+    cpu = torch.device("cpu")
+    doc = {"schema": SCHEMA, "schema_version": 1,
+           "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "command": " ".join(["python -m benchmarks.tensor_parallel", *sys.argv[1:]]),
+           "world": args.world, "device": device_info.describe(cpu),
+           "software": device_info.software(), "git": device_info.git_state(),
+           "memory_method": "profiler", "repeats": args.repeats, "rows": rows}
+    text = render(doc)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        slug, stamp = doc["device"]["slug"], started.strftime("%Y%m%dT%H%M%SZ")
+        (args.out / f"tp-{slug}-{stamp}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (args.out / f"tp-{slug}-latest.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
