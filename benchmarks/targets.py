@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from . import results_json
 from .baselines import BOUND, EAGER, OURS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -157,8 +158,16 @@ def report(results: dict, verdicts: list[dict]) -> str:
 
 
 def _newest_results() -> Path | None:
-    files = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    return files[-1] if files else None
+    """The newest benchmarks.run results file (other benchmarks' files, such as
+    benchmarks.tensor_parallel's, have another schema and are passed over)."""
+    files = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in files:
+        try:
+            if json.loads(path.read_text()).get("schema") == results_json.SCHEMA:
+                return path
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import targets
+from benchmarks import results_json, targets
 from benchmarks.cases import sweep
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -80,3 +80,15 @@ def test_gpu_verdicts_met_missed_and_not_measured(tmp_path):
     assert targets.main([str(path)]) == 1
     path.write_text(json.dumps(_gpu_results(85.0)))
     assert targets.main([str(path)]) == 0
+
+
+def test_default_file_is_the_newest_benchmark_run(tmp_path, monkeypatch):
+    """A newer results file of another benchmark (tensor_parallel's) is not taken for one."""
+    import os
+
+    run_file, tp_file = tmp_path / "cpu-x-1.json", tmp_path / "tp-cpu-x-2.json"
+    run_file.write_text(json.dumps({"schema": results_json.SCHEMA}))
+    tp_file.write_text(json.dumps({"schema": "torchloss_fused-tp-benchmark"}))
+    os.utime(run_file, (1, 1))
+    monkeypatch.setattr(targets, "RESULTS_DIR", tmp_path)
+    assert targets._newest_results() == run_file
