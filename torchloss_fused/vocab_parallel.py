@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _backend, reference
 
 try:
     import torch.distributed as dist
@@ -167,6 +167,48 @@ class _Target:
         """s at the target where it lies in this slice, 0 elsewhere (summed over slices)."""
         return torch.where(self.here, reference._gather_target(s, self.local), 0)
 
+    def logit_of(self, x: Tensor, acc, softcap: float, logit_scale: float) -> Tensor:
+        """As logit(), read from the (B, C, D) logits themselves: one element per row."""
+        if x.shape[1] == 0:
+            return torch.zeros(self.here.shape, dtype=acc, device=x.device)
+        x_t = x.gather(1, self.local.unsqueeze(1)).squeeze(1).to(acc)
+        return torch.where(self.here, reference._transform(x_t, softcap, logit_scale), 0)
+
+    def kernel_target(self) -> Tensor:
+        """Local class indices where the target is in this slice, _NOWHERE elsewhere."""
+        return torch.where(self.here, self.local, _NOWHERE)
+
+
+# The ignore_index given to the kernels for rows whose target is not in the slice.
+_NOWHERE = -1
+
+
+def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> Tensor:
+    """Each row's log-sum-exp over the local slice, from the cross-entropy kernel (one
+    read of the slice, no float32 copy)."""
+    ops = _backend.ops_for(x.device)
+    return ops.ce_fwd(x, tg.kernel_target(), None, _NOWHERE, 0.0, 0.0, softcap, logit_scale,
+                      False)[1]
+
+
+def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, softcap: float,
+                 logit_scale: float, inplace: bool) -> Tensor:
+    """The slice's gradient A p - B [c = t] (times the softcap/scale derivative), p the
+    softmax under the global lse, from the cross-entropy backward kernel: a row whose
+    target is in the slice has it as its target with upstream gradient B (giving
+    B (p - [c = t]), the target's term formed in float32 by the kernel), and every row gets
+    A - B (or A) as the gradient of its lse (giving that times p)."""
+    ops = _backend.ops_for(x.device)
+    g = torch.where(tg.here, B, 0)
+    args = (g, A - g, x, tg.kernel_target(), None, lse, _NOWHERE, 0.0, 0.0, softcap,
+            logit_scale)
+    if not inplace:
+        return ops._ce_bwd(*args)
+    ops._ce_bwd_inplace(*args)
+    if ops is getattr(torch.ops, "torchloss_fused", None):
+        torch.autograd.graph.increment_version(x)  # (as _ops.py does for this op)
+    return x
+
 
 def _check_targets(t: Tensor, num_classes: int, ignore_index: int) -> None:
     """An out-of-range target is an error (no slice would hold it): an IndexError on CPU,
@@ -206,21 +248,26 @@ class _CrossEntropy(torch.autograd.Function):
         prob = target.is_floating_point()
         w = reference._class_vector(weight, acc)
         w_here = None if w is None else w[off:off + Cl]
-        parts = []
-        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
+        if not prob and eps == 0:  # (an LM's usual case) the kernels read the slice once
+            tg = _Target(target, ignore_index, off, Cl)
+            lse, sums = _all_reduce_lse(_kernel_lse(x, tg, softcap, logit_scale),
+                                        tg.logit_of(x, acc, softcap, logit_scale)[None],
+                                        layout.groups)
+            parts = None
+        else:
+            parts = []
+        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale) if parts is not None else ():
             lse_local = reference.logsumexp(s)
             if prob:
                 q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
                 parts.append([lse_local, q.sum(-1), (q * s).sum(-1)])
                 continue
             tg = _Target(target[b0:b1], ignore_index, off, Cl)
-            part = [lse_local, tg.logit(s)]
-            if eps > 0:
-                part.append((s * w_here).sum(-1) if w is not None else s.sum(-1))
-            parts.append(part)
-        k = 2 if prob or eps > 0 else 1
-        lse_local, sums = _stack_rows(parts, k, x, acc)
-        lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
+            parts.append([lse_local, tg.logit(s),
+                          (s * w_here).sum(-1) if w is not None else s.sum(-1)])
+        if parts is not None:
+            lse_local, sums = _stack_rows(parts, 2, x, acc)
+            lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
         if prob:
             loss = lse * sums[0] - sums[1]
             if z_loss != 0:
@@ -252,10 +299,19 @@ class _CrossEntropy(torch.autograd.Function):
         C, off, Cl = ctx.layout.num_classes, ctx.layout.offset, x.shape[1]
         w = reference._class_vector(weight, acc)
         w_here = None if w is None else w[off:off + Cl]
-        out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
         zero = torch.zeros((), dtype=acc, device=x.device)
+        if not target.is_floating_point() and eps == 0:
+            tg = _Target(target, ignore_index, off, Cl)
+            g = grad_loss.to(acc)
+            w_t = w[tg.safe] if w is not None else torch.ones_like(lse)
+            coef = w_t + 2 * z_loss * lse if z_loss != 0 else w_t
+            A = torch.where(tg.valid, g * coef, zero)
+            A = A if grad_lse is None else A + grad_lse.to(acc)
+            out = _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, ctx.inplace)
+            return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
+        out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
             g, l_c = grad_loss[b0:b1].to(acc), lse[b0:b1]
             g_lse = None if grad_lse is None else grad_lse[b0:b1].to(acc)
@@ -302,13 +358,9 @@ class _Focal(torch.autograd.Function):
         x = x3.to_local()
         ctx.set_materialize_grads(False)
         acc = reference.acc_dtype(x.dtype)
-        off, Cl = layout.offset, x.shape[1]
-        parts = []
-        for b0, b1, s in _local_chunks(x, acc, 0.0, 1.0):
-            tg = _Target(target[b0:b1], ignore_index, off, Cl)
-            parts.append([reference.logsumexp(s), tg.logit(s)])
-        lse_local, sums = _stack_rows(parts, 1, x, acc)
-        lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
+        tg = _Target(target, ignore_index, layout.offset, x.shape[1])
+        lse, sums = _all_reduce_lse(_kernel_lse(x, tg, 0.0, 1.0),
+                                    tg.logit_of(x, acc, 0.0, 1.0)[None], layout.groups)
         s_t = sums[0]
         loss, _ = _focal_terms(s_t, lse, target, alpha, alpha_scale, gamma, ignore_index)
         ctx.save_for_backward(x, target, alpha, lse, s_t)
@@ -324,17 +376,10 @@ class _Focal(torch.autograd.Function):
         grad_loss = _local(grad_loss, ctx.layout)
         alpha_scale, gamma, ignore_index = ctx.args
         acc = reference.acc_dtype(x.dtype)
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        zero = torch.zeros((), dtype=acc, device=x.device)
-        for b0, b1, s in _local_chunks(x, acc, 0.0, 1.0):
-            tg = _Target(target[b0:b1], ignore_index, ctx.layout.offset, x.shape[1])
-            l_c = lse[b0:b1]
-            _, factor = _focal_terms(s_t[b0:b1], l_c, target[b0:b1], alpha, alpha_scale,
-                                     gamma, ignore_index)
-            coef = torch.where(tg.valid, grad_loss[b0:b1].to(acc) * factor, zero)
-            B = torch.where(tg.here, coef, zero)
-            reference._write_grad(out, b0, b1, reference._grad_chunk(
-                s, l_c, coef, None, B, tg.local, 0.0, 1.0, tg.valid))
+        tg = _Target(target, ignore_index, ctx.layout.offset, x.shape[1])
+        _, factor = _focal_terms(s_t, lse, target, alpha, alpha_scale, gamma, ignore_index)
+        coef = torch.where(tg.valid, grad_loss.to(acc) * factor, 0)
+        out = _kernel_grad(x, tg, coef, coef, lse, 0.0, 1.0, inplace=False)
         return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 6
 
 
