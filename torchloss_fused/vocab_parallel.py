@@ -273,16 +273,7 @@ class _CrossEntropy(torch.autograd.Function):
             if z_loss != 0:
                 loss = loss + z_loss * lse * lse
         else:
-            t = target.long()
-            valid = t != ignore_index
-            w_t = w[t.masked_fill(~valid, 0)] if w is not None else torch.ones_like(lse)
-            loss = (1 - eps) * (w_t * (lse - sums[0]))
-            if eps > 0:
-                W = w.sum() if w is not None else C
-                loss = loss + eps / C * (W * lse - sums[1])
-            if z_loss != 0:
-                loss = loss + z_loss * lse * lse
-            loss = torch.where(valid, loss, torch.zeros((), dtype=acc, device=x.device))
+            loss = index_loss(lse, sums, target, w, ignore_index, eps, z_loss, C)
         # A probability target's rows also keep their total weight (sum over all slices).
         ctx.save_for_backward(x, target, weight, lse, sums[0] if prob else None)
         ctx.layout, ctx.inplace, ctx.x3_meta = layout, inplace_backward, _meta(x3)
@@ -341,6 +332,22 @@ class _CrossEntropy(torch.autograd.Function):
                                              keep)
             reference._write_grad(out, b0, b1, grad)
         return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
+
+
+def index_loss(lse: Tensor, sums: Tensor, target: Tensor, w: Tensor | None, ignore_index: int,
+               eps: float, z_loss: float, C: int) -> Tensor:
+    """Per-row cross-entropy of class-index targets from whole-row numbers: the lse, the
+    target's logit (sums[0]) and, with label smoothing, the weighted logit sum (sums[1])."""
+    t = target.long()
+    valid = t != ignore_index
+    w_t = w[t.masked_fill(~valid, 0)] if w is not None else torch.ones_like(lse)
+    loss = (1 - eps) * (w_t * (lse - sums[0]))
+    if eps > 0:
+        W = w.sum() if w is not None else C
+        loss = loss + eps / C * (W * lse - sums[1])
+    if z_loss != 0:
+        loss = loss + z_loss * lse * lse
+    return torch.where(valid, loss, torch.zeros((), dtype=lse.dtype, device=lse.device))
 
 
 def _weighted_prob_target(q: Tensor, dtype, eps: float, C: int, w_here):

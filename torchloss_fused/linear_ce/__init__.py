@@ -43,6 +43,7 @@ from ..functional import (
     _check_tensor,
     _wants_grad,
 )
+from . import vocab_parallel
 from .chunking import auto_chunk_size
 from .ops import NAMESPACE, materialised_rows
 
@@ -121,6 +122,7 @@ def _autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias), torch.float32
 
 
+@vocab_parallel.eager_when_vocab_sharded
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -171,6 +173,10 @@ def linear_cross_entropy(
     if transform_active(hidden, weight, bias):
         # torch.func / forward-mode AD see through this, not through the custom ops.
         loss_rows, _ = materialised_rows(h2, weight, bias, t1, *ce_args)
+    elif vocab_parallel.vocab_sharded(weight):
+        # A ColwiseParallel LM head: the vocabulary stays split (see vocab_parallel.py).
+        loss_rows = vocab_parallel.loss_rows(h2, weight, bias, t1, *ce_args, chunk,
+                                             accum_dtype)
     elif reduction != "none" and any(needs):
         loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, denom, *ce_args, chunk,
                                           accum_dtype, *needs)

@@ -1,0 +1,196 @@
+"""Linear cross-entropy with the LM head's weight sharded over the vocabulary (DTensor
+``Shard(0)`` of the (V, H) weight: a ColwiseParallel head), without gathering the weight
+and without materialising any logits beyond one chunk of the local slice.
+
+Forward, per chunk of rows: the slice's logits (one product), their local log-sum-exp and
+the target's logit when it falls in the slice (the kernels), the logit sum label smoothing
+needs; then two all-reduces per call give every row's whole-vocabulary lse. Backward
+recomputes each chunk's logits, writes the slice's gradient over them with the global lse
+(the kernels, or PyTorch ops on the chunk with label smoothing), and turns it into the
+chunk's part of grad_hidden (summed over the vocabulary ranks later: a Partial DTensor),
+and into the local slice's grad_weight and grad_bias (no communication).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .. import vocab_parallel as vp
+from .chunking import auto_chunk_size
+from .weight_grad import WeightGrad, resolve_accum
+
+
+def vocab_sharded(weight) -> bool:
+    return vp.is_dtensor(weight) and any(p.is_shard(0) for p in weight.placements)
+
+
+def eager_when_vocab_sharded(loss_fn):
+    """Under torch.compile, a call with a vocabulary-sharded weight runs eagerly behind a
+    graph break (its collectives are plain torch.distributed calls; see
+    vocab_parallel.eager_when_class_sharded)."""
+    eager = torch.compiler.disable(loss_fn)
+
+    @functools.wraps(loss_fn)
+    def wrapper(hidden, weight, *args, **kwargs):
+        if torch.compiler.is_compiling() and vocab_sharded(weight):
+            return eager(hidden, weight, *args, **kwargs)
+        return loss_fn(hidden, weight, *args, **kwargs)
+
+    return wrapper
+
+
+class _Layout:
+    """Mesh dims splitting the vocabulary (the weight's Shard(0)) and the rest, where
+    hidden's rows may be split (Shard(0)) or replicated and the weight is replicated."""
+
+    def __init__(self, hidden, weight):
+        from torch.distributed.tensor import Partial, Replicate
+
+        self.mesh = weight.device_mesh
+        vocab = [p.is_shard(0) for p in weight.placements]
+        self.weight_placements = tuple(p if v else Replicate()
+                                       for p, v in zip(weight.placements, vocab))
+        self.hidden_placements = tuple(
+            Replicate() if v or not (p.is_shard(0) or p.is_replicate()) else p
+            for p, v in zip(hidden.placements, vocab))
+        # hidden's gradient sums over the vocabulary slices; the head's over the row splits.
+        self.grad_hidden_placements = tuple(Partial() if v else p for p, v in zip(
+            self.hidden_placements, vocab))
+        self.grad_weight_placements = tuple(Partial() if h.is_shard(0) else p for p, h in zip(
+            self.weight_placements, self.hidden_placements))
+        self.groups = tuple(self.mesh.get_group(i) for i, v in enumerate(vocab) if v)
+        self.vocab = weight.shape[0]
+        _, offset = vp.compute_local_shape_and_global_offset(weight.shape, self.mesh,
+                                                             self.weight_placements)
+        self.offset = offset[0]
+        self.rows = hidden.shape[0]
+
+
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, layout, ignore_index, eps, z_loss,
+                softcap, chunk_size, accum_dtype):
+        h, w = hidden.to_local(), weight.to_local()
+        b = None if bias is None else bias.to_local()
+        ctx.set_materialize_grads(False)
+        N, H = h.shape
+        Vl = w.shape[0]
+        acc = reference.acc_dtype(h.dtype)
+        chunk = chunk_size or auto_chunk_size(N, max(Vl, 1), H, h.dtype, h.device)
+        chunk = max(1, min(chunk, N))
+        lse_local = h.new_empty((N, 1), dtype=acc)
+        sums = h.new_zeros((2 if eps > 0 else 1, N, 1), dtype=acc)
+        buf = h.new_empty((chunk * Vl,))
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            x3 = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl)).unsqueeze(-1)
+            tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
+            lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
+            sums[0, s:e] = tg.logit_of(x3, acc, softcap, 1.0)
+            if eps > 0:
+                sums[1, s:e, 0] = reference._transform(x3[..., 0].to(acc), softcap, 1.0).sum(-1)
+        del buf
+        lse, sums = vp._all_reduce_lse(lse_local, sums, layout.groups)
+        loss = vp.index_loss(lse, sums, target[:, None], None, ignore_index, eps, z_loss,
+                             layout.vocab)
+        ctx.save_for_backward(h, w, b, target, lse)
+        ctx.layout, ctx.chunk = layout, chunk
+        ctx.args = (ignore_index, eps, z_loss, softcap, accum_dtype)
+        ctx.meta = tuple((t.shape, t.stride()) if t is not None else None
+                         for t in (hidden, weight, bias))
+        return vp.DTensor.from_local(loss[:, 0], layout.mesh, _rows_placements(layout),
+                                     run_check=False, shape=torch.Size((layout.rows,)),
+                                     stride=(1,))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if grad_loss is None or not any(ctx.needs_input_grad[:3]):
+            return (None,) * 11
+        h, w, b, target, lse = ctx.saved_tensors
+        layout, chunk = ctx.layout, ctx.chunk
+        ignore_index, eps, z_loss, softcap, accum_dtype = ctx.args
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b is not None and ctx.needs_input_grad[2]
+        g_rows = grad_loss.redistribute(layout.mesh, _rows_placements(layout)).to_local()
+        N, H = h.shape
+        Vl = w.shape[0]
+        acc = lse.dtype
+        zero = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = h.new_empty((N, H)) if need_h else None
+        gw = WeightGrad(w, w.dtype if chunk >= N else resolve_accum(w.dtype, accum_dtype)) \
+            if need_w else None
+        gb = torch.zeros((Vl,), dtype=resolve_accum(b.dtype, accum_dtype),
+                         device=b.device) if need_b else None
+        buf = h.new_empty((chunk * Vl,))
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            logits = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl))
+            x3 = logits.unsqueeze(-1)
+            tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
+            g = g_rows[s:e, None].to(acc)
+            l_c = lse[s:e]
+            coef = 1 + 2 * z_loss * l_c if z_loss != 0 else 1.0  # (no class weights here)
+            A = torch.where(tg.valid, g * coef, zero)
+            B = g * (1 - eps)
+            if eps == 0:
+                vp._kernel_grad(x3, tg, A, B, l_c, softcap, 1.0, inplace=True)
+            else:  # the smoothing term, -g eps / V on every class, in float32 on the chunk
+                sc = reference._rows(x3, acc, softcap, 1.0)  # (n, 1, Vl)
+                Dq = torch.where(tg.valid, g * (eps / layout.vocab), zero).unsqueeze(-1)
+                Bh = torch.where(tg.here, B, zero)
+                grad = reference._grad_chunk(sc, l_c, A, Dq, Bh, tg.local, softcap, 1.0,
+                                             tg.valid)
+                logits.copy_(grad[:, 0])
+            if need_h:
+                torch.mm(logits, w, out=grad_h[s:e])
+            if need_w:
+                gw.add(logits, h[s:e])
+            if need_b:
+                gb.add_(logits.sum(0, dtype=acc))
+        del buf
+        grads = (
+            _as_dtensor(grad_h, layout.grad_hidden_placements, ctx.meta[0], layout)
+            if need_h else None,
+            _as_dtensor(gw.result(), layout.grad_weight_placements, ctx.meta[1], layout)
+            if need_w else None,
+            _as_dtensor(gb.to(b.dtype), layout.grad_weight_placements, ctx.meta[2], layout)
+            if need_b else None,
+        )
+        return grads + (None,) * 8
+
+
+def _rows_placements(layout: _Layout) -> tuple:
+    return layout.hidden_placements  # rows split as hidden's rows, replicated elsewhere
+
+
+def _as_dtensor(local: Tensor, placements, meta, layout: _Layout):
+    shape, stride = meta
+    return vp.DTensor.from_local(local, layout.mesh, placements, run_check=False, shape=shape,
+                                 stride=stride)
+
+
+def loss_rows(hidden, weight, bias, target, ignore_index: int, label_smoothing: float,
+              z_loss: float, softcap: float, chunk_size: int, accum_dtype):
+    """Per-row loss (a DTensor shaped (N,)) of (N, H) hidden against a vocabulary-sharded
+    (V, H) weight, as linear_cross_entropy's reductions expect it."""
+    layout = _Layout(hidden, weight)
+    hidden = hidden.redistribute(layout.mesh, layout.hidden_placements)
+    weight = weight.redistribute(layout.mesh, layout.weight_placements)
+    if bias is not None:
+        bias = bias.redistribute(layout.mesh, layout.weight_placements)
+    t = target.redistribute(layout.mesh, _rows_placements(layout)).to_local()
+    vp._check_targets(t, layout.vocab, ignore_index)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, t, layout, ignore_index,
+                                     label_smoothing, z_loss, softcap, chunk_size, accum_dtype)
