@@ -1,17 +1,23 @@
-"""Tensor parallelism: cross-entropy of logits sharded on the class dim (vocab-parallel),
-per rank, against F.cross_entropy on the same DTensors.
+"""Tensor parallelism: the losses of a vocabulary split over ranks (vocab-parallel), per
+rank, against F.cross_entropy on the same DTensors.
 
     python -m benchmarks.tensor_parallel [--world 2] [--rows 4096] [--vocab 32768]
-                                         [--dtypes float32 bfloat16] [--out DIR]
+        [--hidden 256] [--ops cross_entropy linear_cross_entropy]
+        [--dtypes float32 bfloat16] [--out DIR]
 
-Starts WORLD CPU processes (gloo), each holding (rows, vocab / WORLD) logits of a
-DTensor sharded with Shard(1), and measures forward+backward of a mean loss for:
+Starts WORLD CPU processes (gloo) and measures forward+backward of a mean loss for:
 
-- ours: ``tlf.cross_entropy`` (the vocab-parallel path);
-- ``F.cross_entropy`` under ``torch.distributed.tensor.parallel.loss_parallel()``;
-- ``F.cross_entropy`` without it (DTensor gathers the classes first).
+- cross_entropy: each rank holds (rows, vocab / WORLD) logits of a DTensor sharded with
+  Shard(1). Ours: ``tlf.cross_entropy``; ``F.cross_entropy`` under
+  ``torch.distributed.tensor.parallel.loss_parallel()``; ``F.cross_entropy`` without it
+  (DTensor gathers the classes first).
+- linear_cross_entropy: replicated (rows, hidden) activations and a (vocab, hidden) LM
+  head sharded over the vocabulary (Shard(0), a ColwiseParallel head). Ours:
+  ``tlf.linear_cross_entropy``; ``F.cross_entropy(F.linear(...))`` under
+  ``loss_parallel()``; the same with the logits gathered first.
 
-Before timing, each row's loss and gradient are checked against ours (the float64 check
+Before timing, each row's loss and gradient (the logits', or the head's slice's) are
+checked against ours (the float64 check
 against F.cross_entropy on whole tensors is tests/test_dtensor.py's job). Time: median of
 --repeats runs, each the slowest rank's. Memory: peak bytes allocated per rank above what
 was in use before (the profiler's count), the largest over ranks, and its ratio to the
@@ -38,6 +44,11 @@ import torch.nn.functional as F
 
 from . import device_info, memory
 
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # before torch 2.5: the script says so when run
+    DTensor = None
+
 SCHEMA = "torchloss_fused-tp-benchmark"
 IMPLS = ("torchloss_fused", "F.cross_entropy + loss_parallel", "F.cross_entropy (gathered)")
 
@@ -48,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--world", type=int, default=2, help="processes (ranks)")
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32768, help="classes, split over the ranks")
+    p.add_argument("--ops", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    p.add_argument("--hidden", type=int, default=256, help="H of linear_cross_entropy")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--repeats", type=int, default=5)
@@ -55,23 +68,68 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _step(impl: str, xd, td):
-    from torch.distributed.tensor.parallel import loss_parallel
-
+def _ce_problem(args, mesh, dtype, rank):
+    """Class-sharded (rows, vocab) logits: the leaf whose gradient is compared is them."""
     import torchloss_fused as tlf
 
+    torch.manual_seed(rank)
+    local = (torch.randn(args.rows, args.vocab // args.world) * 3).to(dtype)
+    xd = DTensor.from_local(local, mesh, [Shard(1)]).requires_grad_()
+    td = _target(args, mesh)
+    impls = {
+        IMPLS[0]: lambda: _backward(tlf.cross_entropy(xd, td)),
+        IMPLS[1]: lambda: _under_loss_parallel(lambda: F.cross_entropy(xd, td)),
+        IMPLS[2]: lambda: _backward(F.cross_entropy(xd, td)),
+    }
+    return impls, xd, local.numel() * local.element_size()
+
+
+def _linear_problem(args, mesh, dtype, rank):
+    """(rows, hidden) activations, replicated, against a (vocab, hidden) LM head split over
+    the vocabulary (ColwiseParallel): the compared gradient is the head's slice's."""
+    import torchloss_fused as tlf
+
+    torch.manual_seed(0)
+    hd = DTensor.from_local(torch.randn(args.rows, args.hidden).to(dtype), mesh,
+                            [Replicate()]).requires_grad_()
+    torch.manual_seed(rank + 1)
+    w = (torch.randn(args.vocab // args.world, args.hidden) / args.hidden ** 0.5).to(dtype)
+    wd = DTensor.from_local(w, mesh, [Shard(0)]).requires_grad_()
+    td = _target(args, mesh)
+    impls = {
+        IMPLS[0]: lambda: _backward(tlf.linear_cross_entropy(hd, wd, td)),
+        IMPLS[1]: lambda: _under_loss_parallel(lambda: F.cross_entropy(F.linear(hd, wd), td)),
+        IMPLS[2]: lambda: _backward(F.cross_entropy(F.linear(hd, wd).redistribute(
+            placements=[Replicate()]), td)),
+    }
+    return impls, wd, args.rows * w.shape[0] * w.element_size()
+
+
+PROBLEMS = {"cross_entropy": _ce_problem, "linear_cross_entropy": _linear_problem}
+
+
+def _target(args, mesh):
+    t = torch.randint(0, args.vocab // args.world * args.world, (args.rows,),
+                      generator=torch.Generator().manual_seed(0))
+    return DTensor.from_local(t, mesh, [Replicate()])
+
+
+def _backward(loss):
+    loss.backward()
+    return loss
+
+
+def _under_loss_parallel(loss_fn):
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel():  # (its backward must run inside the context too)
+        return _backward(loss_fn())
+
+
+def _runner(fwd_bwd, leaf):
     def run():
-        if impl == IMPLS[0]:
-            loss = tlf.cross_entropy(xd, td)
-            loss.backward()
-        elif impl == IMPLS[1]:
-            with loss_parallel():
-                loss = F.cross_entropy(xd, td)
-                loss.backward()
-        else:
-            loss = F.cross_entropy(xd, td)
-            loss.backward()
-        grad, xd.grad = xd.grad, None
+        loss = fwd_bwd()
+        grad, leaf.grad = leaf.grad, None
         return loss, grad
 
     return run
@@ -84,47 +142,44 @@ def _slowest(seconds: float) -> float:
 
 
 def _rank(rank: int, args, port: int, out_file: str) -> None:
-    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+    from torch.distributed.tensor import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world))
     dist.init_process_group("gloo", rank=rank, world_size=args.world)
     mesh = init_device_mesh("cpu", (args.world,))
     rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        torch.manual_seed(rank)
-        local = (torch.randn(args.rows, args.vocab // args.world) * 3).to(dtype)
-        xd = DTensor.from_local(local, mesh, [Shard(1)]).requires_grad_()
-        target = torch.randint(0, args.vocab // args.world * args.world, (args.rows,),
-                               generator=torch.Generator().manual_seed(0))
-        td = DTensor.from_local(target, mesh, [Replicate()])
-        ref_loss, ref_grad = _step(IMPLS[0], xd, td)()
-        ref_loss, ref_grad = ref_loss.full_tensor().double(), ref_grad.to_local().double()
-        for impl in IMPLS:
-            run = _step(impl, xd, td)
-            loss, grad = run()  # warm-up, and the check
-            loss_err = float((loss.full_tensor().double() - ref_loss).abs())
-            # (the gathered path's gradient comes back replicated: compare this rank's slice)
-            mine = grad.redistribute(placements=[Shard(1)]).to_local().double()
-            grad_err = float((mine - ref_grad).abs().max())
-            del loss, grad
-            times = []
-            for _ in range(args.repeats):
-                dist.barrier()
-                t0 = time.perf_counter()
-                run()
-                times.append(_slowest(time.perf_counter() - t0))
-            peak = memory.peak_extra_bytes(run, torch.device("cpu"), method="profiler")
-            peak_t = torch.tensor([peak], dtype=torch.float64)
-            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
-            local_bytes = local.numel() * local.element_size()
-            rows.append({
-                "impl": impl, "dtype": dtype_name, "rows": args.rows, "vocab": args.vocab,
-                "local_bytes": local_bytes, "median_ms": statistics.median(times) * 1e3,
-                "peak_extra_bytes": int(peak_t), "peak_extra_ratio": float(peak_t) / local_bytes,
-                "check": {"loss_err_vs_ours": loss_err, "grad_err_vs_ours": grad_err},
-            })
+    for op in args.ops:
+        for dtype_name in args.dtypes:
+            impls, leaf, slice_bytes = PROBLEMS[op](args, mesh, getattr(torch, dtype_name), rank)
+            ref_loss, ref_grad = _runner(impls[IMPLS[0]], leaf)()
+            ref_loss = ref_loss.full_tensor().double()
+            ref_grad = ref_grad.to_local().double()
+            for impl in IMPLS:
+                run = _runner(impls[impl], leaf)
+                loss, grad = run()  # warm-up, and the check
+                loss_err = float((loss.full_tensor().double() - ref_loss).abs())
+                # (a gathered path's gradient may come back replicated: this rank's slice)
+                mine = grad.redistribute(placements=leaf.placements).to_local().double()
+                grad_err = float((mine - ref_grad).abs().max())
+                del loss, grad
+                times = []
+                for _ in range(args.repeats):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    run()
+                    times.append(_slowest(time.perf_counter() - t0))
+                peak = memory.peak_extra_bytes(run, torch.device("cpu"), method="profiler")
+                peak_t = torch.tensor([peak], dtype=torch.float64)
+                dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+                rows.append({
+                    "op": op, "impl": impl, "dtype": dtype_name, "rows": args.rows,
+                    "vocab": args.vocab, "hidden": args.hidden if op != "cross_entropy" else None,
+                    "local_bytes": slice_bytes, "median_ms": statistics.median(times) * 1e3,
+                    "peak_extra_bytes": int(peak_t),
+                    "peak_extra_ratio": float(peak_t) / slice_bytes,
+                    "check": {"loss_err_vs_ours": loss_err, "grad_err_vs_ours": grad_err},
+                })
     if rank == 0:
         Path(out_file).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -137,28 +192,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_CAPTIONS = {
+    "cross_entropy": "logits ({rows}, {vocab}) sharded on the class dim; slice: a rank's "
+                     "logits",
+    "linear_cross_entropy": "hidden ({rows}, {hidden}) replicated, LM head ({vocab}, {hidden}) "
+                            "sharded on the vocabulary; slice: a rank's logits, were they "
+                            "materialised",
+}
+
+
 def render(doc: dict) -> str:
     from tabulate import tabulate
 
     d = doc["device"]
-    head = (f"## Tensor-parallel cross-entropy: {d['name']} ({doc['world']} CPU ranks, gloo)\n\n"
+    text = (f"## Tensor-parallel losses: {d['name']} ({doc['world']} CPU ranks, gloo)\n\n"
             f"{doc['date']} · torch {doc['software']['torch']} · commit "
-            f"{doc['git']['commit'][:10]} · logits ({doc['rows'][0]['rows']}, "
-            f"{doc['rows'][0]['vocab']}) sharded on the class dim · mean loss, "
-            "forward+backward\n\n")
-    table = [[r["dtype"], r["impl"], f"{r['local_bytes'] / 2**20:.0f}", f"{r['median_ms']:.1f}",
-              f"{r['peak_extra_bytes'] / 2**20:.1f}", f"{r['peak_extra_ratio']:.2f}x",
-              f"{r['check']['loss_err_vs_ours']:.1e} / {r['check']['grad_err_vs_ours']:.1e}"]
-             for r in doc["rows"]]
-    return head + tabulate(table, headers=[
-        "dtype", "implementation", "slice MiB", "median ms", "peak extra MiB per rank",
-        "peak / slice", "|loss|, max|grad| diff vs ours"], tablefmt="github") + "\n"
+            f"{doc['git']['commit'][:10]} · mean loss, forward+backward\n")
+    for op in dict.fromkeys(r["op"] for r in doc["rows"]):
+        rows = [r for r in doc["rows"] if r["op"] == op]
+        table = [[r["dtype"], r["impl"], f"{r['local_bytes'] / 2**20:.0f}",
+                  f"{r['median_ms']:.1f}", f"{r['peak_extra_bytes'] / 2**20:.1f}",
+                  f"{r['peak_extra_ratio']:.2f}x",
+                  f"{r['check']['loss_err_vs_ours']:.1e} / {r['check']['grad_err_vs_ours']:.1e}"]
+                 for r in rows]
+        text += (f"\n### {op}: " + _CAPTIONS[op].format(**rows[0]) + "\n\n" + tabulate(
+            table, headers=["dtype", "implementation", "slice MiB", "median ms",
+                            "peak extra MiB per rank", "peak / slice",
+                            "|loss|, max|grad| diff vs ours"], tablefmt="github") + "\n")
+    return text
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.vocab % args.world:
         raise SystemExit("--vocab must be a multiple of --world (equal slices)")
+    if DTensor is None:
+        raise SystemExit("needs torch.distributed.tensor (PyTorch 2.5 or newer)")
     started = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rows.json")
