@@ -12,8 +12,9 @@ shard dim works, and their sums become partial sums over the ranks.
 
 Linear cross-entropy's ops run on local rows the same way (hidden and target split over
 tokens, the LM head's weight and bias replicated): each rank's grad_weight, grad_bias and
-summed loss are its part of the total (Partial). A weight sharded over the vocabulary is
-gathered by DTensor first: correct, but it costs the whole weight on every rank.
+summed loss are its part of the total (Partial). A weight sharded over the vocabulary never
+reaches these ops from `linear_cross_entropy` (linear_ce/vocab_parallel.py serves it); an
+op called directly with one gets the weight gathered by DTensor.
 
 Without torch.distributed (or before the public DTensor API of torch 2.5) nothing is
 registered and nothing else changes.

@@ -21,6 +21,10 @@ accumulator for a bf16/fp16 weight shares its first half with the returned gradi
 storage, which it is converted into in place at the end, so the accumulator and the
 gradient together cost V x H x 4 bytes, not 6. No tensor of N x V elements is allocated.
 
+DTensor inputs: tokens split over ranks with the head replicated run these ops on local
+rows (sharding rules in ../_sharding.py); a head split over the vocabulary takes
+vocab_parallel.py's path, which keeps it split.
+
 The chunked loops are custom ops (namespace ``torchloss_fused_py``) with fake kernels and
 autograd formulas, so ``torch.compile(fullgraph=True)`` sees one opaque op. Nothing
 synchronises with the host: chunk sizes come from shapes (and, on CUDA, the free memory the
