@@ -269,6 +269,27 @@ def _(ctx):
         raise AssertionError("a plain target with a DTensor input raised nothing")
 
 
+@case("modules_take_plain_buffers_with_dtensor_inputs")
+def _(ctx):
+    """A module's class-weight / alpha buffer (a plain tensor, the same on every rank) works
+    with a DTensor input, as a replicated DTensor; the functional form stays strict."""
+    torch.manual_seed(7)
+    x, t, w = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 10, (8,)), torch.rand(
+        10, dtype=torch.float64)
+    for placements in (VOCAB, [Shard(0)]):
+        xd = _dist(x, ctx.mesh, placements, requires_grad=True)
+        td = _dist(t, ctx.mesh, [p if p.is_shard(0) else Replicate() for p in placements])
+        loss = tlf.CrossEntropyLoss(weight=w, label_smoothing=0.1)(xd, td)
+        loss.backward()
+        x64 = x.clone().requires_grad_()
+        ref = F.cross_entropy(x64, t, weight=w, label_smoothing=0.1)
+        ref.backward()
+        _close(loss, ref, torch.float64, f"{placements} CrossEntropyLoss")
+        _close(xd.grad, x64.grad, torch.float64, f"{placements} CrossEntropyLoss grad")
+        focal = tlf.FocalLoss(gamma=2.0, alpha=w)(xd.detach(), td)
+        _close(focal, focal_oracle(x, t, 2.0, w), torch.float64, f"{placements} FocalLoss")
+
+
 def _focal(xd, td, weight=None, reduction="mean", **kwargs):
     assert weight is None
     return tlf.focal_loss(xd, td, reduction=reduction, **kwargs)

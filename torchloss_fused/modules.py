@@ -7,13 +7,15 @@ from torch import Tensor, nn
 from torch.nn import _reduction
 
 from . import functional as F
+from .vocab_parallel import replicated_like
 
 __all__ = ["CrossEntropyLoss", "FocalLoss", "SigmoidFocalLoss"]
 
 
 class CrossEntropyLoss(nn.Module):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` with the keyword-only extras of
-    :func:`torchloss_fused.cross_entropy`. ``weight`` is a buffer, as in PyTorch."""
+    :func:`torchloss_fused.cross_entropy`. ``weight`` is a buffer, as in PyTorch; given a
+    DTensor input, a plain buffer is used as a replicated DTensor on its mesh."""
 
     def __init__(
         self,
@@ -44,8 +46,10 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor):
+        # (Under tensor parallelism the buffer goes with the DTensor input, replicated.)
         return F.cross_entropy(
-            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            input, target, weight=replicated_like(self.weight, input),
+            ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, logit_scale=self.logit_scale,
             return_lse=self.return_lse, inplace_backward=self.inplace_backward,
@@ -73,7 +77,8 @@ class FocalLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.focal_loss(input, target, gamma=self.gamma, alpha=self.alpha,
+        return F.focal_loss(input, target, gamma=self.gamma,
+                            alpha=replicated_like(self.alpha, input),
                             ignore_index=self.ignore_index, reduction=self.reduction)
 
     def extra_repr(self) -> str:

@@ -62,6 +62,15 @@ def eager_when_class_sharded(loss_fn):
     return wrapper
 
 
+def replicated_like(v, input):
+    """A module's plain per-class buffer as a replicated DTensor on a DTensor input's mesh
+    (every rank holds the same buffer: no communication); anything else unchanged."""
+    if v is None or not is_dtensor(input) or is_dtensor(v) or not isinstance(v, Tensor):
+        return v
+    mesh = input.device_mesh
+    return DTensor.from_local(v, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
 def gather_classes(x3):
     """x3 with every class-dim shard gathered (for the rare paths that need whole rows:
     gradients for the weight or a probability target, torch.func)."""
