@@ -95,7 +95,9 @@ class _Layout:
 def _layout(x3) -> tuple[_Layout, object]:
     """The layout of x3, and x3 redistributed so every mesh dim splits rows or classes or
     replicates (a partial sum, or a split of anything else, is made whole first)."""
-    usable = [p if (p.is_shard() and p.dim in (0, 1, 2)) or p.is_replicate() else Replicate()
+    # (A strided shard, as FSDP + TP combinations make, does not hold a contiguous range of
+    # classes: it is made whole too.)
+    usable = [p if (type(p) is Shard and p.dim in (0, 1, 2)) or p.is_replicate() else Replicate()
               for p in x3.placements]
     if tuple(usable) != tuple(x3.placements):
         x3 = x3.redistribute(placements=usable)

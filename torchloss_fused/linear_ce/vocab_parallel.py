@@ -48,14 +48,16 @@ class _Layout:
     hidden's rows may be split (Shard(0)) or replicated and the weight is replicated."""
 
     def __init__(self, hidden, weight):
-        from torch.distributed.tensor import Partial, Replicate
+        from torch.distributed.tensor import Partial, Replicate, Shard
 
         self.mesh = weight.device_mesh
-        vocab = [p.is_shard(0) for p in weight.placements]
+        # (strided shards hold no contiguous range of rows: they are made whole)
+        vocab = [type(p) is Shard and p.dim == 0 for p in weight.placements]
         self.weight_placements = tuple(p if v else Replicate()
                                        for p, v in zip(weight.placements, vocab))
         self.hidden_placements = tuple(
-            Replicate() if v or not (p.is_shard(0) or p.is_replicate()) else p
+            Replicate() if v or not ((type(p) is Shard and p.dim == 0) or p.is_replicate())
+            else p
             for p, v in zip(hidden.placements, vocab))
         # hidden's gradient sums over the vocabulary slices; the head's over the row splits.
         self.grad_hidden_placements = tuple(Partial() if v else p for p, v in zip(
