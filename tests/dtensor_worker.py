@@ -242,6 +242,50 @@ def _(ctx):
         raise AssertionError("an out-of-range target raised nothing")
 
 
+def _expect_index_error(fn, *args):
+    try:
+        fn(*args)
+    except IndexError as e:
+        return str(e)
+    raise AssertionError("an out-of-range target raised nothing on this rank")
+
+
+@case("target_out_of_range_raises_on_every_rank")
+def _(ctx):
+    """Rows split over ranks: the ranks whose rows are fine raise too, instead of waiting in
+    the loss's next collective for the ranks that raised."""
+    t = torch.randint(0, 10, (8,))
+    t[0] = 10
+    for placements in ([Shard(0), Shard(1)], [Shard(0), Replicate()]):
+        xd = _dist(torch.randn(8, 10), ctx.mesh2d, placements, requires_grad=True)
+        td = _dist(t, ctx.mesh2d, [Shard(0), Replicate()])
+        _expect_index_error(tlf.cross_entropy, xd, td)
+        _expect_index_error(tlf.focal_loss, xd, td)
+    hd = _dist(torch.randn(8, 4), ctx.mesh2d, [Shard(0), Replicate()], requires_grad=True)
+    wd = _dist(torch.randn(10, 4), ctx.mesh2d, [Replicate(), Shard(0)], requires_grad=True)
+    _expect_index_error(tlf.linear_cross_entropy, hd, wd,
+                        _dist(t, ctx.mesh2d, [Shard(0), Replicate()]))
+
+
+@case("vocab_ignored_padding_rows_get_zero_gradient")
+def _(ctx):
+    """An ignored row of all -inf logits (masked padding) gets an exact zero gradient, on
+    the kernel path as on the chunked one and as the unsharded call gives."""
+    x = torch.randn(6, 10, dtype=torch.float64)
+    x[1] = -float("inf")
+    t = torch.tensor([3, -100, 7, -100, 0, 9])
+    for fn in (lambda a, b: tlf.cross_entropy(a, b, reduction="sum"),
+               lambda a, b: tlf.cross_entropy(a, b, reduction="sum", label_smoothing=0.1),
+               lambda a, b: tlf.focal_loss(a, b, reduction="sum")):
+        xd = _dist(x, ctx.mesh, VOCAB, requires_grad=True)
+        fn(xd, _dist(t, ctx.mesh, [Replicate()])).backward()
+        plain = x.clone().requires_grad_()
+        fn(plain, t).backward()
+        ours = xd.grad.full_tensor()
+        assert torch.equal(ours[1], torch.zeros(10, dtype=torch.float64)), ours[1]
+        _close(ours, plain.grad, torch.float64, "grad")
+
+
 @case("vocab_weight_requiring_grad_gathers")
 def _(ctx):
     torch.manual_seed(1)

@@ -239,6 +239,8 @@ def cross_entropy(
     else:
         _check_index_target(input, target, out_shape)
         t = target.reshape(x3.shape[0], x3.shape[2])
+        if vocab_parallel.is_dtensor(t):
+            vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     autocast = _autocast_to_float32(input.dtype, input.device)
     if weight is not None:
         _check_class_vector(input, weight, "weight")
@@ -325,6 +327,8 @@ def focal_loss(
         )
     _check_index_target(input, target, out_shape)
     t = target.reshape(x3.shape[0], x3.shape[2])
+    if vocab_parallel.is_dtensor(t):
+        vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     alpha_vec, alpha_scale = None, 1.0
     if isinstance(alpha, Tensor):
         _check_class_vector(input, alpha, "alpha")

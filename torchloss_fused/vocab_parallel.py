@@ -203,13 +203,20 @@ def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> T
 
 
 def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, softcap: float,
-                 logit_scale: float, inplace: bool) -> Tensor:
+                 logit_scale: float, inplace: bool, zero_ignored: bool = True) -> Tensor:
     """The slice's gradient A p - B [c = t] (times the softcap/scale derivative), p the
     softmax under the global lse, from the cross-entropy backward kernel: a row whose
     target is in the slice has it as its target with upstream gradient B (giving
     B (p - [c = t]), the target's term formed in float32 by the kernel), and every row gets
-    A - B (or A) as the gradient of its lse (giving that times p)."""
+    A - B (or A) as the gradient of its lse (giving that times p).
+
+    zero_ignored: ignored rows (A = 0 there) must come out as exact zeros, as in the
+    unsharded path, also for an all -inf padding row, whose 0 * exp(-inf - (-inf)) would be
+    NaN: they are given an lse of +inf, so their softmax is 0. (A NaN or +inf logit in an
+    ignored row still gives NaN there, as in F.cross_entropy.)"""
     ops = _backend.ops_for(x.device)
+    if zero_ignored:
+        lse = torch.where(tg.valid, lse, float("inf"))
     g = torch.where(tg.here, B, 0)
     args = (g, A - g, x, tg.kernel_target(), None, lse, _NOWHERE, 0.0, 0.0, softcap,
             logit_scale)
@@ -221,15 +228,28 @@ def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, soft
     return x
 
 
-def _check_targets(t: Tensor, num_classes: int, ignore_index: int) -> None:
-    """An out-of-range target is an error (no slice would hold it): an IndexError on CPU,
-    an asynchronous device-side assertion elsewhere (no host synchronisation)."""
-    if t.device.type == "cpu":
-        reference.check_index_target(t, num_classes, ignore_index)
-    elif t.numel():
-        t = t.long()
-        ok = ((t >= 0) & (t < num_classes)) | (t == ignore_index)
-        torch._assert_async(ok.all(), "cross_entropy: a target is out of range")
+def check_targets(target, num_classes: int, ignore_index: int) -> None:
+    """An out-of-range class-index target of a DTensor call is an error: an asynchronous
+    device-side assertion on a GPU (no host synchronisation), an IndexError on CPU, raised
+    on every rank of the target's mesh (a rank whose own rows are fine would otherwise
+    wait forever in the loss's next collective)."""
+    t = target.to_local() if is_dtensor(target) else target
+    if torch.compiler.is_compiling() or t.numel() == 0 and not is_dtensor(target):
+        return
+    t = t.long()
+    bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)
+    if t.device.type != "cpu":
+        torch._assert_async(~bad.any(), "cross_entropy: a target is out of range")
+        return
+    first = int(t[bad][0]) if bool(bad.any()) else None
+    flag = torch.tensor([0 if first is None else 1])
+    if is_dtensor(target):
+        for dim in range(target.device_mesh.ndim):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=target.device_mesh.get_group(dim))
+    if first is not None:
+        raise IndexError(f"Target {first} is out of bounds.")
+    if int(flag):
+        raise IndexError("a target is out of bounds (on another rank's rows)")
 
 
 def _local_chunks(x: Tensor, acc, softcap: float, logit_scale: float):
@@ -311,7 +331,8 @@ class _CrossEntropy(torch.autograd.Function):
             coef = w_t + 2 * z_loss * lse if z_loss != 0 else w_t
             A = torch.where(tg.valid, g * coef, zero)
             A = A if grad_lse is None else A + grad_lse.to(acc)
-            out = _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, ctx.inplace)
+            out = _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, ctx.inplace,
+                               zero_ignored=grad_lse is None)
             return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
         out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
@@ -423,7 +444,6 @@ def ce_rows(x3, target, weight, ignore_index: int, label_smoothing: float, z_los
         t = _as_logits_local(target, layout)
     else:
         t = _as_rows_local(target, layout)
-        _check_targets(t, layout.num_classes, ignore_index)
     return _CrossEntropy.apply(x3, t, _whole(weight), layout, ignore_index, label_smoothing,
                                z_loss, softcap, logit_scale, inplace_backward)
 
@@ -432,5 +452,4 @@ def focal_rows(x3, target, alpha, alpha_scale: float, gamma: float, ignore_index
     """(loss, lse) per row, as DTensors shaped (B, D), of class-sharded (B, C, D) logits."""
     layout, x3 = _layout(x3)
     t = _as_rows_local(target, layout)
-    _check_targets(t, layout.num_classes, ignore_index)
     return _Focal.apply(x3, t, _whole(alpha), layout, alpha_scale, gamma, ignore_index)

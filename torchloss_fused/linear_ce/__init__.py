@@ -167,6 +167,8 @@ def linear_cross_entropy(
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)
     t1 = target.reshape(-1)
+    if vocab_parallel.vp.is_dtensor(t1):
+        vocab_parallel.vp.check_targets(t1, weight.shape[0], ignore_index)
     acc = reference.acc_dtype(hidden.dtype)
     ce_args = (ignore_index, label_smoothing, z_loss, softcap)
     chunk = 0 if chunk_size is None else chunk_size

@@ -193,6 +193,5 @@ def loss_rows(hidden, weight, bias, target, ignore_index: int, label_smoothing: 
     if bias is not None:
         bias = bias.redistribute(layout.mesh, layout.weight_placements)
     t = target.redistribute(layout.mesh, _rows_placements(layout)).to_local()
-    vp._check_targets(t, layout.vocab, ignore_index)
     return _LinearCrossEntropy.apply(hidden, weight, bias, t, layout, ignore_index,
                                      label_smoothing, z_loss, softcap, chunk_size, accum_dtype)
