@@ -334,6 +334,22 @@ def _(ctx):
         _close(focal, focal_oracle(x, t, 2.0, w), torch.float64, f"{placements} FocalLoss")
 
 
+@case("a_different_mesh_is_a_clear_error")
+def _(ctx):
+    xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)
+    td = _dist(torch.tensor([1, 2, 3, 4]), ctx.mesh2d, [Replicate(), Replicate()])
+    hd = _dist(torch.randn(4, 3), ctx.mesh, [Replicate()])
+    wd = _dist(torch.randn(10, 3), ctx.mesh2d, [Replicate(), Shard(0)])
+    for fn, args in ((tlf.cross_entropy, (xd, td)), (tlf.focal_loss, (xd, td)),
+                     (tlf.linear_cross_entropy, (hd, wd, td))):
+        try:
+            fn(*args)
+        except ValueError as e:
+            assert "mesh" in str(e), e
+        else:
+            raise AssertionError(f"{fn.__name__}: mixed meshes raised nothing")
+
+
 def _focal(xd, td, weight=None, reduction="mean", **kwargs):
     assert weight is None
     return tlf.focal_loss(xd, td, reduction=reduction, **kwargs)

@@ -57,6 +57,11 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
             f"input is {a} but {name} is {b}; make both DTensors on the same mesh "
             "(distribute_tensor, or DTensor.from_local with the placements they have)"
         )
+    if vocab_parallel.is_dtensor(input) and other.device_mesh != input.device_mesh:
+        raise ValueError(
+            f"{name} is a DTensor on {other.device_mesh} but input is on "
+            f"{input.device_mesh}; put both on the same device mesh"
+        )
     if other.device != input.device:
         raise ValueError(
             f"{name} is on {other.device} but input is on {input.device}; "
