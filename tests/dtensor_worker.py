@@ -408,6 +408,26 @@ case("rows_focal")(lambda ctx: check_ce(ctx, ROWS, fn=_focal, oracle=_focal_orac
                                         gamma=2.0, alpha=0.5))
 
 
+@case("rows_memory_is_the_local_gradient")
+def _(ctx):
+    """Rows split over ranks: forward+backward allocates each rank's own gradient, also when
+    the loss is scaled before backward (the fused gradient is rescaled in place)."""
+    from benchmarks import memory
+    from torchloss_fused import _backend
+    local = torch.randn(512, 16384)
+    xd = DTensor.from_local(local, ctx.mesh, ROWS).requires_grad_()
+    td = DTensor.from_local(torch.randint(0, 16384, (512,)), ctx.mesh, ROWS)
+
+    def step():
+        (tlf.cross_entropy(xd, td) * 0.5).backward()
+        xd.grad = None
+
+    step()
+    peak = memory.peak_extra_bytes(step, torch.device("cpu"), method="profiler")
+    slack = (4 if _backend.has_kernels("cpu") else 96) * 2**20
+    assert peak <= local.numel() * 4 + slack, peak / 2**20
+
+
 @case("rows_sigmoid_focal")
 def _(ctx):
     torch.manual_seed(3)

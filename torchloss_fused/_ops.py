@@ -237,6 +237,8 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     grad, ctx.fused_grad = ctx.fused_grad, None
     if grad is None:
         grad = redo_forward(ctx.grad_scale)
+    if as_rows is None and _rescale_dtensor(namespace, grad, grad_loss, ctx.grad_scale):
+        return grad
     rows, g, scale = (as_rows or (lambda *views: views))(grad, grad_loss, ctx.grad_scale)
     if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         # Traced graphs (fake/functional tensors) must not mutate a saved forward output:
@@ -246,6 +248,27 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
         return (rows * factor.unsqueeze(1)).to(grad.dtype).view(grad.shape)
     _ns(namespace)._rescale_grad_rows(rows, g, scale)
     return grad
+
+
+def _rescale_dtensor(namespace, grad, grad_loss, grad_scale) -> bool:
+    """A DTensor gradient whose rows are split (or replicated) as the sharding rules lay
+    them out: rescaled in place on each rank's own rows, as a plain tensor is, instead of
+    copied whole by the out-of-place scaling below. False where that does not apply."""
+    if torch.compiler.is_compiling() or not _sharding.is_dtensor(grad):
+        return False
+    from torch.distributed.tensor import Replicate, Shard
+
+    if not all(p.is_replicate() or (type(p) is Shard and p.dim in (0, 2))
+               for p in grad.placements):
+        return False
+    rows = [Replicate() if p.is_replicate() else Shard(0 if p.dim == 0 else 1)
+            for p in grad.placements]
+
+    def local(t):
+        return t.redistribute(grad.device_mesh, rows).to_local()
+
+    _ns(namespace)._rescale_grad_rows(grad.to_local(), local(grad_loss), local(grad_scale))
+    return True
 
 
 def _make_ce_fwd_grad_autograd(namespace: str):
