@@ -228,6 +228,50 @@ def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, soft
     return x
 
 
+def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Tensor,
+                          w_here: Tensor | None, eps: float, C: int, softcap: float,
+                          logit_scale: float, inplace: bool, zero_ignored: bool) -> Tensor:
+    """The slice's gradient with label smoothing eps over all C classes,
+    A p - B [c = t] - (g eps / C) w_c with B = g (1 - eps) w_t, from the backward kernel's
+    own smoothing: given eps_k and upstream g_k chosen so that its smoothing term
+    g_k eps_k / C_local w_c and its target term g_k (1 - eps_k) w_t equal ours, with its
+    coefficient of p topped up to A through the lse gradient. A valid row whose target is
+    in another slice is given class 0 as its target (its smoothing term applies to every
+    class), and that one element is then rewritten, computed in float32."""
+    ops = _backend.ops_for(x.device)
+    Cl = x.shape[1]
+    if Cl == 0:
+        return x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if eps < 1:
+        r = eps * Cl / ((1 - eps) * C)
+        eps_k, g_scale = r / (1 + r), (1 - eps) * (1 + r)
+    else:
+        eps_k, g_scale = 1.0, Cl / C
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    g_k = torch.where(tg.valid, g * g_scale, zero)
+    elsewhere = tg.valid & ~tg.here
+    t_k = torch.where(tg.here, tg.local, torch.where(tg.valid, 0, _NOWHERE))
+    w_tk = w_here[t_k.clamp_min(0)] if w_here is not None else 1.0
+    W_local = w_here.sum() if w_here is not None else Cl
+    g_lse = A - torch.where(tg.valid, g_k * ((1 - eps_k) * w_tk + eps_k / Cl * W_local), zero)
+    x0 = x[:, 0].to(lse.dtype, copy=True)  # (read before an in-place backward writes x)
+    lse_k = torch.where(tg.valid, lse, float("inf")) if zero_ignored else lse
+    args = (g_k, g_lse, x, t_k, w_here, lse_k, _NOWHERE, eps_k, 0.0, softcap, logit_scale)
+    if inplace:
+        ops._ce_bwd_inplace(*args)
+        if ops is getattr(torch.ops, "torchloss_fused", None):
+            torch.autograd.graph.increment_version(x)
+        out = x
+    else:
+        out = ops._ce_bwd(*args)
+    s0 = reference._transform(x0, softcap, logit_scale)
+    w0 = w_here[0] if w_here is not None else 1.0
+    v0 = (A * torch.exp(s0 - lse) - g * (eps / C) * w0) * reference._transform_deriv(
+        s0, softcap, logit_scale)
+    out[:, 0] = torch.where(elsewhere, v0.to(out.dtype), out[:, 0])
+    return out
+
+
 def check_targets(target, num_classes: int, ignore_index: int) -> None:
     """An out-of-range class-index target of a DTensor call is an error: an asynchronous
     device-side assertion on a GPU (no host synchronisation), an IndexError on CPU, raised
@@ -324,15 +368,23 @@ class _CrossEntropy(torch.autograd.Function):
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
         zero = torch.zeros((), dtype=acc, device=x.device)
-        if not target.is_floating_point() and eps == 0:
+        if not target.is_floating_point():
             tg = _Target(target, ignore_index, off, Cl)
             g = grad_loss.to(acc)
             w_t = w[tg.safe] if w is not None else torch.ones_like(lse)
-            coef = w_t + 2 * z_loss * lse if z_loss != 0 else w_t
+            coef = (1 - eps) * w_t
+            if eps > 0:
+                coef = coef + eps / C * (w.sum() if w is not None else C)
+            if z_loss != 0:
+                coef = coef + 2 * z_loss * lse
             A = torch.where(tg.valid, g * coef, zero)
             A = A if grad_lse is None else A + grad_lse.to(acc)
-            out = _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, ctx.inplace,
-                               zero_ignored=grad_lse is None)
+            if eps == 0:
+                out = _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, ctx.inplace,
+                                   zero_ignored=grad_lse is None)
+            else:
+                out = _kernel_grad_smoothed(x, tg, g, A, lse, w_here, eps, C, softcap,
+                                            logit_scale, ctx.inplace, grad_lse is None)
             return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
         out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):

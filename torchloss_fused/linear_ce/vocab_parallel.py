@@ -6,9 +6,9 @@ Forward, per chunk of rows: the slice's logits (one product), their local log-su
 the target's logit when it falls in the slice (the kernels), the logit sum label smoothing
 needs; then two all-reduces per call give every row's whole-vocabulary lse. Backward
 recomputes each chunk's logits, writes the slice's gradient over them with the global lse
-(the kernels, or PyTorch ops on the chunk with label smoothing), and turns it into the
-chunk's part of grad_hidden (summed over the vocabulary ranks later: a Partial DTensor),
-and into the local slice's grad_weight and grad_bias (no communication).
+(the kernels, label smoothing included), and turns it into the chunk's part of
+grad_hidden (summed over the vocabulary ranks later: a Partial DTensor), and into the
+local slice's grad_weight and grad_bias (no communication).
 """
 
 from __future__ import annotations
@@ -148,13 +148,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             B = g * (1 - eps)
             if eps == 0:
                 vp._kernel_grad(x3, tg, A, B, l_c, softcap, 1.0, inplace=True)
-            else:  # the smoothing term, -g eps / V on every class, in float32 on the chunk
-                sc = reference._rows(x3, acc, softcap, 1.0)  # (n, 1, Vl)
-                Dq = torch.where(tg.valid, g * (eps / layout.vocab), zero).unsqueeze(-1)
-                Bh = torch.where(tg.here, B, zero)
-                grad = reference._grad_chunk(sc, l_c, A, Dq, Bh, tg.local, softcap, 1.0,
-                                             tg.valid)
-                logits.copy_(grad[:, 0])
+            else:
+                vp._kernel_grad_smoothed(x3, tg, g, A, l_c, None, eps, layout.vocab, softcap,
+                                         1.0, inplace=True, zero_ignored=True)
             if need_h:
                 torch.mm(logits, w, out=grad_h[s:e])
             if need_w:
