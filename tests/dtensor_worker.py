@@ -62,6 +62,13 @@ def _close(ours, oracle, dtype, what):
         f"{what}: {m}"), **tol)
 
 
+def _row_inputs(seed, N, C=10):
+    """float64 (N, C) logits, class-index targets and a positive per-class vector."""
+    torch.manual_seed(seed)
+    return (torch.randn(N, C, dtype=torch.float64), torch.randint(0, C, (N,)),
+            torch.rand(C, dtype=torch.float64))
+
+
 def _upstream(loss, mesh):
     """A random upstream gradient laid out like the loss (ones for a scalar)."""
     if loss.dim() == 0:
@@ -289,9 +296,7 @@ def _(ctx):
 
 @case("vocab_weight_requiring_grad_gathers")
 def _(ctx):
-    torch.manual_seed(1)
-    x, t, w = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 10, (6,)), torch.rand(
-        10, dtype=torch.float64)
+    x, t, w = _row_inputs(1, 6)
     xd = _dist(x, ctx.mesh, VOCAB, requires_grad=True)
     wd = _dist(w, ctx.mesh, [Replicate()], requires_grad=True)
     tlf.cross_entropy(xd, _dist(t, ctx.mesh, [Replicate()]), weight=wd).backward()
@@ -318,9 +323,7 @@ def _(ctx):
 def _(ctx):
     """A module's class-weight / alpha buffer (a plain tensor, the same on every rank) works
     with a DTensor input, as a replicated DTensor; the functional form stays strict."""
-    torch.manual_seed(7)
-    x, t, w = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 10, (8,)), torch.rand(
-        10, dtype=torch.float64)
+    x, t, w = _row_inputs(7, 8)
     for placements in (VOCAB, [Shard(0)]):
         xd = _dist(x, ctx.mesh, placements, requires_grad=True)
         td = _dist(t, ctx.mesh, [p if p.is_shard(0) else Replicate() for p in placements])
@@ -373,9 +376,7 @@ case("vocab_focal_2d_mesh")(lambda ctx: check_ce(
 
 @case("vocab_focal_alpha_tensor")
 def _(ctx):
-    torch.manual_seed(2)
-    x, t, a = torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 10, (8,)), torch.rand(
-        10, dtype=torch.float64)
+    x, t, a = _row_inputs(2, 8)
     xd = _dist(x, ctx.mesh, VOCAB, requires_grad=True)
     ad = _dist(a, ctx.mesh, [Shard(0)])  # a sharded alpha is gathered (C values)
     loss = tlf.focal_loss(xd, _dist(t, ctx.mesh, [Replicate()]), gamma=2.0, alpha=ad)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _sharding, reference
+from . import _backend, _sharding, reference, vocab_parallel
 from ._higher_order import differentiable_grads, reference_backward
 
 REF_NAMESPACE = "torchloss_fused_ref"
@@ -254,15 +254,12 @@ def _rescale_dtensor(namespace, grad, grad_loss, grad_scale) -> bool:
     """A DTensor gradient whose rows are split (or replicated) as the sharding rules lay
     them out: rescaled in place on each rank's own rows, as a plain tensor is, instead of
     copied whole by the out-of-place scaling below. False where that does not apply."""
-    if torch.compiler.is_compiling() or not _sharding.is_dtensor(grad):
+    if torch.compiler.is_compiling() or not vocab_parallel.is_dtensor(grad):
         return False
-    from torch.distributed.tensor import Replicate, Shard
-
-    if not all(p.is_replicate() or (type(p) is Shard and p.dim in (0, 2))
+    if not all(p.is_replicate() or (type(p) is vocab_parallel.Shard and p.dim in (0, 2))
                for p in grad.placements):
         return False
-    rows = [Replicate() if p.is_replicate() else Shard(0 if p.dim == 0 else 1)
-            for p in grad.placements]
+    rows = vocab_parallel.rows_placements(grad.placements)
 
     def local(t):
         return t.redistribute(grad.device_mesh, rows).to_local()

@@ -24,15 +24,6 @@ from __future__ import annotations
 
 import torch
 
-
-def is_dtensor(x) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(x, DTensor)
-
-
 # Roles of an op's arguments and outputs, in schema order: "logits" (B, C, D),
 # "rows" (B, D), "target" (rows for class indices, logits for probabilities),
 # "classes" (C), None for a non-tensor argument.

@@ -178,7 +178,7 @@ def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
 # ---- cross-entropy ------------------------------------------------------------------------
 
 
-@vocab_parallel.eager_when_class_sharded
+@vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -302,7 +302,7 @@ def cross_entropy(
 # ---- softmax focal loss -------------------------------------------------------------------
 
 
-@vocab_parallel.eager_when_class_sharded
+@vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def focal_loss(
     input: Tensor,
     target: Tensor,

@@ -45,21 +45,38 @@ def class_sharded(x3) -> bool:
     return is_dtensor(x3) and any(p.is_shard(1) for p in x3.placements)
 
 
-def eager_when_class_sharded(loss_fn):
-    """Under torch.compile, a loss of class-sharded logits runs eagerly behind a graph
-    break (fullgraph=True refuses it): its collectives are plain torch.distributed calls,
-    and the break comes before any view of the DTensor input is made (AOTAutograd cannot
-    hand a DTensor view across a graph boundary)."""
-    eager = torch.compiler.disable(loss_fn)
+def eager_under_compile_when(needs_eager):
+    """Under torch.compile, a call for which needs_eager(*args, **kwargs) holds (its loss
+    is vocab-parallel) runs eagerly behind a graph break (fullgraph=True refuses it): its
+    collectives are plain torch.distributed calls, and the break comes before any view of
+    a DTensor argument is made (AOTAutograd cannot hand a DTensor view across a graph
+    boundary)."""
+    def decorate(loss_fn):
+        eager = torch.compiler.disable(loss_fn)
 
-    @functools.wraps(loss_fn)
-    def wrapper(input, *args, **kwargs):
-        if torch.compiler.is_compiling() and is_dtensor(input) and input.dim() > 0 and any(
-                p.is_shard(1 if input.dim() > 1 else 0) for p in input.placements):
-            return eager(input, *args, **kwargs)
-        return loss_fn(input, *args, **kwargs)
+        @functools.wraps(loss_fn)
+        def wrapper(*args, **kwargs):
+            if torch.compiler.is_compiling() and needs_eager(*args, **kwargs):
+                return eager(*args, **kwargs)
+            return loss_fn(*args, **kwargs)
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+def input_class_sharded(input, *args, **kwargs) -> bool:
+    """Whether a loss's input, shaped (C) or (N, C, ...), is a DTensor split on C."""
+    return is_dtensor(input) and input.dim() > 0 and any(
+        p.is_shard(1 if input.dim() > 1 else 0) for p in input.placements)
+
+
+def rows_placements(logits_placements) -> tuple:
+    """Placements of the per-row (B, D) tensors of (B, C, D) logits laid out so: rows split
+    as the logits' rows (dim 0, or dim 2 -> 1), replicated where the logits replicate or
+    split the classes."""
+    return tuple(Replicate() if p.is_replicate() or p.dim == 1 else Shard(0 if p.dim == 0 else 1)
+                 for p in logits_placements)
 
 
 def replicated_like(v, input):
@@ -103,8 +120,7 @@ def _layout(x3) -> tuple[_Layout, object]:
         x3 = x3.redistribute(placements=usable)
     mesh = x3.device_mesh
     _, offset = compute_local_shape_and_global_offset(x3.shape, mesh, usable)
-    rows = tuple(Replicate() if p.is_replicate() or p.dim == 1 else Shard(0 if p.dim == 0 else 1)
-                 for p in usable)
+    rows = rows_placements(usable)
     groups = tuple(mesh.get_group(i) for i, p in enumerate(usable) if p.is_shard(1))
     B, C, D = x3.shape
     return _Layout(mesh, tuple(usable), rows, groups, offset[1], C, (B, D)), x3
@@ -174,12 +190,9 @@ class _Target:
         self.here = self.valid & (local >= 0) & (local < local_classes)
         self.local = torch.where(self.here, local, 0)
 
-    def logit(self, s: Tensor) -> Tensor:
-        """s at the target where it lies in this slice, 0 elsewhere (summed over slices)."""
-        return torch.where(self.here, reference._gather_target(s, self.local), 0)
-
     def logit_of(self, x: Tensor, acc, softcap: float, logit_scale: float) -> Tensor:
-        """As logit(), read from the (B, C, D) logits themselves: one element per row."""
+        """The (transformed) logit at the target where it lies in this slice, 0 elsewhere
+        (summed over the slices), read from the (B, C, D) logits: one element per row."""
         if x.shape[1] == 0:
             return torch.zeros(self.here.shape, dtype=acc, device=x.device)
         x_t = x.gather(1, self.local.unsqueeze(1)).squeeze(1).to(acc)
@@ -214,12 +227,16 @@ def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, soft
     unsharded path, also for an all -inf padding row, whose 0 * exp(-inf - (-inf)) would be
     NaN: they are given an lse of +inf, so their softmax is 0. (A NaN or +inf logit in an
     ignored row still gives NaN there, as in F.cross_entropy.)"""
-    ops = _backend.ops_for(x.device)
     if zero_ignored:
         lse = torch.where(tg.valid, lse, float("inf"))
     g = torch.where(tg.here, B, 0)
-    args = (g, A - g, x, tg.kernel_target(), None, lse, _NOWHERE, 0.0, 0.0, softcap,
-            logit_scale)
+    return _ce_bwd(x, inplace, g, A - g, x, tg.kernel_target(), None, lse, _NOWHERE, 0.0, 0.0,
+                   softcap, logit_scale)
+
+
+def _ce_bwd(x: Tensor, inplace: bool, *args) -> Tensor:
+    """The backward kernel, writing over x when inplace."""
+    ops = _backend.ops_for(x.device)
     if not inplace:
         return ops._ce_bwd(*args)
     ops._ce_bwd_inplace(*args)
@@ -238,7 +255,6 @@ def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Ten
     coefficient of p topped up to A through the lse gradient. A valid row whose target is
     in another slice is given class 0 as its target (its smoothing term applies to every
     class), and that one element is then rewritten, computed in float32."""
-    ops = _backend.ops_for(x.device)
     Cl = x.shape[1]
     if Cl == 0:
         return x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -256,14 +272,8 @@ def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Ten
     g_lse = A - torch.where(tg.valid, g_k * ((1 - eps_k) * w_tk + eps_k / Cl * W_local), zero)
     x0 = x[:, 0].to(lse.dtype, copy=True)  # (read before an in-place backward writes x)
     lse_k = torch.where(tg.valid, lse, float("inf")) if zero_ignored else lse
-    args = (g_k, g_lse, x, t_k, w_here, lse_k, _NOWHERE, eps_k, 0.0, softcap, logit_scale)
-    if inplace:
-        ops._ce_bwd_inplace(*args)
-        if ops is getattr(torch.ops, "torchloss_fused", None):
-            torch.autograd.graph.increment_version(x)
-        out = x
-    else:
-        out = ops._ce_bwd(*args)
+    out = _ce_bwd(x, inplace, g_k, g_lse, x, t_k, w_here, lse_k, _NOWHERE, eps_k, 0.0, softcap,
+                  logit_scale)
     s0 = reference._transform(x0, softcap, logit_scale)
     w0 = w_here[0] if w_here is not None else 1.0
     v0 = (A * torch.exp(s0 - lse) - g * (eps / C) * w0) * reference._transform_deriv(
@@ -301,6 +311,15 @@ def _local_chunks(x: Tensor, acc, softcap: float, logit_scale: float):
         yield b0, b1, reference._rows(x[b0:b1], acc, softcap, logit_scale)
 
 
+def weighted_logit_sum(x: Tensor, w_here: Tensor | None, acc, softcap: float,
+                       logit_scale: float) -> Tensor:
+    """Per row of the (B, C, D) slice, sum_c w_c s_c of the transformed logits (label
+    smoothing's share of the slice), over float32 chunks."""
+    sums = [(s * w_here).sum(-1) if w_here is not None else s.sum(-1)
+            for _, _, s in _local_chunks(x, acc, softcap, logit_scale)]
+    return torch.cat(sums) if sums else x.new_zeros((x.shape[0], x.shape[2]), dtype=acc)
+
+
 def _stack_rows(parts: list[list[Tensor]], k: int, x: Tensor, acc) -> tuple[Tensor, Tensor]:
     """Per-chunk [lse_local, sum_1, ..., sum_k] -> lse_local (b, D) and sums (k, b, D)."""
     if not parts:  # no local rows: the collectives still run, on empty tensors
@@ -323,26 +342,20 @@ class _CrossEntropy(torch.autograd.Function):
         prob = target.is_floating_point()
         w = reference._class_vector(weight, acc)
         w_here = None if w is None else w[off:off + Cl]
-        if not prob and eps == 0:  # (an LM's usual case) the kernels read the slice once
-            tg = _Target(target, ignore_index, off, Cl)
-            lse, sums = _all_reduce_lse(_kernel_lse(x, tg, softcap, logit_scale),
-                                        tg.logit_of(x, acc, softcap, logit_scale)[None],
-                                        layout.groups)
-            parts = None
-        else:
+        if prob:
             parts = []
-        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale) if parts is not None else ():
-            lse_local = reference.logsumexp(s)
-            if prob:
+            for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
                 q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
-                parts.append([lse_local, q.sum(-1), (q * s).sum(-1)])
-                continue
-            tg = _Target(target[b0:b1], ignore_index, off, Cl)
-            parts.append([lse_local, tg.logit(s),
-                          (s * w_here).sum(-1) if w is not None else s.sum(-1)])
-        if parts is not None:
+                parts.append([reference.logsumexp(s), q.sum(-1), (q * s).sum(-1)])
             lse_local, sums = _stack_rows(parts, 2, x, acc)
-            lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
+        else:  # the kernels read the slice (and the smoothing sum once more)
+            tg = _Target(target, ignore_index, off, Cl)
+            lse_local = _kernel_lse(x, tg, softcap, logit_scale)
+            sums = [tg.logit_of(x, acc, softcap, logit_scale)]
+            if eps > 0:
+                sums.append(weighted_logit_sum(x, w_here, acc, softcap, logit_scale))
+            sums = torch.stack(sums)
+        lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
         if prob:
             loss = lse * sums[0] - sums[1]
             if z_loss != 0:
@@ -387,33 +400,13 @@ class _CrossEntropy(torch.autograd.Function):
                                             logit_scale, ctx.inplace, grad_lse is None)
             return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
         out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
+        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):  # probability targets
             g, l_c = grad_loss[b0:b1].to(acc), lse[b0:b1]
-            g_lse = None if grad_lse is None else grad_lse[b0:b1].to(acc)
-            if target.is_floating_point():
-                q = _weighted_prob_target(target[b0:b1], acc, eps, C, w_here)
-                q_all = q_total[b0:b1]
-                A = g * (q_all + 2 * z_loss * l_c) if z_loss else g * q_all
-                A = A if g_lse is None else A + g_lse
-                grad = reference._grad_chunk(s, l_c, A, g.unsqueeze(-1) * q, None, None,
-                                             softcap, logit_scale)
-            else:
-                tg = _Target(target[b0:b1], ignore_index, off, Cl)
-                w_t = w[tg.safe] if w is not None else torch.ones_like(l_c)
-                coef = (1 - eps) * w_t
-                Dq = None
-                if eps > 0:
-                    coef = coef + eps / C * (w.sum() if w is not None else C)
-                    Dq = (g * (eps / C)).unsqueeze(-1) * (w_here if w is not None else 1.0)
-                    Dq = torch.where(tg.valid.unsqueeze(-1), Dq, zero)
-                if z_loss != 0:
-                    coef = coef + 2 * z_loss * l_c
-                A = torch.where(tg.valid, g * coef, zero)
-                A = A if g_lse is None else A + g_lse
-                B = torch.where(tg.here, g * ((1 - eps) * w_t), zero)
-                keep = None if g_lse is not None else tg.valid
-                grad = reference._grad_chunk(s, l_c, A, Dq, B, tg.local, softcap, logit_scale,
-                                             keep)
+            q = _weighted_prob_target(target[b0:b1], acc, eps, C, w_here)
+            A = g * (q_total[b0:b1] + 2 * z_loss * l_c) if z_loss else g * q_total[b0:b1]
+            A = A if grad_lse is None else A + grad_lse[b0:b1].to(acc)
+            grad = reference._grad_chunk(s, l_c, A, g.unsqueeze(-1) * q, None, None, softcap,
+                                         logit_scale)
             reference._write_grad(out, b0, b1, grad)
         return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
 

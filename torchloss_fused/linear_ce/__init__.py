@@ -126,7 +126,7 @@ def _autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias), torch.float32
 
 
-@vocab_parallel.eager_when_vocab_sharded
+@vocab_parallel.vp.eager_under_compile_when(vocab_parallel.head_vocab_sharded)
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

@@ -13,8 +13,6 @@ local slice's grad_weight and grad_bias (no communication).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -28,19 +26,9 @@ def vocab_sharded(weight) -> bool:
     return vp.is_dtensor(weight) and any(p.is_shard(0) for p in weight.placements)
 
 
-def eager_when_vocab_sharded(loss_fn):
-    """Under torch.compile, a call with a vocabulary-sharded weight runs eagerly behind a
-    graph break (its collectives are plain torch.distributed calls; see
-    vocab_parallel.eager_when_class_sharded)."""
-    eager = torch.compiler.disable(loss_fn)
-
-    @functools.wraps(loss_fn)
-    def wrapper(hidden, weight, *args, **kwargs):
-        if torch.compiler.is_compiling() and vocab_sharded(weight):
-            return eager(hidden, weight, *args, **kwargs)
-        return loss_fn(hidden, weight, *args, **kwargs)
-
-    return wrapper
+def head_vocab_sharded(hidden, weight, *args, **kwargs) -> bool:
+    """linear_cross_entropy's arguments ask for this path (see vocab_sharded)."""
+    return vocab_sharded(weight)
 
 
 class _Layout:
@@ -101,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
             sums[0, s:e] = tg.logit_of(x3, acc, softcap, 1.0)
             if eps > 0:
-                sums[1, s:e, 0] = reference._transform(x3[..., 0].to(acc), softcap, 1.0).sum(-1)
+                sums[1, s:e] = vp.weighted_logit_sum(x3, None, acc, softcap, 1.0)
         del buf
         lse, sums = vp._all_reduce_lse(lse_local, sums, layout.groups)
         loss = vp.index_loss(lse, sums, target[:, None], None, ignore_index, eps, z_loss,
