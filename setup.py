@@ -8,6 +8,8 @@ TORCHLOSS_FUSED_NO_EXTENSION=1 skips the extension: the pure-PyTorch fallback th
 
 import os
 import platform
+import shutil
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +46,32 @@ def _sources():
         cpu += ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
     cuda = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     return cpu, cuda
+
+
+def _resolve_cuda_home():
+    """Sets CUDA_HOME to the toolkit of the nvcc on PATH when neither CUDA_HOME nor
+    CUDA_PATH is set. torch takes the parent of `which nvcc`'s directory, which is wrong
+    when that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc): the objects compile, then the link fails on -lcudart.
+    nvcc's dry run names the directory it really runs from. Must run before
+    torch.utils.cpp_extension is imported (it reads CUDA_HOME once)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    try:
+        # (a dry run prints its steps and runs none of them)
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in out.splitlines():
+        if line.startswith("#$ _HERE_="):
+            home = Path(line.split("=", 1)[1].strip()).resolve().parent
+            if (home / "include" / "cuda_runtime.h").is_file():
+                os.environ["CUDA_HOME"] = str(home)
+            return
 
 
 def _want_cuda():
@@ -192,5 +220,7 @@ def _parallel_compile(self, sources, output_dir=None, macros=None, include_dirs=
     return sorted(objects, key=lambda o: any(k in o for k in ("_avx2.", "_avx512.")))
 
 
+if not (_env_flag("TORCHLOSS_FUSED_CPU_ONLY") or _env_flag("TORCHLOSS_FUSED_NO_EXTENSION")):
+    _resolve_cuda_home()
 ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -244,7 +244,8 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
         # Traced graphs (fake/functional tensors) must not mutate a saved forward output:
         # scale out of place. (functional.py does not pick the fused ops under
         # torch.compile; this keeps direct calls of them correct there.)
-        factor = torch.where(g != scale, g / scale, 1.0)
+        # (== rather than !=: DTensor of torch <= 2.11 has no rule for aten.ne.Tensor)
+        factor = torch.where(g == scale, 1.0, g / scale)
         return (rows * factor.unsqueeze(1)).to(grad.dtype).view(grad.shape)
     _ns(namespace)._rescale_grad_rows(rows, g, scale)
     return grad
