@@ -486,27 +486,33 @@ def _(ctx):
 
 
 def check_linear(ctx, hidden_placements, weight_placements, reduction="mean", bias=True,
-                 mesh=None, dtype=torch.float64, shape=(10, 6, 9), chunk_size=None, **kwargs):
+                 mesh=None, dtype=torch.float64, shape=(10, 6, 9), chunk_size=None,
+                 class_weight_placements=None, **kwargs):
     """tlf.linear_cross_entropy on DTensors equals the oracle on the whole tensors (values,
-    and gradients of hidden, weight and bias)."""
+    and gradients of hidden, weight and bias). class_weight_placements: pass fresh class
+    weights laid out so."""
     mesh = mesh or ctx.mesh
     torch.manual_seed(4)
     N, H, V = shape
     h, w = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
     b = torch.randn(V, dtype=torch.float64) if bias else None
-    h, w, b = (None if v is None else v.to(dtype) for v in (h, w, b))
+    cw = (torch.rand(V, dtype=torch.float64) * 2.5 + 0.25 if class_weight_placements
+          else None)
+    h, w, b, cw = (None if v is None else v.to(dtype) for v in (h, w, b, cw))
     t = torch.randint(0, V, (N,))
-    t[3] = -100
+    t[3] = kwargs.get("ignore_index", -100)
     hd = _dist(h, mesh, hidden_placements, requires_grad=True)
     wd = _dist(w, mesh, weight_placements, requires_grad=True)
     bd = None if b is None else _dist(b, mesh, weight_placements, requires_grad=True)
     td = _dist(t, mesh, [p if p.is_shard(0) else Replicate() for p in hidden_placements])
+    cwd = None if cw is None else _dist(cw, mesh, class_weight_placements)
     loss = tlf.linear_cross_entropy(hd, wd, td, bd, reduction=reduction,
-                                    chunk_size=chunk_size, **kwargs)
+                                    chunk_size=chunk_size, class_weight=cwd, **kwargs)
     gd, g = _upstream(loss, mesh)
     (loss.backward() if gd is None else (loss * gd).sum().backward())
     leaves = [v.double().requires_grad_() for v in (h, w) + ((b,) if bias else ())]
-    ref, _ = oracle_cross_entropy(F.linear(*leaves), t, reduction=reduction, **kwargs)
+    ref, _ = oracle_cross_entropy(F.linear(*leaves), t, weight=cw, reduction=reduction,
+                                  **kwargs)
     (ref * g).sum().backward()
     _close(loss, ref, dtype, "loss")
     # Gradients keep their tensor's layout, or are partial sums (each rank's part) until
@@ -523,6 +529,15 @@ for _red in ("mean", "sum", "none"):
         ctx, [Shard(0)], [Replicate()], reduction=r, label_smoothing=0.1))
 case("linear_replicated")(lambda ctx: check_linear(ctx, [Replicate()], [Replicate()],
                                                    bias=False))
+# Class weights: a replicated per-class vector on the ranks' rows.
+for _red in ("mean", "sum", "none"):
+    case(f"linear_rows_class_weight_{_red}")(lambda ctx, r=_red: check_linear(
+        ctx, [Shard(0)], [Replicate()], reduction=r, class_weight_placements=[Replicate()],
+        label_smoothing=0.1, z_loss=1e-2, ignore_index=2))
+case("linear_rows_class_weight_2d_mesh_bf16")(lambda ctx: check_linear(
+    ctx, [Shard(0), Replicate()], [Replicate(), Replicate()], mesh=ctx.mesh2d,
+    dtype=torch.bfloat16, shape=(12, 8, 64), chunk_size=5,
+    class_weight_placements=[Replicate(), Replicate()]))
 
 # A vocabulary-sharded LM head (ColwiseParallel): the vocabulary stays split. V=9 over 4
 # ranks is uneven (3, 3, 3, 0): one rank holds no classes.
@@ -542,6 +557,86 @@ case("linear_vocab_hidden_split_too")(lambda ctx: check_linear(ctx, [Shard(0)], 
 case("linear_vocab_2d_mesh")(lambda ctx: check_linear(
     ctx, [Shard(0), Replicate()], [Replicate(), Shard(0)], mesh=ctx.mesh2d, shape=(8, 6, 10),
     label_smoothing=0.1))
+# Class weights with the vocabulary split: each slice weighs its own classes, the
+# normalisers (the smoothing's summed weights, the targets' weights) are the whole
+# vocabulary's. ignore_index 4 is a class of one slice (it must count nowhere, its weight
+# neither); a class_weight split like the head is taken whole.
+for _red in ("mean", "sum", "none"):
+    case(f"linear_vocab_class_weight_{_red}")(lambda ctx, r=_red: check_linear(
+        ctx, *VOCAB_HEAD, reduction=r, class_weight_placements=[Replicate()], ignore_index=4))
+    case(f"linear_vocab_class_weight_smoothing_{_red}")(lambda ctx, r=_red: check_linear(
+        ctx, *VOCAB_HEAD, reduction=r, class_weight_placements=[Replicate()],
+        label_smoothing=0.2, z_loss=1e-2, softcap=3.0))
+case("linear_vocab_class_weight_sharded_chunks")(lambda ctx: check_linear(
+    ctx, *VOCAB_HEAD, chunk_size=3, shape=(11, 5, 16), class_weight_placements=[Shard(0)],
+    label_smoothing=0.1, ignore_index=4))
+case("linear_vocab_class_weight_bf16")(lambda ctx: check_linear(
+    ctx, *VOCAB_HEAD, dtype=torch.bfloat16, shape=(12, 8, 64), label_smoothing=0.1,
+    class_weight_placements=[Replicate()]))
+case("linear_vocab_class_weight_2d_mesh")(lambda ctx: check_linear(
+    ctx, [Shard(0), Replicate()], [Replicate(), Shard(0)], mesh=ctx.mesh2d, shape=(8, 6, 10),
+    class_weight_placements=[Replicate(), Replicate()], label_smoothing=0.1))
+
+
+@case("linear_class_weight_requiring_grad")
+def _(ctx):
+    """As tlf.cross_entropy's weight: a gradient for it too (through the logits, gathered
+    where the head splits the vocabulary), with the other gradients unchanged."""
+    torch.manual_seed(8)
+    N, H, V = 10, 6, 9
+    h, w = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    t = torch.randint(0, V, (N,))
+    t[2] = -100
+    cw = torch.rand(V, dtype=torch.float64) * 2.5 + 0.25
+    h64, w64, cw64 = (v.clone().requires_grad_() for v in (h, w, cw))
+    # (F.cross_entropy has no gradient for its weight: its formula, written out.)
+    logp = torch.log_softmax(F.linear(h64, w64), 1)
+    valid = t != -100
+    w_t = torch.where(valid, cw64[t.clamp_min(0)], 0)
+    ref = -(w_t * logp.gather(1, t.clamp_min(0)[:, None])[:, 0]).sum() / w_t.sum()
+    ref.backward()
+    _close(ref, F.cross_entropy(F.linear(h, w), t, weight=cw), torch.float64, "formula")
+    for hp, wp in (([Shard(0)], [Replicate()]), VOCAB_HEAD):
+        hd = _dist(h, ctx.mesh, hp, requires_grad=True)
+        wd = _dist(w, ctx.mesh, wp, requires_grad=True)
+        cwd = _dist(cw, ctx.mesh, [Replicate()], requires_grad=True)
+        td = _dist(t, ctx.mesh, [p if p.is_shard(0) else Replicate() for p in hp])
+        loss = tlf.linear_cross_entropy(hd, wd, td, class_weight=cwd, chunk_size=3)
+        loss.backward()
+        _close(loss, ref, torch.float64, f"{wp} loss")
+        for name, ours, leaf in (("hidden", hd, h64), ("weight", wd, w64),
+                                 ("class_weight", cwd, cw64)):
+            _close(ours.grad, leaf.grad, torch.float64, f"{wp} grad {name}")
+
+
+@case("linear_module_plain_class_weight_buffer")
+def _(ctx):
+    """The module's plain class_weight buffer works with DTensor inputs (as a replicated
+    DTensor); the functional form stays strict about a plain class_weight."""
+    torch.manual_seed(9)
+    N, H, V = 10, 6, 9
+    h, w = torch.randn(N, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    t = torch.randint(0, V, (N,))
+    cw = torch.rand(V, dtype=torch.float64) * 2.5 + 0.25
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(F.linear(h64, w64), t, weight=cw, label_smoothing=0.1)
+    ref.backward()
+    mod = tlf.LinearCrossEntropyLoss(label_smoothing=0.1, class_weight=cw)
+    for hp, wp in (([Shard(0)], [Replicate()]), VOCAB_HEAD):
+        hd = _dist(h, ctx.mesh, hp, requires_grad=True)
+        wd = _dist(w, ctx.mesh, wp, requires_grad=True)
+        td = _dist(t, ctx.mesh, [p if p.is_shard(0) else Replicate() for p in hp])
+        loss = mod(hd, wd, td)
+        loss.backward()
+        _close(loss, ref, torch.float64, f"{wp} loss")
+        _close(hd.grad, h64.grad, torch.float64, f"{wp} grad hidden")
+        _close(wd.grad, w64.grad, torch.float64, f"{wp} grad weight")
+        try:
+            tlf.linear_cross_entropy(hd, wd, td, class_weight=cw)
+        except TypeError as e:
+            assert "DTensor" in str(e) and "class_weight" in str(e), e
+        else:
+            raise AssertionError("a plain class_weight with DTensor inputs raised nothing")
 
 
 @case("linear_vocab_keeps_the_weight_split")

@@ -112,19 +112,22 @@ def test_sigmoid_focal_second_order_matches_torchvision(reduction, device, backe
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_cross_entropy_second_order(reduction, with_bias, device, backend):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_cross_entropy_second_order(reduction, with_bias, weighted, device, backend):
     h = torch.randn(10, 4, dtype=F64, device=device)
     w = torch.randn(9, 4, dtype=F64, device=device)
     b = torch.randn(9, dtype=F64, device=device)
     t = random_targets((10,), 9, device, ignore_frac=0.2)
+    cw = torch.rand(9, dtype=F64, device=device) * 2.5 + 0.25 if weighted else None
     inputs = [h, w, b] if with_bias else [h, w]
 
     def ours(h, w, b=None):
         return tlf.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1,
-                                        chunk_size=3)
+                                        chunk_size=3, class_weight=cw)
 
     def ref(h, w, b=None):
-        return F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=0.1)
+        return F.cross_entropy(F.linear(h, w, b), t, weight=cw, reduction=reduction,
+                               label_smoothing=0.1)
 
     _assert_same_hvp(ours, ref, inputs)
 
@@ -236,17 +239,19 @@ def test_forward_mode_ad(device, backend):
                                        fwAD.unpack_dual(ref).tangent)
 
 
-def test_linear_cross_entropy_under_func_transforms(device, backend):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_cross_entropy_under_func_transforms(device, backend, weighted):
     h = torch.randn(6, 4, dtype=F64, device=device)
     w = torch.randn(7, 4, dtype=F64, device=device)
     t = random_targets((6,), 7, device, ignore_frac=0.2)
+    cw = torch.rand(7, dtype=F64, device=device) * 2.5 + 0.25 if weighted else None
 
     def ours(h, w):
-        return tlf.linear_cross_entropy(h, w, t, z_loss=1e-2)
+        return tlf.linear_cross_entropy(h, w, t, z_loss=1e-2, class_weight=cw)
 
     def ref(h, w):
         logits = F.linear(h, w)
-        return oracle_cross_entropy(logits, t, z_loss=1e-2)[0]
+        return oracle_cross_entropy(logits, t, cw, z_loss=1e-2)[0]
 
     for a, b in zip(grad(ours, argnums=(0, 1))(h, w), grad(ref, argnums=(0, 1))(h, w)):
         torch.testing.assert_close(a, b)

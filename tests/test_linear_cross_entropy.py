@@ -38,17 +38,18 @@ def make(N, H, V, dtype, device, bias=False, ignore_frac=0.2, ignore_index=-100,
 
 
 def materialised(hidden, weight, target, bias, dtype, reduction="mean", ignore_index=-100,
-                 label_smoothing=0.0, z_loss=0.0, softcap=None):
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, class_weight=None):
     """The oracle (dtype=float64) or eager PyTorch's own answer (the input dtype): the full
-    logits, then F.cross_entropy (+ z_loss, softcap) as tests/helpers.py writes them out."""
+    logits, then F.cross_entropy (+ z_loss, softcap) as tests/helpers.py writes them out,
+    with class_weight as F.cross_entropy's weight."""
     h = hidden.detach().to(dtype).requires_grad_()
     w = weight.detach().to(dtype).requires_grad_()
     b = None if bias is None else bias.detach().to(dtype).requires_grad_()
     logits = F.linear(h, w, b)
     loss, _ = oracle_cross_entropy(logits.reshape(-1, w.shape[0]), target.flatten(),
-                                   ignore_index=ignore_index, reduction=reduction,
-                                   label_smoothing=label_smoothing, z_loss=z_loss,
-                                   softcap=softcap, dtype=dtype)
+                                   weight=class_weight, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing,
+                                   z_loss=z_loss, softcap=softcap, dtype=dtype)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss, [t for t in (h, w, b) if t is not None]
@@ -150,13 +151,16 @@ def test_moderate_shape(device, dtype):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_all_targets_ignored(device, backend, reduction):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_targets_ignored(device, backend, reduction, weighted):
+    """mean: nan (0 / 0, also when the denominator sums class weights), as F gives."""
     hidden, weight, target, b = make(9, 8, 17, torch.float32, device, bias=True,
                                      ignore_frac=1.0)
     assert (target == -100).all()
+    cw = class_weights(17, torch.float32, device) if weighted else None
     loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction,
-                                    chunk_size=4)
-    ref, _ = materialised(hidden, weight, target, b, torch.float64, reduction)
+                                    chunk_size=4, class_weight=cw)
+    ref, _ = materialised(hidden, weight, target, b, torch.float64, reduction, class_weight=cw)
     if reduction == "mean":
         assert torch.isnan(loss) and torch.isnan(ref)
     else:
@@ -232,12 +236,14 @@ def test_sum_for_gradient_accumulation(device):
         torch.testing.assert_close(g, r)
 
 
-def test_upstream_gradient_and_retain_graph(device):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_upstream_gradient_and_retain_graph(device, weighted):
     """backward of 3 * loss scales every gradient; a second backward through the same
     graph (retain_graph=True) recomputes and gives the same gradients."""
     hidden, weight, target, b = make(21, 10, 31, torch.float64, device, bias=True)
-    loss = tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=4)
-    ref, ins = materialised(hidden, weight, target, b, torch.float64)
+    cw = class_weights(31, torch.float64, device) if weighted else None
+    loss = tlf.linear_cross_entropy(hidden, weight, target, b, chunk_size=4, class_weight=cw)
+    ref, ins = materialised(hidden, weight, target, b, torch.float64, class_weight=cw)
     ref_grads = torch.autograd.grad(3 * ref, ins)
     first = torch.autograd.grad(3 * loss, (hidden, weight, b), retain_graph=True)
     second = torch.autograd.grad(3 * loss, (hidden, weight, b))
@@ -322,6 +328,130 @@ def test_target_out_of_range_cpu():
     target[2] = 7
     with pytest.raises(IndexError, match="Target 7 is out of bounds"):
         tlf.linear_cross_entropy(hidden, weight, target)
+
+
+# ---- class weights ------------------------------------------------------------------------
+
+
+def class_weights(V, dtype, device):
+    """Fresh per-class weights spread over [0.25, 2.75): no two classes count alike, and
+    their mean, far from 1, keeps the targets' summed weights well apart from their count
+    (`mean`'s denominator without weights)."""
+    return (torch.rand(V, dtype=torch.float64) * 2.5 + 0.25).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_class_weight(device, backend, dtype, reduction, label_smoothing, z_loss, bias):
+    """F.cross_entropy's weight: each row's loss and gradient weighted by its target's
+    class (label smoothing's term by every class's), `mean` divided by the targets' summed
+    weights, z_loss's term unweighted (as tlf.cross_entropy's); the ignored class 3 counts
+    nowhere though it has a weight. 37 rows in chunks of 8."""
+    hidden, weight, target, b = make(37, 16, 41, dtype, device, bias=bias, ignore_index=3)
+    assert (target == 3).any()
+    check(hidden, weight, target, b, reduction, chunk_size=8, ignore_index=3,
+          label_smoothing=label_smoothing, z_loss=z_loss,
+          class_weight=class_weights(41, dtype, device))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 40, 1000, None])
+def test_class_weight_chunk_sizes_fp64(device, reduction, chunk_size):
+    """Chunk size 1, one that does not divide N, exactly N, more than N, auto; `none` also
+    exercises the backward op, which recomputes the logits."""
+    hidden, weight, target, b = make(40, 12, 33, torch.float64, device, bias=True)
+    check(hidden, weight, target, b, reduction, chunk_size=chunk_size, z_loss=1e-3,
+          label_smoothing=0.05, softcap=4.0, class_weight=class_weights(33, torch.float64, device))
+
+
+def test_class_weight_3d_hidden_and_no_grad(device):
+    hidden, weight, target, b = make(0, 10, 29, torch.float32, device, bias=True, lead=(3, 7))
+    cw = class_weights(29, torch.float32, device)
+    check(hidden, weight, target, b, "mean", chunk_size=4, class_weight=cw)
+    with torch.no_grad():
+        loss = tlf.linear_cross_entropy(hidden, weight, target, b, class_weight=cw,
+                                        chunk_size=5, reduction="sum")
+    ref, _ = materialised(hidden, weight, target, b, torch.float64, "sum", class_weight=cw)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1.3e-6, atol=1e-5)
+
+
+def _weighted_loss_written_out(logits, target, cw, ignore_index, eps, z_loss, reduction):
+    """The weighted loss with label smoothing and z_loss spelled out (F.cross_entropy has
+    no gradient for its weight)."""
+    lse = torch.logsumexp(logits, 1)
+    valid = target != ignore_index
+    safe = target.masked_fill(~valid, 0)
+    w_t = cw[safe]
+    nll = lse - logits.gather(1, safe[:, None])[:, 0]
+    smooth = ((lse[:, None] - logits) * cw).sum(1)
+    rows = (1 - eps) * w_t * nll + eps / logits.shape[1] * smooth + z_loss * lse * lse
+    rows = torch.where(valid, rows, 0)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / torch.where(valid, w_t, 0).sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_class_weight_requiring_grad(device, backend, reduction):
+    """As tlf.cross_entropy's weight: it gets its gradient too (through the materialised
+    logits, the reference code), and hidden's, weight's and bias's stay right."""
+    hidden, weight, target, b = make(23, 8, 19, torch.float64, device, bias=True)
+    cw = class_weights(19, torch.float64, device).requires_grad_()
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-2}
+    loss = tlf.linear_cross_entropy(hidden, weight, target, b, reduction=reduction,
+                                    chunk_size=5, class_weight=cw, **kw)
+    g_out = torch.rand(loss.shape, dtype=torch.float64, device=device) + 0.5
+    ours = torch.autograd.grad(loss, (hidden, weight, b, cw), g_out)
+    logits = F.linear(hidden, weight, b)
+    ref = _weighted_loss_written_out(logits, target, cw, -100, 0.1, 1e-2, reduction)
+    oracle, _ = oracle_cross_entropy(logits, target, cw.detach(), reduction=reduction, **kw)
+    torch.testing.assert_close(ref, oracle)  # (the formula written out is F's)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(ours, torch.autograd.grad(ref, (hidden, weight, b, cw), g_out)):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_class_weight_is_a_buffer(device, dtype):
+    hidden, weight, target, b = make(19, 8, 21, dtype, device, bias=True)
+    cw = class_weights(21, torch.float32, device)
+    mod = tlf.LinearCrossEntropyLoss(reduction="sum", label_smoothing=0.1, z_loss=1e-3,
+                                     chunk_size=5, class_weight=cw)
+    assert tlf.LinearCrossEntropyLoss().class_weight is None
+    assert "class_weight" in dict(mod.named_buffers()) and "class_weight" in mod.state_dict()
+    mod = mod.to(dtype)  # (a buffer follows the module's dtype)
+    assert mod.class_weight.dtype == dtype
+    out = mod(hidden, weight, target, b)
+    ref = tlf.linear_cross_entropy(hidden, weight, target, b, reduction="sum",
+                                   label_smoothing=0.1, z_loss=1e-3, class_weight=cw.to(dtype))
+    oracle, ins = materialised(hidden, weight, target, b, torch.float64, "sum",
+                               label_smoothing=0.1, z_loss=1e-3, class_weight=cw)
+    torch.testing.assert_close(out, ref)
+    assert_matches(out, oracle, what="loss")
+    for g, r in zip(torch.autograd.grad(out, (hidden, weight, b)),
+                    torch.autograd.grad(oracle, ins)):
+        assert_matches(g, r, what="grad")
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_class_weight_under_autocast(device, backend, weight_dtype):
+    """Under autocast F.cross_entropy casts logits and weight to float32: a float32 or
+    bfloat16 class_weight goes with the bfloat16 logits, as F's weight would."""
+    h = torch.randn(48, 32, device=device, requires_grad=True)
+    w = (torch.randn(300, 32, device=device) * 0.3).requires_grad_()
+    y = torch.randint(0, 300, (48,), device=device)
+    cw = class_weights(300, weight_dtype, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        ours = tlf.linear_cross_entropy(h, w, y, class_weight=cw, label_smoothing=0.1)
+        theirs = F.cross_entropy(F.linear(h, w), y, weight=cw, label_smoothing=0.1)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, (h, w)),
+                                torch.autograd.grad(theirs, (h, w))):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-2, atol=1e-4)
 
 
 # ---- memory: no N x V tensor ----------------------------------------------------------------
@@ -411,20 +541,23 @@ def test_no_logits_sized_allocation_cuda():
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph(device, compile_backend):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compile_fullgraph(device, compile_backend, weighted):
     torch._dynamo.reset()
 
-    def f(h, w, y, b):
+    def f(h, w, y, b, cw):
         a = tlf.linear_cross_entropy(h, w, y, b, z_loss=1e-3, label_smoothing=0.1,
-                                     chunk_size=7)
-        c = tlf.linear_cross_entropy(h, w, y, b, reduction="none", softcap=3.0)
+                                     chunk_size=7, class_weight=cw)
+        c = tlf.linear_cross_entropy(h, w, y, b, reduction="none", softcap=3.0,
+                                     class_weight=cw)
         return a + (c * c).mean()
 
     hidden, weight, target, b = make(2, 16, 37, torch.float32, device, bias=True, lead=(2, 9))
+    cw = class_weights(37, torch.float32, device) if weighted else None
     compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
-    out = compiled(hidden, weight, target, b)
+    out = compiled(hidden, weight, target, b, cw)
     g_out = torch.autograd.grad(out, (hidden, weight, b))
-    eager = f(hidden, weight, target, b)
+    eager = f(hidden, weight, target, b, cw)
     g_eager = torch.autograd.grad(eager, (hidden, weight, b))
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
     for a, c in zip(g_out, g_eager):
@@ -432,24 +565,27 @@ def test_compile_fullgraph(device, compile_backend):
     # and both against the float64 oracle of the same function
     h, w, bb = (t.detach().double().requires_grad_() for t in (hidden, weight, b))
     logits = F.linear(h, w, bb).flatten(0, -2)
-    a, _ = oracle_cross_entropy(logits, target.flatten(), z_loss=1e-3, label_smoothing=0.1)
-    c, _ = oracle_cross_entropy(logits, target.flatten(), reduction="none", softcap=3.0)
+    a, _ = oracle_cross_entropy(logits, target.flatten(), cw, z_loss=1e-3, label_smoothing=0.1)
+    c, _ = oracle_cross_entropy(logits, target.flatten(), cw, reduction="none", softcap=3.0)
     ref = a + (c * c).mean()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(g_out, torch.autograd.grad(ref, (h, w, bb))):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_one_opaque_op(device):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compile_one_opaque_op(device, weighted):
     """The graph holds our op, not a per-chunk unrolled loop."""
     torch._dynamo.reset()
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("aot_eager")
     hidden, weight, target, _ = make(40, 8, 20, torch.float32, device)
-    f = torch.compile(lambda h, w, y: tlf.linear_cross_entropy(h, w, y, chunk_size=3),
+    cw = class_weights(20, torch.float32, device) if weighted else None
+    f = torch.compile(lambda h, w, y, c: tlf.linear_cross_entropy(h, w, y, chunk_size=3,
+                                                                  class_weight=c),
                       fullgraph=True, backend=counter)
-    f(hidden, weight, target).backward()
+    f(hidden, weight, target, cw).backward()
     assert counter.frame_count == 1
     graph = counter.graphs[0]
     calls = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
@@ -459,20 +595,22 @@ def test_compile_one_opaque_op(device):
 
 
 @pytest.mark.parametrize("name", ["linear_ce_fwd", "linear_ce_fwd_grad", "_linear_ce_bwd"])
-def test_opcheck(device, name):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck(device, name, weighted):
     hidden, weight, target, b = make(9, 6, 11, torch.float32, device, bias=True)
+    cw = class_weights(11, torch.float32, device) if weighted else None
     ce = (-100, 0.1, 1e-3, 0.0)
     ops = getattr(torch.ops, lce_ops.NAMESPACE)
     if name == "linear_ce_fwd":
-        args = (hidden, weight, b, target, *ce, 4, None)
+        args = (hidden, weight, b, target, cw, *ce, 4, None)
     elif name == "linear_ce_fwd_grad":
         denom = (target != -100).sum().float()
-        args = (hidden, weight, b, target, denom, *ce, 4, None, True, True, True)
+        args = (hidden, weight, b, target, cw, denom, *ce, 4, None, True, True, True)
     else:
         with torch.no_grad():
-            _, lse = ops.linear_ce_fwd(hidden, weight, b, target, *ce, 4, None)
+            _, lse = ops.linear_ce_fwd(hidden, weight, b, target, cw, *ce, 4, None)
         g = torch.rand(9, device=device)
-        args = (g, hidden.detach(), weight.detach(), b.detach(), target, lse, *ce, 4, None,
+        args = (g, hidden.detach(), weight.detach(), b.detach(), target, cw, lse, *ce, 4, None,
                 True, True, True)
     torch.library.opcheck(getattr(ops, name).default, args)
 
@@ -508,6 +646,20 @@ BAD_CALLS = [
     ("z_loss < 0", ValueError, "z_loss", {"z_loss": -1.0}),
     ("softcap 0", ValueError, "softcap", {"softcap": 0.0}),
     ("softcap nan", ValueError, "softcap", {"softcap": float("nan")}),
+    ("class_weight not a tensor", TypeError, "class_weight must be a torch.Tensor",
+     {"class_weight": [1.0] * 5}),
+    ("class_weight wrong length", ValueError, r"class_weight must hold one value per class \(5\)",
+     {"class_weight": torch.ones(4)}),
+    ("class_weight of H values", ValueError, "class_weight must hold one value per class",
+     {"class_weight": torch.ones(3)}),
+    ("class_weight 2-d", ValueError, "class_weight must hold one value per class",
+     {"class_weight": torch.ones(5, 1)}),
+    ("class_weight dtype", TypeError, "class_weight must have hidden's dtype",
+     {"class_weight": torch.ones(5, dtype=torch.float64)}),
+    ("class_weight integer", TypeError, "class_weight must be a floating-point",
+     {"class_weight": torch.ones(5, dtype=torch.long)}),
+    ("class_weight device", ValueError, "class_weight is on meta.*same device",
+     {"class_weight": torch.ones(5, device="meta")}),
 ]
 
 

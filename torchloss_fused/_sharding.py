@@ -53,15 +53,18 @@ _SIGMOID_ROLES = {
 
 
 # Linear cross-entropy ops: "tokens" (N, H) or (N,), split over rows; "vocab" (V, H) or (V,)
-# replicated; "partial" a total each rank holds a part of (the loss's sum, grad_weight,
-# grad_bias); "whole" a replicated scalar (the mean's denominator).
+# replicated (the head's weight and bias; "classes", the per-class weights, likewise);
+# "partial" a total each rank holds a part of (the loss's sum, grad_weight, grad_bias);
+# "whole" a replicated scalar (the mean's denominator).
 _LINEAR_ROLES = {
-    "linear_ce_fwd": (("tokens", "tokens"), ("tokens", "vocab", "vocab", "tokens")
+    "linear_ce_fwd": (("tokens", "tokens"), ("tokens", "vocab", "vocab", "tokens", "classes")
                       + (None,) * 6),
     "linear_ce_fwd_grad": (("partial", "tokens", "tokens", "partial", "partial"),
-                           ("tokens", "vocab", "vocab", "tokens", "whole") + (None,) * 9),
+                           ("tokens", "vocab", "vocab", "tokens", "classes", "whole")
+                           + (None,) * 9),
     "_linear_ce_bwd": (("tokens", "partial", "partial"), ("tokens", "tokens", "vocab", "vocab",
-                                                          "tokens", "tokens") + (None,) * 9),
+                                                          "tokens", "classes", "tokens")
+                       + (None,) * 9),
 }
 
 
@@ -70,7 +73,7 @@ def _linear_rule(outputs, inputs, P):
         def place(role, split, present=True):
             if role is None or not present:
                 return None
-            if not split or role in ("vocab", "whole"):
+            if not split or role in ("vocab", "classes", "whole"):
                 return P.Replicate()
             return P.Partial() if role == "partial" else P.Shard(0)
 

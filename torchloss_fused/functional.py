@@ -101,16 +101,30 @@ def _check_index_target(input: Tensor, target: Tensor, out_shape: tuple) -> None
     raise ValueError(f"Expected target size {list(out_shape)}, got {list(target.shape)}")
 
 
-def _check_class_vector(input: Tensor, v, name: str) -> None:
+def _check_class_vector(input: Tensor, v, name: str, num_classes: int | None = None) -> None:
+    """v: one floating-point value per class, where input is. num_classes: C when input
+    has no class dim to read it from (linear cross-entropy's hidden states)."""
     _check_tensor(v, name)
     _check_device(input, v, name)
-    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    C = num_classes if num_classes is not None else (
+        input.shape[0] if input.dim() == 1 else input.shape[1])
     if v.dim() != 1 or v.shape[0] != C:
         raise ValueError(
             f"{name} must hold one value per class ({C}), got shape {tuple(v.shape)}"
         )
     if not v.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+
+
+def _check_index_weight_dtype(weight: Tensor, dtype: torch.dtype, autocast: bool,
+                              name: str = "weight", input_name: str = "the input") -> None:
+    # (Autocast casts both to float32 for F.cross_entropy, so any such pair is fine.)
+    if weight.dtype != dtype and not (
+            autocast and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        raise TypeError(
+            f"{name} must have {input_name}'s dtype {dtype} (as F.cross_entropy requires "
+            f"for class-index targets), got {weight.dtype}"
+        )
 
 
 def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
@@ -249,13 +263,8 @@ def cross_entropy(
     autocast = _autocast_to_float32(input.dtype, input.device)
     if weight is not None:
         _check_class_vector(input, weight, "weight")
-        # (Autocast casts both to float32 for F.cross_entropy, so any such pair is fine.)
-        if not prob and weight.dtype != input.dtype and not (
-                autocast and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-            raise TypeError(
-                f"weight must have the input's dtype {input.dtype} (as F.cross_entropy "
-                f"requires for class-index targets), got {weight.dtype}"
-            )
+        if not prob:
+            _check_index_weight_dtype(weight, input.dtype, autocast)
 
     dtype = input.dtype
     if prob:

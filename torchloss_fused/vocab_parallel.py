@@ -380,24 +380,11 @@ class _CrossEntropy(torch.autograd.Function):
         w_here = None if w is None else w[off:off + Cl]
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
-        zero = torch.zeros((), dtype=acc, device=x.device)
         if not target.is_floating_point():
             tg = _Target(target, ignore_index, off, Cl)
-            g = grad_loss.to(acc)
-            w_t = w[tg.safe] if w is not None else torch.ones_like(lse)
-            coef = (1 - eps) * w_t
-            if eps > 0:
-                coef = coef + eps / C * (w.sum() if w is not None else C)
-            if z_loss != 0:
-                coef = coef + 2 * z_loss * lse
-            A = torch.where(tg.valid, g * coef, zero)
-            A = A if grad_lse is None else A + grad_lse.to(acc)
-            if eps == 0:
-                out = _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, ctx.inplace,
-                                   zero_ignored=grad_lse is None)
-            else:
-                out = _kernel_grad_smoothed(x, tg, g, A, lse, w_here, eps, C, softcap,
-                                            logit_scale, ctx.inplace, grad_lse is None)
+            out = index_grad(x, tg, grad_loss.to(acc),
+                             None if grad_lse is None else grad_lse.to(acc), lse, w, w_here,
+                             eps, z_loss, C, softcap, logit_scale, ctx.inplace)
             return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
         out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):  # probability targets
@@ -425,6 +412,29 @@ def index_loss(lse: Tensor, sums: Tensor, target: Tensor, w: Tensor | None, igno
     if z_loss != 0:
         loss = loss + z_loss * lse * lse
     return torch.where(valid, loss, torch.zeros((), dtype=lse.dtype, device=lse.device))
+
+
+def index_grad(x: Tensor, tg: _Target, g: Tensor, g_lse: Tensor | None, lse: Tensor,
+               w: Tensor | None, w_here: Tensor | None, eps: float, z_loss: float, C: int,
+               softcap: float, logit_scale: float, inplace: bool) -> Tensor:
+    """The slice's gradient for class-index targets, from the kernels: reference.py's
+    coefficients with the whole vocabulary's numbers (C, the weights w and their sum, the
+    global lse), for upstream gradients g of the loss and g_lse of the lse (None: no lse
+    gradient, and ignored rows come out as exact zeros). w_here: the slice's weights."""
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    w_t = w[tg.safe] if w is not None else torch.ones_like(lse)
+    coef = (1 - eps) * w_t
+    if eps > 0:
+        coef = coef + eps / C * (w.sum() if w is not None else C)
+    if z_loss != 0:
+        coef = coef + 2 * z_loss * lse
+    A = torch.where(tg.valid, g * coef, zero)
+    A = A if g_lse is None else A + g_lse
+    if eps == 0:
+        return _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, inplace,
+                            zero_ignored=g_lse is None)
+    return _kernel_grad_smoothed(x, tg, g, A, lse, w_here, eps, C, softcap, logit_scale,
+                                 inplace, g_lse is None)
 
 
 def _weighted_prob_target(q: Tensor, dtype, eps: float, C: int, w_here):

@@ -9,10 +9,10 @@ logits into a (chunk, V) buffer allocated once per call; the cross-entropy ops o
 gradient of the logits over that same buffer; two more products turn it into the chunk's
 rows of grad_hidden and its contribution to grad_weight (and grad_bias). For
 ``reduction="mean"``/``"sum"`` all of this happens in the forward pass (the gradient scale,
-1/number of counted targets, is a device tensor known before the loop), and backward only
-rescales the three gradients by the upstream gradient: three matrix products in all. For
-``reduction="none"`` the per-row upstream gradients are known only in backward, which
-recomputes the logits chunk by chunk (four products).
+1/number of counted targets or 1/their summed class weights, is a device tensor known
+before the loop), and backward only rescales the three gradients by the upstream gradient:
+three matrix products in all. For ``reduction="none"`` the per-row upstream gradients are
+known only in backward, which recomputes the logits chunk by chunk (four products).
 
 Memory model (besides the inputs and the gradients autograd hands back): one (chunk, V)
 logits buffer in the input dtype, plus, when grad_weight accumulates in a wider dtype than
@@ -41,12 +41,16 @@ from .._higher_order import transform_active
 from ..functional import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
+    _check_class_vector,
     _check_device,
+    _check_index_weight_dtype,
     _check_number,
     _check_reduction,
     _check_tensor,
+    _index_denominator,
     _wants_grad,
 )
+from ..vocab_parallel import replicated_like
 from . import vocab_parallel
 from .chunking import auto_chunk_size
 from .ops import NAMESPACE, materialised_rows
@@ -58,8 +62,8 @@ def _ns():
     return getattr(torch.ops, NAMESPACE)
 
 
-
-def _check_args(hidden, weight, target, bias, chunk_size, accum_dtype) -> None:
+def _check_args(hidden, weight, target, bias, class_weight, chunk_size, accum_dtype,
+                autocast: bool) -> None:
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
     _check_tensor(target, "target")
@@ -94,6 +98,10 @@ def _check_args(hidden, weight, target, bias, chunk_size, accum_dtype) -> None:
             f"target must have hidden's shape without its last dimension, "
             f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
     _check_device(hidden, target, "target")
+    if class_weight is not None:
+        _check_class_vector(hidden, class_weight, "class_weight", weight.shape[0])
+        _check_index_weight_dtype(class_weight, hidden.dtype, autocast, "class_weight",
+                                  "hidden")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
@@ -136,6 +144,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    class_weight: Tensor | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
@@ -147,10 +156,15 @@ def linear_cross_entropy(
     ``hidden`` is (..., H), ``weight`` (V, H) as in ``nn.Linear``, ``bias`` (V,) or None,
     ``target`` class indices shaped like ``hidden`` without its last dimension. Gradients
     flow to hidden, weight and bias. ``mean`` divides by the number of non-ignored targets
-    of the whole call; ``sum`` is for gradient accumulation, where the caller divides by a
-    token count across micro-batches; ``none`` returns the loss shaped like ``target``.
+    of the whole call (with ``class_weight``: the sum of their classes' weights, as
+    ``F.cross_entropy``); ``sum`` is for gradient accumulation, where the caller divides by
+    a token count across micro-batches; ``none`` returns the loss shaped like ``target``.
 
-    Extras, keyword-only: ``z_loss`` (adds ``z_loss * lse**2`` per counted row), ``softcap``
+    Keyword-only: ``class_weight`` (per-class weights (V,) in hidden's dtype: the ``weight``
+    of ``F.cross_entropy``, renamed since ``weight`` is the LM head's here; ``z_loss``'s term
+    is not weighted, as in ``cross_entropy``). A ``class_weight`` that requires grad gets
+    its gradient as in ``cross_entropy``, through plain PyTorch, which materialises the
+    N x V logits. Extras: ``z_loss`` (adds ``z_loss * lse**2`` per counted row), ``softcap``
     (logits become ``softcap * tanh(logits / softcap)``), ``chunk_size`` (rows per chunk;
     default: chosen from the shapes and, on CUDA, free memory) and ``accum_dtype`` (dtype of
     the grad_weight/grad_bias accumulator: float32 for bf16/fp16 inputs by default, else the
@@ -158,7 +172,8 @@ def linear_cross_entropy(
     """
     _check_reduction(reduction)
     hidden, weight, bias, out_dtype = _autocast_inputs(hidden, weight, bias)
-    _check_args(hidden, weight, target, bias, chunk_size, accum_dtype)
+    _check_args(hidden, weight, target, bias, class_weight, chunk_size, accum_dtype,
+                autocast=out_dtype is not None)
     label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
     z_loss = _check_number(z_loss, "z_loss", 0.0)
     softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
@@ -173,22 +188,26 @@ def linear_cross_entropy(
     ce_args = (ignore_index, label_smoothing, z_loss, softcap)
     chunk = 0 if chunk_size is None else chunk_size
     ops = _ns()
-    denom = (t1 != ignore_index).sum().to(acc) if reduction == "mean" else None
+    denom = None
+    if reduction == "mean":
+        denom = _index_denominator(t1, class_weight, ignore_index, weight.shape[0], acc)
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
-    if transform_active(hidden, weight, bias):
-        # torch.func / forward-mode AD see through this, not through the custom ops.
-        loss_rows, _ = materialised_rows(h2, weight, bias, t1, *ce_args)
+    if transform_active(hidden, weight, bias, class_weight) or _wants_grad(class_weight):
+        # torch.func / forward-mode AD see through this, not through the custom ops; and
+        # autograd differentiates it for a class_weight's gradient, as cross_entropy's.
+        loss_rows, _ = materialised_rows(h2, weight, bias, t1, class_weight, *ce_args)
     elif vocab_parallel.vocab_sharded(weight):
         # A ColwiseParallel LM head: the vocabulary stays split (see vocab_parallel.py).
-        loss_rows = vocab_parallel.loss_rows(h2, weight, bias, t1, *ce_args, chunk,
-                                             accum_dtype)
+        loss_rows = vocab_parallel.loss_rows(h2, weight, bias, t1, class_weight, *ce_args,
+                                             chunk, accum_dtype)
     elif reduction != "none" and any(needs):
-        loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, denom, *ce_args, chunk,
-                                          accum_dtype, *needs)
+        loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, denom, *ce_args,
+                                          chunk, accum_dtype, *needs)
         return loss.to(out_dtype or hidden.dtype)
     else:
-        loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, *ce_args, chunk, accum_dtype)
+        loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, class_weight, *ce_args, chunk,
+                                         accum_dtype)
     if reduction == "none":
         return loss_rows.reshape(target.shape).to(out_dtype or hidden.dtype)
     total = loss_rows.sum()
@@ -199,6 +218,8 @@ class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`linear_cross_entropy`: ``loss(hidden, weight, target, bias)``.
 
     The LM head's weight (and bias) stay with the model; pass them to ``forward``.
+    ``class_weight`` is a buffer (as ``CrossEntropyLoss``'s ``weight``); given DTensor
+    inputs, a plain buffer is used as a replicated DTensor on their mesh.
     """
 
     def __init__(
@@ -207,12 +228,14 @@ class LinearCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
+        class_weight: Tensor | None = None,
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
         accum_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -226,8 +249,8 @@ class LinearCrossEntropyLoss(nn.Module):
         return linear_cross_entropy(
             hidden, weight, target, bias, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
-            accum_dtype=self.accum_dtype)
+            class_weight=replicated_like(self.class_weight, hidden), z_loss=self.z_loss,
+            softcap=self.softcap, chunk_size=self.chunk_size, accum_dtype=self.accum_dtype)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "

@@ -13,11 +13,12 @@ from .weight_grad import WeightGrad, resolve_accum
 
 
 def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-          ce_args: tuple, chunk_size: int, accum_dtype: torch.dtype | None, *,
-          row_grad: Tensor | None, lse_in: Tensor | None, need_h: bool, need_w: bool,
-          need_b: bool):
+          class_weight: Tensor | None, ce_args: tuple, chunk_size: int,
+          accum_dtype: torch.dtype | None, *, row_grad: Tensor | None, lse_in: Tensor | None,
+          need_h: bool, need_w: bool, need_b: bool):
     """The chunked loop shared by the three ops.
 
+    class_weight: per-class weights (V,) or None, as the cross-entropy ops' weight.
     lse_in None: computes per-row loss and lse. row_grad: the gradient of the loss with
     respect to each row's loss, a 0-dim tensor (same for every row) or (N,); None: no
     gradients. Returns (loss_rows, lse, grad_hidden, grad_weight, grad_bias) with None for
@@ -31,6 +32,8 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                                                              hidden.device)
     chunk = max(1, min(chunk, N))
     grads = row_grad is not None
+    if class_weight is not None:  # (the ops would convert it once per chunk)
+        class_weight = class_weight.to(acc).contiguous()
     need_h, need_w, need_b = grads and need_h, grads and need_w, grads and need_b
 
     loss_rows = lse = None
@@ -61,7 +64,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         x3 = logits.unsqueeze(-1)  # (B, C, D) = (n, V, 1)
         t2 = target[s:e].unsqueeze(-1)
         if lse_in is None:
-            loss_c, lse_c = ops.ce_fwd(x3, t2, None, *ce_args, 1.0, False)
+            loss_c, lse_c = ops.ce_fwd(x3, t2, class_weight, *ce_args, 1.0, False)
             loss_rows[s:e].copy_(loss_c.view(n))
             lse[s:e].copy_(lse_c.view(n))
         else:
@@ -69,7 +72,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         if not grads:
             continue
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
-        ops._ce_bwd_inplace(g, None, x3, t2, None, lse_c, *ce_args, 1.0)
+        ops._ce_bwd_inplace(g, None, x3, t2, class_weight, lse_c, *ce_args, 1.0)
         if need_h:
             torch.mm(logits, weight, out=grad_h[s:e])
         if need_w:

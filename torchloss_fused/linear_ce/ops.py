@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _sharding, reference
+from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
 from .loop import _loop, _placeholder
 
@@ -19,23 +20,23 @@ _CHUNK = "int chunk_size, ScalarType? accum_dtype"
 _NEEDS = "bool grad_hidden, bool grad_weight, bool grad_bias"
 SCHEMAS = {
     # Per-row loss and lse (accumulation dtype), no gradients.
-    "linear_ce_fwd": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, {_CE}, "
-    f"{_CHUNK}) -> (Tensor loss, Tensor lse)",
+    "linear_ce_fwd": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+    f"Tensor? class_weight, {_CE}, {_CHUNK}) -> (Tensor loss, Tensor lse)",
     # Training forward for mean/sum: the reduced loss sum(loss_r) / denom (denom None: 1),
     # lse, and the gradients of that loss (empty where not asked for).
     "linear_ce_fwd_grad": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-    f"Tensor? denom, {_CE}, {_CHUNK}, {_NEEDS}) -> (Tensor loss, Tensor lse, "
-    "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
+    f"Tensor? class_weight, Tensor? denom, {_CE}, {_CHUNK}, {_NEEDS}) -> (Tensor loss, "
+    "Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
     # Backward for per-row upstream gradients: recomputes the logits chunk by chunk.
     "_linear_ce_bwd": f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
-    f"Tensor target, Tensor lse, {_CE}, {_CHUNK}, {_NEEDS}) -> (Tensor grad_hidden, "
-    "Tensor grad_weight, Tensor grad_bias)",
+    f"Tensor target, Tensor? class_weight, Tensor lse, {_CE}, {_CHUNK}, {_NEEDS}) -> "
+    "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
 }
 
 
-def _fwd_impl(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap,
-              chunk_size, accum_dtype):
-    loss, lse, *_ = _loop(hidden, weight, bias, target,
+def _fwd_impl(hidden, weight, bias, target, class_weight, ignore_index, label_smoothing,
+              z_loss, softcap, chunk_size, accum_dtype):
+    loss, lse, *_ = _loop(hidden, weight, bias, target, class_weight,
                           (ignore_index, label_smoothing, z_loss, softcap), chunk_size,
                           accum_dtype, row_grad=None, lse_in=None, need_h=False,
                           need_w=False, need_b=False)
@@ -47,10 +48,12 @@ def _row_scale(denom: Tensor | None, like: Tensor) -> Tensor:
     return one if denom is None else one / denom
 
 
-def _fwd_grad_impl(hidden, weight, bias, target, denom, ignore_index, label_smoothing, z_loss,
-                   softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_index,
+                   label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
+                   grad_weight, grad_bias):
     loss_rows, lse, gh, gw, gb = _loop(
-        hidden, weight, bias, target, (ignore_index, label_smoothing, z_loss, softcap),
+        hidden, weight, bias, target, class_weight,
+        (ignore_index, label_smoothing, z_loss, softcap),
         chunk_size, accum_dtype, row_grad=_row_scale(denom, hidden), lse_in=None,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
     total = loss_rows.sum()
@@ -60,10 +63,12 @@ def _fwd_grad_impl(hidden, weight, bias, target, denom, ignore_index, label_smoo
             gb if gb is not None else _placeholder(hidden))
 
 
-def _bwd_impl(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-              z_loss, softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+def _bwd_impl(grad_loss, hidden, weight, bias, target, class_weight, lse, ignore_index,
+              label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
+              grad_weight, grad_bias):
     _, _, gh, gw, gb = _loop(
-        hidden, weight, bias, target, (ignore_index, label_smoothing, z_loss, softcap),
+        hidden, weight, bias, target, class_weight,
+        (ignore_index, label_smoothing, z_loss, softcap),
         chunk_size, accum_dtype, row_grad=grad_loss.to(lse.dtype), lse_in=lse,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
     return (gh if gh is not None else _placeholder(hidden),
@@ -72,13 +77,16 @@ def _bwd_impl(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_
 
 
 def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
-                      ignore_index: int, label_smoothing: float, z_loss: float,
-                      softcap: float) -> tuple[Tensor, Tensor]:
+                      class_weight: Tensor | None, ignore_index: int, label_smoothing: float,
+                      z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
     """Per-row loss and lse through the full (N, V) logits, in plain differentiable PyTorch:
-    what torch.func transforms and higher-order gradients differentiate (never the
-    training path)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    loss, lse = reference.ce_fwd(logits.unsqueeze(-1), target.unsqueeze(-1), None, ignore_index,
+    what torch.func transforms, higher-order gradients and a class_weight's own gradient
+    differentiate (never the training path)."""
+    # (A vocabulary-sharded head's logits are gathered, as cross_entropy's reference path
+    # gathers class-sharded logits.)
+    logits = vp.gather_classes(
+        torch.nn.functional.linear(hidden, weight, bias).unsqueeze(-1))
+    loss, lse = reference.ce_fwd(logits, target.unsqueeze(-1), class_weight, ignore_index,
                                  label_smoothing, z_loss, softcap, 1.0)
     return loss.squeeze(-1), lse.squeeze(-1)
 
@@ -86,9 +94,9 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
 def _graph_grads(saved, ce_args, needs, grad_rows):
     """Gradients recorded by autograd through the materialised forward (create_graph=True,
     batched gradients: see reference_backward)."""
-    hidden, weight, bias, target = saved[:4]
+    hidden, weight, bias, target, class_weight = saved[:5]
     return differentiable_grads(
-        lambda h, w, b: materialised_rows(h, w, b, target, *ce_args),
+        lambda h, w, b: materialised_rows(h, w, b, target, class_weight, *ce_args),
         (hidden, weight, bias), needs, (grad_rows, None))
 
 
@@ -110,16 +118,18 @@ def _fake_fwd(hidden, weight, bias, target, *args):
     return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc)
 
 
-def _fake_fwd_grad(hidden, weight, bias, target, denom, ignore_index, label_smoothing, z_loss,
-                   softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+def _fake_fwd_grad(hidden, weight, bias, target, class_weight, denom, ignore_index,
+                   label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
+                   grad_weight, grad_bias):
     acc = reference.acc_dtype(hidden.dtype)
     loss = hidden.new_empty((), dtype=acc)
     lse = hidden.new_empty((hidden.shape[0],), dtype=acc)
     return (loss, lse, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))
 
 
-def _fake_bwd(grad_loss, hidden, weight, bias, target, lse, ignore_index, label_smoothing,
-              z_loss, softcap, chunk_size, accum_dtype, grad_hidden, grad_weight, grad_bias):
+def _fake_bwd(grad_loss, hidden, weight, bias, target, class_weight, lse, ignore_index,
+              label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
+              grad_weight, grad_bias):
     return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
@@ -130,9 +140,14 @@ def _ns():
     return getattr(torch.ops, NAMESPACE)
 
 
+# No gradient for class_weight from these formulas: linear_cross_entropy sends a class
+# weight that requires grad through materialised_rows instead, as cross_entropy sends a
+# weight that requires grad through the reference code.
+
+
 def _fwd_setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, *args = inputs
-    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+    hidden, weight, bias, target, class_weight, *args = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, class_weight, output[1])
     ctx.args = tuple(args)  # ce args, chunk_size, accum_dtype
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
@@ -140,20 +155,21 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad_loss, _grad_lse):
     needs = tuple(ctx.needs_input_grad[:3])
+    none = (None,) * 8  # target, class_weight, ce args, chunk_size, accum_dtype
     if grad_loss is None or not any(needs):
-        return (None,) * 10
-    hidden, weight, bias, target, lse = ctx.saved_tensors
+        return (None,) * 3 + none
+    hidden, weight, bias, target, class_weight, lse = ctx.saved_tensors
     if reference_backward(grad_loss):
         needs = (needs[0], needs[1], needs[2] and bias is not None)
-        return _graph_grads(ctx.saved_tensors, ctx.args[:4], needs, grad_loss) + (None,) * 7
-    gh, gw, gb = _ns()._linear_ce_bwd(grad_loss, hidden, weight, bias, target, lse, *ctx.args,
-                                      *needs)
+        return _graph_grads(ctx.saved_tensors, ctx.args[:4], needs, grad_loss) + none
+    gh, gw, gb = _ns()._linear_ce_bwd(grad_loss, hidden, weight, bias, target, class_weight,
+                                      lse, *ctx.args, *needs)
     return (gh if needs[0] else None, gw if needs[1] else None,
-            gb if needs[2] and bias is not None else None) + (None,) * 7
+            gb if needs[2] and bias is not None else None) + none
 
 
 def _fwd_grad_setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, denom, *rest = inputs
+    hidden, weight, bias, target, class_weight, denom, *rest = inputs
     ctx.ce_args, ctx.chunk = tuple(rest[:4]), tuple(rest[4:6])
     _, lse, gh, gw, gb = output
     ctx.mark_non_differentiable(*output[1:])
@@ -164,19 +180,20 @@ def _fwd_grad_setup_context(ctx, inputs, output):
     ctx.eager = not torch.compiler.is_compiling() and type(gh) is torch.Tensor
     if ctx.eager:
         ctx.fused = (gh.detach(), gw.detach(), gb.detach())
-        ctx.save_for_backward(hidden, weight, bias, target, denom, lse)
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, denom, lse)
     else:
         ctx.fused = None
-        ctx.save_for_backward(hidden, weight, bias, target, denom, lse, gh, gw, gb)
+        ctx.save_for_backward(hidden, weight, bias, target, class_weight, denom, lse, gh, gw,
+                              gb)
 
 
 def _fwd_grad_backward(ctx, grad_loss, *_unused):
     needs = tuple(ctx.needs_input_grad[:3])
-    none = (None,) * 11
+    none = (None,) * 12  # target, class_weight, denom, ce args, chunk args, needs
     if grad_loss is None or not any(needs):
         return (None, None, None) + none
     saved = ctx.saved_tensors
-    hidden, weight, bias, target, denom, lse = saved[:6]
+    hidden, weight, bias, target, class_weight, denom, lse = saved[:7]
     needs = (needs[0], needs[1], needs[2] and bias is not None)
     if reference_backward(grad_loss):
         ctx.fused = None
@@ -186,13 +203,13 @@ def _fwd_grad_backward(ctx, grad_loss, *_unused):
         fused, ctx.fused = ctx.fused, None
         if fused is None:  # second backward through the same graph: recompute
             rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
-            fused = _ns()._linear_ce_bwd(rows, hidden, weight, bias, target, lse,
-                                         *ctx.ce_args, *ctx.chunk, *needs)
+            fused = _ns()._linear_ce_bwd(rows, hidden, weight, bias, target, class_weight,
+                                         lse, *ctx.ce_args, *ctx.chunk, *needs)
             grads = fused
         else:
             grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(fused, needs))
     else:
-        grads = tuple(g * grad_loss if need else None for g, need in zip(saved[6:], needs))
+        grads = tuple(g * grad_loss if need else None for g, need in zip(saved[7:], needs))
     return tuple(g if need else None for g, need in zip(grads, needs)) + none
 
 

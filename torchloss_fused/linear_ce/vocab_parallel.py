@@ -4,9 +4,10 @@ and without materialising any logits beyond one chunk of the local slice.
 
 Forward, per chunk of rows: the slice's logits (one product), their local log-sum-exp and
 the target's logit when it falls in the slice (the kernels), the logit sum label smoothing
-needs; then two all-reduces per call give every row's whole-vocabulary lse. Backward
-recomputes each chunk's logits, writes the slice's gradient over them with the global lse
-(the kernels, label smoothing included), and turns it into the chunk's part of
+needs (weighted by the slice's class weights); then two all-reduces per call give every
+row's whole-vocabulary lse. Backward recomputes each chunk's logits, writes the slice's
+gradient over them with the global lse and the whole vocabulary's class weights (the
+kernels, label smoothing included), and turns it into the chunk's part of
 grad_hidden (summed over the vocabulary ranks later: a Partial DTensor), and into the
 local slice's grad_weight and grad_bias (no communication).
 """
@@ -69,14 +70,15 @@ def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor
 class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, layout, ignore_index, eps, z_loss,
-                softcap, chunk_size, accum_dtype):
+    def forward(ctx, hidden, weight, bias, target, class_weight, layout, ignore_index, eps,
+                z_loss, softcap, chunk_size, accum_dtype):
         h, w = hidden.to_local(), weight.to_local()
         b = None if bias is None else bias.to_local()
         ctx.set_materialize_grads(False)
         N, H = h.shape
         Vl = w.shape[0]
         acc = reference.acc_dtype(h.dtype)
+        cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         chunk = chunk_size or auto_chunk_size(N, max(Vl, 1), H, h.dtype, h.device)
         chunk = max(1, min(chunk, N))
         lse_local = h.new_empty((N, 1), dtype=acc)
@@ -89,12 +91,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
             sums[0, s:e] = tg.logit_of(x3, acc, softcap, 1.0)
             if eps > 0:
-                sums[1, s:e] = vp.weighted_logit_sum(x3, None, acc, softcap, 1.0)
+                sums[1, s:e] = vp.weighted_logit_sum(x3, cw_here, acc, softcap, 1.0)
         del buf
         lse, sums = vp._all_reduce_lse(lse_local, sums, layout.groups)
-        loss = vp.index_loss(lse, sums, target[:, None], None, ignore_index, eps, z_loss,
+        loss = vp.index_loss(lse, sums, target[:, None], cw, ignore_index, eps, z_loss,
                              layout.vocab)
-        ctx.save_for_backward(h, w, b, target, lse)
+        ctx.save_for_backward(h, w, b, target, class_weight, lse)
         ctx.layout, ctx.chunk = layout, chunk
         ctx.args = (ignore_index, eps, z_loss, softcap, accum_dtype)
         ctx.meta = tuple((t.shape, t.stride()) if t is not None else None
@@ -107,8 +109,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         if grad_loss is None or not any(ctx.needs_input_grad[:3]):
-            return (None,) * 11
-        h, w, b, target, lse = ctx.saved_tensors
+            return (None,) * 12
+        h, w, b, target, class_weight, lse = ctx.saved_tensors
         layout, chunk = ctx.layout, ctx.chunk
         ignore_index, eps, z_loss, softcap, accum_dtype = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -117,7 +119,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, H = h.shape
         Vl = w.shape[0]
         acc = lse.dtype
-        zero = torch.zeros((), dtype=acc, device=h.device)
+        cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         grad_h = h.new_empty((N, H)) if need_h else None
         gw = WeightGrad(w, w.dtype if chunk >= N else resolve_accum(w.dtype, accum_dtype)) \
             if need_w else None
@@ -129,16 +131,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl))
             x3 = logits.unsqueeze(-1)
             tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
-            g = g_rows[s:e, None].to(acc)
-            l_c = lse[s:e]
-            coef = 1 + 2 * z_loss * l_c if z_loss != 0 else 1.0  # (no class weights here)
-            A = torch.where(tg.valid, g * coef, zero)
-            B = g * (1 - eps)
-            if eps == 0:
-                vp._kernel_grad(x3, tg, A, B, l_c, softcap, 1.0, inplace=True)
-            else:
-                vp._kernel_grad_smoothed(x3, tg, g, A, l_c, None, eps, layout.vocab, softcap,
-                                         1.0, inplace=True, zero_ignored=True)
+            vp.index_grad(x3, tg, g_rows[s:e, None].to(acc), None, lse[s:e], cw, cw_here, eps,
+                          z_loss, layout.vocab, softcap, 1.0, inplace=True)
             if need_h:
                 torch.mm(logits, w, out=grad_h[s:e])
             if need_w:
@@ -154,7 +148,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _as_dtensor(gb.to(b.dtype), layout.grad_weight_placements, ctx.meta[2], layout)
             if need_b else None,
         )
-        return grads + (None,) * 8
+        return grads + (None,) * 9
+
+
+def _class_weights(class_weight: Tensor | None, acc, offset: int, Vl: int):
+    """The whole vocabulary's class weights in the accumulation dtype (the normalisers and
+    the targets' weights need all of them), and the local slice's."""
+    cw = reference._class_vector(class_weight, acc)
+    return cw, None if cw is None else cw[offset:offset + Vl]
 
 
 def _rows_placements(layout: _Layout) -> tuple:
@@ -167,15 +168,18 @@ def _as_dtensor(local: Tensor, placements, meta, layout: _Layout):
                                  stride=stride)
 
 
-def loss_rows(hidden, weight, bias, target, ignore_index: int, label_smoothing: float,
-              z_loss: float, softcap: float, chunk_size: int, accum_dtype):
+def loss_rows(hidden, weight, bias, target, class_weight, ignore_index: int,
+              label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+              accum_dtype):
     """Per-row loss (a DTensor shaped (N,)) of (N, H) hidden against a vocabulary-sharded
-    (V, H) weight, as linear_cross_entropy's reductions expect it."""
+    (V, H) weight, as linear_cross_entropy's reductions expect it. class_weight: (V,),
+    any layout (every rank takes the whole vector)."""
     layout = _Layout(hidden, weight)
     hidden = hidden.redistribute(layout.mesh, layout.hidden_placements)
     weight = weight.redistribute(layout.mesh, layout.weight_placements)
     if bias is not None:
         bias = bias.redistribute(layout.mesh, layout.weight_placements)
     t = target.redistribute(layout.mesh, _rows_placements(layout)).to_local()
-    return _LinearCrossEntropy.apply(hidden, weight, bias, t, layout, ignore_index,
-                                     label_smoothing, z_loss, softcap, chunk_size, accum_dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, t, vp._whole(class_weight), layout,
+                                     ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                                     accum_dtype)
