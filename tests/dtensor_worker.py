@@ -277,20 +277,32 @@ def _(ctx):
 
 @case("vocab_ignored_padding_rows_get_zero_gradient")
 def _(ctx):
-    """An ignored row of all -inf logits (masked padding) gets an exact zero gradient, on
-    the kernel path as on the chunked one and as the unsharded call gives."""
+    """Ignored rows get an exact zero gradient whatever their logits hold (all -inf masked
+    padding, a NaN, a +inf), as the unsharded call gives, also with an lse gradient of 0."""
     x = torch.randn(6, 10, dtype=torch.float64)
     x[1] = -float("inf")
-    t = torch.tensor([3, -100, 7, -100, 0, 9])
+    x[3, 8] = float("nan")  # (in the last slice: the other slices of the row are finite)
+    x[5, 1] = float("inf")
+    t = torch.tensor([3, -100, 7, -100, 0, -100])
+
+    def with_lse(a, b, **kw):
+        loss, lse = tlf.cross_entropy(a, b, reduction="none", return_lse=True, **kw)
+        return loss.sum() + (lse * 0).sum()
+
     for fn in (lambda a, b: tlf.cross_entropy(a, b, reduction="sum"),
                lambda a, b: tlf.cross_entropy(a, b, reduction="sum", label_smoothing=0.1),
+               lambda a, b: tlf.cross_entropy(a * 1, b, reduction="sum",
+                                              inplace_backward=True),
+               with_lse,
+               lambda a, b: with_lse(a, b, label_smoothing=0.1),
                lambda a, b: tlf.focal_loss(a, b, reduction="sum")):
         xd = _dist(x, ctx.mesh, VOCAB, requires_grad=True)
         fn(xd, _dist(t, ctx.mesh, [Replicate()])).backward()
         plain = x.clone().requires_grad_()
         fn(plain, t).backward()
         ours = xd.grad.full_tensor()
-        assert torch.equal(ours[1], torch.zeros(10, dtype=torch.float64)), ours[1]
+        for r in (1, 3, 5):
+            assert torch.equal(ours[r], torch.zeros(10, dtype=torch.float64)), (r, ours[r])
         _close(ours, plain.grad, torch.float64, "grad")
 
 

@@ -417,6 +417,7 @@ OPTIONS = [
     {"tdtype": torch.int32},
     {"tdtype": torch.uint8},
     {"nan_row": True},
+    {"nan_row": True, "glse": True},
     {"neginf": True, "eps": 0.1},
     {"gl_bcast": True, "eps": 0.1},
     {"all_ignored": True},
@@ -519,6 +520,8 @@ class SoftmaxScenario:
             self.gl = self.gl[:1, :1].expand(B, D)
         self.glse = (torch.rand(B, D, generator=gen, dtype=torch.float64) - 0.5).to(acc) \
             if o.get("glse") else None
+        if self.glse is not None and o.get("nan_row"):
+            self.glse.view(-1)[1] = 0  # the ignored (NaN) row: exact zeros, not 0 * NaN
         self._add_cases()
 
     # -- cases --

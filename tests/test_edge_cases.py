@@ -27,10 +27,36 @@ def test_all_targets_ignored(device, backend, weight):
         loss = tlf.cross_entropy(x, y, weight=w, reduction=reduction, label_smoothing=0.1)
         (g,) = torch.autograd.grad(loss.sum(), x)
         assert torch.equal(g, torch.zeros_like(x))
-    # mean: PyTorch's gradient is 0/0 there too; ours must be zeros or NaN like it, never junk
-    (g,) = torch.autograd.grad(mean, x)
-    (g_ref,) = torch.autograd.grad(F.cross_entropy(x, y, weight=w), x)
-    assert torch.equal(torch.nan_to_num(g), torch.nan_to_num(g_ref)) or (g == 0).all()
+
+
+# mean over no counted target is NaN (0 / 0), yet F's gradient is exactly zero whatever the
+# upstream gradient (its backward never touches ignored rows). A negative, zero or NaN
+# upstream gradient once gave NaN rows here (-inf / +inf in the fused gradient's rescale).
+@pytest.mark.parametrize("upstream", [1.0, 0.7, -2.0, 0.0, float("nan")])
+@pytest.mark.parametrize("case", ["ce", "ce_smooth_weight", "ce_inplace", "focal", "linear"])
+def test_mean_all_ignored_gradient_is_zero(device, backend, case, upstream):
+    x = random_logits((6, 9), torch.float32, device).requires_grad_(True)
+    y = torch.full((6,), 4, device=device)
+    w = torch.rand(9, device=device) + 0.5
+    if case == "linear":
+        h = torch.randn(6, 5, device=device, requires_grad=True)
+        head = torch.randn(9, 5, device=device, requires_grad=True)
+        loss = tlf.linear_cross_entropy(h, head, y, ignore_index=4, class_weight=w)
+        inputs = (h, head)
+    else:
+        fn = {"ce": lambda: tlf.cross_entropy(x, y, ignore_index=4),
+              "ce_smooth_weight": lambda: tlf.cross_entropy(x, y, weight=w, ignore_index=4,
+                                                            label_smoothing=0.2),
+              "ce_inplace": lambda: tlf.cross_entropy(x * 1, y, ignore_index=4,
+                                                      inplace_backward=True),
+              "focal": lambda: tlf.focal_loss(x, y, gamma=2.0, ignore_index=4)}[case]
+        loss, inputs = fn(), (x,)
+        ref = F.cross_entropy(x, y, ignore_index=4)
+        (g_ref,) = torch.autograd.grad(ref * upstream, x)
+        assert torch.equal(g_ref, torch.zeros_like(x))  # (what F does)
+    assert torch.isnan(loss)
+    for g in torch.autograd.grad(loss * upstream, inputs):
+        assert torch.equal(g, torch.zeros_like(g)), g
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -104,6 +130,42 @@ def test_nan_and_inf_logits(device, backend, dtype):
     assert g[0].isnan().all() and torch.isfinite(g[[1, 4]]).all()
     assert g[5].isnan().all(), g[5]  # as F.cross_entropy's gradient
     assert (g[1, :3] == 0).all()
+
+
+@pytest.mark.parametrize("fill", ["nan", "inf", "all_nan", "all_inf", "all_neg_inf"])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1},
+                                     {"return_lse": True}, {"inplace_backward": True}])
+def test_ignored_row_gradient_is_zero_whatever_its_logits(device, backend, fill, options):
+    """An ignored row contributes nothing, so its gradient is exactly zero, also when its
+    logits hold NaN, +inf or only -inf (masked padding). (F.cross_entropy gives NaN there:
+    its log_softmax backward multiplies the row's NaN probabilities by zero.) The other
+    rows are unaffected."""
+    x = random_logits((4, 7), torch.float32, device, requires_grad=False)
+    value = {"nan": float("nan"), "inf": float("inf")}.get(fill.removeprefix("all_"),
+                                                             float("-inf"))
+    if fill.startswith("all_"):
+        x[1] = value
+    else:
+        x[1, 3] = value
+    y = torch.tensor([2, -100, 5, 0], device=device)
+    x = x.requires_grad_()
+    out = tlf.cross_entropy(x * 1, y, reduction="none", **options)
+    loss = out[0] if options.get("return_lse") else out
+    (g,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+    assert torch.equal(g[1], torch.zeros_like(g[1])), g[1]
+    keep = [0, 2, 3]
+    xr = x[keep].detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(
+        xr, y[keep], reduction="none",
+        label_smoothing=options.get("label_smoothing", 0)).sum(), xr)
+    torch.testing.assert_close(g[keep].double(), g_ref, rtol=1e-5, atol=1e-6)
+    if options.get("return_lse"):
+        # a zero lse gradient leaves the row zero; a nonzero one reaches it
+        (g2,) = torch.autograd.grad(loss.sum() + (out[1] * 0).sum(), x, retain_graph=True)
+        assert torch.equal(g2[1], g[1]), g2[1]
+        torch.testing.assert_close(g2, g)
+        (g3,) = torch.autograd.grad(out[1].sum(), x)
+        assert not torch.equal(g3[1], torch.zeros_like(g3[1]))
 
 
 def test_partly_neg_inf_with_smoothing_is_inf_like_pytorch(device, backend):

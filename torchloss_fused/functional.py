@@ -177,15 +177,33 @@ def _reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: 
     total = loss_rows.sum()
     if reduction == "sum":
         return total.to(dtype)
-    return (total / denom).to(dtype)
+    return _mean(total, denom).to(dtype)
+
+
+def _nonzero_denominator(denom: Tensor) -> Tensor:
+    return torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def _mean(total: Tensor, denom: Tensor) -> Tensor:
+    """total / denom, and NaN where denom is 0 (no target counted: F's 0 / 0), with a
+    gradient of exactly zero there whatever the upstream gradient, as F gives (its backward
+    never touches ignored rows). Plain total / 0 would send an infinite (or, for a zero
+    upstream gradient, NaN) gradient to every row, which the fused gradient's rescale turns
+    into NaN rows for any upstream gradient but 1."""
+    return _nan_where_uncounted(total / _nonzero_denominator(denom), denom)
+
+
+def _nan_where_uncounted(mean: Tensor, denom: Tensor) -> Tensor:
+    nan = torch.full_like(mean, float("nan"))  # (no gradient flows through this branch)
+    return torch.where(denom == 0, nan, mean)
 
 
 def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
     """The grad_loss backward will see per row when the caller backpropagates the loss
-    unscaled; computed exactly as autograd will compute it, so the common case matches
-    bitwise and backward skips its rescale pass."""
+    unscaled; computed exactly as autograd will compute it (through _mean), so the common
+    case matches bitwise and backward skips its rescale pass."""
     one = rows.new_ones(())  # (a DTensor when rows is one: no mixing with plain tensors)
-    scale = one / denom if reduction == "mean" else one
+    scale = one / _nonzero_denominator(denom) if reduction == "mean" else one
     return scale.expand(rows.shape)
 
 

@@ -69,6 +69,12 @@ def logsumexp(s: Tensor) -> Tensor:
     return torch.where(lse == float("inf"), float("nan"), lse)
 
 
+def _per_row(v: Tensor, t: Tensor) -> Tensor:
+    """v[t] for a per-class vector v and class indices t. As a gather: torch 2.11's DTensor
+    cannot propagate the backward of an index (index_put) with a row-sharded t."""
+    return v.gather(0, t.reshape(-1)).view(t.shape)
+
+
 def _class_vector(v: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if v is None else v.to(dtype)
 
@@ -104,7 +110,7 @@ def _ce_chunk(s, lse, target, w, ignore_index, eps, z_loss):
     valid = t != ignore_index
     safe = t.masked_fill(~valid, 0)
     nll = lse - _gather_target(s, safe)
-    loss = (1 - eps) * (w[safe] * nll if w is not None else nll)
+    loss = (1 - eps) * (_per_row(w, safe) * nll if w is not None else nll)
     if eps > 0:
         nll_all = lse.unsqueeze(-1) - s
         smooth = (nll_all * w).sum(-1) if w is not None else nll_all.sum(-1)
@@ -153,7 +159,7 @@ def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
     t = target.long()
     valid = t != ignore_index
     safe = t.masked_fill(~valid, 0)
-    wt = w[safe] if w is not None else torch.ones_like(lse)
+    wt = _per_row(w, safe) if w is not None else torch.ones_like(lse)
     coef = (1 - eps) * wt
     Dq = None
     if eps > 0:
@@ -169,7 +175,8 @@ def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
         Dq = torch.where(valid.unsqueeze(-1), Dq, zero)
     if g_lse is not None:
         A = A + g_lse
-    keep = None if g_lse is not None else valid
+    # Ignored rows: exact zeros unless their lse has a nonzero gradient (as the kernels).
+    keep = valid if g_lse is None else valid | (g_lse != 0)
     return A, Dq, B, safe, keep
 
 
@@ -237,7 +244,7 @@ def ce_fwd_grad(input, target, weight, ignore_index, label_smoothing, z_loss, so
 
 
 def _focal_alpha_t(alpha, alpha_scale, t):
-    return alpha_scale * alpha[t] if alpha is not None else alpha_scale
+    return alpha_scale * _per_row(alpha, t) if alpha is not None else alpha_scale
 
 
 def _focal_terms(log_pt: Tensor, alpha_t, gamma: float):

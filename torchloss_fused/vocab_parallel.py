@@ -216,19 +216,16 @@ def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> T
 
 
 def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, softcap: float,
-                 logit_scale: float, inplace: bool, zero_ignored: bool = True) -> Tensor:
+                 logit_scale: float, inplace: bool) -> Tensor:
     """The slice's gradient A p - B [c = t] (times the softcap/scale derivative), p the
     softmax under the global lse, from the cross-entropy backward kernel: a row whose
     target is in the slice has it as its target with upstream gradient B (giving
     B (p - [c = t]), the target's term formed in float32 by the kernel), and every row gets
     A - B (or A) as the gradient of its lse (giving that times p).
 
-    zero_ignored: ignored rows (A = 0 there) must come out as exact zeros, as in the
-    unsharded path, also for an all -inf padding row, whose 0 * exp(-inf - (-inf)) would be
-    NaN: they are given an lse of +inf, so their softmax is 0. (A NaN or +inf logit in an
-    ignored row still gives NaN there, as in F.cross_entropy.)"""
-    if zero_ignored:
-        lse = torch.where(tg.valid, lse, float("inf"))
+    Ignored rows (A = 0 there, no lse gradient) come out as exact zeros, as in the
+    unsharded path, whatever their logits hold: the kernel writes zeros for a row without
+    target whose lse gradient is 0."""
     g = torch.where(tg.here, B, 0)
     return _ce_bwd(x, inplace, g, A - g, x, tg.kernel_target(), None, lse, _NOWHERE, 0.0, 0.0,
                    softcap, logit_scale)
@@ -247,7 +244,7 @@ def _ce_bwd(x: Tensor, inplace: bool, *args) -> Tensor:
 
 def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Tensor,
                           w_here: Tensor | None, eps: float, C: int, softcap: float,
-                          logit_scale: float, inplace: bool, zero_ignored: bool) -> Tensor:
+                          logit_scale: float, inplace: bool) -> Tensor:
     """The slice's gradient with label smoothing eps over all C classes,
     A p - B [c = t] - (g eps / C) w_c with B = g (1 - eps) w_t, from the backward kernel's
     own smoothing: given eps_k and upstream g_k chosen so that its smoothing term
@@ -271,8 +268,7 @@ def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Ten
     W_local = w_here.sum() if w_here is not None else Cl
     g_lse = A - torch.where(tg.valid, g_k * ((1 - eps_k) * w_tk + eps_k / Cl * W_local), zero)
     x0 = x[:, 0].to(lse.dtype, copy=True)  # (read before an in-place backward writes x)
-    lse_k = torch.where(tg.valid, lse, float("inf")) if zero_ignored else lse
-    out = _ce_bwd(x, inplace, g_k, g_lse, x, t_k, w_here, lse_k, _NOWHERE, eps_k, 0.0, softcap,
+    out = _ce_bwd(x, inplace, g_k, g_lse, x, t_k, w_here, lse, _NOWHERE, eps_k, 0.0, softcap,
                   logit_scale)
     s0 = reference._transform(x0, softcap, logit_scale)
     w0 = w_here[0] if w_here is not None else 1.0
@@ -420,7 +416,8 @@ def index_grad(x: Tensor, tg: _Target, g: Tensor, g_lse: Tensor | None, lse: Ten
     """The slice's gradient for class-index targets, from the kernels: reference.py's
     coefficients with the whole vocabulary's numbers (C, the weights w and their sum, the
     global lse), for upstream gradients g of the loss and g_lse of the lse (None: no lse
-    gradient, and ignored rows come out as exact zeros). w_here: the slice's weights."""
+    gradient). Ignored rows without lse gradient come out as exact zeros. w_here: the
+    slice's weights."""
     zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
     w_t = w[tg.safe] if w is not None else torch.ones_like(lse)
     coef = (1 - eps) * w_t
@@ -431,10 +428,9 @@ def index_grad(x: Tensor, tg: _Target, g: Tensor, g_lse: Tensor | None, lse: Ten
     A = torch.where(tg.valid, g * coef, zero)
     A = A if g_lse is None else A + g_lse
     if eps == 0:
-        return _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, inplace,
-                            zero_ignored=g_lse is None)
+        return _kernel_grad(x, tg, A, g * w_t, lse, softcap, logit_scale, inplace)
     return _kernel_grad_smoothed(x, tg, g, A, lse, w_here, eps, C, softcap, logit_scale,
-                                 inplace, g_lse is None)
+                                 inplace)
 
 
 def _weighted_prob_target(q: Tensor, dtype, eps: float, C: int, w_here):

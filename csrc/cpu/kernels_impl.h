@@ -541,7 +541,9 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
   }
 
   if (t == p.ignore_index) {
-    if (has_g_lse) {
+    // An ignored row gets exact zeros unless its lse has a nonzero gradient, whatever its
+    // logits hold (0 * p would be NaN for a NaN, +inf or all -inf row).
+    if (has_g_lse && g_lse != 0) {
       row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse, acc_t(0), acc_t(0), -1, b);
     } else {
       zero_row(grow, C, p.grad_layout.sc);

@@ -169,7 +169,9 @@ class SoftmaxRow {
         D = g;
         if (D != 0) q_grad = QKind::ProbTarget;
       } else if (ignored) {
-        if (has_g_lse) {
+        // Exact zeros unless the lse has a nonzero gradient, whatever the logits hold
+        // (0 * p would be NaN for a NaN, +inf or all -inf row).
+        if (has_g_lse && g_lse != acc_t(0)) {
           A = g_lse;
         } else {
           zero_row = true;
