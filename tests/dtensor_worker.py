@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import traceback
 from datetime import timedelta
@@ -236,6 +237,51 @@ def _(ctx):
     ours = tlf.cross_entropy(xd, td, reduction="none").full_tensor()
     ref = F.cross_entropy(x, t, reduction="none")
     torch.testing.assert_close(ours, ref, equal_nan=True)
+
+
+@case("random_calls_match_f")
+def _(ctx):
+    """Random calls (the same on every rank: one seed), each against F.cross_entropy on the
+    whole tensors in float64: layout (classes over 4 ranks, rows over 4, rows x classes on
+    the 2x2 mesh, classes over both mesh dims), C not divisible by the ranks, dtype, weight,
+    ignore_index (also a real class), label_smoothing, reduction, return_lse, in-place
+    backward, some or all targets ignored, upstream gradients of either sign or zero."""
+    rng = random.Random(1234)
+    layouts = [("vocab", lambda: ctx.mesh, [Shard(1)], [Replicate()]),
+               ("rows", lambda: ctx.mesh, [Shard(0)], [Shard(0)]),
+               ("rows_x_vocab", lambda: ctx.mesh2d, [Shard(0), Shard(1)],
+                [Shard(0), Replicate()]),
+               ("vocab_2d", lambda: ctx.mesh2d, [Shard(1), Shard(1)],
+                [Replicate(), Replicate()])]
+    for i in range(40):
+        name, mesh, xp, tp = rng.choice(layouts)
+        N, C = rng.choice([4, 8, 12]), rng.choice([5, 9, 16, 37])
+        dtype = rng.choice([torch.float64, torch.float32, torch.bfloat16])
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(N, C, generator=g, dtype=torch.float64) * rng.choice([0.3, 3.0])
+        ii = rng.choice([-100, 2])
+        t = torch.randint(0, C, (N,), generator=g)
+        t[: rng.choice([0, 1, N // 2, N])] = ii
+        kw = {"ignore_index": ii, "reduction": rng.choice(["mean", "sum", "none"]),
+              "label_smoothing": rng.choice([0.0, 0.0, 0.2])}
+        w = torch.rand(C, generator=g, dtype=torch.float64) + 0.2 if rng.random() < 0.4 \
+            else None
+        inplace = rng.random() < 0.25
+        upstream = rng.choice([1.0, -1.5, 0.0])
+        what = f"call {i} ({name} {dtype} N={N} C={C} w={w is not None} {kw} " \
+               f"inplace={inplace} upstream={upstream})"
+        xd = _dist(x.to(dtype), mesh(), xp, requires_grad=True)
+        td = _dist(t, mesh(), tp)
+        wd = None if w is None else _dist(w.to(dtype), mesh(), [Replicate()] * len(xp))
+        inp = xd * 1 if inplace else xd
+        ours = tlf.cross_entropy(inp, td, weight=wd, inplace_backward=inplace, **kw)
+        xr = x.to(dtype).double().requires_grad_()
+        ref = F.cross_entropy(xr, t, weight=w, **kw)
+        _close(ours, ref, dtype, what + " loss")
+        (ours * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        expect = xr.grad.masked_fill((t == ii)[:, None], 0)
+        _close(xd.grad, expect, dtype, what + " grad")
 
 
 @case("vocab_target_out_of_range")
