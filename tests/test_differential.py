@@ -81,26 +81,28 @@ def _same(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
 @settings(max_examples=120, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(calls())
-def test_matches_f_cross_entropy(backend, call):
+def test_matches_f_cross_entropy(device, backend, call):
     x, t, ignored, kw, upstream, dtype = call
     prob = t.is_floating_point()
     xd = x.to(dtype)
     ours_kw = dict(kw)
     if "weight" in kw:
         ours_kw["weight"] = kw["weight"].to(dtype)
-    a = xd.clone().requires_grad_()
-    ours = tlf.cross_entropy(a, t.to(dtype) if prob else t, **ours_kw)
     lowp = F.cross_entropy(xd, t.to(dtype) if prob else t, **ours_kw)
+    if "weight" in kw:
+        ours_kw["weight"] = ours_kw["weight"].to(device)
+    a = xd.to(device, copy=True).requires_grad_()
+    ours = tlf.cross_entropy(a, (t.to(dtype) if prob else t).to(device), **ours_kw)
     assert ours.dtype == lowp.dtype and ours.shape == lowp.shape
-    xr = xd.double().requires_grad_()
+    xr = xd.double().clone().requires_grad_()
     ref = F.cross_entropy(xr, t, **kw)
-    assert _same(ours.detach(), ref.detach(), TOL[dtype]), (ours, ref)
+    assert _same(ours.detach().cpu(), ref.detach(), TOL[dtype]), (ours, ref)
     if ref.numel() == 0:
         return
     g = torch.full(ref.shape, upstream, dtype=torch.float64)
     (ref * g).sum().backward()
-    (ours.double() * g).sum().backward()
-    expect, got = xr.grad, a.grad
+    (ours.double() * g.to(device)).sum().backward()
+    expect, got = xr.grad, a.grad.cpu()
     if not prob:  # (the documented difference: ignored rows are exactly zero)
         rows = ignored.unsqueeze(0 if x.dim() == 1 else 1).expand_as(expect)
         expect = expect.masked_fill(rows, 0)
