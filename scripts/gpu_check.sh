@@ -9,7 +9,9 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # GPU_CHECK_STAGES (default "build tests sanitizer bench") picks stages, so a session can
-# split the work over several calls (the build is kept between calls on a warm machine).
+# split the work over several calls (the build is kept between calls on a warm machine):
+# if the tests time out beside the other stages, `GPU_CHECK_STAGES=tests` gives them the
+# whole budget (GPU_CHECK_CUDA_TESTS_S caps the CUDA part).
 # BENCH_ARGS (default --targets: the shapes the performance targets are set on) are passed
 # to the benchmark; --quick or --full measure more, in more time.
 #
@@ -97,10 +99,14 @@ EOF
 # ---- 2. the whole test suite: CUDA cases first (what only this machine can check), then the
 # rest. Not -x: a first run on new hardware should show every failure at once.
 PYTEST=("$PY" -m pytest -q -rfEs --maxfail=25 -p no:cacheprovider tests)
+# Run alone (GPU_CHECK_STAGES=tests), the tests get the whole budget: the CUDA part up to
+# GPU_CHECK_CUDA_TESTS_S seconds (default 360 alone, 240 beside the later stages).
+if want sanitizer || want bench; then after_tests=120 cuda_cap=240; else after_tests=0 cuda_cap=360; fi
+cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-$cuda_cap}"
 if want tests; then
-  run_stage tests-cuda "$TMPD/tests_cuda.log" "$(stage_limit 240 150)" \
+  run_stage tests-cuda "$TMPD/tests_cuda.log" "$(stage_limit "$cuda_cap" $((after_tests + 30)))" \
     "${PYTEST[@]}" -k "cuda and not emulated"
-  run_stage tests-rest "$TMPD/tests_rest.log" "$(stage_limit 200 120)" \
+  run_stage tests-rest "$TMPD/tests_rest.log" "$(stage_limit 200 "$after_tests")" \
     "${PYTEST[@]}" -k "not cuda or emulated"
   cat "$TMPD/tests_cuda.log" "$TMPD/tests_rest.log" >"$OUT/tests.log"
   for part in cuda rest; do
