@@ -284,6 +284,78 @@ def _(ctx):
         _close(xd.grad, expect, dtype, what + " grad")
 
 
+@case("random_focal_and_linear_calls_match_oracles")
+def _(ctx):
+    """As random_calls_match_f for focal_loss (gamma, scalar or per-class alpha, against
+    focal_oracle) and linear_cross_entropy (tokens split with the head replicated, or the
+    head split over the vocabulary; bias, class_weight, smoothing; against F.linear +
+    F.cross_entropy), upstream gradients of either sign or zero."""
+    rng = random.Random(99)
+    for i in range(30):
+        g = torch.Generator().manual_seed(1000 + i)
+        dtype = rng.choice([torch.float64, torch.float32])
+        red = rng.choice(["mean", "sum", "none"])
+        upstream = rng.choice([1.0, -0.5, 0.0])
+        ii = rng.choice([-100, 1])
+        if i % 2 == 0:  # focal
+            N, C = rng.choice([4, 8]), rng.choice([5, 9, 16])
+            x = torch.randn(N, C, generator=g, dtype=torch.float64) * 2
+            t = torch.randint(0, C, (N,), generator=g)
+            t[: rng.choice([0, 1, N])] = ii
+            gamma = rng.choice([0.0, 1.0, 2.0])
+            alpha = rng.choice([None, 0.25, "vec"])
+            if alpha == "vec":
+                alpha = torch.rand(C, generator=g, dtype=torch.float64) + 0.2
+            layout = rng.choice([[Shard(1)], [Shard(0)]])
+            tp = [Replicate()] if layout[0].dim == 1 else [Shard(0)]
+            what = f"focal {i} {layout} {dtype} {red} gamma={gamma} alpha={alpha is not None}"
+            xd = _dist(x.to(dtype), ctx.mesh, layout, requires_grad=True)
+            ad = _dist(alpha.to(dtype), ctx.mesh, [Replicate()]) \
+                if isinstance(alpha, torch.Tensor) else alpha
+            ours = tlf.focal_loss(xd, _dist(t, ctx.mesh, tp), gamma=gamma, alpha=ad,
+                                  ignore_index=ii, reduction=red)
+            xr = x.to(dtype).double().requires_grad_()
+            ref = focal_oracle(xr, t, gamma, alpha, ii, red)
+            inputs, refs = (xd,), (xr,)
+        else:  # linear cross-entropy
+            N, H, V = rng.choice([4, 8]), 3, rng.choice([5, 9])
+            h = torch.randn(N, H, generator=g, dtype=torch.float64)
+            w = torch.randn(V, H, generator=g, dtype=torch.float64)
+            b = torch.randn(V, generator=g, dtype=torch.float64) if rng.random() < 0.5 \
+                else None
+            cw = torch.rand(V, generator=g, dtype=torch.float64) + 0.2 \
+                if rng.random() < 0.5 else None
+            t = torch.randint(0, V, (N,), generator=g)
+            t[: rng.choice([0, 1, N])] = ii
+            ls = rng.choice([0.0, 0.1])
+            hp, wp = rng.choice([([Shard(0)], [Replicate()]), VOCAB_HEAD])
+            tp = hp if hp[0].is_shard() else [Replicate()]
+            what = f"linear {i} {hp}/{wp} {dtype} {red} bias={b is not None} " \
+                   f"cw={cw is not None} ls={ls}"
+            hd = _dist(h.to(dtype), ctx.mesh, hp, requires_grad=True)
+            wd = _dist(w.to(dtype), ctx.mesh, wp, requires_grad=True)
+            bd = None if b is None else _dist(b.to(dtype), ctx.mesh, wp, requires_grad=True)
+            cwd = None if cw is None else _dist(cw.to(dtype), ctx.mesh, [Replicate()])
+            ours = tlf.linear_cross_entropy(hd, wd, _dist(t, ctx.mesh, tp), bd,
+                                            ignore_index=ii, reduction=red,
+                                            label_smoothing=ls, class_weight=cwd)
+            refs = tuple(None if v is None else v.to(dtype).double().requires_grad_()
+                         for v in (h, w, b))
+            ref = F.cross_entropy(F.linear(*refs), t, weight=cw, ignore_index=ii,
+                                  reduction=red, label_smoothing=ls)
+            inputs = (hd, wd, bd)
+        _close(ours, ref, dtype, what + " loss")
+        (ours * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        for k, (a, r) in enumerate(zip(inputs, refs)):
+            if a is None:
+                continue
+            expect = r.grad
+            if k == 0 and i % 2 == 0:
+                expect = expect.masked_fill((t == ii)[:, None], 0)
+            _close(a.grad, expect, dtype, f"{what} grad {k}")
+
+
 @case("vocab_target_out_of_range")
 def _(ctx):
     xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)
