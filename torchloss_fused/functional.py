@@ -180,8 +180,9 @@ def _reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: 
     return _mean(total, denom).to(dtype)
 
 
-def _nonzero_denominator(denom: Tensor) -> Tensor:
-    return torch.where(denom == 0, torch.ones_like(denom), denom)
+def _nonzero_denominator(denom: Tensor, empty: Tensor | None = None) -> Tensor:
+    """denom, or 1 where it is 0 (empty: denom == 0 when the caller has it)."""
+    return denom + (denom == 0 if empty is None else empty)
 
 
 def _mean(total: Tensor, denom: Tensor) -> Tensor:
@@ -190,12 +191,13 @@ def _mean(total: Tensor, denom: Tensor) -> Tensor:
     never touches ignored rows). Plain total / 0 would send an infinite (or, for a zero
     upstream gradient, NaN) gradient to every row, which the fused gradient's rescale turns
     into NaN rows for any upstream gradient but 1."""
-    return _nan_where_uncounted(total / _nonzero_denominator(denom), denom)
+    empty = denom == 0
+    return _nan_where_uncounted(total / _nonzero_denominator(denom, empty), denom, empty)
 
 
-def _nan_where_uncounted(mean: Tensor, denom: Tensor) -> Tensor:
+def _nan_where_uncounted(mean: Tensor, denom: Tensor, empty: Tensor | None = None) -> Tensor:
     nan = torch.full_like(mean, float("nan"))  # (no gradient flows through this branch)
-    return torch.where(denom == 0, nan, mean)
+    return torch.where(denom == 0 if empty is None else empty, nan, mean)
 
 
 def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
