@@ -177,7 +177,9 @@ def _reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: 
     total = loss_rows.sum()
     if reduction == "sum":
         return total.to(dtype)
-    return _mean(total, denom).to(dtype)
+    # (F's value, NaN or inf when no target counts; the fused backward keeps the rows'
+    # gradient exactly zero there: see _ops._fused_backward)
+    return (total / denom).to(dtype)
 
 
 def _nonzero_denominator(denom: Tensor, empty: Tensor | None = None) -> Tensor:
@@ -188,9 +190,8 @@ def _nonzero_denominator(denom: Tensor, empty: Tensor | None = None) -> Tensor:
 def _mean(total: Tensor, denom: Tensor) -> Tensor:
     """total / denom, and NaN where denom is 0 (no target counted: F's 0 / 0), with a
     gradient of exactly zero there whatever the upstream gradient, as F gives (its backward
-    never touches ignored rows). Plain total / 0 would send an infinite (or, for a zero
-    upstream gradient, NaN) gradient to every row, which the fused gradient's rescale turns
-    into NaN rows for any upstream gradient but 1."""
+    never touches ignored rows): for linear cross-entropy, whose fused op scales its
+    gradients by the upstream gradient, which is g / 0 through a plain division."""
     empty = denom == 0
     return _nan_where_uncounted(total / _nonzero_denominator(denom, empty), denom, empty)
 
@@ -202,10 +203,10 @@ def _nan_where_uncounted(mean: Tensor, denom: Tensor, empty: Tensor | None = Non
 
 def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
     """The grad_loss backward will see per row when the caller backpropagates the loss
-    unscaled; computed exactly as autograd will compute it (through _mean), so the common
-    case matches bitwise and backward skips its rescale pass."""
+    unscaled; computed exactly as autograd will compute it, so the common case matches
+    bitwise and backward skips its rescale pass."""
     one = rows.new_ones(())  # (a DTensor when rows is one: no mixing with plain tensors)
-    scale = one / _nonzero_denominator(denom) if reduction == "mean" else one
+    scale = one / denom if reduction == "mean" else one
     return scale.expand(rows.shape)
 
 
