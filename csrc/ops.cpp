@@ -86,7 +86,8 @@ TORCH_LIBRARY(torchloss_fused, m) {
       "float gamma, int ignore_index, Tensor grad_scale) -> (Tensor loss, Tensor lse, "
       "Tensor grad)");
   // Backward of the fused ops: multiplies row r of grad by grad_loss_r / grad_scale_r,
-  // skipping rows where the two are equal (the common case: one pass is saved).
+  // skipping rows where the two are equal (the common case: one pass is saved) and rows
+  // made for an infinite grad_scale (a mean over no counted target), which stay as made.
   m.def("_rescale_grad_rows(Tensor(a!) grad, Tensor grad_loss, Tensor grad_scale) -> ()");
   // Elementwise; input and target share shape and dtype; loss has that dtype.
   m.def("sigmoid_focal_fwd(Tensor input, Tensor target, float alpha, float gamma) -> Tensor");

@@ -237,11 +237,6 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     grad, ctx.fused_grad = ctx.fused_grad, None
     if grad is None:
         grad = redo_forward(ctx.grad_scale)
-    # A mean over no counted target: grad_scale is 1/0 = inf, and the upstream gradient
-    # g/0 differs from it for any g but a positive one (-inf; NaN for g = 0 or NaN). The
-    # rows were computed for that scale (exact zeros for ignored rows): keep them as they
-    # are, as F leaves ignored rows zero, instead of scaling them by a NaN factor.
-    grad_loss = torch.where(torch.isinf(ctx.grad_scale), ctx.grad_scale, grad_loss)
     if as_rows is None and _rescale_dtensor(namespace, grad, grad_loss, ctx.grad_scale):
         return grad
     rows, g, scale = (as_rows or (lambda *views: views))(grad, grad_loss, ctx.grad_scale)
@@ -249,8 +244,9 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
         # Traced graphs (fake/functional tensors) must not mutate a saved forward output:
         # scale out of place. (functional.py does not pick the fused ops under
         # torch.compile; this keeps direct calls of them correct there.)
-        # (== rather than !=: DTensor of torch <= 2.11 has no rule for aten.ne.Tensor)
-        factor = torch.where(g == scale, 1.0, g / scale)
+        # (== rather than !=: DTensor of torch <= 2.11 has no rule for aten.ne.Tensor.
+        # Rows made for an infinite scale stay as made, as _rescale_grad_rows leaves them.)
+        factor = torch.where((g == scale) | scale.isinf(), 1.0, g / scale)
         return (rows * factor.unsqueeze(1)).to(grad.dtype).view(grad.shape)
     _ns(namespace)._rescale_grad_rows(rows, g, scale)
     return grad

@@ -177,28 +177,9 @@ def _reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: 
     total = loss_rows.sum()
     if reduction == "sum":
         return total.to(dtype)
-    # (F's value, NaN or inf when no target counts; the fused backward keeps the rows'
-    # gradient exactly zero there: see _ops._fused_backward)
+    # (F's value, NaN or inf when no target counts; _rescale_grad_rows keeps the fused
+    # gradient's ignored rows exactly zero there)
     return (total / denom).to(dtype)
-
-
-def _nonzero_denominator(denom: Tensor, empty: Tensor | None = None) -> Tensor:
-    """denom, or 1 where it is 0 (empty: denom == 0 when the caller has it)."""
-    return denom + (denom == 0 if empty is None else empty)
-
-
-def _mean(total: Tensor, denom: Tensor) -> Tensor:
-    """total / denom, and NaN where denom is 0 (no target counted: F's 0 / 0), with a
-    gradient of exactly zero there whatever the upstream gradient, as F gives (its backward
-    never touches ignored rows): for linear cross-entropy, whose fused op scales its
-    gradients by the upstream gradient, which is g / 0 through a plain division."""
-    empty = denom == 0
-    return _nan_where_uncounted(total / _nonzero_denominator(denom, empty), denom, empty)
-
-
-def _nan_where_uncounted(mean: Tensor, denom: Tensor, empty: Tensor | None = None) -> Tensor:
-    nan = torch.full_like(mean, float("nan"))  # (no gradient flows through this branch)
-    return torch.where(denom == 0 if empty is None else empty, nan, mean)
 
 
 def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:

@@ -306,8 +306,9 @@ def focal_fwd_grad(input, target, alpha, alpha_scale, gamma, ignore_index, grad_
 
 
 def rescale_grad_rows(grad: Tensor, grad_loss: Tensor, grad_scale: Tensor) -> None:
-    """Scales row r of grad (B, C, D) by grad_loss_r / grad_scale_r where they differ."""
-    differs = grad_loss != grad_scale
+    """Scales row r of grad (B, C, D) by grad_loss_r / grad_scale_r where they differ,
+    except rows made for an infinite scale (as the kernels)."""
+    differs = (grad_loss != grad_scale) & ~grad_scale.isinf()
     factor = torch.where(differs, grad_loss / grad_scale, 1.0)
     grad.mul_(factor.unsqueeze(1))
 

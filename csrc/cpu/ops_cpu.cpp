@@ -63,7 +63,8 @@ struct Cpu {
                       const at::Tensor& grad_scale) {
     // Reading two per-row vectors on the host costs nothing on CPU: skip the pass when no
     // row differs (loss.backward() on a mean or a sum, the usual case).
-    const at::Tensor differs = grad_loss.ne(grad_scale);
+    // (A row made for an infinite scale, a mean over no counted target, stays as made.)
+    const at::Tensor differs = grad_loss.ne(grad_scale).logical_and_(grad_scale.isinf().logical_not_());
     if (!differs.any().item<bool>()) return;
     grad.mul_(at::where(differs, grad_loss / grad_scale, 1.0).unsqueeze(1));
   }

@@ -48,9 +48,6 @@ from ..functional import (
     _check_reduction,
     _check_tensor,
     _index_denominator,
-    _mean,
-    _nan_where_uncounted,
-    _nonzero_denominator,
     _wants_grad,
 )
 from ..vocab_parallel import replicated_like
@@ -205,11 +202,8 @@ def linear_cross_entropy(
         loss_rows = vocab_parallel.loss_rows(h2, weight, bias, t1, class_weight, *ce_args,
                                              chunk, accum_dtype)
     elif reduction != "none" and any(needs):
-        safe = None if denom is None else _nonzero_denominator(denom)
-        loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, safe, *ce_args,
-                                          chunk, accum_dtype, *needs)
-        if denom is not None:  # (NaN with zero gradients when no target counts, as _mean)
-            loss = _nan_where_uncounted(loss, denom)
+        loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, denom,
+                                          *ce_args, chunk, accum_dtype, *needs)
         return loss.to(out_dtype or hidden.dtype)
     else:
         loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, class_weight, *ce_args, chunk,
@@ -217,7 +211,7 @@ def linear_cross_entropy(
     if reduction == "none":
         return loss_rows.reshape(target.shape).to(out_dtype or hidden.dtype)
     total = loss_rows.sum()
-    return (total if denom is None else _mean(total, denom)).to(out_dtype or hidden.dtype)
+    return (total if denom is None else total / denom).to(out_dtype or hidden.dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -199,6 +199,10 @@ def _fwd_grad_backward(ctx, grad_loss, *_unused):
         ctx.fused = None
         rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
         return _graph_grads(saved, ctx.ce_args, needs, rows) + none
+    if denom is not None:
+        # Gradients made for a mean over no counted target (1/denom = inf) stay as made,
+        # as _rescale_grad_rows leaves such rows: ignored rows exactly zero, as in F.
+        grad_loss = torch.where(denom == 0, torch.ones_like(grad_loss), grad_loss)
     if ctx.eager:
         fused, ctx.fused = ctx.fused, None
         if fused is None:  # second backward through the same graph: recompute
