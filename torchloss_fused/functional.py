@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from . import _backend, reference, vocab_parallel
+from . import _eager, reference, vocab_parallel
 from ._higher_order import transform_active
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
@@ -296,7 +296,7 @@ def cross_entropy(
     elif vocab_parallel.class_sharded(x3):
         loss_rows, lse = vocab_parallel.ce_rows(x3, t, weight, *args, inplace_backward)
     else:
-        ops = _backend.ops_for(x3.device)
+        ops = _eager.ops_for(x3.device)
         if _fused_path(x3, inplace_backward):
             rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc)
             scale = _grad_scale(reduction, denom, rows)
@@ -361,7 +361,7 @@ def focal_loss(
     elif vocab_parallel.class_sharded(x3):
         loss_rows, _ = vocab_parallel.focal_rows(x3, t, alpha_vec, *args)
     else:
-        ops = _backend.ops_for(x3.device)
+        ops = _eager.ops_for(x3.device)
         if _fused_path(x3):
             rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc)
             scale = _grad_scale(reduction, denom, rows)
@@ -419,7 +419,7 @@ def sigmoid_focal_loss(
     use_reference = _wants_grad(t) or transform_active(x, t)
     if reduction == "none" or x.numel() == 0 or use_reference:
         fwd = reference.sigmoid_focal_fwd if use_reference else (
-            _backend.ops_for(x.device).sigmoid_focal_fwd)
+            _eager.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)
         if reduction == "mean":
             loss = loss.sum() / loss.numel()  # nan for an empty input, as mean() gives
@@ -428,7 +428,7 @@ def sigmoid_focal_loss(
         return loss.to(out_dtype)
     # Reduced in the kernel, in the accumulation dtype: no elementwise loss tensor; eager
     # training also gets the gradient from the same pass (the inputs are read once).
-    ops = _backend.ops_for(x.device)
+    ops = _eager.ops_for(x.device)
     scale = 1.0 / x.numel() if reduction == "mean" else 1.0
     if _fused_path(x):
         loss, _ = ops.sigmoid_focal_sum_grad(x, t, alpha, gamma, scale)

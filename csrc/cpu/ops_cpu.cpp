@@ -1,10 +1,12 @@
 // The CPU device policy of csrc/loss_ops.h: rows (or elements) split over PyTorch's
 // intra-op threads, kernels from the table for this CPU's instruction set.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -38,6 +40,18 @@ class BadTarget {
   int64_t target_ = 0;
 };
 
+// Whether a row received a grad_loss other than the grad_scale its gradient was made for
+// (rows made for an infinite scale never count: they stay as made).
+template <typename T>
+bool any_row_differs(at::TensorAccessor<T, 2> g, at::TensorAccessor<T, 2> scale) {
+  for (int64_t b = 0; b < g.size(0); ++b) {
+    for (int64_t d = 0; d < g.size(1); ++d) {
+      if (g[b][d] != scale[b][d] && !std::isinf(scale[b][d])) return true;
+    }
+  }
+  return false;
+}
+
 struct Cpu {
   struct Guard {
     explicit Guard(c10::Device) {}
@@ -62,10 +76,15 @@ struct Cpu {
   static void rescale(const at::Tensor& grad, const at::Tensor& grad_loss,
                       const at::Tensor& grad_scale) {
     // Reading two per-row vectors on the host costs nothing on CPU: skip the pass when no
-    // row differs (loss.backward() on a mean or a sum, the usual case).
+    // row differs (loss.backward() on a mean or a sum, the usual case). A plain loop: the
+    // ATen expression below costs ~10 us of op dispatch, most of a tiny loss's backward.
+    const bool any = AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "rescale", [&] {
+      return any_row_differs(grad_loss.accessor<scalar_t, 2>(),
+                             grad_scale.accessor<scalar_t, 2>());
+    });
+    if (!any) return;
     // (A row made for an infinite scale, a mean over no counted target, stays as made.)
     const at::Tensor differs = grad_loss.ne(grad_scale).logical_and_(grad_scale.isinf().logical_not_());
-    if (!differs.any().item<bool>()) return;
     grad.mul_(at::where(differs, grad_loss / grad_scale, 1.0).unsqueeze(1));
   }
 

@@ -1,0 +1,108 @@
+"""The eager calls of _eager.py: for plain tensors they skip torch.library's autograd
+wrapper, and must give exactly what the registered op and its formulas give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchloss_fused as tlf
+from torchloss_fused import _eager, _ops
+
+from .test_ops import NAMESPACES, _ce_samples, _focal_samples
+
+
+def _calls(device):
+    """(op name, args) for every differentiable op, inputs requiring grad."""
+    for args in _ce_samples(device, True):
+        yield "ce_fwd", args + (False,)
+        B, _, D = args[0].shape
+        yield "ce_fwd_grad", args + (torch.full((B, D), 0.3, device=device),)
+    for args in _focal_samples(device, True):
+        B, _, D = args[0].shape
+        yield "focal_fwd", args
+        yield "focal_fwd_grad", args + (torch.ones(B, D, device=device),)
+    x = torch.randn(7, 5, device=device, requires_grad=True)
+    t = torch.rand(7, 5, device=device)
+    yield "sigmoid_focal_fwd", (x, t, 0.25, 2.0)
+    yield "sigmoid_focal_sum", (x, t, 0.25, 2.0, 1 / 35)
+    yield "sigmoid_focal_sum_grad", (x, t, -1.0, 0.5, 1.0)
+
+
+def _outputs_and_grad(fn, args):
+    x = args[0]
+    out = fn(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    # Random upstream gradients on the loss only (the fused ops' other outputs get none in
+    # training), so the fused backward has rows to rescale.
+    g = torch.rand_like(out[0]) + 0.5
+    (grad,) = torch.autograd.grad(out[0], x, g)
+    return [o.detach() for o in out], grad, out[0].grad_fn
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_eager_calls_equal_the_registered_ops(device, namespace):
+    eager = _eager._NAMESPACES[namespace]
+    ops = getattr(torch.ops, namespace)
+    n = 0
+    for name, args in _calls(device):
+        torch.manual_seed(1)
+        got, grad, node = _outputs_and_grad(getattr(eager, name), args)
+        torch.manual_seed(1)
+        want, want_grad, want_node = _outputs_and_grad(getattr(ops, name), args)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), name
+        assert torch.equal(grad, want_grad), name
+        # The eager call really is the shortcut, and the op the registered wrapper.
+        assert type(node).__name__ == f"{name}_eagerBackward", name
+        assert type(want_node).__name__ != type(node).__name__, name
+        n += 1
+    assert n == 8 * 2 + 3 * 2 + 3
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_eager_calls_without_grad_skip_autograd(device, namespace):
+    eager = _eager._NAMESPACES[namespace]
+    ops = getattr(torch.ops, namespace)
+    for name, args in _calls(device):
+        with torch.no_grad():
+            got = getattr(eager, name)(*args)
+            want = getattr(ops, name)(*args)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for a, b in zip(got, want):
+            assert a.grad_fn is None and torch.equal(a, b), name
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_tensor_subclasses_keep_the_registered_op():
+    x = torch.randn(4, 6, 1).as_subclass(_Subclass).requires_grad_()
+    t = torch.randint(0, 6, (4, 1))
+    args = (x, t, None, -100, 0.0, 0.0, 0.0, 1.0, torch.ones(4, 1))
+    loss = _eager.ops_for(x.device).ce_fwd_grad(*args)[0]
+    assert not type(loss.grad_fn).__name__.endswith("_eagerBackward")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    want = torch.ops.torchloss_fused_ref.ce_fwd_grad(*args)[2]
+    torch.testing.assert_close(grad.as_subclass(torch.Tensor), want.as_subclass(torch.Tensor))
+
+
+def test_public_losses_take_the_eager_calls(backend):
+    x = torch.randn(8, 10, requires_grad=True)
+    y = torch.randint(0, 10, (8,))
+    for loss in (tlf.cross_entropy(x, y), tlf.focal_loss(x, y),
+                 tlf.sigmoid_focal_loss(x, torch.rand(8, 10), reduction="mean")):
+        node = loss.grad_fn
+        while node is not None and not type(node).__name__.endswith("_eagerBackward"):
+            node = node.next_functions[0][0] if node.next_functions else None
+        assert node is not None, loss.grad_fn
+
+
+def test_shortcut_ops_are_the_registered_autograd_ops():
+    # Every op with an autograd formula has its eager call, and no other op is wrapped.
+    for namespace in NAMESPACES:
+        eager = _eager._NAMESPACES[namespace]
+        for name in _ops.SCHEMAS:
+            wrapped = name in vars(eager)
+            assert wrapped == (name in _ops._AUTOGRAD), name

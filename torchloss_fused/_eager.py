@@ -1,0 +1,83 @@
+"""Eager calls of the loss ops without torch.library's Python autograd wrapper.
+
+A custom op whose autograd formula is registered with torch.library runs, on every eager
+call, a Python wrapper around its kernel (even when no gradient is wanted), and again
+around its backward. For a small loss that wrapper is a large part of the whole call's
+time. Here, for plain tensors in eager mode, the same formulas (_ops.py's setup_context
+and backward, unchanged) run in a torch.autograd.Function of our own, and calls that want
+no gradient go straight to the kernel below the autograd key: the same arithmetic, the
+same saved tensors, the same graph node behaviour, less Python.
+
+Everything else keeps the registered op: torch.compile (it traces the op and its
+registered formulas), tensor subclasses such as DTensor (their dispatch rules see the
+op), and torch.func's wrapped tensors (functional.py routes transforms to the reference
+code anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _ops
+
+_any_requires_grad = getattr(
+    torch._C, "_any_requires_grad",
+    lambda *args: any(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _eager_function(op, name: str, backward, setup_context):
+    # setup_context is called from forward, as torch.library's wrapper calls it: a
+    # Function that defines setup_context itself binds its arguments with inspect on
+    # every call, which costs more than the wrapper it replaces.
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
+
+
+def _eager_call(namespace: str, name: str):
+    op = getattr(getattr(torch.ops, namespace), name).default
+    n_args = len(op._schema.arguments)
+    function = _eager_function(op, name, *_ops._AUTOGRAD[name](namespace))
+
+    def call(*args):
+        x = args[0]
+        if (torch.compiler.is_compiling() or len(args) != n_args
+                or type(x) is not torch.Tensor or _wrapped(x)):
+            return op(*args)
+        if torch.is_grad_enabled() and _any_requires_grad(*args):
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    call.__name__ = name
+    return call
+
+
+class _Ops:
+    """An op namespace's differentiable ops as eager calls (the others as they are)."""
+
+    def __init__(self, namespace: str):
+        self._namespace = getattr(torch.ops, namespace)
+        for name in _ops._AUTOGRAD:
+            setattr(self, name, _eager_call(namespace, name))
+
+    def __getattr__(self, name):  # the ops without autograd formulas
+        return getattr(self._namespace, name)
+
+
+# Built at import: traced code (torch.compile) only reads this dict.
+_NAMESPACES = {ns: _Ops(ns) for ns in (_ops.REF_NAMESPACE, "torchloss_fused")
+               if ns == _ops.REF_NAMESPACE or _backend.EXTENSION_LOADED}
+
+
+def ops_for(device: torch.device):
+    """_backend.ops_for(device), with eager calls for the differentiable ops."""
+    return _NAMESPACES[_backend.ops_for(device).name]
