@@ -79,3 +79,26 @@ def test_compile_dynamic_shapes(device, backend):
         x = torch.randn(n, 13, device=device, requires_grad=True)
         y = torch.randint(0, 13, (n,), device=device)
         torch.testing.assert_close(compiled(x, y), torch.nn.functional.cross_entropy(x, y))
+
+
+def test_loss_outside_the_compiled_region_keeps_the_fused_path(device, backend):
+    # README: torch.compiler.disable(tlf.cross_entropy) inside a compiled model runs the
+    # eager fused forward+gradient (one read of the logits), with the same result.
+    torch._dynamo.reset()
+    loss_fn = torch.compiler.disable(tlf.cross_entropy)
+    model = torch.compile(lambda h, w, y: loss_fn(torch.tanh(h) @ w, y))
+    h = torch.randn(16, 8, device=device, requires_grad=True)
+    w = torch.randn(8, 50, device=device)
+    y = torch.randint(0, 50, (16,), device=device)
+    loss = model(h, w, y)
+    node, seen = loss.grad_fn, []
+    while node is not None:
+        seen.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert "ce_fwd_grad_eagerBackward" in seen, seen
+    (grad,) = torch.autograd.grad(loss, h)
+    h64 = h.detach().double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(torch.tanh(h64) @ w.double(), y)
+    (want_grad,) = torch.autograd.grad(want, h64)
+    torch.testing.assert_close(loss.double(), want)
+    torch.testing.assert_close(grad.double(), want_grad)
