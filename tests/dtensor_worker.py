@@ -234,9 +234,13 @@ def _(ctx):
     t = torch.tensor([7, 3, 1, 5])
     xd = _dist(x, ctx.mesh, VOCAB)
     td = _dist(t, ctx.mesh, [Replicate()])
-    ours = tlf.cross_entropy(xd, td, reduction="none").full_tensor()
-    ref = F.cross_entropy(x, t, reduction="none")
-    torch.testing.assert_close(ours, ref, equal_nan=True)
+    # (Label smoothing sums every logit of a slice: row 0 leaves some slices all -inf.)
+    w = torch.rand(10, dtype=torch.float64) + 0.2
+    for kw in ({}, {"label_smoothing": 0.2}, {"label_smoothing": 0.1, "weight": w}):
+        wd = _dist(w, ctx.mesh, [Replicate()]) if "weight" in kw else None
+        ours = tlf.cross_entropy(xd, td, reduction="none", **{**kw, "weight": wd}).full_tensor()
+        ref = F.cross_entropy(x, t, reduction="none", **kw)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
 
 
 @case("random_calls_match_f")

@@ -215,6 +215,28 @@ def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> T
                       False)[1]
 
 
+def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None, acc,
+                                softcap: float, logit_scale: float) -> tuple[Tensor, Tensor]:
+    """Each row's log-sum-exp over the local slice and sum_c w_c s_c of its transformed
+    logits (label smoothing's share of the slice), from one read of the slice: with label
+    smoothing 1 the kernel's loss is L = sum_c w_c (lse_l - s_c) / C_l whatever the target
+    (its term has weight 1 - 1 = 0), so the sum is W_l lse_l - C_l L, W_l = sum_c w_c.
+    (Its rounding error is that of W_l lse_l in float32, relative to the loss's smoothing
+    term W lse - sum w s: a few ulp.)"""
+    Cl = x.shape[1]
+    if Cl == 0:  # (no class of this slice can be a kernel's target)
+        return _kernel_lse(x, tg, softcap, logit_scale), x.new_zeros(tg.here.shape, dtype=acc)
+    ops = _backend.ops_for(x.device)
+    L, lse = ops.ce_fwd(x, tg.local, w_here, _NOWHERE, 1.0, 0.0, softcap, logit_scale, False)
+    W = w_here.sum() if w_here is not None else Cl
+    total = W * lse - Cl * L
+    # A slice of only -inf logits (masked vocabulary): lse_l = -inf makes L NaN, where
+    # the sum itself is sum_c w_c * -inf.
+    minus_inf = torch.full((), -float("inf"), dtype=acc, device=x.device)
+    empty_sum = (w_here * minus_inf).sum() if w_here is not None else minus_inf
+    return lse, torch.where(lse == minus_inf, empty_sum, total)
+
+
 def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, softcap: float,
                  logit_scale: float, inplace: bool) -> Tensor:
     """The slice's gradient A p - B [c = t] (times the softcap/scale derivative), p the
@@ -307,15 +329,6 @@ def _local_chunks(x: Tensor, acc, softcap: float, logit_scale: float):
         yield b0, b1, reference._rows(x[b0:b1], acc, softcap, logit_scale)
 
 
-def weighted_logit_sum(x: Tensor, w_here: Tensor | None, acc, softcap: float,
-                       logit_scale: float) -> Tensor:
-    """Per row of the (B, C, D) slice, sum_c w_c s_c of the transformed logits (label
-    smoothing's share of the slice), over float32 chunks."""
-    sums = [(s * w_here).sum(-1) if w_here is not None else s.sum(-1)
-            for _, _, s in _local_chunks(x, acc, softcap, logit_scale)]
-    return torch.cat(sums) if sums else x.new_zeros((x.shape[0], x.shape[2]), dtype=acc)
-
-
 def _stack_rows(parts: list[list[Tensor]], k: int, x: Tensor, acc) -> tuple[Tensor, Tensor]:
     """Per-chunk [lse_local, sum_1, ..., sum_k] -> lse_local (b, D) and sums (k, b, D)."""
     if not parts:  # no local rows: the collectives still run, on empty tensors
@@ -344,12 +357,15 @@ class _CrossEntropy(torch.autograd.Function):
                 q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
                 parts.append([reference.logsumexp(s), q.sum(-1), (q * s).sum(-1)])
             lse_local, sums = _stack_rows(parts, 2, x, acc)
-        else:  # the kernels read the slice (and the smoothing sum once more)
+        else:  # the kernel reads the slice once
             tg = _Target(target, ignore_index, off, Cl)
-            lse_local = _kernel_lse(x, tg, softcap, logit_scale)
             sums = [tg.logit_of(x, acc, softcap, logit_scale)]
             if eps > 0:
-                sums.append(weighted_logit_sum(x, w_here, acc, softcap, logit_scale))
+                lse_local, smoothing = kernel_lse_and_weighted_sum(x, tg, w_here, acc, softcap,
+                                                                   logit_scale)
+                sums.append(smoothing)
+            else:
+                lse_local = _kernel_lse(x, tg, softcap, logit_scale)
             sums = torch.stack(sums)
         lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
         if prob:

@@ -88,10 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(N, s + chunk)
             x3 = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl)).unsqueeze(-1)
             tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
-            lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
             sums[0, s:e] = tg.logit_of(x3, acc, softcap, 1.0)
             if eps > 0:
-                sums[1, s:e] = vp.weighted_logit_sum(x3, cw_here, acc, softcap, 1.0)
+                lse_local[s:e], sums[1, s:e] = vp.kernel_lse_and_weighted_sum(
+                    x3, tg, cw_here, acc, softcap, 1.0)
+            else:
+                lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
         del buf
         lse, sums = vp._all_reduce_lse(lse_local, sums, layout.groups)
         loss = vp.index_loss(lse, sums, target[:, None], cw, ignore_index, eps, z_loss,
