@@ -181,8 +181,7 @@ def _(ctx):
 def _vocab_memory(ctx, label_smoothing):
     """Per rank, forward+backward allocates the gradient of its own slice and per-row
     vectors (the fallback: also bounded float32 chunks), nothing of the whole logits' size
-    (128 MiB slices of 512 MiB logits; label smoothing's forward chunks are freed before
-    the gradient is allocated)."""
+    (128 MiB slices of 512 MiB logits)."""
     from benchmarks import memory
     from torchloss_fused import _backend
     N, V = 2048, 65536
