@@ -40,16 +40,27 @@ class BadTarget {
   int64_t target_ = 0;
 };
 
-// Whether a row received a grad_loss other than the grad_scale its gradient was made for
-// (rows made for an infinite scale never count: they stay as made).
+// Per-row factors grad_loss / grad_scale for the rows whose gradient was made for another
+// grad_loss than they received, 1 for the others (and for rows made for an infinite scale,
+// a mean over no counted target, which stay as made); undefined when no row needs one.
 template <typename T>
-bool any_row_differs(at::TensorAccessor<T, 2> g, at::TensorAccessor<T, 2> scale) {
-  for (int64_t b = 0; b < g.size(0); ++b) {
-    for (int64_t d = 0; d < g.size(1); ++d) {
-      if (g[b][d] != scale[b][d] && !std::isinf(scale[b][d])) return true;
+at::Tensor row_factors(const at::Tensor& grad_loss, const at::Tensor& grad_scale) {
+  const auto g = grad_loss.accessor<T, 2>();
+  const auto s = grad_scale.accessor<T, 2>();
+  const int64_t B = g.size(0), D = g.size(1);
+  at::Tensor factor;  // allocated at the first row that needs a factor
+  T* f = nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t d = 0; d < D; ++d) {
+      if (g[b][d] == s[b][d] || std::isinf(s[b][d])) continue;  // (NaN != NaN: scaled)
+      if (f == nullptr) {
+        factor = at::ones({B, D}, grad_loss.options());
+        f = factor.data_ptr<T>();
+      }
+      f[b * D + d] = g[b][d] / s[b][d];
     }
   }
-  return false;
+  return factor;
 }
 
 struct Cpu {
@@ -76,16 +87,12 @@ struct Cpu {
   static void rescale(const at::Tensor& grad, const at::Tensor& grad_loss,
                       const at::Tensor& grad_scale) {
     // Reading two per-row vectors on the host costs nothing on CPU: skip the pass when no
-    // row differs (loss.backward() on a mean or a sum, the usual case). A plain loop: the
-    // ATen expression below costs ~10 us of op dispatch, most of a tiny loss's backward.
-    const bool any = AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "rescale", [&] {
-      return any_row_differs(grad_loss.accessor<scalar_t, 2>(),
-                             grad_scale.accessor<scalar_t, 2>());
-    });
-    if (!any) return;
-    // (A row made for an infinite scale, a mean over no counted target, stays as made.)
-    const at::Tensor differs = grad_loss.ne(grad_scale).logical_and_(grad_scale.isinf().logical_not_());
-    grad.mul_(at::where(differs, grad_loss / grad_scale, 1.0).unsqueeze(1));
+    // row differs (loss.backward() on a mean or a sum, the usual case). A plain loop: ATen
+    // ops here would cost ~10 us of dispatch, most of a tiny loss's backward.
+    const at::Tensor factor = AT_DISPATCH_FLOATING_TYPES(
+        grad_loss.scalar_type(), "rescale",
+        [&] { return row_factors<scalar_t>(grad_loss, grad_scale); });
+    if (factor.defined()) grad.mul_(factor.unsqueeze(1));
   }
 
   static void sigmoid(const SigmoidFocalParams& p, const at::Tensor& input, bool backward) {
