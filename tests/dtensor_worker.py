@@ -291,9 +291,11 @@ def _(ctx):
 def _(ctx):
     """As random_calls_match_f for focal_loss (gamma, scalar or per-class alpha, against
     focal_oracle) and linear_cross_entropy (tokens split with the head replicated, or the
-    head split over the vocabulary; bias, class_weight, smoothing; against F.linear +
-    F.cross_entropy), upstream gradients of either sign or zero."""
+    head split over the vocabulary; bias, class_weight, smoothing, class-index or
+    probability targets; against F.linear + F.cross_entropy), upstream gradients of either
+    sign or zero."""
     rng = random.Random(99)
+    seen = set()
     for i in range(30):
         g = torch.Generator().manual_seed(1000 + i)
         dtype = rng.choice([torch.float64, torch.float32])
@@ -328,13 +330,21 @@ def _(ctx):
                 else None
             cw = torch.rand(V, generator=g, dtype=torch.float64) + 0.2 \
                 if rng.random() < 0.5 else None
-            t = torch.randint(0, V, (N,), generator=g)
-            t[: rng.choice([0, 1, N])] = ii
+            prob = i % 4 == 1  # class probabilities (N, V), no ignore_index
+            if prob:
+                t = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64) * 2, -1)
+                ii = -100
+            else:
+                t = torch.randint(0, V, (N,), generator=g)
+                t[: rng.choice([0, 1, N])] = ii
             ls = rng.choice([0.0, 0.1])
             hp, wp = rng.choice([([Shard(0)], [Replicate()]), VOCAB_HEAD])
             tp = hp if hp[0].is_shard() else [Replicate()]
+            if prob and not hp[0].is_shard():  # (columns split as the head's, or not)
+                tp = rng.choice([[Replicate()], [Shard(1)]])
             what = f"linear {i} {hp}/{wp} {dtype} {red} bias={b is not None} " \
-                   f"cw={cw is not None} ls={ls}"
+                   f"cw={cw is not None} ls={ls} prob={prob} {tp}"
+            seen.add((prob, hp[0].is_shard()))
             hd = _dist(h.to(dtype), ctx.mesh, hp, requires_grad=True)
             wd = _dist(w.to(dtype), ctx.mesh, wp, requires_grad=True)
             bd = None if b is None else _dist(b.to(dtype), ctx.mesh, wp, requires_grad=True)
@@ -357,6 +367,7 @@ def _(ctx):
             if k == 0 and i % 2 == 0:
                 expect = expect.masked_fill((t == ii)[:, None], 0)
             _close(a.grad, expect, dtype, f"{what} grad {k}")
+    assert seen == {(p, r) for p in (False, True) for r in (False, True)}, seen
 
 
 @case("vocab_target_out_of_range")

@@ -80,3 +80,22 @@ def test_linear_cross_entropy_casts_like_f_linear_under_autocast(device, backend
                                 torch.autograd.grad(theirs, (h, w, b))):
         assert g_ours.dtype == torch.float32
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_linear_cross_entropy_probability_target_under_autocast(device, backend,
+                                                                target_dtype):
+    """Autocast's float32 for F.cross_entropy; a float64 target keeps F's float64."""
+    h = torch.randn(48, 32, device=device, requires_grad=True)
+    w = (torch.randn(300, 32, device=device) * 0.3).requires_grad_()
+    y = torch.softmax(torch.randn(48, 300, device=device) * 2, -1).to(target_dtype)
+    with _autocast(device):
+        ours = tlf.linear_cross_entropy(h, w, y, label_smoothing=0.1)
+        theirs = F.cross_entropy(F.linear(h, w), y, label_smoothing=0.1)
+    expected = torch.float64 if target_dtype == torch.float64 else torch.float32
+    assert ours.dtype == theirs.dtype == expected
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours, (h, w)),
+                                torch.autograd.grad(theirs, (h, w))):
+        assert g_ours.dtype == torch.float32
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-2, atol=1e-4)

@@ -127,3 +127,35 @@ def test_rows_sharded_through_the_ops(mesh):
     _check(loss, ref, torch.float64, "loss")
     _check(xd.grad, x64.grad, torch.float64, "grad")
     assert xd.grad.placements == (Shard(0),)
+
+
+@pytest.mark.parametrize("dtype,target_dtype", [(torch.float32, torch.float32),
+                                                (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize("head", ["vocab", "replicated"])
+def test_linear_cross_entropy_probability_targets(mesh, dtype, target_dtype, head):
+    """Soft targets with the head split over the vocabulary (the target's columns split
+    alike) or replicated with the tokens split; F's dtype promotion."""
+    torch.manual_seed(4)
+    device = mesh.device_type
+    h = torch.randn(40, 24, dtype=torch.float64, device=device)
+    w = torch.randn(333, 24, dtype=torch.float64, device=device) / 4
+    cw = torch.rand(333, dtype=torch.float64, device=device) + 0.5
+    t = torch.softmax(torch.randn(40, 333, dtype=torch.float64, device=device) * 2, -1)
+    t = t.to(target_dtype)
+    rows = Replicate() if head == "vocab" else Shard(0)
+    hd = distribute_tensor(h.to(dtype), mesh, [rows]).requires_grad_()
+    wd = distribute_tensor(w.to(dtype), mesh,
+                           [Shard(0) if head == "vocab" else Replicate()]).requires_grad_()
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    loss = tlf.linear_cross_entropy(hd, wd, distribute_tensor(t, mesh, [rows]), chunk_size=16,
+                                    class_weight=distribute_tensor(cw.to(dtype), mesh,
+                                                                   [Replicate()]), **opts)
+    assert loss.dtype == torch.promote_types(dtype, target_dtype)
+    loss.backward()
+    h64, w64 = (v.to(dtype).double().requires_grad_() for v in (h, w))
+    ref, _ = oracle_cross_entropy(F.linear(h64, w64), t.double(), cw.to(dtype), **opts)
+    ref.backward()
+    _check(loss, ref, dtype, "loss")
+    _check(wd.grad, w64.grad, dtype, "grad weight")
+    _check(hd.grad, h64.grad, dtype, "grad hidden")

@@ -113,11 +113,15 @@ def test_sigmoid_focal_second_order_matches_torchvision(reduction, device, backe
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_linear_cross_entropy_second_order(reduction, with_bias, weighted, device, backend):
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_linear_cross_entropy_second_order(reduction, with_bias, weighted, prob, device,
+                                           backend):
     h = torch.randn(10, 4, dtype=F64, device=device)
     w = torch.randn(9, 4, dtype=F64, device=device)
     b = torch.randn(9, dtype=F64, device=device)
     t = random_targets((10,), 9, device, ignore_frac=0.2)
+    if prob:
+        t = torch.softmax(torch.randn(10, 9, dtype=F64, device=device) * 2, -1)
     cw = torch.rand(9, dtype=F64, device=device) * 2.5 + 0.25 if weighted else None
     inputs = [h, w, b] if with_bias else [h, w]
 

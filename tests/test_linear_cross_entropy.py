@@ -542,7 +542,8 @@ def test_no_logits_sized_allocation_cuda():
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_compile_fullgraph(device, compile_backend, weighted):
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_compile_fullgraph(device, compile_backend, weighted, prob):
     torch._dynamo.reset()
 
     def f(h, w, y, b, cw):
@@ -553,6 +554,8 @@ def test_compile_fullgraph(device, compile_backend, weighted):
         return a + (c * c).mean()
 
     hidden, weight, target, b = make(2, 16, 37, torch.float32, device, bias=True, lead=(2, 9))
+    if prob:  # class probabilities (2, 9, 37)
+        target = torch.softmax(torch.randn(2, 9, 37, device=device) * 2, -1)
     cw = class_weights(37, torch.float32, device) if weighted else None
     compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
     out = compiled(hidden, weight, target, b, cw)
@@ -565,8 +568,9 @@ def test_compile_fullgraph(device, compile_backend, weighted):
     # and both against the float64 oracle of the same function
     h, w, bb = (t.detach().double().requires_grad_() for t in (hidden, weight, b))
     logits = F.linear(h, w, bb).flatten(0, -2)
-    a, _ = oracle_cross_entropy(logits, target.flatten(), cw, z_loss=1e-3, label_smoothing=0.1)
-    c, _ = oracle_cross_entropy(logits, target.flatten(), cw, reduction="none", softcap=3.0)
+    t = target.flatten(0, -2).double() if prob else target.flatten()
+    a, _ = oracle_cross_entropy(logits, t, cw, z_loss=1e-3, label_smoothing=0.1)
+    c, _ = oracle_cross_entropy(logits, t, cw, reduction="none", softcap=3.0)
     ref = a + (c * c).mean()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(g_out, torch.autograd.grad(ref, (h, w, bb))):
@@ -633,7 +637,9 @@ BAD_CALLS = [
     ("bias shape", ValueError, "bias must have shape", {"bias": torch.randn(4)}),
     ("bias dtype", TypeError, "bias must have hidden's dtype",
      {"bias": torch.randn(5, dtype=torch.float64)}),
-    ("target float", TypeError, "class indices", {"target": Y_.float()}),
+    ("target float without V (probabilities)", ValueError, "probability target must have shape",
+     {"target": Y_.float()}),
+    ("target complex", TypeError, "class indices", {"target": Y_.to(torch.complex64)}),
     ("target shape", ValueError, "target must have hidden's shape", {"target": Y_[:3]}),
     ("target extra dim", ValueError, "target must have hidden's shape", {"target": Y_[:, None]}),
     ("chunk_size 0", ValueError, "chunk_size must be >= 1", {"chunk_size": 0}),

@@ -352,11 +352,7 @@ class _CrossEntropy(torch.autograd.Function):
         w = reference._class_vector(weight, acc)
         w_here = None if w is None else w[off:off + Cl]
         if prob:
-            parts = []
-            for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
-                q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
-                parts.append([reference.logsumexp(s), q.sum(-1), (q * s).sum(-1)])
-            lse_local, sums = _stack_rows(parts, 2, x, acc)
+            lse_local, sums = prob_sums(x, target, acc, eps, C, w_here, softcap, logit_scale)
         else:  # the kernel reads the slice once
             tg = _Target(target, ignore_index, off, Cl)
             sums = [tg.logit_of(x, acc, softcap, logit_scale)]
@@ -369,9 +365,7 @@ class _CrossEntropy(torch.autograd.Function):
             sums = torch.stack(sums)
         lse, sums = _all_reduce_lse(lse_local, sums, layout.groups)
         if prob:
-            loss = lse * sums[0] - sums[1]
-            if z_loss != 0:
-                loss = loss + z_loss * lse * lse
+            loss = prob_loss(lse, sums, z_loss)
         else:
             loss = index_loss(lse, sums, target, w, ignore_index, eps, z_loss, C)
         # A probability target's rows also keep their total weight (sum over all slices).
@@ -399,15 +393,44 @@ class _CrossEntropy(torch.autograd.Function):
                              eps, z_loss, C, softcap, logit_scale, ctx.inplace)
             return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
         out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-        for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):  # probability targets
-            g, l_c = grad_loss[b0:b1].to(acc), lse[b0:b1]
-            q = _weighted_prob_target(target[b0:b1], acc, eps, C, w_here)
-            A = g * (q_total[b0:b1] + 2 * z_loss * l_c) if z_loss else g * q_total[b0:b1]
-            A = A if grad_lse is None else A + grad_lse[b0:b1].to(acc)
-            grad = reference._grad_chunk(s, l_c, A, g.unsqueeze(-1) * q, None, None, softcap,
-                                         logit_scale)
-            reference._write_grad(out, b0, b1, grad)
+        prob_grad_into(out, x, target, grad_loss.to(acc),
+                       None if grad_lse is None else grad_lse.to(acc), lse, q_total, acc, eps,
+                       z_loss, C, w_here, softcap, logit_scale)
         return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
+
+
+def prob_sums(x: Tensor, target: Tensor, acc, eps: float, C: int, w_here: Tensor | None,
+              softcap: float, logit_scale: float) -> tuple[Tensor, Tensor]:
+    """For a slice (b, C_local, D) of the logits and its probability target: the slice's
+    lse (b, D) and sums (2, b, D): the target's weighted total and its weighted logit sum
+    (each rank's part of the whole row's)."""
+    parts = []
+    for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
+        q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
+        parts.append([reference.logsumexp(s), q.sum(-1), (q * s).sum(-1)])
+    return _stack_rows(parts, 2, x, acc)
+
+
+def prob_loss(lse: Tensor, sums: Tensor, z_loss: float) -> Tensor:
+    """Per-row loss of probability targets from the whole rows' lse and prob_sums."""
+    loss = lse * sums[0] - sums[1]
+    return loss + z_loss * lse * lse if z_loss != 0 else loss
+
+
+def prob_grad_into(out: Tensor, x: Tensor, target: Tensor, g: Tensor, g_lse: Tensor | None,
+                   lse: Tensor, q_total: Tensor, acc, eps: float, z_loss: float, C: int,
+                   w_here: Tensor | None, softcap: float, logit_scale: float) -> None:
+    """Writes the slice's gradient for probability targets into out (which may be x),
+    from the whole rows' lse and target totals q_total, for upstream gradients g (b, D)
+    of the loss and g_lse of the lse (None: none)."""
+    for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
+        g_c, l_c = g[b0:b1], lse[b0:b1]
+        q = _weighted_prob_target(target[b0:b1], acc, eps, C, w_here)
+        A = g_c * (q_total[b0:b1] + 2 * z_loss * l_c) if z_loss else g_c * q_total[b0:b1]
+        A = A if g_lse is None else A + g_lse[b0:b1]
+        grad = reference._grad_chunk(s, l_c, A, g_c.unsqueeze(-1) * q, None, None, softcap,
+                                     logit_scale)
+        reference._write_grad(out, b0, b1, grad)
 
 
 def index_loss(lse: Tensor, sums: Tensor, target: Tensor, w: Tensor | None, ignore_index: int,

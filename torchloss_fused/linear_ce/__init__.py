@@ -21,9 +21,14 @@ accumulator for a bf16/fp16 weight shares its first half with the returned gradi
 storage, which it is converted into in place at the end, so the accumulator and the
 gradient together cost V x H x 4 bytes, not 6. No tensor of N x V elements is allocated.
 
+Targets: class indices (N,) or class probabilities (N, V); targets.py holds the rules of
+the latter (dtype promotion, the mean's denominator) and the loop reads them a chunk of
+rows at a time.
+
 DTensor inputs: tokens split over ranks with the head replicated run these ops on local
 rows (sharding rules in ../_sharding.py); a head split over the vocabulary takes
-vocab_parallel.py's path, which keeps it split.
+vocab_parallel.py's path, which keeps it split (a probability target's columns are split
+as the vocabulary).
 
 The chunked loops are custom ops (namespace ``torchloss_fused_py``) with fake kernels and
 autograd formulas, so ``torch.compile(fullgraph=True)`` sees one opaque op. Nothing
@@ -51,7 +56,7 @@ from ..functional import (
     _wants_grad,
 )
 from ..vocab_parallel import replicated_like
-from . import vocab_parallel
+from . import targets, vocab_parallel
 from .chunking import auto_chunk_size
 from .ops import NAMESPACE, materialised_rows
 
@@ -62,8 +67,8 @@ def _ns():
     return getattr(torch.ops, NAMESPACE)
 
 
-def _check_args(hidden, weight, target, bias, class_weight, chunk_size, accum_dtype,
-                autocast: bool) -> None:
+def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
+                accum_dtype, autocast: bool) -> None:
     _check_tensor(hidden, "hidden")
     _check_tensor(weight, "weight")
     _check_tensor(target, "target")
@@ -90,18 +95,23 @@ def _check_args(hidden, weight, target, bias, class_weight, chunk_size, accum_dt
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
         _check_device(hidden, bias, "bias")
-    if target.dtype not in _INDEX_DTYPES:
+    _check_device(hidden, target, "target")
+    prob = targets.is_prob(target)
+    if prob:
+        targets.check(target, hidden, weight.shape[0], ignore_index)
+    elif target.dtype not in _INDEX_DTYPES:
         raise TypeError(
-            f"target must hold class indices (int64, int32 or uint8), got {target.dtype}")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+            "target must hold class indices (int64, int32 or uint8) or class probabilities "
+            f"(a floating-point tensor of shape (..., V)), got {target.dtype}")
+    elif tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"target must have hidden's shape without its last dimension, "
             f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
-    _check_device(hidden, target, "target")
     if class_weight is not None:
         _check_class_vector(hidden, class_weight, "class_weight", weight.shape[0])
-        _check_index_weight_dtype(class_weight, hidden.dtype, autocast, "class_weight",
-                                  "hidden")
+        if not prob:  # (probability targets promote, as F.cross_entropy's)
+            _check_index_weight_dtype(class_weight, hidden.dtype, autocast, "class_weight",
+                                      "hidden")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
@@ -154,11 +164,18 @@ def linear_cross_entropy(
     without materialising the logits.
 
     ``hidden`` is (..., H), ``weight`` (V, H) as in ``nn.Linear``, ``bias`` (V,) or None,
-    ``target`` class indices shaped like ``hidden`` without its last dimension. Gradients
-    flow to hidden, weight and bias. ``mean`` divides by the number of non-ignored targets
-    of the whole call (with ``class_weight``: the sum of their classes' weights, as
-    ``F.cross_entropy``); ``sum`` is for gradient accumulation, where the caller divides by
-    a token count across micro-batches; ``none`` returns the loss shaped like ``target``.
+    ``target`` class indices shaped like ``hidden`` without its last dimension, or class
+    probabilities (soft labels, a teacher's distribution) shaped (..., V), as
+    ``F.cross_entropy`` takes them: any float dtype (the loss has F's promoted dtype of
+    hidden, target and class_weight), no ``ignore_index``. A float32 target with bf16/fp16
+    hidden states is read as float32; other dtypes are converted a chunk at a time. Only the
+    caller's target is N x V. Gradients flow to hidden, weight and bias (and to a target
+    that requires grad, through the materialised logits). ``mean`` divides by the number of
+    non-ignored targets of the whole call (with ``class_weight``: the sum of their classes'
+    weights; probability targets: the number of rows; all as ``F.cross_entropy``); ``sum``
+    is for gradient accumulation, where the caller divides by a token count across
+    micro-batches; ``none`` returns the loss shaped like ``hidden`` without its last
+    dimension.
 
     Keyword-only: ``class_weight`` (per-class weights (V,) in hidden's dtype: the ``weight``
     of ``F.cross_entropy``, renamed since ``weight`` is the LM head's here; ``z_loss``'s term
@@ -171,31 +188,39 @@ def linear_cross_entropy(
     input dtype; pass the input dtype to save memory).
     """
     _check_reduction(reduction)
-    hidden, weight, bias, out_dtype = _autocast_inputs(hidden, weight, bias)
-    _check_args(hidden, weight, target, bias, class_weight, chunk_size, accum_dtype,
-                autocast=out_dtype is not None)
+    hidden, weight, bias, autocast_dtype = _autocast_inputs(hidden, weight, bias)
+    ignore_index = int(ignore_index)
+    _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
+                accum_dtype, autocast=autocast_dtype is not None)
     label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
     z_loss = _check_number(z_loss, "z_loss", 0.0)
     softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
-    ignore_index = int(ignore_index)
 
-    H = hidden.shape[-1]
+    H, V = hidden.shape[-1], weight.shape[0]
+    prob = targets.is_prob(target)
     h2 = hidden.reshape(-1, H)
-    t1 = target.reshape(-1)
-    if vocab_parallel.vp.is_dtensor(t1):
-        vocab_parallel.vp.check_targets(t1, weight.shape[0], ignore_index)
-    acc = reference.acc_dtype(hidden.dtype)
+    t1 = target.reshape(-1, V) if prob else target.reshape(-1)
+    if vocab_parallel.vp.is_dtensor(t1) and not prob:
+        vocab_parallel.vp.check_targets(t1, V, ignore_index)
+    out_dtype = targets.loss_dtype(hidden.dtype, target, class_weight)
+    if autocast_dtype is not None and out_dtype != torch.float64:
+        out_dtype = autocast_dtype
+    acc = reference.acc_dtype(targets.compute_dtype(hidden.dtype, target, class_weight))
     ce_args = (ignore_index, label_smoothing, z_loss, softcap)
     chunk = 0 if chunk_size is None else chunk_size
     ops = _ns()
     denom = None
-    if reduction == "mean":
-        denom = _index_denominator(t1, class_weight, ignore_index, weight.shape[0], acc)
+    if reduction == "mean" and prob:
+        denom = targets.mean_denominator(h2, acc)
+    elif reduction == "mean":
+        denom = _index_denominator(t1, class_weight, ignore_index, V, acc)
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
-    if transform_active(hidden, weight, bias, class_weight) or _wants_grad(class_weight):
+    if transform_active(hidden, weight, bias, class_weight, target if prob else None) or \
+            _wants_grad(class_weight) or (prob and _wants_grad(target)):
         # torch.func / forward-mode AD see through this, not through the custom ops; and
-        # autograd differentiates it for a class_weight's gradient, as cross_entropy's.
+        # autograd differentiates it for the gradient of a class_weight or a probability
+        # target, as cross_entropy's.
         loss_rows, _ = materialised_rows(h2, weight, bias, t1, class_weight, *ce_args)
     elif vocab_parallel.vocab_sharded(weight):
         # A ColwiseParallel LM head: the vocabulary stays split (see vocab_parallel.py).
@@ -204,14 +229,14 @@ def linear_cross_entropy(
     elif reduction != "none" and any(needs):
         loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, denom,
                                           *ce_args, chunk, accum_dtype, *needs)
-        return loss.to(out_dtype or hidden.dtype)
+        return loss.to(out_dtype)
     else:
         loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, class_weight, *ce_args, chunk,
                                          accum_dtype)
     if reduction == "none":
-        return loss_rows.reshape(target.shape).to(out_dtype or hidden.dtype)
+        return loss_rows.reshape(hidden.shape[:-1]).to(out_dtype)
     total = loss_rows.sum()
-    return (total if denom is None else total / denom).to(out_dtype or hidden.dtype)
+    return (total if denom is None else total / denom).to(out_dtype)
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
+from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
 
@@ -18,6 +19,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
           need_h: bool, need_w: bool, need_b: bool):
     """The chunked loop shared by the three ops.
 
+    target: class indices (N,) or class probabilities (N, V) (see targets.py).
     class_weight: per-class weights (V,) or None, as the cross-entropy ops' weight.
     lse_in None: computes per-row loss and lse. row_grad: the gradient of the loss with
     respect to each row's loss, a 0-dim tensor (same for every row) or (N,); None: no
@@ -26,7 +28,10 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     """
     N, H = hidden.shape
     V = weight.shape[0]
-    acc = reference.acc_dtype(hidden.dtype)
+    prob = targets.is_prob(target)
+    # (float64 only where a float64 probability target or class weight asks for it)
+    cdt = targets.compute_dtype(hidden.dtype, target, class_weight)
+    acc = reference.acc_dtype(cdt)
     ops = _backend.ops_for(hidden.device)
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(N, V, H, hidden.dtype,
                                                              hidden.device)
@@ -62,7 +67,9 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         else:
             torch.addmm(bias, h, wT, out=logits)
         x3 = logits.unsqueeze(-1)  # (B, C, D) = (n, V, 1)
-        t2 = target[s:e].unsqueeze(-1)
+        if cdt != x3.dtype:
+            x3 = x3.to(cdt)
+        t2 = (targets.chunk(target[s:e], cdt) if prob else target[s:e]).unsqueeze(-1)
         if lse_in is None:
             loss_c, lse_c = ops.ce_fwd(x3, t2, class_weight, *ce_args, 1.0, False)
             loss_rows[s:e].copy_(loss_c.view(n))
@@ -73,6 +80,8 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
             continue
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
         ops._ce_bwd_inplace(g, None, x3, t2, class_weight, lse_c, *ce_args, 1.0)
+        if x3.data_ptr() != logits.data_ptr():
+            logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it
         if need_h:
             torch.mm(logits, weight, out=grad_h[s:e])
         if need_w:

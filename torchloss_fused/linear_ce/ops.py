@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import _sharding, reference
 from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
+from . import targets
 from .loop import _loop, _placeholder
 
 NAMESPACE = "torchloss_fused_py"
@@ -43,18 +44,24 @@ def _fwd_impl(hidden, weight, bias, target, class_weight, ignore_index, label_sm
     return loss, lse
 
 
-def _row_scale(denom: Tensor | None, like: Tensor) -> Tensor:
-    one = torch.ones((), dtype=reference.acc_dtype(like.dtype), device=like.device)
+def _acc(hidden: Tensor, target: Tensor, class_weight: Tensor | None) -> torch.dtype:
+    """The dtype of the per-row loss and lse (float64 where the computation is)."""
+    return reference.acc_dtype(targets.compute_dtype(hidden.dtype, target, class_weight))
+
+
+def _row_scale(denom: Tensor | None, like: Tensor, acc: torch.dtype) -> Tensor:
+    one = torch.ones((), dtype=acc, device=like.device)
     return one if denom is None else one / denom
 
 
 def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_index,
                    label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
                    grad_weight, grad_bias):
+    row_scale = _row_scale(denom, hidden, _acc(hidden, target, class_weight))
     loss_rows, lse, gh, gw, gb = _loop(
         hidden, weight, bias, target, class_weight,
         (ignore_index, label_smoothing, z_loss, softcap),
-        chunk_size, accum_dtype, row_grad=_row_scale(denom, hidden), lse_in=None,
+        chunk_size, accum_dtype, row_grad=row_scale, lse_in=None,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
     total = loss_rows.sum()
     loss = total if denom is None else total / denom
@@ -86,6 +93,9 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     # gathers class-sharded logits.)
     logits = vp.gather_classes(
         torch.nn.functional.linear(hidden, weight, bias).unsqueeze(-1))
+    if targets.is_prob(target):
+        logits = logits.to(targets.compute_dtype(hidden.dtype, target, class_weight))
+        target = targets.chunk(target, logits.dtype)
     loss, lse = reference.ce_fwd(logits, target.unsqueeze(-1), class_weight, ignore_index,
                                  label_smoothing, z_loss, softcap, 1.0)
     return loss.squeeze(-1), lse.squeeze(-1)
@@ -112,8 +122,8 @@ def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
     return gh, gw, gb
 
 
-def _fake_fwd(hidden, weight, bias, target, *args):
-    acc = reference.acc_dtype(hidden.dtype)
+def _fake_fwd(hidden, weight, bias, target, class_weight, *args):
+    acc = _acc(hidden, target, class_weight)
     N = hidden.shape[0]
     return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc)
 
@@ -121,7 +131,7 @@ def _fake_fwd(hidden, weight, bias, target, *args):
 def _fake_fwd_grad(hidden, weight, bias, target, class_weight, denom, ignore_index,
                    label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
                    grad_weight, grad_bias):
-    acc = reference.acc_dtype(hidden.dtype)
+    acc = _acc(hidden, target, class_weight)
     loss = hidden.new_empty((), dtype=acc)
     lse = hidden.new_empty((hidden.shape[0],), dtype=acc)
     return (loss, lse, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))

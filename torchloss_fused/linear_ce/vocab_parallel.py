@@ -5,9 +5,13 @@ and without materialising any logits beyond one chunk of the local slice.
 Forward, per chunk of rows: the slice's logits (one product), their local log-sum-exp and
 the target's logit when it falls in the slice (the kernels), the logit sum label smoothing
 needs (weighted by the slice's class weights); then two all-reduces per call give every
-row's whole-vocabulary lse. Backward recomputes each chunk's logits, writes the slice's
-gradient over them with the global lse and the whole vocabulary's class weights (the
-kernels, label smoothing included), and turns it into the chunk's part of
+row's whole-vocabulary lse. A probability target (N, V) has its columns split as the
+vocabulary; per chunk, its weighted total and weighted logit sum over the slice come from
+../vocab_parallel.py's PyTorch code for such targets, and join the same all-reduces.
+
+Backward recomputes each chunk's logits, writes the slice's gradient over them with the
+global lse and the whole vocabulary's class weights (the kernels, label smoothing
+included; PyTorch ops for probability targets), and turns it into the chunk's part of
 grad_hidden (summed over the vocabulary ranks later: a Partial DTensor), and into the
 local slice's grad_weight and grad_bias (no communication).
 """
@@ -19,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .. import vocab_parallel as vp
+from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
 
@@ -42,6 +47,7 @@ class _Layout:
         self.mesh = weight.device_mesh
         # (strided shards hold no contiguous range of rows: they are made whole)
         vocab = [type(p) is Shard and p.dim == 0 for p in weight.placements]
+        self.vocab_dims = tuple(vocab)
         self.weight_placements = tuple(p if v else Replicate()
                                        for p, v in zip(weight.placements, vocab))
         self.hidden_placements = tuple(
@@ -77,16 +83,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         N, H = h.shape
         Vl = w.shape[0]
-        acc = reference.acc_dtype(h.dtype)
+        prob = targets.is_prob(target)
+        acc = reference.acc_dtype(targets.compute_dtype(h.dtype, target, class_weight))
         cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         chunk = chunk_size or auto_chunk_size(N, max(Vl, 1), H, h.dtype, h.device)
         chunk = max(1, min(chunk, N))
         lse_local = h.new_empty((N, 1), dtype=acc)
-        sums = h.new_zeros((2 if eps > 0 else 1, N, 1), dtype=acc)
+        sums = h.new_zeros((2 if eps > 0 or prob else 1, N, 1), dtype=acc)
         buf = h.new_empty((chunk * Vl,))
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             x3 = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl)).unsqueeze(-1)
+            if prob:  # (the target's local columns, as a (n, V_local, 1) slice)
+                lse_local[s:e], sums[:, s:e] = vp.prob_sums(
+                    x3, target[s:e, :, None], acc, eps, layout.vocab, cw_here, softcap, 1.0)
+                continue
             tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
             sums[0, s:e] = tg.logit_of(x3, acc, softcap, 1.0)
             if eps > 0:
@@ -96,9 +107,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
         del buf
         lse, sums = vp._all_reduce_lse(lse_local, sums, layout.groups)
-        loss = vp.index_loss(lse, sums, target[:, None], cw, ignore_index, eps, z_loss,
-                             layout.vocab)
-        ctx.save_for_backward(h, w, b, target, class_weight, lse)
+        if prob:
+            loss = vp.prob_loss(lse, sums, z_loss)
+        else:
+            loss = vp.index_loss(lse, sums, target[:, None], cw, ignore_index, eps, z_loss,
+                                 layout.vocab)
+        # (a probability target's rows keep their total weight, summed over the slices)
+        ctx.save_for_backward(h, w, b, target, class_weight, lse, sums[0] if prob else None)
         ctx.layout, ctx.chunk = layout, chunk
         ctx.args = (ignore_index, eps, z_loss, softcap, accum_dtype)
         ctx.meta = tuple((t.shape, t.stride()) if t is not None else None
@@ -112,7 +127,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if grad_loss is None or not any(ctx.needs_input_grad[:3]):
             return (None,) * 12
-        h, w, b, target, class_weight, lse = ctx.saved_tensors
+        h, w, b, target, class_weight, lse, q_total = ctx.saved_tensors
         layout, chunk = ctx.layout, ctx.chunk
         ignore_index, eps, z_loss, softcap, accum_dtype = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -132,9 +147,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             e = min(N, s + chunk)
             logits = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl))
             x3 = logits.unsqueeze(-1)
-            tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
-            vp.index_grad(x3, tg, g_rows[s:e, None].to(acc), None, lse[s:e], cw, cw_here, eps,
-                          z_loss, layout.vocab, softcap, 1.0, inplace=True)
+            if q_total is not None:  # probability targets
+                vp.prob_grad_into(x3, x3, target[s:e, :, None], g_rows[s:e, None].to(acc), None,
+                                  lse[s:e], q_total[s:e], acc, eps, z_loss, layout.vocab,
+                                  cw_here, softcap, 1.0)
+            else:
+                tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
+                vp.index_grad(x3, tg, g_rows[s:e, None].to(acc), None, lse[s:e], cw, cw_here,
+                              eps, z_loss, layout.vocab, softcap, 1.0, inplace=True)
             if need_h:
                 torch.mm(logits, w, out=grad_h[s:e])
             if need_w:
@@ -164,6 +184,17 @@ def _rows_placements(layout: _Layout) -> tuple:
     return layout.hidden_placements  # rows split as hidden's rows, replicated elsewhere
 
 
+def _target_placements(layout: _Layout, target) -> tuple:
+    """Class indices: as the rows. Probabilities (N, V): rows as hidden's, columns split as
+    the head's vocabulary (Shard(1) splits V as the weight's Shard(0) does)."""
+    from torch.distributed.tensor import Shard
+
+    rows = _rows_placements(layout)
+    if not targets.is_prob(target):
+        return rows
+    return tuple(Shard(1) if v else p for p, v in zip(rows, layout.vocab_dims))
+
+
 def _as_dtensor(local: Tensor, placements, meta, layout: _Layout):
     shape, stride = meta
     return vp.DTensor.from_local(local, layout.mesh, placements, run_check=False, shape=shape,
@@ -181,7 +212,7 @@ def loss_rows(hidden, weight, bias, target, class_weight, ignore_index: int,
     weight = weight.redistribute(layout.mesh, layout.weight_placements)
     if bias is not None:
         bias = bias.redistribute(layout.mesh, layout.weight_placements)
-    t = target.redistribute(layout.mesh, _rows_placements(layout)).to_local()
+    t = target.redistribute(layout.mesh, _target_placements(layout, target)).to_local()
     return _LinearCrossEntropy.apply(hidden, weight, bias, t, vp._whole(class_weight), layout,
                                      ignore_index, label_smoothing, z_loss, softcap, chunk_size,
                                      accum_dtype)
