@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import eager_losses
+from .cases import LINEAR_OPS
 
 OURS, EAGER, COMPILE, PEER = "ours", "eager", "compile", "peer"
 # A lower bound, not a loss: timed and measured, never checked (linear CE's three products).
@@ -74,7 +75,7 @@ def _eager_named(op: str) -> tuple[str, Callable]:
         return "softmax_focal_loss", eager_losses.softmax_focal_loss
     if op == "sigmoid_focal_fwd_bwd":
         return "sigmoid_focal_loss", eager_losses.sigmoid_focal_loss
-    if op == "linear_ce_fwd_bwd":
+    if op in LINEAR_OPS:  # (F.cross_entropy takes either kind of target)
         return "F.linear+F.cross_entropy", eager_losses.linear_cross_entropy
     raise ValueError(op)
 
@@ -96,7 +97,7 @@ def _ours(op: str, label: str) -> list[Impl]:
         alpha, gamma = eager_losses.SIGMOID_ALPHA, eager_losses.GAMMA
         return [Impl(label, OURS, lambda: lambda x, t: tlf.sigmoid_focal_loss(
             x, t, alpha=alpha, gamma=gamma, reduction="mean"))]
-    if op == "linear_ce_fwd_bwd" and hasattr(tlf, "linear_cross_entropy"):
+    if op in LINEAR_OPS and hasattr(tlf, "linear_cross_entropy"):
         return [Impl(label, OURS, lambda: lambda h, w, y: tlf.linear_cross_entropy(h, w, y))]
     return []
 
@@ -112,7 +113,7 @@ def _peers(op: str) -> list[Impl]:
         quack = _try_import("quack.cross_entropy")
         if quack is not None and hasattr(quack, "cross_entropy"):
             impls.append(Impl("quack", PEER, lambda: quack.cross_entropy))
-    if op == "linear_ce_fwd_bwd":
+    if op == "linear_ce_fwd_bwd":  # (neither peer takes probability targets)
         cce = _try_import("cut_cross_entropy")
         if cce is not None and hasattr(cce, "linear_cross_entropy"):
             # cce_exact: the default "cce" drops small gradient entries by design, which
@@ -133,13 +134,13 @@ def impls_for(op: str, device: torch.device, compile_baseline: bool = True,
     linear_cross_entropy is benchmarked only once torchloss_fused provides it.
     """
     ours = _ours(op, ours_label(device))
-    if op == "linear_ce_fwd_bwd" and not ours:
+    if op in LINEAR_OPS and not ours:
         return []
     name, eager = _eager_named(op)
     impls = ours + [Impl(f"{name} (eager)", EAGER, lambda: eager)]
     if compile_baseline:
         impls.append(Impl(f"torch.compile({name})", COMPILE, lambda: _compiled(eager)))
-    if op == "linear_ce_fwd_bwd":
+    if op in LINEAR_OPS:
         impls.append(Impl("3 matmuls alone (time floor, no loss)", BOUND,
                           lambda: eager_losses.linear_matmuls_only))
     if peers and device.type == "cuda":

@@ -10,8 +10,9 @@ plain tensor copy timed the same way in the same run. Per op:
 - sigmoid_focal_loss forward+backward: inputs + targets (both N x C in the input dtype)
   read once + gradient written once.
 - linear_cross_entropy forward+backward: hidden and weight read once + their gradients
-  written once + targets. This op is compute-bound (two N x H x V matmuls per pass), so its
-  GB/s is low by nature; the logits it avoids materialising are not counted.
+  written once + targets (soft targets: the N x V probabilities, read once). This op is
+  compute-bound (two N x H x V matmuls per pass), so its GB/s is low by nature; the logits
+  it avoids materialising are not counted.
 - copy bandwidth: a copy reads and writes the tensor: 2 x its bytes.
 
 Per-row outputs (loss, lse: N floats) and the scalar loss are left out: they are a
@@ -43,6 +44,9 @@ def bytes_moved(case: Case) -> int:
     if case.op == "linear_ce_fwd_bwd":
         n, h, v = case.shape
         return 2 * (n * h + v * h) * size + n * TARGET_BYTES
+    if case.op == "linear_ce_soft_fwd_bwd":
+        n, h, v = case.shape
+        return 2 * (n * h + v * h) * size + n * v * size
     n, v = case.shape
     if case.op == "ce_fwd":
         return n * v * size + n * TARGET_BYTES

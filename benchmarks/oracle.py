@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import eager_losses
-from .cases import Case
+from .cases import LINEAR_OPS, Case
 
 
 def chunk_bytes(device: torch.device) -> int:
@@ -55,7 +55,7 @@ def _per_row_terms(op: str):
 
 def compute(case: Case, inputs: tuple[torch.Tensor, ...]) -> Oracle:
     with torch.enable_grad():
-        if case.op == "linear_ce_fwd_bwd":
+        if case.op in LINEAR_OPS:
             return _linear_ce(case, *inputs)
         if case.op in ("ce_fwd", "ce_fwd_bwd"):
             return _cross_entropy(case, *inputs)
@@ -102,7 +102,8 @@ def _linear_ce(case: Case, hidden, weight, target) -> Oracle:
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for rows in row_chunks(n, 8 * weight.shape[0], hidden.device):
         hc = hidden.detach()[rows].double().requires_grad_()
-        part = F.cross_entropy(hc @ w.T, target[rows], reduction="sum") / n
+        tc = target[rows].double() if target.is_floating_point() else target[rows]
+        part = F.cross_entropy(hc @ w.T, tc, reduction="sum") / n
         part.backward()
         grad_h[rows] = hc.grad
         total += part.detach()

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .cases import Case
+from .cases import LINEAR_OPS, Case
 
 LOGIT_STD = 2.0  # a spread like trained LM logits, so the softmax is not near-uniform
 POSITIVE_RATE = 0.01  # share of positive labels in sigmoid focal targets (detection heads)
@@ -33,10 +33,13 @@ def make_inputs(case: Case, device: torch.device, seed: int) -> tuple[torch.Tens
         n, c = case.shape
         targets = torch.rand(n, c, generator=gen, device=device) < POSITIVE_RATE
         return randn(n, c, scale=LOGIT_STD), targets.to(dtype)
-    if case.op == "linear_ce_fwd_bwd":
+    if case.op in LINEAR_OPS:
         n, h, v = case.shape
         hidden = randn(n, h)
         weight = randn(v, h, scale=LOGIT_STD / math.sqrt(h))
+        if case.op == "linear_ce_soft_fwd_bwd":  # a teacher's distribution, in the dtype
+            teacher = torch.randn(n, v, generator=gen, device=device).mul_(LOGIT_STD)
+            return hidden, weight, torch.softmax(teacher, -1).to(dtype)
         return hidden, weight, _targets(n, v, gen, device)
     n, v = case.shape
     return randn(n, v, scale=LOGIT_STD), _targets(n, v, gen, device)
@@ -61,8 +64,9 @@ def input_set_nbytes(case: Case) -> int:
     if case.op == "sigmoid_focal_fwd_bwd":
         n, c = case.shape
         return 2 * n * c * size
-    if case.op == "linear_ce_fwd_bwd":
+    if case.op in LINEAR_OPS:
         n, h, v = case.shape
-        return (n * h + v * h) * size + 8 * n
+        target = n * v * size if case.op == "linear_ce_soft_fwd_bwd" else 8 * n
+        return (n * h + v * h) * size + target
     n, v = case.shape
     return n * v * size + 8 * n

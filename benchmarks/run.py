@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     plan = [(case, impls) for case, impls in plan if impls]
     if not plan:
         print("nothing to run: no implementation of the selected ops on this device "
-              "(linear_ce_fwd_bwd runs once torchloss_fused.linear_cross_entropy exists)",
+              "(the linear ops run once torchloss_fused.linear_cross_entropy exists)",
               file=sys.stderr)
         return 0
 

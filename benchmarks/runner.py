@@ -13,7 +13,7 @@ import torch
 
 from . import bytes_model, correctness, memory, oracle, problems, timing
 from .baselines import COMPILE, EAGER, Impl, eager_fn
-from .cases import OP_LABELS, Case
+from .cases import LINEAR_OPS, OP_LABELS, Case
 from .rows import ERROR, FAILED, OK, SKIPPED, Row
 
 # Input sets are rotated until they span this many times the last-level cache, so a step
@@ -48,7 +48,7 @@ def input_sets_for(case: Case, llc_bytes: int) -> int:
 def memory_needed(case: Case, sets: int, device: torch.device) -> int:
     """A generous estimate of the bytes a case needs at once."""
     oracle_grads = 4 * problems.input_set_nbytes(case) // case.torch_dtype.itemsize
-    if case.op == "linear_ce_fwd_bwd":  # fp64 weight and its gradient
+    if case.op in LINEAR_OPS:  # fp64 weight and its gradient
         _, h, v = case.shape
         oracle_grads += 2 * 8 * v * h
     return (sets * problems.input_set_nbytes(case) + oracle_grads

@@ -66,7 +66,17 @@ def test_targets_sweep_is_the_target_shapes(device_kind):
     linear = (16384, 4096, 128256) if device_kind == "cuda" else (4096, 1024, 32000)
     assert Case("ce_fwd_bwd", "bf16", ce) in cases and Case("focal_fwd_bwd", "bf16", ce) in cases
     assert Case("linear_ce_fwd_bwd", "bf16", linear) in cases
-    assert {c.op for c in cases} == set(OPS)
+    # every op with a performance target; the soft-target linear CE has none
+    assert {c.op for c in cases} == set(OPS) - {"linear_ce_soft_fwd_bwd"}
+
+
+@pytest.mark.parametrize("size", ["tiny", "quick", "full"])
+def test_soft_target_linear_ce_is_swept_beside_the_index_one(size):
+    for kind in ("cpu", "cuda"):
+        cases = sweep(kind, size)
+        soft = {c.shape for c in cases if c.op == "linear_ce_soft_fwd_bwd"}
+        index = {c.shape for c in cases if c.op == "linear_ce_fwd_bwd"}
+        assert soft and soft <= index
 
 
 def test_full_gpu_sweep_holds_large_vocab_bf16():
@@ -163,16 +173,21 @@ def test_pytorch_baselines_pass_the_check():
             assert [r.status for r in rows] == [OK], [(r.impl, r.message) for r in rows]
 
 
-def test_linear_cross_entropy_gate():
+@pytest.mark.parametrize("op", ["linear_ce_fwd_bwd", "linear_ce_soft_fwd_bwd"])
+def test_linear_cross_entropy_gate(op):
     """The materialised baseline passes the fp64 oracle (hidden and weight gradients); a
-    version that forgets the weight gradient does not."""
+    version that forgets the weight gradient does not, nor (soft targets) one that reads
+    the teacher's most likely class as a hard target."""
     from benchmarks.eager_losses import linear_cross_entropy
 
     impls = [_impl("eager", linear_cross_entropy, EAGER),
              _impl("frozen weight", lambda h, w, y: linear_cross_entropy(h, w.detach(), y)
                    + 0 * w.sum())]
-    rows = runner.run_case(Case("linear_ce_fwd_bwd", "fp32", (64, 32, 500)), impls, _context())
-    assert [r.status for r in rows] == [OK, FAILED]
+    if op == "linear_ce_soft_fwd_bwd":
+        impls.append(_impl("argmax target", lambda h, w, y: linear_cross_entropy(
+            h, w, y.argmax(-1)), EAGER))
+    rows = runner.run_case(Case(op, "fp32", (64, 32, 500)), impls, _context())
+    assert [r.status for r in rows] == [OK] + [FAILED] * (len(impls) - 1)
 
 
 def test_cases_too_big_for_memory_are_skipped(monkeypatch):
