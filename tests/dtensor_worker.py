@@ -292,8 +292,8 @@ def _(ctx):
     """As random_calls_match_f for focal_loss (gamma, scalar or per-class alpha, against
     focal_oracle) and linear_cross_entropy (tokens split with the head replicated, or the
     head split over the vocabulary; bias, class_weight, smoothing, class-index or
-    probability targets; against F.linear + F.cross_entropy), upstream gradients of either
-    sign or zero."""
+    probability targets, the returned lse and (some calls) its gradient; against F.linear +
+    F.cross_entropy), upstream gradients of either sign or zero."""
     rng = random.Random(99)
     seen = set()
     for i in range(30):
@@ -349,13 +349,18 @@ def _(ctx):
             wd = _dist(w.to(dtype), ctx.mesh, wp, requires_grad=True)
             bd = None if b is None else _dist(b.to(dtype), ctx.mesh, wp, requires_grad=True)
             cwd = None if cw is None else _dist(cw.to(dtype), ctx.mesh, [Replicate()])
-            ours = tlf.linear_cross_entropy(hd, wd, _dist(t, ctx.mesh, tp), bd,
-                                            ignore_index=ii, reduction=red,
-                                            label_smoothing=ls, class_weight=cwd)
+            ours, lse = tlf.linear_cross_entropy(hd, wd, _dist(t, ctx.mesh, tp), bd,
+                                                 ignore_index=ii, reduction=red,
+                                                 label_smoothing=ls, class_weight=cwd,
+                                                 return_lse=True)
             refs = tuple(None if v is None else v.to(dtype).double().requires_grad_()
                          for v in (h, w, b))
             ref = F.cross_entropy(F.linear(*refs), t, weight=cw, ignore_index=ii,
                                   reduction=red, label_smoothing=ls)
+            ref_lse = torch.logsumexp(F.linear(*refs), -1)
+            _close(lse, ref_lse, dtype, what + " lse")
+            if i % 3 == 0:  # a gradient through the lse too
+                ours, ref = ours + 0.1 * (lse * lse).mean(), ref + 0.1 * (ref_lse ** 2).mean()
             inputs = (hd, wd, bd)
         _close(ours, ref, dtype, what + " loss")
         (ours * upstream).sum().backward()

@@ -159,3 +159,31 @@ def test_linear_cross_entropy_probability_targets(mesh, dtype, target_dtype, hea
     _check(loss, ref, dtype, "loss")
     _check(wd.grad, w64.grad, dtype, "grad weight")
     _check(hd.grad, h64.grad, dtype, "grad hidden")
+
+
+@pytest.mark.parametrize("head", ["vocab", "replicated"])
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+def test_linear_cross_entropy_return_lse(mesh, head, prob):
+    """The lse of a vocabulary-sharded head (all-reduced over the slices) or of the
+    row-sharded ops, and the gradient flowing through it."""
+    torch.manual_seed(5)
+    device = mesh.device_type
+    h = torch.randn(36, 16, dtype=torch.float64, device=device)
+    w = torch.randn(211, 16, dtype=torch.float64, device=device) / 3
+    t = torch.randint(0, 211, (36,), device=device)
+    if prob:
+        t = torch.softmax(torch.randn(36, 211, dtype=torch.float64, device=device) * 2, -1)
+    rows = Replicate() if head == "vocab" else Shard(0)
+    hd = distribute_tensor(h, mesh, [rows]).requires_grad_()
+    wd = distribute_tensor(w, mesh, [Shard(0) if head == "vocab" else Replicate()])
+    wd.requires_grad_()
+    loss, lse = tlf.linear_cross_entropy(hd, wd, distribute_tensor(t, mesh, [rows]),
+                                         chunk_size=8, label_smoothing=0.1, return_lse=True)
+    (loss + (lse * lse).mean()).backward()
+    h64, w64 = (v.clone().requires_grad_() for v in (h, w))
+    logits = F.linear(h64, w64)
+    ref_lse = torch.logsumexp(logits, -1)
+    (F.cross_entropy(logits, t, label_smoothing=0.1) + (ref_lse * ref_lse).mean()).backward()
+    _check(lse, ref_lse, torch.float64, "lse")
+    _check(wd.grad, w64.grad, torch.float64, "grad weight")
+    _check(hd.grad, h64.grad, torch.float64, "grad hidden")

@@ -13,7 +13,7 @@ import torchloss_fused as tlf
 from torchloss_fused.linear_ce import ops as lce_ops
 
 from .helpers import assert_matches, oracle_cross_entropy
-from .test_linear_cross_entropy import _cpu_allocations, class_weights, make
+from .test_linear_cross_entropy import _cpu_allocations, class_weights, linear_leaves, make
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -27,13 +27,8 @@ def soft_target(shape, V, dtype, device, sharp=2.0):
 def oracle(hidden, weight, target, bias, dtype, reduction, class_weight=None, **opts):
     """F.linear then F.cross_entropy (+ z_loss, softcap: tests/helpers.py) in `dtype`
     (float64: the oracle; the input's dtype: eager PyTorch). Returns (loss, leaves)."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)
-              if t is not None]
-    h, w = leaves[:2]
-    b = leaves[2] if bias is not None else None
-    V = w.shape[0]
-    logits = F.linear(h, w, b).reshape(-1, V)
-    t = target.detach().reshape(-1, V)
+    logits, leaves = linear_leaves(hidden, weight, bias, dtype)
+    t = target.detach().reshape(logits.shape)
     if dtype == torch.float64:
         t = t.double()
     cw = None if class_weight is None else class_weight.to(
@@ -282,8 +277,8 @@ def test_opcheck(device, name, target_dtype):
             _, lse = ops.linear_ce_fwd(hidden, weight, b, target, None, *ce, 4, None)
         assert lse.dtype == target_dtype
         g = torch.rand(9, device=device)
-        args = (g, hidden.detach(), weight.detach(), b.detach(), target, None, lse, *ce, 4,
-                None, True, True, True)
+        args = (g, torch.randn(9, device=device), hidden.detach(), weight.detach(), b.detach(),
+                target, None, lse, *ce, 4, None, True, True, True)
     torch.library.opcheck(getattr(ops, name).default, args)
 
 

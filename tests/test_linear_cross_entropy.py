@@ -55,6 +55,15 @@ def materialised(hidden, weight, target, bias, dtype, reduction="mean", ignore_i
     return loss, [t for t in (h, w, b) if t is not None]
 
 
+def linear_leaves(hidden, weight, bias, dtype):
+    """Fresh leaf copies of hidden, weight (and bias) in `dtype`, and their logits, one row
+    per token: (rows, V)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)
+              if t is not None]
+    b = leaves[2] if bias is not None else None
+    return F.linear(leaves[0], leaves[1], b).reshape(-1, weight.shape[0]), leaves
+
+
 def check(hidden, weight, target, bias=None, reduction="mean", grad_out=None, **kw):
     """Ours vs the float64 oracle (and eager PyTorch in the input dtype for bf16/fp16):
     the loss and every gradient. Returns (loss, grads)."""
@@ -614,8 +623,9 @@ def test_opcheck(device, name, weighted):
         with torch.no_grad():
             _, lse = ops.linear_ce_fwd(hidden, weight, b, target, cw, *ce, 4, None)
         g = torch.rand(9, device=device)
-        args = (g, hidden.detach(), weight.detach(), b.detach(), target, cw, lse, *ce, 4, None,
-                True, True, True)
+        g_lse = torch.randn(9, device=device) if weighted else None  # (return_lse)
+        args = (g, g_lse, hidden.detach(), weight.detach(), b.detach(), target, cw, lse, *ce,
+                4, None, True, True, True)
     torch.library.opcheck(getattr(ops, name).default, args)
 
 

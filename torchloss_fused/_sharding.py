@@ -62,9 +62,9 @@ _LINEAR_ROLES = {
     "linear_ce_fwd_grad": (("partial", "tokens", "tokens", "partial", "partial"),
                            ("tokens", "vocab", "vocab", "tokens", "classes", "whole")
                            + (None,) * 9),
-    "_linear_ce_bwd": (("tokens", "partial", "partial"), ("tokens", "tokens", "vocab", "vocab",
-                                                          "tokens", "classes", "tokens")
-                       + (None,) * 9),
+    "_linear_ce_bwd": (("tokens", "partial", "partial"), ("tokens", "tokens", "tokens",
+                                                          "vocab", "vocab", "tokens",
+                                                          "classes", "tokens") + (None,) * 9),
 }
 
 

@@ -159,7 +159,8 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+):
     """``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), ...)``
     without materialising the logits.
 
@@ -185,7 +186,12 @@ def linear_cross_entropy(
     (logits become ``softcap * tanh(logits / softcap)``), ``chunk_size`` (rows per chunk;
     default: chosen from the shapes and, on CUDA, free memory) and ``accum_dtype`` (dtype of
     the grad_weight/grad_bias accumulator: float32 for bf16/fp16 inputs by default, else the
-    input dtype; pass the input dtype to save memory).
+    input dtype; pass the input dtype to save memory) and ``return_lse`` (also return each
+    row's log-sum-exp, differentiable, as ``cross_entropy``'s: ``(loss, lse)``, the lse
+    float32 (float64 where the computation is) shaped like ``hidden`` without its last
+    dimension; e.g. to log the z-loss term. With mean/sum, a gradient through the lse makes
+    the backward recompute logits and gradients, three more products; ``z_loss`` trains
+    with the lse's square without them).
     """
     _check_reduction(reduction)
     hidden, weight, bias, autocast_dtype = _autocast_inputs(hidden, weight, bias)
@@ -221,22 +227,28 @@ def linear_cross_entropy(
         # torch.func / forward-mode AD see through this, not through the custom ops; and
         # autograd differentiates it for the gradient of a class_weight or a probability
         # target, as cross_entropy's.
-        loss_rows, _ = materialised_rows(h2, weight, bias, t1, class_weight, *ce_args)
+        loss_rows, lse = materialised_rows(h2, weight, bias, t1, class_weight, *ce_args)
     elif vocab_parallel.vocab_sharded(weight):
         # A ColwiseParallel LM head: the vocabulary stays split (see vocab_parallel.py).
-        loss_rows = vocab_parallel.loss_rows(h2, weight, bias, t1, class_weight, *ce_args,
-                                             chunk, accum_dtype)
+        loss_rows, lse = vocab_parallel.loss_rows(h2, weight, bias, t1, class_weight,
+                                                  *ce_args, chunk, accum_dtype)
     elif reduction != "none" and any(needs):
-        loss, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, denom,
-                                          *ce_args, chunk, accum_dtype, *needs)
-        return loss.to(out_dtype)
+        loss, lse, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, denom,
+                                               *ce_args, chunk, accum_dtype, *needs)
+        return _with_lse(loss.to(out_dtype), lse, hidden, return_lse)
     else:
-        loss_rows, _ = ops.linear_ce_fwd(h2, weight, bias, t1, class_weight, *ce_args, chunk,
-                                         accum_dtype)
+        loss_rows, lse = ops.linear_ce_fwd(h2, weight, bias, t1, class_weight, *ce_args,
+                                           chunk, accum_dtype)
     if reduction == "none":
-        return loss_rows.reshape(hidden.shape[:-1]).to(out_dtype)
-    total = loss_rows.sum()
-    return (total if denom is None else total / denom).to(out_dtype)
+        loss = loss_rows.reshape(hidden.shape[:-1]).to(out_dtype)
+    else:
+        total = loss_rows.sum()
+        loss = (total if denom is None else total / denom).to(out_dtype)
+    return _with_lse(loss, lse, hidden, return_lse)
+
+
+def _with_lse(loss: Tensor, lse: Tensor, hidden: Tensor, return_lse: bool):
+    return (loss, lse.reshape(hidden.shape[:-1])) if return_lse else loss
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -258,6 +270,7 @@ class LinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         chunk_size: int | None = None,
         accum_dtype: torch.dtype | None = None,
+        return_lse: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("class_weight", class_weight)
@@ -268,17 +281,19 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.accum_dtype = accum_dtype
+        self.return_lse = return_lse
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor,
-                bias: Tensor | None = None) -> Tensor:
+                bias: Tensor | None = None):
         return linear_cross_entropy(
             hidden, weight, target, bias, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             class_weight=replicated_like(self.class_weight, hidden), z_loss=self.z_loss,
-            softcap=self.softcap, chunk_size=self.chunk_size, accum_dtype=self.accum_dtype)
+            softcap=self.softcap, chunk_size=self.chunk_size, accum_dtype=self.accum_dtype,
+            return_lse=self.return_lse)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, chunk_size={self.chunk_size}, "
-                f"accum_dtype={self.accum_dtype}")
+                f"accum_dtype={self.accum_dtype}, return_lse={self.return_lse}")

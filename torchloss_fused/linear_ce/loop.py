@@ -16,15 +16,16 @@ from .weight_grad import WeightGrad, resolve_accum
 def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
           class_weight: Tensor | None, ce_args: tuple, chunk_size: int,
           accum_dtype: torch.dtype | None, *, row_grad: Tensor | None, lse_in: Tensor | None,
-          need_h: bool, need_w: bool, need_b: bool):
+          need_h: bool, need_w: bool, need_b: bool, lse_grad: Tensor | None = None):
     """The chunked loop shared by the three ops.
 
     target: class indices (N,) or class probabilities (N, V) (see targets.py).
     class_weight: per-class weights (V,) or None, as the cross-entropy ops' weight.
     lse_in None: computes per-row loss and lse. row_grad: the gradient of the loss with
     respect to each row's loss, a 0-dim tensor (same for every row) or (N,); None: no
-    gradients. Returns (loss_rows, lse, grad_hidden, grad_weight, grad_bias) with None for
-    what was not computed.
+    gradients. lse_grad: (N,) gradients of the returned lse (return_lse), or None.
+    Returns (loss_rows, lse, grad_hidden, grad_weight, grad_bias) with None for what was
+    not computed.
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -79,7 +80,8 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         if not grads:
             continue
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
-        ops._ce_bwd_inplace(g, None, x3, t2, class_weight, lse_c, *ce_args, 1.0)
+        g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1)
+        ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *ce_args, 1.0)
         if x3.data_ptr() != logits.data_ptr():
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it
         if need_h:

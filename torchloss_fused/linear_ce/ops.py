@@ -20,7 +20,9 @@ _CE = "int ignore_index, float label_smoothing, float z_loss, float softcap"
 _CHUNK = "int chunk_size, ScalarType? accum_dtype"
 _NEEDS = "bool grad_hidden, bool grad_weight, bool grad_bias"
 SCHEMAS = {
-    # Per-row loss and lse (accumulation dtype), no gradients.
+    # Per-row loss and lse (accumulation dtype: float32, or float64 where hidden or a
+    # probability target or its class weights are float64), no gradients. target: class
+    # indices (N,) or probabilities (N, V).
     "linear_ce_fwd": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
     f"Tensor? class_weight, {_CE}, {_CHUNK}) -> (Tensor loss, Tensor lse)",
     # Training forward for mean/sum: the reduced loss sum(loss_r) / denom (denom None: 1),
@@ -28,8 +30,10 @@ SCHEMAS = {
     "linear_ce_fwd_grad": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
     f"Tensor? class_weight, Tensor? denom, {_CE}, {_CHUNK}, {_NEEDS}) -> (Tensor loss, "
     "Tensor lse, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
-    # Backward for per-row upstream gradients: recomputes the logits chunk by chunk.
-    "_linear_ce_bwd": f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
+    # Backward for per-row upstream gradients of the loss (and of the lse, return_lse):
+    # recomputes the logits chunk by chunk.
+    "_linear_ce_bwd": f"(Tensor grad_loss, Tensor? grad_lse, Tensor hidden, Tensor weight, "
+    f"Tensor? bias, "
     f"Tensor target, Tensor? class_weight, Tensor lse, {_CE}, {_CHUNK}, {_NEEDS}) -> "
     "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)",
 }
@@ -70,14 +74,15 @@ def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_ind
             gb if gb is not None else _placeholder(hidden))
 
 
-def _bwd_impl(grad_loss, hidden, weight, bias, target, class_weight, lse, ignore_index,
-              label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
-              grad_weight, grad_bias):
+def _bwd_impl(grad_loss, grad_lse, hidden, weight, bias, target, class_weight, lse,
+              ignore_index, label_smoothing, z_loss, softcap, chunk_size, accum_dtype,
+              grad_hidden, grad_weight, grad_bias):
     _, _, gh, gw, gb = _loop(
         hidden, weight, bias, target, class_weight,
         (ignore_index, label_smoothing, z_loss, softcap),
         chunk_size, accum_dtype, row_grad=grad_loss.to(lse.dtype), lse_in=lse,
-        need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
+        need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None,
+        lse_grad=None if grad_lse is None else grad_lse.to(lse.dtype))
     return (gh if gh is not None else _placeholder(hidden),
             gw if gw is not None else _placeholder(hidden),
             gb if gb is not None else _placeholder(hidden))
@@ -101,13 +106,13 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     return loss.squeeze(-1), lse.squeeze(-1)
 
 
-def _graph_grads(saved, ce_args, needs, grad_rows):
+def _graph_grads(saved, ce_args, needs, grad_rows, grad_lse):
     """Gradients recorded by autograd through the materialised forward (create_graph=True,
-    batched gradients: see reference_backward)."""
+    batched gradients: see reference_backward), for the rows' loss and lse gradients."""
     hidden, weight, bias, target, class_weight = saved[:5]
     return differentiable_grads(
         lambda h, w, b: materialised_rows(h, w, b, target, class_weight, *ce_args),
-        (hidden, weight, bias), needs, (grad_rows, None))
+        (hidden, weight, bias), needs, (grad_rows, grad_lse))
 
 
 # ---- fake kernels -------------------------------------------------------------------------
@@ -137,9 +142,9 @@ def _fake_fwd_grad(hidden, weight, bias, target, class_weight, denom, ignore_ind
     return (loss, lse, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))
 
 
-def _fake_bwd(grad_loss, hidden, weight, bias, target, class_weight, lse, ignore_index,
-              label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
-              grad_weight, grad_bias):
+def _fake_bwd(grad_loss, grad_lse, hidden, weight, bias, target, class_weight, lse,
+              ignore_index, label_smoothing, z_loss, softcap, chunk_size, accum_dtype,
+              grad_hidden, grad_weight, grad_bias):
     return _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
@@ -159,30 +164,40 @@ def _fwd_setup_context(ctx, inputs, output):
     hidden, weight, bias, target, class_weight, *args = inputs
     ctx.save_for_backward(hidden, weight, bias, target, class_weight, output[1])
     ctx.args = tuple(args)  # ce args, chunk_size, accum_dtype
-    ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
 
 
-def _fwd_backward(ctx, grad_loss, _grad_lse):
+def _fwd_backward(ctx, grad_loss, grad_lse):
     needs = tuple(ctx.needs_input_grad[:3])
     none = (None,) * 8  # target, class_weight, ce args, chunk_size, accum_dtype
-    if grad_loss is None or not any(needs):
+    if (grad_loss is None and grad_lse is None) or not any(needs):
         return (None,) * 3 + none
     hidden, weight, bias, target, class_weight, lse = ctx.saved_tensors
-    if reference_backward(grad_loss):
-        needs = (needs[0], needs[1], needs[2] and bias is not None)
-        return _graph_grads(ctx.saved_tensors, ctx.args[:4], needs, grad_loss) + none
-    gh, gw, gb = _ns()._linear_ce_bwd(grad_loss, hidden, weight, bias, target, class_weight,
-                                      lse, *ctx.args, *needs)
-    return (gh if needs[0] else None, gw if needs[1] else None,
-            gb if needs[2] and bias is not None else None) + none
+    needs = (needs[0], needs[1], needs[2] and bias is not None)
+    if reference_backward(grad_loss, grad_lse):
+        return _graph_grads(ctx.saved_tensors, ctx.args[:4], needs, grad_loss, grad_lse) + none
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    return _masked(_ns()._linear_ce_bwd(grad_loss, grad_lse, hidden, weight, bias, target,
+                                        class_weight, lse, *ctx.args, *needs), needs) + none
+
+
+def _masked(grads, needs) -> tuple:
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _row_grads(grad_loss, denom, lse):
+    """The loss's gradient per row for a reduced loss's upstream gradient (None: zeros)."""
+    if grad_loss is None:
+        return torch.zeros_like(lse)
+    return (grad_loss if denom is None else grad_loss / denom).expand(lse.shape[0])
 
 
 def _fwd_grad_setup_context(ctx, inputs, output):
     hidden, weight, bias, target, class_weight, denom, *rest = inputs
     ctx.ce_args, ctx.chunk = tuple(rest[:4]), tuple(rest[4:6])
     _, lse, gh, gw, gb = output
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*output[2:])  # (the lse is differentiable: return_lse)
     ctx.set_materialize_grads(False)
     # Eager: the gradients are handed on once, scaled in place, from a plain attribute (no
     # reference cycle through the outputs' grad_fn); a second backward (retain_graph)
@@ -197,34 +212,35 @@ def _fwd_grad_setup_context(ctx, inputs, output):
                               gb)
 
 
-def _fwd_grad_backward(ctx, grad_loss, *_unused):
+def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
     needs = tuple(ctx.needs_input_grad[:3])
     none = (None,) * 12  # target, class_weight, denom, ce args, chunk args, needs
-    if grad_loss is None or not any(needs):
+    if (grad_loss is None and grad_lse is None) or not any(needs):
         return (None, None, None) + none
     saved = ctx.saved_tensors
     hidden, weight, bias, target, class_weight, denom, lse = saved[:7]
     needs = (needs[0], needs[1], needs[2] and bias is not None)
-    if reference_backward(grad_loss):
+    if reference_backward(grad_loss, grad_lse):
         ctx.fused = None
-        rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
-        return _graph_grads(saved, ctx.ce_args, needs, rows) + none
-    if denom is not None:
+        rows = None if grad_loss is None else _row_grads(grad_loss, denom, lse)
+        return _graph_grads(saved, ctx.ce_args, needs, rows, grad_lse) + none
+    if denom is not None and grad_loss is not None:
         # Gradients made for a mean over no counted target (1/denom = inf) stay as made,
         # as _rescale_grad_rows leaves such rows: ignored rows exactly zero, as in F.
         grad_loss = torch.where(denom == 0, torch.ones_like(grad_loss), grad_loss)
-    if ctx.eager:
-        fused, ctx.fused = ctx.fused, None
-        if fused is None:  # second backward through the same graph: recompute
-            rows = (grad_loss if denom is None else grad_loss / denom).expand(hidden.shape[0])
-            fused = _ns()._linear_ce_bwd(rows, hidden, weight, bias, target, class_weight,
-                                         lse, *ctx.ce_args, *ctx.chunk, *needs)
-            grads = fused
-        else:
-            grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(fused, needs))
+    fused = ctx.fused if ctx.eager else saved[7:]
+    ctx.fused = None
+    if fused is None or grad_lse is not None:
+        # A second backward through the same graph (retain_graph), or a gradient for the
+        # lse, which the gradients made in forward leave out: recompute.
+        grads = _ns()._linear_ce_bwd(_row_grads(grad_loss, denom, lse), grad_lse, hidden,
+                                     weight, bias, target, class_weight, lse, *ctx.ce_args,
+                                     *ctx.chunk, *needs)
+    elif ctx.eager:
+        grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(fused, needs))
     else:
-        grads = tuple(g * grad_loss if need else None for g, need in zip(saved[7:], needs))
-    return tuple(g if need else None for g, need in zip(grads, needs)) + none
+        grads = tuple(g * grad_loss if need else None for g, need in zip(fused, needs))
+    return _masked(grads, needs) + none
 
 
 def _define_ops() -> None:

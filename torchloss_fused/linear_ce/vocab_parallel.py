@@ -118,24 +118,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.args = (ignore_index, eps, z_loss, softcap, accum_dtype)
         ctx.meta = tuple((t.shape, t.stride()) if t is not None else None
                          for t in (hidden, weight, bias))
-        return vp.DTensor.from_local(loss[:, 0], layout.mesh, _rows_placements(layout),
-                                     run_check=False, shape=torch.Size((layout.rows,)),
-                                     stride=(1,))
+        return _rows_dtensor(loss, layout), _rows_dtensor(lse, layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        if grad_loss is None or not any(ctx.needs_input_grad[:3]):
+    def backward(ctx, grad_loss, grad_lse):
+        if (grad_loss is None and grad_lse is None) or not any(ctx.needs_input_grad[:3]):
             return (None,) * 12
         h, w, b, target, class_weight, lse, q_total = ctx.saved_tensors
         layout, chunk = ctx.layout, ctx.chunk
         ignore_index, eps, z_loss, softcap, accum_dtype = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b is not None and ctx.needs_input_grad[2]
-        g_rows = grad_loss.redistribute(layout.mesh, _rows_placements(layout)).to_local()
         N, H = h.shape
         Vl = w.shape[0]
         acc = lse.dtype
+        g_rows = torch.zeros_like(lse) if grad_loss is None else _local_rows(grad_loss, layout,
+                                                                              acc)
+        g_lse = None if grad_lse is None else _local_rows(grad_lse, layout, acc)
         cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         grad_h = h.new_empty((N, H)) if need_h else None
         gw = WeightGrad(w, w.dtype if chunk >= N else resolve_accum(w.dtype, accum_dtype)) \
@@ -148,13 +148,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = _chunk_logits(h[s:e], w, b, buf[:(e - s) * Vl].view(e - s, Vl))
             x3 = logits.unsqueeze(-1)
             if q_total is not None:  # probability targets
-                vp.prob_grad_into(x3, x3, target[s:e, :, None], g_rows[s:e, None].to(acc), None,
-                                  lse[s:e], q_total[s:e], acc, eps, z_loss, layout.vocab,
-                                  cw_here, softcap, 1.0)
+                vp.prob_grad_into(x3, x3, target[s:e, :, None], g_rows[s:e],
+                                  None if g_lse is None else g_lse[s:e], lse[s:e], q_total[s:e],
+                                  acc, eps, z_loss, layout.vocab, cw_here, softcap, 1.0)
             else:
                 tg = vp._Target(target[s:e, None], ignore_index, layout.offset, Vl)
-                vp.index_grad(x3, tg, g_rows[s:e, None].to(acc), None, lse[s:e], cw, cw_here,
-                              eps, z_loss, layout.vocab, softcap, 1.0, inplace=True)
+                vp.index_grad(x3, tg, g_rows[s:e], None if g_lse is None else g_lse[s:e],
+                              lse[s:e], cw, cw_here, eps, z_loss, layout.vocab, softcap, 1.0,
+                              inplace=True)
             if need_h:
                 torch.mm(logits, w, out=grad_h[s:e])
             if need_w:
@@ -184,6 +185,18 @@ def _rows_placements(layout: _Layout) -> tuple:
     return layout.hidden_placements  # rows split as hidden's rows, replicated elsewhere
 
 
+def _rows_dtensor(rows: Tensor, layout: _Layout):
+    """(N_local, 1) per-row values as the (N,) DTensor of the loss's layout."""
+    return vp.DTensor.from_local(rows[:, 0], layout.mesh, _rows_placements(layout),
+                                 run_check=False, shape=torch.Size((layout.rows,)),
+                                 stride=(1,))
+
+
+def _local_rows(grad, layout: _Layout, acc) -> Tensor:
+    """An upstream gradient of per-row values as the local (N_local, 1) rows."""
+    return grad.redistribute(layout.mesh, _rows_placements(layout)).to_local().to(acc)[:, None]
+
+
 def _target_placements(layout: _Layout, target) -> tuple:
     """Class indices: as the rows. Probabilities (N, V): rows as hidden's, columns split as
     the head's vocabulary (Shard(1) splits V as the weight's Shard(0) does)."""
@@ -204,9 +217,9 @@ def _as_dtensor(local: Tensor, placements, meta, layout: _Layout):
 def loss_rows(hidden, weight, bias, target, class_weight, ignore_index: int,
               label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
               accum_dtype):
-    """Per-row loss (a DTensor shaped (N,)) of (N, H) hidden against a vocabulary-sharded
-    (V, H) weight, as linear_cross_entropy's reductions expect it. class_weight: (V,),
-    any layout (every rank takes the whole vector)."""
+    """Per-row loss and lse (DTensors shaped (N,)) of (N, H) hidden against a
+    vocabulary-sharded (V, H) weight, as linear_cross_entropy's reductions expect them.
+    class_weight: (V,), any layout (every rank takes the whole vector)."""
     layout = _Layout(hidden, weight)
     hidden = hidden.redistribute(layout.mesh, layout.hidden_placements)
     weight = weight.redistribute(layout.mesh, layout.weight_placements)
