@@ -178,9 +178,10 @@ def linear_cross_entropy(
     micro-batches; ``none`` returns the loss shaped like ``hidden`` without its last
     dimension.
 
-    Keyword-only: ``class_weight`` (per-class weights (V,) in hidden's dtype: the ``weight``
-    of ``F.cross_entropy``, renamed since ``weight`` is the LM head's here; ``z_loss``'s term
-    is not weighted, as in ``cross_entropy``). A ``class_weight`` that requires grad gets
+    Keyword-only: ``class_weight`` (per-class weights (V,) in hidden's dtype, any float
+    dtype with probability targets: the ``weight`` of ``F.cross_entropy``, renamed since
+    ``weight`` is the LM head's here; ``z_loss``'s term is not weighted, as in
+    ``cross_entropy``). A ``class_weight`` that requires grad gets
     its gradient as in ``cross_entropy``, through plain PyTorch, which materialises the
     N x V logits. Extras: ``z_loss`` (adds ``z_loss * lse**2`` per counted row), ``softcap``
     (logits become ``softcap * tanh(logits / softcap)``), ``chunk_size`` (rows per chunk;
