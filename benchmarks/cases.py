@@ -3,7 +3,7 @@
 Shapes are (N, V) rows x classes, except the linear cross-entropy ops: (N, H, V) tokens x
 hidden x vocabulary. linear_ce_soft_fwd_bwd is the same loss with probability targets (a
 teacher's distribution: knowledge distillation). The quick sweep is sized to finish in
-about a minute on a 2-core CPU and holds (4096, 32000) for cross-entropy because the
+a few minutes on a 2-core CPU and holds (4096, 32000) for cross-entropy because the
 project's CPU targets are stated on it.
 """
 

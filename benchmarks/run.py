@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: cuda when available, else cpu")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick",
-                      help="default: about a minute on a 2-core CPU")
+                      help="default: a few minutes on a 2-core CPU")
     size.add_argument("--full", dest="size", action="store_const", const="full",
                       help="LM vocabularies 32000..262144 at several row counts")
     size.add_argument("--targets", dest="size", action="store_const", const="targets",
