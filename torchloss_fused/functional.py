@@ -127,6 +127,32 @@ def _check_index_weight_dtype(weight: Tensor, dtype: torch.dtype, autocast: bool
         )
 
 
+def _loss_dtype(input_dtype: torch.dtype, target: Tensor, weight: Tensor | None) -> torch.dtype:
+    """F.cross_entropy's result dtype (before autocast): the input's for class indices,
+    promoted over a probability target and the class weights otherwise."""
+    if not target.is_floating_point():
+        return input_dtype
+    dtype = torch.promote_types(input_dtype, target.dtype)
+    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
+
+
+def _compute_dtype(input_dtype: torch.dtype, target: Tensor,
+                   weight: Tensor | None) -> torch.dtype:
+    """The dtype the kernels see the logits in: the input's, unless a float64 probability
+    target or weight makes F compute in float64 (rare)."""
+    if _loss_dtype(input_dtype, target, weight) == torch.float64:
+        return torch.float64
+    return input_dtype
+
+
+def _prob_target_for(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A probability target in a dtype the kernels read beside logits of `dtype`: theirs,
+    or float32 below float64."""
+    if t.dtype == dtype or (t.dtype == torch.float32 and dtype != torch.float64):
+        return t
+    return t.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
     """(N, C, d1..dK) -> (N, C, d1*...*dK) and the unreduced loss shape (N, d1..dK)."""
     if input.dim() == 1:
@@ -271,15 +297,10 @@ def cross_entropy(
         if not prob:
             _check_index_weight_dtype(weight, input.dtype, autocast)
 
-    dtype = input.dtype
+    dtype = _loss_dtype(input.dtype, target, weight)
     if prob:
-        dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
-            dtype = torch.promote_types(dtype, weight.dtype)
-        if dtype == torch.float64 and x3.dtype != torch.float64:
-            x3 = x3.double()  # rare: a float64 target or weight makes the loss float64
-        if t.dtype != x3.dtype and not (t.dtype == torch.float32 and x3.dtype != torch.float64):
-            t = t.to(torch.float64 if x3.dtype == torch.float64 else torch.float32)
+        x3 = x3.to(_compute_dtype(input.dtype, target, weight))
+        t = _prob_target_for(t, x3.dtype)
 
     if autocast and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32

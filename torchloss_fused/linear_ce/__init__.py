@@ -41,7 +41,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import reference
 from .._higher_order import transform_active
 from ..functional import (
     _FLOAT_DTYPES,
@@ -212,7 +211,7 @@ def linear_cross_entropy(
     out_dtype = targets.loss_dtype(hidden.dtype, target, class_weight)
     if autocast_dtype is not None and out_dtype != torch.float64:
         out_dtype = autocast_dtype
-    acc = reference.acc_dtype(targets.compute_dtype(hidden.dtype, target, class_weight))
+    acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     ce_args = (ignore_index, label_smoothing, z_loss, softcap)
     chunk = 0 if chunk_size is None else chunk_size
     ops = _ns()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _backend
 from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
@@ -32,7 +32,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     prob = targets.is_prob(target)
     # (float64 only where a float64 probability target or class weight asks for it)
     cdt = targets.compute_dtype(hidden.dtype, target, class_weight)
-    acc = reference.acc_dtype(cdt)
+    acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     ops = _backend.ops_for(hidden.device)
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(N, V, H, hidden.dtype,
                                                              hidden.device)
@@ -82,7 +82,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
         g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1)
         ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *ce_args, 1.0)
-        if x3.data_ptr() != logits.data_ptr():
+        if x3.dtype != logits.dtype:
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it
         if need_h:
             torch.mm(logits, weight, out=grad_h[s:e])

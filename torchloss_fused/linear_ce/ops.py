@@ -48,11 +48,6 @@ def _fwd_impl(hidden, weight, bias, target, class_weight, ignore_index, label_sm
     return loss, lse
 
 
-def _acc(hidden: Tensor, target: Tensor, class_weight: Tensor | None) -> torch.dtype:
-    """The dtype of the per-row loss and lse (float64 where the computation is)."""
-    return reference.acc_dtype(targets.compute_dtype(hidden.dtype, target, class_weight))
-
-
 def _row_scale(denom: Tensor | None, like: Tensor, acc: torch.dtype) -> Tensor:
     one = torch.ones((), dtype=acc, device=like.device)
     return one if denom is None else one / denom
@@ -61,7 +56,7 @@ def _row_scale(denom: Tensor | None, like: Tensor, acc: torch.dtype) -> Tensor:
 def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_index,
                    label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
                    grad_weight, grad_bias):
-    row_scale = _row_scale(denom, hidden, _acc(hidden, target, class_weight))
+    row_scale = _row_scale(denom, hidden, targets.acc_dtype(hidden.dtype, target, class_weight))
     loss_rows, lse, gh, gw, gb = _loop(
         hidden, weight, bias, target, class_weight,
         (ignore_index, label_smoothing, z_loss, softcap),
@@ -128,7 +123,7 @@ def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
 
 
 def _fake_fwd(hidden, weight, bias, target, class_weight, *args):
-    acc = _acc(hidden, target, class_weight)
+    acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     N = hidden.shape[0]
     return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc)
 
@@ -136,7 +131,7 @@ def _fake_fwd(hidden, weight, bias, target, class_weight, *args):
 def _fake_fwd_grad(hidden, weight, bias, target, class_weight, denom, ignore_index,
                    label_smoothing, z_loss, softcap, chunk_size, accum_dtype, grad_hidden,
                    grad_weight, grad_bias):
-    acc = _acc(hidden, target, class_weight)
+    acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     loss = hidden.new_empty((), dtype=acc)
     lse = hidden.new_empty((hidden.shape[0],), dtype=acc)
     return (loss, lse, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))

@@ -84,7 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, H = h.shape
         Vl = w.shape[0]
         prob = targets.is_prob(target)
-        acc = reference.acc_dtype(targets.compute_dtype(h.dtype, target, class_weight))
+        acc = targets.acc_dtype(h.dtype, target, class_weight)
         cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         chunk = chunk_size or auto_chunk_size(N, max(Vl, 1), H, h.dtype, h.device)
         chunk = max(1, min(chunk, N))
