@@ -230,12 +230,13 @@ def test_more_than_2_31_logits():
     torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("loss_name", ["cross_entropy", "focal", "sigmoid_focal"])
+@pytest.mark.parametrize("loss_name",
+                         ["cross_entropy", "soft_cross_entropy", "focal", "sigmoid_focal"])
 def test_cuda_graph_capture_forward_backward(loss_name):
     N, C = 256, 5003
 
     def step(x, t):
-        if loss_name == "cross_entropy":
+        if loss_name in ("cross_entropy", "soft_cross_entropy"):
             loss = tlf.cross_entropy(x, t, label_smoothing=0.1)
         elif loss_name == "focal":
             loss = tlf.focal_loss(x, t, gamma=2.0)
@@ -248,6 +249,8 @@ def test_cuda_graph_capture_forward_backward(loss_name):
         x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
         if loss_name == "sigmoid_focal":
             t = (torch.rand(N, C, device="cuda") < 0.2).to(torch.bfloat16)
+        elif loss_name == "soft_cross_entropy":  # (its mean's denominator is made on device)
+            t = torch.randn(N, C, device="cuda").softmax(dim=1)
         else:
             t = torch.randint(0, C, (N,), device="cuda")
             t[::9] = -100
@@ -277,6 +280,55 @@ def test_cuda_graph_capture_forward_backward(loss_name):
         loss_eager = step(xe, t)
         assert torch.equal(loss_static, loss_eager)
         assert torch.equal(x_static.grad, xe.grad)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_cuda_graph_capture_linear_cross_entropy(soft):
+    # The chunk loop (products, kernels, grad_weight accumulation) must neither synchronise
+    # with the host nor copy from it. chunk_size is given: the default depends on free
+    # memory, which the capture's private pool changes.
+    N, H, V = 512, 256, 5003
+    hidden = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, H, device="cuda") * H ** -0.5).to(torch.bfloat16).requires_grad_()
+
+    def make_target():
+        if soft:
+            return torch.randn(N, V, device="cuda").softmax(dim=1)
+        t = torch.randint(0, V, (N,), device="cuda")
+        t[::7] = -100
+        return t
+
+    t_static = make_target()
+
+    def step(h, w, t):
+        loss = tlf.linear_cross_entropy(h, w, t, chunk_size=192, z_loss=1e-4)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        for _ in range(2):
+            step(hidden, weight, t_static)
+            hidden.grad = weight.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_static = step(hidden, weight, t_static)
+    for _ in range(2):
+        h, w, t = torch.randn_like(hidden), torch.randn_like(weight) * H ** -0.5, make_target()
+        with torch.no_grad():
+            hidden.copy_(h)
+            weight.copy_(w)
+            t_static.copy_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        he, we = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss_eager = step(he, we, t)
+        # (Not bitwise: cuBLAS may pick other kernels on the capture stream.)
+        for replayed, eager in ((loss_static, loss_eager), (hidden.grad, he.grad),
+                                (weight.grad, we.grad)):
+            torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-3)
 
 
 def test_side_stream():

@@ -309,7 +309,9 @@ def cross_entropy(
     if reduction != "mean":
         denom = None
     elif prob:
-        denom = torch.tensor(float(x3.shape[0] * x3.shape[2]), dtype=acc, device=x3.device)
+        # (torch.full, not torch.tensor: no host-to-device copy, which CUDA graph capture
+        # forbids)
+        denom = torch.full((), float(x3.shape[0] * x3.shape[2]), dtype=acc, device=x3.device)
     else:
         denom = _index_denominator(t, weight, ignore_index, C, acc)
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
