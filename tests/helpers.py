@@ -22,6 +22,21 @@ def random_targets(shape, num_classes, device, ignore_index=-100, ignore_frac=0.
     return t.to(device=device, dtype=dtype)
 
 
+def draw_index_targets(draw, generator, shape, num_classes):
+    """For hypothesis strategies: class-index targets of `shape` with an ignore_index that
+    may also be a real class, none, some or all of them ignored. (target, ignore_index)."""
+    from hypothesis import strategies as st  # (only the differential tests need it)
+
+    ii = draw(st.sampled_from([-100, -1, 0, num_classes - 1]))
+    t = torch.randint(0, num_classes, shape, generator=generator)
+    which = draw(st.sampled_from(["none", "some", "all"]))
+    if which == "all":
+        t.fill_(ii)
+    elif which == "some" and t.numel():
+        t.view(-1)[: max(1, t.numel() // 3)] = ii
+    return t, ii
+
+
 def oracle_cross_entropy(x, target, weight=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                          dtype=torch.float64):

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 
 import torchloss_fused as tlf
 
+from .helpers import draw_index_targets
+
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}
 
 
@@ -50,14 +52,8 @@ def calls(draw):
                           0 if no_batch else 1)
         ignored = torch.zeros(tshape, dtype=torch.bool)
     else:
-        ii = draw(st.sampled_from([-100, -1, 0, C - 1]))
-        t = torch.randint(0, C, tshape, generator=g)
-        which = draw(st.sampled_from(["none", "some", "all"]))
-        if which == "all":
-            t.fill_(ii)
-        elif which == "some" and t.numel():
-            t.view(-1)[: max(1, t.numel() // 3)] = ii
-        kw["ignore_index"] = ii
+        t, kw["ignore_index"] = draw_index_targets(draw, g, tshape, C)
+        ii = kw["ignore_index"]
         ignored = t == ii
     if draw(st.booleans()):
         kw["weight"] = torch.rand(C, generator=g, dtype=torch.float64) + 0.1

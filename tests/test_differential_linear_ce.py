@@ -1,0 +1,156 @@
+"""tlf.linear_cross_entropy against F.linear + F.cross_entropy in float64 over random calls:
+hypothesis draws the batch shape (none, empty, one or two dims), H and V, the dtype, the
+bias, class-index targets (ignore_index also a real class; some or all ignored) or class
+probabilities (in hidden's dtype, float32 or float64), class weights, label_smoothing,
+z_loss, softcap, the reduction, the chunk size, return_lse, which of hidden, weight and
+bias want gradients, and the upstream gradients of the loss and the lse. Each call must
+give F's values, dtype and gradients (bf16/fp16: within twice eager PyTorch's own error in
+that dtype, as tests/helpers.assert_matches allows).
+
+z_loss and softcap are not F options: the oracle adds ``z_loss * lse**2`` per counted row
+(reduced with the loss's denominator) and caps the logits with ``softcap * tanh(s /
+softcap)``, as README documents them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchloss_fused as tlf
+
+from .helpers import assert_matches, draw_index_targets
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@st.composite
+def calls(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype = draw(st.sampled_from(DTYPES))
+    batch = draw(st.sampled_from([(), (0,), (1,), (5,), (33,), (2, 3), (3, 0)]))
+    H = draw(st.sampled_from([1, 8, 33]))
+    V = draw(st.sampled_from([1, 2, 7, 100, 513]))
+    scale = draw(st.sampled_from([0.3, 1.0, 4.0]))
+    hidden = torch.randn(*batch, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (scale / math.sqrt(H))
+    bias = torch.randn(V, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    kw = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
+          "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0]))}
+    ignored = torch.zeros(batch, dtype=torch.bool)
+    cw_dtype = dtype
+    if draw(st.integers(0, 3)) == 0:  # probability targets, in one of the dtypes F promotes
+        t_dtype = draw(st.sampled_from([dtype, torch.float32, torch.float64]))
+        target = torch.softmax(torch.randn(*batch, V, generator=g, dtype=torch.float64) * 2,
+                               -1).to(t_dtype)
+        cw_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    else:
+        target, kw["ignore_index"] = draw_index_targets(draw, g, batch, V)
+        ignored = target == kw["ignore_index"]
+    if draw(st.booleans()):
+        kw["class_weight"] = (torch.rand(V, generator=g, dtype=torch.float64) + 0.1).to(cw_dtype)
+    kw["z_loss"] = draw(st.sampled_from([0.0, 0.0, 1e-2]))
+    kw["softcap"] = draw(st.sampled_from([None, None, 2.0, 30.0]))
+    kw["chunk_size"] = draw(st.sampled_from([None, 1, 3, 16]))
+    kw["return_lse"] = draw(st.booleans())
+    grads = (True, draw(st.booleans()), bias is not None and draw(st.booleans()))
+    upstream = draw(st.sampled_from([1.0, 0.5, -2.0, 0.0]))
+    upstream_lse = draw(st.sampled_from([None, 0.3, -1.0])) if kw["return_lse"] else None
+    return (hidden, weight, bias, target, ignored, kw, dtype, grads, upstream, upstream_lse)
+
+
+def _composed(hidden, weight, bias, target, kw):
+    """F.linear + F.cross_entropy with z_loss and softcap spelled out, in the inputs'
+    dtypes (float64 for the oracle, the call's dtype for eager PyTorch's error budget):
+    (loss, lse) as linear_cross_entropy(..., return_lse=True) returns them."""
+    V = weight.shape[0]
+    logits = F.linear(hidden, weight, bias).reshape(-1, V)
+    if kw["softcap"] is not None:
+        logits = kw["softcap"] * torch.tanh(logits / kw["softcap"])
+    prob = target.is_floating_point()
+    t = target.reshape(-1, V) if prob else target.reshape(-1)
+    cw = kw.get("class_weight")
+    ii = kw.get("ignore_index", -100)
+    rows = F.cross_entropy(logits, t, weight=cw, ignore_index=ii, reduction="none",
+                           label_smoothing=kw["label_smoothing"])
+    lse = torch.logsumexp(logits.to(rows.dtype), dim=-1)
+    valid = torch.ones_like(lse, dtype=torch.bool) if prob else t != ii
+    rows = rows + torch.where(valid, kw["z_loss"] * lse * lse, 0).to(rows.dtype)
+    # The mean's denominator as F's: counted rows, their classes' weights, or all rows.
+    if prob:
+        denom = torch.tensor(float(rows.numel()), dtype=rows.dtype)
+    elif cw is None:
+        denom = valid.sum().to(rows.dtype)
+    else:
+        denom = torch.where(valid, cw[t.clamp(0, V - 1)], 0).sum().to(rows.dtype)
+    batch = hidden.shape[:-1]
+    if kw["reduction"] == "none":
+        loss = rows.reshape(batch)
+    else:
+        loss = rows.sum() if kw["reduction"] == "sum" else rows.sum() / denom
+    return loss, lse.reshape(batch)
+
+
+# (the backend fixture only picks the implementation: the same for every example)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls())
+def test_matches_f_linear_cross_entropy(device, backend, call):
+    hidden, weight, bias, target, ignored, kw, dtype, grads, upstream, upstream_lse = call
+    cast = {"hidden": hidden.to(dtype), "weight": weight.to(dtype),
+            "bias": None if bias is None else bias.to(dtype)}
+    names = [n for n, wants in zip(cast, grads) if wants]
+
+    def leaves(dt, dev):
+        return {n: None if v is None else v.to(dt).to(dev).requires_grad_(n in names)
+                for n, v in cast.items()}
+
+    def on(dev, dt=None):
+        out = dict(kw)
+        if "class_weight" in kw:
+            cw = kw["class_weight"]
+            out["class_weight"] = cw.to(dev, dt or cw.dtype)
+        return out
+
+    ours_in = leaves(dtype, device)
+    t = target.to(device)
+    loss, lse = tlf.linear_cross_entropy(ours_in["hidden"], ours_in["weight"], t,
+                                         bias=ours_in["bias"], **{**on(device),
+                                                                  "return_lse": True})
+    oracle_in = leaves(torch.float64, "cpu")
+    ref_t = target.to(torch.float64) if target.is_floating_point() else target
+    ref, ref_lse = _composed(oracle_in["hidden"], oracle_in["weight"], oracle_in["bias"],
+                             ref_t, on("cpu", torch.float64))
+    eager_in = leaves(dtype, "cpu")
+    eager, eager_lse = _composed(eager_in["hidden"], eager_in["weight"], eager_in["bias"],
+                                 target, on("cpu"))
+    # F's result dtype (promoted over a probability target and the class weights).
+    assert loss.dtype == eager.dtype and loss.shape == eager.shape, (loss.dtype, eager.dtype)
+    assert lse.shape == ref_lse.shape
+    assert_matches(loss.detach().cpu(), ref.detach(), eager.detach(), dtype, what="loss")
+    assert_matches(lse.detach().cpu(), ref_lse.detach(), eager_lse.detach(), dtype,
+                   what="lse")
+    if not names or ref.numel() == 0:
+        return
+
+    def backprop(out, out_lse, inputs, dev):
+        total = (out.double() * upstream).sum()
+        if upstream_lse is not None:
+            total = total + (out_lse.double() * upstream_lse).sum()
+        got = torch.autograd.grad(total, [inputs[n] for n in names])
+        return {n: g.cpu() for n, g in zip(names, got)}
+
+    if not kw["return_lse"]:  # the loss alone, through the call that returns no lse
+        loss = tlf.linear_cross_entropy(ours_in["hidden"], ours_in["weight"], t,
+                                        bias=ours_in["bias"], **on(device))
+    got = backprop(loss, lse, ours_in, device)
+    expect = backprop(ref, ref_lse, oracle_in, "cpu")
+    budget = backprop(eager, eager_lse, eager_in, "cpu")
+    for n in names:
+        assert_matches(got[n], expect[n], budget[n], dtype, what=f"grad of {n}")
+    if "hidden" in got and ignored.any() and upstream_lse is None:
+        # Ignored tokens get exactly zero gradient.
+        assert torch.equal(got["hidden"][ignored], torch.zeros_like(got["hidden"][ignored]))
