@@ -528,6 +528,32 @@ def test_auto_chunk_keeps_the_buffer_small_cpu():
     assert chunking.auto_chunk_size(0, 100, 8, torch.float32, torch.device("cpu")) == 1
 
 
+def test_auto_chunk_cuda_policy_without_a_gpu(monkeypatch):
+    # The CUDA policy's arithmetic, with the device queries faked: rows from H, capped by
+    # the memory budget; while a CUDA graph is captured, no free-memory query at all.
+    GiB = 1 << 30
+    free = {"bytes": 40 * GiB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free["bytes"], 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: type("Props", (), {"total_memory": 80 * GiB})())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda = torch.device("cuda")
+    N, H, V = 16384, 4096, 128256
+    assert chunking.auto_chunk_size(N, V, H, torch.bfloat16, cuda) == 2048
+    free["bytes"] = 1 * GiB  # tight memory: the buffer stays under 1/8 of what is free
+    rows = chunking.auto_chunk_size(N, V, H, torch.bfloat16, cuda)
+    assert rows * V * 2 <= GiB // chunking.GPU_FREE_FRACTION and rows >= 1
+
+    def refuse(_):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert chunking.auto_chunk_size(N, V, H, torch.bfloat16, cuda) == 2048
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_logits_sized_allocation_cuda():
     N, H, V = 4096, 64, 32000

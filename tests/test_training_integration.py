@@ -122,3 +122,10 @@ def test_torch_export_round_trip(device, backend, name):
     h2, target2 = torch.randn(N, H, device=device), _target(name, device)
     torch.testing.assert_close(loaded(h, target), expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loaded(h2, target2), model(h2, target2), rtol=1e-6, atol=1e-6)
+    # The exported program trains too: its ops keep their autograd formulas.
+    params = list(model.parameters())
+    grads = torch.autograd.grad(model(h2, target2), params)
+    loaded_params = [dict(loaded.named_parameters())[n] for n, _ in model.named_parameters()]
+    loaded_grads = torch.autograd.grad(loaded(h2, target2), loaded_params)
+    for a, b in zip(loaded_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -32,6 +32,10 @@ def _round_rows(rows: int) -> int:
 
 
 def _free_cuda_bytes(device: torch.device) -> int:
+    if torch.cuda.is_current_stream_capturing():
+        # No driver query while a CUDA graph is captured (global capture mode may refuse
+        # it), and what is free now says little about replays: the device's size instead.
+        return torch.cuda.get_device_properties(device).total_memory
     free, _ = torch.cuda.mem_get_info(device)  # a driver query, no stream synchronisation
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free + max(0, cached)
