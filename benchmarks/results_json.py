@@ -23,7 +23,8 @@ Top level (all keys required):
                    timing (CPU; 0 bytes elsewhere)}
   load_average    {start, end: [1-min, 5-min, 15-min] | null}: host load around the run
   rows            list of rows:
-    op, op_label, impl, impl_kind ("ours"|"eager"|"compile"|"peer"), dtype: str
+    op, op_label, impl, dtype: str
+    impl_kind: "ours"|"ours_compiled"|"eager"|"compile"|"peer"|"bound"
     shape: list[int]; logits_bytes, bytes_moved, input_sets: int
     status: "ok"|"FAILED"|"ERROR"|"SKIPPED"; message: str (why, when not ok)
     median_ms, iqr_ms: float|null; runs: int|null

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bytes_model, correctness, memory, oracle, problems, timing
-from .baselines import COMPILE, EAGER, Impl, eager_fn
+from .baselines import COMPILE, EAGER, OURS_COMPILED, Impl, eager_fn
 from .cases import LINEAR_OPS, OP_LABELS, Case
 from .rows import ERROR, FAILED, OK, SKIPPED, Row
 
@@ -181,7 +181,7 @@ def run_case(case: Case, impls: list[Impl], ctx: Context,
             on_row(row)
         return rows
 
-    if any(impl.kind == COMPILE for impl in impls):
+    if any(impl.kind in (COMPILE, OURS_COMPILED) for impl in impls):
         torch._dynamo.reset()  # one compile per shape; no recompile limits across cases
 
     def build_sets():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import bytes_model, memory, report, results_json, run, runner, timing
-from benchmarks.baselines import EAGER, OURS, Impl, impls_for
+from benchmarks.baselines import COMPILE, EAGER, OURS, OURS_COMPILED, Impl, impls_for
 from benchmarks.cases import OPS, Case, sweep
 from benchmarks.rows import FAILED, OK, SKIPPED, Row
 
@@ -171,6 +171,20 @@ def test_pytorch_baselines_pass_the_check():
             impls = [i for i in impls_for(op, CPU, compile_baseline=False) if i.kind == EAGER]
             rows = runner.run_case(Case(op, dtype, shape), impls, _context())
             assert [r.status for r in rows] == [OK], [(r.impl, r.message) for r in rows]
+
+
+def test_compiled_ours_row_where_compile_changes_our_path():
+    # Under torch.compile the training losses trace their split forward/backward ops, so
+    # a row shows that cost; forward-only and linear CE run the same op compiled or not.
+    for op in OPS:
+        kinds = [i.kind for i in impls_for(op, CPU)]
+        wanted = op in ("ce_fwd_bwd", "focal_fwd_bwd", "sigmoid_focal_fwd_bwd")
+        assert kinds.count(OURS_COMPILED) == int(wanted), (op, kinds)
+        assert COMPILE in kinds
+        assert OURS_COMPILED not in [i.kind for i in impls_for(op, CPU, compile_baseline=False)]
+    impl = next(i for i in impls_for("focal_fwd_bwd", CPU) if i.kind == OURS_COMPILED)
+    assert impl.name == "torch.compile(torchloss_fused)" and not impl.mutates_inputs
+    assert hasattr(impl.build(), "_torchdynamo_orig_callable")  # (built, not yet compiled)
 
 
 @pytest.mark.parametrize("op", ["linear_ce_fwd_bwd", "linear_ce_soft_fwd_bwd"])
