@@ -53,7 +53,8 @@ def test_compile_graph_holds_the_ops(device, backend):
     calls = [str(n.target) for n in counter.graphs[0].graph.nodes if n.op == "call_function"]
     namespace = "torchloss_fused_ref" if backend == "reference" else "torchloss_fused"
     ours = sorted(c.split(".")[1] for c in calls if c.startswith(namespace + "."))
-    assert ours == ["ce_fwd", "ce_fwd", "focal_fwd", "sigmoid_focal_sum"], calls
+    # (the sigmoid focal loss keeps its fused op: see functional._fused_path)
+    assert ours == ["ce_fwd", "ce_fwd", "focal_fwd", "sigmoid_focal_sum_grad"], calls
     assert not any("logsumexp" in c or "log_softmax" in c for c in calls), calls
 
 
@@ -102,3 +103,28 @@ def test_loss_outside_the_compiled_region_keeps_the_fused_path(device, backend):
     (want_grad,) = torch.autograd.grad(want, h64)
     torch.testing.assert_close(loss.double(), want)
     torch.testing.assert_close(grad.double(), want_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_sigmoid_focal_keeps_the_fused_op(device, backend, reduction, dtype):
+    # Traced, the reduced sigmoid focal loss makes its gradient in the forward pass as in
+    # eager mode, and the backward scales it out of place: bitwise eager's gradient for
+    # loss.backward(), and the scaled one for another upstream gradient.
+    torch._dynamo.reset()
+
+    def f(x, t):
+        return tlf.sigmoid_focal_loss(x, t, alpha=0.3, gamma=1.5, reduction=reduction)
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = (torch.randn(33, 70, device=device) * 3).to(dtype).requires_grad_()
+    t = (torch.rand(33, 70, device=device) < 0.2).to(dtype)
+    for upstream in (1.0, 2.5):
+        (g_compiled,) = torch.autograd.grad(compiled(x, t) * upstream, x)
+        (g_eager,) = torch.autograd.grad(f(x, t) * upstream, x)
+        if upstream == 1.0:
+            assert torch.equal(g_compiled, g_eager)
+        else:
+            torch.testing.assert_close(g_compiled, g_eager, rtol=1e-6 if dtype == torch.float32
+                                       else 1e-2, atol=0)
+    assert torch.equal(compiled(x, t), f(x, t))
