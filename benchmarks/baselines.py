@@ -21,9 +21,10 @@ from . import eager_losses
 from .cases import LINEAR_OPS
 
 OURS, EAGER, COMPILE, PEER = "ours", "eager", "compile", "peer"
-# Ours inside a compiled function, as in a model compiled with its loss: the split
-# forward/backward ops are traced there (README, "How it works"), so this row shows what
-# that costs against the eager fused path.
+# Ours inside a compiled function, as in a model compiled with its loss: the softmax
+# losses trace their split forward/backward ops there, the sigmoid focal loss scales its
+# fused gradient out of place (README, "How it works"); this row shows what that costs
+# against the eager path.
 OURS_COMPILED = "ours_compiled"
 # The ops whose compiled form differs from the eager one (the others run the same op).
 _COMPILED_OURS_OPS = ("ce_fwd_bwd", "focal_fwd_bwd", "sigmoid_focal_fwd_bwd")
