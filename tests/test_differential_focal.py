@@ -7,8 +7,6 @@ zero included)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -140,7 +138,5 @@ def test_sigmoid_focal_loss_matches_torchvision_formula(device, backend, call):
     ref = _torchvision_formula(ref_in, td.double(), **kw)
     eager_in = xd.clone().requires_grad_()
     eager = _torchvision_formula(eager_in, td, **kw)
-    if math.isnan(float(ref.sum())) and ref.numel() == 0:
-        return
     _check(ours, ref, eager, dtype, upstream, (ours_in, ref_in, eager_in),
            "sigmoid_focal_loss")
