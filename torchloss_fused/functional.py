@@ -153,6 +153,15 @@ def _prob_target_for(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def _count_denominator(count: int, like: Tensor, acc: torch.dtype) -> Tensor:
+    """A mean's denominator known on the host (a row count), made on `like`'s device: no
+    host-to-device copy, which CUDA graph capture forbids. Replicated where `like` is a
+    DTensor."""
+    local = like.to_local() if vocab_parallel.is_dtensor(like) else like
+    denom = torch.full((), float(count), dtype=acc, device=local.device)
+    return vocab_parallel.replicated_like(denom, like)
+
+
 def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
     """(N, C, d1..dK) -> (N, C, d1*...*dK) and the unreduced loss shape (N, d1..dK)."""
     if input.dim() == 1:
@@ -314,9 +323,7 @@ def cross_entropy(
     if reduction != "mean":
         denom = None
     elif prob:
-        # (torch.full, not torch.tensor: no host-to-device copy, which CUDA graph capture
-        # forbids)
-        denom = torch.full((), float(x3.shape[0] * x3.shape[2]), dtype=acc, device=x3.device)
+        denom = _count_denominator(x3.shape[0] * x3.shape[2], x3, acc)
     else:
         denom = _index_denominator(t, weight, ignore_index, C, acc)
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)

@@ -22,7 +22,7 @@ storage, which it is converted into in place at the end, so the accumulator and 
 gradient together cost V x H x 4 bytes, not 6. No tensor of N x V elements is allocated.
 
 Targets: class indices (N,) or class probabilities (N, V); targets.py holds the rules of
-the latter (dtype promotion, the mean's denominator) and the loop reads them a chunk of
+the latter (dtype promotion, shape checks) and the loop reads them a chunk of
 rows at a time.
 
 DTensor inputs: tokens split over ranks with the head replicated run these ops on local
@@ -51,6 +51,7 @@ from ..functional import (
     _check_number,
     _check_reduction,
     _check_tensor,
+    _count_denominator,
     _index_denominator,
     _wants_grad,
 )
@@ -217,7 +218,7 @@ def linear_cross_entropy(
     ops = _ns()
     denom = None
     if reduction == "mean" and prob:
-        denom = targets.mean_denominator(h2, acc)
+        denom = _count_denominator(h2.shape[0], h2, acc)  # (F: the number of rows)
     elif reduction == "mean":
         denom = _index_denominator(t1, class_weight, ignore_index, V, acc)
 

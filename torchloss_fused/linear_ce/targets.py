@@ -16,13 +16,11 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .. import vocab_parallel as vp
 from ..functional import _compute_dtype as compute_dtype
 from ..functional import _loss_dtype as loss_dtype
 from ..functional import _prob_target_for as chunk  # (applied to one chunk of rows)
 
-__all__ = ["acc_dtype", "check", "chunk", "compute_dtype", "is_prob", "loss_dtype",
-           "mean_denominator"]
+__all__ = ["acc_dtype", "check", "chunk", "compute_dtype", "is_prob", "loss_dtype"]
 
 
 def is_prob(target: Tensor) -> bool:
@@ -34,15 +32,6 @@ def acc_dtype(hidden_dtype: torch.dtype, target: Tensor,
     """The dtype of the per-row loss and lse: float32, or float64 where the computation
     is."""
     return reference.acc_dtype(compute_dtype(hidden_dtype, target, class_weight))
-
-
-def mean_denominator(rows: Tensor, acc: torch.dtype) -> Tensor:
-    """F.cross_entropy's mean over probability targets divides by the number of rows,
-    class weights or not. Made on the device from the shape (a DTensor's global one):
-    nothing is copied from the host."""
-    local = rows.to_local() if vp.is_dtensor(rows) else rows
-    denom = torch.full((), float(rows.shape[0]), dtype=acc, device=local.device)
-    return vp.replicated_like(denom, rows)
 
 
 def check(target: Tensor, hidden: Tensor, V: int, ignore_index: int) -> None:
