@@ -44,8 +44,9 @@ def oracle_cross_entropy(x, target, weight=None, ignore_index=-100, reduction="m
     `dtype` (float64: the oracle; the input's dtype: eager PyTorch's own answer).
     Returns (loss, lse) with lse shaped like the unreduced loss."""
     x = x.to(dtype)
-    if weight is not None:
-        weight = weight.to(dtype)
+    if weight is not None:  # (probability targets promote them, as F.cross_entropy does)
+        weight = weight.to(torch.promote_types(dtype, weight.dtype)
+                           if target.is_floating_point() else dtype)
     s = x * logit_scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)

@@ -7,9 +7,8 @@ bias want gradients, and the upstream gradients of the loss and the lse. Each ca
 give F's values, dtype and gradients (bf16/fp16: within twice eager PyTorch's own error in
 that dtype, as tests/helpers.assert_matches allows).
 
-z_loss and softcap are not F options: the oracle adds ``z_loss * lse**2`` per counted row
-(reduced with the loss's denominator) and caps the logits with ``softcap * tanh(s /
-softcap)``, as README documents them."""
+z_loss and softcap are not F options: helpers.oracle_cross_entropy spells them out as
+README documents them."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 import torchloss_fused as tlf
 
-from .helpers import assert_matches, draw_index_targets
+from .helpers import assert_matches, draw_index_targets, oracle_cross_entropy
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -63,35 +62,19 @@ def calls(draw):
 
 
 def _composed(hidden, weight, bias, target, kw):
-    """F.linear + F.cross_entropy with z_loss and softcap spelled out, in the inputs'
-    dtypes (float64 for the oracle, the call's dtype for eager PyTorch's error budget):
-    (loss, lse) as linear_cross_entropy(..., return_lse=True) returns them."""
+    """F.linear, then helpers.oracle_cross_entropy (F.cross_entropy with z_loss and softcap
+    spelled out) in the logits' dtype (float64 for the oracle, the call's dtype for eager
+    PyTorch's error budget): (loss, lse) as linear_cross_entropy(..., return_lse=True)
+    returns them."""
     V = weight.shape[0]
     logits = F.linear(hidden, weight, bias).reshape(-1, V)
-    if kw["softcap"] is not None:
-        logits = kw["softcap"] * torch.tanh(logits / kw["softcap"])
-    prob = target.is_floating_point()
-    t = target.reshape(-1, V) if prob else target.reshape(-1)
-    cw = kw.get("class_weight")
-    ii = kw.get("ignore_index", -100)
-    rows = F.cross_entropy(logits, t, weight=cw, ignore_index=ii, reduction="none",
-                           label_smoothing=kw["label_smoothing"])
-    lse = torch.logsumexp(logits.to(rows.dtype), dim=-1)
-    valid = torch.ones_like(lse, dtype=torch.bool) if prob else t != ii
-    rows = rows + torch.where(valid, kw["z_loss"] * lse * lse, 0).to(rows.dtype)
-    # The mean's denominator as F's: counted rows, their classes' weights, or all rows.
-    if prob:
-        denom = torch.tensor(float(rows.numel()), dtype=rows.dtype)
-    elif cw is None:
-        denom = valid.sum().to(rows.dtype)
-    else:
-        denom = torch.where(valid, cw[t.clamp(0, V - 1)], 0).sum().to(rows.dtype)
+    t = target.reshape(-1, V) if target.is_floating_point() else target.reshape(-1)
+    loss, lse = oracle_cross_entropy(
+        logits, t, weight=kw.get("class_weight"), ignore_index=kw.get("ignore_index", -100),
+        reduction=kw["reduction"], label_smoothing=kw["label_smoothing"], z_loss=kw["z_loss"],
+        softcap=kw["softcap"], dtype=logits.dtype)
     batch = hidden.shape[:-1]
-    if kw["reduction"] == "none":
-        loss = rows.reshape(batch)
-    else:
-        loss = rows.sum() if kw["reduction"] == "sum" else rows.sum() / denom
-    return loss, lse.reshape(batch)
+    return (loss.reshape(batch) if kw["reduction"] == "none" else loss), lse.reshape(batch)
 
 
 # (the backend fixture only picks the implementation: the same for every example)

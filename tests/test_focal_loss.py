@@ -29,7 +29,9 @@ def focal_oracle(x, target, gamma, alpha=None, ignore_index=-100, reduction="mea
     else:
         log_pt = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
     pt = log_pt.exp()
-    loss = -((1 - pt) ** gamma) * log_pt
+    # Clamped where p_t rounds to 1 (one class, say), so float64 autograd gives the
+    # gradient 0 there, not 0 * inf = NaN. (1e-300 rounds to 0 below float64: no change.)
+    loss = -((1 - pt).clamp_min(1e-300) ** gamma) * log_pt
     if isinstance(alpha, torch.Tensor):
         loss = loss * alpha.to(dtype)[safe]
     elif alpha is not None:

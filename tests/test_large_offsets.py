@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import torchloss_fused as tlf
 
-from .helpers import assert_matches
+from .helpers import assert_matches, oracle_cross_entropy
+from .test_focal_loss import focal_oracle
 
 FAR = 2**30 + 7  # rows this many elements apart: the third row starts past 2^31
 
@@ -30,12 +31,11 @@ def _far(shape, strides, values, device):
 
 
 def _cpu_ce(x, t, dtype, **kw):
-    """(loss, grad) of F.cross_entropy on CPU in `dtype` (float64: the oracle; the logits'
-    dtype: eager PyTorch's error budget), reduction none, unit upstream gradient."""
+    """(loss, grad) of helpers.oracle_cross_entropy on CPU in `dtype` (float64: the oracle;
+    the logits' dtype: eager PyTorch's error budget), reduction none, unit upstream."""
     xr = x.detach().cpu().to(dtype).requires_grad_()
-    kw = {k: v.cpu().to(dtype) if torch.is_tensor(v) else v for k, v in kw.items()}
-    t = t.cpu().to(dtype) if t.is_floating_point() else t.cpu()
-    loss = F.cross_entropy(xr, t, reduction="none", **kw)
+    kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    loss, _ = oracle_cross_entropy(xr, t.cpu(), reduction="none", dtype=dtype, **kw)
     loss.sum().backward()
     return loss.detach(), xr.grad
 
@@ -113,13 +113,9 @@ def test_classes_strided_past_2_31(device, backend):
     xg = x.detach().requires_grad_()
     loss = tlf.cross_entropy(xg, t, reduction="none", z_loss=1e-3)
     (grad,) = torch.autograd.grad(loss.sum(), xg)
-    xr = values.float().double().requires_grad_()
-    lse = torch.logsumexp(xr, 1)
-    ref = F.cross_entropy(xr, t.cpu(), reduction="none") + 1e-3 * lse * lse
-    ref.sum().backward()
-    torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=1e-5,
-                               atol=1e-6)
-    torch.testing.assert_close(grad.cpu().double(), xr.grad, rtol=1e-5, atol=1e-7)
+    ref, ref_grad = _oracle(values.float(), t, z_loss=1e-3)
+    torch.testing.assert_close(loss.detach().cpu().double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_focal_loss_rows_past_2_31(device, backend, logits):
@@ -129,8 +125,7 @@ def test_focal_loss_rows_past_2_31(device, backend, logits):
     loss = tlf.focal_loss(xg, t, gamma=2.0, reduction="none")
     loss.sum().backward()
     xr = x.detach().cpu().double().requires_grad_()
-    logp = torch.log_softmax(xr, 1).gather(1, t.cpu().unsqueeze(1)).squeeze(1)
-    ref = -((1 - logp.exp()) ** 2) * logp
+    ref = focal_oracle(xr, t.cpu(), 2.0, reduction="none")
     ref.sum().backward()
     torch.testing.assert_close(loss.detach().cpu().double(), ref.detach(), rtol=1e-5,
                                atol=1e-6)
