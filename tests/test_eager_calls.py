@@ -3,11 +3,13 @@ wrapper, and must give exactly what the registered op and its formulas give."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 import torchloss_fused as tlf
-from torchloss_fused import _eager, _ops
+from torchloss_fused import _eager, _ops, _reduction
 
 from .test_ops import NAMESPACES, _ce_samples, _focal_samples
 
@@ -71,6 +73,58 @@ def test_eager_calls_without_grad_skip_autograd(device, namespace):
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         for a, b in zip(got, want):
             assert a.grad_fn is None and torch.equal(a, b), name
+
+
+def _reduced_calls(device):
+    """(op name, reduction, args) for the fused ops with a reduced call: both reductions,
+    a loss dtype that needs a cast (bfloat16) and one that does not, grad_scale as
+    functional.py makes it for that reduction."""
+    samples = [("ce_fwd_grad", a) for a in _ce_samples(device, True)]
+    samples += [("focal_fwd_grad", a) for a in _focal_samples(device, True)]
+    for (name, args), reduction, dtype in itertools.product(
+            samples, ("mean", "sum"), (torch.float32, torch.bfloat16)):
+        B, _, D = args[0].shape
+        denom = torch.full((), 6.0, device=device) if reduction == "mean" else None
+        one = torch.ones((), device=device)
+        scale = (one / denom if reduction == "mean" else one).expand(B, D)
+        yield name, (reduction, denom, (B, D), dtype), args + (scale,)
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("upstream", [1.0, 2.5])
+def test_reduced_calls_equal_the_op_and_a_separate_reduction(device, namespace, upstream):
+    # One node for the op and the reduction: the same loss and, through its backward, the
+    # bitwise same gradient as autograd's own reduction nodes give (an upstream gradient
+    # of 1 is the case the forward computed the gradient for; 2.5 rescales every row). A
+    # second backward (retain_graph) repeats the first.
+    eager = _eager._NAMESPACES[namespace]
+    ops = getattr(torch.ops, namespace)
+    n = 0
+    for name, reduction, args in _reduced_calls(device):
+        x = args[0]
+        got = eager.reduced(name, reduction, *args)
+        assert type(got.grad_fn).__name__ == f"{name}_reduced_eagerBackward", name
+        want = _reduction.reduce(getattr(ops, name)(*args)[0], *reduction)
+        assert got.dtype == want.dtype == reduction[3] and torch.equal(got, want), name
+        g = torch.full((), upstream, dtype=got.dtype, device=device)
+        (grad,) = torch.autograd.grad(got, x, g, retain_graph=True)
+        (again,) = torch.autograd.grad(got, x, g)
+        (want_grad,) = torch.autograd.grad(want, x, g)
+        assert torch.equal(grad, want_grad) and torch.equal(again, want_grad), name
+        n += 1
+    assert n == (8 + 3) * 2 * 2
+
+
+def test_reduced_calls_fall_back_without_grad_and_for_none(device):
+    eager = _eager.ops_for(torch.device(device))
+    name, reduction, args = next(_reduced_calls(device))
+    with torch.no_grad():
+        assert eager.reduced(name, reduction, *args).grad_fn is None
+    B, _, D = args[0].shape
+    rows = eager.reduced(name, ("none", None, (B * D,), torch.float32), *args)
+    assert rows.shape == (B * D,) and type(rows.grad_fn).__name__ == "ViewBackward0"
+    # An in-place change of an unreduced loss stays allowed, as for F.cross_entropy's.
+    rows.mul_(2.0)
 
 
 class _Subclass(torch.Tensor):

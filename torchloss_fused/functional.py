@@ -11,9 +11,9 @@ import numbers
 
 import torch
 from torch import Tensor
-from torch.nn import _reduction
+from torch.nn import _reduction as _legacy_reduction
 
-from . import _eager, reference, vocab_parallel
+from . import _eager, _reduction, reference, vocab_parallel
 from ._higher_order import transform_active
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
@@ -50,14 +50,15 @@ def _check_logits(input, name: str = "input") -> None:
 
 
 def _check_device(input: Tensor, other: Tensor, name: str) -> None:
-    if vocab_parallel.is_dtensor(input) != vocab_parallel.is_dtensor(other):
+    dtensor = vocab_parallel.is_dtensor(input)
+    if dtensor != vocab_parallel.is_dtensor(other):
         kinds = ("a DTensor", "a plain tensor")
-        a, b = kinds if vocab_parallel.is_dtensor(input) else kinds[::-1]
+        a, b = kinds if dtensor else kinds[::-1]
         raise TypeError(
             f"input is {a} but {name} is {b}; make both DTensors on the same mesh "
             "(distribute_tensor, or DTensor.from_local with the placements they have)"
         )
-    if vocab_parallel.is_dtensor(input) and other.device_mesh != input.device_mesh:
+    if dtensor and other.device_mesh != input.device_mesh:
         raise ValueError(
             f"{name} is a DTensor on {other.device_mesh} but input is on "
             f"{input.device_mesh}; put both on the same device mesh"
@@ -71,9 +72,10 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
 
 def _check_number(value, name: str, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is not float:  # (the common case skips the slow ABC check)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and value > high
     finite = value == value and abs(value) != math.inf  # (math.isfinite breaks tracing)
@@ -213,25 +215,17 @@ def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: 
     return torch.where(valid, w_t, 0).sum()
 
 
-def _reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
-            dtype: torch.dtype) -> Tensor:
-    if reduction == "none":
-        return loss_rows.reshape(out_shape).to(dtype)
-    total = loss_rows.sum()
-    if reduction == "sum":
-        return total.to(dtype)
-    # (F's value, NaN or inf when no target counts; _rescale_grad_rows keeps the fused
-    # gradient's ignored rows exactly zero there)
-    return (total / denom).to(dtype)
-
-
-def _grad_scale(reduction: str, denom: Tensor, rows: Tensor) -> Tensor:
-    """The grad_loss backward will see per row when the caller backpropagates the loss
-    unscaled; computed exactly as autograd will compute it, so the common case matches
-    bitwise and backward skips its rescale pass."""
-    one = rows.new_ones(())  # (a DTensor when rows is one: no mixing with plain tensors)
+def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dtype) -> Tensor:
+    """The grad_loss backward will see per row of (B, C, D) logits when the caller
+    backpropagates the loss unscaled; computed exactly as autograd will compute it, so the
+    common case matches bitwise and backward skips its rescale pass."""
+    shape = (x3.shape[0], x3.shape[2])
+    if vocab_parallel.is_dtensor(x3):  # (a DTensor, laid out as the rows: no mixing)
+        one = x3.new_empty(shape, dtype=acc).new_ones(())
+    else:
+        one = x3.new_ones((), dtype=acc) if denom is None else denom.new_ones(())
     scale = one / denom if reduction == "mean" else one
-    return scale.expand(rows.shape)
+    return scale.expand(shape)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------
@@ -270,7 +264,7 @@ def cross_entropy(
       use it only when nothing else needs the logits afterwards.
     """
     if size_average is not None or reduce is not None:
-        reduction = _reduction.legacy_get_string(size_average, reduce)
+        reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
     _check_reduction(reduction)
     _check_logits(input)
     _check_tensor(target, "target")
@@ -336,13 +330,14 @@ def cross_entropy(
     else:
         ops = _eager.ops_for(x3.device)
         if _fused_path(x3, inplace_backward):
-            rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc)
-            scale = _grad_scale(reduction, denom, rows)
-            loss_rows, lse, _ = ops.ce_fwd_grad(x3, t, weight, *args, scale)
+            fused = (x3, t, weight, *args, _grad_scale(reduction, denom, x3, acc))
+            if reduction != "none" and not return_lse:
+                return ops.reduced("ce_fwd_grad", (reduction, denom, out_shape, dtype), *fused)
+            loss_rows, lse, _ = ops.ce_fwd_grad(*fused)
         else:
             loss_rows, lse = ops.ce_fwd(x3, t, weight, *args, inplace_backward)
 
-    loss = _reduce(loss_rows, reduction, denom, out_shape, dtype)
+    loss = _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype)
     if return_lse:
         return loss, lse.reshape(out_shape)
     return loss
@@ -392,6 +387,7 @@ def focal_loss(
 
     acc = reference.acc_dtype(x3.dtype)
     denom = (t != ignore_index).sum().to(acc) if reduction == "mean" else None
+    dtype = torch.float32 if _autocast_to_float32(input.dtype, input.device) else input.dtype
     args = (alpha_scale, gamma, ignore_index)
     if _wants_grad(alpha_vec) or transform_active(input, alpha_vec):
         loss_rows, _ = reference.focal_fwd(vocab_parallel.gather_classes(x3), t, alpha_vec,
@@ -401,13 +397,13 @@ def focal_loss(
     else:
         ops = _eager.ops_for(x3.device)
         if _fused_path(x3):
-            rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc)
-            scale = _grad_scale(reduction, denom, rows)
-            loss_rows, _, _ = ops.focal_fwd_grad(x3, t, alpha_vec, *args, scale)
+            fused = (x3, t, alpha_vec, *args, _grad_scale(reduction, denom, x3, acc))
+            if reduction != "none":
+                return ops.reduced("focal_fwd_grad", (reduction, denom, out_shape, dtype), *fused)
+            loss_rows, _, _ = ops.focal_fwd_grad(*fused)
         else:
             loss_rows, _ = ops.focal_fwd(x3, t, alpha_vec, *args)
-    dtype = torch.float32 if _autocast_to_float32(input.dtype, input.device) else input.dtype
-    return _reduce(loss_rows, reduction, denom, out_shape, dtype)
+    return _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype)
 
 
 # ---- sigmoid focal loss -------------------------------------------------------------------

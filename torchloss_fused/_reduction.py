@@ -1,0 +1,37 @@
+"""A loss's reduction of its per-row values, and the per-row gradient autograd gives it.
+
+The eager fused path (_eager.py's reduced calls) reduces inside its own autograd node. Its
+backward must hand the kernels' formulas exactly the per-row gradient that autograd's
+ToCopy, Div and Sum nodes would have made from the loss's gradient: the arithmetic below
+is theirs, step for step, so the result is bitwise the same, and the common case (an
+upstream gradient of 1) still matches the scale the forward computed the gradient for.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
+           dtype: torch.dtype) -> Tensor:
+    """The loss from its per-row values (in the accumulation dtype): "none", "sum", or
+    "mean" over `denom`; returned in `dtype`."""
+    if reduction == "none":
+        return loss_rows.reshape(out_shape).to(dtype)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total.to(dtype)
+    # (F's value, NaN or inf when no target counts; _rescale_grad_rows keeps the fused
+    # gradient's ignored rows exactly zero there)
+    return (total / denom).to(dtype)
+
+
+def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: torch.Size,
+              rows_dtype: torch.dtype) -> Tensor:
+    """The gradient of the per-row values given the gradient of
+    reduce(rows, reduction, denom, ...), a "sum" or "mean", as autograd computes it."""
+    grad = grad.to(rows_dtype)  # ToCopyBackward (no-op when the dtypes agree)
+    if reduction == "mean":
+        grad = grad / denom  # DivBackward0
+    return grad.expand(rows_shape)  # SumBackward0
