@@ -72,7 +72,8 @@ def header(doc: dict) -> str:
         (f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
          f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)"),
         *_prefault_line(mem),
-        (f"- timing: {doc['timing']['method']}, median; memory: {mem['method']} "
+        (f"- timing: {doc['timing']['method']}, median{_rounds(doc['timing'])}; memory: "
+         f"{mem['method']} "
          f"(saw {seen:.0f}% of a {probe['expected_bytes'] / 2**20:.0f} MiB allocation made "
          "inside a C++ op)"),
         ("- GB/s from benchmarks/bytes_model.py; extra/logits = peak extra memory / logits "
@@ -81,6 +82,11 @@ def header(doc: dict) -> str:
          f"most {EAGER_FACTOR:g}x eager PyTorch's own); a miss is FAILED, with no figures"),
     ]
     return "\n".join(lines)
+
+
+def _rounds(t: dict) -> str:
+    n = t.get("rounds", 1)  # (files before schema 3 timed each implementation at once)
+    return f" over {n} rounds, the implementations of a shape taking turns" if n > 1 else ""
 
 
 def _prefault_line(mem: dict) -> list[str]:

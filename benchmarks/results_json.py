@@ -2,7 +2,7 @@
 
 Top level (all keys required):
   schema          "torchloss_fused-benchmark"
-  schema_version  1 (int; bumped on any incompatible change)
+  schema_version  3 (int; bumped on any incompatible change)
   date            ISO 8601 UTC, e.g. "2026-11-21T12:00:00Z"
   command         the command line as run (str); argv: list[str]
   sweep           "tiny" | "quick" | "full" | "targets"
@@ -16,7 +16,8 @@ Top level (all keys required):
   ours            torchloss_fused.backend_info(device) ({device, implementation, detail,
                   reason}) or null when the package does not import
   copy_bandwidth  {tensor_bytes: int, bytes_moved: int, median_ms: float, gb_per_s: float}
-  timing          {method: str, min_run_time_s: float, min_runs: int, warmup: int}
+  timing          {method: str, min_run_time_s: float, min_runs: int, warmup: int,
+                   rounds: int (turns each implementation of a case took at being timed)}
   memory          {method: "peak-rss"|"profiler"|"cuda-allocator",
                    probe: {expected_bytes: int, seen_bytes: int},
                    prefault: {bytes: int, seconds: float}: fresh memory touched once before
@@ -41,7 +42,7 @@ import json
 from pathlib import Path
 
 SCHEMA = "torchloss_fused-benchmark"
-SCHEMA_VERSION = 2  # 2: memory.prefault
+SCHEMA_VERSION = 3  # 2: memory.prefault; 3: timing.rounds
 
 _STR, _INT, _FLOAT, _BOOL = (str,), (int,), (int, float), (bool,)
 _NONE = (type(None),)
@@ -61,7 +62,8 @@ NESTED = {
     "git": {"commit": _STR, "dirty": _BOOL + _NONE},
     "copy_bandwidth": {"tensor_bytes": _INT, "bytes_moved": _INT, "median_ms": _FLOAT,
                        "gb_per_s": _FLOAT},
-    "timing": {"method": _STR, "min_run_time_s": _FLOAT, "min_runs": _INT, "warmup": _INT},
+    "timing": {"method": _STR, "min_run_time_s": _FLOAT, "min_runs": _INT, "warmup": _INT,
+               "rounds": _INT},
     "memory": {"method": _STR, "probe": (dict,), "prefault": (dict,)},
     "load_average": {"start": (list,) + _NONE, "end": (list,) + _NONE},
 }

@@ -92,7 +92,7 @@ def _settings(args) -> timing.Settings:
     return timing.Settings(
         min_run_time=base.min_run_time if args.min_run_time is None else args.min_run_time,
         min_runs=base.min_runs if args.min_runs is None else args.min_runs,
-        warmup=base.warmup)
+        warmup=base.warmup, rounds=base.rounds)
 
 
 def _copy_tensor_bytes(device: torch.device, size: str, llc: int) -> int:
@@ -162,7 +162,7 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
         "timing": {"method": ("cuda-events" if device.type == "cuda"
                               else "torch.utils.benchmark.Timer.blocked_autorange"),
                    "min_run_time_s": settings.min_run_time, "min_runs": settings.min_runs,
-                   "warmup": settings.warmup},
+                   "warmup": settings.warmup, "rounds": settings.rounds},
         "memory": {"method": mem_method, "probe": probe, "prefault": prefault},
         "load_average": {"start": load_start, "end": device_info.load_average()},
         "rows": [r.to_json() for r in rows],

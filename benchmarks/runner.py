@@ -108,8 +108,10 @@ def _tolerances(case: Case, inputs: tuple, ref: oracle.Oracle) -> tuple[float, f
     return correctness.tolerances(case.dtype, eager)
 
 
-def _measure(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Context,
-             tol: tuple[float, float]) -> None:
+def _prepare(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Context,
+             tol: tuple[float, float]) -> tuple[Callable[[], None], float] | None:
+    """Check, peak memory and warm-up: the step to time and one run's estimated seconds, or
+    None when the row failed its check."""
     fn = impl.build()
     step = make_step(fn, sets, case.backward)
     if impl.checked:
@@ -117,7 +119,7 @@ def _measure(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Cont
         row.check = result.to_json()
         if not result.ok:
             row.status, row.message = FAILED, result.message
-            return
+            return None
     else:
         step()  # a bound computes no loss to check: its first call only warms up
         row.message = "a lower bound: computes no loss, so it is not checked"
@@ -126,33 +128,67 @@ def _measure(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Cont
     # resident before timing, and up to `warmup` calls in all; at least one, whose time
     # sizes the timing budget (the memory run is slower: it starts from a trimmed heap).
     peak = memory.peak_extra_bytes(step, ctx.device, ctx.memory_method)
-    more = max(len(sets) - 1, ctx.settings.warmup - 2, 1)
-    estimate = timing.warm_up(step, ctx.device, more)
-    t = timing.measure(step, ctx.device, ctx.settings, estimate)
-    row.median_ms, row.iqr_ms, row.runs = t.median_s * 1e3, t.iqr_s * 1e3, t.runs
     row.peak_extra_bytes = peak
     row.peak_extra_mib = peak / 2**20
     row.peak_extra_ratio = peak / row.logits_bytes
+    more = max(len(sets) - 1, ctx.settings.warmup - 2, 1)
+    return step, timing.warm_up(step, ctx.device, more)
+
+
+def _record_timing(row: Row, t: timing.Timing, ctx: Context) -> None:
+    row.median_ms, row.iqr_ms, row.runs = t.median_s * 1e3, t.iqr_s * 1e3, t.runs
     row.gb_per_s = bytes_model.gb_per_s(row.bytes_moved, t.median_s)
     row.pct_copy_bw = 100 * row.gb_per_s / ctx.copy_gb_per_s
 
 
-def _run_impl(case: Case, impl: Impl, sets: list[tuple], ref, ctx: Context,
-              tol: tuple[float, float]) -> Row:
+def _error(row: Row, exc: Exception) -> None:
+    row.status = ERROR
+    row.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _release(sets: list[tuple], device: torch.device) -> None:
+    for s in sets:
+        for t in problems.grad_inputs(s):
+            t.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # an OOM in one row must not starve the next
+
+
+def _prepare_impl(case: Case, impl: Impl, sets: list[tuple], ref, ctx: Context,
+                  tol: tuple[float, float]) -> tuple[Row, tuple | None]:
     row = _blank_row(case, impl, len(sets))
     try:
-        _measure(row, case, impl, sets, ref, ctx, tol)
+        return row, _prepare(row, case, impl, sets, ref, ctx, tol)
     except Exception as exc:  # noqa: BLE001  (one broken implementation must not end the run)
-        row.status = ERROR
-        row.message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _error(row, exc)
+        return row, None
     finally:
-        for s in sets:
-            for t in problems.grad_inputs(s):
-                t.grad = None
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()  # an OOM in one row must not starve the next
-    return row
+        _release(sets, ctx.device)
+
+
+def _time_in_turns(ready: list[tuple[Row, Callable[[], None], float]], sets: list[tuple],
+                   ctx: Context) -> None:
+    """Times the prepared steps in ctx.settings.rounds rounds, each step in turn within a
+    round after one untimed call (which finds the allocator as the previous step left it),
+    and records each row's merged timing. A step that raises is dropped from later rounds."""
+    parts: dict[int, list[timing.Timing]] = {id(row): [] for row, _, _ in ready}
+    live = list(ready)
+    rounds = max(1, ctx.settings.rounds)
+    for _ in range(rounds):
+        for entry in list(live):
+            row, step, estimate = entry
+            try:
+                timing.warm_up(step, ctx.device, 1)
+                parts[id(row)].append(
+                    timing.measure(step, ctx.device, ctx.settings, estimate, rounds))
+            except Exception as exc:  # noqa: BLE001
+                _error(row, exc)
+                live.remove(entry)
+                _release(sets, ctx.device)
+    for row, _, _ in live:
+        _record_timing(row, timing.merge(parts[id(row)]), ctx)
+    _release(sets, ctx.device)
 
 
 def _fill_ratios(rows: list[Row]) -> None:
@@ -190,15 +226,29 @@ def run_case(case: Case, impls: list[Impl], ctx: Context,
     sets = build_sets()
     ref = oracle.compute(case, sets[0])
     tol = _tolerances(case, sets[0], ref)
-    rows = []
-    for impl in impls:
-        row = _run_impl(case, impl, sets, ref, ctx, tol)
-        rows.append(row)
-        on_row(row)
-        if impl.mutates_inputs:
-            del sets
-            gc.collect()
-            sets = build_sets()
+    # Implementations that leave the inputs intact are timed taking turns (see timing.py);
+    # one that overwrites them (inplace_backward) is timed alone, on fresh inputs after it.
+    rows: list[Row | None] = [None] * len(impls)
+    steady = [k for k, impl in enumerate(impls) if not impl.mutates_inputs]
+    ready, p = [], None
+    for k in steady:
+        rows[k], p = _prepare_impl(case, impls[k], sets, ref, ctx, tol)
+        if p is not None:
+            ready.append((rows[k], *p))
+    _time_in_turns(ready, sets, ctx)
+    del ready, p  # (the steps hold the input sets)
+    for k in steady:
+        on_row(rows[k])
+    for k, impl in enumerate(impls):
+        if not impl.mutates_inputs:
+            continue
+        rows[k], p = _prepare_impl(case, impl, sets, ref, ctx, tol)
+        if p is not None:
+            _time_in_turns([(rows[k], *p)], sets, ctx)
+        on_row(rows[k])
+        del sets, p
+        gc.collect()
+        sets = build_sets()
     _fill_ratios(rows)
     del sets, ref
     gc.collect()

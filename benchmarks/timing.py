@@ -6,6 +6,11 @@ multi-threaded kernel). CUDA: one pair of events around each step, synchronised 
 after the batch, so host overhead between steps is not counted but launch gaps within a
 step are. Both ask for at least `min_runs` steps however slow a step is, since a median of
 one or two samples says little.
+
+The implementations of one case are timed in `rounds` rounds, taking turns within each
+(runner.py), and each one's samples are merged (`merge`): a machine whose speed drifts
+while a case runs then slows all of them alike instead of whichever ran during the slow
+spell.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.benchmark as tbench
@@ -29,6 +34,7 @@ class Settings:
     min_run_time: float = 0.5  # seconds of timed steps per row, at the least
     min_runs: int = 5
     warmup: int = 2  # calls before timing, counting the correctness and memory runs
+    rounds: int = 3  # turns each implementation of a case takes at being timed
 
 
 @dataclass
@@ -37,6 +43,20 @@ class Timing:
     iqr_s: float
     runs: int
     method: str
+    # Per-step seconds the median is taken over (CPU: each a block's mean per step).
+    samples_s: list[float] = field(default_factory=list, repr=False)
+
+
+def _summary(samples: list[float], runs: int, method: str) -> Timing:
+    times = sorted(samples)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times), q[2] - q[0], runs, method, times)
+
+
+def merge(parts: list[Timing]) -> Timing:
+    """One Timing from several rounds' of the same step: the median over all samples."""
+    return _summary([s for p in parts for s in p.samples_s], sum(p.runs for p in parts),
+                    parts[0].method)
 
 
 def sync(device: torch.device) -> None:
@@ -57,12 +77,15 @@ def warm_up(step: Callable[[], None], device: torch.device, count: int) -> float
 
 
 def measure(step: Callable[[], None], device: torch.device, settings: Settings,
-            estimate_s: float) -> Timing:
-    """Times `step` (already warmed up; `estimate_s` is one run's duration from warm-up)."""
-    budget = max(settings.min_run_time, settings.min_runs * estimate_s)
+            estimate_s: float, rounds: int = 1) -> Timing:
+    """Times `step` (already warmed up; `estimate_s` is one run's duration from warm-up):
+    one round's share, 1/rounds, of the time and runs the settings ask for."""
+    rounds = max(1, rounds)
+    budget = max(settings.min_run_time, settings.min_runs * estimate_s) / rounds
+    min_runs = math.ceil(settings.min_runs / rounds)
     if device.type == "cuda":
-        return _measure_cuda(step, device, budget, settings.min_runs, estimate_s)
-    return _measure_cpu(step, budget, settings.min_runs)
+        return _measure_cuda(step, device, budget, min_runs, estimate_s)
+    return _measure_cpu(step, budget, min_runs)
 
 
 def _measure_cpu(step, budget: float, min_runs: int) -> Timing:
@@ -75,8 +98,8 @@ def _measure_cpu(step, budget: float, min_runs: int) -> Timing:
     while sum(len(p.times) for p in parts) < min_runs:
         parts.append(timer.timeit(number))
     m = tbench.Measurement.merge(parts)[0]
-    return Timing(m.median, m.iqr, len(m.times) * number,
-                  "torch.utils.benchmark.Timer.blocked_autorange")
+    return _summary(list(m.times), len(m.times) * number,
+                    "torch.utils.benchmark.Timer.blocked_autorange")
 
 
 def _measure_cuda(step, device, budget: float, min_runs: int, estimate_s: float) -> Timing:
@@ -89,9 +112,8 @@ def _measure_cuda(step, device, budget: float, min_runs: int, estimate_s: float)
         step()
         end.record()
     torch.cuda.synchronize(device)
-    times = sorted(s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends))
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Timing(statistics.median(times), q[2] - q[0], runs, "cuda-events")
+    return _summary([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)], runs,
+                    "cuda-events")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from benchmarks import bytes_model, memory, report, results_json, run, runner, timing
 from benchmarks.baselines import COMPILE, EAGER, OURS, OURS_COMPILED, Impl, impls_for
 from benchmarks.cases import OPS, Case, sweep
-from benchmarks.rows import FAILED, OK, SKIPPED, Row
+from benchmarks.rows import ERROR, FAILED, OK, SKIPPED, Row
 
 CPU = torch.device("cpu")
 MiB = 2**20
@@ -204,6 +204,49 @@ def test_linear_cross_entropy_gate(op):
     assert [r.status for r in rows] == [OK] + [FAILED] * (len(impls) - 1)
 
 
+def test_implementations_are_timed_taking_turns(monkeypatch):
+    # After each implementation's check, memory run and warm-up, the steady ones are timed
+    # in `rounds` rounds, in turn; the one that overwrites its inputs runs alone, last,
+    # yet its row keeps its place. A step that raises while timed marks only its row.
+    log, timed = [], []
+    time_in_turns = runner._time_in_turns
+    monkeypatch.setattr(runner, "_time_in_turns",
+                        lambda *a: (timed.append(1), time_in_turns(*a)))
+
+    def logged(name, breaks=False):
+        def fn(x, y):
+            log.append(name)
+            if breaks and timed:
+                raise RuntimeError("broke while timed")
+            return F.cross_entropy(x, y)
+        return fn
+
+    impls = [Impl("a", EAGER, lambda: logged("a")),
+             Impl("m", OURS, lambda: logged("m"), mutates_inputs=True),
+             Impl("b", OURS, lambda: logged("b")), Impl("c", OURS, lambda: logged("c", True))]
+    ctx = _context()
+    ctx.settings.rounds = 3
+    rows = runner.run_case(Case("ce_fwd_bwd", "fp32", (64, 500)), impls, ctx)
+    assert [r.impl for r in rows] == ["a", "m", "b", "c"]
+    assert [r.status for r in rows] == [OK, OK, OK, ERROR], [r.message for r in rows]
+    assert rows[3].message == "RuntimeError: broke while timed" and rows[3].median_ms is None
+    turns = [name for k, name in enumerate(log) if k == 0 or log[k - 1] != name]
+    # preparation a, b, c; round 1 a, b, c (c breaks); rounds 2 and 3 a, b; then m alone
+    assert turns == ["a", "b", "c", "a", "b", "c", "a", "b", "a", "b", "m"], turns
+    assert all(r.runs >= ctx.settings.min_runs for r in rows[:3])
+
+
+def test_timing_rounds_merge_their_samples():
+    parts = [timing.Timing(0.0, 0.0, 4, "m", [3.0, 1.0]), timing.Timing(0.0, 0.0, 2, "m", [2.0]),
+             timing.Timing(0.0, 0.0, 6, "m", [10.0, 4.0])]
+    t = timing.merge(parts)
+    assert (t.median_s, t.runs, t.method, t.samples_s) == (3.0, 12, "m", [1, 2, 3, 4, 10])
+    calls = []
+    one = timing.measure(lambda: calls.append(1), CPU,
+                         timing.Settings(min_run_time=0.0, min_runs=6), 1e-6, rounds=3)
+    assert one.runs >= 2 and len(one.samples_s) >= 2 and one.median_s > 0
+
+
 def test_cases_too_big_for_memory_are_skipped(monkeypatch):
     monkeypatch.setattr(runner, "_available_bytes", lambda device: 2**20)
     impls = [_impl("eager", F.cross_entropy, EAGER)]
@@ -334,7 +377,8 @@ def test_results_schema(tiny_run):
     (json_path,) = out.glob("cpu-*.json")
     doc = json.loads(json_path.read_text())
     assert doc["schema"] == results_json.SCHEMA
-    assert doc["schema_version"] == results_json.SCHEMA_VERSION == 2
+    assert doc["schema_version"] == results_json.SCHEMA_VERSION == 3
+    assert doc["timing"]["rounds"] == timing.Settings().rounds == 3
     assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1
     assert doc["date"].endswith("Z") and "T" in doc["date"]
     assert doc["git"]["commit"] == "unknown" or len(doc["git"]["commit"]) == 40
