@@ -54,7 +54,8 @@ def _summary(samples: list[float], runs: int, method: str) -> Timing:
 
 
 def merge(parts: list[Timing]) -> Timing:
-    """One Timing from several rounds' of the same step: the median over all samples."""
+    """One Timing from several rounds' timings of the same step: the median over all
+    their samples."""
     return _summary([s for p in parts for s in p.samples_s], sum(p.runs for p in parts),
                     parts[0].method)
 

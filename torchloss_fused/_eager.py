@@ -33,7 +33,7 @@ _any_requires_grad = getattr(
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _eager_function(op, name: str, backward, setup_context):
+def _op_forward(op, setup_context):
     # setup_context is called from forward, as torch.library's wrapper calls it: a
     # Function that defines setup_context itself binds its arguments with inspect on
     # every call, which costs more than the wrapper it replaces.
@@ -43,20 +43,28 @@ def _eager_function(op, name: str, backward, setup_context):
         setup_context(ctx, args, output)
         return output
 
-    return type(f"{name}_eager", (torch.autograd.Function,), {
+    return forward
+
+
+def _function(name: str, forward, backward):
+    return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
 
 
+def _eager_function(op, name: str, backward, setup_context):
+    return _function(f"{name}_eager", _op_forward(op, setup_context), backward)
+
+
 def _eager_reduced_function(op, name: str, backward, setup_context):
+    op_forward = _op_forward(op, setup_context)
+
     # The last forward argument is the reduction (kind, denominator, loss shape, dtype);
     # the op's formulas see its own arguments, as in _eager_function.
     def forward(ctx, *args):
         *args, (reduction, denom, out_shape, dtype) = args
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op(*args)
-        setup_context(ctx, args, output)
+        output = op_forward(ctx, *args)
         ctx.reduction = (reduction, denom, output[0].shape, output[0].dtype)
         return _reduction.reduce(output[0], reduction, denom, out_shape, dtype)
 
@@ -66,10 +74,7 @@ def _eager_reduced_function(op, name: str, backward, setup_context):
         rows = None if grad is None else _reduction.rows_grad(grad, *ctx.reduction)
         return (*backward(ctx, rows, None, None), None)
 
-    return type(f"{name}_reduced_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "backward": staticmethod(reduced_backward),
-    })
+    return _function(f"{name}_reduced_eager", forward, reduced_backward)
 
 
 def _eager_path(args, n_args: int) -> bool:

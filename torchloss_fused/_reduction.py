@@ -30,7 +30,8 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
 def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: torch.Size,
               rows_dtype: torch.dtype) -> Tensor:
     """The gradient of the per-row values given the gradient of
-    reduce(rows, reduction, denom, ...), a "sum" or "mean", as autograd computes it."""
+    reduce(rows, reduction, denom, ...), as autograd computes it (for "none", of a
+    gradient already shaped like the rows)."""
     grad = grad.to(rows_dtype)  # ToCopyBackward (no-op when the dtypes agree)
     if reduction == "mean":
         grad = grad / denom  # DivBackward0

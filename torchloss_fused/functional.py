@@ -217,15 +217,15 @@ def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: 
 
 def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dtype) -> Tensor:
     """The grad_loss backward will see per row of (B, C, D) logits when the caller
-    backpropagates the loss unscaled; computed exactly as autograd will compute it, so the
-    common case matches bitwise and backward skips its rescale pass."""
+    backpropagates the loss unscaled: _reduction.rows_grad of a unit gradient, as
+    autograd will compute it, so the common case matches bitwise and backward skips its
+    rescale pass."""
     shape = (x3.shape[0], x3.shape[2])
     if vocab_parallel.is_dtensor(x3):  # (a DTensor, laid out as the rows: no mixing)
         one = x3.new_empty(shape, dtype=acc).new_ones(())
     else:
         one = x3.new_ones((), dtype=acc) if denom is None else denom.new_ones(())
-    scale = one / denom if reduction == "mean" else one
-    return scale.expand(shape)
+    return _reduction.rows_grad(one, reduction, denom, shape, acc)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------
