@@ -176,7 +176,14 @@ def _autocast_to_float32(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether F.cross_entropy would compute in float32 here: under autocast on the device,
     losses are on autocast's float32 list, so float16/bfloat16 inputs give float32 results.
     The kernels accumulate in float32 anyway: matching that costs no memory."""
-    return dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type)
+    return dtype in (torch.float16, torch.bfloat16) and autocast_enabled(device)
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for the device's type. `torch.is_autocast_enabled` raises for
+    a type autocast does not know (meta, used to trace shapes), where F just runs."""
+    return (torch.amp.is_autocast_available(device.type)
+            and torch.is_autocast_enabled(device.type))
 
 
 def _wants_grad(*tensors) -> bool:

@@ -54,6 +54,7 @@ from ..functional import (
     _count_denominator,
     _index_denominator,
     _wants_grad,
+    autocast_enabled,
 )
 from ..vocab_parallel import replicated_like
 from . import targets, vocab_parallel
@@ -132,7 +133,7 @@ def _autocast_inputs(hidden, weight, bias):
     float32: cast the same way (float32 weights get a low-precision copy, as F.linear makes
     one) and say which dtype the loss takes (None: the input's)."""
     if not (isinstance(hidden, Tensor) and hidden.dtype != torch.float64
-            and hidden.is_floating_point() and torch.is_autocast_enabled(hidden.device.type)):
+            and hidden.is_floating_point() and autocast_enabled(hidden.device)):
         return hidden, weight, bias, None
 
     low = torch.get_autocast_dtype(hidden.device.type)
