@@ -82,6 +82,20 @@ def test_no_classes_all_ignored(device, backend):
     assert torch.equal(ours, F.cross_entropy(x.detach(), y, reduction="none"))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4), (2, 0, 3), (0, 0)])
+def test_empty_input_probability_targets(device, backend, reduction, shape):
+    """F's mean over probability targets divides by input.numel() / C and is nan for an
+    empty input, also when only the class dimension is empty (rows, but no classes)."""
+    x = random_logits(shape, torch.float32, device)
+    p = torch.rand(shape, device=device)
+    ours = tlf.cross_entropy(x, p, reduction=reduction)
+    ref = F.cross_entropy(x.detach(), p, reduction=reduction)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+
+
 @pytest.mark.parametrize("bad", [5, -3, 1000])
 @pytest.mark.parametrize("tdtype", [torch.int64, torch.int32])
 def test_target_out_of_range_raises_index_error(backend, bad, tdtype):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchloss_fused as tlf
 
@@ -66,6 +68,34 @@ CE_BAD_CALLS = [
                                inplace_backward=True)),
 ]
 
+BAD_IGNORE_INDEX = [
+    ("float", TypeError, "ignore_index must be an int, got float", -100.5),
+    ("bool", TypeError, "ignore_index must be an int, got bool", True),
+    ("bool tensor", TypeError, "ignore_index must be an int, got bool", torch.tensor(True)),
+    ("float tensor", TypeError, "ignore_index must be an int, got Tensor", torch.tensor(3.0)),
+    ("string", TypeError, "ignore_index must be an int, got str", "-100"),
+    ("beyond int64", ValueError, "ignore_index must fit in int64", 2**63),
+    ("below int64", ValueError, "ignore_index must fit in int64", -(2**63) - 1),
+]
+LOSSES_WITH_IGNORE_INDEX = {
+    "cross_entropy": lambda ii: tlf.cross_entropy(X, Y, ignore_index=ii),
+    "focal_loss": lambda ii: tlf.focal_loss(X, Y, ignore_index=ii),
+    "linear_cross_entropy": lambda ii: tlf.linear_cross_entropy(
+        torch.randn(4, 3), torch.randn(5, 3), Y, ignore_index=ii),
+}
+CE_BAD_CALLS += [
+    (f"{loss}: ignore_index {name}", exc, pattern, lambda call=call, value=value: call(value))
+    for name, exc, pattern, value in BAD_IGNORE_INDEX
+    for loss, call in LOSSES_WITH_IGNORE_INDEX.items()
+] + [
+    ("label_smoothing requiring grad", TypeError, "label_smoothing must be a real number",
+     lambda: tlf.cross_entropy(X, Y, label_smoothing=torch.tensor(0.1, requires_grad=True))),
+    ("label_smoothing 1-d tensor", TypeError, "label_smoothing must be a real number",
+     lambda: tlf.cross_entropy(X, Y, label_smoothing=torch.tensor([0.1]))),
+    ("label_smoothing tensor > 1", ValueError, "label_smoothing",
+     lambda: tlf.cross_entropy(X, Y, label_smoothing=torch.tensor(1.5))),
+]
+
 FOCAL_BAD_CALLS = [
     ("negative gamma", ValueError, "gamma", lambda: tlf.focal_loss(X, Y, gamma=-1.0)),
     ("alpha wrong length", ValueError, "one value per class",
@@ -90,6 +120,33 @@ def test_bad_input_raises(backend, case):
     _, exc, pattern, call = case
     with pytest.raises(exc, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES_WITH_IGNORE_INDEX))
+def test_ignore_index_takes_what_f_takes(backend, loss):
+    """NumPy ints and integer tensors of one element, as F's argument parser converts them."""
+    call = LOSSES_WITH_IGNORE_INDEX[loss]
+    torch.manual_seed(3)
+    expected = call(3)
+    for value in (np.int32(3), np.int64(3), torch.tensor(3), torch.tensor([3], dtype=torch.int32)):
+        torch.manual_seed(3)
+        assert torch.equal(call(value), expected), value
+    for value in (np.int64(3), torch.tensor(3), torch.tensor([3])):
+        assert torch.equal(F.cross_entropy(X, Y, ignore_index=value),
+                           F.cross_entropy(X, Y, ignore_index=3))
+
+
+def test_scalar_tensor_and_numpy_numbers_are_taken_as_f_takes_them(backend):
+    expected = tlf.cross_entropy(X, Y, label_smoothing=0.25, z_loss=0.5)
+    for value in (torch.tensor(0.25), torch.tensor(0.25, dtype=torch.float64), np.float32(0.25)):
+        assert torch.equal(tlf.cross_entropy(X, Y, label_smoothing=value, z_loss=0.5), expected)
+        torch.testing.assert_close(tlf.cross_entropy(X, Y, label_smoothing=value),
+                                   F.cross_entropy(X, Y, label_smoothing=value))
+    assert torch.equal(tlf.cross_entropy(X, Y, label_smoothing=0.25, z_loss=torch.tensor(0.5)),
+                       expected)
+    assert torch.equal(tlf.cross_entropy(X, Y, label_smoothing=torch.tensor(1)),
+                       tlf.cross_entropy(X, Y, label_smoothing=1.0))
+    assert torch.equal(tlf.focal_loss(X, Y, gamma=torch.tensor(2.0)), tlf.focal_loss(X, Y))
 
 
 def test_meta_device_mismatch_raises_before_kernels():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -73,6 +74,8 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
 def _check_number(value, name: str, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> float:
     if type(value) is not float:  # (the common case skips the slow ABC check)
+        if _is_plain_scalar_tensor(value) and not value.is_complex():
+            value = value.item()  # (F's argument parser takes these too, and syncs alike)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
@@ -84,6 +87,29 @@ def _check_number(value, name: str, low: float | None = None, high: float | None
         hi = "" if high is None else f"<= {high}"
         bounds = " and ".join(b for b in (lo, hi) if b)
         raise ValueError(f"{name} must be finite{' and ' + bounds if bounds else ''}, got {value}")
+    return value
+
+
+def _is_plain_scalar_tensor(value) -> bool:
+    """A 0-dim tensor that F's argument parser converts to a number (one requiring grad is
+    refused: the conversion would silently cut its gradient)."""
+    return (isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad
+            and value.dtype != torch.bool)
+
+
+def _check_ignore_index(value) -> int:
+    """An int as F takes it: Python or NumPy ints and integer tensors of one element; not a
+    bool or a float (int() would truncate -100.5 to -100), and within int64."""
+    if type(value) is not int:
+        if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+            raise TypeError("ignore_index must be an int, got bool")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(
+                f"ignore_index must be an int, got {type(value).__name__}") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
     return value
 
 
@@ -280,7 +306,7 @@ def cross_entropy(
     z_loss = _check_number(z_loss, "z_loss", 0.0)
     softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
     logit_scale = _check_number(logit_scale, "logit_scale")
-    ignore_index = int(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
 
     x3, out_shape = _rows_view(input)
     # torch.func and forward-mode AD: the reference code, which they see through.
@@ -324,7 +350,8 @@ def cross_entropy(
     if reduction != "mean":
         denom = None
     elif prob:
-        denom = _count_denominator(x3.shape[0] * x3.shape[2], x3, acc)
+        # F divides by input.numel() / C, and gives nan when the input is empty: C = 0 too.
+        denom = _count_denominator(x3.shape[0] * x3.shape[2] if C else 0, x3, acc)
     else:
         denom = _index_denominator(t, weight, ignore_index, C, acc)
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
@@ -375,7 +402,7 @@ def focal_loss(
     _check_tensor(target, "target")
     _check_device(input, target, "target")
     gamma = _check_number(gamma, "gamma", 0.0)
-    ignore_index = int(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     x3, out_shape = _rows_view(input)
     if target.is_floating_point():
         raise TypeError(

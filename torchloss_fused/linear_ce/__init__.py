@@ -47,6 +47,7 @@ from ..functional import (
     _INDEX_DTYPES,
     _check_class_vector,
     _check_device,
+    _check_ignore_index,
     _check_index_weight_dtype,
     _check_number,
     _check_reduction,
@@ -197,7 +198,7 @@ def linear_cross_entropy(
     """
     _check_reduction(reduction)
     hidden, weight, bias, autocast_dtype = _autocast_inputs(hidden, weight, bias)
-    ignore_index = int(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                 accum_dtype, autocast=autocast_dtype is not None)
     label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
