@@ -360,7 +360,10 @@ def _(ctx):
             ref_lse = torch.logsumexp(F.linear(*refs), -1)
             _close(lse, ref_lse, dtype, what + " lse")
             if i % 3 == 0:  # a gradient through the lse too
-                ours, ref = ours + 0.1 * (lse * lse).mean(), ref + 0.1 * (ref_lse ** 2).mean()
+                # (a sum over numel, not .mean(): torch 2.11's DTensor cannot add the
+                # Partial(avg) a mean of row-sharded values gives to the loss's Partial(sum))
+                ours = ours + 0.1 * (lse * lse).sum() / lse.numel()
+                ref = ref + 0.1 * (ref_lse ** 2).mean()
             inputs = (hd, wd, bd)
         _close(ours, ref, dtype, what + " loss")
         (ours * upstream).sum().backward()
