@@ -194,6 +194,19 @@ def test_no_rows(device, reduction):
     assert torch.equal(grads[2], torch.zeros_like(b))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("lead", [(5,), (2, 3), ()])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_empty_hidden_dimension(device, backend, reduction, lead, chunk_size):
+    """H = 0, which F.linear takes: the logits are the bias (or zeros)."""
+    hidden = torch.randn(*lead, 0, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(7, 0, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
+    target = torch.randint(0, 7, lead, device=device)
+    check(hidden, weight, target, b, reduction=reduction, chunk_size=chunk_size,
+          z_loss=1e-2)
+
+
 @pytest.mark.parametrize("dtype,accum", [
     (torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float64), (torch.float16, None), (torch.float32, torch.float64),

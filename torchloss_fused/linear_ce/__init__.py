@@ -38,6 +38,8 @@ driver reports), the mean denominator stays on the device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -207,7 +209,8 @@ def linear_cross_entropy(
 
     H, V = hidden.shape[-1], weight.shape[0]
     prob = targets.is_prob(target)
-    h2 = hidden.reshape(-1, H)
+    # (-1 cannot be inferred beside an empty hidden dimension; F.linear takes H = 0)
+    h2 = hidden.reshape(-1, H) if H else hidden.reshape(math.prod(hidden.shape[:-1]), 0)
     t1 = target.reshape(-1, V) if prob else target.reshape(-1)
     if vocab_parallel.vp.is_dtensor(t1) and not prob:
         vocab_parallel.vp.check_targets(t1, V, ignore_index)
