@@ -166,6 +166,24 @@ def test_alpha_tensor_requiring_grad(device, backend):
     torch.testing.assert_close(gx, gx2)
 
 
+def test_alpha_0dim_tensor_is_a_number(device, backend):
+    """A 0-dim alpha is the number it holds; requiring grad, it gets d loss / d alpha."""
+    x = random_logits((12, 6), torch.float64, device)
+    y = random_targets((12,), 6, device, ignore_frac=0.2)
+    number = tlf.focal_loss(x, y, alpha=0.3)
+    assert torch.equal(tlf.focal_loss(x, y, alpha=torch.tensor(0.3, dtype=torch.float64)),
+                       number)
+    alpha = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+    loss = tlf.focal_loss(x, y, alpha=alpha)
+    ga, gx = torch.autograd.grad(loss, (alpha, x))
+    a2 = alpha.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    ga2, gx2 = torch.autograd.grad(focal_oracle(x2, y, 2.0, a2.expand(6)), (a2, x2))
+    torch.testing.assert_close(loss, number)
+    torch.testing.assert_close(ga, ga2)
+    torch.testing.assert_close(gx, gx2)
+
+
 def test_focal_matches_cross_entropy_in_f_namespace_shape(device, backend):
     # sanity: shapes and dtype as F.cross_entropy(reduction="none") would give
     x = random_logits((2, 4, 3, 5), torch.float32, device, requires_grad=False)

@@ -413,7 +413,9 @@ def focal_loss(
     if vocab_parallel.is_dtensor(t):
         vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     alpha_vec, alpha_scale = None, 1.0
-    if isinstance(alpha, Tensor):
+    if isinstance(alpha, Tensor) and alpha.dim() == 0 and alpha.requires_grad:
+        alpha = alpha.expand(x3.shape[1])  # (a number to learn: the per-class path's grad)
+    if isinstance(alpha, Tensor) and alpha.dim() > 0:
         _check_class_vector(input, alpha, "alpha")
         alpha_vec = alpha
     elif alpha is not None:
