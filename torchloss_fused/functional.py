@@ -392,10 +392,10 @@ def focal_loss(
     """Softmax focal loss ``-alpha_t * (1 - p_t)**gamma * log p_t`` over C classes.
 
     ``input`` is shaped like ``F.cross_entropy``'s, ``target`` holds class indices.
-    ``alpha`` is None, a number, or a per-class tensor indexed by the target. ``mean``
-    divides by the number of non-ignored targets. With ``gamma=0`` and ``alpha=None`` it
-    equals ``cross_entropy`` exactly, in value and gradient; values and gradients stay
-    finite at saturated logits for every ``gamma >= 0``.
+    ``alpha`` is None, a number (a 0-dim tensor too, which may require grad), or a per-class
+    tensor indexed by the target. ``mean`` divides by the number of non-ignored targets.
+    With ``gamma=0`` and ``alpha=None`` it equals ``cross_entropy`` exactly, in value and
+    gradient; values and gradients stay finite at saturated logits for every ``gamma >= 0``.
     """
     _check_reduction(reduction)
     _check_logits(input)
