@@ -207,7 +207,10 @@ def _autocast_to_float32(dtype: torch.dtype, device: torch.device) -> bool:
 
 def autocast_enabled(device: torch.device) -> bool:
     """Whether autocast is on for the device's type. `torch.is_autocast_enabled` raises for
-    a type autocast does not know (meta, used to trace shapes), where F just runs."""
+    a type autocast does not know (meta, used to trace shapes), where F just runs; asking
+    first breaks torch 2.11's fullgraph tracing, hence only for other types than these."""
+    if device.type in ("cpu", "cuda"):
+        return torch.is_autocast_enabled(device.type)
     return (torch.amp.is_autocast_available(device.type)
             and torch.is_autocast_enabled(device.type))
 
