@@ -74,8 +74,10 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
 def _check_number(value, name: str, low: float | None = None, high: float | None = None,
                   low_open: bool = False) -> float:
     if type(value) is not float:  # (the common case skips the slow ABC check)
-        if _is_plain_scalar_tensor(value) and not value.is_complex():
-            value = value.item()  # (F's argument parser takes these too, and syncs alike)
+        if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
+            # F's argument parser takes these too, and syncs alike (one requiring grad is
+            # refused: converting would cut its gradient). A bool or complex one fails below.
+            value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
@@ -88,13 +90,6 @@ def _check_number(value, name: str, low: float | None = None, high: float | None
         bounds = " and ".join(b for b in (lo, hi) if b)
         raise ValueError(f"{name} must be finite{' and ' + bounds if bounds else ''}, got {value}")
     return value
-
-
-def _is_plain_scalar_tensor(value) -> bool:
-    """A 0-dim tensor that F's argument parser converts to a number (one requiring grad is
-    refused: the conversion would silently cut its gradient)."""
-    return (isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad
-            and value.dtype != torch.bool)
 
 
 def _check_ignore_index(value) -> int:
@@ -202,10 +197,10 @@ def _autocast_to_float32(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether F.cross_entropy would compute in float32 here: under autocast on the device,
     losses are on autocast's float32 list, so float16/bfloat16 inputs give float32 results.
     The kernels accumulate in float32 anyway: matching that costs no memory."""
-    return dtype in (torch.float16, torch.bfloat16) and autocast_enabled(device)
+    return dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(device)
 
 
-def autocast_enabled(device: torch.device) -> bool:
+def _autocast_enabled(device: torch.device) -> bool:
     """Whether autocast is on for the device's type. `torch.is_autocast_enabled` raises for
     a type autocast does not know (meta, used to trace shapes), where F just runs; asking
     first breaks torch 2.11's fullgraph tracing, hence only for other types than these."""

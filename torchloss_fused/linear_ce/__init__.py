@@ -47,6 +47,7 @@ from .._higher_order import transform_active
 from ..functional import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
+    _autocast_enabled,
     _check_class_vector,
     _check_device,
     _check_ignore_index,
@@ -57,7 +58,6 @@ from ..functional import (
     _count_denominator,
     _index_denominator,
     _wants_grad,
-    autocast_enabled,
 )
 from ..vocab_parallel import replicated_like
 from . import targets, vocab_parallel
@@ -136,7 +136,7 @@ def _autocast_inputs(hidden, weight, bias):
     float32: cast the same way (float32 weights get a low-precision copy, as F.linear makes
     one) and say which dtype the loss takes (None: the input's)."""
     if not (isinstance(hidden, Tensor) and hidden.dtype != torch.float64
-            and hidden.is_floating_point() and autocast_enabled(hidden.device)):
+            and hidden.is_floating_point() and _autocast_enabled(hidden.device)):
         return hidden, weight, bias, None
 
     low = torch.get_autocast_dtype(hidden.device.type)
