@@ -2,18 +2,26 @@
 # GPU check, run on a machine with an NVIDIA GPU (H100/H200), a CUDA build of PyTorch,
 # nvcc and no network: builds the extension for this GPU, prints which backend serves
 # CUDA, runs the whole test suite, runs compute-sanitizer (memcheck, racecheck) over every
-# CUDA op, then the benchmark. Logs and the benchmark's results go to $OUT (at most 8
-# files). Every stage has a time limit so the whole run ends within GPU_CHECK_BUDGET
-# seconds (default 570); a failed stage is reported and the later stages still run.
+# CUDA op, then the benchmark. Every stage has a time limit so the whole run ends within
+# GPU_CHECK_BUDGET seconds (default 570); a failed stage is reported and the later stages
+# still run. $OUT receives summary.txt (written as the run goes) and, at the end,
+# bundle.tgz (every log and the benchmark's results): at most 8 files come back from a
+# lent machine, so the many logs travel as one.
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # GPU_CHECK_STAGES (default "build tests sanitizer bench") picks stages, so a session can
-# split the work over several calls (the build is kept between calls on a warm machine):
-# if the tests time out beside the other stages, `GPU_CHECK_STAGES=tests` gives them the
-# whole budget (GPU_CHECK_CUDA_TESTS_S caps the CUDA part).
-# BENCH_ARGS (default --targets: the shapes the performance targets are set on) are passed
-# to the benchmark; --quick or --full measure more, in more time.
+# split the work over several calls (the build is kept between calls on a warm machine).
+# GPU_CHECK_CUDA_TESTS_S caps the CUDA part of the tests.
+# A prebuilt extension (torchloss_fused/_C.cpython-<this python>-*.so, built elsewhere
+# against the same torch with FORCE_CUDA=1 and carried along) saves the build's minutes of
+# device time: when it loads with its CUDA kernels, the tests run on it at once and the
+# build from source still runs, in a copy of the tree, beside the tests (that it builds
+# offline there is part of the check); its result is reported before the benchmark.
+# GPU_CHECK_WORKERS (default 12) pytest-xdist workers run the suite when xdist imports.
+# BENCH_RUNS: benchmark invocations separated by '|' (each writes its own results, so a
+# run cut short by its time limit loses only its own rows); default: the issues' target
+# shapes in bf16, cross-entropy and focal first.
 #
 # Peer libraries for the benchmark (Liger-Kernel, cut-cross-entropy: pure Python + Triton)
 # are installed from wheels in .whl/ when present (not tracked: fetch them with `pip
@@ -26,7 +34,8 @@ cd "$ROOT"
 # The in-place build is imported from scripts run outside the repository root too.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$ROOT/out}"
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$OUT" "$LOGS"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
 START=$SECONDS
 SUMMARY="$OUT/summary.txt"
@@ -85,9 +94,24 @@ fi
 # ---- 1. build (this GPU's architecture only; C++ files on every core) ----------------------
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-if want build && ! run_stage build "$OUT/build.log" "$(stage_limit 270 270)" \
+cuda_loads() {
+  (cd "$1" && "$PY" -c 'import sys, torchloss_fused as t
+sys.exit(t.backend_info("cuda")["implementation"] != "cuda")') >/dev/null 2>&1
+}
+BG_BUILD_PID=""
+if want build && cuda_loads "$ROOT"; then
+  note "prebuilt extension loads with its CUDA kernels: tests start on it; building from source beside them"
+  BG_SRC="$TMPD/src"
+  mkdir -p "$BG_SRC"
+  git ls-files -z | xargs -0 cp --parents -t "$BG_SRC"
+  (cd "$BG_SRC" && MAX_JOBS=4 timeout 500 "$PY" setup.py build_ext --inplace) \
+    >"$LOGS/build.log" 2>&1 &
+  BG_BUILD_PID=$!
+  BG_BUILD_T0=$SECONDS
+elif want build && ! run_stage build "$LOGS/build.log" "$(stage_limit 270 270)" \
     "$PY" setup.py build_ext --inplace; then
   note "build failed: see build.log"
+  tar czf "$OUT/bundle.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   exit 1
 fi
 
@@ -98,19 +122,27 @@ EOF
 
 # ---- 2. the whole test suite: CUDA cases first (what only this machine can check), then the
 # rest. Not -x: a first run on new hardware should show every failure at once.
-PYTEST=("$PY" -m pytest -q -rfEs --maxfail=25 -p no:cacheprovider tests)
+PYTEST=("$PY" -m pytest -q -rfEs --maxfail=50 -p no:cacheprovider)
+WORKERS="${GPU_CHECK_WORKERS:-12}"
+if [[ "$WORKERS" -gt 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
+  PYTEST+=(-n "$WORKERS")
+fi
+PYTEST+=(tests)
 # Run alone (GPU_CHECK_STAGES=tests), the tests get the whole budget: the CUDA part up to
 # GPU_CHECK_CUDA_TESTS_S seconds (default 360 alone, 240 beside the later stages).
 if want sanitizer || want bench; then after_tests=120 cuda_cap=240; else after_tests=0 cuda_cap=360; fi
 cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-$cuda_cap}"
 if want tests; then
-  run_stage tests-cuda "$TMPD/tests_cuda.log" "$(stage_limit "$cuda_cap" $((after_tests + 30)))" \
+  # Two threads per worker, as on CI's machine: the workers share the cores.
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+  run_stage tests-cuda "$LOGS/tests_cuda.log" "$(stage_limit "$cuda_cap" $((after_tests + 30)))" \
     "${PYTEST[@]}" -k "cuda and not emulated"
-  run_stage tests-rest "$TMPD/tests_rest.log" "$(stage_limit 200 "$after_tests")" \
+  run_stage tests-rest "$LOGS/tests_rest.log" "$(stage_limit 200 "$after_tests")" \
     "${PYTEST[@]}" -k "not cuda or emulated"
-  cat "$TMPD/tests_cuda.log" "$TMPD/tests_rest.log" >"$OUT/tests.log"
+  unset OMP_NUM_THREADS
   for part in cuda rest; do
-    tail -n 1 "$TMPD/tests_$part.log" | sed "s/^/tests-$part: /" >>"$SUMMARY"
+    tail -n 1 "$LOGS/tests_$part.log" | sed "s/^/tests-$part: /" >>"$SUMMARY"
+    grep -E '^(FAILED|ERROR) ' "$LOGS/tests_$part.log" | head -n 40 >>"$SUMMARY"
   done
 fi
 
@@ -178,27 +210,44 @@ if ! want sanitizer; then
 elif [[ -n "$SAN" ]]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees an
   # access past a tensor's end even where the cache would have had memory there.
-  run_stage memcheck "$TMPD/memcheck.log" "$(stage_limit 90 140)" \
+  run_stage memcheck "$LOGS/memcheck.log" "$(stage_limit 90 140)" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py"
-  run_stage racecheck "$TMPD/racecheck.log" "$(stage_limit 60 130)" \
+  run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit 60 130)" \
     "$SAN" --tool racecheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
-  cat "$TMPD/memcheck.log" "$TMPD/racecheck.log" >"$OUT/sanitizer.log"
 else
   note "compute-sanitizer not found: skipped"
 fi
 
-# ---- 4. benchmark ------------------------------------------------------------------------------
+# ---- 4. the build from source beside the tests, then the benchmark (alone on the machine) ---
+if [[ -n "$BG_BUILD_PID" ]]; then
+  wait "$BG_BUILD_PID"
+  rc=$?
+  if [[ $rc -eq 0 ]] && cuda_loads "$BG_SRC"; then
+    note "build from source: rc=0 in $((SECONDS - BG_BUILD_T0)) s; it loads with its CUDA kernels"
+  else
+    note "build from source: FAILED (rc=$rc; see build.log)"
+    overall=1
+  fi
+fi
+
 marker="$TMPD/marker"
 touch "$marker"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-want bench && run_stage benchmark "$OUT/bench.log" "$(stage_limit 400 10)" \
-  "$PY" -m benchmarks.run --device cuda --no-progress ${BENCH_ARGS:---targets}
-# The results the benchmark wrote in this run (JSON, PNG, the -latest.md table).
+DEFAULT_RUNS="--targets --dtypes bf16 --ops ce_fwd_bwd focal_fwd_bwd|--targets --dtypes bf16 --ops ce_fwd sigmoid_focal_fwd_bwd linear_ce_fwd_bwd"
+if want bench; then
+  IFS='|' read -r -a bench_runs <<<"${BENCH_RUNS:-$DEFAULT_RUNS}"
+  i=0
+  for args in "${bench_runs[@]}"; do
+    i=$((i + 1))
+    # shellcheck disable=SC2086  # args is a list of words
+    run_stage "benchmark $i ($args)" "$LOGS/bench_$i.log" "$(stage_limit 400 10)" \
+      "$PY" -m benchmarks.run --device cuda --no-progress $args
+  done
+fi
+# The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).
 mkdir -p "$OUT/results"
 find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \
-  -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n 4 | cut -d' ' -f2- |
-  while read -r f; do cp "$f" "$OUT/results/"; done
+  -exec cp {} "$OUT/results/" \;
 note "results: $(ls "$OUT/results" 2>/dev/null | tr '\n' ' ')"
 # The issues' performance targets, read from the results JSON just written.
 if compgen -G "$OUT/results/*.json" >/dev/null; then
@@ -206,4 +255,5 @@ if compgen -G "$OUT/results/*.json" >/dev/null; then
 fi
 
 note "total: $((SECONDS - START)) s, overall rc=$overall"
+tar czf "$OUT/bundle.tgz" -C "$OUT" logs results && rm -rf "$LOGS" "$OUT/results"
 exit "$overall"
