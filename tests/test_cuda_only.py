@@ -111,7 +111,8 @@ def test_cross_entropy_options(dtype, C):
     x = _logits((B, C), dtype, "offset")
     t = torch.randint(0, C, (B,), device="cuda")
     t[1] = -100
-    w = torch.rand(C, device="cuda", dtype=_acc(dtype)) + 0.5
+    # (class-index targets: F.cross_entropy wants the weight in the logits' dtype)
+    w = (torch.rand(C, device="cuda", dtype=torch.float64) + 0.5).to(dtype)
     _ce_check(x, t, weight=w, label_smoothing=0.1, z_loss=1e-3)
     _ce_check(x, t, softcap=5.0, logit_scale=0.7)
     p = torch.softmax(torch.randn(B, C, device="cuda", dtype=torch.float64), 1)
@@ -394,7 +395,7 @@ def test_bitwise_deterministic(C, dtype):
     x = _logits((N, C), dtype)
     t = torch.randint(0, C, (N,), device="cuda")
     t[::11] = -100
-    w = torch.rand(C, device="cuda") + 0.5
+    w = (torch.rand(C, device="cuda") + 0.5).to(dtype)
 
     def run():
         out = []

@@ -230,7 +230,8 @@ def test_expanded_target_and_stride0_grad_output(device, backend):
     ref = F.cross_entropy(xr, y, reduction="none")
     (g_ref,) = torch.autograd.grad(ref, xr, g_out.double())
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-7)
+    # float32 p_t - 1 near p_t = 1: a few ulps of 1 (seen on CUDA: 4.6e-7)
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_expanded_probability_target(device, backend):

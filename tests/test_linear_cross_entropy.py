@@ -15,7 +15,7 @@ import torchloss_fused as tlf
 from torchloss_fused.linear_ce import chunking
 from torchloss_fused.linear_ce import ops as lce_ops
 
-from .helpers import assert_matches, oracle_cross_entropy
+from .helpers import assert_like_f_under_autocast, assert_matches, oracle_cross_entropy
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -468,15 +468,26 @@ def test_class_weight_under_autocast(device, backend, weight_dtype):
     cw = class_weights(300, weight_dtype, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         ours = tlf.linear_cross_entropy(h, w, y, class_weight=cw, label_smoothing=0.1)
-        theirs = F.cross_entropy(F.linear(h, w), y, weight=cw, label_smoothing=0.1)
+        logits = F.linear(h, w)
+        theirs = F.cross_entropy(logits, y, weight=cw, label_smoothing=0.1)
     assert ours.dtype == theirs.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    oracle = F.cross_entropy(logits.detach().double(), y, weight=cw.double(), label_smoothing=0.1)
+    # (cuBLAS may round a chunk's bfloat16 logits apart from the whole product's.)
+    assert_like_f_under_autocast(ours, theirs, oracle, device,
+                                 1e-3 if device.type == "cuda" else 1e-5)
     for g_ours, g_theirs in zip(torch.autograd.grad(ours, (h, w)),
                                 torch.autograd.grad(theirs, (h, w))):
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-2, atol=1e-4)
 
 
 # ---- memory: no N x V tensor ----------------------------------------------------------------
+
+
+def largest_allowed_allocation(chunk, V, H):
+    """A chunk of float32 logits or a float32 weight-sized buffer, with room for a matmul
+    library's padding: oneDNN's bfloat16 product on a CPU with bfloat16 instructions (seen
+    on an H200 machine's host) allocates its float32 result a little larger than it is."""
+    return int(max(chunk * V, V * H) * 4 * 1.05) + 65536
 
 
 def _cpu_allocations(fn):
@@ -522,7 +533,7 @@ def test_no_logits_sized_allocation_cpu(backend, dtype, reduction):
         sizes, peaks[N] = _cpu_allocations(ours)
         hidden.grad = weight.grad = b.grad = None
         _, base_peak = _cpu_allocations(base)
-        assert max(sizes) <= max(chunk * V, V * H) * 4 + 4096, max(sizes)
+        assert max(sizes) <= largest_allowed_allocation(chunk, V, H), max(sizes)
         # (the baseline's peak shows the method sees logits-sized buffers)
         assert base_peak >= 2 * N * V * itemsize, base_peak
         assert peaks[N] < base_peak / 4, (peaks[N], base_peak)

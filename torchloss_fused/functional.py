@@ -352,6 +352,10 @@ def cross_entropy(
         denom = _count_denominator(x3.shape[0] * x3.shape[2] if C else 0, x3, acc)
     else:
         denom = _index_denominator(t, weight, ignore_index, C, acc)
+        if input.dim() == 1 and input.device.type == "cuda" and label_smoothing == 0:
+            # F.cross_entropy on CUDA gives 0, not CPU's 0/0 = nan, for the mean of an
+            # unbatched input whose one target is ignored: its zero loss over 1.
+            denom = torch.where(t.reshape(()) == ignore_index, denom.new_ones(()), denom)
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
 
     if transformed or _wants_grad(weight) or (prob and _wants_grad(target)):
