@@ -10,9 +10,12 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
-# GPU_CHECK_STAGES (default "build tests sanitizer bench") picks stages, so a session can
-# split the work over several calls (the build is kept between calls on a warm machine).
-# GPU_CHECK_CUDA_TESTS_S caps the CUDA part of the tests.
+# GPU_CHECK_STAGES (default "build tests sanitizer bench"; "profile" adds ncu's counters of
+# the cross-entropy kernels at the target shape) picks stages, so a session can split the
+# work over several calls (the build is kept between calls on a warm machine).
+# GPU_CHECK_CUDA_TESTS_S caps the CUDA part of the tests; GPU_CHECK_REST_SELECT (pytest
+# arguments, word-split) narrows the rest, e.g. to the files a previous run found failing;
+# GPU_CHECK_MEMCHECK_S / GPU_CHECK_RACECHECK_S cap the sanitizer's two runs.
 # A prebuilt extension (torchloss_fused/_C.cpython-<this python>-*.so, built elsewhere
 # against the same torch with FORCE_CUDA=1 and carried along) saves the build's minutes of
 # device time: when it loads with its CUDA kernels, the tests run on it at once and the
@@ -127,18 +130,19 @@ WORKERS="${GPU_CHECK_WORKERS:-12}"
 if [[ "$WORKERS" -gt 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
   PYTEST+=(-n "$WORKERS")
 fi
-PYTEST+=(tests)
 # Run alone (GPU_CHECK_STAGES=tests), the tests get the whole budget: the CUDA part up to
 # GPU_CHECK_CUDA_TESTS_S seconds (default 360 alone, 240 beside the later stages).
 if want sanitizer || want bench; then after_tests=120 cuda_cap=240; else after_tests=0 cuda_cap=360; fi
 cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-$cuda_cap}"
+rest_select=(tests -k "not cuda or emulated")
+[[ -n "${GPU_CHECK_REST_SELECT:-}" ]] && read -r -a rest_select <<<"$GPU_CHECK_REST_SELECT"
 if want tests; then
   # Two threads per worker, as on CI's machine: the workers share the cores.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
   run_stage tests-cuda "$LOGS/tests_cuda.log" "$(stage_limit "$cuda_cap" $((after_tests + 30)))" \
-    "${PYTEST[@]}" -k "cuda and not emulated"
+    "${PYTEST[@]}" tests -k "cuda and not emulated"
   run_stage tests-rest "$LOGS/tests_rest.log" "$(stage_limit 200 "$after_tests")" \
-    "${PYTEST[@]}" -k "not cuda or emulated"
+    "${PYTEST[@]}" "${rest_select[@]}"
   unset OMP_NUM_THREADS
   for part in cuda rest; do
     tail -n 1 "$LOGS/tests_$part.log" | sed "s/^/tests-$part: /" >>"$SUMMARY"
@@ -210,10 +214,10 @@ if ! want sanitizer; then
 elif [[ -n "$SAN" ]]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees an
   # access past a tensor's end even where the cache would have had memory there.
-  run_stage memcheck "$LOGS/memcheck.log" "$(stage_limit 90 140)" \
+  run_stage memcheck "$LOGS/memcheck.log" "$(stage_limit "${GPU_CHECK_MEMCHECK_S:-90}" 140)" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py"
-  run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit 60 130)" \
+  run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit "${GPU_CHECK_RACECHECK_S:-60}" 130)" \
     "$SAN" --tool racecheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
 else
   note "compute-sanitizer not found: skipped"
@@ -244,6 +248,33 @@ if want bench; then
       "$PY" -m benchmarks.run --device cuda --no-progress $args
   done
 fi
+# ---- optional: hardware counters of the cross-entropy kernels at the target shape ---------
+# (GPU_CHECK_STAGES must name "profile": ncu replays each kernel several times)
+NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)"
+if want profile && [[ -n "$NCU" ]]; then
+  cat >"$TMPD/profile_ce.py" <<'EOF'
+"""The softmax_loss kernels of a bf16 (16384, 128256) cross-entropy step: the fused
+forward+backward (twice: the first warms up), then inplace_backward's forward and backward."""
+import torch
+import torchloss_fused as tlf
+x = torch.randn(16384, 128256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+t = torch.randint(0, 128256, (16384,), device="cuda")
+for _ in range(2):
+    tlf.cross_entropy(x, t).backward()
+    x.grad = None
+y = x.detach().clone().requires_grad_()
+tlf.cross_entropy(y, t, inplace_backward=True).backward()
+torch.cuda.synchronize()
+EOF
+  # Clocks as found (--clock-control none): see the device notes on not changing them.
+  run_stage profile "$LOGS/profile.log" "$(stage_limit "${GPU_CHECK_PROFILE_S:-90}" 10)" \
+    "$NCU" --clock-control none --kernel-name regex:softmax_loss_kernel --launch-skip 1 \
+    --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" "$TMPD/profile_ce.py"
+elif want profile; then
+  note "ncu not found: profile skipped"
+fi
+
 # The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).
 mkdir -p "$OUT/results"
 find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \
