@@ -92,6 +92,10 @@ def test_matches_f_cross_entropy(device, backend, call):
     assert ours.dtype == lowp.dtype and ours.shape == lowp.shape
     xr = xd.double().clone().requires_grad_()
     ref = F.cross_entropy(xr, t, **kw)
+    if (device.type == "cuda" and x.dim() == 1 and not prob and kw["reduction"] == "mean"
+            and kw["label_smoothing"] == 0 and bool(ignored.all())):
+        # F on CUDA: an unbatched input whose target is ignored has mean 0 (CPU: nan)
+        ref = torch.where(ref.isnan(), torch.zeros_like(ref), ref)
     assert _same(ours.detach().cpu(), ref.detach(), TOL[dtype]), (ours, ref)
     if ref.numel() == 0:
         return

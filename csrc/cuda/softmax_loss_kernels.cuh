@@ -6,11 +6,9 @@
 // Pass 1 (forward modes) reads the row once for the online log-sum-exp; pass 2 re-reads it
 // to write the gradient and/or sum the label-smoothing / probability-target term. On the
 // vector path (classes contiguous, rows 16-byte compatible) each thread moves 16 bytes per
-// load, and pass 1 fills the thread's own slots of a shared-memory row cache by
-// asynchronous copies (all of them in flight at once: with one block per SM, register loads
-// alone keep too few bytes in flight to reach DRAM bandwidth), so pass 2 reads those from
-// shared memory instead of global memory: the logits come from DRAM once. Whatever does not
-// fit is read through registers and re-read from global memory, last-read first, while it
+// load and keeps what it loaded in pass 1 in its own slots of a shared-memory row cache, so
+// pass 2 reads those from shared memory instead of global memory: the logits come from
+// DRAM once. Whatever does not fit is re-read from global memory, last-read first, while it
 // is most likely still in L2.
 #pragma once
 
@@ -18,7 +16,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../kernel_params.h"
 #include "device_math.cuh"
@@ -68,10 +65,6 @@ class SoftmaxRow {
   // pass 1 just read (row cache or L2), with a shorter latency to cover.
   static constexpr int kU2 = kMode == Mode::Backward ? kU : 2;
   static constexpr int kUS = 4;  // scalar loads per batch
-  static constexpr int kGroups = 4;  // commit groups of the row cache's asynchronous fill
-  // Only a block's row cache is filled asynchronously: a warp's row is at most 4 KiB, many
-  // rows are in flight per SM, and the extra loop state would make that kernel spill.
-  static constexpr bool kAsyncFill = std::is_same_v<G, BlockGroup>;
   static constexpr bool kGrad = kMode != Mode::Forward;
 
   const SoftmaxLossParams& p;
@@ -256,25 +249,8 @@ class SoftmaxRow {
         if (ct < C) mass += q.prob(ct);
       }
       const T* xv = x + head;
-      // This thread's vectors are v = lane + i * gsize; those with v < cache_n go to its
-      // cache slots. Their copies are all started first, in kGroups commit groups of
-      // consecutive i, and each group is summed once it has landed while the later ones
-      // are still in flight; then the uncached vectors come through registers. Every
-      // vector is added in ascending v either way, so the lse has the bits of an uncached
-      // pass (the forward-only kernel's).
-      const int64_t mine = cached_by_me();
-      if (mine > 0) {
-        start_cache_fill(xv, mine);
-#pragma unroll
-        for (int g = 0; g < kGroups; ++g) {
-          wait_group_left(kGroups - 1 - g);
-          for (int64_t i = mine * g / kGroups; i < mine * (g + 1) / kGroups; ++i) {
-            add_vector(st, mass, with_mass, cache[lane + i * gsize], lane + i * gsize);
-          }
-        }
-      }
       const int64_t step = static_cast<int64_t>(gsize) * kU;
-      for (int64_t v0 = lane + mine * gsize; v0 < nvec; v0 += step) {
+      for (int64_t v0 = lane; v0 < nvec; v0 += step) {
         uint4 raw[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -285,8 +261,18 @@ class SoftmaxRow {
         for (int u = 0; u < kU; ++u) {
           const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
           if (v < nvec) {
-            if (v < cache_n) cache[v] = raw[u];  // (a warp's row: no asynchronous fill)
-            add_vector(st, mass, with_mass, raw[u], v);
+            if (v < cache_n) cache[v] = raw[u];
+            acc_t e[kN];
+            V::unpack(raw[u], e);
+            if (tf.active()) {
+#pragma unroll
+              for (int j = 0; j < kN; ++j) e[j] = tf.apply(e[j]);
+            }
+            st.add(e);
+            if (with_mass) {
+              const int64_t c0 = head + v * kN;
+              for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
+            }
           }
         }
       }
@@ -315,50 +301,6 @@ class SoftmaxRow {
           }
         }
       }
-    }
-  }
-
-  // How many of this thread's vectors (lane + i * gsize) the asynchronous fill caches.
-  __device__ __forceinline__ int64_t cached_by_me() const {
-    return kAsyncFill && lane < cache_n ? (cache_n - 1 - lane) / gsize + 1 : 0;
-  }
-
-  // Starts the copies of this thread's cached vectors, in kGroups commit groups of
-  // consecutive i; group g has landed after wait_group_left(kGroups - 1 - g).
-  __device__ __forceinline__ void start_cache_fill(const T* xv, int64_t mine) const {
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      for (int64_t i = mine * g / kGroups; i < mine * (g + 1) / kGroups; ++i) {
-        const int64_t v = lane + i * gsize;
-        copy_async16(cache + v, xv + v * kN);
-      }
-      copy_async_commit();
-    }
-  }
-
-  __device__ __forceinline__ void add_vector(LseState<acc_t>& st, acc_t& mass, bool with_mass,
-                                             const uint4& raw, int64_t v) const {
-    acc_t e[kN];
-    V::unpack(raw, e);
-    if (tf.active()) {
-#pragma unroll
-      for (int j = 0; j < kN; ++j) e[j] = tf.apply(e[j]);
-    }
-    st.add(e);
-    if (with_mass) {
-      const int64_t c0 = head + v * kN;
-      for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
-    }
-  }
-
-  // copy_async_wait takes its count as an immediate: n is a constant in unrolled loops.
-  static __device__ __forceinline__ void wait_group_left(int n) {
-    static_assert(kGroups == 4, "one case per count");
-    switch (n) {
-      case 0: copy_async_wait<0>(); break;
-      case 1: copy_async_wait<1>(); break;
-      case 2: copy_async_wait<2>(); break;
-      default: copy_async_wait<3>(); break;
     }
   }
 
@@ -438,10 +380,6 @@ class SoftmaxRow {
       if (tail + lane < C) scalar_element(tail + lane, load_scalar(tail + lane));
       const T* xv = x + head;
       T* gxv = kGrad && grad_vec ? gx + head : nullptr;
-      // The backward's only pass: its cache is a staging buffer, filled while the uncached
-      // vectors below go through registers (the gradient elements are independent).
-      const int64_t staged = kMode == Mode::Backward ? cached_by_me() : 0;
-      if (staged > 0) start_cache_fill(xv, staged);
       // Uncached vectors, last-read first (most likely still in L2).
       if (nvec > lane) {
         const int64_t last = lane + ((nvec - 1 - lane) / gsize) * gsize;
@@ -460,18 +398,8 @@ class SoftmaxRow {
           }
         }
       }
-      // Cached vectors: this thread's own slots, filled in pass 1 or staged above.
-      if (staged > 0) {
-#pragma unroll
-        for (int g = 0; g < kGroups; ++g) {
-          wait_group_left(kGroups - 1 - g);
-          for (int64_t i = staged * g / kGroups; i < staged * (g + 1) / kGroups; ++i) {
-            vector_element(cache[lane + i * gsize], lane + i * gsize, gxv);
-          }
-        }
-      } else {
-        for (int64_t v = lane; v < cache_n; v += gsize) vector_element(cache[v], v, gxv);
-      }
+      // Cached vectors: this thread wrote exactly these slots in pass 1.
+      for (int64_t v = lane; v < cache_n; v += gsize) vector_element(cache[v], v, gxv);
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
@@ -509,9 +437,8 @@ class SoftmaxRow {
 // way (same offset modulo 16 bytes in every row), else it is stored element by element;
 // either way the reduction order, hence every output bit, depends on the input alone.
 // cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
-// dynamic shared memory holds (groups per block) * cache_vecs slots. A block's cache is
-// also a staging buffer for the forward-only and backward kernels: asynchronous copies
-// keep more of the row in flight than register loads can.
+// dynamic shared memory holds (groups per block) * cache_vecs slots. The backward has no
+// first pass to fill a cache, so it ignores one even if a launcher passes it.
 template <typename T, Mode kMode, class G, bool kVec>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
@@ -522,7 +449,9 @@ __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::k
   uint4* cache = tlf_row_cache + static_cast<int64_t>(grp.slot()) * cache_vecs;
   const int64_t rows = p.in.B * p.in.D;
   for (int64_t r = grp.first(); r < rows; r += grp.stride()) {
-    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache, cache_vecs, grad_vec).run();
+    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache,
+                                  kMode == Mode::Backward ? 0 : cache_vecs, grad_vec)
+        .run();
   }
 }
 

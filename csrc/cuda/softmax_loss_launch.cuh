@@ -124,10 +124,11 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
   while (threads > 128 && units < 8 * threads) threads /= 2;
   if constexpr (kHasVec) {
     if (vec) {
-      // Every mode: the second pass's cache, or else a staging buffer for asynchronous
-      // copies (softmax_loss_kernels.cuh).
-      const int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
-      const int64_t cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
+      int64_t cache = 0;
+      if (two_pass) {
+        const int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
+        cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
+      }
       return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, gvec, stream);
     }
   }

@@ -151,32 +151,6 @@ __device__ __forceinline__ uint4 Vec16<__half>::pack(const float (&in)[8]) {
                     detail::float_to_halfx2(in[4], in[5]), detail::float_to_halfx2(in[6], in[7]));
 }
 
-// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80 and newer):
-// the data goes to shared memory without passing through registers, so a thread can have a
-// whole row cache's share in flight at once, where register loads allow a few vectors.
-// Both addresses 16-byte aligned. The copies of a thread become visible to that thread
-// (only) at copy_async_wait<N>(), which waits until at most N of its committed groups are
-// still in flight. Elsewhere (the host emulation, older devices) the copy is immediate.
-__device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
-#else
-  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
-#endif
-}
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
 // Elements before the first 16-byte boundary of p (p is element aligned).
 template <typename T>
 __device__ __forceinline__ int64_t elems_to_alignment(const T* p) {
