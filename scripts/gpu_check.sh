@@ -17,10 +17,11 @@
 # arguments, word-split) narrows the rest, e.g. to the files a previous run found failing;
 # GPU_CHECK_MEMCHECK_S / GPU_CHECK_RACECHECK_S cap the sanitizer's two runs.
 # A prebuilt extension (torchloss_fused/_C.cpython-<this python>-*.so, built elsewhere
-# against the same torch with FORCE_CUDA=1 and carried along) saves the build's minutes of
-# device time: when it loads with its CUDA kernels, the tests run on it at once and the
-# build from source still runs, in a copy of the tree, beside the tests (that it builds
-# offline there is part of the check); its result is reported before the benchmark.
+# against the same torch by scripts/prebuild_for_gpu.sh and carried along) saves the
+# build's minutes of device time: when it loads with its CUDA kernels, the tests run on it
+# at once and the build from source still runs, in a copy of the tree, beside the tests
+# (that it builds offline there is part of the check); its result is reported before the
+# benchmark.
 # GPU_CHECK_WORKERS (default 12) pytest-xdist workers run the suite when xdist imports.
 # BENCH_RUNS: benchmark invocations separated by '|' (each writes its own results, so a
 # run cut short by its time limit loses only its own rows); default: the issues' target
