@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 
 import torchloss_fused as tlf
 
-from .helpers import LOW_PRECISION, assert_matches, draw_index_targets, oracle_cross_entropy
+from .helpers import (
+    LOW_PRECISION,
+    as_f_on_device,
+    assert_matches,
+    draw_index_targets,
+    oracle_cross_entropy,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -146,6 +152,9 @@ def test_matches_f_linear_cross_entropy(device, backend, call):
     eager_in = leaves(dtype, "cpu")
     eager, eager_lse = _composed(eager_in["hidden"], eager_in["weight"], eager_in["bias"],
                                  target, on("cpu"))
+    unbatched, prob = hidden.dim() == 1, target.is_floating_point()
+    ref = as_f_on_device(ref, device, unbatched, prob, kw, ignored)
+    eager = as_f_on_device(eager, device, unbatched, prob, kw, ignored)
     # F's result dtype (promoted over a probability target and the class weights).
     assert loss.dtype == eager.dtype and loss.shape == eager.shape, (loss.dtype, eager.dtype)
     assert lse.shape == ref_lse.shape

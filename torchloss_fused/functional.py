@@ -236,14 +236,21 @@ def _fused_path(x: Tensor, inplace_backward: bool = False, compiled: bool = Fals
 
 
 def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: int,
-                       acc: torch.dtype) -> Tensor:
-    """Sum of the targets' weights over non-ignored rows (their count without weights)."""
+                       acc: torch.dtype, unbatched: bool = False) -> Tensor:
+    """Sum of the targets' weights over non-ignored rows (their count without weights).
+    unbatched: the logits had no batch dim and there is no label smoothing. F on CUDA then
+    gives 0, not CPU's 0/0 = nan, as the mean when the one target is ignored: a
+    denominator of 1 over that row's zero loss gives the same."""
     valid = t2 != ignore_index
     if weight is None or C == 0:
-        return valid.sum().to(acc)
-    # Clamped so an out-of-range target reaches the kernel, which reports it by value.
-    w_t = weight.to(acc).gather(0, t2.long().clamp(0, C - 1).flatten()).view_as(t2)
-    return torch.where(valid, w_t, 0).sum()
+        denom = valid.sum().to(acc)
+    else:
+        # Clamped so an out-of-range target reaches the kernel, which reports it by value.
+        w_t = weight.to(acc).gather(0, t2.long().clamp(0, C - 1).flatten()).view_as(t2)
+        denom = torch.where(valid, w_t, 0).sum()
+    if unbatched and t2.device.type == "cuda":
+        denom = torch.where(valid.reshape(()), denom, denom.new_ones(()))
+    return denom
 
 
 def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dtype) -> Tensor:
@@ -351,11 +358,8 @@ def cross_entropy(
         # F divides by input.numel() / C, and gives nan when the input is empty: C = 0 too.
         denom = _count_denominator(x3.shape[0] * x3.shape[2] if C else 0, x3, acc)
     else:
-        denom = _index_denominator(t, weight, ignore_index, C, acc)
-        if input.dim() == 1 and input.device.type == "cuda" and label_smoothing == 0:
-            # F.cross_entropy on CUDA gives 0, not CPU's 0/0 = nan, for the mean of an
-            # unbatched input whose one target is ignored: its zero loss over 1.
-            denom = torch.where(t.reshape(()) == ignore_index, denom.new_ones(()), denom)
+        denom = _index_denominator(t, weight, ignore_index, C, acc,
+                                   unbatched=input.dim() == 1 and label_smoothing == 0)
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
 
     if transformed or _wants_grad(weight) or (prob and _wants_grad(target)):

@@ -225,7 +225,8 @@ def linear_cross_entropy(
     if reduction == "mean" and prob:
         denom = _count_denominator(h2.shape[0], h2, acc)  # (F: the number of rows)
     elif reduction == "mean":
-        denom = _index_denominator(t1, class_weight, ignore_index, V, acc)
+        denom = _index_denominator(t1, class_weight, ignore_index, V, acc,
+                                   unbatched=hidden.dim() == 1 and label_smoothing == 0)
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
     if transform_active(hidden, weight, bias, class_weight, target if prob else None) or \
