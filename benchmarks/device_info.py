@@ -148,7 +148,8 @@ def git_state() -> dict:
 # PyTorch's CPU allocator asks for huge pages (fresh logits-sized buffers fault in far
 # faster with them, for every implementation that allocates one).
 PERF_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE",
-            "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "TORCHLOSS_FUSED_FORCE_REFERENCE")
+            "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "TORCHLOSS_FUSED_FORCE_REFERENCE",
+            "TLF_CUDA_TUNING")
 
 
 def transparent_hugepages() -> str | None:

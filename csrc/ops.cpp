@@ -11,6 +11,9 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#if defined(TLF_WITH_CUDA)
+#include "cuda/tuning.h"
+#endif
 
 namespace {
 
@@ -38,10 +41,50 @@ PyObject* openmp(PyObject*, PyObject*) {
 #endif
 }
 
+// _C.set_cuda_tuning(max_threads, row_cache_bytes, prefetch_bytes) and _C.cuda_tuning():
+// the block-per-row launch settings (csrc/cuda/tuning.h); torchloss_fused/_cuda_tuning.py
+// validates them first. RuntimeError in a build without CUDA kernels.
+PyObject* set_cuda_tuning(PyObject*, PyObject* args) {
+  int threads = 0;
+  long long cache = 0, prefetch = 0;
+  if (!PyArg_ParseTuple(args, "iLL", &threads, &cache, &prefetch)) return nullptr;
+#if defined(TLF_WITH_CUDA)
+  tlf::cuda::BlockRowTuning t;
+  t.max_threads = threads;
+  t.row_cache_bytes = cache;
+  t.prefetch_bytes = prefetch;
+  if (!tlf::cuda::set_block_row_tuning(t)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "cuda tuning: max_threads must be 128, 256 or 512, row_cache_bytes >= -1 "
+                    "and prefetch_bytes >= 0");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+#else
+  PyErr_SetString(PyExc_RuntimeError, "this build has no CUDA kernels to tune");
+  return nullptr;
+#endif
+}
+
+PyObject* cuda_tuning(PyObject*, PyObject*) {
+#if defined(TLF_WITH_CUDA)
+  const tlf::cuda::BlockRowTuning t = tlf::cuda::block_row_tuning();
+  return Py_BuildValue("(iLL)", t.max_threads, static_cast<long long>(t.row_cache_bytes),
+                       static_cast<long long>(t.prefetch_bytes));
+#else
+  PyErr_SetString(PyExc_RuntimeError, "this build has no CUDA kernels to tune");
+  return nullptr;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"openmp", openmp, METH_NOARGS, "Whether the CPU kernels run on OpenMP threads."},
+    {"set_cuda_tuning", set_cuda_tuning, METH_VARARGS,
+     "Set the block-per-row CUDA launch settings (max_threads, row_cache_bytes, "
+     "prefetch_bytes)."},
+    {"cuda_tuning", cuda_tuning, METH_NOARGS, "The block-per-row CUDA launch settings."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import torchloss_fused
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -145,3 +147,22 @@ def chunked_logits_tol(device):
     chunk of rows at a time, and cuBLAS may round a few bfloat16 logits of a chunk apart
     from the whole product's (on CPU they agree)."""
     return 1e-3 if device.type == "cuda" else 1e-5
+
+
+def assert_ce_like_oracle(x, t, **kw):
+    """Our cross_entropy (fused training path) and its gradient against the float64
+    oracle, eager PyTorch in the same dtype giving the low-precision error budget.
+    Returns our (loss, gradient)."""
+    x = x.detach().requires_grad_()
+    ours = torchloss_fused.cross_entropy(x, t, reduction="none", **kw)
+    grad_out = torch.rand_like(ours, dtype=torch.float64).to(ours.dtype) + 0.5
+    (g,) = torch.autograd.grad(ours, x, grad_out)
+    results = {}
+    for name, dt in (("oracle", torch.float64), ("eager", x.dtype)):
+        xr = x.detach().clone().requires_grad_()
+        loss, _ = oracle_cross_entropy(xr, t, reduction="none", dtype=dt, **kw)
+        (gr,) = torch.autograd.grad(loss, xr, grad_out.to(loss.dtype))
+        results[name] = (loss.detach(), gr)
+    assert_matches(ours.detach(), results["oracle"][0], results["eager"][0], x.dtype, what="loss")
+    assert_matches(g, results["oracle"][1], results["eager"][1], x.dtype, what="grad")
+    return ours.detach(), g

@@ -435,6 +435,9 @@ class SoftmaxConfig:
     threads: int = 32
     vec: bool = False
     cache: str = "none"  # row cache: none, part, full
+    prefetch: int = 0  # direct: bytes of the next row to prefetch into L2
+    # auto: the launcher's BlockRowTuning (max threads, row-cache cap bytes, prefetch bytes)
+    tuning: tuple[int, int, int] | None = None
     grid: int = 2
     B: int = 5
     device: int = 0
@@ -442,9 +445,11 @@ class SoftmaxConfig:
     fastmath: int = 0
 
     def describe(self) -> str:
-        shape = (f"launch=auto device={self.device}" if self.launch == "auto" else
+        shape = (f"launch=auto device={self.device} tuning={self.tuning}"
+                 if self.launch == "auto" else
                  f"group={['thread', 'warp', 'block'][self.group]} threads={self.threads} "
-                 f"vec={int(self.vec)} cache={self.cache} grid={self.grid}")
+                 f"vec={int(self.vec)} cache={self.cache} prefetch={self.prefetch} "
+                 f"grid={self.grid}")
         return (f"{str(self.dtype)[6:]} B={self.B} C={self.C} {self.layout} {shape} "
                 f"opts={self.opts}" + (f" fastmath={self.fastmath}" if self.fastmath else ""))
 
@@ -532,7 +537,9 @@ class SoftmaxScenario:
               "fastmath": cfg.fastmath, "launch": cfg.launch}
         if cfg.launch == "direct":
             kv.update(group=cfg.group, vec=int(cfg.vec), grid=cfg.grid, threads=cfg.threads,
-                      cache=self._cache_slots())
+                      cache=self._cache_slots(), prefetch=cfg.prefetch)
+        elif cfg.tuning is not None:
+            kv["tuning"] = cfg.tuning
         kv["input"] = (b.tensor(x).arg(), *x.shape, *x.stride())
         tr = b.tensor(t)
         if t.is_floating_point():
@@ -863,7 +870,9 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
                         cache=rnd.choice(["none", "part", "full"]), grid=rnd.choice([1, 2]),
                         # a thread per row: enough rows for the grid to loop
                         B=rnd.choice([5, 70]) if group == 0 else 5,
-                        schedule_check=group > 0 and rnd.random() < 0.5))
+                        schedule_check=group > 0 and rnd.random() < 0.5,
+                        # none, a few lines, past the row's end (clipped to the row)
+                        prefetch=rnd.choice([0, 0, 200, 1 << 20]) if vec else 0))
     # The real launcher: thread / warp / block rows (up to 512 threads), vector or not, row
     # cache halving (device 2 grants less shared memory than it reports), many strided rows.
     for dtype, C, layout, B, device in [
@@ -876,6 +885,15 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
         for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0},
                   {"prob": True, "z": 1e-3}):
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=B, device=device))
+    # The launcher under run-time tuning (csrc/cuda/tuning.h): smaller blocks, a capped or no
+    # row cache, the next row's prefetch.
+    for dtype, C, layout, device, tuning in [
+            (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048)),
+            (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20)),
+            (torch.float16, 40000, "padded", 1, (512, 1 << 30, 300))]:
+        for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0}, {}):
+            out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=4, device=device,
+                                     tuning=tuning))
     return out
 
 
@@ -1099,6 +1117,24 @@ def test_sample_covers_the_kernels(emulated):
               if cid == f"{s.sid}.fused" for ln in lns
               if 0 < ln[2] < -(-s.cfg.C // (16 // s.cfg.dtype.itemsize)) * 16]
     assert shrunk, "no launch on device 2 shrank the row cache"
+
+
+def test_launcher_follows_tuning(emulated):
+    """Under a BlockRowTuning the launcher's block-per-row launches take its block size (the
+    rows are long enough not to halve it) and keep the row cache within its cap; the values
+    are checked with the other softmax cases, against the reference."""
+    _assert_none(emulated)
+    launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
+    tuned = [s for s in emulated.scenarios
+             if isinstance(s, SoftmaxScenario) and s.cfg.tuning is not None]
+    assert len(tuned) == 9
+    for s in tuned:
+        threads, cap, _ = s.cfg.tuning
+        mine = [ln for cid, lns in launches.items() if cid.startswith(s.sid + ".") for ln in lns]
+        blocks = [ln for ln in mine if "BlockGroup, true" in ln[4]]
+        assert blocks and len(blocks) == len(mine), (s.cfg.describe(), mine)
+        assert {ln[1] for ln in blocks} == {threads}, (s.cfg.describe(), blocks)
+        assert all(ln[2] <= cap for ln in blocks), (s.cfg.describe(), blocks)
 
 
 def main(argv: list[str]) -> int:

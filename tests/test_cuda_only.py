@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchloss_fused as tlf
 from torchloss_fused import _backend
 
-from .helpers import assert_matches, oracle_cross_entropy
+from .helpers import assert_ce_like_oracle, assert_matches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,24 +55,6 @@ def _logits(shape, dtype, layout="contig", scale=3.0):
     return x.to(dtype)
 
 
-def _ce_check(x, t, **kw):
-    """Our cross_entropy (fused training path) and its gradient against the float64
-    oracle, eager PyTorch in the same dtype giving the low-precision error budget."""
-    x = x.detach().requires_grad_()
-    ours = tlf.cross_entropy(x, t, reduction="none", **kw)
-    grad_out = torch.rand_like(ours, dtype=torch.float64).to(ours.dtype) + 0.5
-    (g,) = torch.autograd.grad(ours, x, grad_out)
-    results = {}
-    for name, dt in (("oracle", torch.float64), ("eager", x.dtype)):
-        xr = x.detach().clone().requires_grad_()
-        loss, _ = oracle_cross_entropy(xr, t, reduction="none", dtype=dt, **kw)
-        (gr,) = torch.autograd.grad(loss, xr, grad_out.to(loss.dtype))
-        results[name] = (loss.detach(), gr)
-    assert_matches(ours.detach(), results["oracle"][0], results["eager"][0], x.dtype, what="loss")
-    assert_matches(g, results["oracle"][1], results["eager"][1], x.dtype, what="grad")
-    return ours
-
-
 def _focal_oracle(x, t, gamma, alpha=None, dtype=torch.float64):
     logp = torch.log_softmax(x.to(dtype), dim=1)
     valid = t != -100
@@ -101,7 +83,7 @@ def test_cross_entropy_every_kernel_shape(dtype, C, layout):
     x = _logits((B, C), dtype, layout)
     t = torch.randint(0, C, (B,), device="cuda")
     t[::7] = -100
-    _ce_check(x, t)
+    assert_ce_like_oracle(x, t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,12 +95,12 @@ def test_cross_entropy_options(dtype, C):
     t[1] = -100
     # (class-index targets: F.cross_entropy wants the weight in the logits' dtype)
     w = (torch.rand(C, device="cuda", dtype=torch.float64) + 0.5).to(dtype)
-    _ce_check(x, t, weight=w, label_smoothing=0.1, z_loss=1e-3)
-    _ce_check(x, t, softcap=5.0, logit_scale=0.7)
+    assert_ce_like_oracle(x, t, weight=w, label_smoothing=0.1, z_loss=1e-3)
+    assert_ce_like_oracle(x, t, softcap=5.0, logit_scale=0.7)
     p = torch.softmax(torch.randn(B, C, device="cuda", dtype=torch.float64), 1)
-    _ce_check(x, p.to(dtype), label_smoothing=0.2)
+    assert_ce_like_oracle(x, p.to(dtype), label_smoothing=0.2)
     if dtype in (torch.bfloat16, torch.float16):
-        _ce_check(x, p.float())  # float32 probabilities for half logits
+        assert_ce_like_oracle(x, p.float())  # float32 probabilities for half logits
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

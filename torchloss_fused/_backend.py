@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from torchloss_fused import _cuda_tuning
+
 FORCE_REFERENCE_ENV = "TORCHLOSS_FUSED_FORCE_REFERENCE"
 
 _OP = "torchloss_fused::ce_fwd"
@@ -56,6 +58,20 @@ def _query_kernels(device_type: str) -> bool:
 _HAS_KERNELS = {t: _query_kernels(t) for t in ("cpu", "cuda")}
 
 
+
+def _apply_cuda_tuning() -> _cuda_tuning.CudaTuning | None:
+    # A malformed TLF_CUDA_TUNING raises on every build, not only where it would apply.
+    tuning = _cuda_tuning.from_env()
+    if tuning is None or not _HAS_KERNELS["cuda"]:
+        return None
+    _cuda_tuning.apply(tuning)
+    return tuning
+
+
+# The launch settings TLF_CUDA_TUNING gave the CUDA kernels (None: the defaults).
+CUDA_TUNING = _apply_cuda_tuning()
+
+
 def has_kernels(device_type: str) -> bool:
     """True when the compiled extension has kernels for this device type."""
     return _HAS_KERNELS.get(device_type, False)
@@ -89,10 +105,13 @@ def backend_info(device: str | torch.device = "cpu") -> dict:
                 "detail": f"C++ kernels, {_cpu_kernel_flavour()} instruction set",
                 "reason": _LOAD_REASON,
             }
+        detail = f"{device.type.upper()} kernels"
+        if device.type == "cuda" and CUDA_TUNING not in (None, _cuda_tuning.DEFAULT):
+            detail += f" (launch tuning {CUDA_TUNING.describe()})"
         return {
             "device": str(device),
             "implementation": device.type,
-            "detail": f"{device.type.upper()} kernels",
+            "detail": detail,
             "reason": _LOAD_REASON,
         }
     if EXTENSION_LOADED:

@@ -1,13 +1,39 @@
 // Dtype dispatch of the softmax-family kernels (cross-entropy, focal, their fused forms)
 // and of _rescale_grad_rows; the per-dtype instantiations live in softmax_loss_<dtype>.cu.
+// Also holds the block-per-row launch settings (tuning.h) the launchers read.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <mutex>
+
 #include "launch.h"
+#include "tuning.h"
 
 namespace tlf {
 
 namespace cuda {
+
+namespace {
+std::mutex g_tuning_mu;
+BlockRowTuning g_tuning;
+}  // namespace
+
+bool valid(const BlockRowTuning& t) {
+  const bool threads_ok = t.max_threads == 128 || t.max_threads == 256 || t.max_threads == 512;
+  return threads_ok && t.row_cache_bytes >= -1 && t.prefetch_bytes >= 0;
+}
+
+BlockRowTuning block_row_tuning() {
+  std::lock_guard<std::mutex> lock(g_tuning_mu);
+  return g_tuning;
+}
+
+bool set_block_row_tuning(const BlockRowTuning& t) {
+  if (!valid(t)) return false;
+  std::lock_guard<std::mutex> lock(g_tuning_mu);
+  g_tuning = t;
+  return true;
+}
 
 cudaError_t softmax_loss(const SoftmaxLossParams& p, Dtype dt, Mode mode, cudaStream_t stream) {
   switch (dt) {

@@ -82,6 +82,9 @@ class SoftmaxRow {
   int64_t head = 0, nvec = 0, tail = 0;
   uint4* cache;
   int64_t cache_n = 0;
+  // The next row this group takes, to prefetch into L2 before pass 2 (null: none).
+  const T* next_x;
+  int64_t prefetch_n = 0;
 
   // Pass-2 state.
   acc_t lse = 0, A = 0, B = 0, D = 0;
@@ -93,7 +96,8 @@ class SoftmaxRow {
  public:
   __device__ __forceinline__ SoftmaxRow(const SoftmaxLossParams& p_, const G& g_,
                                         const Transform<acc_t>& tf_, int64_t r_, uint4* cache_,
-                                        int64_t cache_cap, bool grad_vec_)
+                                        int64_t cache_cap, bool grad_vec_, const T* next_x_,
+                                        int64_t prefetch_bytes)
       : p(p_),
         grp(g_),
         tf(tf_),
@@ -105,7 +109,8 @@ class SoftmaxRow {
         x(static_cast<const T*>(p_.input) + p_.in.row_offset(r_)),
         grad_vec(grad_vec_),
         q(p_, r_),
-        cache(cache_) {
+        cache(cache_),
+        next_x(next_x_) {
     if (kGrad) {
       gx = static_cast<T*>(p.grad_input) + p.grad_layout.row_offset(r);
       gsc = p.grad_layout.sc;
@@ -116,6 +121,10 @@ class SoftmaxRow {
       nvec = (C - head) / kN;
       tail = head + nvec * kN;
       cache_n = nvec < cache_cap ? nvec : cache_cap;
+      if (next_x != nullptr) {
+        const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
+        prefetch_n = prefetch_bytes < row_bytes ? prefetch_bytes : row_bytes;
+      }
     }
   }
 
@@ -134,6 +143,17 @@ class SoftmaxRow {
     const acc_t eps = static_cast<acc_t>(p.label_smoothing);
     const acc_t z = static_cast<acc_t>(p.z_loss);
     const acc_t* w = static_cast<const acc_t*>(p.weight);
+
+    // The row's scalars are loaded before pass 1, whose loads hide their latency (after
+    // the block's reduction they would stall every thread of the row).
+    const acc_t wt = counted && w != nullptr ? w[t] : acc_t(1);
+    const acc_t alpha_t = counted && p.focal ? focal_alpha<acc_t>(p, t) : acc_t(0);
+    const bool has_g_lse = kMode == Mode::Backward && p.grad_lse.ptr != nullptr;
+    acc_t g = 0, g_lse = 0;
+    if (kGrad) {
+      g = read_row_value<acc_t>(p.grad_loss, r);
+      if (has_g_lse) g_lse = read_row_value<acc_t>(p.grad_lse, r);
+    }
 
     // The target logit (transformed as in the sums); its load overlaps pass 1.
     acc_t s_t = 0;
@@ -154,13 +174,10 @@ class SoftmaxRow {
 
     const bool focal_ready = counted && p.focal;
     Focal<acc_t> focal;
-    if (focal_ready) focal.compute(s_t - lse, focal_alpha<acc_t>(p, t), p.gamma);
+    if (focal_ready) focal.compute(s_t - lse, alpha_t, p.gamma);
 
     bool zero_row = false;
     if (kGrad) {
-      const acc_t g = read_row_value<acc_t>(p.grad_loss, r);
-      const bool has_g_lse = kMode == Mode::Backward && p.grad_lse.ptr != nullptr;
-      const acc_t g_lse = has_g_lse ? read_row_value<acc_t>(p.grad_lse, r) : acc_t(0);
       if (p.prob_target) {
         // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
         A = g * mass;
@@ -181,7 +198,6 @@ class SoftmaxRow {
           A = g * focal.factor;
           B = g * focal.factor;
         } else {
-          const acc_t wt = w != nullptr ? w[t] : acc_t(1);
           acc_t coef = (acc_t(1) - eps) * wt;
           if (eps > 0) {
             const acc_t W = p.weight_sum != nullptr ? *static_cast<const acc_t*>(p.weight_sum)
@@ -203,6 +219,10 @@ class SoftmaxRow {
       need_sum = p.prob_target || (counted && eps > 0);
       q_sum = p.prob_target ? QKind::ProbTarget : (w != nullptr ? QKind::Weight : QKind::One);
     }
+
+    // Pass 1 of this row is done (or there is none): the next row's first lines can come
+    // into L2 while this one's pass 2 runs, so its pass 1 starts without DRAM latency.
+    if (kVec && next_x != nullptr) prefetch_l2(next_x, prefetch_n, lane, gsize);
 
     if (kGrad && zero_row) {
       write_zero_row();
@@ -231,7 +251,7 @@ class SoftmaxRow {
         l = focal.loss;
       } else {
         const acc_t nll = lse - s_t;
-        l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
+        l = (acc_t(1) - eps) * (wt * nll);  // wt = 1 without weights: exactly nll
         if (eps > 0) l += eps / static_cast<acc_t>(C) * total;
         if (z != 0) l += z * lse * lse;
       }
@@ -455,18 +475,30 @@ class SoftmaxRow {
 // cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
 // dynamic shared memory holds (groups per block) * cache_vecs slots. The backward has no
 // first pass to fill a cache, so it ignores one even if a launcher passes it.
+// prefetch_bytes: on the vector path of a block per row, each row asks L2 for that many
+// bytes (at most the row) of the block's next row (0 = none; a hint, no result depends on
+// it).
 template <typename T, Mode kMode, class G, bool kVec>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
-                        bool grad_vec) {
+                        bool grad_vec, int64_t prefetch_bytes) {
   extern __shared__ uint4 tlf_row_cache[];
   const G grp;
   const Transform<acc_of<T>> tf(p.logit_scale, p.softcap);
   uint4* cache = tlf_row_cache + static_cast<int64_t>(grp.slot()) * cache_vecs;
   const int64_t rows = p.in.B * p.in.D;
+  // Only a block per row prefetches (the launcher gives the others none): a warp's row is
+  // at most 4 KiB, and the registers are better kept for its loads.
+  constexpr bool kPrefetch = kVec && G::kUsesBarriers;
+  const T* input = static_cast<const T*>(p.input);
   for (int64_t r = grp.first(); r < rows; r += grp.stride()) {
+    const int64_t next = r + grp.stride();
+    const T* next_x = kPrefetch && prefetch_bytes > 0 && next < rows
+                          ? input + p.in.row_offset(next)
+                          : nullptr;
     SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache,
-                                  kMode == Mode::Backward ? 0 : cache_vecs, grad_vec)
+                                  kMode == Mode::Backward ? 0 : cache_vecs, grad_vec, next_x,
+                                  prefetch_bytes)
         .run();
   }
 }

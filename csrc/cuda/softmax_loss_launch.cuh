@@ -12,6 +12,8 @@
 // boundary, so any vocabulary size and row stride is vectorised. The gradient is stored
 // with 16-byte stores when its layout has the same offset modulo 16 bytes in every row
 // (true for the contiguous gradient of a contiguous input, and in place).
+// The block-per-row path's block size, row-cache cap and next-row L2 prefetch follow the
+// run-time settings of tuning.h (defaults: 512 threads, the largest cache, no prefetch).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +28,7 @@
 #include "launch_utils.cuh"
 #include "rescale_grad_kernels.cuh"
 #include "softmax_loss_kernels.cuh"
+#include "tuning.h"
 #include "vec_io.cuh"
 
 namespace tlf::cuda {
@@ -59,7 +62,8 @@ bool grad_vector_ok(const SoftmaxLossParams& p, bool with_grad) {
 
 template <typename T, Mode kMode, class G, bool kVec>
 cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_block,
-                        int64_t cache_vecs, bool grad_vec, cudaStream_t stream) {
+                        int64_t cache_vecs, bool grad_vec, cudaStream_t stream,
+                        int64_t prefetch_bytes = 0) {
   auto kernel = softmax_loss_kernel<T, kMode, G, kVec>;
   // Every group of the block has its own cache slots.
   const size_t groups = G::kUsesBarriers ? 1 : static_cast<size_t>(rows_per_block);
@@ -70,7 +74,7 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
     const cudaError_t err =
         persistent_grid(kernel, threads, smem, ceil_div(rows, rows_per_block), &grid);
     if (err == cudaSuccess) {
-      kernel<<<grid, threads, smem, stream>>>(p, cache_vecs, grad_vec);
+      kernel<<<grid, threads, smem, stream>>>(p, cache_vecs, grad_vec, prefetch_bytes);
       return cudaGetLastError();
     }
     // A device that grants less shared memory than it reports: a smaller cache (the
@@ -119,17 +123,20 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
   // A block per row: 512 threads (one block per SM: the register file) for rows of at
   // least 8 units (vectors or elements) per thread; smaller blocks for smaller rows, so
   // that several blocks share an SM and one's reductions overlap another's loads.
+  const BlockRowTuning tune = block_row_tuning();
   const int64_t units = vec ? C / kN : C;
-  int threads = GroupTraits<BlockGroup>::kMaxThreads;
+  int threads = std::min(tune.max_threads, GroupTraits<BlockGroup>::kMaxThreads);
   while (threads > 128 && units < 8 * threads) threads /= 2;
   if constexpr (kHasVec) {
     if (vec) {
       int64_t cache = 0;
       if (two_pass) {
-        const int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
+        int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
+        if (tune.row_cache_bytes >= 0) budget = std::min(budget, tune.row_cache_bytes / 16);
         cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
       }
-      return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, gvec, stream);
+      return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, gvec, stream,
+                                                     tune.prefetch_bytes);
     }
   }
   return launch_rows<T, kMode, BlockGroup, false>(p, threads, 1, 0, false, stream);

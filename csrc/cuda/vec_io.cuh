@@ -158,4 +158,19 @@ __device__ __forceinline__ int64_t elems_to_alignment(const T* p) {
   return static_cast<int64_t>(((16u - mis) & 15u) / sizeof(T));
 }
 
+// Asks L2 for bytes [0, n) of a row (one hint per 128-byte line, spread over the group's
+// threads); loads nothing into registers and cannot fault. The host emulator (no
+// __CUDA_ARCH__) reads one byte per line instead, so its bounds checks see the addresses.
+__device__ __forceinline__ void prefetch_l2(const void* row, int64_t n, int lane, int gsize) {
+  const auto* b = static_cast<const unsigned char*>(row);
+  for (int64_t off = static_cast<int64_t>(lane) * 128; off < n;
+       off += static_cast<int64_t>(gsize) * 128) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(b + off));
+#else
+    (void)*static_cast<const volatile unsigned char*>(b + off);
+#endif
+  }
+}
+
 }  // namespace tlf::cuda

@@ -19,6 +19,7 @@ struct Direct {
   bool vec = false;  // the 16-byte path (classes contiguous; not for float64)
   int grid = 1, threads = 32;
   int64_t cache = 0;  // row-cache slots (16 bytes) per group
+  int64_t prefetch = 0;  // bytes of the next row to prefetch into L2 (vector path)
 };
 
 template <typename T>

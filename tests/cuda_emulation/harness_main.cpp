@@ -10,6 +10,9 @@
 //   op softmax|rescale|sigmoid|sigmoid_sum   dtype 0-3 (tlf::Dtype)   device N (emulated GPU)
 //   schedule THREADS BLOCKS (emu::Schedule, emu_control.h)   fastmath -1|0|1 (emu_runtime.h)
 //   launch auto (the real launcher) | direct  with  group 0-2  vec 0|1  grid N  threads N  cache N
+//     prefetch BYTES (direct; the next row's L2 prefetch)
+//   tuning MAX_THREADS ROW_CACHE_BYTES PREFETCH_BYTES (auto: tlf::cuda::BlockRowTuning for
+//     this case; the defaults are restored after it)
 //   softmax: mode 0-2 (tlf::Mode), input PTR B C D sb sc sd, index_target PTR TYPE sb sd D,
 //     prob_target PTR F32 B C D sb sc sd, ignore_index, weight PTR, weight_sum PTR,
 //     label_smoothing, z_loss, softcap, logit_scale, focal, gamma, alpha PTR, alpha_scale,
@@ -107,6 +110,7 @@ class Case {
     d.grid = static_cast<int>(i("grid", 1));
     d.threads = static_cast<int>(i("threads", 32));
     d.cache = i("cache", 0);
+    d.prefetch = i("prefetch", 0);
     return d;
   }
   bool direct_launch() const {
@@ -181,7 +185,17 @@ cudaError_t run_softmax(const Case& c, Dtype dt) {
     p.grad_input = c.ptr("grad_input");
     p.grad_layout = c.layout("grad_input", 2);
   }
-  if (!c.direct_launch()) return tlf::cuda::softmax_loss(p, dt, mode, nullptr);
+  if (!c.direct_launch()) {
+    if (!c.has("tuning")) return tlf::cuda::softmax_loss(p, dt, mode, nullptr);
+    tlf::cuda::BlockRowTuning t;
+    t.max_threads = static_cast<int>(c.i("tuning", 0, 0));
+    t.row_cache_bytes = c.i("tuning", 0, 1);
+    t.prefetch_bytes = c.i("tuning", 0, 2);
+    if (!tlf::cuda::set_block_row_tuning(t)) fail("case " + c.id + ": invalid tuning");
+    const cudaError_t err = tlf::cuda::softmax_loss(p, dt, mode, nullptr);
+    tlf::cuda::set_block_row_tuning(tlf::cuda::BlockRowTuning{});
+    return err;
+  }
   return by_dtype(dt, [&](auto t) {
     return harness::softmax_direct<decltype(t)>(p, mode, c.direct());
   });

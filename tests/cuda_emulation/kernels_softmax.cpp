@@ -30,7 +30,7 @@ cudaError_t launch(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  kernel ->* emu::Config(d.grid, d.threads, smem)(p, cache, grad_vec);
+  kernel ->* emu::Config(d.grid, d.threads, smem)(p, cache, grad_vec, d.prefetch);
   return cudaGetLastError();
 }
 

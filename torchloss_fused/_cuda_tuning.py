@@ -1,0 +1,109 @@
+"""Run-time launch settings of the CUDA kernels' block-per-row path (large vocabularies):
+block size, row-cache cap and an L2 prefetch of the next row (csrc/cuda/tuning.h).
+
+They exist so that one GPU session can compare several launch shapes, one benchmark process
+each, without a rebuild (scripts/gpu_check.sh's `sweep` stage). Set them with the
+environment variable read once at import::
+
+    TLF_CUDA_TUNING="block_threads=256,row_cache_kib=108,prefetch_kib=32"
+
+Keys (any subset; the rest keep their defaults, which are the launcher's own choice):
+
+- ``block_threads``: 128, 256 or 512 (default 512) threads per row's block; the launcher
+  still halves it for short rows.
+- ``row_cache_kib``: cap on a block's shared-memory row cache in KiB, or ``max`` (default:
+  as much as the device grants one block). Below about half the SM's shared memory two
+  blocks share an SM; what does not fit is re-read from L2.
+- ``prefetch_kib``: KiB of the next row each block asks L2 for before its gradient pass
+  (default 0: none).
+
+No setting changes what is computed; ``block_threads`` changes the order of a row's sums, so
+the last bits can differ between settings (never between runs with one setting). A
+malformed value raises ValueError at import. The benchmark records the variable in its
+results (software.env), and ``backend_info("cuda")`` names a non-default setting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+ENV = "TLF_CUDA_TUNING"
+THREADS = (128, 256, 512)
+
+
+@dataclass(frozen=True)
+class CudaTuning:
+    block_threads: int = 512
+    row_cache_kib: int | None = None  # None: the largest cache the device grants
+    prefetch_kib: int = 0
+
+    def c_args(self) -> tuple[int, int, int]:
+        """(max_threads, row_cache_bytes (-1: no cap), prefetch_bytes) for _C."""
+        cache = -1 if self.row_cache_kib is None else self.row_cache_kib * 1024
+        return self.block_threads, cache, self.prefetch_kib * 1024
+
+    def describe(self) -> str:
+        cache = "max" if self.row_cache_kib is None else self.row_cache_kib
+        return (f"block_threads={self.block_threads},row_cache_kib={cache},"
+                f"prefetch_kib={self.prefetch_kib}")
+
+
+DEFAULT = CudaTuning()
+
+
+def _kib(key: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{ENV}: {key} must be a whole number of KiB, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{ENV}: {key} must be >= 0, got {value}")
+    return value
+
+
+def parse(spec: str) -> CudaTuning:
+    """The settings a TLF_CUDA_TUNING value names ("" or blanks: the defaults)."""
+    values: dict = {}
+    names = {f.name for f in fields(CudaTuning)}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not text:
+            raise ValueError(f"{ENV}: expected key=value, got {item!r}")
+        if key not in names:
+            raise ValueError(f"{ENV}: unknown key {key!r}; known: {', '.join(sorted(names))}")
+        if key in values:
+            raise ValueError(f"{ENV}: {key} given twice")
+        if key == "block_threads":
+            if text not in {str(t) for t in THREADS}:
+                raise ValueError(f"{ENV}: block_threads must be one of {THREADS}, got {text!r}")
+            values[key] = int(text)
+        elif key == "row_cache_kib" and text == "max":
+            values[key] = None
+        else:
+            values[key] = _kib(key, text)
+    return CudaTuning(**values)
+
+
+def from_env() -> CudaTuning | None:
+    """The settings TLF_CUDA_TUNING names, or None when it is unset."""
+    spec = os.environ.get(ENV)
+    return None if spec is None else parse(spec)
+
+
+def apply(tuning: CudaTuning) -> None:
+    """Makes every later CUDA launch use `tuning` (needs a build with CUDA kernels)."""
+    from torchloss_fused import _C
+
+    _C.set_cuda_tuning(*tuning.c_args())
+
+
+def current() -> CudaTuning:
+    """The settings the CUDA launches use now (needs a build with CUDA kernels)."""
+    from torchloss_fused import _C
+
+    threads, cache, prefetch = _C.cuda_tuning()
+    return CudaTuning(threads, None if cache < 0 else cache // 1024, prefetch // 1024)
