@@ -26,6 +26,11 @@
 # BENCH_RUNS: benchmark invocations separated by '|' (each writes its own results, so a
 # run cut short by its time limit loses only its own rows); default: the issues' target
 # shapes in bf16, cross-entropy and focal first.
+# GPU_CHECK_STAGES "sweep" (after the benchmark): the benchmark once per launch tuning
+# (TLF_CUDA_TUNING values separated by '|' in GPU_CHECK_SWEEP, "" = the defaults; see
+# torchloss_fused/_cuda_tuning.py), with the arguments of GPU_CHECK_SWEEP_ARGS, and one
+# table of our rows (benchmarks/tuning_sweep.py) in summary.txt; the JSONs go in the bundle
+# under sweep/. GPU_CHECK_SWEEP_S caps each run.
 #
 # Peer libraries for the benchmark (Liger-Kernel, cut-cross-entropy: pure Python + Triton)
 # are installed from wheels in .whl/ when present (not tracked: fetch them with `pip
@@ -276,6 +281,26 @@ elif want profile; then
   note "ncu not found: profile skipped"
 fi
 
+# ---- optional: the benchmark under each launch tuning ---------------------------------------
+DEFAULT_SWEEP="|prefetch_kib=64|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|row_cache_kib=0|block_threads=256,row_cache_kib=0"
+DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
+if want sweep; then
+  IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
+  i=0
+  for tuning in "${sweep_runs[@]}"; do
+    i=$((i + 1))
+    mkdir -p "$OUT/sweep/$i"
+    # shellcheck disable=SC2086  # the arguments are a list of words
+    TLF_CUDA_TUNING="$tuning" run_stage "sweep $i (TLF_CUDA_TUNING='$tuning')" \
+      "$LOGS/sweep_$i.log" "$(stage_limit "${GPU_CHECK_SWEEP_S:-60}" 10)" \
+      "$PY" -m benchmarks.run --device cuda --no-progress --out "$OUT/sweep/$i" \
+      ${GPU_CHECK_SWEEP_ARGS:-$DEFAULT_SWEEP_ARGS}
+  done
+  if compgen -G "$OUT/sweep/*/*.json" >/dev/null; then
+    "$PY" -m benchmarks.tuning_sweep "$OUT"/sweep/*/*.json 2>&1 | tee -a "$SUMMARY"
+  fi
+fi
+
 # The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).
 mkdir -p "$OUT/results"
 find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \
@@ -287,5 +312,8 @@ if compgen -G "$OUT/results/*.json" >/dev/null; then
 fi
 
 note "total: $((SECONDS - START)) s, overall rc=$overall"
-tar czf "$OUT/bundle.tgz" -C "$OUT" logs results && rm -rf "$LOGS" "$OUT/results"
+sweep_dir=()
+[[ -d "$OUT/sweep" ]] && sweep_dir=(sweep)
+tar czf "$OUT/bundle.tgz" -C "$OUT" logs results ${sweep_dir[@]+"${sweep_dir[@]}"} &&
+  rm -rf "$LOGS" "$OUT/results" "$OUT/sweep"
 exit "$overall"

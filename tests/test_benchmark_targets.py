@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import results_json, targets
+from benchmarks import results_json, targets, tuning_sweep
 from benchmarks.cases import sweep
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -92,3 +92,27 @@ def test_default_file_is_the_newest_benchmark_run(tmp_path, monkeypatch):
     os.utime(run_file, (1, 1))
     monkeypatch.setattr(targets, "RESULTS_DIR", tmp_path)
     assert targets._newest_results() == run_file
+
+
+def test_tuning_sweep_table(tmp_path, capsys):
+    """benchmarks.tuning_sweep: our ok rows of each run, tagged with its TLF_CUDA_TUNING,
+    fastest first, relative to the default setting's row of the same implementation."""
+    def row(impl, ms, kind="ours", status="ok"):
+        return {"op": "ce_fwd_bwd", "dtype": "bf16", "shape": [16384, 128256], "impl": impl,
+                "impl_kind": kind, "status": status, "median_ms": ms, "pct_copy_bw": 50.0}
+
+    runs = {"a": ({}, [row("torchloss_fused", 4.0), row("eager", 9.0, kind="eager")]),
+            "b": ({"TLF_CUDA_TUNING": "prefetch_kib=64"},
+                  [row("torchloss_fused", 3.0), row("torchloss_fused inplace_backward", 1.0,
+                                                    status="FAILED")]),
+            "c": ({"TLF_CUDA_TUNING": ""}, [])}
+    paths = []
+    for name, (env, rows) in runs.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"software": {"env": env}, "rows": rows}))
+        paths.append(path)
+    assert tuning_sweep.main([str(p) for p in paths]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:]]
+    assert [(ln[4], ln[5], ln[-1]) for ln in lines] == [("prefetch_kib=64", "3.000", "0.750x"),
+                                                        ("default", "4.000", "1.000x")]
+    assert tuning_sweep.main([str(paths[2])]) == 1
