@@ -399,21 +399,41 @@ def test_bitwise_deterministic(C, dtype):
         assert torch.equal(a, b)
 
 
-def test_fused_and_split_paths_agree_bitwise():
-    x = _logits((300, 5003), torch.bfloat16, "padded")
-    t = torch.randint(0, 5003, (300,), device="cuda")
+@pytest.mark.parametrize("C", [5003, 262147])
+@pytest.mark.parametrize("opts", [
+    {},                                               # the plain loop
+    {"eps": 0.1},                                     # the smoothing loop
+    {"eps": 0.1, "z": 1e-3, "weight": True},          # the generic loop
+    {"softcap": 5.0, "scale": 0.7},                   # the generic loop, transformed
+    {"z": 1e-3, "weight": True},                      # the plain loop, weighted
+], ids=["plain", "smooth", "smooth-weighted", "softcap", "z-weighted"])
+def test_fused_and_split_paths_agree_bitwise(C, opts):
+    """Each pass-2 loop of the kernels (plain, smoothing, generic) is taken by the fused
+    forward and by the separate forward / backward alike: the same bits."""
+    N = 300 if C < 50000 else 8
+    x = _logits((N, C), torch.bfloat16, "padded")
+    t = torch.randint(0, C, (N,), device="cuda")
+    t[::7] = -100
     x3, t2 = x.unsqueeze(2), t.unsqueeze(1)
-    loss, lse = OPS.ce_fwd(x3, t2, None, -100, 0.0, 0.0, 0.0, 1.0, False)
-    g = torch.full((300, 1), 1 / 300, device="cuda")
-    loss_f, lse_f, grad_f = OPS.ce_fwd_grad(x3, t2, None, -100, 0.0, 0.0, 0.0, 1.0, g)
-    grad = OPS._ce_bwd(g, None, x3, t2, None, lse, -100, 0.0, 0.0, 0.0, 1.0)
+    w = (torch.rand(C, device="cuda") + 0.5).to(x.dtype) if opts.get("weight") else None
+    args = (-100, opts.get("eps", 0.0), opts.get("z", 0.0), opts.get("softcap", 0.0),
+            opts.get("scale", 1.0))
+    loss, lse = OPS.ce_fwd(x3, t2, w, *args, False)
+    g = torch.full((N, 1), 1 / N, device="cuda")
+    loss_f, lse_f, grad_f = OPS.ce_fwd_grad(x3, t2, w, *args, g)
+    grad = OPS._ce_bwd(g, None, x3, t2, w, lse, *args)
     assert torch.equal(loss, loss_f) and torch.equal(lse, lse_f)
     assert torch.equal(grad, grad_f)
     xi = x3.clone()
-    OPS._ce_bwd_inplace(g, None, xi, t2, None, lse, -100, 0.0, 0.0, 0.0, 1.0)
+    OPS._ce_bwd_inplace(g, None, xi, t2, w, lse, *args)
     assert torch.equal(xi, grad)
+
+
+def test_fused_and_split_paths_agree_bitwise_prob_target():
     # Probability targets with smoothing: the backward sums the target mass in the order the
     # fused forward did.
+    x3 = _logits((300, 5003), torch.bfloat16, "padded").unsqueeze(2)
+    g = torch.full((300, 1), 1 / 300, device="cuda")
     q = torch.softmax(torch.randn(300, 5003, 1, device="cuda"), 1)
     loss, lse = OPS.ce_fwd(x3, q, None, -100, 0.1, 0.0, 0.0, 1.0, False)
     _, _, grad_f = OPS.ce_fwd_grad(x3, q, None, -100, 0.1, 0.0, 0.0, 1.0, g)

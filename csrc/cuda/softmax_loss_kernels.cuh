@@ -227,15 +227,21 @@ class SoftmaxRow {
     if (kGrad && zero_row) {
       write_zero_row();
     } else if (kGrad || need_sum) {
-      // The plain gradient (no logit transform, no q_c term, no smoothing sum: plain and
-      // weighted cross-entropy, z-loss, focal) has its own loop, the same formulas without
-      // the per-element option branches, which cost more instructions than the math (an
-      // H200 profile: the fused kernel issue-bound at ~44 instructions per element). The
-      // fused and split paths of a row take the same loop, so they still agree bitwise.
-      if (kGrad && !need_sum && q_grad == QKind::None && !tf.active()) {
-        pass2<true>();
-      } else {
-        pass2<false>();
+      // The common rows have loops of their own, the same formulas without the
+      // per-element option branches, which cost more instructions than the math (an H200
+      // profile: the fused kernel issue-bound at ~44 instructions per element). The choice
+      // depends on the row's options alone, never on the mode, so the fused and split
+      // paths of a row run the same loop and agree bitwise.
+      switch (loop_of(counted, eps, w)) {
+        case Loop::Plain:
+          pass2<Loop::Plain>();
+          break;
+        case Loop::Smooth:
+          pass2<Loop::Smooth>();
+          break;
+        default:
+          pass2<Loop::Generic>();
+          break;
       }
       if (need_sum) total = grp.sum(total);
     }
@@ -353,11 +359,31 @@ class SoftmaxRow {
 
   // ---- pass 2: gradient and/or smoothing sum ----
 
+  // Pass 2's loop for a row:
+  //   Plain   no logit transform, no q_c term, no smoothing sum (plain and weighted
+  //           cross-entropy, z-loss, focal): A p_c
+  //   Smooth  label smoothing without weights or transform, class-index target:
+  //           A p_c - D, and the smoothing sum of lse - s_c
+  //   Generic anything else (probability targets, weighted smoothing, softcap, scale).
+  enum class Loop { Plain, Smooth, Generic };
+
+  __device__ __forceinline__ Loop loop_of(bool counted, acc_t eps, const acc_t* w) const {
+    if (tf.active() || p.prob_target) return Loop::Generic;
+    if (!counted || eps == acc_t(0)) return Loop::Plain;  // no q_c term and no sum
+    return w == nullptr ? Loop::Smooth : Loop::Generic;
+  }
+
   // Gradient of one non-target element (s transformed, column c); adds its share of the
-  // smoothing sum. kPlain: only A p_c (what the generic form reduces to there).
-  template <bool kPlain>
+  // smoothing sum. What the generic form reduces to in the special loops: D = 0 where the
+  // smooth rows have no q_c term (x - 0 == x), and need_sum only where they sum.
+  template <Loop kLoop>
   __device__ __forceinline__ acc_t element(acc_t s, int64_t c) {
-    if constexpr (kPlain) return A * exp_fast(s - lse);
+    if constexpr (kLoop == Loop::Plain) return A * exp_fast(s - lse);
+    if constexpr (kLoop == Loop::Smooth) {
+      const acc_t d = s - lse;
+      if (need_sum) total -= d;  // total += lse - s exactly: negation does not round
+      return kGrad ? A * exp_fast(d) - D : acc_t(0);
+    }
     const QKind qk = q_sum != QKind::None ? q_sum : q_grad;
     const acc_t qc = qk != QKind::None ? q(qk, c) : acc_t(0);
     if (need_sum) total += q_sum == QKind::One ? lse - s : qc * (lse - s);
@@ -367,37 +393,38 @@ class SoftmaxRow {
   }
 
   // The target element's gradient, with p_t - 1 formed in acc precision before rounding.
-  template <bool kPlain>
+  template <Loop kLoop>
   __device__ __forceinline__ acc_t target_element(acc_t s) const {
-    if constexpr (kPlain) return A * exp_fast(s - lse) - B;
+    if constexpr (kLoop == Loop::Plain) return A * exp_fast(s - lse) - B;
+    if constexpr (kLoop == Loop::Smooth) return A * exp_fast(s - lse) - D - B;
     const acc_t qt = q_grad != QKind::None ? q(q_grad, t) : acc_t(0);
     const acc_t gv = A * exp_fast(s - lse) - D * qt - B;
     return tf.active() ? gv * tf.deriv(s) : gv;
   }
 
-  template <bool kPlain>
+  template <Loop kLoop>
   __device__ __forceinline__ void scalar_element(int64_t c, acc_t raw) {
-    const acc_t s = kPlain ? raw : tf.apply(raw);
-    acc_t gv = element<kPlain>(s, c);
-    if (kGrad && c == t) gv = target_element<kPlain>(s);
+    const acc_t s = kLoop == Loop::Generic ? tf.apply(raw) : raw;
+    acc_t gv = element<kLoop>(s, c);
+    if (kGrad && c == t) gv = target_element<kLoop>(s);
     if (kGrad) gx[c * gsc] = from_acc<T>(gv);
   }
 
-  template <bool kPlain>
+  template <Loop kLoop>
   __device__ __forceinline__ void vector_element(const uint4& raw, int64_t v, T* gxv) {
     acc_t s[kN], out[kN];
     V::unpack(raw, s);
     const int64_t c0 = head + v * kN;
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
-      if (!kPlain) s[j] = tf.apply(s[j]);
-      out[j] = element<kPlain>(s[j], c0 + j);
+      if (kLoop == Loop::Generic) s[j] = tf.apply(s[j]);
+      out[j] = element<kLoop>(s[j], c0 + j);
     }
     const int64_t jt = t - c0;  // t = -1 for rows without a target element
     if (kGrad && jt >= 0 && jt < kN) {
 #pragma unroll
       for (int j = 0; j < kN; ++j) {
-        if (j == jt) out[j] = target_element<kPlain>(s[j]);
+        if (j == jt) out[j] = target_element<kLoop>(s[j]);
       }
     }
     if (!kGrad) return;
@@ -409,11 +436,11 @@ class SoftmaxRow {
     }
   }
 
-  template <bool kPlain>
+  template <Loop kLoop>
   __device__ __forceinline__ void pass2() {
     if (kVec) {
-      if (lane < head) scalar_element<kPlain>(lane, load_scalar(lane));
-      if (tail + lane < C) scalar_element<kPlain>(tail + lane, load_scalar(tail + lane));
+      if (lane < head) scalar_element<kLoop>(lane, load_scalar(lane));
+      if (tail + lane < C) scalar_element<kLoop>(tail + lane, load_scalar(tail + lane));
       const T* xv = x + head;
       T* gxv = kGrad && grad_vec ? gx + head : nullptr;
       // Uncached vectors, last-read first (most likely still in L2).
@@ -430,12 +457,12 @@ class SoftmaxRow {
 #pragma unroll
           for (int u = 0; u < kU2; ++u) {
             const int64_t v = v0 - static_cast<int64_t>(u) * gsize;
-            if (v >= cache_n) vector_element<kPlain>(raw[u], v, gxv);
+            if (v >= cache_n) vector_element<kLoop>(raw[u], v, gxv);
           }
         }
       }
       // Cached vectors: this thread wrote exactly these slots in pass 1.
-      for (int64_t v = lane; v < cache_n; v += gsize) vector_element<kPlain>(cache[v], v, gxv);
+      for (int64_t v = lane; v < cache_n; v += gsize) vector_element<kLoop>(cache[v], v, gxv);
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
@@ -448,7 +475,7 @@ class SoftmaxRow {
 #pragma unroll
         for (int u = 0; u < kUS; ++u) {
           const int64_t c = c0 + static_cast<int64_t>(u) * gsize;
-          if (c < C) scalar_element<kPlain>(c, e[u]);
+          if (c < C) scalar_element<kLoop>(c, e[u]);
         }
       }
     }
