@@ -139,6 +139,8 @@ fi
 # Run alone (GPU_CHECK_STAGES=tests), the tests get the whole budget: the CUDA part up to
 # GPU_CHECK_CUDA_TESTS_S seconds (default 360 alone, 240 beside the later stages).
 if want sanitizer || want bench; then after_tests=120 cuda_cap=240; else after_tests=0 cuda_cap=360; fi
+# The sweep's runs (about 20 s each at the default arguments) come after the tests too.
+if want sweep; then after_tests=$((after_tests + 150)); fi
 cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-$cuda_cap}"
 rest_select=(tests -k "not cuda or emulated")
 [[ -n "${GPU_CHECK_REST_SELECT:-}" ]] && read -r -a rest_select <<<"$GPU_CHECK_REST_SELECT"
@@ -282,7 +284,9 @@ elif want profile; then
 fi
 
 # ---- optional: the benchmark under each launch tuning ---------------------------------------
-DEFAULT_SWEEP="|prefetch_kib=64|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|row_cache_kib=0|block_threads=256,row_cache_kib=0"
+# The defaults; two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
+# re-read from L2), four of 128 threads, the next row's prefetch, and no row cache at all.
+DEFAULT_SWEEP="|prefetch_kib=64|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|block_threads=128,row_cache_kib=52|row_cache_kib=0|block_threads=256,row_cache_kib=0"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
