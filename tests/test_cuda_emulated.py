@@ -15,7 +15,10 @@ build/cuda_emulation/<hash of every input>, runs a seeded sample of cases in a f
   int32 / uint8 targets, grad_lse, broadcast grad_output, NaN and -inf logits;
 - bitwise: fused == forward + backward (class-index targets), in-place == out-of-place,
   focal gamma = 0 == cross-entropy, and no dependence on the thread / block schedule;
-- an out-of-range target is the device assert, and nothing is accessed out of bounds;
+- an out-of-range target is the device assert, and nothing is accessed out of bounds (the
+  next-row L2 prefetch included);
+- the real launcher under run-time tuning (block size, row-cache cap, prefetch) launches
+  what the tuning asks, with the same values;
 - _rescale_grad_rows; sigmoid focal elementwise forward / backward (n not a multiple of the
   vector width, aligned or not); the reduced sum and sum-with-gradient, whose partition
   depends on n alone (same bits on every device and schedule, at most kSigmoidSumBlocks);

@@ -122,10 +122,12 @@ def test_c_round_trip_and_validation(restore_tuning):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_results_under_each_tuning(dtype, restore_tuning):
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.05}], ids=["plain", "smooth"])
+def test_results_under_each_tuning(dtype, kw, restore_tuning):
     """Every setting gives the float64 oracle's loss and gradient; the row cache and the
-    prefetch change no bit (the block size may change the sums' order)."""
-    C = 50021
+    prefetch change no bit (the block size may change the sums' order). The rows are
+    longer than a 100 KiB cache, shorter than the default one."""
+    C = 100003
     x = (torch.randn(6, C, device="cuda", dtype=torch.float64) * 3).to(dtype)
     t = torch.randint(0, C, (6,), device="cuda")
     t[2] = -100
@@ -133,6 +135,6 @@ def test_results_under_each_tuning(dtype, restore_tuning):
     for tuning in (CudaTuning(), CudaTuning(256, 100, 0), CudaTuning(128, 0, 64),
                    CudaTuning(512, 0, 1024), CudaTuning(256, None, 16)):
         _cuda_tuning.apply(tuning)
-        loss, grad = assert_ce_like_oracle(x, t, label_smoothing=0.05)
+        loss, grad = assert_ce_like_oracle(x, t, **kw)
         first = by_threads.setdefault(tuning.block_threads, (loss, grad))
         assert torch.equal(first[0], loss) and torch.equal(first[1], grad), tuning
