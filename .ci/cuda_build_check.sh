@@ -77,7 +77,8 @@ assert not missing, f"ops without a CUDA kernel: {missing}"
 print(f"[cuda-build-check] loaded: {len(ops)} ops, each with a CUDA kernel; {info['detail']}")
 EOF
 
-# ---- and a few tests on the CPU under the CUDA build of torch ---------------------------------
+# ---- and a few tests on the CPU under the CUDA build of torch (test_cuda_tuning: the launch
+# settings' round trip through _C, which only a build with CUDA kernels has) --------------------
 (cd "$SRC" && "$PY" -m pytest -q -p no:cacheprovider tests/test_backend.py \
-  tests/test_cross_entropy.py -m "not slow" 2>&1 | tail -n 3)
+  tests/test_cross_entropy.py tests/test_cuda_tuning.py -m "not slow" 2>&1 | tail -n 3)
 log "passed in $((SECONDS - start)) s"
