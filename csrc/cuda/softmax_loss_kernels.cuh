@@ -283,33 +283,12 @@ class SoftmaxRow {
         if (lane < head) mass += q.prob(ch);
         if (ct < C) mass += q.prob(ct);
       }
-      const T* xv = x + head;
-      const int64_t step = static_cast<int64_t>(gsize) * kU;
-      for (int64_t v0 = lane; v0 < nvec; v0 += step) {
-        uint4 raw[kU];
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
-          if (v < nvec) raw[u] = V::load(xv + v * kN);
-        }
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
-          if (v < nvec) {
-            if (v < cache_n) cache[v] = raw[u];
-            acc_t e[kN];
-            V::unpack(raw[u], e);
-            if (tf.active()) {
-#pragma unroll
-              for (int j = 0; j < kN; ++j) e[j] = tf.apply(e[j]);
-            }
-            st.add(e);
-            if (with_mass) {
-              const int64_t c0 = head + v * kN;
-              for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
-            }
-          }
-        }
+      // The logit transform and the target mass have a loop of their own: in the common
+      // rows' loop their per-vector tests would cost more than the math.
+      if (tf.active() || with_mass) {
+        pass1_vectors<true>(st, mass, with_mass);
+      } else {
+        pass1_vectors<false>(st, mass, false);
       }
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
@@ -336,6 +315,48 @@ class SoftmaxRow {
           }
         }
       }
+    }
+  }
+
+  // Pass 1's vectors, kU loads in flight. Each vector's work stays behind its own range
+  // test, as the loads' are: with those branches ptxas issues all of a batch's loads before
+  // any of their consumers (a version without them had the cache store of the first
+  // vector waiting on its load ahead of the later loads). A thread adds its vectors in
+  // ascending order.
+  template <bool kOpts>
+  __device__ __forceinline__ void pass1_vectors(LseState<acc_t>& st, acc_t& mass,
+                                                bool with_mass) {
+    const T* xv = x + head;
+    const int64_t step = static_cast<int64_t>(gsize) * kU;
+    for (int64_t v0 = lane; v0 < nvec; v0 += step) {
+      uint4 raw[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
+        if (v < nvec) raw[u] = V::load(xv + v * kN);
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
+        if (v < nvec) pass1_vector<kOpts>(st, mass, with_mass, raw[u], v);
+      }
+    }
+  }
+
+  template <bool kOpts>
+  __device__ __forceinline__ void pass1_vector(LseState<acc_t>& st, acc_t& mass, bool with_mass,
+                                               const uint4& raw, int64_t v) {
+    if (v < cache_n) cache[v] = raw;
+    acc_t e[kN];
+    V::unpack(raw, e);
+    if (kOpts && tf.active()) {
+#pragma unroll
+      for (int j = 0; j < kN; ++j) e[j] = tf.apply(e[j]);
+    }
+    st.add(e);
+    if (kOpts && with_mass) {
+      const int64_t c0 = head + v * kN;
+      for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
     }
   }
 
