@@ -1149,6 +1149,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--plant", nargs=3, action="append", default=[],
                     metavar=("FILE", "OLD", "NEW"), help="replace OLD by NEW in csrc/cuda/FILE")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--compare-with", type=Path, metavar="HARNESS",
+                    help="also run the sample with another emulator binary (e.g. a copy of "
+                         "the one --build-only printed, before a change) and report whether "
+                         "every output buffer is bit-identical: a refactoring's check")
     args = ap.parse_args(argv)
 
     def patch(name, text):
@@ -1165,7 +1169,20 @@ def main(argv: list[str]) -> int:
         if args.build_only:
             return 0
         with tempfile.TemporaryDirectory() as work:
-            fails = run_sample(exe, Path(work)).fails
+            outcome = run_sample(exe, Path(work))
+            fails = outcome.fails
+            if args.compare_with is not None:
+                (Path(work) / "other").mkdir()
+                other = run_sample(args.compare_with.resolve(), Path(work) / "other")
+                differ = [i for i, (a, b) in enumerate(zip(outcome.batches, other.batches))
+                          if a.out != b.out]
+                total = sum(len(b.out or b"") for b in outcome.batches)
+                print(f"compared with {args.compare_with}: {total} output bytes, "
+                      + (f"batches {differ} differ" if differ else "bit-identical"))
+                if differ or other.fails:
+                    fails.setdefault("compare", []).append(
+                        f"batches {differ} differ; the other binary's failures: "
+                        f"{ {k: len(v) for k, v in other.fails.items()} }")
     finally:
         if args.plant:
             shutil.rmtree(exe.parent, ignore_errors=True)
