@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(not memory.rss_available(),
 
 N, V = 2048, 8192  # 64 MiB of float32 logits
 SLACK = 6 * 2**20  # allocator rounding, per-row vectors, interpreter noise
+RSS_NOISE = 2 * 2**20  # run-to-run spread of the peak RSS of the same computation
 
 
 def _peak(step):
@@ -70,4 +71,7 @@ def test_fallback_needs_no_more_than_f_cross_entropy(backend):
     y = torch.randint(0, V, (N,))
     ours = _peak(_fwd_bwd(tlf.cross_entropy, x, y, label_smoothing=0.1))
     theirs = _peak(_fwd_bwd(F.cross_entropy, x, y, label_smoothing=0.1))
-    assert ours <= theirs, (ours / 2**20, theirs / 2**20)
+    # Peak RSS of two ~195 MiB runs differs by up to ~1 MiB from run to run (a CI run saw
+    # ours 1.0 MiB above); one more buffer of the fallback's would be a 16 MiB chunk of
+    # temporaries (reference._CHUNK_ELEMENTS) or 64 MiB of logits.
+    assert ours <= theirs + RSS_NOISE, (ours / 2**20, theirs / 2**20)
