@@ -5,6 +5,7 @@ launcher follows them: tests/test_cuda_emulated.py::test_launcher_follows_tuning
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -14,12 +15,14 @@ import torch
 
 import torchloss_fused as tlf
 from benchmarks import device_info
-from torchloss_fused import _C, _cuda_tuning
+from torchloss_fused import _backend, _cuda_tuning
 from torchloss_fused._cuda_tuning import CudaTuning, parse
 
 from .helpers import assert_ce_like_oracle
 
-CUDA_BUILD = _C.has_cuda()
+# _C imports only where the extension loaded (elsewhere the fallback serves).
+_C = importlib.import_module("torchloss_fused._C") if _backend.EXTENSION_LOADED else None
+CUDA_BUILD = _C is not None and _C.has_cuda()
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -93,7 +96,8 @@ def test_benchmark_records_the_variable(monkeypatch):
     assert device_info.software()["env"]["TLF_CUDA_TUNING"] == "prefetch_kib=8"
 
 
-@pytest.mark.skipif(CUDA_BUILD, reason="a build with CUDA kernels can be tuned")
+@pytest.mark.skipif(_C is None or CUDA_BUILD,
+                    reason="needs the extension, built without CUDA kernels")
 def test_cpu_build_refuses_to_tune():
     with pytest.raises(RuntimeError, match="no CUDA kernels to tune"):
         _C.set_cuda_tuning(256, -1, 0)
