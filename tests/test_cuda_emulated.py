@@ -876,6 +876,15 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
                         schedule_check=group > 0 and rnd.random() < 0.5,
                         # none, a few lines, past the row's end (clipped to the row)
                         prefetch=rnd.choice([0, 0, 200, 1 << 20]) if vec else 0))
+    # Pass 1's whole batches (a block row of at least kU * threads vectors: csrc/cuda's
+    # pass1_whole_batches), whose 16-bit maxima are taken while still packed: NaN and -inf
+    # rows, a row cache over part of the row or all of it, and the partial batch after.
+    for dtype in (torch.bfloat16, torch.float16):
+        for o in ({}, {"nan_row": True}, {"neginf": True, "eps": 0.1},
+                  {"focal": True, "gamma": 2.0}, {"weight": True, "z": 1e-2}):
+            out.append(SoftmaxConfig(
+                dtype, rnd.choice([3079, 5003]), rnd.choice(["contig", "mis1", "padded"]), o,
+                group=2, threads=64, vec=True, cache=rnd.choice(["part", "full"]), grid=2, B=5))
     # The real launcher: thread / warp / block rows (up to 512 threads), vector or not, row
     # cache halving (device 2 grants less shared memory than it reports), many strided rows.
     for dtype, C, layout, B, device in [

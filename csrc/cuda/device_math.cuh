@@ -24,6 +24,20 @@ __device__ __forceinline__ acc_t neg_inf() {
 
 __device__ __forceinline__ float exp_fast(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_fast(double x) { return exp(x); }
+// 2^x: one ex2.approx (what __expf runs after its multiply by log2(e)); libm for double.
+__device__ __forceinline__ float exp2_fast(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return exp2f(x);
+#endif
+}
+__device__ __forceinline__ double exp2_fast(double x) { return exp2(x); }
+template <typename acc_t>
+inline constexpr acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
+
 __device__ __forceinline__ float log_fast(float x) { return __logf(x); }
 __device__ __forceinline__ double log_fast(double x) { return log(x); }
 
@@ -54,6 +68,17 @@ __device__ __forceinline__ double max_nan(double a, double b) {
   return (a > b || a != a) ? a : b;
 }
 
+// Reduces v in place, pairwise: ((v0 op v1) op (v2 op v3)) op ..., a fixed order.
+template <typename acc_t, int N, class Op>
+__device__ __forceinline__ acc_t tree_reduce(acc_t (&v)[N], Op op) {
+#pragma unroll
+  for (int w = 1; w < N; w *= 2) {
+#pragma unroll
+    for (int i = 0; i + w < N; i += 2 * w) v[i] = op(v[i], v[i + w]);
+  }
+  return v[0];
+}
+
 // Online log-sum-exp state: m is the largest value seen (NaN once a NaN was seen, possibly
 // replaced later while s stays NaN), s = sum exp(v - m).
 template <typename acc_t>
@@ -63,20 +88,28 @@ struct LseState {
   __device__ __forceinline__ LseState() : m(neg_inf<acc_t>()), s(0) {}
 
   // Adds n values; entries the caller wants skipped are -inf (they add exp(-inf) = 0).
+  // The maximum and the sum are pairwise trees: log2(n) dependent steps rather than n, so
+  // the few warps of a block per row have independent instructions to issue.
   template <int N>
   __device__ __forceinline__ void add(const acc_t (&v)[N]) {
-    acc_t vmax = v[0];
+    acc_t t[N];
 #pragma unroll
-    for (int j = 1; j < N; ++j) vmax = max_nan(vmax, v[j]);
+    for (int j = 0; j < N; ++j) t[j] = v[j];
+    if (!raise_max(tree_reduce(t, [](acc_t a, acc_t b) { return max_nan(a, b); }))) return;
+#pragma unroll
+    for (int j = 0; j < N; ++j) t[j] = exp_fast(v[j] - m);
+    s += tree_reduce(t, [](acc_t a, acc_t b) { return a + b; });
+  }
+
+  // The first half of adding values whose maximum is vmax: m becomes max(m, vmax) and s
+  // follows it. False when every value so far is -inf: the terms exp(v - m) to add next
+  // are all exp(-inf) = 0, and the caller skips them.
+  __device__ __forceinline__ bool raise_max(acc_t vmax) {
     if (!(vmax <= m)) {  // a larger maximum, or NaN (which then poisons s)
       s = s * exp_fast(m - vmax);  // exp(-inf) = 0 while nothing finite was seen
       m = vmax;
     }
-    if (m == neg_inf<acc_t>()) return;  // all -inf so far: every term is exp(-inf) = 0
-    acc_t part = 0;
-#pragma unroll
-    for (int j = 0; j < N; ++j) part += exp_fast(v[j] - m);
-    s += part;
+    return m != neg_inf<acc_t>();
   }
 
   // s expressed relative to M >= m (M the maximum over the states being merged):

@@ -86,8 +86,10 @@ class SoftmaxRow {
   const T* next_x;
   int64_t prefetch_n = 0;
 
-  // Pass-2 state.
-  acc_t lse = 0, A = 0, B = 0, D = 0;
+  // Pass-2 state. The plain loop works in base 2: lse2 = RN(lse log2 e), and A2 = A times
+  // 2^-(lse log2 e - lse2) (the residual is exact by fma), so p_c A = A2 2^(s_c log2 e -
+  // lse2): one fma and one ex2 per element, the exponent rounded once.
+  acc_t lse = 0, A = 0, B = 0, D = 0, lse2 = 0, A2 = 0;
   int64_t t = -1;
   QKind q_grad = QKind::None, q_sum = QKind::None;
   bool need_sum = false;
@@ -232,6 +234,8 @@ class SoftmaxRow {
       // profile: the fused kernel issue-bound at ~44 instructions per element). The choice
       // depends on the row's options alone, never on the mode, so the fused and split
       // paths of a row run the same loop and agree bitwise.
+      lse2 = lse * kLog2e<acc_t>;
+      A2 = A * exp2_fast(-fma(lse, kLog2e<acc_t>, -lse2));
       switch (loop_of(counted, eps, w)) {
         case Loop::Plain:
           pass2<Loop::Plain>();
@@ -318,17 +322,22 @@ class SoftmaxRow {
     }
   }
 
-  // Pass 1's vectors, kU loads in flight. Each vector's work stays behind its own range
-  // test, as the loads' are: with those branches ptxas issues all of a batch's loads before
-  // any of their consumers (a version without them had the cache store of the first
-  // vector waiting on its load ahead of the later loads). A thread adds its vectors in
-  // ascending order.
+  // Pass 1's vectors, kU loads in flight per thread. Block rows without a transform or a
+  // mass take whole batches (every vector in range) through pass1_whole_batches (in a warp
+  // per row's kernels it would spill registers, for rows of at most 4 KiB). What is left,
+  // the one partial batch at the row's end or every batch of the other rows, goes vector
+  // by vector, each vector's work behind its own range test, as its load is: with those
+  // branches ptxas issues all of a batch's loads before any of their consumers (a version
+  // without them had the cache store of the first vector waiting on its load ahead of the
+  // later loads). A thread adds its vectors in ascending order.
   template <bool kOpts>
   __device__ __forceinline__ void pass1_vectors(LseState<acc_t>& st, acc_t& mass,
                                                 bool with_mass) {
     const T* xv = x + head;
     const int64_t step = static_cast<int64_t>(gsize) * kU;
-    for (int64_t v0 = lane; v0 < nvec; v0 += step) {
+    int64_t v0 = lane;
+    if constexpr (!kOpts && G::kUsesBarriers) v0 = pass1_whole_batches(st);
+    for (; v0 < nvec; v0 += step) {
       uint4 raw[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -343,6 +352,62 @@ class SoftmaxRow {
     }
   }
 
+  // The whole batches of a row without transform or mass: one online-max update for all
+  // kU * kN values (compared while still packed), one tree sum of their exponentials, and
+  // the cache stores. Vector by vector, the update's compare, exp and branch cost about as
+  // much as the eight terms. Returns the first batch start that is not whole.
+  __device__ __forceinline__ int64_t pass1_whole_batches(LseState<acc_t>& st) {
+    const T* xv = x + head;
+    const int64_t step = static_cast<int64_t>(gsize) * kU;
+    const int64_t whole_end = nvec - static_cast<int64_t>(kU - 1) * gsize;
+    int64_t v0 = lane;
+    for (; v0 < whole_end; v0 += step) {
+      uint4 raw[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        raw[u] = V::load(xv + (v0 + static_cast<int64_t>(u) * gsize) * kN);
+      }
+      const bool live = st.raise_max(max_nan_packed<T>(raw));
+      // The stores wait on a condition known only once every load of the batch is in
+      // (always true: s is a sum of exponentials, or NaN). On a condition known earlier,
+      // ptxas moves each store up after its own load, where it waits for that load before
+      // the next load can issue.
+      if (!(st.s < acc_t(0))) cache_batch(raw, v0);
+      if (live) {
+        acc_t e[kU * kN];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          acc_t one[kN];
+          V::unpack(raw[u], one);
+#pragma unroll
+          for (int j = 0; j < kN; ++j) e[u * kN + j] = exp_fast(one[j] - st.m);
+        }
+        st.s += tree_reduce(e, [](acc_t a, acc_t b) { return a + b; });
+      }
+    }
+    return v0;
+  }
+
+  // Stores a whole batch's vectors v0 + u * gsize in their cache slots, where they have one.
+  __device__ __forceinline__ void cache_batch(const uint4 (&raw)[kU], int64_t v0) {
+    if (v0 + static_cast<int64_t>(kU - 1) * gsize < cache_n) {  // all (most batches)
+      uint4* slot = cache + v0;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) slot[u * gsize] = raw[u];
+    } else {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
+        if (v < cache_n) cache[v] = raw[u];
+      }
+    }
+  }
+
+  __device__ __forceinline__ void add_mass(acc_t& mass, int64_t v) const {
+    const int64_t c0 = head + v * kN;
+    for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
+  }
+
   template <bool kOpts>
   __device__ __forceinline__ void pass1_vector(LseState<acc_t>& st, acc_t& mass, bool with_mass,
                                                const uint4& raw, int64_t v) {
@@ -354,10 +419,7 @@ class SoftmaxRow {
       for (int j = 0; j < kN; ++j) e[j] = tf.apply(e[j]);
     }
     st.add(e);
-    if (kOpts && with_mass) {
-      const int64_t c0 = head + v * kN;
-      for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
-    }
+    if (kOpts && with_mass) add_mass(mass, v);
   }
 
   // Backward with a probability target: sum_c q_c before any gradient element, each thread
@@ -382,15 +444,18 @@ class SoftmaxRow {
 
   // Pass 2's loop for a row:
   //   Plain   no logit transform, no q_c term, no smoothing sum (plain and weighted
-  //           cross-entropy, z-loss, focal): A p_c
+  //           cross-entropy, z-loss, focal): A p_c, in base 2 (A2, lse2)
   //   Smooth  label smoothing without weights or transform, class-index target:
   //           A p_c - D, and the smoothing sum of lse - s_c
   //   Generic anything else (probability targets, weighted smoothing, softcap, scale).
   enum class Loop { Plain, Smooth, Generic };
 
+  // lse2 is finite for a finite lse below about 2.4e38 (else the generic loop, base e).
   __device__ __forceinline__ Loop loop_of(bool counted, acc_t eps, const acc_t* w) const {
     if (tf.active() || p.prob_target) return Loop::Generic;
-    if (!counted || eps == acc_t(0)) return Loop::Plain;  // no q_c term and no sum
+    if (!counted || eps == acc_t(0)) {  // no q_c term and no sum
+      return fabs(lse2) < static_cast<acc_t>(INFINITY) ? Loop::Plain : Loop::Generic;
+    }
     return w == nullptr ? Loop::Smooth : Loop::Generic;
   }
 
@@ -399,7 +464,7 @@ class SoftmaxRow {
   // smooth rows have no q_c term (x - 0 == x), and need_sum only where they sum.
   template <Loop kLoop>
   __device__ __forceinline__ acc_t element(acc_t s, int64_t c) {
-    if constexpr (kLoop == Loop::Plain) return A * exp_fast(s - lse);
+    if constexpr (kLoop == Loop::Plain) return A2 * exp2_fast(fma(s, kLog2e<acc_t>, -lse2));
     if constexpr (kLoop == Loop::Smooth) {
       const acc_t d = s - lse;
       if (need_sum) total -= d;  // total += lse - s exactly: negation does not round
@@ -416,7 +481,7 @@ class SoftmaxRow {
   // The target element's gradient, with p_t - 1 formed in acc precision before rounding.
   template <Loop kLoop>
   __device__ __forceinline__ acc_t target_element(acc_t s) const {
-    if constexpr (kLoop == Loop::Plain) return A * exp_fast(s - lse) - B;
+    if constexpr (kLoop == Loop::Plain) return A2 * exp2_fast(fma(s, kLog2e<acc_t>, -lse2)) - B;
     if constexpr (kLoop == Loop::Smooth) return A * exp_fast(s - lse) - D - B;
     const acc_t qt = q_grad != QKind::None ? q(q_grad, t) : acc_t(0);
     const acc_t gv = A * exp_fast(s - lse) - D * qt - B;

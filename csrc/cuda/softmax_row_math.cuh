@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernel_params.h"
 #include "device_math.cuh"
@@ -86,6 +87,62 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t focal_alpha(const SoftmaxLossParams& p, int64_t t) {
   const acc_t a = static_cast<acc_t>(p.alpha_scale);
   return p.alpha != nullptr ? a * static_cast<const acc_t*>(p.alpha)[t] : a;
+}
+
+// The largest of the values packed in raw, NaN if any is NaN; exact (a maximum does not
+// round). 16-bit values are compared two to a register while still packed (max.NaN on
+// bf16x2 / f16x2, sm_80+), before any is unpacked: half the instructions of comparing
+// them as floats, and the unpacked floats are not all live at once.
+template <typename T>
+__device__ __forceinline__ unsigned max_nan_x2(unsigned a, unsigned b) {
+  static_assert(sizeof(T) == 2);
+  unsigned r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  } else {
+    asm("max.NaN.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  }
+#else
+  float v[8], m[8] = {};
+  Vec16<T>::unpack(make_uint4(a, b, 0u, 0u), v);  // a's pair, then b's
+  m[0] = max_nan(v[0], v[2]);
+  m[1] = max_nan(v[1], v[3]);
+  r = Vec16<T>::pack(m).x;  // exact: each is one of the inputs
+#endif
+  return r;
+}
+
+template <typename T, int U>
+__device__ __forceinline__ acc_of<T> max_nan_packed(const uint4 (&raw)[U]) {
+  using acc_t = acc_of<T>;
+  constexpr int kN = Vec16<T>::kVec;
+  if constexpr (sizeof(T) == 2) {
+    unsigned w[4 * U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      w[4 * u] = raw[u].x;
+      w[4 * u + 1] = raw[u].y;
+      w[4 * u + 2] = raw[u].z;
+      w[4 * u + 3] = raw[u].w;
+    }
+    const unsigned pair =
+        tree_reduce(w, [](unsigned a, unsigned b) { return max_nan_x2<T>(a, b); });
+    const uint4 last = make_uint4(pair, pair, pair, pair);
+    acc_t two[kN];
+    Vec16<T>::unpack(last, two);
+    return max_nan(two[0], two[1]);
+  } else {
+    acc_t v[kN * U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      acc_t one[kN];
+      Vec16<T>::unpack(raw[u], one);
+#pragma unroll
+      for (int j = 0; j < kN; ++j) v[u * kN + j] = one[j];
+    }
+    return tree_reduce(v, [](acc_t a, acc_t b) { return max_nan(a, b); });
+  }
 }
 
 // Which q_c enters the gradient and the smoothing sum of a row.
