@@ -12,7 +12,7 @@ build/cuda_emulation/<hash of every input>, runs a seeded sample of cases in a f
   launcher on three emulated devices); vector and scalar paths, row caches; contiguous,
   misaligned, padded and sliced rows, class stride != 1, D > 1; weights, label smoothing,
   z-loss, softcap, logit scale, probability targets, focal alpha / gamma, ignore_index,
-  int32 / uint8 targets, grad_lse, broadcast grad_output, NaN and -inf logits;
+  int32 / uint8 targets, grad_lse, broadcast grad_output, NaN, -inf and huge (3e38) logits;
 - bitwise: fused == forward + backward (class-index targets), in-place == out-of-place,
   focal gamma = 0 == cross-entropy, and no dependence on the thread / block schedule;
 - an out-of-range target is the device assert, and nothing is accessed out of bounds (the
@@ -497,6 +497,8 @@ class SoftmaxScenario:
         if o.get("neginf"):
             x[0, 0, :] = float("-inf")
             x[3, :, 0] = float("-inf")
+        if o.get("huge") and B > 2:  # finite, beyond what a float times log2(e) can hold
+            x[2, C // 3, :] = 6.0e4 if cfg.dtype == torch.float16 else 3.0e38
         self.x = x
         acc = R.acc_dtype(cfg.dtype)
         self.acc = acc
@@ -877,10 +879,11 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
                         # none, a few lines, past the row's end (clipped to the row)
                         prefetch=rnd.choice([0, 0, 200, 1 << 20]) if vec else 0))
     # Pass 1's whole batches (a block row of at least kU * threads vectors: csrc/cuda's
-    # pass1_whole_batches), whose 16-bit maxima are taken while still packed: NaN and -inf
-    # rows, a row cache over part of the row or all of it, and the partial batch after.
+    # pass1_whole_batches), whose 16-bit maxima are taken while still packed: NaN, -inf and
+    # huge (base 2 out of range) rows, a row cache over part of the row or all of it, and
+    # the partial batch after.
     for dtype in (torch.bfloat16, torch.float16):
-        for o in ({}, {"nan_row": True}, {"neginf": True, "eps": 0.1},
+        for o in ({}, {"nan_row": True}, {"neginf": True, "eps": 0.1}, {"huge": True},
                   {"focal": True, "gamma": 2.0}, {"weight": True, "z": 1e-2}):
             out.append(SoftmaxConfig(
                 dtype, rnd.choice([3079, 5003]), rnd.choice(["contig", "mis1", "padded"]), o,

@@ -374,15 +374,22 @@ class SoftmaxRow {
       // the next load can issue.
       if (!(st.s < acc_t(0))) cache_batch(raw, v0);
       if (live) {
+        // In base 2, as pass 2's plain loop: exp(x - m) = 2^(x log2 e - m2) 2^-(m log2 e - m2)
+        // with m2 = RN(m log2 e), one fma and one ex2 per value. A row whose maximum is
+        // infinite, NaN or beyond about 2.4e38 (m2 not finite) leaves for the vector by
+        // vector loop in base e, from this batch on (its maximum is already in st).
+        const acc_t m2 = st.m * kLog2e<acc_t>;
+        if (!(fabs(m2) < static_cast<acc_t>(INFINITY))) break;
         acc_t e[kU * kN];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
           acc_t one[kN];
           V::unpack(raw[u], one);
 #pragma unroll
-          for (int j = 0; j < kN; ++j) e[u * kN + j] = exp_fast(one[j] - st.m);
+          for (int j = 0; j < kN; ++j) e[u * kN + j] = exp2_fast(fma(one[j], kLog2e<acc_t>, -m2));
         }
-        st.s += tree_reduce(e, [](acc_t a, acc_t b) { return a + b; });
+        const acc_t scale = exp2_fast(-fma(st.m, kLog2e<acc_t>, -m2));
+        st.s += scale * tree_reduce(e, [](acc_t a, acc_t b) { return a + b; });
       }
     }
     return v0;
