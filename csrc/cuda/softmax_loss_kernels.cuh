@@ -91,6 +91,8 @@ class SoftmaxRow {
   // lse2): one fma and one ex2 per element, the exponent rounded once.
   acc_t lse = 0, A = 0, B = 0, D = 0, lse2 = 0, A2 = 0;
   int64_t t = -1;
+  int64_t t_vec = -1;  // the vector holding the target element, if one does, and its place
+  int t_j = 0;
   QKind q_grad = QKind::None, q_sum = QKind::None;
   bool need_sum = false;
   acc_t total = 0;
@@ -216,6 +218,10 @@ class SoftmaxRow {
       }
     }
     if (!counted) t = -1;  // no target element in the gradient
+    if (kVec && t >= head && t < tail) {
+      t_vec = static_cast<int64_t>(static_cast<uint64_t>(t - head) / kN);
+      t_j = static_cast<int>(static_cast<uint64_t>(t - head) % kN);
+    }
 
     if (kMode != Mode::Backward) {
       need_sum = p.prob_target || (counted && eps > 0);
@@ -513,11 +519,10 @@ class SoftmaxRow {
       if (kLoop == Loop::Generic) s[j] = tf.apply(s[j]);
       out[j] = element<kLoop>(s[j], c0 + j);
     }
-    const int64_t jt = t - c0;  // t = -1 for rows without a target element
-    if (kGrad && jt >= 0 && jt < kN) {
+    if (kGrad && v == t_vec) {
 #pragma unroll
       for (int j = 0; j < kN; ++j) {
-        if (j == jt) out[j] = target_element<kLoop>(s[j]);
+        if (j == t_j) out[j] = target_element<kLoop>(s[j]);
       }
     }
     if (!kGrad) return;
