@@ -38,6 +38,25 @@ __device__ __forceinline__ double exp2_fast(double x) { return exp2(x); }
 template <typename acc_t>
 inline constexpr acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
 
+// Overloads by name, so a host compiler (tests/cuda_emulation) rounds as the device does.
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ bool is_finite(float x) { return fabsf(x) < INFINITY; }
+__device__ __forceinline__ bool is_finite(double x) { return fabs(x) < INFINITY; }
+
+// exp(x - m) in base 2, for a shift m used many times: with m2 = RN(m log2 e) (finite),
+// exp(x - m) = 2^(x log2 e - m2) * 2^-(m log2 e - m2). exp2_shifted is the first factor,
+// one fma and one ex2 with the exponent rounded once; base2_residual the second, exact but
+// for the ex2 (the fma gives m log2 e - m2 exactly).
+template <typename acc_t>
+__device__ __forceinline__ acc_t exp2_shifted(acc_t x, acc_t m2) {
+  return exp2_fast(fma_acc(x, kLog2e<acc_t>, -m2));
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t base2_residual(acc_t m, acc_t m2) {
+  return exp2_fast(-fma_acc(m, kLog2e<acc_t>, -m2));
+}
+
 __device__ __forceinline__ float log_fast(float x) { return __logf(x); }
 __device__ __forceinline__ double log_fast(double x) { return log(x); }
 

@@ -86,9 +86,8 @@ class SoftmaxRow {
   const T* next_x;
   int64_t prefetch_n = 0;
 
-  // Pass-2 state. The plain loop works in base 2: lse2 = RN(lse log2 e), and A2 = A times
-  // 2^-(lse log2 e - lse2) (the residual is exact by fma), so p_c A = A2 2^(s_c log2 e -
-  // lse2): one fma and one ex2 per element, the exponent rounded once.
+  // Pass-2 state. The plain loop works in base 2 (exp2_shifted): lse2 = RN(lse log2 e) and
+  // A2 = A base2_residual(lse, lse2), so A p_c = A2 exp2_shifted(s_c, lse2).
   acc_t lse = 0, A = 0, B = 0, D = 0, lse2 = 0, A2 = 0;
   int64_t t = -1;
   int64_t t_vec = -1;  // the vector holding the target element, if one does, and its place
@@ -241,7 +240,7 @@ class SoftmaxRow {
       // depends on the row's options alone, never on the mode, so the fused and split
       // paths of a row run the same loop and agree bitwise.
       lse2 = lse * kLog2e<acc_t>;
-      A2 = A * exp2_fast(-fma(lse, kLog2e<acc_t>, -lse2));
+      A2 = A * base2_residual(lse, lse2);
       switch (loop_of(counted, eps, w)) {
         case Loop::Plain:
           pass2<Loop::Plain>();
@@ -380,22 +379,21 @@ class SoftmaxRow {
       // the next load can issue.
       if (!(st.s < acc_t(0))) cache_batch(raw, v0);
       if (live) {
-        // In base 2, as pass 2's plain loop: exp(x - m) = 2^(x log2 e - m2) 2^-(m log2 e - m2)
-        // with m2 = RN(m log2 e), one fma and one ex2 per value. A row whose maximum is
-        // infinite, NaN or beyond about 2.4e38 (m2 not finite) leaves for the vector by
-        // vector loop in base e, from this batch on (its maximum is already in st).
+        // In base 2 (device_math.cuh's exp2_shifted), as pass 2's plain loop: one fma and
+        // one ex2 per value. A row whose maximum is infinite, NaN or beyond about 2.4e38
+        // (m2 not finite) leaves for the vector by vector loop in base e, from this batch
+        // on (its maximum is already in st).
         const acc_t m2 = st.m * kLog2e<acc_t>;
-        if (!(fabs(m2) < static_cast<acc_t>(INFINITY))) break;
+        if (!is_finite(m2)) break;
         acc_t e[kU * kN];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
           acc_t one[kN];
           V::unpack(raw[u], one);
 #pragma unroll
-          for (int j = 0; j < kN; ++j) e[u * kN + j] = exp2_fast(fma(one[j], kLog2e<acc_t>, -m2));
+          for (int j = 0; j < kN; ++j) e[u * kN + j] = exp2_shifted(one[j], m2);
         }
-        const acc_t scale = exp2_fast(-fma(st.m, kLog2e<acc_t>, -m2));
-        st.s += scale * tree_reduce(e, [](acc_t a, acc_t b) { return a + b; });
+        st.s += base2_residual(st.m, m2) * tree_reduce(e, [](acc_t a, acc_t b) { return a + b; });
       }
     }
     return v0;
@@ -467,7 +465,7 @@ class SoftmaxRow {
   __device__ __forceinline__ Loop loop_of(bool counted, acc_t eps, const acc_t* w) const {
     if (tf.active() || p.prob_target) return Loop::Generic;
     if (!counted || eps == acc_t(0)) {  // no q_c term and no sum
-      return fabs(lse2) < static_cast<acc_t>(INFINITY) ? Loop::Plain : Loop::Generic;
+      return is_finite(lse2) ? Loop::Plain : Loop::Generic;
     }
     return w == nullptr ? Loop::Smooth : Loop::Generic;
   }
@@ -477,7 +475,7 @@ class SoftmaxRow {
   // smooth rows have no q_c term (x - 0 == x), and need_sum only where they sum.
   template <Loop kLoop>
   __device__ __forceinline__ acc_t element(acc_t s, int64_t c) {
-    if constexpr (kLoop == Loop::Plain) return A2 * exp2_fast(fma(s, kLog2e<acc_t>, -lse2));
+    if constexpr (kLoop == Loop::Plain) return A2 * exp2_shifted(s, lse2);
     if constexpr (kLoop == Loop::Smooth) {
       const acc_t d = s - lse;
       if (need_sum) total -= d;  // total += lse - s exactly: negation does not round
@@ -494,7 +492,7 @@ class SoftmaxRow {
   // The target element's gradient, with p_t - 1 formed in acc precision before rounding.
   template <Loop kLoop>
   __device__ __forceinline__ acc_t target_element(acc_t s) const {
-    if constexpr (kLoop == Loop::Plain) return A2 * exp2_fast(fma(s, kLog2e<acc_t>, -lse2)) - B;
+    if constexpr (kLoop == Loop::Plain) return A2 * exp2_shifted(s, lse2) - B;
     if constexpr (kLoop == Loop::Smooth) return A * exp_fast(s - lse) - D - B;
     const acc_t qt = q_grad != QKind::None ? q(q_grad, t) : acc_t(0);
     const acc_t gv = A * exp_fast(s - lse) - D * qt - B;
