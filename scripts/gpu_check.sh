@@ -286,7 +286,7 @@ fi
 # ---- optional: the benchmark under each launch tuning ---------------------------------------
 # The defaults; two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
 # re-read from L2), four of 128 threads, the next row's prefetch, and no row cache at all.
-DEFAULT_SWEEP="|prefetch_kib=64|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|block_threads=128,row_cache_kib=52|row_cache_kib=0|block_threads=256,row_cache_kib=0"
+DEFAULT_SWEEP="|prefetch_kib=64|prefetch_kib=256|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|block_threads=128,row_cache_kib=52|row_cache_kib=0"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
