@@ -87,7 +87,8 @@ class SoftmaxRow {
   int64_t prefetch_n = 0;
 
   // Pass-2 state. The plain loop works in base 2 (exp2_shifted): lse2 = RN(lse log2 e) and
-  // A2 = A base2_residual(lse, lse2), so A p_c = A2 exp2_shifted(s_c, lse2).
+  // A2 = A base2_residual(lse, lse2), so A p_c = A2 exp2_shifted(s_c, lse2) (the folded
+  // loop's lse2 is lse2 - log2 A2).
   acc_t lse = 0, A = 0, B = 0, D = 0, lse2 = 0, A2 = 0;
   int64_t t = -1;
   int64_t t_vec = -1;  // the vector holding the target element, if one does, and its place
@@ -241,9 +242,22 @@ class SoftmaxRow {
       // paths of a row run the same loop and agree bitwise.
       lse2 = lse * kLog2e<acc_t>;
       A2 = A * base2_residual(lse, lse2);
-      switch (loop_of(counted, eps, w)) {
+      Loop loop = loop_of(counted, eps, w);
+      if constexpr (sizeof(T) == 2) {
+        if (loop == Loop::Plain && A2 > acc_t(0)) {
+          const acc_t folded = lse2 - log2_fast(A2);
+          if (fabsf(folded) <= acc_t(128)) {
+            lse2 = folded;
+            loop = Loop::Folded;
+          }
+        }
+      }
+      switch (loop) {
         case Loop::Plain:
           pass2<Loop::Plain>();
+          break;
+        case Loop::Folded:
+          if constexpr (sizeof(T) == 2) pass2<Loop::Folded>();
           break;
         case Loop::Smooth:
           pass2<Loop::Smooth>();
@@ -458,8 +472,12 @@ class SoftmaxRow {
   //           cross-entropy, z-loss, focal): A p_c, in base 2 (A2, lse2)
   //   Smooth  label smoothing without weights or transform, class-index target:
   //           A p_c - D, and the smoothing sum of lse - s_c
+  //   Folded  a plain row of a 16-bit gradient with A2 > 0: A2 p_c = 2^(s_c log2 e -
+  //           (lse2 - log2 A2)), no multiply. The offset lse2 - log2 A2 is rounded once
+  //           more, by at most 2^-17 while it is within 128 (5e-6 relative: the gradient
+  //           is rounded to 8 or 11 bits); beyond, the plain loop.
   //   Generic anything else (probability targets, weighted smoothing, softcap, scale).
-  enum class Loop { Plain, Smooth, Generic };
+  enum class Loop { Plain, Folded, Smooth, Generic };
 
   // lse2 is finite for a finite lse below about 2.4e38 (else the generic loop, base e).
   __device__ __forceinline__ Loop loop_of(bool counted, acc_t eps, const acc_t* w) const {
@@ -476,6 +494,7 @@ class SoftmaxRow {
   template <Loop kLoop>
   __device__ __forceinline__ acc_t element(acc_t s, int64_t c) {
     if constexpr (kLoop == Loop::Plain) return A2 * exp2_shifted(s, lse2);
+    if constexpr (kLoop == Loop::Folded) return exp2_shifted(s, lse2);
     if constexpr (kLoop == Loop::Smooth) {
       const acc_t d = s - lse;
       if (need_sum) total -= d;  // total += lse - s exactly: negation does not round
@@ -493,6 +512,7 @@ class SoftmaxRow {
   template <Loop kLoop>
   __device__ __forceinline__ acc_t target_element(acc_t s) const {
     if constexpr (kLoop == Loop::Plain) return A2 * exp2_shifted(s, lse2) - B;
+    if constexpr (kLoop == Loop::Folded) return exp2_shifted(s, lse2) - B;
     if constexpr (kLoop == Loop::Smooth) return A * exp_fast(s - lse) - D - B;
     const acc_t qt = q_grad != QKind::None ? q(q_grad, t) : acc_t(0);
     const acc_t gv = A * exp_fast(s - lse) - D * qt - B;
