@@ -526,6 +526,9 @@ class SoftmaxScenario:
         self.alpha = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.2).to(acc) \
             if o.get("alpha") else None
         self.gl = (torch.rand(B, D, generator=gen, dtype=torch.float64) + 0.5).to(acc)
+        # Every third row's loss gradient negative: with a negative scale a 16-bit row takes
+        # the plain pass-2 loop, not the folded one.
+        self.gl[::3] = -self.gl[::3]
         if o.get("gl_bcast"):
             self.gl = self.gl[:1, :1].expand(B, D)
         self.glse = (torch.rand(B, D, generator=gen, dtype=torch.float64) - 0.5).to(acc) \

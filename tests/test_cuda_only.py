@@ -401,15 +401,16 @@ def test_bitwise_deterministic(C, dtype):
 
 @pytest.mark.parametrize("C", [5003, 262147])
 @pytest.mark.parametrize("opts", [
-    {},                                               # the plain loop
+    {},                                               # the folded loop (bf16, A > 0)
+    {"neg": True},                                    # the plain loop (A < 0)
     {"eps": 0.1},                                     # the smoothing loop
     {"eps": 0.1, "z": 1e-3, "weight": True},          # the generic loop
     {"softcap": 5.0, "scale": 0.7},                   # the generic loop, transformed
-    {"z": 1e-3, "weight": True},                      # the plain loop, weighted
-], ids=["plain", "smooth", "smooth-weighted", "softcap", "z-weighted"])
+    {"z": 1e-3, "weight": True},                      # the folded loop, weighted
+], ids=["folded", "plain", "smooth", "smooth-weighted", "softcap", "z-weighted"])
 def test_fused_and_split_paths_agree_bitwise(C, opts):
-    """Each pass-2 loop of the kernels (plain, smoothing, generic) is taken by the fused
-    forward and by the separate forward / backward alike: the same bits."""
+    """Each pass-2 loop of the kernels (folded, plain, smoothing, generic) is taken by the
+    fused forward and by the separate forward / backward alike: the same bits."""
     N = 300 if C < 50000 else 8
     x = _logits((N, C), torch.bfloat16, "padded")
     t = torch.randint(0, C, (N,), device="cuda")
@@ -419,7 +420,7 @@ def test_fused_and_split_paths_agree_bitwise(C, opts):
     args = (-100, opts.get("eps", 0.0), opts.get("z", 0.0), opts.get("softcap", 0.0),
             opts.get("scale", 1.0))
     loss, lse = OPS.ce_fwd(x3, t2, w, *args, False)
-    g = torch.full((N, 1), 1 / N, device="cuda")
+    g = torch.full((N, 1), -1 / N if opts.get("neg") else 1 / N, device="cuda")
     loss_f, lse_f, grad_f = OPS.ce_fwd_grad(x3, t2, w, *args, g)
     grad = OPS._ce_bwd(g, None, x3, t2, w, lse, *args)
     assert torch.equal(loss, loss_f) and torch.equal(lse, lse_f)
