@@ -7,7 +7,9 @@
 # CUDA kernel registered, backend_info("cuda") must name the CUDA kernels, and a few test
 # files must pass on the CPU under that torch. Catches what only the link or the load
 # shows: an undefined symbol, an op registered for CUDA with the wrong schema, a build
-# that cannot find the toolkit's libraries. Nothing runs on a GPU.
+# that cannot find the toolkit's libraries. Nothing runs on a GPU. It also checks, in the
+# built extension's SASS, that no hot loop of the softmax kernels touches local memory
+# (scripts/check_hot_loops.py).
 #
 # Needs nvcc, python3 with venv, network to PyPI (or a warm cache directory).
 #   TLF_CUDA_CHECK_CACHE  cache directory, shared with cuda_compile_check.sh
@@ -60,6 +62,22 @@ if ! (cd "$SRC" && env -u CUDA_HOME -u CUDA_PATH FORCE_CUDA=1 \
   tail -n 40 "$SRC/build.log"
   log "FAILED: the build (above: the end of its log)"
   exit 1
+fi
+
+# ---- its hot loops touch no local memory (scripts/check_hot_loops.py) ----------------------
+# cuobjdump: the toolkit's, else the one in the Triton wheel this torch depends on.
+CUOBJDUMP="$(command -v cuobjdump || "$PY" -c 'import os, triton
+print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' \
+  2>/dev/null || true)"
+so="$(ls "$SRC"/torchloss_fused/_C*.so | head -n 1)"
+if [[ -x "$CUOBJDUMP" ]]; then
+  if ! "$PY" "$SRC/scripts/check_hot_loops.py" --cuobjdump "$CUOBJDUMP" "$so" |
+      sed 's/^/[cuda-build-check] /'; then
+    log "FAILED: a hot loop touches local memory (or the check could not run)"
+    exit 1
+  fi
+else
+  log "no cuobjdump: the hot-loop check is skipped"
 fi
 
 # ---- load it --------------------------------------------------------------------------------
