@@ -238,8 +238,9 @@ class SoftmaxRow {
       // The common rows have loops of their own, the same formulas without the
       // per-element option branches, which cost more instructions than the math (an H200
       // profile: the fused kernel issue-bound at ~44 instructions per element). The choice
-      // depends on the row's options alone, never on the mode, so the fused and split
-      // paths of a row run the same loop and agree bitwise.
+      // depends on the row's options and on lse and A, never on the mode (the separate
+      // backward reads the lse the forward wrote, and forms the same A), so the fused and
+      // split paths of a row run the same loop and agree bitwise.
       lse2 = lse * kLog2e<acc_t>;
       A2 = A * base2_residual(lse, lse2);
       Loop loop = loop_of(counted, eps, w);
@@ -470,13 +471,14 @@ class SoftmaxRow {
   // Pass 2's loop for a row:
   //   Plain   no logit transform, no q_c term, no smoothing sum (plain and weighted
   //           cross-entropy, z-loss, focal): A p_c, in base 2 (A2, lse2)
-  //   Smooth  label smoothing without weights or transform, class-index target:
-  //           A p_c - D, and the smoothing sum of lse - s_c
   //   Folded  a plain row of a 16-bit gradient with A2 > 0: A2 p_c = 2^(s_c log2 e -
   //           (lse2 - log2 A2)), no multiply. The offset lse2 - log2 A2 is rounded once
   //           more, by at most 2^-17 while it is within 128 (5e-6 relative: the gradient
   //           is rounded to 8 or 11 bits); beyond, the plain loop.
-  //   Generic anything else (probability targets, weighted smoothing, softcap, scale).
+  //   Smooth  label smoothing without weights or transform, class-index target:
+  //           A p_c - D, and the smoothing sum of lse - s_c
+  //   Generic anything else (probability targets, weighted smoothing, softcap, scale, and
+  //           rows whose lse2 is not finite).
   enum class Loop { Plain, Folded, Smooth, Generic };
 
   // lse2 is finite for a finite lse below about 2.4e38 (else the generic loop, base e).
