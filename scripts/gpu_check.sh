@@ -284,8 +284,9 @@ elif want profile; then
 fi
 
 # ---- optional: the benchmark under each launch tuning ---------------------------------------
-# The defaults; two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
-# re-read from L2), four of 128 threads, the next row's prefetch, and no row cache at all.
+# The defaults; the next row's L2 prefetch, 64 KiB of it or all of it (256 KiB, clipped to
+# the row); two 256-thread blocks per SM (each caching 108 KiB of its row, the rest re-read
+# from L2), with and without a prefetch; four of 128 threads; and no row cache at all.
 DEFAULT_SWEEP="|prefetch_kib=64|prefetch_kib=256|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|block_threads=128,row_cache_kib=52|row_cache_kib=0"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then

@@ -35,16 +35,7 @@ __device__ __forceinline__ float exp2_fast(float x) {
 #endif
 }
 __device__ __forceinline__ double exp2_fast(double x) { return exp2(x); }
-// log2(x): one lg2.approx (absolute error about 2^-22 near 1).
-__device__ __forceinline__ float log2_fast(float x) {
-#if defined(__CUDA_ARCH__)
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#else
-  return log2f(x);
-#endif
-}
+__device__ __forceinline__ float log2_fast(float x) { return __log2f(x); }
 template <typename acc_t>
 inline constexpr acc_t kLog2e = static_cast<acc_t>(1.4426950408889634);
 

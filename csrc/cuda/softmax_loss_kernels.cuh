@@ -429,6 +429,8 @@ class SoftmaxRow {
     }
   }
 
+  // Adds q_c of vector v's classes in ascending order: pass 1 and mass_pass alike, so the
+  // fused forward and the backward sum the mass in one order.
   __device__ __forceinline__ void add_mass(acc_t& mass, int64_t v) const {
     const int64_t c0 = head + v * kN;
     for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
@@ -456,10 +458,7 @@ class SoftmaxRow {
     if (kVec) {
       if (lane < head) mass += q.prob(lane);
       if (tail + lane < C) mass += q.prob(tail + lane);
-      for (int64_t v = lane; v < nvec; v += gsize) {
-        const int64_t c0 = head + v * kN;
-        for (int j = 0; j < kN; ++j) mass += q.prob(c0 + j);
-      }
+      for (int64_t v = lane; v < nvec; v += gsize) add_mass(mass, v);
     } else {
       for (int64_t c = lane; c < C; c += gsize) mass += q.prob(c);
     }

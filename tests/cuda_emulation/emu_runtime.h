@@ -169,6 +169,7 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 
 inline float __expf(float x) { return ::emu::fast_expf(x); }
 inline float __logf(float x) { return ::emu::fast_logf(x); }
+inline float __log2f(float x) { return std::log2(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
