@@ -59,15 +59,30 @@ CHECK = """
     warnings.simplefilter("error", UserWarning)
     import torchloss_fused as tlf
     torch.manual_seed(0)
-    x = torch.randn(33, 1000, dtype=torch.{dtype}, requires_grad=True)
-    y = torch.randint(0, 1000, (33,))
+    x = torch.randn(33, 1000, dtype=torch.{dtype})
+    # Rows that stress each copy's exponentials: far-apart logits, a -inf half (masked
+    # classes), a +inf and a NaN logit (NaN rows), one dominant logit (loss exactly 0).
+    x[1] *= 1000
+    x[2, 500:] = float("-inf")
+    x[3, 7] = float("inf")
+    x[4, 9] = float("nan")
+    x[5] = float("-inf")
+    x[5, 3] = 5.0
+    x.requires_grad_()
+    y = torch.randint(0, 500, (33,))
     y[0] = -100
-    loss = tlf.cross_entropy(x, y, label_smoothing=0.1, z_loss=1e-3)
-    loss.backward()
-    fl = tlf.focal_loss(x.detach(), y)
-    sfl = tlf.sigmoid_focal_loss(x.detach(), (x.detach() > 0).to(x.dtype), reduction="sum")
+    y[5] = 3
+    loss = tlf.cross_entropy(x, y, reduction="none")
+    loss.backward(torch.rand_like(loss) + 0.5)
+    assert loss[5].item() == 0 and torch.equal(x.grad[5], torch.zeros_like(x.grad[5]))
+    xd = x.detach()
+    xs = xd.clone().requires_grad_()  # smoothing: the gradient pass recomputes exp(s - lse)
+    smooth = tlf.cross_entropy(xs, y, label_smoothing=0.1, reduction="none")
+    smooth.sum().backward()
+    fl = tlf.focal_loss(xd, y, reduction="none")
+    sfl = tlf.sigmoid_focal_loss(xd, (xd > 0).to(x.dtype), reduction="none")
     print(tlf.backend_info("cpu")["implementation"], tlf.backend_info("cpu")["detail"])
-    torch.save((loss.detach(), x.grad, fl, sfl), {out!r})
+    torch.save((loss.detach(), x.grad, smooth.detach(), xs.grad, fl, sfl), {out!r})
 """
 
 
@@ -84,7 +99,7 @@ def test_forced_reference_matches_kernels(tmp_path):
     out_r, reference = _results(tmp_path, "reference", TORCHLOSS_FUSED_FORCE_REFERENCE="1")
     assert out_k.startswith("cpp") and out_r.startswith("reference")
     for a, b in zip(kernels, reference):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
 def test_unloadable_extension_warns_once_and_falls_back():
@@ -122,7 +137,7 @@ def test_every_cpu_capability_gives_the_same_results(tmp_path, capability, dtype
     assert capability.upper() in out_cap
     tol = {"rtol": 2e-2, "atol": 1e-3} if dtype == "bfloat16" else {"rtol": 1e-5, "atol": 1e-7}
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a.double(), b.double(), **tol)
+        torch.testing.assert_close(a.double(), b.double(), equal_nan=True, **tol)
 
 
 @needs_ext

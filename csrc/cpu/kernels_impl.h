@@ -46,9 +46,10 @@ template <typename scalar_t>
 constexpr bool kReduced =
     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
-// exp for probabilities and sums of exponentials. float: ATen's inline polynomial exp_u20
-// (within 4 ulp on [-87, 0], the only range used here, and free of a library call); it maps
-// NaN to inf, so NaN is put back (a NaN logit must poison its row). double: Sleef's exp.
+// exp for probabilities and sums of exponentials where ShiftedExp has no base-2 form (below).
+// float: ATen's inline polynomial exp_u20 (within 4 ulp on [-87, 0], the only range used
+// here, and free of a library call); it maps NaN to inf, so NaN is put back (a NaN logit
+// must poison its row). double: Sleef's exp.
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -67,6 +68,69 @@ template <typename T>
 inline Vectorized<T> vadd(const Vectorized<T>& a, const Vectorized<T>& b) {
   return a + b;
 }
+
+// ---- exp(v - shift) for many v: base 2 for float on AVX2 and AVX-512 ----------------------
+// exp(v - shift) = 2^y with y = (v - shift) L, L = log2(e) rounded to float;
+// 2^y = 2^n 2^f with n = round(y), f in [-1/2, 1/2] and a degree-6 polynomial for 2^f
+// (about 1e-7 relative in float, against 4 ulp for ATen's exp_u20). About half the
+// instructions of exp_u20 and its NaN fix-up. The roundings of v - shift and of L cost a
+// relative error of about |v - shift| * 6e-8: nothing for the terms that count. v = shift
+// gives exactly 1 (a one-class row has loss 0 and gradient 0, as in PyTorch), a NaN stays
+// NaN, -inf gives exactly 0 and +inf gives +inf.
+constexpr float kLog2e = 0x1.715476p+0f;
+// Minimax coefficients (relative error) of 2^f on [-1/2, 1/2], constant term first.
+constexpr float kExp2Poly[7] = {0x1p+0f,        0x1.62e43p-1f,   0x1.ebfbdap-3f, 0x1.c6aed4p-5f,
+                                0x1.3b2dbcp-7f, 0x1.5f456ap-10f, 0x1.41d334p-13f};
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
+  // reduce gives f = y - round(y) exactly, and 0 for y = +-inf, so n = y - f is +-inf
+  // there and scalef makes inf or 0; a NaN stays NaN. No clamps needed.
+  const __m512 y = yv;
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n = _mm512_sub_ps(y, f);
+  __m512 p = _mm512_set1_ps(kExp2Poly[6]);
+  for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[k]));
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
+  // y clamped to [-127, 128]; max and min return their second operand when either is
+  // NaN, so a NaN stays NaN. 2^n is built from its exponent bits: 0 for n = -127, inf for
+  // n = 128. A NaN y makes p NaN, whatever n's bits.
+  __m256 y = _mm256_max_ps(_mm256_set1_ps(-127.f), yv);
+  y = _mm256_min_ps(_mm256_set1_ps(128.f), y);
+  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, n);
+  __m256 p = _mm256_set1_ps(kExp2Poly[6]);
+  for (int k = 5; k >= 0; --k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[k]));
+  const __m256i bits =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+template <typename acc_t>
+struct ShiftedExp {
+  using V = Vectorized<acc_t>;
+  V vshift;
+  acc_t shift;
+  explicit ShiftedExp(acc_t s) : vshift(s), shift(s) {}
+  V operator()(const V& v) const { return vexp<acc_t>(v - vshift); }
+  acc_t operator()(acc_t v) const { return std::exp(v - shift); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+struct ShiftedExp<float> {
+  using V = Vectorized<float>;
+  V vshift, vL;
+  float shift;
+  explicit ShiftedExp(float s) : vshift(s), vL(kLog2e), shift(s) {}
+  V operator()(const V& v) const { return vexp2((v - vshift) * vL); }
+  float operator()(float v) const { return std::exp(v - shift); }
+};
+#endif
 
 // n elements at src (element stride `stride`) -> contiguous acc_t.
 template <typename scalar_t, typename acc_t>
@@ -192,25 +256,40 @@ inline acc_t block_max(const acc_t* s, int64_t n) {
   return m;
 }
 
-// sum_i exp(s_i - M) over n contiguous values, four accumulators.
-template <typename acc_t>
-inline acc_t block_expsum(const acc_t* s, int64_t n, acc_t M) {
+// sum_i exp(s_i - M) over n contiguous values, four accumulators; with kStore, each term
+// is also stored in e. Both sum in one order, so a forward gives bitwise the same lse
+// whether it keeps the terms for a gradient or not (reentrant checkpointing runs the
+// forward without a gradient, then with one).
+template <bool kStore, typename acc_t>
+inline acc_t block_exp_terms(const acc_t* s, int64_t n, acc_t M, acc_t* e) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const V vM(M);
+  const ShiftedExp<acc_t> ex(M);
+  auto term = [&](int64_t i) {
+    const V t = ex(V::loadu(s + i));
+    if constexpr (kStore) t.store(e + i);
+    return t;
+  };
   V a0(0), a1(0), a2(0), a3(0);
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = a0 + vexp(V::loadu(s + i) - vM);
-    a1 = a1 + vexp(V::loadu(s + i + W) - vM);
-    a2 = a2 + vexp(V::loadu(s + i + 2 * W) - vM);
-    a3 = a3 + vexp(V::loadu(s + i + 3 * W) - vM);
+    a0 = a0 + term(i);
+    a1 = a1 + term(i + W);
+    a2 = a2 + term(i + 2 * W);
+    a3 = a3 + term(i + 3 * W);
   }
-  for (; i + W <= n; i += W) a0 = a0 + vexp(V::loadu(s + i) - vM);
+  for (; i + W <= n; i += W) a0 = a0 + term(i);
   if (i < n) {  // a partial vector: lanes past n stay zero
-    a1 = a1 + V::set(V(0), vexp(V::loadu(s + i, n - i) - vM), n - i);
+    const V t = V::set(V(0), ex(V::loadu(s + i, n - i)), n - i);
+    if constexpr (kStore) t.store(e + i, n - i);
+    a1 = a1 + t;
   }
   return at::vec::vec_reduce_all<acc_t>(vadd<acc_t>, (a0 + a1) + (a2 + a3));
+}
+
+template <typename acc_t>
+inline acc_t block_expsum(const acc_t* s, int64_t n, acc_t M) {
+  return block_exp_terms<false>(s, n, M, static_cast<acc_t*>(nullptr));
 }
 
 // Converts n contiguous bf16/fp16 logits to float in buf, applying a plain logit scale,
@@ -389,9 +468,10 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
   constexpr int64_t W = V::size();
   // Read before the row is written: g may be x itself (inplace_backward).
   const float x_target = target >= 0 ? static_cast<float>(x[target]) : 0.f;
-  const V vA(A), vD(D), vlse(lse), vs(tf.scale);
+  const V vA(A), vD(D), vs(tf.scale);
+  const ShiftedExp<float> ex(lse);
   auto grad = [&](V sv, int64_t at) {
-    V gv = vA * vexp(sv - vlse);
+    V gv = vA * ex(sv);
     if (q != nullptr) {
       gv = gv - vD * V::loadu(q + at);
     } else if (uniform_q) {
@@ -428,7 +508,8 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   using V = Vectorized<acc_t>;
   const int64_t C = p.in.C, sc = p.in.sc, gsc = p.grad_layout.sc;
   const auto* w = static_cast<const acc_t*>(p.weight);
-  const V vA(A), vD(D), vlse(lse);
+  const V vA(A), vD(D);
+  const ShiftedExp<acc_t> ex(lse);
   const bool with_q = D != 0 && (p.prob_target || w != nullptr);
   const bool uniform_q = D != 0 && !with_q;  // smoothing without weights: q_c = 1
   if constexpr (kReduced<scalar_t>) {
@@ -460,14 +541,14 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
     if (q != nullptr) {
       at::vec::map2(
           [&](V sv, V qv) {
-            V gv = vA * vexp<acc_t>(sv - vlse) - vD * qv;
+            V gv = vA * ex(sv) - vD * qv;
             return tf.active() ? gv * tf.deriv(sv) : gv;
           },
           out, s, q, n);
     } else {
       at::vec::map(
           [&](V sv) {
-            V gv = vA * vexp<acc_t>(sv - vlse);
+            V gv = vA * ex(sv);
             if (uniform_q) gv = gv - vD;
             return tf.active() ? gv * tf.deriv(sv) : gv;
           },
@@ -558,33 +639,10 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
 
 // ---- fused forward + gradient, one exp per logit -------------------------------------------
 // The common training row (contiguous classes, class-index target, no label smoothing or
-// soft-capping) keeps e_c = exp(s_c - M_b) from the log-sum-exp pass, M_b being the running
-// max when block b was summed; the gradient pass then needs no exp per logit:
-// p_c = e_c * exp(M_b - lse). float rows keep e in the gradient buffer itself, bf16/fp16
-// rows in a per-thread float scratch row.
-
-// sum_i exp(s_i - M), storing each term in e.
-template <typename acc_t>
-inline acc_t block_exp_store(const acc_t* s, int64_t n, acc_t M, acc_t* e) {
-  using V = Vectorized<acc_t>;
-  constexpr int64_t W = V::size();
-  const V vM(M);
-  V a0(0), a1(0);
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const V e0 = vexp(V::loadu(s + i) - vM), e1 = vexp(V::loadu(s + i + W) - vM);
-    e0.store(e + i);
-    e1.store(e + i + W);
-    a0 = a0 + e0;
-    a1 = a1 + e1;
-  }
-  acc_t total = at::vec::vec_reduce_all<acc_t>(vadd<acc_t>, a0 + a1);
-  for (; i < n; ++i) {
-    e[i] = std::exp(s[i] - M);
-    total += e[i];
-  }
-  return total;
-}
+// soft-capping) keeps the terms e_c = exp(s_c - M_b) of the log-sum-exp pass
+// (block_exp_terms), M_b being the running max when block b was summed; the gradient pass
+// then needs no exp per logit: p_c = e_c * exp(M_b - lse). float rows keep e in the
+// gradient buffer itself, bf16/fp16 rows in a per-thread float scratch row.
 
 template <typename acc_t>
 struct ExpRow {
@@ -628,7 +686,7 @@ inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_
       std::fill(e + c0, e + c0 + n, acc_t(0));
       continue;
     }
-    S += block_exp_store(s, n, M, e + c0);
+    S += block_exp_terms<true>(s, n, M, e + c0);
   }
   return M + std::log(S);
 }
