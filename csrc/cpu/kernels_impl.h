@@ -46,19 +46,6 @@ template <typename scalar_t>
 constexpr bool kReduced =
     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
-// exp for probabilities and sums of exponentials where ShiftedExp has no base-2 form (below).
-// float: ATen's inline polynomial exp_u20 (within 4 ulp on [-87, 0], the only range used
-// here, and free of a library call); it maps NaN to inf, so NaN is put back (a NaN logit
-// must poison its row). double: Sleef's exp.
-template <typename acc_t>
-inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return Vectorized<acc_t>::blendv(v.exp_u20(), v, v.isnan());
-  } else {
-    return v.exp();
-  }
-}
-
 template <typename T>
 inline Vectorized<T> vmax(const Vectorized<T>& a, const Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // propagates NaN, so a NaN logit poisons its row
@@ -69,14 +56,11 @@ inline Vectorized<T> vadd(const Vectorized<T>& a, const Vectorized<T>& b) {
   return a + b;
 }
 
-// ---- exp(v - shift) for many v: base 2 for float on AVX2 and AVX-512 ----------------------
-// exp(v - shift) = 2^y with y = (v - shift) L, L = log2(e) rounded to float;
+// ---- 2^y for float on AVX2 and AVX-512 ------------------------------------------------------
 // 2^y = 2^n 2^f with n = round(y), f in [-1/2, 1/2] and a degree-6 polynomial for 2^f
-// (about 1e-7 relative in float, against 4 ulp for ATen's exp_u20). About half the
-// instructions of exp_u20 and its NaN fix-up. The roundings of v - shift and of L cost a
-// relative error of about |v - shift| * 6e-8: nothing for the terms that count. v = shift
-// gives exactly 1 (a one-class row has loss 0 and gradient 0, as in PyTorch), a NaN stays
-// NaN, -inf gives exactly 0 and +inf gives +inf.
+// (about 1e-7 relative in float, against 4 ulp for ATen's exp_u20): about half the
+// instructions of exp_u20 and its NaN fix-up. A NaN stays NaN, -inf gives exactly 0 and
+// +inf gives +inf.
 constexpr float kLog2e = 0x1.715476p+0f;
 // Minimax coefficients (relative error) of 2^f on [-1/2, 1/2], constant term first.
 constexpr float kExp2Poly[7] = {0x1p+0f,        0x1.62e43p-1f,   0x1.ebfbdap-3f, 0x1.c6aed4p-5f,
@@ -86,9 +70,8 @@ constexpr float kExp2Poly[7] = {0x1p+0f,        0x1.62e43p-1f,   0x1.ebfbdap-3f,
 inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
   // reduce gives f = y - round(y) exactly, and 0 for y = +-inf, so n = y - f is +-inf
   // there and scalef makes inf or 0; a NaN stays NaN. No clamps needed.
-  const __m512 y = yv;
-  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 n = _mm512_sub_ps(y, f);
+  const __m512 f = _mm512_reduce_ps(yv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n = _mm512_sub_ps(yv, f);
   __m512 p = _mm512_set1_ps(kExp2Poly[6]);
   for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[k]));
   return _mm512_scalef_ps(p, n);
@@ -110,27 +93,25 @@ inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
 }
 #endif
 
+// exp for probabilities and sums of exponentials; callers pass v - shift.
+// float on AVX2 and AVX-512: 2^(v L) by vexp2, with L = log2(e) rounded to float (its
+// rounding costs a relative error of about |v| * 3e-8, nothing for the terms that count).
+// v = 0 gives exactly 1, so a one-class row has loss 0 and gradient 0,
+// as in PyTorch. float elsewhere: ATen's inline polynomial exp_u20 (within 4 ulp on
+// [-87, 0], the only range used here, and free of a library call); it maps NaN to inf, so
+// NaN is put back (a NaN logit must poison its row). double: Sleef's exp.
 template <typename acc_t>
-struct ShiftedExp {
-  using V = Vectorized<acc_t>;
-  V vshift;
-  acc_t shift;
-  explicit ShiftedExp(acc_t s) : vshift(s), shift(s) {}
-  V operator()(const V& v) const { return vexp<acc_t>(v - vshift); }
-  acc_t operator()(acc_t v) const { return std::exp(v - shift); }
-};
-
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, float>) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-struct ShiftedExp<float> {
-  using V = Vectorized<float>;
-  V vshift, vL;
-  float shift;
-  explicit ShiftedExp(float s) : vshift(s), vL(kLog2e), shift(s) {}
-  V operator()(const V& v) const { return vexp2((v - vshift) * vL); }
-  float operator()(float v) const { return std::exp(v - shift); }
-};
+    return vexp2(v * Vectorized<float>(kLog2e));
+#else
+    return Vectorized<acc_t>::blendv(v.exp_u20(), v, v.isnan());
 #endif
+  } else {
+    return v.exp();
+  }
+}
 
 // n elements at src (element stride `stride`) -> contiguous acc_t.
 template <typename scalar_t, typename acc_t>
@@ -264,9 +245,9 @@ template <bool kStore, typename acc_t>
 inline acc_t block_exp_terms(const acc_t* s, int64_t n, acc_t M, acc_t* e) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const ShiftedExp<acc_t> ex(M);
+  const V vM(M);
   auto term = [&](int64_t i) {
-    const V t = ex(V::loadu(s + i));
+    const V t = vexp(V::loadu(s + i) - vM);
     if constexpr (kStore) t.store(e + i);
     return t;
   };
@@ -280,7 +261,7 @@ inline acc_t block_exp_terms(const acc_t* s, int64_t n, acc_t M, acc_t* e) {
   }
   for (; i + W <= n; i += W) a0 = a0 + term(i);
   if (i < n) {  // a partial vector: lanes past n stay zero
-    const V t = V::set(V(0), ex(V::loadu(s + i, n - i)), n - i);
+    const V t = V::set(V(0), vexp(V::loadu(s + i, n - i) - vM), n - i);
     if constexpr (kStore) t.store(e + i, n - i);
     a1 = a1 + t;
   }
@@ -468,10 +449,9 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
   constexpr int64_t W = V::size();
   // Read before the row is written: g may be x itself (inplace_backward).
   const float x_target = target >= 0 ? static_cast<float>(x[target]) : 0.f;
-  const V vA(A), vD(D), vs(tf.scale);
-  const ShiftedExp<float> ex(lse);
+  const V vA(A), vD(D), vlse(lse), vs(tf.scale);
   auto grad = [&](V sv, int64_t at) {
-    V gv = vA * ex(sv);
+    V gv = vA * vexp(sv - vlse);
     if (q != nullptr) {
       gv = gv - vD * V::loadu(q + at);
     } else if (uniform_q) {
@@ -508,8 +488,7 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   using V = Vectorized<acc_t>;
   const int64_t C = p.in.C, sc = p.in.sc, gsc = p.grad_layout.sc;
   const auto* w = static_cast<const acc_t*>(p.weight);
-  const V vA(A), vD(D);
-  const ShiftedExp<acc_t> ex(lse);
+  const V vA(A), vD(D), vlse(lse);
   const bool with_q = D != 0 && (p.prob_target || w != nullptr);
   const bool uniform_q = D != 0 && !with_q;  // smoothing without weights: q_c = 1
   if constexpr (kReduced<scalar_t>) {
@@ -541,14 +520,14 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
     if (q != nullptr) {
       at::vec::map2(
           [&](V sv, V qv) {
-            V gv = vA * ex(sv) - vD * qv;
+            V gv = vA * vexp<acc_t>(sv - vlse) - vD * qv;
             return tf.active() ? gv * tf.deriv(sv) : gv;
           },
           out, s, q, n);
     } else {
       at::vec::map(
           [&](V sv) {
-            V gv = vA * ex(sv);
+            V gv = vA * vexp<acc_t>(sv - vlse);
             if (uniform_q) gv = gv - vD;
             return tf.active() ? gv * tf.deriv(sv) : gv;
           },
