@@ -181,6 +181,36 @@ def test_inplace_backward(device, backend, dtype, reduction, opts):
     assert torch.equal(logits.detach(), logits_src.grad), "the gradient lives in the input"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [{}, {"weight": "w", "label_smoothing": 0.1, "logit_scale": 0.7}],
+                         ids=["plain", "w-smooth-scale"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+def test_rows_spanning_several_blocks(device, backend, dtype, opts, inplace):
+    """Rows longer than the CPU kernels' 2048-class blocks, with a partial last vector:
+    the gradient passes convert one block at a time, and in place they must read each
+    block before writing it."""
+    N, C = 6, 2 * 2048 + 37
+    opts = _materialise(opts, C, dtype, device)
+    x0 = random_logits((N, C), dtype, device, requires_grad=False)
+    y = random_targets((N,), C, device, ignore_frac=0.2)
+    y[0] = C - 1  # the target in the last, partial vector
+    logits = x0.clone().requires_grad_()
+    if inplace:  # a non-leaf, as an LM head's output would be
+        logits = logits * 1.0
+    loss = tlf.cross_entropy(logits, y, reduction="none", inplace_backward=inplace, **opts)
+    g_out = torch.rand_like(loss) + 0.5
+    (g,) = torch.autograd.grad(loss, logits, g_out)
+    if inplace:
+        assert g.data_ptr() == logits.data_ptr()
+    results = {}
+    for name, compute in (("oracle", torch.float64), ("eager", dtype)):
+        xr = x0.clone().requires_grad_()
+        ref, _ = oracle_cross_entropy(xr, y, reduction="none", dtype=compute, **opts)
+        results[name] = (ref.detach(), torch.autograd.grad(ref, xr, g_out.to(ref.dtype))[0])
+    assert_matches(loss.detach(), results["oracle"][0], results["eager"][0], dtype, what="loss")
+    assert_matches(g, results["oracle"][1], results["eager"][1], dtype, what="grad")
+
+
 def test_no_grad_leaves_input_untouched(device, backend):
     x = random_logits((8, 50), torch.float32, device, requires_grad=False)
     y = random_targets((8,), 50, device)
