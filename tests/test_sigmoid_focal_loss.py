@@ -112,6 +112,39 @@ def test_reduced_paths(device, backend, dtype, reduction, path):
     assert_matches(ours.detach(), oracle.detach(), eager.detach(), dtype, what="loss")
 
 
+def _analytic_float64(x, t, alpha, gamma):
+    """Loss and d loss / dx in float64 from formulas that stay relatively accurate for
+    confident elements (torchvision's 1 - p_t and autograd's sigmoid backward cancel
+    there, even in float64)."""
+    x, t = x.double(), t.double()
+    p, q = torch.sigmoid(x), torch.sigmoid(-x)
+    ce = x.clamp_min(0) - x * t + torch.log1p(torch.exp(-x.abs()))
+    m = t * q + (1 - t) * p
+    a = alpha * t + (1 - alpha) * (1 - t)
+    loss = a * ce * m**gamma
+    d = (1 - t) * p - t * q
+    if gamma:
+        d = d * m**gamma + ce * gamma * m ** (gamma - 1) * p * q * (1 - 2 * t)
+    return loss, a * d
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_confident_elements_keep_relative_accuracy(device, backend, gamma):
+    """A confident element's loss is about exp(-|x|) and its gradient as small: both must
+    be right relative to their size, not only next to the loss of an uncertain one."""
+    x = torch.linspace(-80, 80, 64001, device=device).repeat(2)
+    t = torch.arange(x.numel(), device=device).ge(64001).float()  # each x as 0, then 1
+    xr = x.clone().requires_grad_()
+    loss = tlf.sigmoid_focal_loss(xr, t, alpha=0.25, gamma=gamma, reduction="none")
+    (g,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+    ref_loss, ref_g = _analytic_float64(x, t, 0.25, gamma)
+    for what, ours, ref in (("loss", loss, ref_loss), ("grad", g, ref_g)):
+        ref = ref.cpu()
+        keep = ref.abs() > 1e-25  # (smaller ones go subnormal in float32 on the way)
+        rel = ((ours.detach().cpu().double() - ref).abs() / ref.abs())[keep]
+        assert rel.max() < 1e-6, f"{what}: max relative error {rel.max():.3g}"
+
+
 def test_reduced_retain_graph_repeats_bitwise(device, backend):
     x, t = _inputs((64, 80), torch.float32, device)
     loss = tlf.sigmoid_focal_loss(x, t, reduction="mean")

@@ -363,7 +363,7 @@ def sigmoid_focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: f
     acc = acc_dtype(input.dtype)
     x, t = input.to(acc), target.to(acc)
     ce, p, q, m = _sigmoid_terms(x, t)
-    d = p - t
+    d = (1 - t) * p - t * q  # p - t, without p - 1's cancellation for a confident positive
     if gamma != 0:
         dpow = gamma * m.pow(gamma - 1)
         if gamma < 1:  # m = 0 only where p q = 0: the product's limit is 0

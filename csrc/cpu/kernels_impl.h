@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -65,6 +66,16 @@ constexpr float kLog2e = 0x1.715476p+0f;
 // Minimax coefficients (relative error) of 2^f on [-1/2, 1/2], constant term first.
 constexpr float kExp2Poly[7] = {0x1p+0f,        0x1.62e43p-1f,   0x1.ebfbdap-3f, 0x1.c6aed4p-5f,
                                 0x1.3b2dbcp-7f, 0x1.5f456ap-10f, 0x1.41d334p-13f};
+constexpr float kLn2Hi = 0x1.62e43p-1f;    // log(2) rounded to float
+constexpr float kLn2Lo = -0x1.05c61p-29f;  // log(2) - kLn2Hi
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline Vectorized<float> exp2_poly(const Vectorized<float>& f) {
+  Vectorized<float> p(kExp2Poly[6]);
+  for (int k = 5; k >= 0; --k) p = at::vec::fmadd(p, f, Vectorized<float>(kExp2Poly[k]));
+  return p;
+}
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
@@ -72,11 +83,27 @@ inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
   // there and scalef makes inf or 0; a NaN stays NaN. No clamps needed.
   const __m512 f = _mm512_reduce_ps(yv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 n = _mm512_sub_ps(yv, f);
-  __m512 p = _mm512_set1_ps(kExp2Poly[6]);
-  for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[k]));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(exp2_poly(f), n);
+}
+
+inline Vectorized<float> vexp_exact(const Vectorized<float>& v) {
+  // Beyond [-104, 89] exp is 0 or inf in float; the clamp keeps n finite (r is never
+  // inf - inf) and keeps a NaN, as max and min return their second operand for NaN.
+  const __m512 x =
+      _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), v));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  return _mm512_scalef_ps(exp2_poly(_mm512_mul_ps(r, _mm512_set1_ps(kLog2e))), n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+// 2^n for an integral n in [-127, 128], from its exponent bits: 0 for -127, inf for 128.
+inline __m256 pow2i(__m256 n) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
 inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
   // y clamped to [-127, 128]; max and min return their second operand when either is
   // NaN, so a NaN stays NaN. 2^n is built from its exponent bits: 0 for n = -127, inf for
@@ -85,11 +112,19 @@ inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
   y = _mm256_min_ps(_mm256_set1_ps(128.f), y);
   const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(y, n);
-  __m256 p = _mm256_set1_ps(kExp2Poly[6]);
-  for (int k = 5; k >= 0; --k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[k]));
-  const __m256i bits =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_mul_ps(exp2_poly(f), pow2i(n));
+}
+
+inline Vectorized<float> vexp_exact(const Vectorized<float>& v) {
+  // v clamped to [-88, 89] (NaN kept, as in vexp2), so n lies in [-127, 128] for pow2i;
+  // exp(v) below -88 is subnormal and comes out 0.
+  __m256 x = _mm256_max_ps(_mm256_set1_ps(-88.f), v);
+  x = _mm256_min_ps(_mm256_set1_ps(89.f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  return _mm256_mul_ps(exp2_poly(_mm256_mul_ps(r, _mm256_set1_ps(kLog2e))), pow2i(n));
 }
 #endif
 
@@ -111,6 +146,19 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   } else {
     return v.exp();
   }
+}
+
+// exp of an elementwise value, which is the loss itself where the logit is confident
+// (sigmoid focal: exp(-|x|)), so vexp's relative error of |v| * 3e-8 would show.
+// float on AVX2 and AVX-512: vexp_exact, which reduces the argument without that error
+// (Cody-Waite: r = v - n log(2), log(2) in two parts; exp(v) = 2^n 2^(r L)), about 1e-7
+// relative for any v. Elsewhere ATen's exp.
+template <typename acc_t>
+inline Vectorized<acc_t> vexp_elementwise(const Vectorized<acc_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) return vexp_exact(v);
+#endif
+  return v.exp();
 }
 
 // n elements at src (element stride `stride`) -> contiguous acc_t.
@@ -818,15 +866,62 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
 
 // ---- sigmoid focal loss (elementwise, torchvision.ops.sigmoid_focal_loss semantics) ----
 
+// Minimax coefficients (relative error) of Q in log(1 + f) = f - f^2/2 + f^3 Q(f) on
+// [sqrt(1/2) - 1, sqrt(2) - 1], constant term first.
+constexpr float kLog1pPoly[8] = {0x1.555554p-2f,  -0x1.000228p-2f, 0x1.99a008p-3f,
+                                 -0x1.547242p-3f, 0x1.22da18p-3f,  -0x1.0d854ep-3f,
+                                 0x1.055b9ep-3f,  -0x1.38b5cp-4f};
+constexpr float kSqrt2 = 0x1.6a09e6p+0f;
+
+// log(1 + e) for e in [0, 1], given u = 1 + e rounded and inv = 1 / u.
+// float on AVX2 and AVX-512: log(u) by a polynomial once u is brought into
+// [sqrt(1/2), sqrt(2)] (u - 1 and u / 2 - 1 are exact there), plus (e - (u - 1)) / u for
+// the rounding of u, itself exact: about 2 ulp, for a fifth of Sleef's log1p, which was
+// the most expensive instruction sequence of the loss. Elsewhere ATen's log1p.
+template <typename acc_t>
+inline Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e, const Vectorized<acc_t>& u,
+                                     const Vectorized<acc_t>& inv) {
+  using V = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const V one(1.f), big = u > V(kSqrt2);  // false for NaN: f and the result stay NaN
+    const V f = V::blendv(u - one, u * V(0.5f) - one, big);
+    V q(kLog1pPoly[7]);
+    for (int k = 6; k >= 0; --k) q = at::vec::fmadd(q, f, V(kLog1pPoly[k]));
+    const V z = f * f;
+    const V log_m = f + at::vec::fmadd(f * z, q, V(-0.5f) * z);
+    const V rounding = at::vec::fmadd(e - (u - one), inv, V::blendv(V(0.f), V(kLn2Lo), big));
+    return V::blendv(V(0.f), V(kLn2Hi), big) + (log_m + rounding);
+  }
+#endif
+  (void)u;
+  (void)inv;
+  return e.log1p();
+}
+
+// 1 / d for d in [1, 2]. float on AVX-512: a 14-bit estimate and one Newton step, within
+// about 1 ulp for a fraction of vdivps' cost. Elsewhere a division.
+template <typename acc_t>
+inline Vectorized<acc_t> vrecip_unit(const Vectorized<acc_t>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.f)), r);
+  }
+#endif
+  return Vectorized<acc_t>(1) / d;
+}
+
 template <typename acc_t>
 struct SigmoidTerms {
   using V = Vectorized<acc_t>;
   V ce, p, q, m;  // BCE-with-logits, sigmoid(x), 1 - sigmoid(x), 1 - p_t
   SigmoidTerms(const V& x, const V& t) {
     const V one(1), zero(0);
-    const V e = x.abs().neg().exp();  // exp(-|x|) never overflows
-    ce = at::vec::maximum(x, zero) - x * t + e.log1p();
-    const V inv = one / (one + e);
+    const V e = vexp_elementwise(x.abs().neg());  // exp(-|x|) never overflows
+    const V u = one + e;
+    const V inv = vrecip_unit(u);
+    ce = at::vec::maximum(x, zero) - x * t + vlog1p_unit(e, u, inv);
     const V pos = x >= zero;
     p = V::blendv(e * inv, inv, pos);
     q = V::blendv(inv, e * inv, pos);
@@ -863,7 +958,9 @@ inline Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
                                              const Vectorized<acc_t>& t, acc_t alpha,
                                              acc_t gamma) {
   using V = Vectorized<acc_t>;
-  V d = s.p - t;  // d ce / dx
+  // d ce / dx = p - t, written without the cancellation of p - 1 for a confident
+  // positive (p + q = 1): that gradient keeps its relative accuracy, as the loss does.
+  V d = (V(1) - t) * s.p - t * s.q;
   if (gamma != 0) {
     // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
     V dpow = V(gamma) * vpow(s.m, gamma - acc_t(1));
@@ -875,55 +972,89 @@ inline Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
   return alpha >= 0 ? d * alpha_t(t, alpha) : d;
 }
 
+// Two acc_t vectors from 2W contiguous elements, and back (rounding once): a bf16/fp16
+// vector holds exactly two float vectors' worth.
+template <typename scalar_t, typename acc_t>
+inline void load_pair(const scalar_t* src, Vectorized<acc_t>& lo, Vectorized<acc_t>& hi) {
+  if constexpr (kReduced<scalar_t>) {
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(src));
+  } else {
+    lo = Vectorized<acc_t>::loadu(src);
+    hi = Vectorized<acc_t>::loadu(src + Vectorized<acc_t>::size());
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_pair(scalar_t* dst, const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi) {
+  if constexpr (kReduced<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(dst);
+  } else {
+    lo.store(dst);
+    hi.store(dst + Vectorized<acc_t>::size());
+  }
+}
+
+// Runs step(x, t, g, out, n) over [begin, end) in chunks of 2W elements (W = acc_t lanes):
+// pointers into the tensors, n = 2W, straight from memory with no staging copies. The
+// last, partial chunk runs on zero-padded local copies with n < 2W, and only its n outputs
+// are copied back. g (an elementwise grad_loss) and out may be null.
+template <typename scalar_t, typename Step>
+inline void sigmoid_chunks(const SigmoidFocalParams& p, const scalar_t* g, scalar_t* out,
+                           int64_t begin, int64_t end, Step&& step) {
+  constexpr int64_t K = 2 * Vectorized<typename AccOf<scalar_t>::type>::size();
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const auto* t = static_cast<const scalar_t*>(p.target);
+  int64_t i = begin;
+  for (; i + K <= end; i += K) {
+    step(x + i, t + i, g != nullptr ? g + i : nullptr, out != nullptr ? out + i : nullptr, K);
+  }
+  if (i == end) return;
+  const int64_t n = end - i;
+  scalar_t xb[K] = {}, tb[K] = {}, gb[K] = {}, ob[K] = {};
+  std::copy(x + i, x + end, xb);
+  std::copy(t + i, t + end, tb);
+  if (g != nullptr) std::copy(g + i, g + end, gb);
+  step(xb, tb, g != nullptr ? gb : nullptr, out != nullptr ? ob : nullptr, n);
+  if (out != nullptr) std::copy(ob, ob + n, out + i);
+}
+
 template <typename scalar_t>
 void sigmoid_focal_fwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
-  const auto* x = static_cast<const scalar_t*>(p.input);
-  const auto* t = static_cast<const scalar_t*>(p.target);
-  auto* loss = static_cast<scalar_t*>(p.loss);
   const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
-  RowBuffers<acc_t> b;
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    const int64_t n = std::min(kBlock, end - i0);
-    load_block(x + i0, 1, n, b.s);
-    load_block(t + i0, 1, n, b.t);
-    at::vec::map2(
-        [&](V xv, V tv) {
-          return sigmoid_focal_value(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
-        },
-        b.out, b.s, b.t, n);
-    store_block(b.out, n, loss + i0, 1);
-  }
+  auto value = [&](const V& xv, const V& tv) {
+    return sigmoid_focal_value(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
+  };
+  sigmoid_chunks<scalar_t>(
+      p, nullptr, static_cast<scalar_t*>(p.loss), begin, end,
+      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t) {
+        V x0, x1, t0, t1;
+        load_pair(x, x0, x1);
+        load_pair(t, t0, t1);
+        store_pair(out, value(x0, t0), value(x1, t1));
+      });
 }
 
 template <typename scalar_t>
 void sigmoid_focal_bwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
-  const auto* x = static_cast<const scalar_t*>(p.input);
-  const auto* t = static_cast<const scalar_t*>(p.target);
   const auto* gl = static_cast<const scalar_t*>(p.grad_loss);
-  auto* grad = static_cast<scalar_t*>(p.grad_input);
   const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
-  RowBuffers<acc_t> b;
-  alignas(64) acc_t gbuf[kBlock];
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    const int64_t n = std::min(kBlock, end - i0);
-    load_block(x + i0, 1, n, b.s);
-    load_block(t + i0, 1, n, b.t);
-    if (p.scalar_grad) {
-      std::fill(gbuf, gbuf + n, static_cast<acc_t>(gl[0]));
-    } else {
-      load_block(gl + i0, 1, n, gbuf);
-    }
-    at::vec::map3(
-        [&](V xv, V tv, V gv) {
-          return sigmoid_focal_deriv(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma) * gv;
-        },
-        b.out, b.s, b.t, gbuf, n);
-    store_block(b.out, n, grad + i0, 1);
-  }
+  const V g_all(p.scalar_grad ? static_cast<acc_t>(gl[0]) : acc_t(0));
+  auto deriv = [&](const V& xv, const V& tv) {
+    return sigmoid_focal_deriv(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
+  };
+  sigmoid_chunks<scalar_t>(
+      p, p.scalar_grad ? nullptr : gl, static_cast<scalar_t*>(p.grad_input), begin, end,
+      [&](const scalar_t* x, const scalar_t* t, const scalar_t* g, scalar_t* out, int64_t) {
+        V x0, x1, t0, t1, g0 = g_all, g1 = g_all;
+        load_pair(x, x0, x1);
+        load_pair(t, t0, t1);
+        if (g != nullptr) load_pair(g, g0, g1);
+        store_pair(out, deriv(x0, t0) * g0, deriv(x1, t1) * g1);
+      });
 }
 
 // One pass for the reduced loss: each element's terms are computed once, for its loss and
@@ -934,30 +1065,31 @@ double sigmoid_focal_sum_range(const SigmoidFocalParams& p, int64_t begin, int64
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const auto* x = static_cast<const scalar_t*>(p.input);
-  const auto* t = static_cast<const scalar_t*>(p.target);
-  auto* grad = static_cast<scalar_t*>(p.grad_input);
   const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
   const V scale(static_cast<acc_t>(p.scale));
-  RowBuffers<acc_t> b;
-  V total(0);
-  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-    const int64_t n = std::min(kBlock, end - i0);
-    load_block(x + i0, 1, n, b.s);
-    load_block(t + i0, 1, n, b.t);
-    for (int64_t i = 0; i < n; i += W) {
-      const int64_t k = std::min(W, n - i);
-      const V xv = V::loadu(b.s + i, k), tv = V::loadu(b.t + i, k);
-      const SigmoidTerms<acc_t> s(xv, tv);
-      total += V::set(V(0), sigmoid_focal_value(s, tv, alpha, gamma), k);
-      if (grad != nullptr) {
-        (sigmoid_focal_deriv(s, tv, alpha, gamma) * scale).store(b.out + i, k);
-      }
-    }
-    if (grad != nullptr) store_block(b.out, n, grad + i0, 1);
-  }
+  V total0(0), total1(0);
+  sigmoid_chunks<scalar_t>(
+      p, nullptr, static_cast<scalar_t*>(p.grad_input), begin, end,
+      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t n) {
+        V x0, x1, t0, t1;
+        load_pair(x, x0, x1);
+        load_pair(t, t0, t1);
+        const SigmoidTerms<acc_t> s0(x0, t0), s1(x1, t1);
+        V v0 = sigmoid_focal_value(s0, t0, alpha, gamma);
+        V v1 = sigmoid_focal_value(s1, t1, alpha, gamma);
+        if (n < 2 * W) {  // the padded lanes of the last chunk add nothing
+          v0 = V::set(V(0), v0, std::min(n, W));
+          v1 = V::set(V(0), v1, std::max<int64_t>(n - W, 0));
+        }
+        total0 += v0;
+        total1 += v1;
+        if (out != nullptr) {
+          store_pair(out, sigmoid_focal_deriv(s0, t0, alpha, gamma) * scale,
+                     sigmoid_focal_deriv(s1, t1, alpha, gamma) * scale);
+        }
+      });
   alignas(64) acc_t lanes[W];
-  total.store(lanes);
+  (total0 + total1).store(lanes);
   double sum = 0;
   for (int64_t j = 0; j < W; ++j) sum += lanes[j];
   return sum;

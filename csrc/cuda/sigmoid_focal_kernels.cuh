@@ -66,7 +66,9 @@ __device__ __forceinline__ acc_t sigmoid_focal_value(acc_t x, acc_t t, acc_t alp
 template <typename acc_t>
 __device__ __forceinline__ acc_t sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s, acc_t t,
                                                      acc_t alpha, acc_t gamma) {
-  acc_t d = s.p - t;  // d ce / dx
+  // d ce / dx = p - t, as (1 - t) p - t q (p + q = 1): no cancellation of p - 1 for a
+  // confident positive, so its gradient keeps its relative accuracy.
+  acc_t d = (acc_t(1) - t) * s.p - t * s.q;
   if (gamma != 0) {
     // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
     acc_t dpow = gamma * pow_gamma(s.m, gamma - acc_t(1));
