@@ -46,7 +46,7 @@ def focal_oracle(x, target, gamma, alpha=None, ignore_index=-100, reduction="mea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.7])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.7])
 @pytest.mark.parametrize("alpha", [None, 0.25, "per-class"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_against_oracle(device, backend, dtype, gamma, alpha, reduction):

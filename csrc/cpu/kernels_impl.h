@@ -460,23 +460,26 @@ inline acc_t row_weighted_nll_sum(const SoftmaxLossParams& p, int64_t r, const s
 
 // Focal pieces from log p_t: loss = -alpha_t (1-p_t)^gamma log p_t, and the factor F with
 // d loss / d s_c = F * (p_c - [c == t]). Written so that gamma = 0 gives exactly the
-// cross-entropy values (F = alpha_t) and saturated logits give finite values.
+// cross-entropy values (F = alpha_t) and saturated logits give finite values. Each is
+// computed only where asked for, and (1-p_t)^gamma once, by a product for gamma 1 and 2:
+// this scalar math per row was about a tenth of a 1000-class focal forward+backward.
 template <typename acc_t>
 struct Focal {
-  acc_t loss, factor;
-  Focal(acc_t log_pt, acc_t alpha_t, acc_t gamma) {
-    const acc_t q = -std::expm1(log_pt);  // 1 - p_t without cancellation
-    // 0 - log_pt rather than -log_pt: +0.0 where p_t = 1, as cross-entropy's lse - s_t.
-    loss = (alpha_t * std::pow(q, gamma)) * (acc_t(0) - log_pt);
-    if (gamma == 0) {
-      factor = alpha_t;
-    } else {
-      const acc_t pt = std::exp(log_pt);
-      // log(1 - q) / q -> -1 as q -> 0; p_t * log p_t -> 0 as p_t -> 0.
-      const acc_t ratio = q > 0 ? log_pt / q : acc_t(-1);
-      const acc_t corr = pt > 0 ? gamma * pt * ratio : acc_t(0);
-      factor = alpha_t * std::pow(q, gamma) * (acc_t(1) - corr);
-    }
+  acc_t log_pt, alpha_t, gamma;
+  acc_t q, q_pow;  // 1 - p_t without cancellation, and q^gamma
+  Focal(acc_t log_pt_, acc_t alpha_t_, acc_t gamma_)
+      : log_pt(log_pt_), alpha_t(alpha_t_), gamma(gamma_), q(-std::expm1(log_pt_)) {
+    q_pow = gamma == 0 ? acc_t(1) : gamma == 1 ? q : gamma == 2 ? q * q : std::pow(q, gamma);
+  }
+  // 0 - log_pt rather than -log_pt: +0.0 where p_t = 1, as cross-entropy's lse - s_t.
+  acc_t loss() const { return (alpha_t * q_pow) * (acc_t(0) - log_pt); }
+  acc_t factor() const {
+    if (gamma == 0) return alpha_t;
+    const acc_t pt = std::exp(log_pt);
+    // log(1 - q) / q -> -1 as q -> 0; p_t * log p_t -> 0 as p_t -> 0.
+    const acc_t ratio = q > 0 ? log_pt / q : acc_t(-1);
+    const acc_t corr = pt > 0 ? gamma * pt * ratio : acc_t(0);
+    return alpha_t * q_pow * (acc_t(1) - corr);
   }
 };
 
@@ -608,7 +611,7 @@ inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t,
                                           acc_t g, acc_t s_t) {
   if (p.focal) {
     const acc_t f =
-        Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma)).factor;
+        Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma)).factor();
     return {g * f, acc_t(0), g * f};
   }
   const int64_t C = p.in.C;
@@ -822,7 +825,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     if (p.focal) {
       loss[r] = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
                              static_cast<acc_t>(p.gamma))
-                    .loss;
+                    .loss();
       continue;
     }
     const acc_t nll = lse - s_t;
