@@ -161,6 +161,23 @@ inline Vectorized<acc_t> vexp_elementwise(const Vectorized<acc_t>& v) {
   return v.exp();
 }
 
+// Loops that stream logits from memory prefetch kPrefetchBytes ahead of the `bytes` they
+// are about to read, a cache line at a time: the hardware prefetchers alone left a 2-thread
+// bf16 forward at 11 GB/s of a 27 GB/s copy bandwidth (Xeon VM); with this it took 18% less
+// time, and the in-place bf16 backward 17% less. Prefetches never fault, so running past the
+// end of a row or a tensor is harmless.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p) + kPrefetchBytes;
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // n elements at src (element stride `stride`) -> contiguous acc_t.
 template <typename scalar_t, typename acc_t>
 inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
@@ -173,6 +190,7 @@ inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* ds
     using fVec = Vectorized<float>;
     int64_t i = 0;
     for (; i + bVec::size() <= n; i += bVec::size()) {
+      prefetch_ahead(src + i, bVec::size() * sizeof(scalar_t));
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + i));
       lo.store(dst + i);
       hi.store(dst + i + fVec::size());
@@ -265,8 +283,9 @@ inline T smax(T a, T b) {
 }
 
 // Max of n contiguous values. Four independent accumulators keep the vector max unit
-// busy instead of waiting on one dependency chain.
-template <typename acc_t>
+// busy instead of waiting on one dependency chain. kStream: s is in memory, not in an L1
+// buffer, so the loop prefetches.
+template <bool kStream = false, typename acc_t>
 inline acc_t block_max(const acc_t* s, int64_t n) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
@@ -274,6 +293,7 @@ inline acc_t block_max(const acc_t* s, int64_t n) {
   V m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
+    if constexpr (kStream) prefetch_ahead(s + i, 4 * W * sizeof(acc_t));
     m0 = vmax(m0, V::loadu(s + i));
     m1 = vmax(m1, V::loadu(s + i + W));
     m2 = vmax(m2, V::loadu(s + i + 2 * W));
@@ -333,6 +353,7 @@ inline float convert_block_max(const scalar_t* x, int64_t n, float scale, bool s
   V m0 = lowest, m1 = lowest;
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
+    prefetch_ahead(x + i, 2 * W * sizeof(scalar_t));
     auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(x + i));
     if (scaled) {
       lo = lo * vs;
@@ -360,7 +381,7 @@ inline const acc_t* logits_block(const scalar_t* x, int64_t sc, int64_t c0, int6
                                  acc_t* max_out = nullptr) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (sc == 1 && !tf.active()) {
-      if (max_out != nullptr) *max_out = block_max(x + c0, n);
+      if (max_out != nullptr) *max_out = block_max<true>(x + c0, n);
       return x + c0;
     }
   }
