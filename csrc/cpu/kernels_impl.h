@@ -178,6 +178,28 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
 #endif
 }
 
+// Two acc_t vectors from 2W contiguous elements, and back (rounding once): a bf16/fp16
+// vector holds exactly two float vectors' worth.
+template <typename scalar_t, typename acc_t>
+inline void load_pair(const scalar_t* src, Vectorized<acc_t>& lo, Vectorized<acc_t>& hi) {
+  if constexpr (kReduced<scalar_t>) {
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(src));
+  } else {
+    lo = Vectorized<acc_t>::loadu(src);
+    hi = Vectorized<acc_t>::loadu(src + Vectorized<acc_t>::size());
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_pair(scalar_t* dst, const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi) {
+  if constexpr (kReduced<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(dst);
+  } else {
+    lo.store(dst);
+    hi.store(dst + Vectorized<acc_t>::size());
+  }
+}
+
 // n elements at src (element stride `stride`) -> contiguous acc_t.
 template <typename scalar_t, typename acc_t>
 inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
@@ -191,7 +213,8 @@ inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* ds
     int64_t i = 0;
     for (; i + bVec::size() <= n; i += bVec::size()) {
       prefetch_ahead(src + i, bVec::size() * sizeof(scalar_t));
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(src + i));
+      fVec lo, hi;
+      load_pair(src + i, lo, hi);
       lo.store(dst + i);
       hi.store(dst + i + fVec::size());
     }
@@ -213,9 +236,7 @@ inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stri
     using fVec = Vectorized<float>;
     int64_t i = 0;
     for (; i + bVec::size() <= n; i += bVec::size()) {
-      auto lo = fVec::loadu(src + i);
-      auto hi = fVec::loadu(src + i + fVec::size());
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(dst + i);
+      store_pair(dst + i, fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()));
     }
     for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   } else {
@@ -346,7 +367,6 @@ inline acc_t block_expsum(const acc_t* s, int64_t n, acc_t M) {
 template <typename scalar_t>
 inline float convert_block_max(const scalar_t* x, int64_t n, float scale, bool scaled,
                                float* buf) {
-  using bVec = Vectorized<scalar_t>;
   using V = Vectorized<float>;
   constexpr int64_t W = V::size();
   const V lowest(-std::numeric_limits<float>::infinity()), vs(scale);
@@ -354,7 +374,8 @@ inline float convert_block_max(const scalar_t* x, int64_t n, float scale, bool s
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     prefetch_ahead(x + i, 2 * W * sizeof(scalar_t));
-    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(bVec::loadu(x + i));
+    V lo, hi;
+    load_pair(x + i, lo, hi);
     if (scaled) {
       lo = lo * vs;
       hi = hi * vs;
@@ -546,8 +567,7 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
     load_block(x + c0, 1, n, s);
     int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
-      const V lo = grad(V::loadu(s + i), c0 + i), hi = grad(V::loadu(s + i + W), c0 + i + W);
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(g + c0 + i);
+      store_pair(g + c0 + i, grad(V::loadu(s + i), c0 + i), grad(V::loadu(s + i + W), c0 + i + W));
     }
     for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(scalar_grad(s[i], c0 + i));
   }
@@ -763,8 +783,7 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
       constexpr int64_t W = V::size();
       int64_t i = 0;
       for (; i + 2 * W <= n; i += 2 * W) {
-        const V lo = V::loadu(e + c0 + i) * f, hi = V::loadu(e + c0 + i + W) * f;
-        at::vec::convert_from_float<scalar_t>(lo, hi).store(g + c0 + i);
+        store_pair(g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
       }
       const acc_t fs = A * std::exp(max_b[k] - lse) * deriv;
       for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(e[c0 + i] * fs);
@@ -903,11 +922,12 @@ constexpr float kSqrt2 = 0x1.6a09e6p+0f;
 // the rounding of u, itself exact: about 2 ulp, for a fifth of Sleef's log1p, which was
 // the most expensive instruction sequence of the loss. Elsewhere ATen's log1p.
 template <typename acc_t>
-inline Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e, const Vectorized<acc_t>& u,
-                                     const Vectorized<acc_t>& inv) {
-  using V = Vectorized<acc_t>;
+inline Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e,
+                                     [[maybe_unused]] const Vectorized<acc_t>& u,
+                                     [[maybe_unused]] const Vectorized<acc_t>& inv) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
+    using V = Vectorized<float>;
     const V one(1.f), big = u > V(kSqrt2);  // false for NaN: f and the result stay NaN
     const V f = V::blendv(u - one, u * V(0.5f) - one, big);
     V q(kLog1pPoly[7]);
@@ -918,8 +938,6 @@ inline Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e, const Vectorize
     return V::blendv(V(0.f), V(kLn2Hi), big) + (log_m + rounding);
   }
 #endif
-  (void)u;
-  (void)inv;
   return e.log1p();
 }
 
@@ -994,28 +1012,6 @@ inline Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
     d = d * vpow(s.m, gamma) + s.ce * dpow * s.p * s.q * (V(1) - V(2) * t);
   }
   return alpha >= 0 ? d * alpha_t(t, alpha) : d;
-}
-
-// Two acc_t vectors from 2W contiguous elements, and back (rounding once): a bf16/fp16
-// vector holds exactly two float vectors' worth.
-template <typename scalar_t, typename acc_t>
-inline void load_pair(const scalar_t* src, Vectorized<acc_t>& lo, Vectorized<acc_t>& hi) {
-  if constexpr (kReduced<scalar_t>) {
-    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(src));
-  } else {
-    lo = Vectorized<acc_t>::loadu(src);
-    hi = Vectorized<acc_t>::loadu(src + Vectorized<acc_t>::size());
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store_pair(scalar_t* dst, const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi) {
-  if constexpr (kReduced<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(dst);
-  } else {
-    lo.store(dst);
-    hi.store(dst + Vectorized<acc_t>::size());
-  }
 }
 
 // Runs step(x, t, g, out, n) over [begin, end) in chunks of 2W elements (W = acc_t lanes):
