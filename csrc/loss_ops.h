@@ -11,6 +11,7 @@
 //   sigmoid_sum(params, input, out)        the reduced sigmoid focal kernel: writes
 //                                          scale * sum into the 0-dim out (and the
 //                                          gradient when params.grad_input is set)
+//   accumulate(acc, src)                   _accumulate_, arguments checked
 #pragma once
 
 #include <ATen/ATen.h>
@@ -175,6 +176,18 @@ struct LossOps {
     return {loss, grad};
   }
 
+  static void accumulate(Tensor& acc, const Tensor& src) {
+    TORCH_CHECK(acc.device() == src.device(), "_accumulate_: acc is on ", acc.device(),
+                " but src is on ", src.device());
+    TORCH_CHECK(acc.sizes() == src.sizes(), "_accumulate_: acc has shape ", acc.sizes(),
+                " but src has shape ", src.sizes());
+    TORCH_CHECK(at::isFloatingType(acc.scalar_type()) && at::isFloatingType(src.scalar_type()),
+                "_accumulate_: acc and src must be floating point, got ", acc.scalar_type(),
+                " and ", src.scalar_type());
+    typename Device::Guard guard(acc.device());
+    Device::accumulate(acc, src);
+  }
+
  private:
   static Tensor reduce_sigmoid_focal(const char* op, const Tensor& input, const Tensor& target,
                                      double alpha, double gamma, double scale,
@@ -205,6 +218,7 @@ void register_loss_ops(torch::Library& m) {
   m.impl("_sigmoid_focal_bwd", &Ops::sigmoid_focal_bwd);
   m.impl("sigmoid_focal_sum", &Ops::sigmoid_focal_sum);
   m.impl("sigmoid_focal_sum_grad", &Ops::sigmoid_focal_sum_grad);
+  m.impl("_accumulate_", &Ops::accumulate);
 }
 
 }  // namespace tlf

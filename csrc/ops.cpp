@@ -147,4 +147,8 @@ TORCH_LIBRARY(torchloss_fused, m) {
   m.def(
       "sigmoid_focal_sum_grad(Tensor input, Tensor target, float alpha, float gamma, "
       "float scale) -> (Tensor loss, Tensor grad)");
+  // acc += src, as acc.add_(src) (same shape and device): linear_cross_entropy sums each
+  // row chunk's bf16/fp16 grad_weight product into a float32 accumulator with it, in one
+  // pass where a conversion and an add took two.
+  m.def("_accumulate_(Tensor(a!) acc, Tensor src) -> ()");
 }

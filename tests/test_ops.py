@@ -191,3 +191,64 @@ def test_kernels_agree_with_reference_ops(device, dtype):
         fused = [op.sigmoid_focal_sum_grad(x, t, alpha, gamma, 0.3) for op in (ext, ref)]
         _close(fused[0][0], sums[0], acc)
         _close(fused[0][1], fused[1][1], dtype)
+
+
+# ---- _accumulate_ (linear_cross_entropy's grad_weight sum over row chunks) -------------
+
+ACCUMULATE_CASES = [  # (acc dtype, src dtype)
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.float32, torch.float32), (torch.float64, torch.bfloat16),
+    (torch.float64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("acc_dtype,src_dtype", ACCUMULATE_CASES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 37), (300, 1031), (1,), (0, 5)], ids=str)
+def test_accumulate_matches_add(device, namespace, acc_dtype, src_dtype, shape):
+    """acc += src, bitwise as PyTorch's add_: the vector body, the scalar tail (37, 1031
+    are no multiple of a vector) and several threads' parts (300 x 1031 elements)."""
+    acc = torch.randn(shape, device=device, dtype=acc_dtype) * 3
+    src = torch.randn(shape, device=device).to(src_dtype)
+    expected = acc.clone().add_(src)
+    getattr(torch.ops, namespace)._accumulate_(acc, src)
+    assert torch.equal(acc, expected)
+    assert expected.numel() == 0 or not torch.equal(expected, src.to(acc_dtype))
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_accumulate_strided_and_aliased(device, namespace):
+    op = getattr(torch.ops, namespace)._accumulate_
+    base = torch.randn(40, 70, device=device)
+    acc = base.t()  # not contiguous: PyTorch's add_ serves it
+    src = torch.randn(70, 40, device=device).bfloat16()
+    expected = acc + src.float()
+    op(acc, src)
+    assert torch.equal(base.t(), expected)
+    whole = torch.randn(1000, device=device)  # the same memory: doubled, as add_ does
+    doubled = whole * 2
+    op(whole, whole)
+    assert torch.equal(whole, doubled)
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_accumulate_rejects_bad_arguments(device, namespace):
+    op = getattr(torch.ops, namespace)._accumulate_
+    acc = torch.zeros(4, 6, device=device)
+    with pytest.raises(RuntimeError, match="shape"):
+        op(acc, torch.ones(4, 5, device=device))
+    with pytest.raises(RuntimeError, match="shape"):
+        op(acc, torch.ones(6, device=device))  # no broadcasting
+    with pytest.raises(RuntimeError, match="floating point"):
+        op(acc, torch.ones(4, 6, device=device, dtype=torch.int32))
+    buf = torch.zeros(100, device=device)
+    with pytest.raises(RuntimeError, match="memory location"):
+        op(buf[:60], buf[40:])  # partly the same memory
+    assert torch.count_nonzero(buf) == 0
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_opcheck_accumulate(device, namespace):
+    op = getattr(torch.ops, namespace)._accumulate_.default
+    torch.library.opcheck(op, (torch.randn(5, 33, device=device),
+                               torch.randn(5, 33, device=device).bfloat16()))

@@ -44,6 +44,7 @@ SCHEMAS = {
     "float scale) -> Tensor",
     "sigmoid_focal_sum_grad": "(Tensor input, Tensor target, float alpha, float gamma, "
     "float scale) -> (Tensor loss, Tensor grad)",
+    "_accumulate_": "(Tensor(a!) acc, Tensor src) -> ()",
 }
 
 _REFERENCE_IMPLS = {
@@ -59,9 +60,11 @@ _REFERENCE_IMPLS = {
     "_sigmoid_focal_bwd": reference.sigmoid_focal_bwd,
     "sigmoid_focal_sum": reference.sigmoid_focal_sum,
     "sigmoid_focal_sum_grad": reference.sigmoid_focal_sum_grad,
+    "_accumulate_": reference.accumulate_,
 }
 
-_MUTATED = {"_ce_bwd_inplace": ("input",), "_rescale_grad_rows": ("grad",)}
+_MUTATED = {"_ce_bwd_inplace": ("input",), "_rescale_grad_rows": ("grad",),
+            "_accumulate_": ("acc",)}
 
 
 def _define_reference_ops() -> None:
@@ -135,6 +138,7 @@ _FAKES = {
     "_sigmoid_focal_bwd": _fake_sigmoid_bwd,
     "sigmoid_focal_sum": _fake_sigmoid_sum,
     "sigmoid_focal_sum_grad": _fake_sigmoid_sum_grad,
+    "_accumulate_": _fake_mutating,
 }
 
 

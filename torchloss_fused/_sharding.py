@@ -43,12 +43,14 @@ _SOFTMAX_ROLES = {
     "_rescale_grad_rows": ((), ("logits", "rows", "rows")),
 }
 
-# Elementwise sigmoid focal ops: "elem" (the input's shape), "sum" (a 0-dim total).
-_SIGMOID_ROLES = {
+# Elementwise ops (sigmoid focal, _accumulate_): "elem" (the first input's shape), "sum"
+# (a 0-dim total).
+_ELEMENTWISE_ROLES = {
     "sigmoid_focal_fwd": (("elem",), ("elem", "elem", None, None)),
     "_sigmoid_focal_bwd": (("elem",), ("elem", "elem", "elem", None, None)),
     "sigmoid_focal_sum": (("sum",), ("elem", "elem", None, None, None)),
     "sigmoid_focal_sum_grad": (("sum", "elem"), ("elem", "elem", None, None, None)),
+    "_accumulate_": ((), ("elem", "elem")),
 }
 
 
@@ -110,7 +112,7 @@ def _softmax_rule(outputs, inputs, P):
     return rule
 
 
-def _sigmoid_rule(outputs, inputs, P):
+def _elementwise_rule(outputs, inputs, P):
     def rule(input, *args):
         def placements(dim):
             def place(role, present=True):
@@ -127,7 +129,7 @@ def _sigmoid_rule(outputs, inputs, P):
     return rule
 
 
-_TABLES = {"loss": ((_SOFTMAX_ROLES, _softmax_rule), (_SIGMOID_ROLES, _sigmoid_rule)),
+_TABLES = {"loss": ((_SOFTMAX_ROLES, _softmax_rule), (_ELEMENTWISE_ROLES, _elementwise_rule)),
            "linear": ((_LINEAR_ROLES, _linear_rule),)}
 
 

@@ -313,6 +313,17 @@ def rescale_grad_rows(grad: Tensor, grad_loss: Tensor, grad_scale: Tensor) -> No
     grad.mul_(factor.unsqueeze(1))
 
 
+def accumulate_(acc: Tensor, src: Tensor) -> None:
+    """acc += src (the kernels take the same shape only, and floating point)."""
+    if acc.shape != src.shape:
+        raise RuntimeError(f"_accumulate_: acc has shape {tuple(acc.shape)} but src has "
+                           f"shape {tuple(src.shape)}")
+    if not (acc.is_floating_point() and src.is_floating_point()):
+        raise RuntimeError(f"_accumulate_: acc and src must be floating point, got "
+                           f"{acc.dtype} and {src.dtype}")
+    acc.add_(src)
+
+
 # ---- sigmoid focal loss (torchvision.ops.sigmoid_focal_loss) ----------------------------
 
 

@@ -23,6 +23,9 @@ struct KernelTable {
   // Unscaled sum of the losses of elements [begin, end); writes their scaled gradient too
   // when p.grad_input is set.
   double (*sigmoid_focal_sum)(const SigmoidFocalParams&, Dtype, int64_t begin, int64_t end);
+  // acc[i] += src[i] for i in [begin, end): src float32, bfloat16 or float16, widened
+  // exactly, added in float32.
+  void (*accumulate)(float* acc, const void* src, Dtype, int64_t begin, int64_t end);
 };
 
 namespace DEFAULT {

@@ -1115,6 +1115,22 @@ double sigmoid_focal_sum_range(const SigmoidFocalParams& p, int64_t begin, int64
   return sum;
 }
 
+// ---- float32 accumulation of a narrower (or equal) tensor --------------------------------
+
+template <typename scalar_t>
+inline void accumulate_range(float* acc, const scalar_t* src, int64_t begin, int64_t end) {
+  using fVec = Vectorized<float>;
+  constexpr int64_t W = fVec::size();
+  int64_t i = begin;
+  for (; i + 2 * W <= end; i += 2 * W) {
+    fVec lo, hi;
+    load_pair(src + i, lo, hi);
+    (fVec::loadu(acc + i) + lo).store(acc + i);
+    (fVec::loadu(acc + i + W) + hi).store(acc + i + W);
+  }
+  for (; i < end; ++i) acc[i] += static_cast<float>(src[i]);
+}
+
 template <typename F>
 inline auto dispatch_dtype(Dtype dt, F&& f) {
   switch (dt) {
@@ -1152,6 +1168,17 @@ void sigmoid_focal_bwd(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int
   dispatch_dtype(dt, [&](auto tag) { sigmoid_focal_bwd_range<decltype(tag)>(p, begin, end); });
 }
 
+void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t end) {
+  switch (dt) {
+    case Dtype::BFloat16:
+      return accumulate_range(acc, static_cast<const c10::BFloat16*>(src), begin, end);
+    case Dtype::Float16:
+      return accumulate_range(acc, static_cast<const c10::Half*>(src), begin, end);
+    default:
+      return accumulate_range(acc, static_cast<const float*>(src), begin, end);
+  }
+}
+
 double sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int64_t end) {
   return dispatch_dtype(
       dt, [&](auto tag) { return sigmoid_focal_sum_range<decltype(tag)>(p, begin, end); });
@@ -1162,7 +1189,8 @@ double sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, int64_t begin, i
 #define TLF_STR2(x) #x
 #define TLF_STR(x) TLF_STR2(x)
 extern const KernelTable kTable = {TLF_STR(CPU_CAPABILITY), softmax_loss_fwd, softmax_loss_bwd,
-                                   sigmoid_focal_fwd, sigmoid_focal_bwd, sigmoid_focal_sum};
+                                   sigmoid_focal_fwd, sigmoid_focal_bwd, sigmoid_focal_sum,
+                                   accumulate};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace tlf::cpu

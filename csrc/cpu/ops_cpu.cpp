@@ -2,6 +2,7 @@
 // intra-op threads, kernels from the table for this CPU's instruction set.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -118,6 +119,28 @@ struct Cpu {
     double sum = 0;
     for (double v : part) sum += v;
     out.fill_(sum * p.scale);
+  }
+
+  static void accumulate(at::Tensor& acc, const at::Tensor& src) {
+    const auto st = src.scalar_type();
+    const bool kernel = acc.scalar_type() == at::kFloat &&
+                        (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) &&
+                        acc.is_contiguous() && src.is_contiguous();
+    // Partly shared memory: PyTorch's add_ raises its overlap error. (Fully shared is an
+    // elementwise doubling, which the kernel does right.)
+    const auto overlap = at::get_overlap_status(acc, src);
+    if (!kernel || (overlap != at::MemOverlapStatus::No &&
+                    overlap != at::MemOverlapStatus::Full)) {
+      acc.add_(src);
+      return;
+    }
+    const auto fn = cpu::kernel_table().accumulate;
+    float* a = acc.data_ptr<float>();
+    const void* s = src.const_data_ptr();
+    const Dtype dt = kernel_dtype(src);
+    // Chunks of whole vectors, so each thread's part starts aligned like the others.
+    at::parallel_for(0, acc.numel(), 65536,
+                     [&](int64_t begin, int64_t end) { fn(a, s, dt, begin, end); });
   }
 };
 

@@ -177,6 +177,13 @@ def _fwd_backward(ctx, grad_loss, grad_lse):
                                         class_weight, lse, *ctx.args, *needs), needs) + none
 
 
+def _is_host_one(grad_loss: Tensor) -> bool:
+    # loss.backward() sends exactly 1. Reading a CPU scalar costs nothing; a CUDA one
+    # would synchronise the host, so CUDA gradients are always scaled.
+    return (type(grad_loss) is Tensor and grad_loss.device.type == "cpu"
+            and bool(grad_loss == 1))
+
+
 def _masked(grads, needs) -> tuple:
     return tuple(g if need else None for g, need in zip(grads, needs))
 
@@ -231,6 +238,8 @@ def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
         grads = _ns()._linear_ce_bwd(_row_grads(grad_loss, denom, lse), grad_lse, hidden,
                                      weight, bias, target, class_weight, lse, *ctx.ce_args,
                                      *ctx.chunk, *needs)
+    elif ctx.eager and _is_host_one(grad_loss):
+        grads = fused  # made for exactly this grad_loss: the pass over them is saved
     elif ctx.eager:
         grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(fused, needs))
     else:

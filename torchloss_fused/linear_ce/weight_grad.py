@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _backend
 from .chunking import ACCUM_BLOCK_BYTES
 
 _OUT_DTYPE_ADDMM: dict[str, bool] = {}
@@ -59,6 +60,11 @@ class WeightGrad:
             self.parts = [(0, V, torch.empty((V, H), dtype=accum, device=weight.device))]
         self.direct = accum == weight.dtype or (
             accum == torch.float32 and _addmm_out_dtype_ok(weight.device))
+        # CPU kernels add a narrow block into the accumulator in one pass (_accumulate_);
+        # otherwise it is converted through a same-dtype buffer first (a mixed-dtype add_
+        # is slow on CPU).
+        self.one_pass = (weight.device.type == "cpu" and _backend.has_kernels("cpu")
+                         and accum == torch.float32)
         self.first = True
         self.tmp = self.tmp_acc = None
 
@@ -78,19 +84,21 @@ class WeightGrad:
     def _add_blocked(self, gT: Tensor, h: Tensor, acc: Tensor) -> None:
         # The product in the input dtype, a block of rows at a time (float32 accumulation
         # inside the matmul; rounded once per chunk), then added in the accumulator dtype.
-        # A mixed-dtype add_ is slow on CPU: convert through a same-dtype buffer first.
         # Few, large blocks: each op is a parallel region, costly on a loaded machine.
         rows = max(16, ACCUM_BLOCK_BYTES // max(1, self.H * self.dtype.itemsize))
         if self.tmp is None:
             shape = (min(rows, self.out.shape[0]), self.H)
             self.tmp = torch.empty(shape, dtype=self.dtype, device=h.device)
-            self.tmp_acc = torch.empty(shape, dtype=self.accum, device=h.device)
+            if not self.one_pass:
+                self.tmp_acc = torch.empty(shape, dtype=self.accum, device=h.device)
         for r0 in range(0, gT.shape[0], rows):
             r1 = min(gT.shape[0], r0 + rows)
             block = self.tmp[: r1 - r0]
             torch.mm(gT[r0:r1], h, out=block)
             if self.first:
                 acc[r0:r1].copy_(block)
+            elif self.one_pass:
+                torch.ops.torchloss_fused._accumulate_(acc[r0:r1], block)
             else:
                 conv = self.tmp_acc[: r1 - r0]
                 conv.copy_(block)
