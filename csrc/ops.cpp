@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "tensor_params.h"
 #if defined(TLF_WITH_CUDA)
 #include "cuda/tuning.h"
 #endif
@@ -77,6 +78,16 @@ PyObject* cuda_tuning(PyObject*, PyObject*) {
 #endif
 }
 
+// _C.advise_huge_pages(address, nbytes): advise_huge_pages (tensor_params.h) for a CPU
+// tensor's memory just allocated in Python (linear_cross_entropy's buffers).
+PyObject* advise_huge_pages(PyObject*, PyObject* args) {
+  unsigned long long address = 0, bytes = 0;
+  if (!PyArg_ParseTuple(args, "KK", &address, &bytes)) return nullptr;
+  tlf::advise_huge_pages(reinterpret_cast<const void*>(static_cast<uintptr_t>(address)),
+                         static_cast<size_t>(bytes));
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
@@ -85,6 +96,9 @@ PyMethodDef methods[] = {
      "Set the block-per-row CUDA launch settings (max_threads, row_cache_bytes, "
      "prefetch_bytes)."},
     {"cuda_tuning", cuda_tuning, METH_NOARGS, "The block-per-row CUDA launch settings."},
+    {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
+     "Ask for transparent huge pages on a large CPU buffer (address, nbytes) before first "
+     "touch."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -238,21 +238,26 @@ void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
   check_per_row(op, grad, grad_scale, "grad_scale");
 }
 
-at::Tensor empty_grad_like(const at::Tensor& input) {
-  at::Tensor g = at::empty(input.sizes(), input.options());
+void advise_huge_pages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = g.nbytes();
-  if (g.device().is_cpu() && bytes >= 4 * kHuge) {
-    // Advise only whole 2 MiB pages inside the buffer; the allocator owns the ends.
-    const auto start = reinterpret_cast<uintptr_t>(g.data_ptr());
-    const uintptr_t first = (start + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
-    const uintptr_t last = (start + bytes) & ~(uintptr_t(kHuge) - 1);
-    if (last > first) {
-      madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // best effort
-    }
+  if (bytes < 4 * kHuge) return;
+  // Advise only whole 2 MiB pages inside the buffer; the allocator owns the ends.
+  const auto start = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (start + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+  const uintptr_t last = (start + bytes) & ~(uintptr_t(kHuge) - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // best effort
   }
+#else
+  (void)data;
+  (void)bytes;
 #endif
+}
+
+at::Tensor empty_grad_like(const at::Tensor& input) {
+  at::Tensor g = at::empty(input.sizes(), input.options());
+  if (g.device().is_cpu()) advise_huge_pages(g.data_ptr(), g.nbytes());
   return g;
 }
 

@@ -53,9 +53,12 @@ void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor&
 void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
                         const at::Tensor& grad_scale);
 
-// A gradient buffer shaped like `input`, contiguous. On Linux, large CPU buffers ask for
-// transparent huge pages before first touch: faulting 4 KiB pages in costs more than the
-// kernel that fills them.
+// On Linux, asks for transparent huge pages on the whole 2 MiB pages of a CPU buffer of at
+// least 8 MiB, before its first touch: faulting 4 KiB pages in costs more than the kernel
+// that fills them (best effort; does nothing elsewhere).
+void advise_huge_pages(const void* data, size_t bytes);
+
+// A gradient buffer shaped like `input`, contiguous; a CPU one advised onto huge pages.
 at::Tensor empty_grad_like(const at::Tensor& input);
 
 SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _huge_pages
 from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
@@ -46,7 +46,8 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     if lse_in is None:
         loss_rows = hidden.new_empty((N,), dtype=acc)
         lse = hidden.new_empty((N,), dtype=acc)
-    grad_h = hidden.new_empty((N, H)) if need_h else None
+    big = {"dtype": hidden.dtype, "device": hidden.device}
+    grad_h = _huge_pages.empty((N, H), **big) if need_h else None
     # One chunk: one product, accumulated inside the matmul, rounded once, as F.linear's
     # backward does; no separate accumulator is needed.
     w_accum = weight.dtype if chunk >= N else resolve_accum(weight.dtype, accum_dtype)
@@ -55,7 +56,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     if need_b:
         gb = torch.zeros((V,), dtype=resolve_accum(bias.dtype, accum_dtype),
                          device=bias.device)
-    buf = hidden.new_empty((chunk * V,)) if N > 0 else None
+    buf = _huge_pages.empty((chunk * V,), **big) if N > 0 else None
     ones = None
     wT = weight.t()
     for s in range(0, N, chunk):
