@@ -48,7 +48,7 @@ struct LossOps {
                                                   const Tensor& input,
                                                   const Tensor& grad_scale) {
     auto [loss, lse] = set_forward_outputs(l, input);
-    Tensor grad = empty_grad_like(input);
+    Tensor grad = empty_output_like(input);
     set_fused_grad_args(op, l, input, grad_scale, grad);
     Device::run(l, input, Mode::Fused);
     return {loss, lse, grad};
@@ -73,7 +73,7 @@ struct LossOps {
     return backward("_ce_bwd",
                     prepare_ce("_ce_bwd", input, target, weight, ignore_index, label_smoothing,
                                z_loss, softcap, logit_scale),
-                    grad_loss, grad_lse, input, lse, empty_grad_like(input));
+                    grad_loss, grad_lse, input, lse, empty_output_like(input));
   }
 
   // Safe in place on both devices: every element of a row is read before the kernel
@@ -116,7 +116,7 @@ struct LossOps {
     return backward(
         "_focal_bwd",
         prepare_focal("_focal_bwd", input, target, alpha, alpha_scale, gamma, ignore_index),
-        grad_loss, std::nullopt, input, lse, empty_grad_like(input));
+        grad_loss, std::nullopt, input, lse, empty_output_like(input));
   }
 
   static std::tuple<Tensor, Tensor, Tensor> focal_fwd_grad(
@@ -141,7 +141,7 @@ struct LossOps {
     typename Device::Guard guard(input.device());
     const Tensor x = input.contiguous(), t = target.contiguous();
     SigmoidFocalParams p = prepare_sigmoid_focal("sigmoid_focal_fwd", x, t, alpha, gamma);
-    Tensor loss = at::empty(x.sizes(), x.options());
+    Tensor loss = empty_output_like(x);
     p.loss = loss.data_ptr();
     Device::sigmoid(p, x, /*backward=*/false);
     return loss;
@@ -153,7 +153,7 @@ struct LossOps {
     const Tensor x = input.contiguous(), t = target.contiguous();
     SigmoidFocalParams p = prepare_sigmoid_focal("_sigmoid_focal_bwd", x, t, alpha, gamma);
     const Tensor g = set_sigmoid_grad_loss("_sigmoid_focal_bwd", p, x, grad_loss);
-    Tensor grad = empty_grad_like(x);
+    Tensor grad = empty_output_like(x);
     p.grad_input = grad.data_ptr();
     Device::sigmoid(p, x, /*backward=*/true);
     return grad;
@@ -170,7 +170,7 @@ struct LossOps {
                                                            const Tensor& target, double alpha,
                                                            double gamma, double scale) {
     typename Device::Guard guard(input.device());
-    Tensor grad = empty_grad_like(input);
+    Tensor grad = empty_output_like(input);
     Tensor loss = reduce_sigmoid_focal("sigmoid_focal_sum_grad", input, target, alpha, gamma,
                                        scale, &grad);
     return {loss, grad};

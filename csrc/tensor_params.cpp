@@ -255,7 +255,7 @@ void advise_huge_pages(const void* data, size_t bytes) {
 #endif
 }
 
-at::Tensor empty_grad_like(const at::Tensor& input) {
+at::Tensor empty_output_like(const at::Tensor& input) {
   at::Tensor g = at::empty(input.sizes(), input.options());
   if (g.device().is_cpu()) advise_huge_pages(g.data_ptr(), g.nbytes());
   return g;

@@ -58,8 +58,9 @@ void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
 // that fills them (best effort; does nothing elsewhere).
 void advise_huge_pages(const void* data, size_t bytes);
 
-// A gradient buffer shaped like `input`, contiguous; a CPU one advised onto huge pages.
-at::Tensor empty_grad_like(const at::Tensor& input);
+// An input-sized output (a gradient, sigmoid focal's elementwise loss) shaped like
+// `input`, contiguous; a CPU one advised onto huge pages.
+at::Tensor empty_output_like(const at::Tensor& input);
 
 SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,
                                          const at::Tensor& target, double alpha, double gamma);

@@ -51,3 +51,11 @@ def test_cross_entropy_gradient_buffer_is_advised():
     y = torch.randint(0, 4096, (1024,))
     tlf.cross_entropy(x, y).backward()
     assert "hg" in _vm_flags(_middle(x.grad))
+
+
+def test_sigmoid_focal_elementwise_loss_is_advised():
+    x = torch.randn(4096, 1024)  # a 16 MiB loss, reduction="none"
+    t = (torch.rand(4096, 1024) < 0.05).float()
+    loss = tlf.sigmoid_focal_loss(x, t)
+    assert loss.shape == x.shape
+    assert "hg" in _vm_flags(_middle(loss))
