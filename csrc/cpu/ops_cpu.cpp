@@ -138,7 +138,7 @@ struct Cpu {
     float* a = acc.data_ptr<float>();
     const void* s = src.const_data_ptr();
     const Dtype dt = kernel_dtype(src);
-    // Chunks of whole vectors, so each thread's part starts aligned like the others.
+    // (Unaligned loads and stores: any split of the range is correct.)
     at::parallel_for(0, acc.numel(), 65536,
                      [&](int64_t begin, int64_t end) { fn(a, s, dt, begin, end); });
   }
