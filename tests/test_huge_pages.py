@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 
 import pytest
@@ -9,6 +11,9 @@ import torch
 
 import torchloss_fused as tlf
 from torchloss_fused import _backend, _huge_pages
+
+if _backend.EXTENSION_LOADED:
+    from torchloss_fused import _C
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
@@ -41,9 +46,16 @@ def test_large_buffer_is_advised():
     assert "hg" in _vm_flags(_middle(t))
 
 
-def test_buffer_under_8_mib_is_left_alone():
-    t = _huge_pages.empty((6 << 20,), dtype=torch.uint8, device=torch.device("cpu"))
-    assert "hg" not in _vm_flags(_middle(t))
+@pytest.mark.parametrize("mib,advised", [(6, False), (16, True)])
+def test_the_8_mib_threshold(mib, advised):
+    # A mapping of its own: a freed tensor's memory may sit in a region advised earlier.
+    region = mmap.mmap(-1, mib << 20)
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        _C.advise_huge_pages(address, mib << 20)
+        assert ("hg" in _vm_flags(address + (mib << 19))) == advised
+    finally:
+        region.close()
 
 
 def test_cross_entropy_gradient_buffer_is_advised():
