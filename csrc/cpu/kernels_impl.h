@@ -1169,14 +1169,13 @@ void sigmoid_focal_bwd(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int
 }
 
 void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t end) {
-  switch (dt) {
-    case Dtype::BFloat16:
-      return accumulate_range(acc, static_cast<const c10::BFloat16*>(src), begin, end);
-    case Dtype::Float16:
-      return accumulate_range(acc, static_cast<const c10::Half*>(src), begin, end);
-    default:
-      return accumulate_range(acc, static_cast<const float*>(src), begin, end);
-  }
+  dispatch_dtype(dt, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    // (The launcher sends no float64 source: a float accumulator would round it.)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      accumulate_range(acc, static_cast<const scalar_t*>(src), begin, end);
+    }
+  });
 }
 
 double sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int64_t end) {
