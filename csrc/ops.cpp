@@ -42,22 +42,24 @@ PyObject* openmp(PyObject*, PyObject*) {
 #endif
 }
 
-// _C.set_cuda_tuning(max_threads, row_cache_bytes, prefetch_bytes) and _C.cuda_tuning():
+// _C.set_cuda_tuning(max_threads, row_cache_bytes, prefetch_bytes, cluster_blocks) and
+// _C.cuda_tuning():
 // the block-per-row launch settings (csrc/cuda/tuning.h); torchloss_fused/_cuda_tuning.py
 // validates them first. RuntimeError in a build without CUDA kernels.
 PyObject* set_cuda_tuning(PyObject*, PyObject* args) {
-  int threads = 0;
+  int threads = 0, cluster = 0;
   long long cache = 0, prefetch = 0;
-  if (!PyArg_ParseTuple(args, "iLL", &threads, &cache, &prefetch)) return nullptr;
+  if (!PyArg_ParseTuple(args, "iLLi", &threads, &cache, &prefetch, &cluster)) return nullptr;
 #if defined(TLF_WITH_CUDA)
   tlf::cuda::BlockRowTuning t;
   t.max_threads = threads;
   t.row_cache_bytes = cache;
   t.prefetch_bytes = prefetch;
+  t.cluster_blocks = cluster;
   if (!tlf::cuda::set_block_row_tuning(t)) {
     PyErr_SetString(PyExc_ValueError,
-                    "cuda tuning: max_threads must be 128, 256 or 512, row_cache_bytes >= -1 "
-                    "and prefetch_bytes >= 0");
+                    "cuda tuning: max_threads must be 128, 256 or 512, row_cache_bytes >= -1, "
+                    "prefetch_bytes >= 0 and cluster_blocks 0, 2, 4, 8 or 16");
     return nullptr;
   }
   Py_RETURN_NONE;
@@ -70,8 +72,8 @@ PyObject* set_cuda_tuning(PyObject*, PyObject* args) {
 PyObject* cuda_tuning(PyObject*, PyObject*) {
 #if defined(TLF_WITH_CUDA)
   const tlf::cuda::BlockRowTuning t = tlf::cuda::block_row_tuning();
-  return Py_BuildValue("(iLL)", t.max_threads, static_cast<long long>(t.row_cache_bytes),
-                       static_cast<long long>(t.prefetch_bytes));
+  return Py_BuildValue("(iLLi)", t.max_threads, static_cast<long long>(t.row_cache_bytes),
+                       static_cast<long long>(t.prefetch_bytes), t.cluster_blocks);
 #else
   PyErr_SetString(PyExc_RuntimeError, "this build has no CUDA kernels to tune");
   return nullptr;

@@ -287,7 +287,8 @@ fi
 # The defaults; the next row's L2 prefetch, 64 KiB of it or all of it (256 KiB, clipped to
 # the row); two 256-thread blocks per SM (each caching 108 KiB of its row, the rest re-read
 # from L2), with and without a prefetch; four of 128 threads; and no row cache at all.
-DEFAULT_SWEEP="|prefetch_kib=64|prefetch_kib=256|block_threads=256,row_cache_kib=108|block_threads=256,row_cache_kib=108,prefetch_kib=32|block_threads=128,row_cache_kib=52|row_cache_kib=0"
+# Thread block clusters first (never measured yet), then the block-per-row variants.
+DEFAULT_SWEEP="|cluster_blocks=8|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"

@@ -8,17 +8,18 @@ build/cuda_emulation/<hash of every input>, runs a seeded sample of cases in a f
 (two processes at a time) and checks:
 
 - cross-entropy and focal forward, backward, fused and in-place backward: f32, bf16, f16,
-  f64; thread / warp / block per row (direct launches of every instantiation, and the real
-  launcher on three emulated devices); vector and scalar paths, row caches; contiguous,
-  misaligned, padded and sliced rows, class stride != 1, D > 1; weights, label smoothing,
-  z-loss, softcap, logit scale, probability targets, focal alpha / gamma, ignore_index,
-  int32 / uint8 targets, grad_lse, broadcast grad_output, NaN, -inf and huge (3e38) logits;
+  f64; thread / warp / block / cluster of blocks per row (direct launches of every
+  instantiation, and the real launcher on three emulated devices); vector and scalar paths,
+  row caches; contiguous, misaligned, padded and sliced rows, class stride != 1, D > 1;
+  weights, label smoothing, z-loss, softcap, logit scale, probability targets, focal alpha /
+  gamma, ignore_index, int32 / uint8 targets, grad_lse, broadcast grad_output, NaN, -inf and
+  huge (3e38) logits;
 - bitwise: fused == forward + backward (class-index targets), in-place == out-of-place,
   focal gamma = 0 == cross-entropy, and no dependence on the thread / block schedule;
 - an out-of-range target is the device assert, and nothing is accessed out of bounds (the
   next-row L2 prefetch included);
-- the real launcher under run-time tuning (block size, row-cache cap, prefetch) launches
-  what the tuning asks, with the same values;
+- the real launcher under run-time tuning (block size, row-cache cap, prefetch, clusters)
+  launches what the tuning asks, with the same values;
 - _rescale_grad_rows; sigmoid focal elementwise forward / backward (n not a multiple of the
   vector width, aligned or not); the reduced sum and sum-with-gradient, whose partition
   depends on n alone (same bits on every device and schedule, at most kSigmoidSumBlocks);
@@ -329,9 +330,11 @@ class Batch:
                            env=env)
         for line in r.stdout.splitlines():
             parts = line.split("\t")
-            if parts[0] == "launch" and len(parts) == 7:
+            if parts[0] == "launch" and len(parts) == 8:
+                # (grid, block, smem, error, kernel, cluster)
                 self.launches.setdefault(parts[1], []).append(
-                    (int(parts[2]), int(parts[3]), int(parts[4]), parts[5], parts[6]))
+                    (int(parts[2]), int(parts[3]), int(parts[4]), parts[6], parts[7],
+                     int(parts[5])))
             elif parts[0] == "result" and len(parts) == 5:
                 self.results[parts[1]] = (parts[2], int(parts[3]), parts[4])
         if r.returncode != 0:
@@ -439,8 +442,10 @@ class SoftmaxConfig:
     vec: bool = False
     cache: str = "none"  # row cache: none, part, full
     prefetch: int = 0  # direct: bytes of the next row to prefetch into L2
-    # auto: the launcher's BlockRowTuning (max threads, row-cache cap bytes, prefetch bytes)
-    tuning: tuple[int, int, int] | None = None
+    cluster: int = 1  # direct, group 3: blocks per cluster
+    # auto: the launcher's BlockRowTuning (max threads, row-cache cap bytes, prefetch bytes,
+    # cluster blocks)
+    tuning: tuple[int, int, int, int] | None = None
     grid: int = 2
     B: int = 5
     device: int = 0
@@ -450,9 +455,10 @@ class SoftmaxConfig:
     def describe(self) -> str:
         shape = (f"launch=auto device={self.device} tuning={self.tuning}"
                  if self.launch == "auto" else
-                 f"group={['thread', 'warp', 'block'][self.group]} threads={self.threads} "
-                 f"vec={int(self.vec)} cache={self.cache} prefetch={self.prefetch} "
-                 f"grid={self.grid}")
+                 f"group={['thread', 'warp', 'block', 'cluster'][self.group]} "
+                 f"threads={self.threads} vec={int(self.vec)} cache={self.cache} "
+                 f"prefetch={self.prefetch} grid={self.grid}"
+                 + (f" cluster={self.cluster}" if self.group == 3 else ""))
         return (f"{str(self.dtype)[6:]} B={self.B} C={self.C} {self.layout} {shape} "
                 f"opts={self.opts}" + (f" fastmath={self.fastmath}" if self.fastmath else ""))
 
@@ -546,6 +552,8 @@ class SoftmaxScenario:
         if cfg.launch == "direct":
             kv.update(group=cfg.group, vec=int(cfg.vec), grid=cfg.grid, threads=cfg.threads,
                       cache=self._cache_slots(), prefetch=cfg.prefetch)
+            if cfg.group == 3:
+                kv["cluster"] = cfg.cluster
         elif cfg.tuning is not None:
             kv["tuning"] = cfg.tuning
         kv["input"] = (b.tensor(x).arg(), *x.shape, *x.stride())
@@ -572,6 +580,10 @@ class SoftmaxScenario:
         if not cfg.vec:
             return 0
         n = 16 // cfg.dtype.itemsize
+        if cfg.group == 3:  # per block: a slot per thread, or the block's whole share
+            vectors, lanes = math.ceil(cfg.C / n), cfg.threads * cfg.cluster
+            full = math.ceil(vectors / lanes) * cfg.threads
+            return {"none": 0, "part": cfg.threads, "full": full}[cfg.cache]
         return {"none": 0, "part": max(1, cfg.C // n // 3), "full": -(-cfg.C // n)}[cfg.cache]
 
     def _rowvec(self, v: torch.Tensor) -> tuple:
@@ -891,6 +903,21 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
             out.append(SoftmaxConfig(
                 dtype, rnd.choice([3079, 5003]), rnd.choice(["contig", "mis1", "padded"]), o,
                 group=2, threads=64, vec=True, cache=rnd.choice(["part", "full"]), grid=2, B=5))
+    # A cluster of blocks per row (sm_90: cluster_group.cuh), launched directly: blocks of 32
+    # or 64 threads, clusters of 2 or 4, one or two clusters, a row cache of one slot per
+    # thread (part of the row), the whole share or none; whole batches where the row is long.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for threads, cluster in ((32, 2), (64, 2), (32, 4)):
+            for layout in ("contig", "mis1", "padded"):
+                if not opts:
+                    opts = OPTIONS[:]
+                    rnd.shuffle(opts)
+                out.append(SoftmaxConfig(
+                    dtype, rnd.choice([1000, 3079, 5003]), layout, opts.pop(), group=3,
+                    threads=threads, vec=True, cluster=cluster,
+                    cache=rnd.choice(["none", "part", "full"]),
+                    grid=cluster * rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
+                    prefetch=rnd.choice([0, 200])))
     # The real launcher: thread / warp / block rows (up to 512 threads), vector or not, row
     # cache halving (device 2 grants less shared memory than it reports), many strided rows.
     for dtype, C, layout, B, device in [
@@ -905,10 +932,16 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=B, device=device))
     # The launcher under run-time tuning (csrc/cuda/tuning.h): smaller blocks, a capped or no
     # row cache, the next row's prefetch.
+    # Clusters (cluster_blocks): on the sm_90-like devices 0 and 2 (which grants less shared
+    # memory than it reports: the cache shrinks), a block per row on the sm_86-like device 1.
     for dtype, C, layout, device, tuning in [
-            (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048)),
-            (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20)),
-            (torch.float16, 40000, "padded", 1, (512, 1 << 30, 300))]:
+            (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048, 0)),
+            (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20, 0)),
+            (torch.float16, 40000, "padded", 1, (512, 1 << 30, 300, 0)),
+            (torch.bfloat16, 9000, "mis1", 0, (512, -1, 0, 2)),
+            (torch.float32, 20000, "padded", 2, (512, -1, 256, 4)),
+            (torch.float16, 40000, "contig", 0, (512, 8192, 0, 8)),
+            (torch.bfloat16, 20000, "contig", 1, (256, -1, 0, 2))]:
         for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0}, {}):
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=4, device=device,
                                      tuning=tuning))
@@ -1114,7 +1147,7 @@ def test_sample_covers_the_kernels(emulated):
     for ctype in ("float", "double", "__nv_bfloat16", "__half"):
         shapes = ["ThreadGroup, false", "WarpGroup, false", "BlockGroup, false"]
         if ctype != "double":
-            shapes += ["WarpGroup, true", "BlockGroup, true"]
+            shapes += ["WarpGroup, true", "BlockGroup, true", "ClusterGroup, true"]
         for mode in (0, 1, 2):
             for shape in shapes:
                 missing.append(f"softmax_loss_kernel<{ctype}, (tlf::Mode){mode}, "
@@ -1128,7 +1161,7 @@ def test_sample_covers_the_kernels(emulated):
               if cid.startswith(s.sid + ".") for ln in lns
               for m in [re.search(r"tlf::cuda::(\w+Group, \w+)>", ln[4])] if m}
     assert picked >= {"ThreadGroup, false", "WarpGroup, false", "WarpGroup, true",
-                      "BlockGroup, false", "BlockGroup, true"}, picked
+                      "BlockGroup, false", "BlockGroup, true", "ClusterGroup, true"}, picked
     blocks = {ln[1] for lns in launches.values() for ln in lns if "BlockGroup" in ln[4]}
     assert {128, 256, 512} <= blocks, f"block-per-row sizes run: {sorted(blocks)}"
     shrunk = [ln for s in auto if s.cfg.device == 2 for cid, lns in launches.items()
@@ -1139,20 +1172,33 @@ def test_sample_covers_the_kernels(emulated):
 
 def test_launcher_follows_tuning(emulated):
     """Under a BlockRowTuning the launcher's block-per-row launches take its block size (the
-    rows are long enough not to halve it) and keep the row cache within its cap; the values
-    are checked with the other softmax cases, against the reference."""
+    rows are long enough not to halve it) and keep the row cache within its cap; with
+    cluster_blocks, on an sm_90-like device every launch is a cluster of that many blocks of
+    128 threads (a whole number of clusters, each block's cache within the cap), and on the
+    sm_86-like device a block per row. The values are checked with the other softmax cases,
+    against the reference."""
     _assert_none(emulated)
     launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
     tuned = [s for s in emulated.scenarios
              if isinstance(s, SoftmaxScenario) and s.cfg.tuning is not None]
-    assert len(tuned) == 9
+    assert len(tuned) == 21
+    clustered = 0
     for s in tuned:
-        threads, cap, _ = s.cfg.tuning
+        threads, cap, _, cluster = s.cfg.tuning
+        cap = cap if cap >= 0 else 1 << 62
         mine = [ln for cid, lns in launches.items() if cid.startswith(s.sid + ".") for ln in lns]
-        blocks = [ln for ln in mine if "BlockGroup, true" in ln[4]]
+        if cluster and s.cfg.device != 1:
+            clustered += 1
+            shape, threads = "ClusterGroup, true", 128
+            assert all(ln[5] == cluster and ln[0] % cluster == 0 for ln in mine), mine
+        else:
+            shape = "BlockGroup, true"
+            assert all(ln[5] == 1 for ln in mine), mine
+        blocks = [ln for ln in mine if shape in ln[4]]
         assert blocks and len(blocks) == len(mine), (s.cfg.describe(), mine)
         assert {ln[1] for ln in blocks} == {threads}, (s.cfg.describe(), blocks)
         assert all(ln[2] <= cap for ln in blocks), (s.cfg.describe(), blocks)
+    assert clustered == 9
 
 
 def main(argv: list[str]) -> int:

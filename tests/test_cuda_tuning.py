@@ -1,7 +1,9 @@
 """TLF_CUDA_TUNING, the block-per-row launch settings (torchloss_fused/_cuda_tuning.py,
 csrc/cuda/tuning.h): parsing and its errors everywhere; on a build with CUDA kernels the
 round trip through _C; on a GPU, results under each setting (the emulator checks the
-launcher follows them: tests/test_cuda_emulated.py::test_launcher_follows_tuning)."""
+launcher follows them: tests/test_cuda_emulated.py::test_launcher_follows_tuning), and on
+sm_90 and newer the thread block cluster launches in graphs, on side streams and under the
+CUDA-only tests."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +36,8 @@ CUDA_BUILD = _C is not None and _C.has_cuda()
      CudaTuning(row_cache_kib=108, prefetch_kib=32)),
     ("block_threads=128,row_cache_kib=0,prefetch_kib=0", CudaTuning(128, 0, 0)),
     ("row_cache_kib=max", CudaTuning(row_cache_kib=None)),
+    ("cluster_blocks=8", CudaTuning(cluster_blocks=8)),
+    ("cluster_blocks=0,row_cache_kib=16", CudaTuning(row_cache_kib=16)),
 ])
 def test_parse(spec, expected):
     assert parse(spec) == expected
@@ -48,6 +53,9 @@ def test_parse(spec, expected):
     ("block_threads", "expected key=value"),
     ("block_threads=", "expected key=value"),
     ("prefetch_kib=1,prefetch_kib=2", "given twice"),
+    ("cluster_blocks=1", "cluster_blocks must be one of"),
+    ("cluster_blocks=32", "cluster_blocks must be one of"),
+    ("cluster_blocks=max", "cluster_blocks must be one of"),
 ])
 def test_parse_rejects(spec, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -56,13 +64,14 @@ def test_parse_rejects(spec, message):
 
 
 @pytest.mark.parametrize("tuning", [CudaTuning(), CudaTuning(256, 108, 32),
-                                    CudaTuning(128, 0, 1024)])
+                                    CudaTuning(128, 0, 1024), CudaTuning(512, 8, 0, 16)])
 def test_describe_round_trips_and_c_args(tuning):
     assert parse(tuning.describe()) == tuning
-    threads, cache, prefetch = tuning.c_args()
+    threads, cache, prefetch, cluster = tuning.c_args()
     assert threads == tuning.block_threads
     assert cache == (-1 if tuning.row_cache_kib is None else tuning.row_cache_kib * 1024)
     assert prefetch == tuning.prefetch_kib * 1024
+    assert cluster == tuning.cluster_blocks
 
 
 def _import_with(spec: str) -> subprocess.CompletedProcess:
@@ -84,7 +93,8 @@ def test_import_applies_a_good_value_where_there_are_cuda_kernels():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     if tlf.backend_info("cuda")["implementation"] == "cuda":
-        assert lines[0] == "CudaTuning(block_threads=256, row_cache_kib=None, prefetch_kib=16)"
+        assert lines[0] == ("CudaTuning(block_threads=256, row_cache_kib=None, prefetch_kib=16, "
+                            "cluster_blocks=0)")
         assert "launch tuning block_threads=256,row_cache_kib=max,prefetch_kib=16" in lines[1]
     else:  # nothing to tune: the value is checked, then left alone
         assert lines[0] == "None"
@@ -100,7 +110,7 @@ def test_benchmark_records_the_variable(monkeypatch):
                     reason="needs the extension, built without CUDA kernels")
 def test_cpu_build_refuses_to_tune():
     with pytest.raises(RuntimeError, match="no CUDA kernels to tune"):
-        _C.set_cuda_tuning(256, -1, 0)
+        _C.set_cuda_tuning(256, -1, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA kernels to tune"):
         _C.cuda_tuning()
 
@@ -114,11 +124,11 @@ def restore_tuning():
 
 @pytest.mark.skipif(not CUDA_BUILD, reason="needs a build with CUDA kernels")
 def test_c_round_trip_and_validation(restore_tuning):
-    want = CudaTuning(128, 64, 4)
+    want = CudaTuning(128, 64, 4, 8)
     _cuda_tuning.apply(want)
     assert _cuda_tuning.current() == want
     # _C checks too, for callers that skip the parser.
-    for bad in ((384, -1, 0), (256, -2, 0), (256, -1, -1)):
+    for bad in ((384, -1, 0, 0), (256, -2, 0, 0), (256, -1, -1, 0), (256, -1, 0, 3)):
         with pytest.raises(ValueError, match="max_threads must be 128, 256 or 512"):
             _C.set_cuda_tuning(*bad)
     assert _cuda_tuning.current() == want
@@ -129,16 +139,88 @@ def test_c_round_trip_and_validation(restore_tuning):
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.05}], ids=["plain", "smooth"])
 def test_results_under_each_tuning(dtype, kw, restore_tuning):
     """Every setting gives the float64 oracle's loss and gradient; the row cache and the
-    prefetch change no bit (the block size may change the sums' order). The rows are
-    longer than a 100 KiB cache, shorter than the default one."""
+    prefetch change no bit (the block size and the cluster size may change the sums'
+    order). The rows are longer than a 100 KiB cache, shorter than the default one; with
+    clusters (sm_90 and newer; elsewhere a block per row), an 8 KiB cap per block caches
+    part of a row."""
     C = 100003
     x = (torch.randn(6, C, device="cuda", dtype=torch.float64) * 3).to(dtype)
     t = torch.randint(0, C, (6,), device="cuda")
     t[2] = -100
-    by_threads = {}
+    hopper_or_newer = torch.cuda.get_device_capability()[0] >= 9
+    by_shape = {}
     for tuning in (CudaTuning(), CudaTuning(256, 100, 0), CudaTuning(128, 0, 64),
-                   CudaTuning(512, 0, 1024), CudaTuning(256, None, 16)):
+                   CudaTuning(512, 0, 1024), CudaTuning(256, None, 16),
+                   CudaTuning(cluster_blocks=2), CudaTuning(cluster_blocks=8),
+                   CudaTuning(512, 8, 16, 8), CudaTuning(256, 0, 0, 8),
+                   CudaTuning(cluster_blocks=16)):
         _cuda_tuning.apply(tuning)
         loss, grad = assert_ce_like_oracle(x, t, **kw)
-        first = by_threads.setdefault(tuning.block_threads, (loss, grad))
+        clustered = tuning.cluster_blocks > 0 and hopper_or_newer
+        shape = ("cluster", tuning.cluster_blocks) if clustered else ("block", tuning.block_threads)
+        first = by_shape.setdefault(shape, (loss, grad))
         assert torch.equal(first[0], loss) and torch.equal(first[1], grad), tuning
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+needs_clusters = pytest.mark.skipif(
+    not HOPPER, reason="needs a GPU with thread block clusters (sm_90 or newer)")
+
+
+@needs_clusters
+@pytest.mark.parametrize("cluster", [4, 16])
+def test_clusters_in_graphs_on_side_streams_and_repeated(cluster, restore_tuning):
+    """Clusters are launched on the current stream (cudaLaunchKernelEx): a CUDA graph
+    captures the fused forward + backward and replays the eager bits, a side stream gives
+    them too, and the fused path agrees bitwise with the separate forward and backward."""
+    _cuda_tuning.apply(CudaTuning(cluster_blocks=cluster))
+    N, C = 24, 131077  # 16 vectors per thread of a 16-block cluster (bf16)
+    x0 = (torch.randn(N, C, device="cuda") * 3).to(torch.bfloat16)
+    t = torch.randint(0, C, (N,), device="cuda")
+    t[::5] = -100
+
+    def step(x):
+        loss = tlf.cross_entropy(x, t, label_smoothing=0.05)
+        loss.backward()
+        return loss
+
+    xe = x0.clone().requires_grad_()
+    loss_e = step(xe)
+    x_static = x0.clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture; the side stream's bits
+        step(x_static)
+        assert torch.equal(x_static.grad, xe.grad)
+        x_static.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_static = step(x_static)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss_static, loss_e) and torch.equal(x_static.grad, xe.grad)
+    ops = torch.ops.torchloss_fused
+    x3, t2 = x0.unsqueeze(2), t.unsqueeze(1)
+    args = (-100, 0.05, 0.0, 0.0, 1.0)
+    loss, lse = ops.ce_fwd(x3, t2, None, *args, False)
+    g = torch.full((N, 1), 1 / N, device="cuda")
+    loss_f, lse_f, grad_f = ops.ce_fwd_grad(x3, t2, None, *args, g)
+    grad = ops._ce_bwd(g, None, x3, t2, None, lse, *args)
+    assert torch.equal(loss, loss_f) and torch.equal(lse, lse_f) and torch.equal(grad, grad_f)
+
+
+@needs_clusters
+def test_cuda_only_suite_under_clusters():
+    """tests/test_cuda_only.py's cases whose rows are long enough for clusters (50000 and
+    262147 classes, more than 2^31 logits, determinism, the device-side assert), again in a
+    process whose launches take clusters of 8 blocks."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TLF_CUDA_TUNING="cluster_blocks=8")
+    select = ("50000 or 262147 or 2_31 or bitwise_deterministic or fused_and_split "
+              "or device_side_assert")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_cuda_only.py", "-k", select], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]

@@ -1,11 +1,13 @@
 """Run-time launch settings of the CUDA kernels' block-per-row path (large vocabularies):
-block size, row-cache cap and an L2 prefetch of the next row (csrc/cuda/tuning.h).
+block size, row-cache cap, an L2 prefetch of the next row, and thread block clusters
+(csrc/cuda/tuning.h).
 
 They exist so that one GPU session can compare several launch shapes, one benchmark process
 each, without a rebuild (scripts/gpu_check.sh's `sweep` stage). Set them with the
 environment variable read once at import::
 
     TLF_CUDA_TUNING="block_threads=256,row_cache_kib=108,prefetch_kib=32"
+    TLF_CUDA_TUNING="cluster_blocks=8"
 
 Keys (any subset; the rest keep their defaults, which are the launcher's own choice):
 
@@ -16,8 +18,14 @@ Keys (any subset; the rest keep their defaults, which are the launcher's own cho
   blocks share an SM; what does not fit is re-read from L2.
 - ``prefetch_kib``: KiB of the next row each block asks L2 for before its gradient pass
   (default 0: none).
+- ``cluster_blocks``: 2, 4, 8 or 16 blocks of a thread block cluster per row, on sm_90 and
+  newer, for rows of at least 4 vectors per thread of the cluster (default 0: none). Each
+  block of 128 threads caches its share of the row (``row_cache_kib`` caps a block's
+  share), so several rows share an SM; ``block_threads`` does not apply to them. 16 is a
+  non-portable cluster size: a device that cannot fit one falls back to a block per row.
 
-No setting changes what is computed; ``block_threads`` changes the order of a row's sums, so
+No setting changes what is computed; ``block_threads`` and ``cluster_blocks`` change the
+order of a row's sums, so
 the last bits can differ between settings (never between runs with one setting). A
 malformed value raises ValueError at import. The benchmark records the variable in its
 results (software.env), and ``backend_info("cuda")`` names a non-default setting.
@@ -30,6 +38,7 @@ from dataclasses import dataclass, fields
 
 ENV = "TLF_CUDA_TUNING"
 THREADS = (128, 256, 512)
+CLUSTERS = (0, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -37,16 +46,18 @@ class CudaTuning:
     block_threads: int = 512
     row_cache_kib: int | None = None  # None: the largest cache the device grants
     prefetch_kib: int = 0
+    cluster_blocks: int = 0
 
-    def c_args(self) -> tuple[int, int, int]:
-        """(max_threads, row_cache_bytes (-1: no cap), prefetch_bytes) for _C."""
+    def c_args(self) -> tuple[int, int, int, int]:
+        """(max_threads, row_cache_bytes (-1: no cap), prefetch_bytes, cluster_blocks)
+        for _C."""
         cache = -1 if self.row_cache_kib is None else self.row_cache_kib * 1024
-        return self.block_threads, cache, self.prefetch_kib * 1024
+        return self.block_threads, cache, self.prefetch_kib * 1024, self.cluster_blocks
 
     def describe(self) -> str:
         cache = "max" if self.row_cache_kib is None else self.row_cache_kib
         return (f"block_threads={self.block_threads},row_cache_kib={cache},"
-                f"prefetch_kib={self.prefetch_kib}")
+                f"prefetch_kib={self.prefetch_kib},cluster_blocks={self.cluster_blocks}")
 
 
 DEFAULT = CudaTuning()
@@ -81,6 +92,10 @@ def parse(spec: str) -> CudaTuning:
             if text not in {str(t) for t in THREADS}:
                 raise ValueError(f"{ENV}: block_threads must be one of {THREADS}, got {text!r}")
             values[key] = int(text)
+        elif key == "cluster_blocks":
+            if text not in {str(n) for n in CLUSTERS}:
+                raise ValueError(f"{ENV}: cluster_blocks must be one of {CLUSTERS}, got {text!r}")
+            values[key] = int(text)
         elif key == "row_cache_kib" and text == "max":
             values[key] = None
         else:
@@ -105,5 +120,5 @@ def current() -> CudaTuning:
     """The settings the CUDA launches use now (needs a build with CUDA kernels)."""
     from torchloss_fused import _C
 
-    threads, cache, prefetch = _C.cuda_tuning()
-    return CudaTuning(threads, None if cache < 0 else cache // 1024, prefetch // 1024)
+    threads, cache, prefetch, cluster = _C.cuda_tuning()
+    return CudaTuning(threads, None if cache < 0 else cache // 1024, prefetch // 1024, cluster)

@@ -15,6 +15,20 @@ namespace tlf::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Where a group keeps vector v of its row in its shared-memory row cache (softmax kernels):
+// cache_cover(cap), how many of the row's vectors (the first ones) a cache of cap 16-byte
+// slots holds; cache_slot(v), the slot of vector v < cache_cover(cap); cache_step(), the
+// slot distance between a thread's vectors v and v + size(). A thread, a warp or a block
+// caches its whole row in order: slot v.
+template <class G>
+struct CacheByVector {
+  __device__ __forceinline__ int64_t cache_cover(int64_t cap) const { return cap; }
+  __device__ __forceinline__ int64_t cache_slot(int64_t v) const { return v; }
+  __device__ __forceinline__ int64_t cache_step() const {
+    return static_cast<const G*>(this)->size();
+  }
+};
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
@@ -39,7 +53,7 @@ __device__ __forceinline__ void warp_merge(LseState<acc_t>& st) {
 }
 
 // One thread per row: for tiny class counts, or strided classes with many rows.
-struct ThreadGroup {
+struct ThreadGroup : CacheByVector<ThreadGroup> {
   static constexpr bool kUsesBarriers = false;
   __device__ __forceinline__ int lane() const { return 0; }
   __device__ __forceinline__ int size() const { return 1; }
@@ -59,7 +73,7 @@ struct ThreadGroup {
 };
 
 // One warp per row: rows of up to a few thousand classes.
-struct WarpGroup {
+struct WarpGroup : CacheByVector<WarpGroup> {
   static constexpr bool kUsesBarriers = false;
   __device__ __forceinline__ int lane() const { return threadIdx.x & 31; }
   __device__ __forceinline__ int size() const { return 32; }
@@ -81,7 +95,7 @@ struct WarpGroup {
 };
 
 // One block per row (blockDim.x a multiple of 32, at most 1024): large vocabularies.
-struct BlockGroup {
+struct BlockGroup : CacheByVector<BlockGroup> {
   static constexpr bool kUsesBarriers = true;
   __device__ __forceinline__ int lane() const { return threadIdx.x; }
   __device__ __forceinline__ int size() const { return blockDim.x; }

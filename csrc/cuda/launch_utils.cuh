@@ -17,6 +17,7 @@ namespace tlf::cuda {
 struct DeviceProps {
   int sms = 0;
   int smem_optin = 0;  // largest shared memory one block may opt into
+  int cc_major = 0;    // compute capability: 9 and above have thread block clusters
 };
 
 inline cudaError_t device_props(int device, DeviceProps* out) {
@@ -29,6 +30,9 @@ inline cudaError_t device_props(int device, DeviceProps* out) {
     cudaError_t err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
     if (err == cudaSuccess) {
       err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    }
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device);
     }
     if (err != cudaSuccess) return err;
     it = cache.emplace(device, d).first;
@@ -89,6 +93,42 @@ cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t wor
   if (err != cudaSuccess) return err;
   const int64_t resident = static_cast<int64_t>(per_sm) * props.sms;
   *grid = static_cast<int>(std::max<int64_t>(1, std::min(work_blocks, resident)));
+  return cudaSuccess;
+}
+
+// Clusters of `cfg` (grid size aside) co-resident on the device, 0 when none fits; opts the
+// kernel into its shared memory and, above 8 blocks, into non-portable cluster sizes.
+template <typename Kernel>
+cudaError_t resident_clusters(Kernel kernel, const cudaLaunchConfig_t& cfg, int cluster,
+                              int* out) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> clusters;
+  static std::map<std::pair<const void*, int>, size_t> opted;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(fn, device, cluster, cfg.dynamicSmemBytes);
+  auto it = clusters.find(key);
+  if (it == clusters.end()) {
+    // Only ever raised: a launch with a larger cache found in the map needs it still.
+    size_t& have = opted[{fn, device}];
+    if (cfg.dynamicSmemBytes > have) {
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(cfg.dynamicSmemBytes));
+      if (err != cudaSuccess) return err;
+      have = cfg.dynamicSmemBytes;
+    }
+    if (cluster > 8) {
+      err = cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    }
+    int n = 0;
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&n, fn, &cfg);
+    if (err != cudaSuccess) return err;
+    it = clusters.emplace(key, n).first;
+  }
+  *out = it->second;
   return cudaSuccess;
 }
 

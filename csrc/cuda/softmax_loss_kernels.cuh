@@ -2,7 +2,8 @@
 // the fused forward that also writes the gradient. Torch-free: only kernel_params.h and
 // CUDA headers.
 //
-// A group of threads (thread, warp or block: group_reduce.cuh) owns one row at a time.
+// A group of threads (thread, warp or block: group_reduce.cuh; or, on sm_90, a cluster of
+// blocks: cluster_group.cuh) owns one row at a time.
 // Pass 1 (forward modes) reads the row once for the online log-sum-exp; pass 2 re-reads it
 // to write the gradient and/or sum the label-smoothing / probability-target term. On the
 // vector path (classes contiguous, rows 16-byte compatible) each thread moves 16 bytes per
@@ -18,6 +19,7 @@
 #include <cstdint>
 
 #include "../kernel_params.h"
+#include "cluster_group.cuh"
 #include "device_math.cuh"
 #include "group_reduce.cuh"
 #include "launch.h"
@@ -48,6 +50,15 @@ struct GroupTraits<BlockGroup> {
 #else
   static constexpr int kUnroll = 6;
 #endif
+};
+template <>
+struct GroupTraits<ClusterGroup> {
+  // A block holds a 1/n share of the row: four blocks (rows) per SM, so that one's loads
+  // overlap another's reductions and stores, with a block per row's registers per thread
+  // and loads in flight per SM.
+  static constexpr int kMaxThreads = 128;
+  static constexpr int kMinBlocks = 4;
+  static constexpr int kUnroll = GroupTraits<BlockGroup>::kUnroll;
 };
 
 __device__ __forceinline__ void fail_bad_target() {
@@ -124,7 +135,8 @@ class SoftmaxRow {
       if (head > C) head = C;
       nvec = (C - head) / kN;
       tail = head + nvec * kN;
-      cache_n = nvec < cache_cap ? nvec : cache_cap;
+      const int64_t cover = g_.cache_cover(cache_cap);
+      cache_n = nvec < cover ? nvec : cover;
       if (next_x != nullptr) {
         const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
         prefetch_n = prefetch_bytes < row_bytes ? prefetch_bytes : row_bytes;
@@ -417,14 +429,15 @@ class SoftmaxRow {
   // Stores a whole batch's vectors v0 + u * gsize in their cache slots, where they have one.
   __device__ __forceinline__ void cache_batch(const uint4 (&raw)[kU], int64_t v0) {
     if (v0 + static_cast<int64_t>(kU - 1) * gsize < cache_n) {  // all (most batches)
-      uint4* slot = cache + v0;
+      uint4* slot = cache + grp.cache_slot(v0);
+      const int64_t step = grp.cache_step();
 #pragma unroll
-      for (int u = 0; u < kU; ++u) slot[u * gsize] = raw[u];
+      for (int u = 0; u < kU; ++u) slot[u * step] = raw[u];
     } else {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
-        if (v < cache_n) cache[v] = raw[u];
+        if (v < cache_n) cache[grp.cache_slot(v)] = raw[u];
       }
     }
   }
@@ -439,7 +452,7 @@ class SoftmaxRow {
   template <bool kOpts>
   __device__ __forceinline__ void pass1_vector(LseState<acc_t>& st, acc_t& mass, bool with_mass,
                                                const uint4& raw, int64_t v) {
-    if (v < cache_n) cache[v] = raw;
+    if (v < cache_n) cache[grp.cache_slot(v)] = raw;
     acc_t e[kN];
     V::unpack(raw, e);
     if (kOpts && tf.active()) {
@@ -579,7 +592,11 @@ class SoftmaxRow {
         }
       }
       // Cached vectors: this thread wrote exactly these slots in pass 1.
-      for (int64_t v = lane; v < cache_n; v += gsize) vector_element<kLoop>(cache[v], v, gxv);
+      const int64_t step = grp.cache_step();
+      int64_t slot = grp.cache_slot(lane);
+      for (int64_t v = lane; v < cache_n; v += gsize, slot += step) {
+        vector_element<kLoop>(cache[slot], v, gxv);
+      }
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {

@@ -14,6 +14,9 @@
 // (true for the contiguous gradient of a contiguous input, and in place).
 // The block-per-row path's block size, row-cache cap and next-row L2 prefetch follow the
 // run-time settings of tuning.h (defaults: 512 threads, the largest cache, no prefetch).
+// With tuning.h's cluster_blocks set, rows of at least kClusterMinUnits vectors per thread
+// on sm_90 and newer take a thread block cluster each instead (cluster_group.cuh): 128
+// threads per block, each block caching its share of the row.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,6 +42,7 @@ constexpr int64_t kThreadRowMaxC = 32;
 constexpr int64_t kWarpRowMaxBytes = 4096;
 constexpr int kRowsPerWarpBlock = 8;
 constexpr size_t kSmemReserve = 1024;  // static shared memory of the block reductions
+constexpr int64_t kClusterMinUnits = 4;
 
 template <typename T>
 bool same_alignment(int64_t a_elems, int64_t b_elems) {
@@ -85,6 +89,54 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
   }
 }
 
+// A cluster of `cluster` blocks per row (vector path). The row cache holds the whole row
+// (each block its share, a whole number of slots per thread) within the cap of tuning.h
+// and what the device grants, halved while no cluster fits. cudaErrorNotSupported when no
+// cluster fits even without a cache: the caller takes a block per row instead.
+template <typename T, Mode kMode>
+cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props,
+                            const BlockRowTuning& tune, bool two_pass, bool grad_vec,
+                            cudaStream_t stream) {
+  auto kernel = softmax_loss_kernel<T, kMode, ClusterGroup, true>;
+  constexpr int kThreads = GroupTraits<ClusterGroup>::kMaxThreads;
+  const int cluster = tune.cluster_blocks;
+  const int64_t rows = p.in.B * p.in.D;
+  int64_t cache = 0;
+  if (two_pass) {
+    const int64_t per_thread = ceil_div(ceil_div(p.in.C, Vec16<T>::kVec), int64_t{cluster} * kThreads);
+    int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
+    if (tune.row_cache_bytes >= 0) budget = std::min(budget, tune.row_cache_bytes / 16);
+    cache = std::min(per_thread, std::max<int64_t>(budget, 0) / kThreads) * kThreads;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  for (;;) {
+    cfg.gridDim = dim3(static_cast<unsigned>(cluster));
+    cfg.dynamicSmemBytes = static_cast<size_t>(cache) * sizeof(uint4);
+    int resident = 0;
+    cudaError_t err = resident_clusters(kernel, cfg, cluster, &resident);
+    if (err == cudaSuccess && resident > 0) {
+      const int64_t clusters = std::min<int64_t>(rows, resident);
+      cfg.gridDim = dim3(static_cast<unsigned>(clusters * cluster));
+      err = cudaLaunchKernelEx(&cfg, kernel, p, cache, grad_vec, tune.prefetch_bytes);
+      if (err == cudaSuccess) return cudaGetLastError();
+    }
+    // A device that grants less shared memory than it reports: a smaller cache (the
+    // results do not depend on its size), down to none.
+    if (cache == 0) return err == cudaSuccess ? cudaErrorNotSupported : err;
+    (void)cudaGetLastError();  // the refused request is not this launch's error
+    cache = cache / (2 * kThreads) * kThreads;
+  }
+}
+
 template <typename T, Mode kMode>
 cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
   const int64_t rows = p.in.B * p.in.D;
@@ -125,6 +177,15 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
   // that several blocks share an SM and one's reductions overlap another's loads.
   const BlockRowTuning tune = block_row_tuning();
   const int64_t units = vec ? C / kN : C;
+  if constexpr (kHasVec) {
+    const int64_t cluster_threads =
+        int64_t{tune.cluster_blocks} * GroupTraits<ClusterGroup>::kMaxThreads;
+    if (vec && tune.cluster_blocks > 1 && props.cc_major >= 9 &&
+        units >= kClusterMinUnits * cluster_threads) {
+      const cudaError_t err = launch_clusters<T, kMode>(p, props, tune, two_pass, gvec, stream);
+      if (err != cudaErrorNotSupported) return err;
+    }
+  }
   int threads = std::min(tune.max_threads, GroupTraits<BlockGroup>::kMaxThreads);
   while (threads > 128 && units < 8 * threads) threads /= 2;
   if constexpr (kHasVec) {

@@ -17,9 +17,13 @@ struct BlockRowTuning {
   int max_threads = 512;         // threads of a block per row: 128, 256 or 512
   int64_t row_cache_bytes = -1;  // cap on a block's shared-memory row cache; -1: no cap
   int64_t prefetch_bytes = 0;    // L2 prefetch of the next row's first bytes; 0: none
+  // Blocks of a thread block cluster per row on sm_90 and newer (cluster_group.cuh): 2, 4, 8
+  // or 16; 0: none. Long rows only; elsewhere, and on older devices, a block per row.
+  int cluster_blocks = 0;
 };
 
-// Valid: max_threads in {128, 256, 512}, row_cache_bytes >= -1, prefetch_bytes >= 0.
+// Valid: max_threads in {128, 256, 512}, row_cache_bytes >= -1, prefetch_bytes >= 0,
+// cluster_blocks in {0, 2, 4, 8, 16}.
 bool valid(const BlockRowTuning& t);
 
 // The settings every later launch uses (a copy, read under a lock). set returns false and

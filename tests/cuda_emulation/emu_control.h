@@ -16,14 +16,17 @@ struct Device {
                    // than it reports makes the launcher shrink its row cache)
   int smem_per_sm;
   int threads_per_sm;
+  int cc_major;  // compute capability: 9 and above launch thread block clusters
 };
 const std::vector<Device>& devices();
 
 // Which ready fiber runs next, and the block order. threads: 0 round robin in ascending
 // thread order (all threads advance one barrier per round), 1 the same descending, 2 greedy
 // (always the lowest ready thread: its warp runs ahead of the others until it waits at a
-// __syncthreads), 3 greedy from the highest. blocks: 0 ascending, 1 descending. A kernel
-// whose results depend on the schedule has a race (or a reduction order that depends on it).
+// __syncthreads), 3 greedy from the highest. blocks: 0 ascending, 1 descending, both for the
+// clusters of the grid and for the blocks of a cluster (whose fibers run block by block, each
+// block's threads in the order above). A kernel whose results depend on the schedule has a
+// race (or a reduction order that depends on it).
 struct Schedule {
   int threads = 0;
   int blocks = 0;
@@ -34,6 +37,7 @@ struct LaunchRecord {
   unsigned grid, block;
   size_t smem;
   std::string error;  // empty when it ran
+  unsigned cluster = 1;  // blocks per cluster (1 without clusters)
 };
 
 // Exactly `bytes` addressable bytes, 64-byte aligned (as a GPU allocation is, at least): with

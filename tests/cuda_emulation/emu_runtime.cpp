@@ -1,5 +1,6 @@
-// The emulator: fibers and barriers for the threads of a block, emulated shared memory, the
-// few CUDA runtime calls the launchers make, and the fast-math intrinsics' error model.
+// The emulator: fibers and barriers for the threads of a block (of a cluster), emulated shared
+// memory, the few CUDA runtime calls the launchers make, and the fast-math intrinsics' error
+// model.
 #include "emu_runtime.h"
 
 #include <cxxabi.h>
@@ -11,7 +12,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -25,9 +28,12 @@
 #define EMU_ASAN 0
 #endif
 
+uint3 threadIdx{0u, 0u, 0u}, blockIdx{0u, 0u, 0u};
+dim3 blockDim, gridDim;
+
 namespace emu {
 
-unsigned g_thread = 0, g_block = 0, g_block_dim = 1, g_grid_dim = 1;
+unsigned g_cluster_rank = 0, g_cluster_size = 1;
 int g_fastmath_bias = 0;
 
 namespace {
@@ -41,6 +47,7 @@ int g_asserts = 0;
 std::string g_first_assert;
 cudaError_t g_last_error = cudaSuccess;
 std::map<std::pair<const void*, int>, int> g_max_dyn_smem;  // cudaFuncSetAttribute
+std::set<std::pair<const void*, int>> g_non_portable_cluster;  // cudaFuncSetAttribute
 
 std::string kernel_name(const void* fn) {
   Dl_info info{};
@@ -125,12 +132,16 @@ struct Context {
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kGuardBytes = 4096;
 
-enum class State { Ready, AtSyncthreads, AtShuffle, Done };
+enum class State { Ready, AtSyncthreads, AtShuffle, AtClusterBarrier, Done };
+
+constexpr unsigned kNoArrival = ~0u;
 
 struct Fiber {
   Context ctx;
   State state = State::Ready;
-  char* stack = nullptr;  // kStackBytes usable, a PROT_NONE guard page below
+  unsigned rank = 0, thread = 0;  // its block in the cluster, its thread in the block
+  unsigned arrived = kNoArrival;  // the cluster barrier phase of its pending arrive
+  char* stack = nullptr;          // kStackBytes usable, a PROT_NONE guard page below
   void* fake_stack = nullptr;
 };
 
@@ -139,11 +150,21 @@ struct Warp {
   uint64_t slot[2][32] = {};
 };
 
-struct BlockRun {
-  std::vector<Fiber>* fibers;
-  unsigned threads;
-  unsigned arrived = 0;
+struct Block {
+  unsigned arrived = 0;  // at __syncthreads
+  unsigned running = 0;  // threads not exited
   std::vector<Warp> warps;
+  Region smem;
+};
+
+// The running cluster (one block without clusters): fiber rank * threads + thread.
+struct ClusterRun {
+  std::vector<Fiber>* fibers;
+  unsigned threads, size;
+  unsigned first_block = 0;
+  std::vector<Block> blocks;   // by rank
+  std::vector<unsigned> order;  // of a scheduling round
+  unsigned phase = 0, phase_arrived = 0;  // the cluster barrier's open phase
   void (*body)(void*);
   void* ctx;
   unsigned cur = 0;
@@ -152,13 +173,18 @@ struct BlockRun {
   size_t sched_stack_size = 0;
 };
 
-BlockRun* g_run = nullptr;
+ClusterRun* g_run = nullptr;
 std::vector<Fiber> g_fibers;  // stacks reused by every launch
-void* g_smem = nullptr;
-std::vector<std::pair<void*, size_t>> g_static_shared;
+
+// Static __shared__ variables: every block's copy, by rank.
+struct StaticShared {
+  SharedVar var;
+  Region copies[kMaxClusterBlocks];
+};
+std::deque<StaticShared> g_static_shared;
 
 void switch_to_scheduler(bool exiting) {
-  BlockRun& r = *g_run;
+  ClusterRun& r = *g_run;
   Fiber& f = (*r.fibers)[r.cur];
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(exiting ? nullptr : &f.fake_stack, r.sched_stack,
@@ -168,24 +194,49 @@ void switch_to_scheduler(bool exiting) {
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, &r.sched_stack, &r.sched_stack_size);
 #endif
-  g_thread = r.cur;
+}
+
+// The shared memory of a block of a cluster whose threads all exited while others run: gone on
+// a GPU, so a later access from another block is an ASan report (without ASan, reads 0xff).
+void retire(Region& m) {
+#if EMU_ASAN
+  __asan_poison_memory_region(m.data, m.bytes);
+#else
+  std::memset(m.data, 0xff, m.bytes);
+#endif
+}
+
+void unretire(Region& m) {
+#if EMU_ASAN
+  __asan_unpoison_memory_region(m.data, m.bytes);
+#else
+  (void)m;
+#endif
+}
+
+void block_exited(ClusterRun& r, unsigned rank) {
+  retire(r.blocks[rank].smem);
+  for (StaticShared& s : g_static_shared) retire(s.copies[rank]);
 }
 
 void fiber_main() {
-  BlockRun& r = *g_run;
+  ClusterRun& r = *g_run;
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &r.sched_stack, &r.sched_stack_size);
 #endif
-  g_thread = r.cur;
   r.body(r.ctx);
-  (*r.fibers)[r.cur].state = State::Done;
+  Fiber& f = (*r.fibers)[r.cur];
+  f.state = State::Done;
+  if (--r.blocks[f.rank].running == 0 && r.size > 1) block_exited(r, f.rank);
   switch_to_scheduler(true);
 }
 
-void run_fiber(BlockRun& r, unsigned i) {
+void run_fiber(ClusterRun& r, unsigned i) {
   Fiber& f = (*r.fibers)[i];
   r.cur = i;
-  g_thread = i;
+  threadIdx.x = f.thread;
+  blockIdx.x = r.first_block + f.rank;
+  g_cluster_rank = f.rank;
 #if EMU_ASAN
   void* sched_fake = nullptr;
   __sanitizer_start_switch_fiber(&sched_fake, f.stack, kStackBytes);
@@ -204,49 +255,63 @@ const char* state_name(State s) {
       return "__syncthreads";
     case State::AtShuffle:
       return "__shfl_xor_sync";
+    case State::AtClusterBarrier:
+      return "__cluster_barrier_wait";
     default:
       return "exited";
   }
 }
 
-[[noreturn]] void deadlock(const BlockRun& r) {
-  std::string msg = "deadlock or barrier divergence in block " + std::to_string(g_block) + ":";
-  for (int s = 1; s <= 3; ++s) {
+[[noreturn]] void deadlock(const ClusterRun& r) {
+  std::string msg = "deadlock or barrier divergence in block " + std::to_string(r.first_block);
+  if (r.size > 1) {
+    msg = "deadlock or barrier divergence in the cluster of blocks " +
+          std::to_string(r.first_block) + ".." + std::to_string(r.first_block + r.size - 1);
+  }
+  msg += ":";
+  for (State s : {State::AtSyncthreads, State::AtShuffle, State::AtClusterBarrier, State::Done}) {
     std::string ids;
     int n = 0;
-    for (unsigned i = 0; i < r.threads; ++i) {
-      if (static_cast<int>((*r.fibers)[i].state) != s) continue;
-      if (n++ < 8) ids += " " + std::to_string(i);
+    for (unsigned i = 0; i < r.threads * r.size; ++i) {
+      const Fiber& f = (*r.fibers)[i];
+      if (f.state != s) continue;
+      if (n++ >= 8) continue;
+      ids += " " + (r.size > 1 ? std::to_string(r.first_block + f.rank) + "." : std::string()) +
+             std::to_string(f.thread);
     }
     if (n > 0) {
-      msg += std::string(" ") + std::to_string(n) + " at " + state_name(static_cast<State>(s)) +
-             " (threads" + ids + (n > 8 ? " ..." : "") + ");";
+      msg += std::string(" ") + std::to_string(n) + " at " + state_name(s) +
+             (r.size > 1 ? " (block.thread" : " (threads") + ids + (n > 8 ? " ..." : "") + ");";
     }
   }
   device_fault(msg.c_str());
 }
 
-void run_block(BlockRun& r) {
+void run_cluster(ClusterRun& r) {
   std::vector<Fiber>& fibers = *r.fibers;
-  for (unsigned i = 0; i < r.threads; ++i) {
+  for (unsigned i = 0; i < r.threads * r.size; ++i) {
     Fiber& f = fibers[i];
     f.state = State::Ready;
+    f.rank = i / r.threads;
+    f.thread = i % r.threads;
+    f.arrived = kNoArrival;
     f.fake_stack = nullptr;
 #if EMU_ASAN
     __asan_unpoison_memory_region(f.stack, kStackBytes);
 #endif
     f.ctx.init(f.stack, kStackBytes, fiber_main);
   }
-  const bool descending = g_schedule.threads & 1, greedy = g_schedule.threads & 2;
+  r.phase = r.phase_arrived = 0;
+  const bool greedy = g_schedule.threads & 2;
   for (;;) {
-    for (unsigned k = 0; k < r.threads; ++k) {
-      const unsigned i = descending ? r.threads - 1 - k : k;
+    for (unsigned k = 0; k < r.order.size(); ++k) {
+      const unsigned i = r.order[k];
       if (fibers[i].state != State::Ready) continue;
       run_fiber(r, i);
       if (greedy) k = ~0u;  // restart from the first thread: it (its warp) runs ahead
     }
     bool all_done = true, any_ready = false;
-    for (unsigned i = 0; i < r.threads; ++i) {
+    for (unsigned i = 0; i < r.threads * r.size; ++i) {
       all_done = all_done && fibers[i].state == State::Done;
       any_ready = any_ready || fibers[i].state == State::Ready;
     }
@@ -312,26 +377,28 @@ bool built_with_asan() { return EMU_ASAN; }
 // ---- device side ---------------------------------------------------------------------------
 
 void syncthreads() {
-  BlockRun& r = *g_run;
-  if (++r.arrived == r.threads) {
-    r.arrived = 0;
+  ClusterRun& r = *g_run;
+  Fiber& me = (*r.fibers)[r.cur];
+  Block& b = r.blocks[me.rank];
+  if (++b.arrived == r.threads) {
+    b.arrived = 0;
+    Fiber* block = &(*r.fibers)[me.rank * r.threads];
     for (unsigned i = 0; i < r.threads; ++i) {
-      Fiber& f = (*r.fibers)[i];
-      if (f.state == State::AtSyncthreads) f.state = State::Ready;
+      if (block[i].state == State::AtSyncthreads) block[i].state = State::Ready;
     }
     return;
   }
-  (*r.fibers)[r.cur].state = State::AtSyncthreads;
+  me.state = State::AtSyncthreads;
   switch_to_scheduler(false);
 }
 
 uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
-  BlockRun& r = *g_run;
+  ClusterRun& r = *g_run;
   if (mask != 0xffffffffu) device_fault("__shfl_xor_sync with a partial mask");
   if (width != 32) device_fault("__shfl_xor_sync with width != 32");
   if (lane_mask < 0 || lane_mask > 31) device_fault("__shfl_xor_sync lane mask out of range");
-  const unsigned me = r.cur, lane = me & 31u;
-  Warp& w = r.warps[me >> 5];
+  const unsigned me = r.cur, thread = (*r.fibers)[me].thread, lane = thread & 31u;
+  Warp& w = r.blocks[(*r.fibers)[me].rank].warps[thread >> 5];
   if (w.size != 32) device_fault("__shfl_xor_sync with a full mask in a partial warp");
   const unsigned gen = w.gen;
   // Two slot sets: a lane can only write this set again after the whole warp has passed the
@@ -340,7 +407,7 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
   if (++w.arrived == 32) {
     w.arrived = 0;
     ++w.gen;
-    for (unsigned i = me & ~31u; i < (me & ~31u) + 32; ++i) {
+    for (unsigned i = me - lane; i < me - lane + 32; ++i) {
       Fiber& f = (*r.fibers)[i];
       if (f.state == State::AtShuffle) f.state = State::Ready;
     }
@@ -351,26 +418,72 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
   return w.slot[gen & 1u][lane ^ static_cast<unsigned>(lane_mask)];
 }
 
-void* dynamic_smem_ptr() { return g_smem; }
+void cluster_arrive() {
+  ClusterRun& r = *g_run;
+  Fiber& me = (*r.fibers)[r.cur];
+  if (me.arrived != kNoArrival) device_fault("__cluster_barrier_arrive twice without a wait");
+  me.arrived = r.phase;
+  if (++r.phase_arrived == r.threads * r.size) {
+    r.phase_arrived = 0;
+    ++r.phase;
+    for (unsigned i = 0; i < r.threads * r.size; ++i) {
+      Fiber& f = (*r.fibers)[i];
+      if (f.state == State::AtClusterBarrier) f.state = State::Ready;
+    }
+  }
+}
 
-void register_shared(void* p, size_t bytes) {
-  g_static_shared.emplace_back(p, bytes);
-  std::memset(p, 0xff, bytes);
+void cluster_wait() {
+  ClusterRun& r = *g_run;
+  Fiber& me = (*r.fibers)[r.cur];
+  if (me.arrived == kNoArrival) device_fault("__cluster_barrier_wait without an arrive");
+  if (me.arrived == r.phase) {  // its phase still open: every other thread wakes it
+    me.state = State::AtClusterBarrier;
+    switch_to_scheduler(false);
+  }
+  me.arrived = kNoArrival;
+}
+
+void* dynamic_smem_ptr() { return g_run->blocks[g_cluster_rank].smem.data; }
+
+SharedVar& register_shared(size_t bytes) {
+  StaticShared& s = g_static_shared.emplace_back();
+  s.var.bytes = bytes;
+  for (unsigned k = 0; k < kMaxClusterBlocks; ++k) {
+    s.copies[k] = make_region(bytes);
+    std::memset(s.copies[k].data, 0xff, bytes);
+    s.var.copy[k] = s.copies[k].data;
+  }
+  return s.var;
+}
+
+void* map_shared_rank(const void* p, unsigned rank) {
+  ClusterRun& r = *g_run;
+  if (rank >= r.size) device_fault("__cluster_map_shared_rank: rank outside the cluster");
+  const auto* a = static_cast<const unsigned char*>(p);
+  const auto in = [a](const Region& m) { return a >= m.data && a < m.data + m.bytes; };
+  const Region& dyn = r.blocks[g_cluster_rank].smem;
+  if (in(dyn)) return r.blocks[rank].smem.data + (a - dyn.data);
+  for (StaticShared& s : g_static_shared) {
+    const Region& mine = s.copies[g_cluster_rank];
+    if (in(mine)) return s.copies[rank].data + (a - mine.data);
+  }
+  device_fault("__cluster_map_shared_rank of an address outside the block's shared memory");
 }
 
 void device_assert(const char* msg, const char* file, unsigned line, const char* func) {
   if (g_asserts++ == 0) {
     g_first_assert = std::string(msg) + " (" + file + ":" + std::to_string(line) + " " + func +
-                     ", block " + std::to_string(g_block) + " thread " +
-                     std::to_string(g_thread) + ")";
+                     ", block " + std::to_string(blockIdx.x) + " thread " +
+                     std::to_string(threadIdx.x) + ")";
   }
 }
 
 void device_fault(const char* what) {
   std::fflush(stdout);
   if (g_run != nullptr) {
-    std::fprintf(stderr, "EMULATED DEVICE FAULT: %s (block %u, thread %u)\n", what, g_block,
-                 g_thread);
+    std::fprintf(stderr, "EMULATED DEVICE FAULT: %s (block %u, thread %u)\n", what, blockIdx.x,
+                 threadIdx.x);
   } else {
     std::fprintf(stderr, "EMULATED DEVICE FAULT: %s\n", what);
   }
@@ -408,68 +521,162 @@ float fast_logf(float x) {
 
 // ---- launches ------------------------------------------------------------------------------
 
-void run_grid(const void* kernel, const Config& cfg, void (*body)(void*), void* ctx) {
-  LaunchRecord rec{kernel_name(kernel), cfg.grid.x, cfg.block.x, cfg.smem, ""};
-  const Device& dev = devices()[g_device];
+namespace {
+
+cudaError_t refuse(LaunchRecord rec, const char* why, cudaError_t err) {
+  rec.error = why;
+  g_launches.push_back(rec);
+  return g_last_error = err;
+}
+
+size_t max_dynamic_smem(const void* kernel) {
   const auto opted = g_max_dyn_smem.find({kernel, g_device});
-  const size_t max_smem = opted != g_max_dyn_smem.end() ? opted->second : 48u << 10;
-  cudaError_t err = cudaSuccess;
-  if (cfg.grid.y != 1 || cfg.grid.z != 1 || cfg.block.y != 1 || cfg.block.z != 1) {
-    rec.error = "the emulator runs 1-D launches only";
-    err = cudaErrorInvalidConfiguration;
-  } else if (cfg.grid.x < 1 || cfg.grid.x > 0x7fffffffu) {
-    rec.error = "grid size out of range";
-    err = cudaErrorInvalidConfiguration;
-  } else if (cfg.block.x < 1 || cfg.block.x > 1024 ||
-             cfg.block.x > static_cast<unsigned>(dev.threads_per_sm)) {
-    rec.error = "block size out of range";
-    err = cudaErrorInvalidConfiguration;
-  } else if (cfg.smem > max_smem || cfg.smem > static_cast<size_t>(dev.smem_grant)) {
-    rec.error = "dynamic shared memory above what the kernel was granted";
-    err = cudaErrorInvalidValue;
+  return opted != g_max_dyn_smem.end() ? opted->second : 48u << 10;
+}
+
+// The occupancy calculator's model: threads and dynamic shared memory per SM.
+int blocks_per_sm(const void* kernel, unsigned threads, size_t smem) {
+  const Device& d = devices()[g_device];
+  if (smem > max_dynamic_smem(kernel)) return 0;
+  int n = std::min(d.threads_per_sm / static_cast<int>(threads), 32);
+  if (smem > 0) n = std::min(n, static_cast<int>(d.smem_per_sm / (smem + 1024)));
+  return n;
+}
+
+// Why a cluster of `n` blocks cannot be launched on the current device, or nullptr.
+const char* cluster_problem(const void* kernel, unsigned n) {
+  if (devices()[g_device].cc_major < 9) return "thread block clusters need compute capability 9.0";
+  if (n < 1 || n > 16) return "cluster size out of range";
+  if (n > 8 && g_non_portable_cluster.count({kernel, g_device}) == 0) {
+    return "cluster size above 8 without cudaFuncAttributeNonPortableClusterSizeAllowed";
   }
-  if (err != cudaSuccess) {
-    g_last_error = err;
-    g_launches.push_back(rec);
-    return;
+  return nullptr;
+}
+
+// A finished cluster's shared memory: canaries checked, the dynamic regions freed (the
+// static copies stay, refilled by the next cluster).
+void end_cluster(ClusterRun& r) {
+  for (unsigned k = 0; k < r.size; ++k) {
+    Region& smem = r.blocks[k].smem;
+    unretire(smem);
+    if (!region_intact(smem)) device_fault("write outside the dynamic shared memory");
+    free_region(smem);
+    for (StaticShared& s : g_static_shared) {
+      if (!region_intact(s.copies[k])) device_fault("write outside a static __shared__ variable");
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_attributes(const void* kernel, const cudaLaunchConfig_t& config,
+                              unsigned* cluster) {
+  *cluster = 0;
+  const auto refused = [&](const char* why, cudaError_t err) {
+    return refuse(LaunchRecord{kernel_name(kernel), config.gridDim.x, config.blockDim.x,
+                               config.dynamicSmemBytes, "", std::max(*cluster, 1u)},
+                  why, err);
+  };
+  for (unsigned i = 0; i < config.numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config.attrs[i];
+    if (a.id != cudaLaunchAttributeClusterDimension) {
+      return refused("a launch attribute the emulator does not model", cudaErrorInvalidValue);
+    }
+    *cluster = a.val.clusterDim.x;
+    if (a.val.clusterDim.y != 1 || a.val.clusterDim.z != 1) {
+      return refused("the emulator runs 1-D clusters only", cudaErrorInvalidConfiguration);
+    }
+    if (*cluster == 0) return refused("cluster size out of range", cudaErrorInvalidClusterSize);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t run_grid(const void* kernel, const Config& cfg, void (*body)(void*), void* ctx) {
+  const unsigned n = std::max(cfg.cluster, 1u);
+  LaunchRecord rec{kernel_name(kernel), cfg.grid.x, cfg.block.x, cfg.smem, "", n};
+  const Device& dev = devices()[g_device];
+  if (cfg.grid.y != 1 || cfg.grid.z != 1 || cfg.block.y != 1 || cfg.block.z != 1) {
+    return refuse(rec, "the emulator runs 1-D launches only", cudaErrorInvalidConfiguration);
+  }
+  if (cfg.grid.x < 1 || cfg.grid.x > 0x7fffffffu) {
+    return refuse(rec, "grid size out of range", cudaErrorInvalidConfiguration);
+  }
+  if (cfg.block.x < 1 || cfg.block.x > 1024 ||
+      cfg.block.x > static_cast<unsigned>(dev.threads_per_sm)) {
+    return refuse(rec, "block size out of range", cudaErrorInvalidConfiguration);
+  }
+  if (cfg.smem > max_dynamic_smem(kernel) || cfg.smem > static_cast<size_t>(dev.smem_grant)) {
+    return refuse(rec, "dynamic shared memory above what the kernel was granted",
+                  cudaErrorInvalidValue);
+  }
+  if (cfg.cluster != 0) {
+    if (const char* why = cluster_problem(kernel, cfg.cluster)) {
+      return refuse(rec, why, cudaErrorInvalidClusterSize);
+    }
+    if (cfg.grid.x % n != 0) {
+      return refuse(rec, "grid size not a multiple of the cluster size",
+                    cudaErrorInvalidClusterSize);
+    }
+    // All blocks of a cluster are resident at once.
+    if (blocks_per_sm(kernel, cfg.block.x, cfg.smem) * dev.sms < static_cast<int>(n)) {
+      return refuse(rec, "a cluster does not fit on the device", cudaErrorInvalidClusterSize);
+    }
   }
   g_launches.push_back(rec);
 
-  ensure_fibers(cfg.block.x);
-  BlockRun r;
+  ensure_fibers(cfg.block.x * n);
+  ClusterRun r;
   r.fibers = &g_fibers;
   r.threads = cfg.block.x;
+  r.size = n;
   r.body = body;
   r.ctx = ctx;
-  g_block_dim = cfg.block.x;
-  g_grid_dim = cfg.grid.x;
-  BlockRun* outer = g_run;
+  r.blocks.resize(n);
+  const bool descending = g_schedule.threads & 1;
+  for (unsigned k = 0; k < n; ++k) {
+    const unsigned rank = g_schedule.blocks ? n - 1 - k : k;
+    for (unsigned j = 0; j < r.threads; ++j) {
+      r.order.push_back(rank * r.threads + (descending ? r.threads - 1 - j : j));
+    }
+  }
+  blockDim = dim3(cfg.block.x, 1u, 1u);
+  gridDim = dim3(cfg.grid.x, 1u, 1u);
+  g_cluster_size = n;
+  ClusterRun* outer = g_run;
   g_run = &r;
-  for (unsigned k = 0; k < cfg.grid.x; ++k) {
-    g_block = g_schedule.blocks ? cfg.grid.x - 1 - k : k;
-    r.arrived = 0;
-    r.warps.assign((r.threads + 31) / 32, Warp{});
-    if (r.threads % 32 != 0) r.warps.back().size = r.threads % 32;
-    Region smem = make_region(cfg.smem);
-    std::memset(smem.data, 0xff, cfg.smem);
-    g_smem = smem.data;
-    for (auto& [p, n] : g_static_shared) std::memset(p, 0xff, n);
-    run_block(r);
-    if (!region_intact(smem)) device_fault("write outside the dynamic shared memory");
-    free_region(smem);
-    g_smem = nullptr;
+  const unsigned clusters = cfg.grid.x / n;
+  for (unsigned c = 0; c < clusters; ++c) {
+    r.first_block = (g_schedule.blocks ? clusters - 1 - c : c) * n;
+    for (unsigned k = 0; k < n; ++k) {
+      Block& b = r.blocks[k];
+      b.arrived = 0;
+      b.running = r.threads;
+      b.warps.assign((r.threads + 31) / 32, Warp{});
+      if (r.threads % 32 != 0) b.warps.back().size = r.threads % 32;
+      b.smem = make_region(cfg.smem);
+      std::memset(b.smem.data, 0xff, cfg.smem);
+      for (StaticShared& s : g_static_shared) {
+        unretire(s.copies[k]);
+        std::memset(s.copies[k].data, 0xff, s.var.bytes);
+      }
+    }
+    run_cluster(r);
+    end_cluster(r);
   }
   g_run = outer;
+  g_cluster_rank = 0;
+  g_cluster_size = 1;
+  return cudaSuccess;
 }
 
 // ---- harness control -----------------------------------------------------------------------
 
 const std::vector<Device>& devices() {
   static const std::vector<Device> d = {
-      // sms, smem_optin, smem_grant, smem_per_sm, threads_per_sm
-      {2, 232448, 232448, 233472, 2048},  // H100-like (few SMs: the grids loop)
-      {3, 101376, 101376, 102400, 1536},  // sm_86-like
-      {1, 232448, 65536, 233472, 2048},   // grants less shared memory than it reports
+      // sms, smem_optin, smem_grant, smem_per_sm, threads_per_sm, cc_major
+      {2, 232448, 232448, 233472, 2048, 9},  // H100-like (few SMs: the grids loop)
+      {3, 101376, 101376, 102400, 1536, 8},  // sm_86-like
+      {1, 232448, 65536, 233472, 2048, 9},   // grants less shared memory than it reports
   };
   return d;
 }
@@ -511,12 +718,26 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = d.smem_optin;
       return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = d.cc_major;
+      return cudaSuccess;
+    case cudaDevAttrClusterLaunch:
+      *value = d.cc_major >= 9;
+      return cudaSuccess;
     default:  // a new query the emulator does not model yet
       return emu::g_last_error = cudaErrorInvalidValue;
   }
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed && (value == 0 || value == 1)) {
+    if (value == 1) {
+      emu::g_non_portable_cluster.insert({func, emu::g_device});
+    } else {
+      emu::g_non_portable_cluster.erase({func, emu::g_device});
+    }
+    return cudaSuccess;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
     return emu::g_last_error = cudaErrorInvalidValue;
   }
@@ -529,17 +750,31 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func,
                                                           int threads, size_t smem) {
-  const emu::Device& d = emu::devices()[emu::g_device];
-  const auto opted = emu::g_max_dyn_smem.find({func, emu::g_device});
-  const size_t max_smem = opted != emu::g_max_dyn_smem.end() ? opted->second : 48u << 10;
   if (threads < 1 || threads > 1024) return emu::g_last_error = cudaErrorInvalidValue;
-  if (smem > max_smem) {
-    *blocks = 0;
-    return cudaSuccess;
+  *blocks = emu::blocks_per_sm(func, static_cast<unsigned>(threads), smem);
+  return cudaSuccess;
+}
+
+// The cluster size comes from the config's attribute (required: the emulated kernels declare
+// none); its grid size is not looked at.
+cudaError_t cudaOccupancyMaxActiveClusters(int* clusters, const void* func,
+                                           const cudaLaunchConfig_t* config) {
+  unsigned n = 0;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id != cudaLaunchAttributeClusterDimension) continue;
+    if (a.val.clusterDim.y != 1 || a.val.clusterDim.z != 1) {
+      return emu::g_last_error = cudaErrorInvalidClusterSize;
+    }
+    n = a.val.clusterDim.x;
   }
-  int n = std::min(d.threads_per_sm / threads, 32);
-  if (smem > 0) n = std::min(n, static_cast<int>(d.smem_per_sm / (smem + 1024)));
-  *blocks = n;
+  if (n == 0 || emu::cluster_problem(func, n) != nullptr) {
+    return emu::g_last_error = cudaErrorInvalidClusterSize;
+  }
+  const unsigned threads = config->blockDim.x * config->blockDim.y * config->blockDim.z;
+  if (threads < 1 || threads > 1024) return emu::g_last_error = cudaErrorInvalidValue;
+  const int blocks = emu::blocks_per_sm(func, threads, config->dynamicSmemBytes);
+  *clusters = blocks * emu::devices()[emu::g_device].sms / static_cast<int>(n);
   return cudaSuccess;
 }
 

@@ -6,11 +6,13 @@
 //   extern __shared__ T name[];      ->  T* name = ::emu::dynamic_smem<T>();
 //   __shared__ T name[N];            ->  auto& name = ::emu::block_shared<T[N]>([] {});
 //   kernel<<<grid, block, smem, s>>>(args)  ->  kernel ->* ::emu::Config(grid, block, smem, s)(args)
+// cudaLaunchKernelEx (thread block clusters) needs no rewrite: a macro below takes it over.
 //
-// Every CUDA thread of a block is a fiber (own stack) of one host thread; the blocks of a grid
-// run one after another. __syncthreads() and __shfl_xor_sync() are barriers: a fiber runs
-// until it reaches one, then the next fiber runs, so the outcome depends only on the kernel
-// and on the schedule (fiber and block order, see emu::Schedule), never on the host's timing.
+// Every CUDA thread of a block is a fiber (own stack) of one host thread; the blocks of a
+// cluster (one block without clusters) run together, clusters one after another.
+// __syncthreads(), __shfl_xor_sync() and the cluster barrier are barriers: a fiber runs until
+// it reaches one, then the next fiber runs, so the outcome depends only on the kernel and on
+// the schedule (fiber and block order, see emu::Schedule), never on the host's timing.
 #pragma once
 
 #include <assert.h>  // before the macro below: glibc declares __assert_fail here
@@ -51,37 +53,47 @@
 namespace emu {
 
 // ---- the running fiber ---------------------------------------------------------------------
-extern unsigned g_thread, g_block, g_block_dim, g_grid_dim;
-
-inline uint3 thread_idx() { return uint3{g_thread, 0u, 0u}; }
-inline uint3 block_idx() { return uint3{g_block, 0u, 0u}; }
-inline dim3 block_dim() { return dim3(g_block_dim, 1u, 1u); }
-inline dim3 grid_dim() { return dim3(g_grid_dim, 1u, 1u); }
+// Its block's rank in the cluster, and blocks per cluster (1 without clusters); threadIdx and
+// friends below.
+extern unsigned g_cluster_rank, g_cluster_size;
 
 // ---- barriers ------------------------------------------------------------------------------
-void syncthreads();
+void syncthreads();  // the threads of the calling block
 // All 32 lanes of the warp must arrive; returns the bits lane (lane ^ lane_mask) passed in.
 uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width);
+// The split cluster barrier: wait returns once every thread of every block of the cluster has
+// arrived in the phase of the caller's arrive (a wait without an arrive is a device fault).
+void cluster_arrive();
+void cluster_wait();
 
 // ---- shared memory -------------------------------------------------------------------------
-// The launch's dynamic shared memory: exactly its byte count, filled with 0xff (NaN in every
-// float format) at the start of every block, so a read before a write shows.
+// Every block of a cluster has its own copy of all of it (another block's through
+// __cluster_map_shared_rank), filled with 0xff (NaN in every float format) at the start of
+// every cluster, so a read before a write shows.
+constexpr unsigned kMaxClusterBlocks = 16;
+// The launch's dynamic shared memory of the running block: exactly its byte count.
 void* dynamic_smem_ptr();
 template <typename T>
 inline T* dynamic_smem() {
   return static_cast<T*>(dynamic_smem_ptr());
 }
-// Registers a static __shared__ variable; it is refilled with 0xff at the start of each block.
-void register_shared(void* p, size_t bytes);
-// One object per rewritten declaration (the lambda's type is unique to the declaration and
+// A static __shared__ variable: block r of the running cluster uses copy[r], each exactly
+// `bytes` (ASan or canaries around it), 64-byte aligned.
+struct SharedVar {
+  size_t bytes;
+  unsigned char* copy[kMaxClusterBlocks];
+};
+SharedVar& register_shared(size_t bytes);
+// One variable per rewritten declaration (the lambda's type is unique to the declaration and
 // to each template instantiation around it, as a __shared__ variable is).
 template <typename T, typename Tag>
 inline T& block_shared(Tag) {
-  static T storage;
-  static const bool registered = (register_shared(&storage, sizeof(T)), true);
-  (void)registered;
-  return storage;
+  static_assert(alignof(T) <= 64);
+  static SharedVar& var = register_shared(sizeof(T));
+  return *reinterpret_cast<T*>(var.copy[g_cluster_rank]);
 }
+// The same byte of block `rank`'s copy of the caller's shared memory.
+void* map_shared_rank(const void* p, unsigned rank);
 
 // ---- device-side failures ------------------------------------------------------------------
 // A device assert: recorded (the test expects it for bad targets) and the thread goes on, so
@@ -103,6 +115,7 @@ struct Config {
   dim3 grid, block;
   size_t smem;
   cudaStream_t stream;
+  unsigned cluster = 0;  // blocks per cluster; 0: a launch without clusters
   Config(dim3 g, dim3 b, size_t s = 0, cudaStream_t st = nullptr)
       : grid(g), block(b), smem(s), stream(st) {}
   template <typename... A>
@@ -120,22 +133,44 @@ auto Config::operator()(A&&... a) const {
   return Bound<std::decay_t<A>...>{*this, std::tuple<std::decay_t<A>...>(std::forward<A>(a)...)};
 }
 
-// Runs body(ctx) once per thread of every block (or records a launch error).
-void run_grid(const void* kernel, const Config& cfg, void (*body)(void*), void* ctx);
+// Runs body(ctx) once per thread of every block, or records a launch error; returns it (and
+// sets it as the last error, as a GPU does).
+cudaError_t run_grid(const void* kernel, const Config& cfg, void (*body)(void*), void* ctx);
 
-template <typename K, typename... A>
-void operator->*(K* kernel, Bound<A...>&& b) {
+template <typename K, typename Args>
+cudaError_t launch(K* kernel, const Config& cfg, Args& args) {
   static_assert(std::is_function_v<K>, "a kernel launch needs a function");
   struct Ctx {
     K* kernel;
-    std::tuple<A...>* args;
-  } ctx{kernel, &b.args};
-  run_grid(reinterpret_cast<const void*>(kernel), b.cfg,
-           [](void* c) {
-             auto* x = static_cast<Ctx*>(c);
-             std::apply(x->kernel, *x->args);  // every thread gets its own copies
-           },
-           &ctx);
+    Args* args;
+  } ctx{kernel, &args};
+  return run_grid(reinterpret_cast<const void*>(kernel), cfg,
+                  [](void* c) {
+                    auto* x = static_cast<Ctx*>(c);
+                    std::apply(x->kernel, *x->args);  // every thread gets its own copies
+                  },
+                  &ctx);
+}
+
+template <typename K, typename... A>
+void operator->*(K* kernel, Bound<A...>&& b) {
+  launch(kernel, b.cfg, b.args);
+}
+
+// The launch attributes: *cluster is the cluster size, 0 without one. Any other attribute, or
+// a cluster that is not (n, 1, 1), is recorded as a failed launch and returned.
+cudaError_t launch_attributes(const void* kernel, const cudaLaunchConfig_t& config,
+                              unsigned* cluster);
+
+// cudaLaunchKernelEx: the arguments converted to the kernel's parameter types first, as CUDA's
+// own template does.
+template <typename... P, typename... A>
+cudaError_t launch_ex(const cudaLaunchConfig_t* config, void (*kernel)(P...), A&&... args) {
+  std::tuple<P...> params(std::forward<A>(args)...);
+  Config cfg(config->gridDim, config->blockDim, config->dynamicSmemBytes, config->stream);
+  const cudaError_t err =
+      launch_attributes(reinterpret_cast<const void*>(kernel), *config, &cfg.cluster);
+  return err != cudaSuccess ? err : launch(kernel, cfg, params);
 }
 
 template <typename T>
@@ -146,12 +181,21 @@ inline void check_aligned(const T* p, const char* what) {
 }  // namespace emu
 
 // ---- built-in variables --------------------------------------------------------------------
-#define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx())
-#define blockDim (::emu::block_dim())
-#define gridDim (::emu::grid_dim())
+// Set for the running fiber. Variables, not macros: a launcher's cudaLaunchConfig_t has
+// members named gridDim and blockDim.
+extern uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
 
 #define __assert_fail(msg, file, line, func) ::emu::device_assert(msg, file, line, func)
+
+// cuda_runtime.h's template type-erases the arguments for cudaLaunchKernelExC, which the
+// emulator could not call back: the launch is taken over by name (`::cudaLaunchKernelEx` too).
+template <typename... P, typename... A>
+inline cudaError_t emu_cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(P...),
+                                          A&&... args) {
+  return ::emu::launch_ex(config, kernel, std::forward<A>(args)...);
+}
+#define cudaLaunchKernelEx emu_cudaLaunchKernelEx
 
 // ---- intrinsics ----------------------------------------------------------------------------
 inline void __syncthreads() { ::emu::syncthreads(); }
@@ -165,6 +209,16 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
+}
+
+// Thread block clusters (sm_90): the built-ins of CUDA's crt/sm_90_rt.h.
+inline unsigned __clusterRelativeBlockRank() { return ::emu::g_cluster_rank; }
+inline unsigned __clusterSizeInBlocks() { return ::emu::g_cluster_size; }
+inline void __cluster_barrier_arrive() { ::emu::cluster_arrive(); }
+inline void __cluster_barrier_arrive_relaxed() { ::emu::cluster_arrive(); }  // memory is SC
+inline void __cluster_barrier_wait() { ::emu::cluster_wait(); }
+inline void* __cluster_map_shared_rank(const void* ptr, unsigned target_block_rank) {
+  return ::emu::map_shared_rank(ptr, target_block_rank);
 }
 
 inline float __expf(float x) { return ::emu::fast_expf(x); }

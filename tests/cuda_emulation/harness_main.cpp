@@ -9,10 +9,10 @@
 // Keys (absent pointer = null):
 //   op softmax|rescale|sigmoid|sigmoid_sum   dtype 0-3 (tlf::Dtype)   device N (emulated GPU)
 //   schedule THREADS BLOCKS (emu::Schedule, emu_control.h)   fastmath -1|0|1 (emu_runtime.h)
-//   launch auto (the real launcher) | direct  with  group 0-2  vec 0|1  grid N  threads N  cache N
-//     prefetch BYTES (direct; the next row's L2 prefetch)
-//   tuning MAX_THREADS ROW_CACHE_BYTES PREFETCH_BYTES (auto: tlf::cuda::BlockRowTuning for
-//     this case; the defaults are restored after it)
+//   launch auto (the real launcher) | direct  with  group 0-3  vec 0|1  grid N  threads N  cache N
+//     prefetch BYTES (direct; the next row's L2 prefetch)  cluster N (direct, group 3)
+//   tuning MAX_THREADS ROW_CACHE_BYTES PREFETCH_BYTES CLUSTER_BLOCKS (auto:
+//     tlf::cuda::BlockRowTuning for this case; the defaults are restored after it)
 //   softmax: mode 0-2 (tlf::Mode), input PTR B C D sb sc sd, index_target PTR TYPE sb sd D,
 //     prob_target PTR F32 B C D sb sc sd, ignore_index, weight PTR, weight_sum PTR,
 //     label_smoothing, z_loss, softcap, logit_scale, focal, gamma, alpha PTR, alpha_scale,
@@ -21,7 +21,7 @@
 //   rescale: grad PTR B C D sb sc sd, grad_loss PTR sb sd D, grad_scale PTR sb sd D
 //   sigmoid / sigmoid_sum: input PTR, target PTR, n, alpha, gamma, scale, backward 0|1,
 //     loss PTR, grad_loss PTR, scalar_grad 0|1, grad_input PTR, partials PTR, out PTR
-// Output, one tab-separated line each: `launch ID GRID BLOCK SMEM ERROR KERNEL`, then
+// Output, one tab-separated line each: `launch ID GRID BLOCK SMEM CLUSTER ERROR KERNEL`, then
 // `result ID STATUS ASSERTS FIRST_ASSERT` (STATUS: ok or the cudaError_t number). After the
 // last case every buffer is written to OUT_BLOB at its offset. An emulated device fault
 // (barrier divergence, a misaligned __ldcs/__stcs, a write outside a buffer) ends the process
@@ -111,6 +111,7 @@ class Case {
     d.threads = static_cast<int>(i("threads", 32));
     d.cache = i("cache", 0);
     d.prefetch = i("prefetch", 0);
+    d.cluster = static_cast<int>(i("cluster", 1));
     return d;
   }
   bool direct_launch() const {
@@ -191,6 +192,7 @@ cudaError_t run_softmax(const Case& c, Dtype dt) {
     t.max_threads = static_cast<int>(c.i("tuning", 0, 0));
     t.row_cache_bytes = c.i("tuning", 0, 1);
     t.prefetch_bytes = c.i("tuning", 0, 2);
+    t.cluster_blocks = static_cast<int>(c.i("tuning", 0, 3));
     if (!tlf::cuda::set_block_row_tuning(t)) fail("case " + c.id + ": invalid tuning");
     const cudaError_t err = tlf::cuda::softmax_loss(p, dt, mode, nullptr);
     tlf::cuda::set_block_row_tuning(tlf::cuda::BlockRowTuning{});
@@ -247,8 +249,8 @@ void run_case(const Case& c) {
     }
   }
   for (const auto& l : emu::launches()) {
-    std::printf("launch\t%s\t%u\t%u\t%zu\t%s\t%s\n", c.id.c_str(), l.grid, l.block, l.smem,
-                l.error.empty() ? "-" : l.error.c_str(), l.kernel.c_str());
+    std::printf("launch\t%s\t%u\t%u\t%zu\t%u\t%s\t%s\n", c.id.c_str(), l.grid, l.block,
+                l.smem, l.cluster, l.error.empty() ? "-" : l.error.c_str(), l.kernel.c_str());
   }
   std::string first = emu::first_assert();
   for (char& ch : first) {

@@ -34,6 +34,33 @@ cudaError_t launch(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
   return cudaGetLastError();
 }
 
+// A cluster per row, launched as the launcher does (cudaLaunchKernelEx with a cluster
+// dimension); the row cache is d.cache slots per block.
+template <typename T, Mode M>
+cudaError_t launch_cluster(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
+  const int64_t cache = M == Mode::Backward ? 0 : d.cache;
+  auto kernel = softmax_loss_kernel<T, M, ClusterGroup, true>;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(d.cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(d.grid));
+  cfg.blockDim = dim3(static_cast<unsigned>(d.threads));
+  cfg.dynamicSmemBytes = static_cast<size_t>(cache) * sizeof(uint4);
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cfg.dynamicSmemBytes > (48u << 10)) {
+    const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(cfg.dynamicSmemBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, p, cache, grad_vec, d.prefetch);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 template <typename T, Mode M>
 cudaError_t launch_mode(const SoftmaxLossParams& p, const Direct& d) {
   // The launcher's own test of whether the gradient can be stored 16 bytes at a time.
@@ -41,7 +68,9 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, const Direct& d) {
   if constexpr (!std::is_same_v<T, double>) {
     if (d.vec && d.group == Group::Warp) return launch<T, M, WarpGroup, true>(p, d, gvec);
     if (d.vec && d.group == Group::Block) return launch<T, M, BlockGroup, true>(p, d, gvec);
+    if (d.vec && d.group == Group::Cluster) return launch_cluster<T, M>(p, d, gvec);
   }
+  if (d.group == Group::Cluster) return cudaErrorInvalidValue;  // vector rows only
   if (d.vec) return cudaErrorInvalidValue;  // not an instantiation the launcher has
   switch (d.group) {
     case Group::Thread:
