@@ -426,18 +426,18 @@ class SoftmaxRow {
     return v0;
   }
 
-  // Stores a whole batch's vectors v0 + u * gsize in their cache slots, where they have one.
+  // Stores a whole batch's vectors v0 + u * gsize in their cache slots, where they have one
+  // (vector v0 + u * gsize is cache_step() slots after v0's, for every group).
   __device__ __forceinline__ void cache_batch(const uint4 (&raw)[kU], int64_t v0) {
+    uint4* slot = cache + grp.cache_slot(v0);
+    const int64_t step = grp.cache_step();
     if (v0 + static_cast<int64_t>(kU - 1) * gsize < cache_n) {  // all (most batches)
-      uint4* slot = cache + grp.cache_slot(v0);
-      const int64_t step = grp.cache_step();
 #pragma unroll
       for (int u = 0; u < kU; ++u) slot[u * step] = raw[u];
     } else {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
-        if (v < cache_n) cache[grp.cache_slot(v)] = raw[u];
+        if (v0 + static_cast<int64_t>(u) * gsize < cache_n) slot[u * step] = raw[u];
       }
     }
   }
