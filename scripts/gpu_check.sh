@@ -11,7 +11,8 @@
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # GPU_CHECK_STAGES (default "build tests sanitizer bench"; "profile" adds ncu's counters of
-# the cross-entropy kernels at the target shape) picks stages, so a session can split the
+# the cross-entropy kernels at the target shape, and of the fused one under
+# GPU_CHECK_PROFILE_TUNING, default cluster_blocks=8) picks stages, so a session can split the
 # work over several calls (the build is kept between calls on a warm machine).
 # GPU_CHECK_CUDA_TESTS_S caps the CUDA part of the tests; GPU_CHECK_REST_SELECT (pytest
 # arguments, word-split) narrows the rest, e.g. to the files a previous run found failing;
@@ -279,15 +280,25 @@ EOF
     "$NCU" --clock-control none --kernel-name regex:softmax_loss_kernel --launch-skip 1 \
     --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" "$TMPD/profile_ce.py"
+  # The fused kernel again under a launch tuning (default: thread block clusters of 8, not
+  # yet profiled; GPU_CHECK_PROFILE_TUNING="" skips it).
+  profile_tuning="${GPU_CHECK_PROFILE_TUNING-cluster_blocks=8}"
+  if [[ -n "$profile_tuning" ]]; then
+    TLF_CUDA_TUNING="$profile_tuning" run_stage "profile ($profile_tuning)" \
+      "$LOGS/profile_tuned.log" "$(stage_limit "${GPU_CHECK_PROFILE_S:-60}" 10)" \
+      "$NCU" --clock-control none --kernel-name regex:softmax_loss_kernel --launch-skip 1 \
+      --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" "$TMPD/profile_ce.py"
+  fi
 elif want profile; then
   note "ncu not found: profile skipped"
 fi
 
 # ---- optional: the benchmark under each launch tuning ---------------------------------------
-# The defaults; the next row's L2 prefetch, 64 KiB of it or all of it (256 KiB, clipped to
-# the row); two 256-thread blocks per SM (each caching 108 KiB of its row, the rest re-read
-# from L2), with and without a prefetch; four of 128 threads; and no row cache at all.
-# Thread block clusters first (never measured yet), then the block-per-row variants.
+# The defaults; thread block clusters of 8, 4, 16 blocks, 8 with a 32 KiB prefetch of the
+# next row, and 2 (never measured yet, so first); then a block per row with a 64 KiB
+# prefetch, and two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
+# re-read from L2).
 DEFAULT_SWEEP="|cluster_blocks=8|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
