@@ -37,7 +37,8 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _sources():
-    cpu = ["csrc/ops.cpp", "csrc/tensor_params.cpp", "csrc/cpu/kernel_table.cpp",
+    cpu = ["csrc/ops.cpp", "csrc/tensor_params.cpp", "csrc/host_buffers.cpp",
+           "csrc/cpu/kernel_table.cpp",
            "csrc/cpu/ops_cpu.cpp",
            # Default-capability objects come first in the link so that the inline functions
            # they share with the AVX objects resolve to the portable copies.

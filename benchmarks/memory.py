@@ -10,8 +10,9 @@ even when it is freed again before the step returns.
   VmHWM to the current RSS; after the step VmHWM - RSS-before is the peak growth. It sees
   every allocation a kernel makes in C++, whichever allocator made it, but only pages that
   are touched (a gradient is written, so it counts; an untouched torch.empty does not).
-  Before the reset the C heap is trimmed (glibc malloc_trim) so that memory freed by an
-  earlier step but still resident cannot be reused unseen.
+  Before the reset the C heap is trimmed (glibc malloc_trim) and torchloss_fused's CPU
+  buffer cache emptied, so that memory freed by an earlier step but still resident cannot
+  be reused unseen.
 - CPU elsewhere: torch.profiler(profile_memory=True), replaying its allocation events to
   find the running peak (sees allocations made through PyTorch's allocator only).
 
@@ -95,9 +96,21 @@ def _peak_cuda(fn, device) -> int:
     return max(0, torch.cuda.max_memory_allocated(device) - before)
 
 
-def _peak_rss(fn) -> int:
+def _empty_caches() -> None:
+    """Gives freed memory held for reuse back first (the C heap's, torchloss_fused's CPU
+    buffer cache), so that what a step allocates shows as growth."""
+    try:
+        import torchloss_fused
+
+        getattr(torchloss_fused, "empty_cpu_cache", lambda: None)()
+    except ImportError:
+        pass
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def _peak_rss(fn) -> int:
+    _empty_caches()
     if not _reset_peak_rss():
         raise OSError("cannot write /proc/self/clear_refs")
     before = _status_bytes("VmRSS")

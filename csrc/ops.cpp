@@ -8,9 +8,13 @@
 // float64 inputs. softcap = 0 means no soft-capping. ce_fwd's inplace_backward only tells
 // its autograd formula to call _ce_bwd_inplace; the forward kernels ignore it.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "cpu/kernels.h"
+#include "host_buffers.h"
 #include "tensor_params.h"
 #if defined(TLF_WITH_CUDA)
 #include "cuda/tuning.h"
@@ -90,6 +94,58 @@ PyObject* advise_huge_pages(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// _C.host_empty(shape, like): host_empty (host_buffers.h) of `shape` (a tuple of ints) in
+// the dtype of the tensor `like`, for linear_cross_entropy's buffers made in Python.
+PyObject* host_empty(PyObject*, PyObject* args) {
+  PyObject *shape = nullptr, *like = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O", &PyTuple_Type, &shape, &like)) return nullptr;
+  if (!THPVariable_Check(like)) {
+    PyErr_SetString(PyExc_TypeError, "host_empty: `like` must be a tensor");
+    return nullptr;
+  }
+  std::vector<int64_t> sizes;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); ++i) {
+    const long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    if (v == -1 && PyErr_Occurred()) return nullptr;
+    if (v < 0) {
+      PyErr_SetString(PyExc_ValueError, "host_empty: negative size");
+      return nullptr;
+    }
+    sizes.push_back(v);
+  }
+  try {
+    return THPVariable_Wrap(tlf::host_empty(sizes, THPVariable_Unpack(like).scalar_type()));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+// _C.host_cache_info() -> (cached_bytes, cached_blocks, limit_bytes, hits, misses).
+PyObject* host_cache_info(PyObject*, PyObject*) {
+  const tlf::HostCacheInfo i = tlf::host_cache_info();
+  return Py_BuildValue("(LLLLL)", static_cast<long long>(i.cached_bytes),
+                       static_cast<long long>(i.cached_blocks),
+                       static_cast<long long>(i.limit_bytes), static_cast<long long>(i.hits),
+                       static_cast<long long>(i.misses));
+}
+
+PyObject* host_cache_clear(PyObject*, PyObject*) {
+  tlf::host_cache_clear();
+  Py_RETURN_NONE;
+}
+
+PyObject* set_host_cache_limit(PyObject*, PyObject* args) {
+  long long bytes = 0;
+  if (!PyArg_ParseTuple(args, "L", &bytes)) return nullptr;
+  if (bytes < 0) {
+    PyErr_SetString(PyExc_ValueError, "the host cache limit must be >= 0");
+    return nullptr;
+  }
+  tlf::set_host_cache_limit(bytes);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
@@ -101,6 +157,14 @@ PyMethodDef methods[] = {
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "Ask for transparent huge pages on a large CPU buffer (address, nbytes) before first "
      "touch."},
+    {"host_empty", host_empty, METH_VARARGS,
+     "An uninitialised contiguous CPU tensor (shape, like: its dtype) from the host buffer "
+     "cache when large."},
+    {"host_cache_info", host_cache_info, METH_NOARGS,
+     "(cached_bytes, cached_blocks, limit_bytes, hits, misses) of the host buffer cache."},
+    {"host_cache_clear", host_cache_clear, METH_NOARGS, "Free the host buffer cache's blocks."},
+    {"set_host_cache_limit", set_host_cache_limit, METH_VARARGS,
+     "Set the host buffer cache's limit in bytes (0: off)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "tensor_params.h"
 
+#include "host_buffers.h"
+
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
@@ -256,9 +258,8 @@ void advise_huge_pages(const void* data, size_t bytes) {
 }
 
 at::Tensor empty_output_like(const at::Tensor& input) {
-  at::Tensor g = at::empty(input.sizes(), input.options());
-  if (g.device().is_cpu()) advise_huge_pages(g.data_ptr(), g.nbytes());
-  return g;
+  if (input.device().is_cpu()) return host_empty(input.sizes(), input.scalar_type());
+  return at::empty(input.sizes(), input.options());
 }
 
 SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,

@@ -59,7 +59,7 @@ void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
 void advise_huge_pages(const void* data, size_t bytes);
 
 // An input-sized output (a gradient, sigmoid focal's elementwise loss) shaped like
-// `input`, contiguous; a CPU one advised onto huge pages.
+// `input`, contiguous; a CPU one from the host buffer cache (host_buffers.h) when large.
 at::Tensor empty_output_like(const at::Tensor& input);
 
 SigmoidFocalParams prepare_sigmoid_focal(const char* op, const at::Tensor& input,

@@ -9,6 +9,7 @@ anything else; `backend_info(device)` says which and why.
 
 from . import _ops  # noqa: F401  (registers fake kernels and autograd for the ops)
 from ._backend import FORCE_REFERENCE_ENV, backend_info
+from ._host_buffers import cpu_cache_info, empty_cpu_cache
 from .functional import cross_entropy, focal_loss, sigmoid_focal_loss
 from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss, FocalLoss, SigmoidFocalLoss
@@ -22,7 +23,9 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "SigmoidFocalLoss",
     "backend_info",
+    "cpu_cache_info",
     "cross_entropy",
+    "empty_cpu_cache",
     "focal_loss",
     "linear_cross_entropy",
     "sigmoid_focal_loss",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, _huge_pages
+from .. import _backend, _host_buffers
 from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
@@ -47,7 +47,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         loss_rows = hidden.new_empty((N,), dtype=acc)
         lse = hidden.new_empty((N,), dtype=acc)
     big = {"dtype": hidden.dtype, "device": hidden.device}
-    grad_h = _huge_pages.empty((N, H), **big) if need_h else None
+    grad_h = _host_buffers.empty((N, H), **big) if need_h else None
     # One chunk: one product, accumulated inside the matmul, rounded once, as F.linear's
     # backward does; no separate accumulator is needed.
     w_accum = weight.dtype if chunk >= N else resolve_accum(weight.dtype, accum_dtype)
@@ -56,7 +56,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     if need_b:
         gb = torch.zeros((V,), dtype=resolve_accum(bias.dtype, accum_dtype),
                          device=bias.device)
-    buf = _huge_pages.empty((chunk * V,), **big) if N > 0 else None
+    buf = _host_buffers.empty((chunk * V,), **big) if N > 0 else None
     ones = None
     wT = weight.t()
     for s in range(0, N, chunk):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, _huge_pages
+from .. import _backend, _host_buffers
 from .chunking import ACCUM_BLOCK_BYTES
 
 _OUT_DTYPE_ADDMM: dict[str, bool] = {}
@@ -45,7 +45,7 @@ class WeightGrad:
     def __init__(self, weight: Tensor, accum: torch.dtype):
         V, H = weight.shape
         self.dtype, self.accum, self.H = weight.dtype, accum, H
-        self.out = _huge_pages.empty((V, H), dtype=weight.dtype, device=weight.device)
+        self.out = _host_buffers.empty((V, H), dtype=weight.dtype, device=weight.device)
         self.split = 0
         if accum == weight.dtype:
             self.parts = [(0, V, self.out)]
@@ -53,11 +53,11 @@ class WeightGrad:
             r = V // 2  # r*H accum elements fit in the V*H narrow ones
             lo = torch.empty((0,), dtype=accum, device=weight.device)
             lo.set_(self.out.untyped_storage(), 0, (r, H), (H, 1))
-            hi = _huge_pages.empty((V - r, H), dtype=accum, device=weight.device)
+            hi = _host_buffers.empty((V - r, H), dtype=accum, device=weight.device)
             self.parts = [(0, r, lo), (r, V, hi)]
             self.split = r
         else:
-            self.parts = [(0, V, _huge_pages.empty((V, H), dtype=accum,
+            self.parts = [(0, V, _host_buffers.empty((V, H), dtype=accum,
                                                    device=weight.device))]
         self.direct = accum == weight.dtype or (
             accum == torch.float32 and _addmm_out_dtype_ok(weight.device))

@@ -1,0 +1,238 @@
+#include "host_buffers.h"
+
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "tensor_params.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace tlf {
+
+namespace {
+
+constexpr size_t kBlockAlign = size_t(2) << 20;  // a transparent huge page
+
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+// Blocks are mapped and unmapped whole on Linux: from the C heap they could reuse pages
+// that are already resident (glibc serves large requests from its heap once it has seen
+// large frees), and freeing them would not give memory back to the OS.
+void* map_block(size_t bytes) {
+#if defined(__linux__)
+  const size_t span = bytes + kBlockAlign;
+  void* m = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  const auto base = reinterpret_cast<uintptr_t>(m);
+  const uintptr_t start = (base + kBlockAlign - 1) & ~(uintptr_t(kBlockAlign) - 1);
+  if (start > base) munmap(m, start - base);
+  const uintptr_t end = start + bytes;
+  if (base + span > end) munmap(reinterpret_cast<void*>(end), base + span - end);
+  return reinterpret_cast<void*>(start);
+#else
+  void* p = nullptr;
+  return posix_memalign(&p, kBlockAlign, bytes) == 0 ? p : nullptr;
+#endif
+}
+
+void unmap_block(void* p, size_t bytes) {
+#if defined(__linux__)
+  munmap(p, bytes);
+#else
+  (void)bytes;
+  std::free(p);
+#endif
+}
+
+class HostCache {
+ public:
+  // A block of `bytes` (a kBlockAlign multiple): a cached one of that size, or fresh memory.
+  Block take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        Block b = it->second.block;
+        erase(it);
+        ++hits_;
+        in_use_ += b.bytes;
+        report(b.ptr, static_cast<int64_t>(b.bytes));
+        return b;
+      }
+      if (limit_ > 0) ++misses_;
+    }
+    void* p = map_block(bytes);
+    TORCH_CHECK(p != nullptr, "torchloss_fused: out of host memory allocating ", bytes,
+                " bytes");
+    advise_huge_pages(p, bytes);
+    std::lock_guard<std::mutex> lock(mu_);
+    in_use_ += bytes;
+    report(p, static_cast<int64_t>(bytes));
+    return Block{p, bytes};
+  }
+
+  // A block whose tensor was freed: kept for reuse, the least recently given back evicted
+  // first while over the limit; freed when it alone is over the limit.
+  void give_back(Block b) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      in_use_ -= b.bytes;
+      report(b.ptr, -static_cast<int64_t>(b.bytes));
+      if (b.bytes <= limit_) {
+        evict_to(limit_ - b.bytes, evicted);
+        free_.emplace(b.bytes, Entry{b, ++clock_});
+        cached_ += b.bytes;
+      } else {
+        evicted.push_back(b);
+      }
+    }
+    for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);  // outside the lock
+  }
+
+  void clear() {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      evict_to(0, evicted);
+    }
+    for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);
+  }
+
+  void set_limit(size_t bytes) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      limit_ = bytes;
+      evict_to(limit_, evicted);
+    }
+    for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);
+  }
+
+  HostCacheInfo info() {
+    std::lock_guard<std::mutex> lock(mu_);
+    HostCacheInfo i;
+    i.cached_bytes = static_cast<int64_t>(cached_);
+    i.cached_blocks = static_cast<int64_t>(free_.size());
+    i.limit_bytes = static_cast<int64_t>(limit_);
+    i.hits = hits_;
+    i.misses = misses_;
+    return i;
+  }
+
+  size_t limit() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return limit_;
+  }
+
+ private:
+  struct Entry {
+    Block block;
+    uint64_t freed_at;
+  };
+  using Map = std::multimap<size_t, Entry>;
+
+  void erase(Map::iterator it) {
+    cached_ -= it->second.block.bytes;
+    free_.erase(it);
+  }
+
+  // Under the lock: evicts the least recently given back blocks until at most `bytes` stay.
+  void evict_to(size_t bytes, std::vector<Block>& evicted) {
+    while (cached_ > bytes) {
+      auto oldest = free_.begin();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second.freed_at < oldest->second.freed_at) oldest = it;
+      }
+      evicted.push_back(oldest->second.block);
+      erase(oldest);
+    }
+  }
+
+  // Under the lock: the profiler's memory events (torch.profiler(profile_memory=True)), as
+  // PyTorch's CPU allocator reports them.
+  void report(void* ptr, int64_t delta) {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(ptr, delta, in_use_, in_use_ + cached_,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
+  std::mutex mu_;
+  Map free_;
+  size_t cached_ = 0, in_use_ = 0;
+  size_t limit_ = size_t(2) << 30;  // torchloss_fused/_host_buffers.py sets it at import
+  uint64_t clock_ = 0;
+  int64_t hits_ = 0, misses_ = 0;
+};
+
+// Never destroyed: a tensor freed during interpreter shutdown still gives its block back.
+HostCache& cache() {
+  static HostCache* c = new HostCache();
+  return *c;
+}
+
+void give_back(void* ctx) {
+  auto* b = static_cast<Block*>(ctx);
+  cache().give_back(*b);
+  delete b;
+}
+
+// The storage allocator of cached tensors, so that resizing one (Tensor.resize_) takes
+// memory the same way.
+class HostCacheAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kHostCacheMinBytes || cache().limit() == 0) {
+      return c10::GetCPUAllocator()->allocate(n);
+    }
+    const size_t bytes = (n + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
+    auto* b = new Block(cache().take(bytes));
+    return {b->ptr, b, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+HostCacheAllocator g_allocator;
+
+}  // namespace
+
+at::Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  if (bytes < kHostCacheMinBytes || cache().limit() == 0) {
+    at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
+    advise_huge_pages(t.data_ptr(), t.nbytes());
+    return t;
+  }
+  return at::Tensor(at::detail::empty_generic(
+      sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt));
+}
+
+HostCacheInfo host_cache_info() { return cache().info(); }
+
+void host_cache_clear() { cache().clear(); }
+
+void set_host_cache_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "torchloss_fused: the host cache limit must be >= 0, got ", bytes);
+  cache().set_limit(static_cast<size_t>(bytes));
+}
+
+}  // namespace tlf
