@@ -17,6 +17,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace tlf {
 
@@ -139,6 +142,11 @@ class HostCache {
     return limit_;
   }
 
+  // Around fork(): a child (a DataLoader worker, say) must not inherit the lock held by a
+  // thread that does not exist there.
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+
  private:
   struct Entry {
     Block block;
@@ -182,7 +190,14 @@ class HostCache {
 
 // Never destroyed: a tensor freed during interpreter shutdown still gives its block back.
 HostCache& cache() {
-  static HostCache* c = new HostCache();
+  static HostCache* c = [] {
+    auto* made = new HostCache();
+#if defined(__unix__) || defined(__APPLE__)
+    pthread_atfork([] { cache().lock_for_fork(); }, [] { cache().unlock_after_fork(); },
+                   [] { cache().unlock_after_fork(); });
+#endif
+    return made;
+  }();
   return *c;
 }
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -245,3 +247,32 @@ def test_the_environment_variable(value, limit, error):
         assert int(r.stdout.split()[-1]) == limit
     else:
         assert r.returncode != 0 and error in r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_allocates_from_its_own_cache(cache_limit):
+    cache_limit(64 * MiB)
+    t = _host_buffers.empty((4 * MiB,), dtype=torch.float32, device=CPU)
+    del t  # a cached block, inherited by the child
+    pid = os.fork()
+    if pid == 0:  # the child: reuse, free and allocate again, then leave at once
+        ok = False
+        try:  # no parallel torch op: OpenMP's threads are not there after a fork
+            a = _host_buffers.empty((4 * MiB,), dtype=torch.float32, device=CPU)
+            a[-1] = 1.0
+            ok = tlf.cpu_cache_info()["cached_blocks"] == 0 and float(a[-1]) == 1.0
+            del a
+            ok = ok and tlf.cpu_cache_info()["cached_blocks"] == 1
+        finally:
+            os._exit(0 if ok else 1)
+    for _ in range(600):  # a hung child fails the test instead of hanging it
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child did not finish within 60 s")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tlf.cpu_cache_info()["cached_blocks"] == 1  # the parent's, untouched
