@@ -107,24 +107,8 @@ class HostCache {
     for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);  // outside the lock
   }
 
-  void clear() {
-    std::vector<Block> evicted;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      evict_to(0, evicted);
-    }
-    for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);
-  }
-
-  void set_limit(size_t bytes) {
-    std::vector<Block> evicted;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      limit_ = bytes;
-      evict_to(limit_, evicted);
-    }
-    for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);
-  }
+  void clear() { shrink(0, false); }
+  void set_limit(size_t bytes) { shrink(bytes, true); }
 
   HostCacheInfo info() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -157,6 +141,18 @@ class HostCache {
   void erase(Map::iterator it) {
     cached_ -= it->second.block.bytes;
     free_.erase(it);
+  }
+
+  // Frees cached blocks until at most `keep` bytes stay; with set_limit, `keep` becomes the
+  // limit.
+  void shrink(size_t keep, bool set_limit) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (set_limit) limit_ = keep;
+      evict_to(keep, evicted);
+    }
+    for (const Block& e : evicted) unmap_block(e.ptr, e.bytes);  // outside the lock
   }
 
   // Under the lock: evicts the least recently given back blocks until at most `bytes` stay.
