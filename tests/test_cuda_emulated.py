@@ -906,14 +906,17 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
     # A cluster of blocks per row (sm_90: cluster_group.cuh), launched directly: blocks of 32
     # or 64 threads, clusters of 2 or 4, one or two clusters, a row cache of one slot per
     # thread (part of the row), the whole share or none; whole batches where the row is long.
+    # Every option at least once: a fresh deal of them.
+    cluster_opts = OPTIONS[:]
+    rnd.shuffle(cluster_opts)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for threads, cluster in ((32, 2), (64, 2), (32, 4)):
             for layout in ("contig", "mis1", "padded"):
-                if not opts:
-                    opts = OPTIONS[:]
-                    rnd.shuffle(opts)
+                if not cluster_opts:
+                    cluster_opts = OPTIONS[:]
+                    rnd.shuffle(cluster_opts)
                 out.append(SoftmaxConfig(
-                    dtype, rnd.choice([1000, 3079, 5003]), layout, opts.pop(), group=3,
+                    dtype, rnd.choice([1000, 3079, 5003]), layout, cluster_opts.pop(), group=3,
                     threads=threads, vec=True, cluster=cluster,
                     cache=rnd.choice(["none", "part", "full"]),
                     grid=cluster * rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
