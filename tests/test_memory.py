@@ -15,12 +15,12 @@ pytestmark = pytest.mark.skipif(not memory.rss_available(),
 
 N, V = 2048, 8192  # 64 MiB of float32 logits
 SLACK = 6 * 2**20  # allocator rounding, per-row vectors, interpreter noise
-RSS_NOISE = 2 * 2**20  # run-to-run spread of the peak RSS of the same computation
+PROFILER_SLACK = 2**20  # per-row vectors
 
 
-def _peak(step):
+def _peak(step, method=None):
     step()  # warm-up: lazily initialised state must not count
-    return min(memory.peak_extra_bytes(step, torch.device("cpu")) for _ in range(2))
+    return min(memory.peak_extra_bytes(step, torch.device("cpu"), method) for _ in range(2))
 
 
 def _fwd_bwd(loss_fn, x, y, **kw):
@@ -69,9 +69,13 @@ def test_fallback_needs_no_more_than_f_cross_entropy(backend):
         pytest.skip("checks the pure-PyTorch fallback")
     x = torch.randn(N, V).requires_grad_()
     y = torch.randint(0, V, (N,))
-    ours = _peak(_fwd_bwd(tlf.cross_entropy, x, y, label_smoothing=0.1))
-    theirs = _peak(_fwd_bwd(F.cross_entropy, x, y, label_smoothing=0.1))
-    # Peak RSS of two ~195 MiB runs differs by up to ~1 MiB from run to run (a CI run saw
-    # ours 1.0 MiB above); one more buffer of the fallback's would be a 16 MiB chunk of
-    # temporaries (reference._CHUNK_ELEMENTS) or 64 MiB of logits.
-    assert ours <= theirs + RSS_NOISE, (ours / 2**20, theirs / 2**20)
+    # Both are pure PyTorch, so the profiler's allocation events see all they allocate, and
+    # exactly. Peak RSS does not suit here: the fallback's 16 MiB chunk temporaries come
+    # from the C heap or from fresh mappings depending on glibc's adaptive mmap threshold,
+    # i.e. on which tests ran before in the process (a CI run saw ours 17 MiB above the
+    # ~192 MiB of F.cross_entropy's; alone, 144-160 MiB by RSS, 112 MiB by the profiler).
+    ours = _peak(_fwd_bwd(tlf.cross_entropy, x, y, label_smoothing=0.1), "profiler")
+    theirs = _peak(_fwd_bwd(F.cross_entropy, x, y, label_smoothing=0.1), "profiler")
+    # One more buffer of the fallback's would be a 16 MiB chunk of temporaries
+    # (reference._CHUNK_ELEMENTS) or 64 MiB of logits.
+    assert ours <= theirs + PROFILER_SLACK, (ours / 2**20, theirs / 2**20)
