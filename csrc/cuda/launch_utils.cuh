@@ -48,6 +48,22 @@ inline cudaError_t current_device_props(DeviceProps* out) {
   return device_props(device, out);
 }
 
+// Opts kernel `fn` into `smem` bytes of dynamic shared memory on `device` when that is more
+// than the default 48 KiB. Only ever raised: a launch with a larger cache, found in an
+// occupancy cache, still needs it. Callers hold their own lock; this one guards the record.
+inline cudaError_t opt_in_smem(const void* fn, int device, size_t smem) {
+  constexpr size_t kDefaultSmem = 48 << 10;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> opted;
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& have = opted[{fn, device}];
+  if (smem <= kDefaultSmem || smem <= have) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(
+      fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess) have = smem;
+  return err;
+}
+
 // Blocks of `kernel` that fit on one SM with `threads` threads and `smem` bytes of dynamic
 // shared memory; opts the kernel into more than the default 48 KiB when asked for.
 template <typename Kernel>
@@ -58,19 +74,12 @@ cudaError_t resident_blocks(Kernel kernel, int threads, size_t smem, int* out) {
   const void* fn = reinterpret_cast<const void*>(kernel);
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, int, size_t>, int> blocks;
-  static std::map<std::pair<const void*, int>, size_t> opted;
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(fn, device, threads, smem);
   auto it = blocks.find(key);
   if (it == blocks.end()) {
-    constexpr size_t kDefaultSmem = 48 << 10;
-    size_t& have = opted[{fn, device}];
-    if (smem > kDefaultSmem && smem > have) {
-      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem));
-      if (err != cudaSuccess) return err;
-      have = smem;
-    }
+    err = opt_in_smem(fn, device, smem);
+    if (err != cudaSuccess) return err;
     int n = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, threads, smem);
     if (err != cudaSuccess) return err;
@@ -107,19 +116,12 @@ cudaError_t resident_clusters(Kernel kernel, const cudaLaunchConfig_t& cfg, int 
   const void* fn = reinterpret_cast<const void*>(kernel);
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, int, size_t>, int> clusters;
-  static std::map<std::pair<const void*, int>, size_t> opted;
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(fn, device, cluster, cfg.dynamicSmemBytes);
   auto it = clusters.find(key);
   if (it == clusters.end()) {
-    // Only ever raised: a launch with a larger cache found in the map needs it still.
-    size_t& have = opted[{fn, device}];
-    if (cfg.dynamicSmemBytes > have) {
-      err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(cfg.dynamicSmemBytes));
-      if (err != cudaSuccess) return err;
-      have = cfg.dynamicSmemBytes;
-    }
+    err = opt_in_smem(fn, device, cfg.dynamicSmemBytes);
+    if (err != cudaSuccess) return err;
     if (cluster > 8) {
       err = cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     }
