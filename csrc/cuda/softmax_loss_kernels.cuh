@@ -102,8 +102,10 @@ class SoftmaxRow {
   // loop's lse2 is lse2 - log2 A2).
   acc_t lse = 0, A = 0, B = 0, D = 0, lse2 = 0, A2 = 0;
   int64_t t = -1;
-  int64_t t_vec = -1;  // the vector holding the target element, if one does, and its place
-  int t_j = 0;
+  // This thread stores the vector that holds the target element (vector v is always
+  // thread v mod gsize's): it rewrites that element after pass 2 (write_target).
+  bool owns_t = false;
+  acc_t s_t = 0;  // the target logit, transformed as in the sums
   QKind q_grad = QKind::None, q_sum = QKind::None;
   bool need_sum = false;
   acc_t total = 0;
@@ -156,6 +158,10 @@ class SoftmaxRow {
       }
     }
     const bool counted = !p.prob_target && !ignored;
+    if (kGrad && kVec && counted && t >= head && t < tail) {
+      const auto t_vec = static_cast<uint64_t>(t - head) / kN;
+      owns_t = t_vec % static_cast<uint64_t>(gsize) == static_cast<uint64_t>(lane);
+    }
     const acc_t eps = static_cast<acc_t>(p.label_smoothing);
     const acc_t z = static_cast<acc_t>(p.z_loss);
     const acc_t* w = static_cast<const acc_t*>(p.weight);
@@ -171,9 +177,11 @@ class SoftmaxRow {
       if (has_g_lse) g_lse = read_row_value<acc_t>(p.grad_lse, r);
     }
 
-    // The target logit (transformed as in the sums); its load overlaps pass 1.
-    acc_t s_t = 0;
-    if (counted && (kMode != Mode::Backward || p.focal)) s_t = tf.apply(to_acc(x[t * sc]));
+    // The target logit; its load overlaps pass 1. The owner of its vector reads it before
+    // it writes anything (an in-place backward overwrites it).
+    if (counted && (kMode != Mode::Backward || p.focal || owns_t)) {
+      s_t = tf.apply(to_acc(x[t * sc]));
+    }
 
     acc_t mass = 0;  // sum_c q_c of a probability target
     if (kMode != Mode::Backward) {
@@ -230,10 +238,6 @@ class SoftmaxRow {
       }
     }
     if (!counted) t = -1;  // no target element in the gradient
-    if (kVec && t >= head && t < tail) {
-      t_vec = static_cast<int64_t>(static_cast<uint64_t>(t - head) / kN);
-      t_j = static_cast<int>(static_cast<uint64_t>(t - head) % kN);
-    }
 
     if (kMode != Mode::Backward) {
       need_sum = p.prob_target || (counted && eps > 0);
@@ -551,12 +555,6 @@ class SoftmaxRow {
       if (kLoop == Loop::Generic) s[j] = tf.apply(s[j]);
       out[j] = element<kLoop>(s[j], c0 + j);
     }
-    if (kGrad && v == t_vec) {
-#pragma unroll
-      for (int j = 0; j < kN; ++j) {
-        if (j == t_j) out[j] = target_element<kLoop>(s[j]);
-      }
-    }
     if (!kGrad) return;
     if (grad_vec) {
       V::store_streaming(gxv + v * kN, V::pack(out));
@@ -573,11 +571,25 @@ class SoftmaxRow {
       if (tail + lane < C) scalar_element<kLoop>(tail + lane, load_scalar(tail + lane));
       const T* xv = x + head;
       T* gxv = kGrad && grad_vec ? gx + head : nullptr;
-      // Uncached vectors, last-read first (most likely still in L2).
+      // Uncached vectors, last-read first (most likely still in L2): whole batches (every
+      // vector uncached) without per-vector range tests, then at most one partial batch.
       if (nvec > lane) {
         const int64_t last = lane + ((nvec - 1 - lane) / gsize) * gsize;
         const int64_t step = static_cast<int64_t>(gsize) * kU2;
-        for (int64_t v0 = last; v0 >= cache_n; v0 -= step) {
+        const int64_t whole_end = cache_n + static_cast<int64_t>(kU2 - 1) * gsize;
+        int64_t v0 = last;
+        for (; v0 >= whole_end; v0 -= step) {
+          uint4 raw[kU2];
+#pragma unroll
+          for (int u = 0; u < kU2; ++u) {
+            raw[u] = V::load_last(xv + (v0 - static_cast<int64_t>(u) * gsize) * kN);
+          }
+#pragma unroll
+          for (int u = 0; u < kU2; ++u) {
+            vector_element<kLoop>(raw[u], v0 - static_cast<int64_t>(u) * gsize, gxv);
+          }
+        }
+        if (v0 >= cache_n) {
           uint4 raw[kU2];
 #pragma unroll
           for (int u = 0; u < kU2; ++u) {
@@ -591,12 +603,16 @@ class SoftmaxRow {
           }
         }
       }
-      // Cached vectors: this thread wrote exactly these slots in pass 1.
-      const int64_t step = grp.cache_step();
-      int64_t slot = grp.cache_slot(lane);
-      for (int64_t v = lane; v < cache_n; v += gsize, slot += step) {
-        vector_element<kLoop>(cache[slot], v, gxv);
+      // Cached vectors: this thread wrote exactly these slots in pass 1 (the backward has
+      // no pass 1, hence no cache and no loop for one).
+      if constexpr (kMode != Mode::Backward) {
+        const int64_t step = grp.cache_step();
+        int64_t slot = grp.cache_slot(lane);
+        for (int64_t v = lane; v < cache_n; v += gsize, slot += step) {
+          vector_element<kLoop>(cache[slot], v, gxv);
+        }
       }
+      if (owns_t) write_target<kLoop>();
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
@@ -613,6 +629,15 @@ class SoftmaxRow {
         }
       }
     }
+  }
+
+  // The target element of a vector row, stored over the plain gradient its vector got, so
+  // that the vector loops carry no per-vector test for it (in sm_90a SASS that test, and
+  // the register copies its branch forced, took up to 14 of ~50 instructions per vector).
+  // This thread stored that vector, so this store lands last; same formula, same bits.
+  template <Loop kLoop>
+  __device__ __forceinline__ void write_target() {
+    gx[t * gsc] = from_acc<T>(target_element<kLoop>(s_t));
   }
 
   __device__ __forceinline__ void write_zero_row() {
