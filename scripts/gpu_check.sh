@@ -279,7 +279,8 @@ EOF
   run_stage profile "$LOGS/profile.log" "$(stage_limit "${GPU_CHECK_PROFILE_S:-90}" 10)" \
     "$NCU" --clock-control none --kernel-name regex:softmax_loss_kernel --launch-skip 1 \
     --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" "$TMPD/profile_ce.py"
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section InstructionStats \
+    "$PY" "$TMPD/profile_ce.py"
   # The fused kernel again under a launch tuning (default: thread block clusters of 8, not
   # yet profiled; GPU_CHECK_PROFILE_TUNING="" skips it).
   profile_tuning="${GPU_CHECK_PROFILE_TUNING-cluster_blocks=8}"
@@ -288,18 +289,21 @@ EOF
       "$LOGS/profile_tuned.log" "$(stage_limit "${GPU_CHECK_PROFILE_S:-60}" 10)" \
       "$NCU" --clock-control none --kernel-name regex:softmax_loss_kernel --launch-skip 1 \
       --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" "$TMPD/profile_ce.py"
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section InstructionStats \
+      "$PY" "$TMPD/profile_ce.py"
   fi
 elif want profile; then
   note "ncu not found: profile skipped"
 fi
 
 # ---- optional: the benchmark under each launch tuning ---------------------------------------
-# The defaults; thread block clusters of 8, 4, 16 blocks, 8 with a 32 KiB prefetch of the
-# next row, and 2 (never measured yet, so first); then a block per row with a 64 KiB
-# prefetch, and two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
-# re-read from L2).
-DEFAULT_SWEEP="|cluster_blocks=8|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
+# The defaults; thread block clusters of 8 blocks; a block per row that asks L2 for its
+# whole next row (256 KiB: a 128256-class bf16 row) while it writes this row's gradient, so
+# DRAM reads go on during the gradient pass (132 rows in flight: ~33 MB of a 50 MB L2);
+# clusters of 4, 16, 8 with a 32 KiB prefetch, and 2 (never measured yet, so first); then a
+# block per row with a 64 KiB prefetch, and two 256-thread blocks per SM (each caching
+# 108 KiB of its row, the rest re-read from L2).
+DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
