@@ -605,10 +605,14 @@ class SoftmaxRow {
       }
       // Cached vectors: this thread wrote exactly these slots in pass 1 (the backward has
       // no pass 1, hence no cache and no loop for one).
+      // 32-bit indices: a cache covers fewer vectors than shared memory has 16-byte slots
+      // in a cluster's blocks (< 2^18), and 64-bit ones cost a third of the loop's
+      // bookkeeping instructions.
       if constexpr (kMode != Mode::Backward) {
-        const int64_t step = grp.cache_step();
-        int64_t slot = grp.cache_slot(lane);
-        for (int64_t v = lane; v < cache_n; v += gsize, slot += step) {
+        const int n = static_cast<int>(cache_n);
+        const int step = static_cast<int>(grp.cache_step());
+        int slot = static_cast<int>(grp.cache_slot(lane));
+        for (int v = lane; v < n; v += gsize, slot += step) {
           vector_element<kLoop>(cache[slot], v, gxv);
         }
       }
