@@ -10,7 +10,8 @@
 // load and keeps what it loaded in pass 1 in its own slots of a shared-memory row cache, so
 // pass 2 reads those from shared memory instead of global memory: the logits come from
 // DRAM once. Whatever does not fit is re-read from global memory, last-read first, while it
-// is most likely still in L2.
+// is most likely still in L2. Pass 2's vector loops write every element as a non-target
+// one; the thread that wrote the target's vector then rewrites that one element.
 #pragma once
 
 #include <assert.h>  // declares __assert_fail for device code too
