@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA sources on a machine without a GPU (CI): every csrc/cuda/*.cu,
 # and csrc/ops.cpp with TLF_WITH_CUDA, compiled with the flags setup.py's CUDA build uses,
-# against the headers of the CUDA build of torch, for sm_80 and sm_90a. Any compile error
-# fails the script. Nothing is linked or run.
+# against the headers of the CUDA build of torch, for sm_80, sm_90a and the Blackwell
+# architectures of setup.py's default list (sm_100, sm_120). Any compile error fails the
+# script. Nothing is linked or run.
 #
 # Needs nvcc, python3 (with python3-config) and a C++ compiler, and either network
 # to PyPI or the wheel already in the cache directory.
 #   TLF_CUDA_CHECK_CACHE  cache directory (default ~/.cache/torchloss_fused/cuda-check)
-#   TLF_CUDA_CHECK_ARCHS  space-separated compute capabilities (default "80 90a")
+#   TLF_CUDA_CHECK_ARCHS  space-separated compute capabilities (default "80 90a 100 120")
 #   TLF_TORCH_VERSION     torch version whose CUDA wheel provides the headers (2.13.0)
 #   TLF_PTXAS_LOG_DIR     if set, the per-file nvcc/ptxas logs (registers, spills) go there
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${TLF_CUDA_CHECK_CACHE:-${HOME:-/tmp}/.cache/torchloss_fused/cuda-check}"
-ARCHS="${TLF_CUDA_CHECK_ARCHS:-80 90a}"
+ARCHS="${TLF_CUDA_CHECK_ARCHS:-80 90a 100 120}"
 TORCH_VERSION="${TLF_TORCH_VERSION:-2.13.0}"
 JOBS="$(nproc 2>/dev/null || echo 2)"
 start=$SECONDS
