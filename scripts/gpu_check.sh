@@ -18,8 +18,9 @@
 # arguments, word-split) narrows the rest, e.g. to the files a previous run found failing;
 # GPU_CHECK_MEMCHECK_S / GPU_CHECK_RACECHECK_S cap the sanitizer's two runs.
 # A prebuilt extension (torchloss_fused/_C.cpython-<this python>-*.so, built elsewhere
-# against the same torch by scripts/prebuild_for_gpu.sh and carried along) saves the
-# build's minutes of device time: when it loads with its CUDA kernels, the tests run on it
+# against the same torch by scripts/prebuild_for_gpu.sh and carried along with
+# torchloss_fused/_C.sources, the hash of its sources) saves the build's minutes of device
+# time: when its sources are this tree's and it loads with its CUDA kernels, the tests run on it
 # at once and the build from source still runs, in a copy of the tree, beside the tests
 # (that it builds offline there is part of the check); its result is reported before the
 # benchmark.
@@ -109,6 +110,19 @@ cuda_loads() {
 sys.exit(t.backend_info("cuda")["implementation"] != "cuda")') >/dev/null 2>&1
 }
 BG_BUILD_PID=""
+# A prebuilt extension from other sources (torchloss_fused/_C.sources, written by
+# prebuild_for_gpu.sh, missing or another hash) would test and time stale kernels: it is
+# moved aside and the build runs first.
+py_tag="$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')"
+so_prebuilt="$(ls torchloss_fused/_C.cpython-"$py_tag"-*.so 2>/dev/null | head -n 1 || true)"
+if [[ -n "$so_prebuilt" ]]; then
+  want_sources="$(scripts/source_hash.sh)"
+  have_sources="$(cat torchloss_fused/_C.sources 2>/dev/null || echo none)"
+  if [[ "$have_sources" != "$want_sources" ]]; then
+    note "stale prebuilt $so_prebuilt (sources $have_sources, this tree $want_sources): unused"
+    mv "$so_prebuilt" "$TMPD/stale-$(basename "$so_prebuilt")"
+  fi
+fi
 if want build && cuda_loads "$ROOT"; then
   note "prebuilt extension loads with its CUDA kernels: tests start on it; building from source beside them"
   BG_SRC="$TMPD/src"
@@ -123,6 +137,10 @@ elif want build && ! run_stage build "$LOGS/build.log" "$(stage_limit 270 270)" 
   note "build failed: see build.log"
   tar czf "$OUT/bundle.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   exit 1
+fi
+# Built here in place: a later call on the same machine may use it as it is.
+if want build && [[ -z "$BG_BUILD_PID" ]]; then
+  scripts/source_hash.sh >torchloss_fused/_C.sources
 fi
 
 "$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"

@@ -2,8 +2,10 @@
 # Builds the extension here (no GPU needed) for a lent GPU machine's Python and torch, so
 # that scripts/gpu_check.sh can test on it at once instead of spending device minutes on
 # the build: torchloss_fused/_C.cpython-<py>-x86_64-linux-gnu.so, CUDA kernels included.
-# Carry that file to the machine (device run's `carry`); gpu_check.sh still builds from
-# source beside the tests and reports whether that build loads.
+# Carry that file and torchloss_fused/_C.sources (the hash of the sources it was built
+# from) to the machine (device run's `carry`); gpu_check.sh uses it only if the hash
+# matches the tree there, and still builds from source beside the tests and reports
+# whether that build loads.
 #
 #   scripts/prebuild_for_gpu.sh            # Python 3.12, torch 2.11.0, sm_90a (the H200 image)
 #   TLF_GPU_PYTHON=python3.12 TLF_GPU_TORCH=2.11.0 TLF_GPU_ARCH=9.0a scripts/prebuild_for_gpu.sh
@@ -46,7 +48,10 @@ if [[ ! -f "$VENV/.complete" ]]; then
 fi
 log "$("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')"
 
-# A copy of the tracked tree: the checkout's own in-place build stays as it is.
+# A copy of the tracked tree: the checkout's own in-place build stays as it is. The hash of
+# its sources goes beside the .so (torchloss_fused/_C.sources): gpu_check.sh builds from
+# source instead when the tree it runs in has other sources.
+SOURCES="$("$ROOT/scripts/source_hash.sh")"
 SRC="$(mktemp -d)"
 trap 'rm -rf "$SRC"' EXIT
 (cd "$ROOT" && git ls-files -z | xargs -0 cp --parents -t "$SRC")
@@ -60,4 +65,6 @@ info = t.backend_info("cuda")
 assert info["implementation"] == "cuda", info')
 so="$(cd "$SRC" && ls torchloss_fused/_C.cpython-*.so)"
 cp "$SRC/$so" "$ROOT/$so"
-log "built in $((SECONDS - start)) s: $so (carry it with the device run)"
+echo "$SOURCES" >"$ROOT/torchloss_fused/_C.sources"
+log "built in $((SECONDS - start)) s: $so, sources $SOURCES (carry both it and"
+log "torchloss_fused/_C.sources with the device run)"
