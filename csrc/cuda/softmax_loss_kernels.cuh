@@ -397,8 +397,13 @@ class SoftmaxRow {
     const T* xv = x + head;
     const int64_t step = static_cast<int64_t>(gsize) * kU;
     const int64_t whole_end = nvec - static_cast<int64_t>(kU - 1) * gsize;
+    // A batch's vectors all have cache slots while v0 < cached_end; the slots of the
+    // batch at v0 start at `slot`, which moves kU cache steps per batch.
+    const int64_t cached_end = cache_n - static_cast<int64_t>(kU - 1) * gsize;
+    const int cstep = static_cast<int>(grp.cache_step());
+    uint4* slot = cache + grp.cache_slot(lane);
     int64_t v0 = lane;
-    for (; v0 < whole_end; v0 += step) {
+    for (; v0 < whole_end; v0 += step, slot += kU * cstep) {
       uint4 raw[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -409,7 +414,7 @@ class SoftmaxRow {
       // (always true: s is a sum of exponentials, or NaN). On a condition known earlier,
       // ptxas moves each store up after its own load, where it waits for that load before
       // the next load can issue.
-      if (!(st.s < acc_t(0))) cache_batch(raw, v0);
+      if (!(st.s < acc_t(0))) cache_batch(raw, v0, slot, cstep, v0 < cached_end);
       if (live) {
         // In base 2 (device_math.cuh's exp2_shifted), as pass 2's plain loop: one fma and
         // one ex2 per value. A row whose maximum is infinite, NaN or beyond about 2.4e38
@@ -432,11 +437,11 @@ class SoftmaxRow {
   }
 
   // Stores a whole batch's vectors v0 + u * gsize in their cache slots, where they have one
-  // (vector v0 + u * gsize is cache_step() slots after v0's, for every group).
-  __device__ __forceinline__ void cache_batch(const uint4 (&raw)[kU], int64_t v0) {
-    uint4* slot = cache + grp.cache_slot(v0);
-    const int64_t step = grp.cache_step();
-    if (v0 + static_cast<int64_t>(kU - 1) * gsize < cache_n) {  // all (most batches)
+  // (vector v0 + u * gsize is `step` = cache_step() slots after v0's, for every group; v0's
+  // is `slot`; `all`: every vector of the batch has one).
+  __device__ __forceinline__ void cache_batch(const uint4 (&raw)[kU], int64_t v0, uint4* slot,
+                                              int step, bool all) {
+    if (all) {  // most batches
 #pragma unroll
       for (int u = 0; u < kU; ++u) slot[u * step] = raw[u];
     } else {
