@@ -203,13 +203,16 @@ void give_back(void* ctx) {
   delete b;
 }
 
-// The storage allocator of cached tensors, so that resizing one (Tensor.resize_) takes
-// memory the same way.
+// The storage allocator of host_empty's tensors (so that resizing one, Tensor.resize_,
+// takes memory the same way): large blocks from the cache, the rest (and everything while
+// the cache is off) from PyTorch's CPU allocator, advised onto huge pages when large.
 class HostCacheAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
     if (n < kHostCacheMinBytes || cache().limit() == 0) {
-      return c10::GetCPUAllocator()->allocate(n);
+      c10::DataPtr p = c10::GetCPUAllocator()->allocate(n);
+      advise_huge_pages(p.get(), n);
+      return p;
     }
     const size_t bytes = (n + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
     auto* b = new Block(cache().take(bytes));
@@ -225,14 +228,6 @@ HostCacheAllocator g_allocator;
 }  // namespace
 
 at::Tensor host_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-  if (bytes < kHostCacheMinBytes || cache().limit() == 0) {
-    at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
-    advise_huge_pages(t.data_ptr(), t.nbytes());
-    return t;
-  }
   return at::Tensor(at::detail::empty_generic(
       sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt));
 }

@@ -64,6 +64,15 @@ bool grad_vector_ok(const SoftmaxLossParams& p, bool with_grad) {
   return true;
 }
 
+// 16-byte row-cache slots one block may hold: what the device grants past the reductions'
+// static shared memory, within tuning.h's cap.
+inline int64_t row_cache_budget(const DeviceProps& props, const BlockRowTuning& tune) {
+  const auto reserve = static_cast<int64_t>(kSmemReserve);
+  int64_t budget = (static_cast<int64_t>(props.smem_optin) - reserve) / 16;
+  if (tune.row_cache_bytes >= 0) budget = std::min(budget, tune.row_cache_bytes / 16);
+  return std::max<int64_t>(budget, 0);
+}
+
 template <typename T, Mode kMode, class G, bool kVec>
 cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_block,
                         int64_t cache_vecs, bool grad_vec, cudaStream_t stream,
@@ -103,10 +112,9 @@ cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props
   const int64_t rows = p.in.B * p.in.D;
   int64_t cache = 0;
   if (two_pass) {
-    const int64_t per_thread = ceil_div(ceil_div(p.in.C, Vec16<T>::kVec), int64_t{cluster} * kThreads);
-    int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
-    if (tune.row_cache_bytes >= 0) budget = std::min(budget, tune.row_cache_bytes / 16);
-    cache = std::min(per_thread, std::max<int64_t>(budget, 0) / kThreads) * kThreads;
+    const int64_t per_thread =
+        ceil_div(ceil_div(p.in.C, Vec16<T>::kVec), int64_t{cluster} * kThreads);
+    cache = std::min(per_thread, row_cache_budget(props, tune) / kThreads) * kThreads;
   }
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -192,9 +200,7 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
     if (vec) {
       int64_t cache = 0;
       if (two_pass) {
-        int64_t budget = (static_cast<int64_t>(props.smem_optin) - kSmemReserve) / 16;
-        if (tune.row_cache_bytes >= 0) budget = std::min(budget, tune.row_cache_bytes / 16);
-        cache = std::min<int64_t>(ceil_div(C, kN), std::max<int64_t>(budget, 0));
+        cache = std::min<int64_t>(ceil_div(C, kN), row_cache_budget(props, tune));
       }
       return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, gvec, stream,
                                                      tune.prefetch_bytes);
