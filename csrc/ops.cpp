@@ -46,24 +46,27 @@ PyObject* openmp(PyObject*, PyObject*) {
 #endif
 }
 
-// _C.set_cuda_tuning(max_threads, row_cache_bytes, prefetch_bytes, cluster_blocks) and
-// _C.cuda_tuning():
+// _C.set_cuda_tuning(max_threads, row_cache_bytes, prefetch_bytes, cluster_blocks,
+// bulk_load) and _C.cuda_tuning() (the same five, as a tuple):
 // the block-per-row launch settings (csrc/cuda/tuning.h); torchloss_fused/_cuda_tuning.py
 // validates them first. RuntimeError in a build without CUDA kernels.
 PyObject* set_cuda_tuning(PyObject*, PyObject* args) {
-  int threads = 0, cluster = 0;
+  int threads = 0, cluster = 0, bulk = 0;
   long long cache = 0, prefetch = 0;
-  if (!PyArg_ParseTuple(args, "iLLi", &threads, &cache, &prefetch, &cluster)) return nullptr;
+  if (!PyArg_ParseTuple(args, "iLLii", &threads, &cache, &prefetch, &cluster, &bulk)) {
+    return nullptr;
+  }
 #if defined(TLF_WITH_CUDA)
   tlf::cuda::BlockRowTuning t;
   t.max_threads = threads;
   t.row_cache_bytes = cache;
   t.prefetch_bytes = prefetch;
   t.cluster_blocks = cluster;
+  t.bulk_load = bulk;
   if (!tlf::cuda::set_block_row_tuning(t)) {
     PyErr_SetString(PyExc_ValueError,
                     "cuda tuning: max_threads must be 128, 256 or 512, row_cache_bytes >= -1, "
-                    "prefetch_bytes >= 0 and cluster_blocks 0, 2, 4, 8 or 16");
+                    "prefetch_bytes >= 0, cluster_blocks 0, 2, 4, 8 or 16 and bulk_load 0 or 1");
     return nullptr;
   }
   Py_RETURN_NONE;
@@ -76,8 +79,9 @@ PyObject* set_cuda_tuning(PyObject*, PyObject* args) {
 PyObject* cuda_tuning(PyObject*, PyObject*) {
 #if defined(TLF_WITH_CUDA)
   const tlf::cuda::BlockRowTuning t = tlf::cuda::block_row_tuning();
-  return Py_BuildValue("(iLLi)", t.max_threads, static_cast<long long>(t.row_cache_bytes),
-                       static_cast<long long>(t.prefetch_bytes), t.cluster_blocks);
+  return Py_BuildValue("(iLLii)", t.max_threads, static_cast<long long>(t.row_cache_bytes),
+                       static_cast<long long>(t.prefetch_bytes), t.cluster_blocks,
+                       t.bulk_load);
 #else
   PyErr_SetString(PyExc_RuntimeError, "this build has no CUDA kernels to tune");
   return nullptr;
@@ -152,7 +156,7 @@ PyMethodDef methods[] = {
     {"openmp", openmp, METH_NOARGS, "Whether the CPU kernels run on OpenMP threads."},
     {"set_cuda_tuning", set_cuda_tuning, METH_VARARGS,
      "Set the block-per-row CUDA launch settings (max_threads, row_cache_bytes, "
-     "prefetch_bytes)."},
+     "prefetch_bytes, cluster_blocks, bulk_load)."},
     {"cuda_tuning", cuda_tuning, METH_NOARGS, "The block-per-row CUDA launch settings."},
     {"advise_huge_pages", advise_huge_pages, METH_VARARGS,
      "Ask for transparent huge pages on a large CPU buffer (address, nbytes) before first "

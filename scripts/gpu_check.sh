@@ -318,10 +318,12 @@ fi
 # The defaults; thread block clusters of 8 blocks; a block per row that asks L2 for its
 # whole next row (256 KiB: a 128256-class bf16 row) while it writes this row's gradient, so
 # DRAM reads go on during the gradient pass (132 rows in flight: ~33 MB of a 50 MB L2);
-# clusters of 4, 16, 8 with a 32 KiB prefetch, and 2 (never measured yet, so first); then a
-# block per row with a 64 KiB prefetch, and two 256-thread blocks per SM (each caching
-# 108 KiB of its row, the rest re-read from L2).
-DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
+# a block per row whose first pass has the bulk-copy engine fill its row cache (bulk_load,
+# sm_90 and newer), alone and with that prefetch; clusters of 4, 16, 8 with a 32 KiB
+# prefetch, and 2 (never measured yet, so first); then a block per row with a 64 KiB
+# prefetch, and two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
+# re-read from L2).
+DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|bulk_load=1|bulk_load=1,prefetch_kib=256|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"

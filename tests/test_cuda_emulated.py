@@ -442,10 +442,11 @@ class SoftmaxConfig:
     vec: bool = False
     cache: str = "none"  # row cache: none, part, full
     prefetch: int = 0  # direct: bytes of the next row to prefetch into L2
+    bulk: bool = False  # direct, group 2, vec: pass 1's row cache filled by bulk copies
     cluster: int = 1  # direct, group 3: blocks per cluster
     # auto: the launcher's BlockRowTuning (max threads, row-cache cap bytes, prefetch bytes,
-    # cluster blocks)
-    tuning: tuple[int, int, int, int] | None = None
+    # cluster blocks, bulk load)
+    tuning: tuple[int, int, int, int, int] | None = None
     grid: int = 2
     B: int = 5
     device: int = 0
@@ -458,7 +459,8 @@ class SoftmaxConfig:
                  f"group={['thread', 'warp', 'block', 'cluster'][self.group]} "
                  f"threads={self.threads} vec={int(self.vec)} cache={self.cache} "
                  f"prefetch={self.prefetch} grid={self.grid}"
-                 + (f" cluster={self.cluster}" if self.group == 3 else ""))
+                 + (f" cluster={self.cluster}" if self.group == 3 else "")
+                 + (" bulk=1" if self.bulk else ""))
         return (f"{str(self.dtype)[6:]} B={self.B} C={self.C} {self.layout} {shape} "
                 f"opts={self.opts}" + (f" fastmath={self.fastmath}" if self.fastmath else ""))
 
@@ -551,7 +553,7 @@ class SoftmaxScenario:
               "fastmath": cfg.fastmath, "launch": cfg.launch}
         if cfg.launch == "direct":
             kv.update(group=cfg.group, vec=int(cfg.vec), grid=cfg.grid, threads=cfg.threads,
-                      cache=self._cache_slots(), prefetch=cfg.prefetch)
+                      cache=self._cache_slots(), prefetch=cfg.prefetch, bulk=int(cfg.bulk))
             if cfg.group == 3:
                 kv["cluster"] = cfg.cluster
         elif cfg.tuning is not None:
@@ -615,6 +617,15 @@ class SoftmaxScenario:
         # Warps run ahead of each other (greedy), blocks in reverse: a missing barrier shows.
         self.sched = fused("sched", schedule=(2 + self.seed % 2, 1)) \
             if cfg.schedule_check and self.fused is not None else None
+        # Bulk copies change where pass 1 reads the cached vectors from, not what it sums or
+        # in what order: the plain kernel's bits.
+        self.plain = None
+        if cfg.bulk:
+            self.plain = b.output(rows, self.acc), b.output(rows, self.acc)
+            b.case(f"{sid}.plainfwd", mode=0, loss=self.plain[0].arg(),
+                   lse=self.plain[1].arg(), **dict(kv, bulk=0))
+            if self.fused is not None:
+                self.plain += fused("plain", bulk=0)
         # Focal loss with gamma = 0 and no alpha is cross-entropy, bitwise (DESIGN.md §4).
         o = cfg.opts
         self.as_ce = None
@@ -675,6 +686,10 @@ class SoftmaxScenario:
             if self.sched is not None and not all(
                     bitwise(b.get(r), v) for r, v in zip(self.sched, (fl, fs, fg))):
                 add("schedule", "fused results depend on the thread/block order")
+        if self.plain is not None:
+            mine = (fwd_loss, fwd_lse) + ((fl, fs, fg) if self.fused is not None else ())
+            if not all(bitwise(b.get(r), v) for r, v in zip(self.plain, mine)):
+                add("bitwise", "bulk-copy kernel != plain kernel")
         for what, ours, ref, dtype in compared:
             m = mismatch(ours, ref, dtype, what)
             if m:
@@ -869,11 +884,24 @@ class SigmoidScenario:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
+def dealer(rnd: random.Random):
+    """A function that deals OPTIONS in turn, from a fresh shuffled deck each time the last
+    one is spent: every option comes up, in an order the seed fixes."""
+    deck: list = []
+
+    def deal() -> dict:
+        if not deck:
+            deck.extend(OPTIONS)
+            rnd.shuffle(deck)
+        return deck.pop()
+    return deal
+
+
 def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
     """Every dtype x group shape x vector/scalar x layout twice, with the options dealt out
     in turn (each dtype sees them all) and the other axes drawn."""
     out = []
-    opts = []
+    deal = dealer(rnd)
     for dtype in DTYPES:
         for _, group, threads in GROUPS:
             for layout in LAYOUTS:
@@ -881,12 +909,10 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
                 for vec in (False, True) * 2:
                     if vec and (strided or dtype == torch.float64 or group == 0):
                         continue
-                    if not opts:
-                        opts = OPTIONS[:]
-                        rnd.shuffle(opts)
+                    o = deal()
                     C = rnd.choice([1, 3, 33, 100, 257, 1000, 2049] if group else [1, 3, 33, 100])
                     out.append(SoftmaxConfig(
-                        dtype, C, layout, opts.pop(), group=group, threads=threads, vec=vec,
+                        dtype, C, layout, o, group=group, threads=threads, vec=vec,
                         cache=rnd.choice(["none", "part", "full"]), grid=rnd.choice([1, 2]),
                         # a thread per row: enough rows for the grid to loop
                         B=rnd.choice([5, 70]) if group == 0 else 5,
@@ -907,16 +933,13 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
     # or 64 threads, clusters of 2 or 4, one or two clusters, a row cache of one slot per
     # thread (part of the row), the whole share or none; whole batches where the row is long.
     # Every option at least once: a fresh deal of them.
-    cluster_opts = OPTIONS[:]
-    rnd.shuffle(cluster_opts)
+    deal = dealer(rnd)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for threads, cluster in ((32, 2), (64, 2), (32, 4)):
             for layout in ("contig", "mis1", "padded"):
-                if not cluster_opts:
-                    cluster_opts = OPTIONS[:]
-                    rnd.shuffle(cluster_opts)
+                o = deal()
                 out.append(SoftmaxConfig(
-                    dtype, rnd.choice([1000, 3079, 5003]), layout, cluster_opts.pop(), group=3,
+                    dtype, rnd.choice([1000, 3079, 5003]), layout, o, group=3,
                     threads=threads, vec=True, cluster=cluster,
                     cache=rnd.choice(["none", "part", "full"]),
                     grid=cluster * rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
@@ -937,17 +960,48 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
     # row cache, the next row's prefetch.
     # Clusters (cluster_blocks): on the sm_90-like devices 0 and 2 (which grants less shared
     # memory than it reports: the cache shrinks), a block per row on the sm_86-like device 1.
+    # Bulk loads (bulk_load): a block per row with the bulk-copy kernel for the forward and
+    # fused launches on the sm_90-like devices 0 and 2, not on device 1; clusters, where they
+    # apply, take precedence.
     for dtype, C, layout, device, tuning in [
-            (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048, 0)),
-            (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20, 0)),
-            (torch.float16, 40000, "padded", 1, (512, 1 << 30, 300, 0)),
-            (torch.bfloat16, 9000, "mis1", 0, (512, -1, 0, 2)),
-            (torch.float32, 20000, "padded", 2, (512, -1, 256, 4)),
-            (torch.float16, 40000, "contig", 0, (512, 8192, 0, 8)),
-            (torch.bfloat16, 20000, "contig", 1, (256, -1, 0, 2))]:
+            (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048, 0, 0)),
+            (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20, 0, 0)),
+            (torch.float16, 40000, "padded", 1, (512, 1 << 30, 300, 0, 0)),
+            (torch.bfloat16, 9000, "mis1", 0, (512, -1, 0, 2, 0)),
+            (torch.float32, 20000, "padded", 2, (512, -1, 256, 4, 0)),
+            (torch.float16, 40000, "contig", 0, (512, 8192, 0, 8, 0)),
+            (torch.bfloat16, 20000, "contig", 1, (256, -1, 0, 2, 0)),
+            (torch.bfloat16, 50000, "mis1", 2, (512, -1, 0, 0, 1)),
+            (torch.float32, 20000, "padded", 0, (256, 4096, 2048, 0, 1)),
+            (torch.float16, 40000, "contig", 1, (512, -1, 0, 0, 1)),
+            (torch.bfloat16, 9000, "contig", 0, (512, -1, 0, 2, 1))]:
         for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0}, {}):
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=4, device=device,
                                      tuning=tuning))
+    out += bulk_configs()
+    return out
+
+
+def bulk_configs() -> list[SoftmaxConfig]:
+    """A block per row whose pass 1 finds its row cache filled by bulk copies (csrc/cuda/
+    bulk_copy.cuh), launched directly: blocks of 32 or 64 threads, so that a cache of a few
+    hundred slots spans several chunks; a cache over part of the row, all of it or none;
+    one block taking every row (the barriers' phases alternate, the cache is refilled) or
+    two; every option (transform and probability-target rows take the vector-by-vector
+    pass 1). Its own random stream, so the sample before it is unchanged."""
+    rnd = random.Random(20261205)
+    out = []
+    deal = dealer(rnd)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for threads in (32, 64):
+            for layout in ("contig", "mis1", "padded", "sliced"):
+                o = deal()
+                out.append(SoftmaxConfig(
+                    dtype, rnd.choice([1000, 3079, 5003]), layout, o, group=2,
+                    threads=threads, vec=True, bulk=True,
+                    cache=rnd.choice(["part", "part", "full", "full", "none"]),
+                    grid=rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
+                    prefetch=rnd.choice([0, 200])))
     return out
 
 
@@ -1150,11 +1204,12 @@ def test_sample_covers_the_kernels(emulated):
     for ctype in ("float", "double", "__nv_bfloat16", "__half"):
         shapes = ["ThreadGroup, false", "WarpGroup, false", "BlockGroup, false"]
         if ctype != "double":
-            shapes += ["WarpGroup, true", "BlockGroup, true", "ClusterGroup, true"]
+            shapes += ["WarpGroup, true", "BlockGroup, true, false", "ClusterGroup, true"]
         for mode in (0, 1, 2):
-            for shape in shapes:
+            for shape in shapes + (["BlockGroup, true, true"]
+                                   if ctype != "double" and mode != 1 else []):
                 missing.append(f"softmax_loss_kernel<{ctype}, (tlf::Mode){mode}, "
-                               f"tlf::cuda::{shape}>")
+                               f"tlf::cuda::{shape}")
         for k in ("sigmoid_focal_kernel", "sigmoid_focal_sum_kernel", "rescale_grad_rows_kernel"):
             missing.append(f"{k}<{ctype},")
     missing = [m for m in missing if not any(m in name for name in ran)]
@@ -1162,9 +1217,11 @@ def test_sample_covers_the_kernels(emulated):
     auto = [s for s in scenarios if isinstance(s, SoftmaxScenario) and s.cfg.launch == "auto"]
     picked = {m.group(1) for s in auto for cid, lns in launches.items()
               if cid.startswith(s.sid + ".") for ln in lns
-              for m in [re.search(r"tlf::cuda::(\w+Group, \w+)>", ln[4])] if m}
-    assert picked >= {"ThreadGroup, false", "WarpGroup, false", "WarpGroup, true",
-                      "BlockGroup, false", "BlockGroup, true", "ClusterGroup, true"}, picked
+              for m in [re.search(r"tlf::cuda::(\w+Group, \w+(?:, \w+)?)>", ln[4])] if m}
+    assert picked >= {"ThreadGroup, false, false", "WarpGroup, false, false",
+                      "WarpGroup, true, false", "BlockGroup, false, false",
+                      "BlockGroup, true, false", "BlockGroup, true, true",
+                      "ClusterGroup, true, false"}, picked
     blocks = {ln[1] for lns in launches.values() for ln in lns if "BlockGroup" in ln[4]}
     assert {128, 256, 512} <= blocks, f"block-per-row sizes run: {sorted(blocks)}"
     shrunk = [ln for s in auto if s.cfg.device == 2 for cid, lns in launches.items()
@@ -1178,16 +1235,18 @@ def test_launcher_follows_tuning(emulated):
     rows are long enough not to halve it) and keep the row cache within its cap; with
     cluster_blocks, on an sm_90-like device every launch is a cluster of that many blocks of
     128 threads (a whole number of clusters, each block's cache within the cap), and on the
-    sm_86-like device a block per row. The values are checked with the other softmax cases,
-    against the reference."""
+    sm_86-like device a block per row; with bulk_load (and no cluster), on an sm_90-like device
+    the forward and fused launches take the bulk-copy kernel, with a row cache, and the
+    backward the plain one, and on the sm_86-like device every launch the plain one. The
+    values are checked with the other softmax cases, against the reference."""
     _assert_none(emulated)
     launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
     tuned = [s for s in emulated.scenarios
              if isinstance(s, SoftmaxScenario) and s.cfg.tuning is not None]
-    assert len(tuned) == 21
-    clustered = 0
+    assert len(tuned) == 33
+    clustered = bulk = 0
     for s in tuned:
-        threads, cap, _, cluster = s.cfg.tuning
+        threads, cap, _, cluster, bulk_load = s.cfg.tuning
         cap = cap if cap >= 0 else 1 << 62
         mine = [ln for cid, lns in launches.items() if cid.startswith(s.sid + ".") for ln in lns]
         if cluster and s.cfg.device != 1:
@@ -1201,7 +1260,17 @@ def test_launcher_follows_tuning(emulated):
         assert blocks and len(blocks) == len(mine), (s.cfg.describe(), mine)
         assert {ln[1] for ln in blocks} == {threads}, (s.cfg.describe(), blocks)
         assert all(ln[2] <= cap for ln in blocks), (s.cfg.describe(), blocks)
-    assert clustered == 9
+        if shape == "BlockGroup, true":
+            for cid, lns in launches.items():
+                if not cid.startswith(s.sid + "."):
+                    continue
+                want = (bulk_load and s.cfg.device != 1
+                        and cid.split(".")[1] in ("fwd", "fused", "sched", "ce"))
+                bulk += bool(want)
+                assert all(f"BlockGroup, true, {str(bool(want)).lower()}>" in ln[4]
+                           and (ln[2] > 0 or not want) for ln in lns), (cid, lns)
+    assert clustered == 12
+    assert bulk >= 12
 
 
 def main(argv: list[str]) -> int:

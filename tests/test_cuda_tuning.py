@@ -2,8 +2,8 @@
 csrc/cuda/tuning.h): parsing and its errors everywhere; on a build with CUDA kernels the
 round trip through _C; on a GPU, results under each setting (the emulator checks the
 launcher follows them: tests/test_cuda_emulated.py::test_launcher_follows_tuning), and on
-sm_90 and newer the thread block cluster launches in graphs, on side streams and under the
-CUDA-only tests."""
+sm_90 and newer the thread block cluster launches and the bulk loads (bulk_load) in graphs,
+on side streams and under the CUDA-only tests."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ CUDA_BUILD = _C is not None and _C.has_cuda()
     ("row_cache_kib=max", CudaTuning(row_cache_kib=None)),
     ("cluster_blocks=8", CudaTuning(cluster_blocks=8)),
     ("cluster_blocks=0,row_cache_kib=16", CudaTuning(row_cache_kib=16)),
+    ("bulk_load=1", CudaTuning(bulk_load=1)),
+    ("bulk_load=0", CudaTuning()),
+    ("bulk_load=1,prefetch_kib=256", CudaTuning(prefetch_kib=256, bulk_load=1)),
+    ("cluster_blocks=8, bulk_load=1", CudaTuning(cluster_blocks=8, bulk_load=1)),
 ])
 def test_parse(spec, expected):
     assert parse(spec) == expected
@@ -56,6 +60,12 @@ def test_parse(spec, expected):
     ("cluster_blocks=1", "cluster_blocks must be one of"),
     ("cluster_blocks=32", "cluster_blocks must be one of"),
     ("cluster_blocks=max", "cluster_blocks must be one of"),
+    ("bulk_load=2", "bulk_load must be 0 or 1"),
+    ("bulk_load=-1", "bulk_load must be 0 or 1"),
+    ("bulk_load=01", "bulk_load must be 0 or 1"),
+    ("bulk_load=true", "bulk_load must be 0 or 1"),
+    ("bulk_load=on", "bulk_load must be 0 or 1"),
+    ("bulk_load=1,bulk_load=0", "given twice"),
 ])
 def test_parse_rejects(spec, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -64,14 +74,16 @@ def test_parse_rejects(spec, message):
 
 
 @pytest.mark.parametrize("tuning", [CudaTuning(), CudaTuning(256, 108, 32),
-                                    CudaTuning(128, 0, 1024), CudaTuning(512, 8, 0, 16)])
+                                    CudaTuning(128, 0, 1024), CudaTuning(512, 8, 0, 16),
+                                    CudaTuning(bulk_load=1), CudaTuning(256, 64, 256, 0, 1)])
 def test_describe_round_trips_and_c_args(tuning):
     assert parse(tuning.describe()) == tuning
-    threads, cache, prefetch, cluster = tuning.c_args()
+    threads, cache, prefetch, cluster, bulk = tuning.c_args()
     assert threads == tuning.block_threads
     assert cache == (-1 if tuning.row_cache_kib is None else tuning.row_cache_kib * 1024)
     assert prefetch == tuning.prefetch_kib * 1024
     assert cluster == tuning.cluster_blocks
+    assert bulk == tuning.bulk_load
 
 
 def _import_with(spec: str) -> subprocess.CompletedProcess:
@@ -94,7 +106,7 @@ def test_import_applies_a_good_value_where_there_are_cuda_kernels():
     lines = r.stdout.splitlines()
     if tlf.backend_info("cuda")["implementation"] == "cuda":
         assert lines[0] == ("CudaTuning(block_threads=256, row_cache_kib=None, prefetch_kib=16, "
-                            "cluster_blocks=0)")
+                            "cluster_blocks=0, bulk_load=0)")
         assert "launch tuning block_threads=256,row_cache_kib=max,prefetch_kib=16" in lines[1]
     else:  # nothing to tune: the value is checked, then left alone
         assert lines[0] == "None"
@@ -110,7 +122,7 @@ def test_benchmark_records_the_variable(monkeypatch):
                     reason="needs the extension, built without CUDA kernels")
 def test_cpu_build_refuses_to_tune():
     with pytest.raises(RuntimeError, match="no CUDA kernels to tune"):
-        _C.set_cuda_tuning(256, -1, 0, 0)
+        _C.set_cuda_tuning(256, -1, 0, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA kernels to tune"):
         _C.cuda_tuning()
 
@@ -124,11 +136,12 @@ def restore_tuning():
 
 @pytest.mark.skipif(not CUDA_BUILD, reason="needs a build with CUDA kernels")
 def test_c_round_trip_and_validation(restore_tuning):
-    want = CudaTuning(128, 64, 4, 8)
+    want = CudaTuning(128, 64, 4, 8, 1)
     _cuda_tuning.apply(want)
     assert _cuda_tuning.current() == want
     # _C checks too, for callers that skip the parser.
-    for bad in ((384, -1, 0, 0), (256, -2, 0, 0), (256, -1, -1, 0), (256, -1, 0, 3)):
+    for bad in ((384, -1, 0, 0, 0), (256, -2, 0, 0, 0), (256, -1, -1, 0, 0),
+                (256, -1, 0, 3, 0), (256, -1, 0, 0, 2), (256, -1, 0, 0, -1)):
         with pytest.raises(ValueError, match="max_threads must be 128, 256 or 512"):
             _C.set_cuda_tuning(*bad)
     assert _cuda_tuning.current() == want
@@ -138,11 +151,11 @@ def test_c_round_trip_and_validation(restore_tuning):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.05}], ids=["plain", "smooth"])
 def test_results_under_each_tuning(dtype, kw, restore_tuning):
-    """Every setting gives the float64 oracle's loss and gradient; the row cache and the
-    prefetch change no bit (the block size and the cluster size may change the sums'
-    order). The rows are longer than a 100 KiB cache, shorter than the default one; with
-    clusters (sm_90 and newer; elsewhere a block per row), an 8 KiB cap per block caches
-    part of a row."""
+    """Every setting gives the float64 oracle's loss and gradient; the row cache, the
+    prefetch and the bulk loads (sm_90 and newer; elsewhere ignored) change no bit (the
+    block size and the cluster size may change the sums' order). The rows are longer than
+    a 100 KiB cache, shorter than the default one; with clusters (sm_90 and newer;
+    elsewhere a block per row), an 8 KiB cap per block caches part of a row."""
     C = 100003
     x = (torch.randn(6, C, device="cuda", dtype=torch.float64) * 3).to(dtype)
     t = torch.randint(0, C, (6,), device="cuda")
@@ -153,7 +166,9 @@ def test_results_under_each_tuning(dtype, kw, restore_tuning):
                    CudaTuning(512, 0, 1024), CudaTuning(256, None, 16),
                    CudaTuning(cluster_blocks=2), CudaTuning(cluster_blocks=8),
                    CudaTuning(512, 8, 16, 8), CudaTuning(256, 0, 0, 8),
-                   CudaTuning(cluster_blocks=16)):
+                   CudaTuning(cluster_blocks=16), CudaTuning(bulk_load=1),
+                   CudaTuning(256, 100, 0, 0, 1), CudaTuning(128, 0, 64, 0, 1),
+                   CudaTuning(cluster_blocks=8, bulk_load=1)):
         _cuda_tuning.apply(tuning)
         loss, grad = assert_ce_like_oracle(x, t, **kw)
         clustered = tuning.cluster_blocks > 0 and hopper_or_newer
@@ -168,12 +183,17 @@ needs_clusters = pytest.mark.skipif(
 
 
 @needs_clusters
-@pytest.mark.parametrize("cluster", [4, 16])
-def test_clusters_in_graphs_on_side_streams_and_repeated(cluster, restore_tuning):
+@pytest.mark.parametrize("tuning", [CudaTuning(cluster_blocks=4), CudaTuning(cluster_blocks=16),
+                                    CudaTuning(bulk_load=1)],
+                         ids=["cluster_blocks=4", "cluster_blocks=16", "bulk_load=1"])
+def test_clusters_in_graphs_on_side_streams_and_repeated(tuning, restore_tuning):
     """Clusters are launched on the current stream (cudaLaunchKernelEx): a CUDA graph
     captures the fused forward + backward and replays the eager bits, a side stream gives
-    them too, and the fused path agrees bitwise with the separate forward and backward."""
-    _cuda_tuning.apply(CudaTuning(cluster_blocks=cluster))
+    them too, and the fused path agrees bitwise with the separate forward and backward.
+    The same for a block per row whose first pass takes bulk copies (mbarriers in a graph
+    and on a side stream; the rows, of an odd length, start at all eight even offsets
+    within 16 bytes)."""
+    _cuda_tuning.apply(tuning)
     N, C = 24, 131077  # 16 vectors per thread of a 16-block cluster (bf16)
     x0 = (torch.randn(N, C, device="cuda") * 3).to(torch.bfloat16)
     t = torch.randint(0, C, (N,), device="cuda")
@@ -211,12 +231,14 @@ def test_clusters_in_graphs_on_side_streams_and_repeated(cluster, restore_tuning
 
 
 @needs_clusters
-def test_cuda_only_suite_under_clusters():
+@pytest.mark.parametrize("spec", ["cluster_blocks=8", "bulk_load=1"])
+def test_cuda_only_suite_under_clusters(spec):
     """tests/test_cuda_only.py's cases whose rows are long enough for clusters (50000 and
     262147 classes, more than 2^31 logits, determinism, the device-side assert), again in a
-    process whose launches take clusters of 8 blocks."""
+    process whose launches take clusters of 8 blocks, and in one whose blocks per row take
+    bulk copies."""
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TLF_CUDA_TUNING="cluster_blocks=8")
+    env = dict(os.environ, TLF_CUDA_TUNING=spec)
     select = ("50000 or 262147 or 2_31 or bitwise_deterministic or fused_and_split "
               "or device_side_assert")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -1,6 +1,6 @@
 """Run-time launch settings of the CUDA kernels' block-per-row path (large vocabularies):
-block size, row-cache cap, an L2 prefetch of the next row, and thread block clusters
-(csrc/cuda/tuning.h).
+block size, row-cache cap, an L2 prefetch of the next row, thread block clusters and
+bulk copies into shared memory (csrc/cuda/tuning.h).
 
 They exist so that one GPU session can compare several launch shapes, one benchmark process
 each, without a rebuild (scripts/gpu_check.sh's `sweep` stage). Set them with the
@@ -8,6 +8,7 @@ environment variable read once at import::
 
     TLF_CUDA_TUNING="block_threads=256,row_cache_kib=108,prefetch_kib=32"
     TLF_CUDA_TUNING="cluster_blocks=8"
+    TLF_CUDA_TUNING="bulk_load=1,prefetch_kib=256"
 
 Keys (any subset; the rest keep their defaults, which are the launcher's own choice):
 
@@ -23,12 +24,18 @@ Keys (any subset; the rest keep their defaults, which are the launcher's own cho
   block of 128 threads caches its share of the row (``row_cache_kib`` caps a block's
   share), so several rows share an SM; ``block_threads`` does not apply to them. 16 is a
   non-portable cluster size: a device that cannot fit one falls back to a block per row.
+- ``bulk_load``: 0 or 1 (default 0: off). 1: on sm_90 and newer, the first pass of a block
+  per row (rows of contiguous classes; forward and fused kernels, not the separate
+  backward) has the bulk-copy engine (``cp.async.bulk``, completing on mbarriers) bring the
+  row's cached part into shared memory instead of each thread loading it through registers.
+  Rows that take a cluster (``cluster_blocks`` wins) and older devices are unaffected.
 
 No setting changes what is computed; ``block_threads`` and ``cluster_blocks`` change the
-order of a row's sums, so
-the last bits can differ between settings (never between runs with one setting). A
-malformed value raises ValueError at import. The benchmark records the variable in its
-results (software.env), and ``backend_info("cuda")`` names a non-default setting.
+order of a row's sums, so the last bits can differ between settings (never between runs
+with one setting); ``bulk_load`` changes nothing, not even the last bits (the same sums in
+the same order). A malformed value raises ValueError at import. The benchmark records the
+variable in its results (software.env), and ``backend_info("cuda")`` names a non-default
+setting.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from dataclasses import dataclass, fields
 ENV = "TLF_CUDA_TUNING"
 THREADS = (128, 256, 512)
 CLUSTERS = (0, 2, 4, 8, 16)
+BULK_LOADS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -47,17 +55,20 @@ class CudaTuning:
     row_cache_kib: int | None = None  # None: the largest cache the device grants
     prefetch_kib: int = 0
     cluster_blocks: int = 0
+    bulk_load: int = 0  # 1: bulk copies (cp.async.bulk) fill the row cache on sm_90+
 
-    def c_args(self) -> tuple[int, int, int, int]:
-        """(max_threads, row_cache_bytes (-1: no cap), prefetch_bytes, cluster_blocks)
-        for _C."""
+    def c_args(self) -> tuple[int, int, int, int, int]:
+        """(max_threads, row_cache_bytes (-1: no cap), prefetch_bytes, cluster_blocks,
+        bulk_load) for _C."""
         cache = -1 if self.row_cache_kib is None else self.row_cache_kib * 1024
-        return self.block_threads, cache, self.prefetch_kib * 1024, self.cluster_blocks
+        return (self.block_threads, cache, self.prefetch_kib * 1024, self.cluster_blocks,
+                self.bulk_load)
 
     def describe(self) -> str:
         cache = "max" if self.row_cache_kib is None else self.row_cache_kib
         return (f"block_threads={self.block_threads},row_cache_kib={cache},"
-                f"prefetch_kib={self.prefetch_kib},cluster_blocks={self.cluster_blocks}")
+                f"prefetch_kib={self.prefetch_kib},cluster_blocks={self.cluster_blocks},"
+                f"bulk_load={self.bulk_load}")
 
 
 DEFAULT = CudaTuning()
@@ -96,6 +107,10 @@ def parse(spec: str) -> CudaTuning:
             if text not in {str(n) for n in CLUSTERS}:
                 raise ValueError(f"{ENV}: cluster_blocks must be one of {CLUSTERS}, got {text!r}")
             values[key] = int(text)
+        elif key == "bulk_load":
+            if text not in {str(n) for n in BULK_LOADS}:
+                raise ValueError(f"{ENV}: bulk_load must be 0 or 1, got {text!r}")
+            values[key] = int(text)
         elif key == "row_cache_kib" and text == "max":
             values[key] = None
         else:
@@ -120,5 +135,6 @@ def current() -> CudaTuning:
     """The settings the CUDA launches use now (needs a build with CUDA kernels)."""
     from torchloss_fused import _C
 
-    threads, cache, prefetch, cluster = _C.cuda_tuning()
-    return CudaTuning(threads, None if cache < 0 else cache // 1024, prefetch // 1024, cluster)
+    threads, cache, prefetch, cluster, bulk = _C.cuda_tuning()
+    return CudaTuning(threads, None if cache < 0 else cache // 1024, prefetch // 1024, cluster,
+                      bulk)

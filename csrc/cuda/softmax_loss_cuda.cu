@@ -22,7 +22,8 @@ bool valid(const BlockRowTuning& t) {
   const bool threads_ok = t.max_threads == 128 || t.max_threads == 256 || t.max_threads == 512;
   const int n = t.cluster_blocks;
   const bool cluster_ok = n == 0 || n == 2 || n == 4 || n == 8 || n == 16;
-  return threads_ok && cluster_ok && t.row_cache_bytes >= -1 && t.prefetch_bytes >= 0;
+  const bool bulk_ok = t.bulk_load == 0 || t.bulk_load == 1;
+  return threads_ok && cluster_ok && bulk_ok && t.row_cache_bytes >= -1 && t.prefetch_bytes >= 0;
 }
 
 BlockRowTuning block_row_tuning() {

@@ -18,8 +18,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kernel_params.h"
+#include "bulk_copy.cuh"
 #include "cluster_group.cuh"
 #include "device_math.cuh"
 #include "group_reduce.cuh"
@@ -62,12 +64,25 @@ struct GroupTraits<ClusterGroup> {
   static constexpr int kUnroll = GroupTraits<BlockGroup>::kUnroll;
 };
 
+// A block per row's bulk-copy barriers (kBulk): one per chunk of the row cache, each
+// completing one phase per row; `parity` is the current row's.
+constexpr int kBulkMaxChunks = 32;
+struct BulkBarriers {
+  uint64_t* bars = nullptr;
+  uint32_t parity = 0;
+};
+
 __device__ __forceinline__ void fail_bad_target() {
   __assert_fail("class index target out of range: need 0 <= target < C or target == ignore_index",
                 __FILE__, __LINE__, __func__);
 }
 
-template <typename T, Mode kMode, class G, bool kVec>
+// kBulk (a block per row on sm_90 and newer, vector rows, forward and fused): pass 1 finds
+// the row's cached vectors already in the row cache, brought there by the bulk-copy engine
+// (bulk_copy.cuh) in chunks of whole multiples of the block size; it reads them from there,
+// in the same order and batches as it would have loaded them, so the results are the
+// same bits. Uncached vectors are loaded as ever.
+template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 class SoftmaxRow {
   using acc_t = acc_of<T>;
   using V = Vec16<T>;
@@ -97,6 +112,11 @@ class SoftmaxRow {
   // The next row this group takes, to prefetch into L2 before pass 2 (null: none).
   const T* next_x;
   int64_t prefetch_n = 0;
+  // kBulk: the barriers, the chunk size in vectors, and the cache vectors [0, ready_end)
+  // known to have landed (chunks [0, ready_chunk)).
+  const BulkBarriers bulk;
+  int64_t chunk_vecs = 0, ready_end = 0;
+  int ready_chunk = 0;
 
   // Pass-2 state. The plain loop works in base 2 (exp2_shifted): lse2 = RN(lse log2 e) and
   // A2 = A base2_residual(lse, lse2), so A p_c = A2 exp2_shifted(s_c, lse2) (the folded
@@ -115,7 +135,7 @@ class SoftmaxRow {
   __device__ __forceinline__ SoftmaxRow(const SoftmaxLossParams& p_, const G& g_,
                                         const Transform<acc_t>& tf_, int64_t r_, uint4* cache_,
                                         int64_t cache_cap, bool grad_vec_, const T* next_x_,
-                                        int64_t prefetch_bytes)
+                                        int64_t prefetch_bytes, BulkBarriers bulk_ = {})
       : p(p_),
         grp(g_),
         tf(tf_),
@@ -128,7 +148,8 @@ class SoftmaxRow {
         grad_vec(grad_vec_),
         q(p_, r_),
         cache(cache_),
-        next_x(next_x_) {
+        next_x(next_x_),
+        bulk(bulk_) {
     if (kGrad) {
       gx = static_cast<T*>(p.grad_input) + p.grad_layout.row_offset(r);
       gsc = p.grad_layout.sc;
@@ -140,6 +161,12 @@ class SoftmaxRow {
       tail = head + nvec * kN;
       const int64_t cover = g_.cache_cover(cache_cap);
       cache_n = nvec < cover ? nvec : cover;
+      if (kBulk) {
+        // At most kBulkMaxChunks chunks, each a whole number of block sizes.
+        const int64_t per_chunk = (cache_n + kBulkMaxChunks - 1) / kBulkMaxChunks;
+        chunk_vecs = gsize * ((per_chunk + gsize - 1) / gsize);
+        if (chunk_vecs == 0) chunk_vecs = gsize;
+      }
       if (next_x != nullptr) {
         const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
         prefetch_n = prefetch_bytes < row_bytes ? prefetch_bytes : row_bytes;
@@ -313,6 +340,7 @@ class SoftmaxRow {
   // ---- pass 1: online log-sum-exp (and the target mass of the fused probability case) ----
 
   __device__ __forceinline__ void pass1(LseState<acc_t>& st, acc_t& mass, bool with_mass) {
+    if constexpr (kBulk) start_bulk();
     if (kVec) {
       // At most one head and one tail element per thread (both fewer than kN <= 32).
       acc_t ends[2];
@@ -330,6 +358,11 @@ class SoftmaxRow {
         pass1_vectors<true>(st, mass, with_mass);
       } else {
         pass1_vectors<false>(st, mass, false);
+      }
+      // Every chunk has landed before any thread leaves the row (the next row's copies
+      // reuse the barriers and the cache).
+      if constexpr (kBulk) {
+        if (cache_n > 0) await(cache_n - 1);
       }
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
@@ -359,6 +392,40 @@ class SoftmaxRow {
     }
   }
 
+  // kBulk: once every thread is done with the previous row's cache, one thread starts the
+  // copies of this row's cached vectors, chunk k completing on barrier k.
+  __device__ __forceinline__ void start_bulk() {
+    __syncthreads();
+    if (lane == 0) {
+      async_proxy_fence();
+      const T* xv = x + head;
+      int k = 0;
+      for (int64_t v = 0; v < cache_n; v += chunk_vecs, ++k) {
+        const int64_t n = cache_n - v < chunk_vecs ? cache_n - v : chunk_vecs;
+        bulk_load(cache + v, xv + v * kN, static_cast<uint32_t>(n * sizeof(uint4)),
+                  bulk.bars + k);
+      }
+    }
+  }
+
+  // kBulk: waits until cached vector v (< cache_n) has landed, and every one before it.
+  __device__ __forceinline__ void await(int64_t v) {
+    while (v >= ready_end) {
+      mbar_wait(bulk.bars + ready_chunk, bulk.parity);
+      ++ready_chunk;
+      ready_end += chunk_vecs;
+    }
+  }
+
+  // Pass 1's vector v: from global memory, or with kBulk from the row cache once there.
+  __device__ __forceinline__ uint4 fetch(const T* xv, int64_t v) {
+    if (kBulk && v < cache_n) {
+      await(v);
+      return cache[grp.cache_slot(v)];
+    }
+    return V::load(xv + v * kN);
+  }
+
   // Pass 1's vectors, kU loads in flight per thread. Block rows without a transform or a
   // mass take whole batches (every vector in range) through pass1_whole_batches (in a warp
   // per row's kernels it would spill registers, for rows of at most 4 KiB). What is left,
@@ -379,7 +446,7 @@ class SoftmaxRow {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int64_t v = v0 + static_cast<int64_t>(u) * gsize;
-        if (v < nvec) raw[u] = V::load(xv + v * kN);
+        if (v < nvec) raw[u] = fetch(xv, v);
       }
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -405,16 +472,20 @@ class SoftmaxRow {
     int64_t v0 = lane;
     for (; v0 < whole_end; v0 += step, slot += kU * cstep) {
       uint4 raw[kU];
+      if (kBulk && v0 < cached_end) {  // the whole batch from the row cache
+        await(v0 + static_cast<int64_t>(kU - 1) * gsize);
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        raw[u] = V::load(xv + (v0 + static_cast<int64_t>(u) * gsize) * kN);
+        for (int u = 0; u < kU; ++u) raw[u] = slot[u * cstep];
+      } else {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) raw[u] = fetch(xv, v0 + static_cast<int64_t>(u) * gsize);
       }
       const bool live = st.raise_max(max_nan_packed<T>(raw));
       // The stores wait on a condition known only once every load of the batch is in
       // (always true: s is a sum of exponentials, or NaN). On a condition known earlier,
       // ptxas moves each store up after its own load, where it waits for that load before
       // the next load can issue.
-      if (!(st.s < acc_t(0))) cache_batch(raw, v0, slot, cstep, v0 < cached_end);
+      if (!kBulk && !(st.s < acc_t(0))) cache_batch(raw, v0, slot, cstep, v0 < cached_end);
       if (live) {
         // In base 2 (device_math.cuh's exp2_shifted), as pass 2's plain loop: one fma and
         // one ex2 per value. A row whose maximum is infinite, NaN or beyond about 2.4e38
@@ -462,7 +533,7 @@ class SoftmaxRow {
   template <bool kOpts>
   __device__ __forceinline__ void pass1_vector(LseState<acc_t>& st, acc_t& mass, bool with_mass,
                                                const uint4& raw, int64_t v) {
-    if (v < cache_n) cache[grp.cache_slot(v)] = raw;
+    if (!kBulk && v < cache_n) cache[grp.cache_slot(v)] = raw;
     acc_t e[kN];
     V::unpack(raw, e);
     if (kOpts && tf.active()) {
@@ -674,11 +745,26 @@ class SoftmaxRow {
 // prefetch_bytes: on the vector path of a block per row, each row asks L2 for that many
 // bytes (at most the row) of the block's next row (0 = none; a hint, no result depends on
 // it).
-template <typename T, Mode kMode, class G, bool kVec>
+// kBulk: pass 1 finds the cached part of each row brought into the row cache by the
+// bulk-copy engine (SoftmaxRow); sm_90 and newer, a block per row, vector rows, forward and
+// fused kernels only.
+template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
                         bool grad_vec, int64_t prefetch_bytes) {
+  static_assert(!kBulk || (kVec && std::is_same_v<G, BlockGroup> && kMode != Mode::Backward),
+                "bulk loads serve pass 1 of a block per row's vector path");
   extern __shared__ uint4 tlf_row_cache[];
+  BulkBarriers bulk;
+  if constexpr (kBulk) {
+    __shared__ uint64_t tlf_bulk_bars[kBulkMaxChunks];
+    bulk.bars = tlf_bulk_bars;
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < kBulkMaxChunks; ++k) mbar_init(tlf_bulk_bars + k);
+      mbar_init_fence();
+    }
+    __syncthreads();
+  }
   const G grp;
   const Transform<acc_of<T>> tf(p.logit_scale, p.softcap);
   uint4* cache = tlf_row_cache + static_cast<int64_t>(grp.slot()) * cache_vecs;
@@ -692,10 +778,11 @@ __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::k
     const T* next_x = kPrefetch && prefetch_bytes > 0 && next < rows
                           ? input + p.in.row_offset(next)
                           : nullptr;
-    SoftmaxRow<T, kMode, G, kVec>(p, grp, tf, r, cache,
-                                  kMode == Mode::Backward ? 0 : cache_vecs, grad_vec, next_x,
-                                  prefetch_bytes)
+    SoftmaxRow<T, kMode, G, kVec, kBulk>(p, grp, tf, r, cache,
+                                         kMode == Mode::Backward ? 0 : cache_vecs, grad_vec,
+                                         next_x, prefetch_bytes, bulk)
         .run();
+    bulk.parity ^= 1u;
   }
 }
 

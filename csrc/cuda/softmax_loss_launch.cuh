@@ -16,7 +16,9 @@
 // run-time settings of tuning.h (defaults: 512 threads, the largest cache, no prefetch).
 // With tuning.h's cluster_blocks set, rows of at least kClusterMinUnits vectors per thread
 // on sm_90 and newer take a thread block cluster each instead (cluster_group.cuh): 128
-// threads per block, each block caching its share of the row.
+// threads per block, each block caching its share of the row. With its bulk_load set, a
+// block per row's forward and fused kernels on sm_90 and newer have the bulk-copy engine
+// fill the row cache (bulk_copy.cuh), the forward-only kernel getting one too.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -73,11 +75,11 @@ inline int64_t row_cache_budget(const DeviceProps& props, const BlockRowTuning& 
   return std::max<int64_t>(budget, 0);
 }
 
-template <typename T, Mode kMode, class G, bool kVec>
+template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_block,
                         int64_t cache_vecs, bool grad_vec, cudaStream_t stream,
                         int64_t prefetch_bytes = 0) {
-  auto kernel = softmax_loss_kernel<T, kMode, G, kVec>;
+  auto kernel = softmax_loss_kernel<T, kMode, G, kVec, kBulk>;
   // Every group of the block has its own cache slots.
   const size_t groups = G::kUsesBarriers ? 1 : static_cast<size_t>(rows_per_block);
   const int64_t rows = p.in.B * p.in.D;
@@ -198,12 +200,16 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
   while (threads > 128 && units < 8 * threads) threads /= 2;
   if constexpr (kHasVec) {
     if (vec) {
-      int64_t cache = 0;
-      if (two_pass) {
-        cache = std::min<int64_t>(ceil_div(C, kN), row_cache_budget(props, tune));
+      const int64_t full = std::min<int64_t>(ceil_div(C, kN), row_cache_budget(props, tune));
+      if constexpr (kMode != Mode::Backward) {
+        // Bulk loads land in the row cache, so every forward kernel gets one then.
+        if (tune.bulk_load != 0 && props.cc_major >= 9) {
+          return launch_rows<T, kMode, BlockGroup, true, true>(p, threads, 1, full, gvec,
+                                                               stream, tune.prefetch_bytes);
+        }
       }
-      return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, cache, gvec, stream,
-                                                     tune.prefetch_bytes);
+      return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, two_pass ? full : 0, gvec,
+                                                     stream, tune.prefetch_bytes);
     }
   }
   return launch_rows<T, kMode, BlockGroup, false>(p, threads, 1, 0, false, stream);

@@ -20,10 +20,14 @@ struct BlockRowTuning {
   // Blocks of a thread block cluster per row on sm_90 and newer (cluster_group.cuh): 2, 4, 8
   // or 16; 0: none. Long rows only; elsewhere, and on older devices, a block per row.
   int cluster_blocks = 0;
+  // Pass 1 of a block per row (sm_90 and newer, vector rows, forward and fused kernels) has
+  // the bulk-copy engine (cp.async.bulk) bring the cached part of the row into shared memory
+  // instead of each thread loading it through registers: 0 off, 1 on.
+  int bulk_load = 0;
 };
 
 // Valid: max_threads in {128, 256, 512}, row_cache_bytes >= -1, prefetch_bytes >= 0,
-// cluster_blocks in {0, 2, 4, 8, 16}.
+// cluster_blocks in {0, 2, 4, 8, 16}, bulk_load in {0, 1}.
 bool valid(const BlockRowTuning& t);
 
 // The settings every later launch uses (a copy, read under a lock). set returns false and

@@ -132,7 +132,7 @@ struct Context {
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kGuardBytes = 4096;
 
-enum class State { Ready, AtSyncthreads, AtShuffle, AtClusterBarrier, Done };
+enum class State { Ready, AtSyncthreads, AtShuffle, AtClusterBarrier, AtMbarrier, Done };
 
 constexpr unsigned kNoArrival = ~0u;
 
@@ -141,6 +141,7 @@ struct Fiber {
   State state = State::Ready;
   unsigned rank = 0, thread = 0;  // its block in the cluster, its thread in the block
   unsigned arrived = kNoArrival;  // the cluster barrier phase of its pending arrive
+  const void* mbar = nullptr;     // AtMbarrier: the barrier it waits on
   char* stack = nullptr;          // kStackBytes usable, a PROT_NONE guard page below
   void* fake_stack = nullptr;
 };
@@ -257,6 +258,8 @@ const char* state_name(State s) {
       return "__shfl_xor_sync";
     case State::AtClusterBarrier:
       return "__cluster_barrier_wait";
+    case State::AtMbarrier:
+      return "mbarrier wait";
     default:
       return "exited";
   }
@@ -269,7 +272,8 @@ const char* state_name(State s) {
           std::to_string(r.first_block) + ".." + std::to_string(r.first_block + r.size - 1);
   }
   msg += ":";
-  for (State s : {State::AtSyncthreads, State::AtShuffle, State::AtClusterBarrier, State::Done}) {
+  for (State s : {State::AtSyncthreads, State::AtShuffle, State::AtClusterBarrier,
+                  State::AtMbarrier, State::Done}) {
     std::string ids;
     int n = 0;
     for (unsigned i = 0; i < r.threads * r.size; ++i) {
@@ -442,6 +446,75 @@ void cluster_wait() {
     switch_to_scheduler(false);
   }
   me.arrived = kNoArrival;
+}
+
+// ---- bulk copies and their mbarriers -------------------------------------------------------
+// A barrier's state lives here, keyed by its shared-memory address; `epoch` says which
+// cluster run initialised it (a barrier of an earlier block is not initialised).
+struct Mbar {
+  uint64_t epoch = 0;
+  unsigned phase = 0;  // completed phases
+  bool armed = false;  // a copy is pending in the current phase
+  void* dst = nullptr;
+  const void* src = nullptr;
+  uint32_t bytes = 0;
+};
+std::map<const void*, Mbar> g_mbars;
+uint64_t g_epoch = 0;
+
+Mbar& mbar_of(void* bar, const char* what) {
+  auto it = g_mbars.find(bar);
+  if (it == g_mbars.end() || it->second.epoch != g_epoch) {
+    device_fault((std::string(what) + " on an mbarrier this block did not initialise").c_str());
+  }
+  return it->second;
+}
+
+void mbar_init(void* bar) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0) device_fault("misaligned mbarrier");
+  std::memset(bar, 0, 8);  // its shared memory holds the barrier now
+  g_mbars[bar] = Mbar{g_epoch};
+}
+
+void bulk_load(void* dst, const void* src, uint32_t bytes, void* bar) {
+  Mbar& m = mbar_of(bar, "cp.async.bulk");
+  if (m.armed) device_fault("cp.async.bulk on an mbarrier whose phase already has a copy");
+  if (bytes == 0 || bytes % 16 != 0 || bytes >= (1u << 20)) {
+    device_fault("cp.async.bulk size not a positive multiple of 16 below 2^20");
+  }
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    device_fault("cp.async.bulk address not 16-byte aligned");
+  }
+  const auto* d = static_cast<const unsigned char*>(dst);
+  const Region& smem = g_run->blocks[g_cluster_rank].smem;
+  if (d < smem.data || d + bytes > smem.data + smem.bytes) {
+    device_fault("cp.async.bulk destination outside the block's dynamic shared memory");
+  }
+  m.armed = true;
+  m.dst = dst;
+  m.src = src;
+  m.bytes = bytes;
+  for (unsigned i = 0; i < g_run->threads * g_run->size; ++i) {  // waiters re-check
+    Fiber& f = (*g_run->fibers)[i];
+    if (f.state == State::AtMbarrier && f.mbar == bar) f.state = State::Ready;
+  }
+}
+
+void mbar_wait(void* bar, uint32_t parity) {
+  for (;;) {
+    Mbar& m = mbar_of(bar, "mbarrier wait");
+    if ((m.phase & 1u) != (parity & 1u)) return;  // that phase has completed
+    if (m.armed) {  // the copy lands now, at the first wait on it
+      std::memcpy(m.dst, m.src, m.bytes);
+      m.armed = false;
+      ++m.phase;
+      return;
+    }
+    Fiber& me = (*g_run->fibers)[g_run->cur];  // nothing armed yet: wait for a bulk_load
+    me.state = State::AtMbarrier;
+    me.mbar = bar;
+    switch_to_scheduler(false);
+  }
 }
 
 void* dynamic_smem_ptr() { return g_run->blocks[g_cluster_rank].smem.data; }
@@ -646,6 +719,7 @@ cudaError_t run_grid(const void* kernel, const Config& cfg, void (*body)(void*),
   g_run = &r;
   const unsigned clusters = cfg.grid.x / n;
   for (unsigned c = 0; c < clusters; ++c) {
+    ++g_epoch;
     r.first_block = (g_schedule.blocks ? clusters - 1 - c : c) * n;
     for (unsigned k = 0; k < n; ++k) {
       Block& b = r.blocks[k];

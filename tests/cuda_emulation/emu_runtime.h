@@ -49,6 +49,8 @@
 // A __shared__ declaration the build-time rewrite did not turn into emulated shared memory
 // stops the build here (extend rewrite_kernel_source in tests/test_cuda_emulated.py).
 #define __shared__ EMU_UNREWRITTEN_SHARED_DECLARATION
+// The kernels' own emulator hooks (csrc/cuda/bulk_copy.cuh) key on this.
+#define TLF_CUDA_EMULATOR 1
 
 namespace emu {
 
@@ -94,6 +96,15 @@ inline T& block_shared(Tag) {
 }
 // The same byte of block `rank`'s copy of the caller's shared memory.
 void* map_shared_rank(const void* p, unsigned rank);
+
+// ---- bulk copies (sm_90 cp.async.bulk completing on an mbarrier; csrc/cuda/bulk_copy.cuh) --
+// A copy is performed at the first wait on its barrier's phase, so a read before its wait
+// sees what shared memory held; a wait with no copy armed blocks until one is (deadlock if
+// none ever is). Misuse (an uninitialised barrier, two copies in one phase, a misaligned or
+// oversized copy, a destination outside dynamic shared memory) is a device fault.
+void mbar_init(void* bar);
+void bulk_load(void* dst, const void* src, uint32_t bytes, void* bar);
+void mbar_wait(void* bar, uint32_t parity);
 
 // ---- device-side failures ------------------------------------------------------------------
 // A device assert: recorded (the test expects it for bad targets) and the thread goes on, so

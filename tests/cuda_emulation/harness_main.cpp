@@ -11,7 +11,8 @@
 //   schedule THREADS BLOCKS (emu::Schedule, emu_control.h)   fastmath -1|0|1 (emu_runtime.h)
 //   launch auto (the real launcher) | direct  with  group 0-3  vec 0|1  grid N  threads N  cache N
 //     prefetch BYTES (direct; the next row's L2 prefetch)  cluster N (direct, group 3)
-//   tuning MAX_THREADS ROW_CACHE_BYTES PREFETCH_BYTES CLUSTER_BLOCKS (auto:
+//     bulk 0|1 (direct, group 2, vec: pass 1's row cache filled by bulk copies)
+//   tuning MAX_THREADS ROW_CACHE_BYTES PREFETCH_BYTES CLUSTER_BLOCKS BULK_LOAD (auto:
 //     tlf::cuda::BlockRowTuning for this case; the defaults are restored after it)
 //   softmax: mode 0-2 (tlf::Mode), input PTR B C D sb sc sd, index_target PTR TYPE sb sd D,
 //     prob_target PTR F32 B C D sb sc sd, ignore_index, weight PTR, weight_sum PTR,
@@ -112,6 +113,7 @@ class Case {
     d.cache = i("cache", 0);
     d.prefetch = i("prefetch", 0);
     d.cluster = static_cast<int>(i("cluster", 1));
+    d.bulk = i("bulk", 0) != 0;
     return d;
   }
   bool direct_launch() const {
@@ -193,6 +195,7 @@ cudaError_t run_softmax(const Case& c, Dtype dt) {
     t.row_cache_bytes = c.i("tuning", 0, 1);
     t.prefetch_bytes = c.i("tuning", 0, 2);
     t.cluster_blocks = static_cast<int>(c.i("tuning", 0, 3));
+    t.bulk_load = static_cast<int>(c.i("tuning", 0, 4));
     if (!tlf::cuda::set_block_row_tuning(t)) fail("case " + c.id + ": invalid tuning");
     const cudaError_t err = tlf::cuda::softmax_loss(p, dt, mode, nullptr);
     tlf::cuda::set_block_row_tuning(tlf::cuda::BlockRowTuning{});

@@ -15,7 +15,7 @@ using tlf::Mode;
 using tlf::SoftmaxLossParams;
 using namespace tlf::cuda;
 
-template <typename T, Mode M, class G, bool V>
+template <typename T, Mode M, class G, bool V, bool kBulk = false>
 cudaError_t launch(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
   // As the launcher: no row cache for the backward, which has no first pass to fill it.
   const int64_t cache = M == Mode::Backward ? 0 : d.cache;
@@ -23,7 +23,7 @@ cudaError_t launch(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
                         : std::is_same_v<G, WarpGroup> ? static_cast<size_t>(d.threads / 32)
                                                        : static_cast<size_t>(d.threads);
   const size_t smem = static_cast<size_t>(cache) * sizeof(uint4) * groups;
-  auto kernel = softmax_loss_kernel<T, M, G, V>;
+  auto kernel = softmax_loss_kernel<T, M, G, V, kBulk>;
   if (smem > (48u << 10)) {
     const cudaError_t err =
         cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
@@ -67,7 +67,16 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, const Direct& d) {
   const bool gvec = d.vec && detail::grad_vector_ok<T>(p, M != Mode::Forward);
   if constexpr (!std::is_same_v<T, double>) {
     if (d.vec && d.group == Group::Warp) return launch<T, M, WarpGroup, true>(p, d, gvec);
-    if (d.vec && d.group == Group::Block) return launch<T, M, BlockGroup, true>(p, d, gvec);
+    if (d.vec && d.group == Group::Block) {
+      // As the launcher: the backward (no pass 1) takes the plain kernel.
+      if constexpr (M != Mode::Backward) {
+        if (d.bulk) return launch<T, M, BlockGroup, true, true>(p, d, gvec);
+      }
+      return launch<T, M, BlockGroup, true>(p, d, gvec);
+    }
+  }
+  if (d.bulk) return cudaErrorInvalidValue;  // a block per row's vector path only
+  if constexpr (!std::is_same_v<T, double>) {
     if (d.vec && d.group == Group::Cluster) return launch_cluster<T, M>(p, d, gvec);
   }
   if (d.group == Group::Cluster) return cudaErrorInvalidValue;  // vector rows only
