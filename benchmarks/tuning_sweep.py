@@ -2,6 +2,12 @@
 stage: the same benchmark run once per TLF_CUDA_TUNING value, torchloss_fused/_cuda_tuning.py).
 
     python -m benchmarks.tuning_sweep RESULTS.json [RESULTS.json ...]
+    python -m benchmarks.tuning_sweep --best ce_fwd_bwd RESULTS.json [...]
+
+With --best OP it prints only the setting whose torchloss_fused row of OP (first dtype and
+shape in the files) beats the default setting's by more than --margin (default 2%), or
+nothing when none does (or the default did not run): what scripts/gpu_check.sh reruns the
+main benchmark under.
 
 Reads figures, never measures. Each file's setting is the TLF_CUDA_TUNING its run recorded
 (software.env; "default" when unset). Rows: our implementations' ok rows, per op, dtype and
@@ -52,11 +58,35 @@ def table(rows: list[dict]) -> list[list]:
     return lines
 
 
+def best_setting(rows: list[dict], op: str, margin: float) -> str | None:
+    """The TLF_CUDA_TUNING value whose plain torchloss_fused row of `op` is fastest, if it
+    beats the default's row of the same dtype and shape by more than `margin` (a fraction);
+    else None."""
+    mine = [r for r in rows if r["op"] == op and r["impl"] == "torchloss_fused"]
+    if not mine:
+        return None
+    first = mine[0]["dtype"], tuple(mine[0]["shape"])
+    mine = [r for r in mine if (r["dtype"], tuple(r["shape"])) == first]
+    default = [r["median_ms"] for r in mine if r["tuning"] == "default"]
+    best = min(mine, key=lambda r: r["median_ms"])
+    if not default or best["tuning"] == "default":
+        return None
+    return best["tuning"] if best["median_ms"] < default[0] * (1 - margin) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--best", metavar="OP", help="print only the winning setting for OP")
+    ap.add_argument("--margin", type=float, default=0.02,
+                    help="how much faster than the default a winner must be (fraction)")
     args = ap.parse_args(argv)
     rows = rows_of(args.results)
+    if args.best:
+        best = best_setting(rows, args.best, args.margin)
+        if best is not None:
+            print(best)
+        return 0
     if not rows:
         print("no ok rows of ours in these files")
         return 1

@@ -116,3 +116,28 @@ def test_tuning_sweep_table(tmp_path, capsys):
     assert [(ln[4], ln[5], ln[-1]) for ln in lines] == [("prefetch_kib=64", "3.000", "0.750x"),
                                                         ("default", "4.000", "1.000x")]
     assert tuning_sweep.main([str(paths[2])]) == 1
+
+
+def test_tuning_sweep_best(tmp_path, capsys):
+    """--best: the setting whose torchloss_fused row beats the default's by more than the
+    margin, else nothing (also when the default did not run)."""
+    def results(name, env, ms):
+        path = tmp_path / f"{name}.json"
+        row = {"op": "ce_fwd_bwd", "dtype": "bf16", "shape": [16384, 128256],
+               "impl": "torchloss_fused", "impl_kind": "ours", "status": "ok",
+               "median_ms": ms}
+        path.write_text(json.dumps({"software": {"env": env}, "rows": [row]}))
+        return str(path)
+
+    default = results("d", {}, 4.0)
+    fast = results("f", {"TLF_CUDA_TUNING": "bulk_load=1"}, 3.0)
+    close = results("c", {"TLF_CUDA_TUNING": "prefetch_kib=64"}, 3.95)
+
+    def best(*paths):
+        assert tuning_sweep.main(["--best", "ce_fwd_bwd", *paths]) == 0
+        return capsys.readouterr().out.strip()
+
+    assert best(default, fast, close) == "bulk_load=1"
+    assert best(default, close) == ""  # within the 2% margin
+    assert best(fast, close) == ""  # no default to compare with
+    assert best(default) == ""
