@@ -5,7 +5,9 @@ kernels do, for a few per-row values, which costs nothing measurable. What must 
 the loop over a row's logits. This reads the SASS of a built extension or object file
 (cuobjdump -sass) and, for every softmax_loss_kernel, finds the innermost loops (a backward
 branch whose range holds no other) that read the row (16-byte global or shared loads) and
-take exponentials (MUFU.EX2), and fails if one of them holds a local load or store. Loops
+take exponentials (MUFU.EX2), and fails if one of them holds a local load or store. A
+barrier wait's spin loop (SYNCS.PHASECHK, the bulk-copy kernels' mbarrier waits) inside a
+loop does not make that loop an outer one: it is checked as the hot loop it is. Loops
 with a call (a division's slow path, in the generic loop) are reported, not failed: a
 call's convention may save registers around it.
 
@@ -57,8 +59,15 @@ def innermost_loops(name: str, code: list[tuple[int, str]]) -> list[Loop]:
         m = BRANCH.search(ins)
         if m and int(m.group(1), 16) < addr:
             spans.append((int(m.group(1), 16), addr))
-    inner = [s for s in spans
-             if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+
+    def spin(span: tuple[int, int]) -> bool:  # an mbarrier wait's retry loop
+        body = [ins for addr, ins in code if span[0] <= addr <= span[1]]
+        return any("SYNCS.PHASECHK" in ins for ins in body) and \
+            not any("MUFU.EX2" in ins for ins in body)
+
+    loops = [s for s in spans if not spin(s)]
+    inner = [s for s in loops
+             if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in loops)]
     return [Loop(name, a, b, [ins for addr, ins in code if a <= addr <= b]) for a, b in inner]
 
 
