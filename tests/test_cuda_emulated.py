@@ -442,7 +442,7 @@ class SoftmaxConfig:
     vec: bool = False
     cache: str = "none"  # row cache: none, part, full
     prefetch: int = 0  # direct: bytes of the next row to prefetch into L2
-    bulk: bool = False  # direct, group 2, vec: pass 1's row cache filled by bulk copies
+    bulk: bool = False  # direct, group 2, vec: the row cache filled by bulk copies
     cluster: int = 1  # direct, group 3: blocks per cluster
     # auto: the launcher's BlockRowTuning (max threads, row-cache cap bytes, prefetch bytes,
     # cluster blocks, bulk load)
@@ -637,6 +637,10 @@ class SoftmaxScenario:
                    grad_lse=self._rowvec(self.glse) if self.glse is not None else None, **kv)
         self.bwd = self._grad_out()
         b.case(f"{sid}.bwd", grad_input=self._grad_arg(self.bwd), **bwd)
+        if cfg.bulk:
+            self.plain_bwd = self._grad_out()
+            b.case(f"{sid}.plainbwd", grad_input=self._grad_arg(self.plain_bwd),
+                   **dict(bwd, bulk=0))
         self.inplace = None
         if not cfg.opts.get("focal"):  # in-place is cross-entropy's (_ce_bwd_inplace)
             xi = copy_storage_view(self.x)
@@ -690,6 +694,8 @@ class SoftmaxScenario:
             mine = (fwd_loss, fwd_lse) + ((fl, fs, fg) if self.fused is not None else ())
             if not all(bitwise(b.get(r), v) for r, v in zip(self.plain, mine)):
                 add("bitwise", "bulk-copy kernel != plain kernel")
+            if not bitwise(b.get(self.plain_bwd), bwd):
+                add("bitwise", "bulk-copy backward != plain backward")
         for what, ours, ref, dtype in compared:
             m = mismatch(ours, ref, dtype, what)
             if m:
@@ -983,12 +989,13 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
 
 
 def bulk_configs() -> list[SoftmaxConfig]:
-    """A block per row whose pass 1 finds its row cache filled by bulk copies (csrc/cuda/
-    bulk_copy.cuh), launched directly: blocks of 32 or 64 threads, so that a cache of a few
-    hundred slots spans several chunks; a cache over part of the row, all of it or none;
-    one block taking every row (the barriers' phases alternate, the cache is refilled) or
-    two; every option (transform and probability-target rows take the vector-by-vector
-    pass 1). Its own random stream, so the sample before it is unchanged."""
+    """A block per row whose row cache is filled by bulk copies (csrc/cuda/bulk_copy.cuh),
+    for pass 1 or the backward's one pass (in place too), launched directly: blocks of 32
+    or 64 threads, so that a cache of a few hundred slots spans several chunks; a cache
+    over part of the row, all of it or none; one block taking every row (the barriers'
+    phases alternate, the cache is refilled) or two; every option (transform and
+    probability-target rows take the vector-by-vector pass 1). Its own random stream, so
+    the sample before it is unchanged."""
     rnd = random.Random(20261205)
     out = []
     deal = dealer(rnd)
@@ -1206,8 +1213,7 @@ def test_sample_covers_the_kernels(emulated):
         if ctype != "double":
             shapes += ["WarpGroup, true", "BlockGroup, true, false", "ClusterGroup, true"]
         for mode in (0, 1, 2):
-            for shape in shapes + (["BlockGroup, true, true"]
-                                   if ctype != "double" and mode != 1 else []):
+            for shape in shapes + (["BlockGroup, true, true"] if ctype != "double" else []):
                 missing.append(f"softmax_loss_kernel<{ctype}, (tlf::Mode){mode}, "
                                f"tlf::cuda::{shape}")
         for k in ("sigmoid_focal_kernel", "sigmoid_focal_sum_kernel", "rescale_grad_rows_kernel"):
@@ -1236,9 +1242,9 @@ def test_launcher_follows_tuning(emulated):
     cluster_blocks, on an sm_90-like device every launch is a cluster of that many blocks of
     128 threads (a whole number of clusters, each block's cache within the cap), and on the
     sm_86-like device a block per row; with bulk_load (and no cluster), on an sm_90-like device
-    the forward and fused launches take the bulk-copy kernel, with a row cache, and the
-    backward the plain one, and on the sm_86-like device every launch the plain one. The
-    values are checked with the other softmax cases, against the reference."""
+    every launch takes the bulk-copy kernel, with a row cache, and on the sm_86-like device
+    the plain one. The values are checked with the other softmax cases, against the
+    reference."""
     _assert_none(emulated)
     launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
     tuned = [s for s in emulated.scenarios
@@ -1264,13 +1270,12 @@ def test_launcher_follows_tuning(emulated):
             for cid, lns in launches.items():
                 if not cid.startswith(s.sid + "."):
                     continue
-                want = (bulk_load and s.cfg.device != 1
-                        and cid.split(".")[1] in ("fwd", "fused", "sched", "ce"))
+                want = bulk_load and s.cfg.device != 1
                 bulk += bool(want)
                 assert all(f"BlockGroup, true, {str(bool(want)).lower()}>" in ln[4]
                            and (ln[2] > 0 or not want) for ln in lns), (cid, lns)
     assert clustered == 12
-    assert bulk >= 12
+    assert bulk == 22  # 2 settings x 3 option sets x (fwd, fused, bwd, in-place but focal)
 
 
 def main(argv: list[str]) -> int:

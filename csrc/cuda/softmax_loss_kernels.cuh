@@ -77,11 +77,11 @@ __device__ __forceinline__ void fail_bad_target() {
                 __FILE__, __LINE__, __func__);
 }
 
-// kBulk (a block per row on sm_90 and newer, vector rows, forward and fused): pass 1 finds
-// the row's cached vectors already in the row cache, brought there by the bulk-copy engine
-// (bulk_copy.cuh) in chunks of whole multiples of the block size; it reads them from there,
-// in the same order and batches as it would have loaded them, so the results are the
-// same bits. Uncached vectors are loaded as ever.
+// kBulk (a block per row on sm_90 and newer, vector rows): the row's first vectors, as many
+// as the row cache holds, are brought into it by the bulk-copy engine (bulk_copy.cuh) in
+// chunks of whole multiples of the block size. Pass 1 reads them from there, in the same
+// order and batches as it would have loaded them, so the results are the same bits; the
+// backward (no pass 1) reads them in its cached loop. Uncached vectors are loaded as ever.
 template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 class SoftmaxRow {
   using acc_t = acc_of<T>;
@@ -175,6 +175,8 @@ class SoftmaxRow {
   }
 
   __device__ __forceinline__ void run() {
+    // The backward's copies start first: its one pass reads them after the row's scalars.
+    if constexpr (kBulk && kMode == Mode::Backward) start_bulk();
     bool ignored = false;
     if (!p.prob_target) {
       t = read_index(p, r);
@@ -313,6 +315,11 @@ class SoftmaxRow {
       }
       if (need_sum) total = grp.sum(total);
     }
+    // Every chunk has landed before any thread leaves the row, also where pass 2 read none
+    // (an ignored row's zeros).
+    if constexpr (kBulk && kMode == Mode::Backward) {
+      if (cache_n > 0) await(cache_n - 1);
+    }
 
     if (kMode != Mode::Backward && lane == 0) {
       acc_t l;
@@ -409,8 +416,10 @@ class SoftmaxRow {
   }
 
   // kBulk: waits until cached vector v (< cache_n) has landed, and every one before it.
-  __device__ __forceinline__ void await(int64_t v) {
-    while (v >= ready_end) {
+  // Compared in v's own width: the 32-bit cached loop's test costs two instructions less.
+  template <typename I>
+  __device__ __forceinline__ void await(I v) {
+    while (v >= static_cast<I>(ready_end)) {
       mbar_wait(bulk.bars + ready_chunk, bulk.parity);
       ++ready_chunk;
       ready_end += chunk_vecs;
@@ -680,16 +689,18 @@ class SoftmaxRow {
           }
         }
       }
-      // Cached vectors: this thread wrote exactly these slots in pass 1 (the backward has
-      // no pass 1, hence no cache and no loop for one).
+      // Cached vectors: this thread wrote exactly these slots in pass 1, or (the bulk
+      // backward) the bulk copies did, which it waits for. The plain backward has no pass
+      // 1, hence no cache and no loop for one.
       // 32-bit indices: a cache covers fewer vectors than shared memory has 16-byte slots
       // in a cluster's blocks (< 2^18), and 64-bit ones cost a third of the loop's
       // bookkeeping instructions.
-      if constexpr (kMode != Mode::Backward) {
+      if constexpr (kMode != Mode::Backward || kBulk) {
         const int n = static_cast<int>(cache_n);
         const int step = static_cast<int>(grp.cache_step());
         int slot = static_cast<int>(grp.cache_slot(lane));
         for (int v = lane; v < n; v += gsize, slot += step) {
+          if constexpr (kMode == Mode::Backward) await(v);
           vector_element<kLoop>(cache[slot], v, gxv);
         }
       }
@@ -740,20 +751,21 @@ class SoftmaxRow {
 // way (same offset modulo 16 bytes in every row), else it is stored element by element;
 // either way the reduction order, hence every output bit, depends on the input alone.
 // cache_vecs: 16-byte slots of the shared-memory row cache per group (0 = no cache);
-// dynamic shared memory holds (groups per block) * cache_vecs slots. The backward has no
-// first pass to fill a cache, so it ignores one even if a launcher passes it.
+// dynamic shared memory holds (groups per block) * cache_vecs slots. The plain backward has
+// no first pass to fill a cache, so it ignores one even if a launcher passes it.
 // prefetch_bytes: on the vector path of a block per row, each row asks L2 for that many
 // bytes (at most the row) of the block's next row (0 = none; a hint, no result depends on
 // it).
-// kBulk: pass 1 finds the cached part of each row brought into the row cache by the
-// bulk-copy engine (SoftmaxRow); sm_90 and newer, a block per row, vector rows, forward and
-// fused kernels only.
+// kBulk: the cached part of each row is brought into the row cache by the bulk-copy engine
+// (SoftmaxRow), for pass 1, or for the backward's one pass (an in-place backward writes a
+// chunk's gradient only after the chunk has landed); sm_90 and newer, a block per row,
+// vector rows only.
 template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
                         bool grad_vec, int64_t prefetch_bytes) {
-  static_assert(!kBulk || (kVec && std::is_same_v<G, BlockGroup> && kMode != Mode::Backward),
-                "bulk loads serve pass 1 of a block per row's vector path");
+  static_assert(!kBulk || (kVec && std::is_same_v<G, BlockGroup>),
+                "bulk loads serve a block per row's vector path");
   extern __shared__ uint4 tlf_row_cache[];
   BulkBarriers bulk;
   if constexpr (kBulk) {
@@ -779,7 +791,8 @@ __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::k
                           ? input + p.in.row_offset(next)
                           : nullptr;
     SoftmaxRow<T, kMode, G, kVec, kBulk>(p, grp, tf, r, cache,
-                                         kMode == Mode::Backward ? 0 : cache_vecs, grad_vec,
+                                         kMode == Mode::Backward && !kBulk ? 0 : cache_vecs,
+                                         grad_vec,
                                          next_x, prefetch_bytes, bulk)
         .run();
     bulk.parity ^= 1u;

@@ -17,8 +17,8 @@
 // With tuning.h's cluster_blocks set, rows of at least kClusterMinUnits vectors per thread
 // on sm_90 and newer take a thread block cluster each instead (cluster_group.cuh): 128
 // threads per block, each block caching its share of the row. With its bulk_load set, a
-// block per row's forward and fused kernels on sm_90 and newer have the bulk-copy engine
-// fill the row cache (bulk_copy.cuh), the forward-only kernel getting one too.
+// block per row's kernels on sm_90 and newer have the bulk-copy engine fill the row cache
+// (bulk_copy.cuh), the forward-only kernel and the backward getting one too.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -201,12 +201,10 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
   if constexpr (kHasVec) {
     if (vec) {
       const int64_t full = std::min<int64_t>(ceil_div(C, kN), row_cache_budget(props, tune));
-      if constexpr (kMode != Mode::Backward) {
-        // Bulk loads land in the row cache, so every forward kernel gets one then.
-        if (tune.bulk_load != 0 && props.cc_major >= 9) {
-          return launch_rows<T, kMode, BlockGroup, true, true>(p, threads, 1, full, gvec,
-                                                               stream, tune.prefetch_bytes);
-        }
+      // Bulk loads land in the row cache, so every kernel gets one then.
+      if (tune.bulk_load != 0 && props.cc_major >= 9) {
+        return launch_rows<T, kMode, BlockGroup, true, true>(p, threads, 1, full, gvec, stream,
+                                                             tune.prefetch_bytes);
       }
       return launch_rows<T, kMode, BlockGroup, true>(p, threads, 1, two_pass ? full : 0, gvec,
                                                      stream, tune.prefetch_bytes);

@@ -17,8 +17,9 @@ using namespace tlf::cuda;
 
 template <typename T, Mode M, class G, bool V, bool kBulk = false>
 cudaError_t launch(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
-  // As the launcher: no row cache for the backward, which has no first pass to fill it.
-  const int64_t cache = M == Mode::Backward ? 0 : d.cache;
+  // As the launcher: no row cache for the plain backward, which has no first pass to fill
+  // it.
+  const int64_t cache = M == Mode::Backward && !kBulk ? 0 : d.cache;
   const size_t groups = G::kUsesBarriers               ? 1
                         : std::is_same_v<G, WarpGroup> ? static_cast<size_t>(d.threads / 32)
                                                        : static_cast<size_t>(d.threads);
@@ -68,10 +69,7 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, const Direct& d) {
   if constexpr (!std::is_same_v<T, double>) {
     if (d.vec && d.group == Group::Warp) return launch<T, M, WarpGroup, true>(p, d, gvec);
     if (d.vec && d.group == Group::Block) {
-      // As the launcher: the backward (no pass 1) takes the plain kernel.
-      if constexpr (M != Mode::Backward) {
-        if (d.bulk) return launch<T, M, BlockGroup, true, true>(p, d, gvec);
-      }
+      if (d.bulk) return launch<T, M, BlockGroup, true, true>(p, d, gvec);
       return launch<T, M, BlockGroup, true>(p, d, gvec);
     }
   }
