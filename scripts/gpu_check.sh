@@ -16,7 +16,8 @@
 # work over several calls (the build is kept between calls on a warm machine).
 # GPU_CHECK_CUDA_TESTS_S caps the CUDA part of the tests; GPU_CHECK_REST_SELECT (pytest
 # arguments, word-split) narrows the rest, e.g. to the files a previous run found failing;
-# GPU_CHECK_MEMCHECK_S / GPU_CHECK_RACECHECK_S cap the sanitizer's two runs.
+# GPU_CHECK_MEMCHECK_S / GPU_CHECK_RACECHECK_S / GPU_CHECK_MEMCHECK_BULK_S cap the
+# sanitizer's runs (the last: memcheck of the block-per-row shapes under bulk_load=1).
 # A prebuilt extension (torchloss_fused/_C.cpython-<this python>-*.so, built elsewhere
 # against the same torch by scripts/prebuild_for_gpu.sh and carried along with
 # torchloss_fused/_C.sources, the hash of its sources) saves the build's minutes of device
@@ -248,6 +249,12 @@ elif [[ -n "$SAN" ]]; then
     "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py"
   run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit "${GPU_CHECK_RACECHECK_S:-60}" 130)" \
     "$SAN" --tool racecheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
+  # The bulk-copy kernels (bulk_load, sm_90 and newer, not the default) over the block-per-row
+  # shapes: a copy that reads past a row's storage is an out-of-bounds access here.
+  TLF_CUDA_TUNING=bulk_load=1 run_stage "memcheck (bulk_load=1)" "$LOGS/memcheck_bulk.log" \
+    "$(stage_limit "${GPU_CHECK_MEMCHECK_BULK_S:-45}" 120)" \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
 else
   note "compute-sanitizer not found: skipped"
 fi
@@ -321,11 +328,11 @@ fi
 # whole next row (256 KiB: a 128256-class bf16 row) while it writes this row's gradient, so
 # DRAM reads go on during the gradient pass (132 rows in flight: ~33 MB of a 50 MB L2);
 # a block per row whose first pass has the bulk-copy engine fill its row cache (bulk_load,
-# sm_90 and newer), alone and with that prefetch; clusters of 4, 16, 8 with a 32 KiB
+# sm_90 and newer), alone, with that prefetch, and with clusters of 8; clusters of 4, 16, 8 with a 32 KiB
 # prefetch, and 2 (never measured yet, so first); then a block per row with a 64 KiB
 # prefetch, and two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
 # re-read from L2).
-DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|bulk_load=1|bulk_load=1,prefetch_kib=256|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
+DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|bulk_load=1|bulk_load=1,prefetch_kib=256|cluster_blocks=8,bulk_load=1|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
 DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"

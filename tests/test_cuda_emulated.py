@@ -1009,6 +1009,18 @@ def bulk_configs() -> list[SoftmaxConfig]:
                     cache=rnd.choice(["part", "part", "full", "full", "none"]),
                     grid=rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
                     prefetch=rnd.choice([0, 200])))
+    # A cluster per row: each block's share of a segment is one run of the copies; one or
+    # two clusters, so a cluster takes several rows.
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for threads, cluster in ((32, 2), (32, 4), (64, 2)):
+            for layout in ("contig", "mis1"):
+                o = deal()
+                out.append(SoftmaxConfig(
+                    dtype, rnd.choice([1000, 3079, 5003]), layout, o, group=3,
+                    threads=threads, vec=True, cluster=cluster, bulk=True,
+                    cache=rnd.choice(["part", "full", "full", "none"]),
+                    grid=cluster * rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
+                    prefetch=rnd.choice([0, 200])))
     return out
 
 
@@ -1211,9 +1223,10 @@ def test_sample_covers_the_kernels(emulated):
     for ctype in ("float", "double", "__nv_bfloat16", "__half"):
         shapes = ["ThreadGroup, false", "WarpGroup, false", "BlockGroup, false"]
         if ctype != "double":
-            shapes += ["WarpGroup, true", "BlockGroup, true, false", "ClusterGroup, true"]
+            shapes += ["WarpGroup, true", "BlockGroup, true, false", "ClusterGroup, true, false",
+                       "BlockGroup, true, true", "ClusterGroup, true, true"]
         for mode in (0, 1, 2):
-            for shape in shapes + (["BlockGroup, true, true"] if ctype != "double" else []):
+            for shape in shapes:
                 missing.append(f"softmax_loss_kernel<{ctype}, (tlf::Mode){mode}, "
                                f"tlf::cuda::{shape}")
         for k in ("sigmoid_focal_kernel", "sigmoid_focal_sum_kernel", "rescale_grad_rows_kernel"):
@@ -1227,7 +1240,7 @@ def test_sample_covers_the_kernels(emulated):
     assert picked >= {"ThreadGroup, false, false", "WarpGroup, false, false",
                       "WarpGroup, true, false", "BlockGroup, false, false",
                       "BlockGroup, true, false", "BlockGroup, true, true",
-                      "ClusterGroup, true, false"}, picked
+                      "ClusterGroup, true, false", "ClusterGroup, true, true"}, picked
     blocks = {ln[1] for lns in launches.values() for ln in lns if "BlockGroup" in ln[4]}
     assert {128, 256, 512} <= blocks, f"block-per-row sizes run: {sorted(blocks)}"
     shrunk = [ln for s in auto if s.cfg.device == 2 for cid, lns in launches.items()
@@ -1241,9 +1254,9 @@ def test_launcher_follows_tuning(emulated):
     rows are long enough not to halve it) and keep the row cache within its cap; with
     cluster_blocks, on an sm_90-like device every launch is a cluster of that many blocks of
     128 threads (a whole number of clusters, each block's cache within the cap), and on the
-    sm_86-like device a block per row; with bulk_load (and no cluster), on an sm_90-like device
-    every launch takes the bulk-copy kernel, with a row cache, and on the sm_86-like device
-    the plain one. The values are checked with the other softmax cases, against the
+    sm_86-like device a block per row; with bulk_load, on an sm_90-like device every launch
+    (block or cluster) takes the bulk-copy kernel, with a row cache, and on the sm_86-like
+    device the plain one. The values are checked with the other softmax cases, against the
     reference."""
     _assert_none(emulated)
     launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
@@ -1266,16 +1279,14 @@ def test_launcher_follows_tuning(emulated):
         assert blocks and len(blocks) == len(mine), (s.cfg.describe(), mine)
         assert {ln[1] for ln in blocks} == {threads}, (s.cfg.describe(), blocks)
         assert all(ln[2] <= cap for ln in blocks), (s.cfg.describe(), blocks)
-        if shape == "BlockGroup, true":
-            for cid, lns in launches.items():
-                if not cid.startswith(s.sid + "."):
-                    continue
-                want = bulk_load and s.cfg.device != 1
-                bulk += bool(want)
-                assert all(f"BlockGroup, true, {str(bool(want)).lower()}>" in ln[4]
-                           and (ln[2] > 0 or not want) for ln in lns), (cid, lns)
+        want = bool(bulk_load) and s.cfg.device != 1
+        bulk += want * len(mine)
+        assert all(f"{shape}, {str(want).lower()}>" in ln[4] and (ln[2] > 0 or not want)
+                   for ln in mine), (s.cfg.describe(), mine)
     assert clustered == 12
-    assert bulk == 22  # 2 settings x 3 option sets x (fwd, fused, bwd, in-place but focal)
+    # 3 settings (2 a block per row, 1 clusters) x 3 option sets x (fwd, fused, bwd, and
+    # in-place but for focal loss)
+    assert bulk == 33
 
 
 def main(argv: list[str]) -> int:

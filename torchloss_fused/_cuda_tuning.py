@@ -24,12 +24,11 @@ Keys (any subset; the rest keep their defaults, which are the launcher's own cho
   block of 128 threads caches its share of the row (``row_cache_kib`` caps a block's
   share), so several rows share an SM; ``block_threads`` does not apply to them. 16 is a
   non-portable cluster size: a device that cannot fit one falls back to a block per row.
-- ``bulk_load``: 0 or 1 (default 0: off). 1: on sm_90 and newer, a block per row (rows of
-  contiguous classes) has the bulk-copy engine (``cp.async.bulk``, completing on mbarriers)
-  bring the part of the row its shared-memory cache holds into it, for the forward's first
-  pass and for the separate backward's one pass, instead of each thread loading it through
-  registers. Rows that take a cluster (``cluster_blocks`` wins) and older devices are
-  unaffected.
+- ``bulk_load``: 0 or 1 (default 0: off). 1: on sm_90 and newer, each block of a block or
+  a cluster per row (rows of contiguous classes) has the bulk-copy engine
+  (``cp.async.bulk``, completing on mbarriers) bring the part of the row its shared-memory
+  cache holds into it, for the forward's first pass and for the separate backward's one
+  pass, instead of each thread loading it through registers. Older devices are unaffected.
 
 No setting changes what is computed; ``block_threads`` and ``cluster_blocks`` change the
 order of a row's sums, so the last bits can differ between settings (never between runs

@@ -6,17 +6,19 @@
 //
 // Protocol (each barrier completes one phase per use; its parity alternates 0, 1, 0, ...):
 //   mbar_init by one thread, then mbar_init_fence and a block barrier;
-//   bulk_load by one thread (arms the barrier with the byte count, then starts the copy);
+//   mbar_expect by one thread (arms the barrier with the bytes to come), then its bulk_loads;
 //   mbar_wait(bar, parity) by every thread that reads the copied bytes;
 //   before a later bulk_load overwrites bytes that threads read, a block barrier (they are
 //   done) and, by the issuing thread, async_proxy_fence.
 // Sizes and both addresses are multiples of 16 bytes.
 //
 // The host emulator (tests/cuda_emulation, TLF_CUDA_EMULATOR) has these calls of its own: it
-// performs a barrier's copies at the first wait on it, so a read before its wait sees stale
-// shared memory, and a wait with no copy armed is a deadlock fault.
+// performs a phase's copies at the first wait after they are all issued, so a read before
+// its wait sees stale shared memory, and a wait on a phase that never completes is a
+// deadlock fault.
 #pragma once
 
+#include <assert.h>  // declares __assert_fail for device code too
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -57,14 +59,26 @@ __device__ __forceinline__ void async_proxy_fence() {
 #endif
 }
 
-// Copies `bytes` (a multiple of 16, below 2^20) from global `src` to shared `dst`; `bar`'s
-// current phase completes when they have landed. One thread per barrier and phase.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
-                                          uint64_t* bar) {
+// Arms `bar`'s current phase for `bytes` (below 2^20; 0: the phase completes at once) of
+// copies, which bulk_load then starts. One thread per barrier and phase.
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
 #if defined(TLF_HAS_BULK_COPY)
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
                "r"(bytes)
                : "memory");
+#elif defined(TLF_CUDA_EMULATOR)
+  ::emu::mbar_expect(bar, bytes);
+#else
+  (void)bar, (void)bytes;
+  __trap();
+#endif
+}
+
+// Copies `bytes` (a positive multiple of 16) from global `src` to shared `dst`, counted on
+// `bar`'s armed phase, which completes once all the bytes it expects have landed.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+#if defined(TLF_HAS_BULK_COPY)
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
           "r"(smem_addr(dst)),
@@ -78,19 +92,35 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 #endif
 }
 
+#if defined(TLF_HAS_BULK_COPY)
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// A wait this long (about 8 s at 2 GHz) means a copy that will never land (a bug): a device
+// assert ends the kernel with an error instead of hanging the process.
+constexpr long long kBulkWaitCycles = 1ll << 34;
+#endif
+
 // Returns once `bar`'s phase of parity `parity` has completed: the bytes of the copy armed on
 // it are in shared memory and visible to this thread.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if defined(TLF_HAS_BULK_COPY)
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  if (mbar_try_wait(bar, parity)) return;
+  const long long t0 = clock64();
+  while (!mbar_try_wait(bar, parity)) {
+    if (clock64() - t0 > kBulkWaitCycles) {
+      __assert_fail("bulk copy never completed (mbarrier wait timed out)", __FILE__, __LINE__,
+                    __func__);
+    }
+  }
 #elif defined(TLF_CUDA_EMULATOR)
   ::emu::mbar_wait(bar, parity);
 #else

@@ -88,6 +88,12 @@ struct ClusterGroup {
     return ((v >> (lg_threads_ + lg_blocks_)) << lg_threads_) + threadIdx.x;
   }
   __device__ __forceinline__ int64_t cache_step() const { return blockDim.x; }
+  // The block's run of each size()-vector segment of a row (bulk copies): its threads'
+  // vectors, blockDim.x of them from rank * blockDim.x.
+  __device__ __forceinline__ int64_t block_share_offset() const {
+    return static_cast<int64_t>(rank_) << lg_threads_;
+  }
+  __device__ __forceinline__ int64_t block_share_length() const { return blockDim.x; }
 
   template <typename acc_t>
   __device__ __forceinline__ acc_t sum(acc_t v) const {

@@ -102,6 +102,9 @@ struct BlockGroup : CacheByVector<BlockGroup> {
   __device__ __forceinline__ int slot() const { return 0; }
   __device__ __forceinline__ int64_t first() const { return blockIdx.x; }
   __device__ __forceinline__ int64_t stride() const { return gridDim.x; }
+  // The block's run of each size()-vector segment of a row (bulk copies): all of it.
+  __device__ __forceinline__ int64_t block_share_offset() const { return 0; }
+  __device__ __forceinline__ int64_t block_share_length() const { return blockDim.x; }
 
   template <typename acc_t>
   __device__ __forceinline__ acc_t sum(acc_t v) const {

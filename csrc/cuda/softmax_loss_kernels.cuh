@@ -162,7 +162,7 @@ class SoftmaxRow {
       const int64_t cover = g_.cache_cover(cache_cap);
       cache_n = nvec < cover ? nvec : cover;
       if (kBulk) {
-        // At most kBulkMaxChunks chunks, each a whole number of block sizes.
+        // At most kBulkMaxChunks chunks, each a whole number of group sizes.
         const int64_t per_chunk = (cache_n + kBulkMaxChunks - 1) / kBulkMaxChunks;
         chunk_vecs = gsize * ((per_chunk + gsize - 1) / gsize);
         if (chunk_vecs == 0) chunk_vecs = gsize;
@@ -399,18 +399,38 @@ class SoftmaxRow {
     }
   }
 
-  // kBulk: once every thread is done with the previous row's cache, one thread starts the
-  // copies of this row's cached vectors, chunk k completing on barrier k.
+  // kBulk: once every thread of the block is done with the previous row's cache, one
+  // thread starts the copies of this row's cached vectors that are the block's, chunk k
+  // (vectors [k chunk_vecs, (k + 1) chunk_vecs)) completing on barrier k. In each segment
+  // of gsize vectors the block's share is one run (grp.block_share_*), which goes to the
+  // slots from j * share length for segment j, where the threads' own loads would have put
+  // it (cache_slot).
   __device__ __forceinline__ void start_bulk() {
     __syncthreads();
-    if (lane == 0) {
-      async_proxy_fence();
-      const T* xv = x + head;
-      int k = 0;
-      for (int64_t v = 0; v < cache_n; v += chunk_vecs, ++k) {
-        const int64_t n = cache_n - v < chunk_vecs ? cache_n - v : chunk_vecs;
-        bulk_load(cache + v, xv + v * kN, static_cast<uint32_t>(n * sizeof(uint4)),
-                  bulk.bars + k);
+    if (threadIdx.x != 0) return;
+    async_proxy_fence();
+    const T* xv = x + head;
+    const int64_t off = grp.block_share_offset(), len = grp.block_share_length();
+    int k = 0;
+    for (int64_t a = 0; a < cache_n; a += chunk_vecs, ++k) {
+      const int64_t b = a + chunk_vecs < cache_n ? a + chunk_vecs : cache_n;
+      // The run of segment j within [a, b): vectors [f, e), empty when e <= f.
+      const auto run = [&](int64_t j, int64_t& f, int64_t& e) {
+        f = j * gsize + off;
+        e = f + len < b ? f + len : b;
+      };
+      uint32_t bytes = 0;
+      for (int64_t j = a / gsize, f, e; j * gsize < b; ++j) {
+        run(j, f, e);
+        if (e > f) bytes += static_cast<uint32_t>((e - f) * sizeof(uint4));
+      }
+      mbar_expect(bulk.bars + k, bytes);
+      for (int64_t j = a / gsize, f, e; j * gsize < b; ++j) {
+        run(j, f, e);
+        if (e > f) {
+          bulk_load(cache + j * len, xv + f * kN, static_cast<uint32_t>((e - f) * sizeof(uint4)),
+                    bulk.bars + k);
+        }
       }
     }
   }
@@ -764,8 +784,8 @@ template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
                         bool grad_vec, int64_t prefetch_bytes) {
-  static_assert(!kBulk || (kVec && std::is_same_v<G, BlockGroup>),
-                "bulk loads serve a block per row's vector path");
+  static_assert(!kBulk || (kVec && G::kUsesBarriers),
+                "bulk loads serve the vector path of a block or a cluster per row");
   extern __shared__ uint4 tlf_row_cache[];
   BulkBarriers bulk;
   if constexpr (kBulk) {

@@ -16,9 +16,9 @@
 // run-time settings of tuning.h (defaults: 512 threads, the largest cache, no prefetch).
 // With tuning.h's cluster_blocks set, rows of at least kClusterMinUnits vectors per thread
 // on sm_90 and newer take a thread block cluster each instead (cluster_group.cuh): 128
-// threads per block, each block caching its share of the row. With its bulk_load set, a
-// block per row's kernels on sm_90 and newer have the bulk-copy engine fill the row cache
-// (bulk_copy.cuh), the forward-only kernel and the backward getting one too.
+// threads per block, each block caching its share of the row. With its bulk_load set, the
+// block and cluster kernels on sm_90 and newer have the bulk-copy engine fill the row
+// cache (bulk_copy.cuh), the forward-only kernel and the backward getting one too.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -104,16 +104,16 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
 // (each block its share, a whole number of slots per thread) within the cap of tuning.h
 // and what the device grants, halved while no cluster fits. cudaErrorNotSupported when no
 // cluster fits even without a cache: the caller takes a block per row instead.
-template <typename T, Mode kMode>
+template <typename T, Mode kMode, bool kBulk = false>
 cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props,
                             const BlockRowTuning& tune, bool two_pass, bool grad_vec,
                             cudaStream_t stream) {
-  auto kernel = softmax_loss_kernel<T, kMode, ClusterGroup, true>;
+  auto kernel = softmax_loss_kernel<T, kMode, ClusterGroup, true, kBulk>;
   constexpr int kThreads = GroupTraits<ClusterGroup>::kMaxThreads;
   const int cluster = tune.cluster_blocks;
   const int64_t rows = p.in.B * p.in.D;
   int64_t cache = 0;
-  if (two_pass) {
+  if (two_pass || kBulk) {  // bulk copies land in the cache
     const int64_t per_thread =
         ceil_div(ceil_div(p.in.C, Vec16<T>::kVec), int64_t{cluster} * kThreads);
     cache = std::min(per_thread, row_cache_budget(props, tune) / kThreads) * kThreads;
@@ -192,7 +192,10 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
         int64_t{tune.cluster_blocks} * GroupTraits<ClusterGroup>::kMaxThreads;
     if (vec && tune.cluster_blocks > 1 && props.cc_major >= 9 &&
         units >= kClusterMinUnits * cluster_threads) {
-      const cudaError_t err = launch_clusters<T, kMode>(p, props, tune, two_pass, gvec, stream);
+      const cudaError_t err =
+          tune.bulk_load != 0
+              ? launch_clusters<T, kMode, true>(p, props, tune, two_pass, gvec, stream)
+              : launch_clusters<T, kMode>(p, props, tune, two_pass, gvec, stream);
       if (err != cudaErrorNotSupported) return err;
     }
   }

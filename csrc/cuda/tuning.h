@@ -20,9 +20,10 @@ struct BlockRowTuning {
   // Blocks of a thread block cluster per row on sm_90 and newer (cluster_group.cuh): 2, 4, 8
   // or 16; 0: none. Long rows only; elsewhere, and on older devices, a block per row.
   int cluster_blocks = 0;
-  // A block per row (sm_90 and newer, vector rows) has the bulk-copy engine (cp.async.bulk)
-  // bring the part of the row its cache holds into shared memory, for pass 1 or the
-  // backward's one pass, instead of each thread loading it through registers: 0 off, 1 on.
+  // Each block of a block or cluster per row (sm_90 and newer, vector rows) has the
+  // bulk-copy engine (cp.async.bulk) bring the part of the row its cache holds into shared
+  // memory, for pass 1 or the backward's one pass, instead of each thread loading it
+  // through registers: 0 off, 1 on.
   int bulk_load = 0;
 };
 

@@ -451,13 +451,17 @@ void cluster_wait() {
 // ---- bulk copies and their mbarriers -------------------------------------------------------
 // A barrier's state lives here, keyed by its shared-memory address; `epoch` says which
 // cluster run initialised it (a barrier of an earlier block is not initialised).
+struct Copy {
+  void* dst;
+  const void* src;
+  uint32_t bytes;
+};
 struct Mbar {
   uint64_t epoch = 0;
   unsigned phase = 0;  // completed phases
-  bool armed = false;  // a copy is pending in the current phase
-  void* dst = nullptr;
-  const void* src = nullptr;
-  uint32_t bytes = 0;
+  bool armed = false;  // the current phase has had its arrival (mbar_expect)
+  uint32_t expect = 0, issued = 0;  // bytes
+  std::vector<Copy> copies;  // issued, not landed
 };
 std::map<const void*, Mbar> g_mbars;
 uint64_t g_epoch = 0;
@@ -476,11 +480,28 @@ void mbar_init(void* bar) {
   g_mbars[bar] = Mbar{g_epoch};
 }
 
+void wake_waiters(const void* bar) {
+  for (unsigned i = 0; i < g_run->threads * g_run->size; ++i) {
+    Fiber& f = (*g_run->fibers)[i];
+    if (f.state == State::AtMbarrier && f.mbar == bar) f.state = State::Ready;
+  }
+}
+
+void mbar_expect(void* bar, uint32_t bytes) {
+  Mbar& m = mbar_of(bar, "mbarrier.arrive.expect_tx");
+  if (m.armed) device_fault("a second arrival on an mbarrier of count 1 in one phase");
+  if (bytes >= (1u << 20)) device_fault("mbarrier transaction count of 2^20 bytes or more");
+  m.armed = true;
+  m.expect = bytes;
+  m.issued = 0;
+  wake_waiters(bar);
+}
+
 void bulk_load(void* dst, const void* src, uint32_t bytes, void* bar) {
   Mbar& m = mbar_of(bar, "cp.async.bulk");
-  if (m.armed) device_fault("cp.async.bulk on an mbarrier whose phase already has a copy");
-  if (bytes == 0 || bytes % 16 != 0 || bytes >= (1u << 20)) {
-    device_fault("cp.async.bulk size not a positive multiple of 16 below 2^20");
+  if (!m.armed) device_fault("cp.async.bulk on an mbarrier phase not armed by mbar_expect");
+  if (bytes == 0 || bytes % 16 != 0 || m.issued + bytes > m.expect) {
+    device_fault("cp.async.bulk size not a positive multiple of 16 within the armed bytes");
   }
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     device_fault("cp.async.bulk address not 16-byte aligned");
@@ -490,27 +511,23 @@ void bulk_load(void* dst, const void* src, uint32_t bytes, void* bar) {
   if (d < smem.data || d + bytes > smem.data + smem.bytes) {
     device_fault("cp.async.bulk destination outside the block's dynamic shared memory");
   }
-  m.armed = true;
-  m.dst = dst;
-  m.src = src;
-  m.bytes = bytes;
-  for (unsigned i = 0; i < g_run->threads * g_run->size; ++i) {  // waiters re-check
-    Fiber& f = (*g_run->fibers)[i];
-    if (f.state == State::AtMbarrier && f.mbar == bar) f.state = State::Ready;
-  }
+  m.copies.push_back(Copy{dst, src, bytes});
+  m.issued += bytes;
+  wake_waiters(bar);
 }
 
 void mbar_wait(void* bar, uint32_t parity) {
   for (;;) {
     Mbar& m = mbar_of(bar, "mbarrier wait");
     if ((m.phase & 1u) != (parity & 1u)) return;  // that phase has completed
-    if (m.armed) {  // the copy lands now, at the first wait on it
-      std::memcpy(m.dst, m.src, m.bytes);
+    if (m.armed && m.issued == m.expect) {  // its copies land now, at the first wait
+      for (const Copy& c : m.copies) std::memcpy(c.dst, c.src, c.bytes);
+      m.copies.clear();
       m.armed = false;
       ++m.phase;
       return;
     }
-    Fiber& me = (*g_run->fibers)[g_run->cur];  // nothing armed yet: wait for a bulk_load
+    Fiber& me = (*g_run->fibers)[g_run->cur];  // bytes still to come: wait for them
     me.state = State::AtMbarrier;
     me.mbar = bar;
     switch_to_scheduler(false);

@@ -98,11 +98,13 @@ inline T& block_shared(Tag) {
 void* map_shared_rank(const void* p, unsigned rank);
 
 // ---- bulk copies (sm_90 cp.async.bulk completing on an mbarrier; csrc/cuda/bulk_copy.cuh) --
-// A copy is performed at the first wait on its barrier's phase, so a read before its wait
-// sees what shared memory held; a wait with no copy armed blocks until one is (deadlock if
-// none ever is). Misuse (an uninitialised barrier, two copies in one phase, a misaligned or
-// oversized copy, a destination outside dynamic shared memory) is a device fault.
+// A phase's copies are performed at the first wait once all the bytes it was armed for are
+// issued, so a read before its wait sees what shared memory held; a wait before then blocks
+// (a deadlock if they never come). Misuse (an uninitialised barrier, a second arrival in
+// one phase, a copy beyond the armed bytes or before the arming, a misaligned copy, a
+// destination outside dynamic shared memory) is a device fault.
 void mbar_init(void* bar);
+void mbar_expect(void* bar, uint32_t bytes);
 void bulk_load(void* dst, const void* src, uint32_t bytes, void* bar);
 void mbar_wait(void* bar, uint32_t parity);
 

@@ -21,7 +21,7 @@ struct Direct {
   int cluster = 1;  // blocks per cluster (Group::Cluster: a power of two; grid a multiple)
   int64_t cache = 0;  // row-cache slots (16 bytes) per group
   int64_t prefetch = 0;  // bytes of the next row to prefetch into L2 (vector path)
-  bool bulk = false;  // Group::Block, vec: the bulk-copy kernel
+  bool bulk = false;  // Group::Block or Cluster, vec: the bulk-copy kernel
 };
 
 template <typename T>

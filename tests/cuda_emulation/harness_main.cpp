@@ -11,7 +11,7 @@
 //   schedule THREADS BLOCKS (emu::Schedule, emu_control.h)   fastmath -1|0|1 (emu_runtime.h)
 //   launch auto (the real launcher) | direct  with  group 0-3  vec 0|1  grid N  threads N  cache N
 //     prefetch BYTES (direct; the next row's L2 prefetch)  cluster N (direct, group 3)
-//     bulk 0|1 (direct, group 2, vec: the row cache filled by bulk copies)
+//     bulk 0|1 (direct, group 2 or 3, vec: the row cache filled by bulk copies)
 //   tuning MAX_THREADS ROW_CACHE_BYTES PREFETCH_BYTES CLUSTER_BLOCKS BULK_LOAD (auto:
 //     tlf::cuda::BlockRowTuning for this case; the defaults are restored after it)
 //   softmax: mode 0-2 (tlf::Mode), input PTR B C D sb sc sd, index_target PTR TYPE sb sd D,

@@ -37,10 +37,10 @@ cudaError_t launch(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
 
 // A cluster per row, launched as the launcher does (cudaLaunchKernelEx with a cluster
 // dimension); the row cache is d.cache slots per block.
-template <typename T, Mode M>
+template <typename T, Mode M, bool kBulk = false>
 cudaError_t launch_cluster(const SoftmaxLossParams& p, const Direct& d, bool grad_vec) {
-  const int64_t cache = M == Mode::Backward ? 0 : d.cache;
-  auto kernel = softmax_loss_kernel<T, M, ClusterGroup, true>;
+  const int64_t cache = M == Mode::Backward && !kBulk ? 0 : d.cache;
+  auto kernel = softmax_loss_kernel<T, M, ClusterGroup, true, kBulk>;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(d.cluster);
@@ -72,11 +72,12 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, const Direct& d) {
       if (d.bulk) return launch<T, M, BlockGroup, true, true>(p, d, gvec);
       return launch<T, M, BlockGroup, true>(p, d, gvec);
     }
+    if (d.vec && d.group == Group::Cluster) {
+      if (d.bulk) return launch_cluster<T, M, true>(p, d, gvec);
+      return launch_cluster<T, M>(p, d, gvec);
+    }
   }
-  if (d.bulk) return cudaErrorInvalidValue;  // a block per row's vector path only
-  if constexpr (!std::is_same_v<T, double>) {
-    if (d.vec && d.group == Group::Cluster) return launch_cluster<T, M>(p, d, gvec);
-  }
+  if (d.bulk) return cudaErrorInvalidValue;  // a block or cluster per row's vector path only
   if (d.group == Group::Cluster) return cudaErrorInvalidValue;  // vector rows only
   if (d.vec) return cudaErrorInvalidValue;  // not an instantiation the launcher has
   switch (d.group) {
