@@ -984,6 +984,12 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
         for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0}, {}):
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=4, device=device,
                                      tuning=tuning))
+    # Probability targets over rows with whole batches (a block of 32 threads: 192 vectors
+    # or more): the forward must sum them as the fused kernel does (same lse bits).
+    for dtype, C in ((torch.bfloat16, 2057), (torch.float16, 3001), (torch.float32, 1100)):
+        for threads in (32, 64):
+            out.append(SoftmaxConfig(dtype, C, "contig", {"prob": True}, group=2,
+                                     threads=threads, vec=True, cache="full", grid=2, B=5))
     out += bulk_configs()
     return out
 
@@ -1021,6 +1027,15 @@ def bulk_configs() -> list[SoftmaxConfig]:
                     cache=rnd.choice(["part", "full", "full", "none"]),
                     grid=cluster * rnd.choice([1, 2]), B=5, schedule_check=rnd.random() < 0.5,
                     prefetch=rnd.choice([0, 200])))
+    # Rows of an odd bf16 length alternate their 16-byte alignment, so a whole-row cache
+    # has 129 or 128 vectors and 5 or 4 chunks of 32: a barrier a row leaves unarmed keeps
+    # its phase (a review found one parity bit for all barriers wrong here).
+    for C, threads, group, cluster, grid in ((1033, 32, 2, 1, 1), (1033, 32, 2, 1, 2),
+                                             (1041, 32, 2, 1, 2), (2065, 32, 3, 2, 4)):
+        for o in ({}, {"eps": 0.1}, {"all_ignored": True}):
+            out.append(SoftmaxConfig(
+                torch.bfloat16, C, "contig", o, group=group, threads=threads, vec=True,
+                cluster=cluster, bulk=True, cache="full", grid=grid, B=8))
     return out
 
 

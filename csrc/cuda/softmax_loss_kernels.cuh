@@ -64,8 +64,10 @@ struct GroupTraits<ClusterGroup> {
   static constexpr int kUnroll = GroupTraits<BlockGroup>::kUnroll;
 };
 
-// A block per row's bulk-copy barriers (kBulk): one per chunk of the row cache, each
-// completing one phase per row; `parity` is the current row's.
+// A block's bulk-copy barriers (kBulk): one per chunk of the row cache. A row arms the
+// first few (as many as its cache has chunks, which can differ between rows whose 16-byte
+// alignment differs), each completing one phase; bit k of `parity` is barrier k's current
+// phase parity.
 constexpr int kBulkMaxChunks = 32;
 struct BulkBarriers {
   uint64_t* bars = nullptr;
@@ -279,6 +281,10 @@ class SoftmaxRow {
     if (kVec && next_x != nullptr) prefetch_l2(next_x, prefetch_n, lane, gsize);
 
     if (kGrad && zero_row) {
+      // The bulk backward's copies still read the row: in place, no zero may land first.
+      if constexpr (kBulk && kMode == Mode::Backward) {
+        if (cache_n > 0) await(cache_n - 1);
+      }
       write_zero_row();
     } else if (kGrad || need_sum) {
       // The common rows have loops of their own, the same formulas without the
@@ -341,6 +347,12 @@ class SoftmaxRow {
     }
   }
 
+  // kBulk: the barriers this row armed (one phase each), as a mask of their indices.
+  __device__ __forceinline__ uint32_t bulk_chunks_mask() const {
+    const int64_t n = (cache_n + chunk_vecs - 1) / chunk_vecs;
+    return n >= kBulkMaxChunks ? ~0u : (1u << n) - 1u;
+  }
+
  private:
   __device__ __forceinline__ acc_t load_scalar(int64_t c) const { return to_acc(x[c * sc]); }
 
@@ -360,8 +372,10 @@ class SoftmaxRow {
         if (ct < C) mass += q.prob(ct);
       }
       // The logit transform and the target mass have a loop of their own: in the common
-      // rows' loop their per-vector tests would cost more than the math.
-      if (tf.active() || with_mass) {
+      // rows' loop their per-vector tests would cost more than the math. The choice tests
+      // p.prob_target, not with_mass (fused only): the forward of a probability target sums
+      // its row in the same order as the fused kernel, so their lse agree bitwise.
+      if (tf.active() || p.prob_target) {
         pass1_vectors<true>(st, mass, with_mass);
       } else {
         pass1_vectors<false>(st, mass, false);
@@ -414,6 +428,12 @@ class SoftmaxRow {
     int k = 0;
     for (int64_t a = 0; a < cache_n; a += chunk_vecs, ++k) {
       const int64_t b = a + chunk_vecs < cache_n ? a + chunk_vecs : cache_n;
+      if (len == gsize) {  // the block's share is every segment whole: one copy
+        const auto bytes = static_cast<uint32_t>((b - a) * sizeof(uint4));
+        mbar_expect(bulk.bars + k, bytes);
+        bulk_load(cache + a, xv + a * kN, bytes, bulk.bars + k);
+        continue;
+      }
       // The run of segment j within [a, b): vectors [f, e), empty when e <= f.
       const auto run = [&](int64_t j, int64_t& f, int64_t& e) {
         f = j * gsize + off;
@@ -440,7 +460,7 @@ class SoftmaxRow {
   template <typename I>
   __device__ __forceinline__ void await(I v) {
     while (v >= static_cast<I>(ready_end)) {
-      mbar_wait(bulk.bars + ready_chunk, bulk.parity);
+      mbar_wait(bulk.bars + ready_chunk, (bulk.parity >> ready_chunk) & 1u);
       ++ready_chunk;
       ready_end += chunk_vecs;
     }
@@ -810,12 +830,11 @@ __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::k
     const T* next_x = kPrefetch && prefetch_bytes > 0 && next < rows
                           ? input + p.in.row_offset(next)
                           : nullptr;
-    SoftmaxRow<T, kMode, G, kVec, kBulk>(p, grp, tf, r, cache,
-                                         kMode == Mode::Backward && !kBulk ? 0 : cache_vecs,
-                                         grad_vec,
-                                         next_x, prefetch_bytes, bulk)
-        .run();
-    bulk.parity ^= 1u;
+    SoftmaxRow<T, kMode, G, kVec, kBulk> row(p, grp, tf, r, cache,
+                                             kMode == Mode::Backward && !kBulk ? 0 : cache_vecs,
+                                             grad_vec, next_x, prefetch_bytes, bulk);
+    row.run();
+    if constexpr (kBulk) bulk.parity ^= row.bulk_chunks_mask();
   }
 }
 
