@@ -18,8 +18,12 @@ build/cuda_emulation/<hash of every input>, runs a seeded sample of cases in a f
   focal gamma = 0 == cross-entropy, and no dependence on the thread / block schedule;
 - an out-of-range target is the device assert, and nothing is accessed out of bounds (the
   next-row L2 prefetch included);
-- the real launcher under run-time tuning (block size, row-cache cap, prefetch, clusters)
-  launches what the tuning asks, with the same values;
+- the real launcher under run-time tuning (block size, row-cache cap, prefetch, clusters,
+  bulk loads) launches what the tuning asks, with the same values;
+- bulk copies into the row cache (sm_90 cp.async.bulk and mbarriers, emulated: a copy
+  lands at the first wait on its phase) give the plain kernels' bits, for a block or a
+  cluster per row, forward, fused and backward (in place too), rows whose chunk count
+  changes with their alignment included;
 - _rescale_grad_rows; sigmoid focal elementwise forward / backward (n not a multiple of the
   vector width, aligned or not); the reduced sum and sum-with-gradient, whose partition
   depends on n alone (same bits on every device and schedule, at most kSigmoidSumBlocks);
