@@ -79,9 +79,10 @@ __device__ __forceinline__ void fail_bad_target() {
                 __FILE__, __LINE__, __func__);
 }
 
-// kBulk (a block per row on sm_90 and newer, vector rows): the row's first vectors, as many
-// as the row cache holds, are brought into it by the bulk-copy engine (bulk_copy.cuh) in
-// chunks of whole multiples of the block size. Pass 1 reads them from there, in the same
+// kBulk (a block or a cluster per row on sm_90 and newer, vector rows): the row's first
+// vectors, as many as the row cache holds, are brought into it by the bulk-copy engine
+// (bulk_copy.cuh) in chunks of whole multiples of the group size, each block copying its
+// own share. Pass 1 reads them from there, in the same
 // order and batches as it would have loaded them, so the results are the same bits; the
 // backward (no pass 1) reads them in its cached loop. Uncached vectors are loaded as ever.
 template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
@@ -798,8 +799,8 @@ class SoftmaxRow {
 // it).
 // kBulk: the cached part of each row is brought into the row cache by the bulk-copy engine
 // (SoftmaxRow), for pass 1, or for the backward's one pass (an in-place backward writes a
-// chunk's gradient only after the chunk has landed); sm_90 and newer, a block per row,
-// vector rows only.
+// chunk's gradient only after the chunk has landed); sm_90 and newer, a block or a cluster
+// per row, vector rows only.
 template <typename T, Mode kMode, class G, bool kVec, bool kBulk = false>
 __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::kMinBlocks)
     softmax_loss_kernel(const __grid_constant__ SoftmaxLossParams p, int64_t cache_vecs,
