@@ -3,7 +3,8 @@ csrc/cuda/tuning.h): parsing and its errors everywhere; on a build with CUDA ker
 round trip through _C; on a GPU, results under each setting (the emulator checks the
 launcher follows them: tests/test_cuda_emulated.py::test_launcher_follows_tuning), and on
 sm_90 and newer the thread block cluster launches and the bulk loads (bulk_load) in graphs,
-on side streams and under the CUDA-only tests."""
+on side streams and under the CUDA-only tests (the bulk loads in processes of their
+own)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ from .helpers import assert_ce_like_oracle
 # _C imports only where the extension loaded (elsewhere the fallback serves).
 _C = importlib.import_module("torchloss_fused._C") if _backend.EXTENSION_LOADED else None
 CUDA_BUILD = _C is not None and _C.has_cuda()
+# The bulk-copy kernels (bulk_load) run in a process of their own
+# (test_bulk_load_in_its_own_process), which sets this: until a GPU has run them, a fault
+# there (a device assert ends the CUDA context) must not take the other tests with it.
+BULK_HERE = os.environ.get("TLF_TEST_BULK_HERE") == "1"
+bulk_process = pytest.mark.skipif(not BULK_HERE,
+                                  reason="runs in test_bulk_load_in_its_own_process")
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -147,28 +154,17 @@ def test_c_round_trip_and_validation(restore_tuning):
     assert _cuda_tuning.current() == want
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.05}], ids=["plain", "smooth"])
-def test_results_under_each_tuning(dtype, kw, restore_tuning):
-    """Every setting gives the float64 oracle's loss and gradient; the row cache, the
-    prefetch and the bulk loads (sm_90 and newer; elsewhere ignored) change no bit (the
-    block size and the cluster size may change the sums' order). The rows are longer than
-    a 100 KiB cache, shorter than the default one; with clusters (sm_90 and newer;
-    elsewhere a block per row), an 8 KiB cap per block caches part of a row."""
+def _same_bits_per_launch_shape(tunings, dtype, kw):
+    """Every setting gives the float64 oracle's loss and gradient, and settings of one launch
+    shape (block size, or cluster size on sm_90 and newer) give the same bits. The rows are
+    longer than a 100 KiB cache, shorter than the default one."""
     C = 100003
     x = (torch.randn(6, C, device="cuda", dtype=torch.float64) * 3).to(dtype)
     t = torch.randint(0, C, (6,), device="cuda")
     t[2] = -100
     hopper_or_newer = torch.cuda.get_device_capability()[0] >= 9
     by_shape = {}
-    for tuning in (CudaTuning(), CudaTuning(256, 100, 0), CudaTuning(128, 0, 64),
-                   CudaTuning(512, 0, 1024), CudaTuning(256, None, 16),
-                   CudaTuning(cluster_blocks=2), CudaTuning(cluster_blocks=8),
-                   CudaTuning(512, 8, 16, 8), CudaTuning(256, 0, 0, 8),
-                   CudaTuning(cluster_blocks=16), CudaTuning(bulk_load=1),
-                   CudaTuning(256, 100, 0, 0, 1), CudaTuning(128, 0, 64, 0, 1),
-                   CudaTuning(cluster_blocks=8, bulk_load=1)):
+    for tuning in tunings:
         _cuda_tuning.apply(tuning)
         loss, grad = assert_ce_like_oracle(x, t, **kw)
         clustered = tuning.cluster_blocks > 0 and hopper_or_newer
@@ -177,15 +173,45 @@ def test_results_under_each_tuning(dtype, kw, restore_tuning):
         assert torch.equal(first[0], loss) and torch.equal(first[1], grad), tuning
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.05}], ids=["plain", "smooth"])
+def test_results_under_each_tuning(dtype, kw, restore_tuning):
+    """The row cache and the prefetch change no bit (the block size and the cluster size may
+    change the sums' order); with clusters (sm_90 and newer; elsewhere a block per row), an
+    8 KiB cap per block caches part of a row."""
+    _same_bits_per_launch_shape(
+        (CudaTuning(), CudaTuning(256, 100, 0), CudaTuning(128, 0, 64),
+         CudaTuning(512, 0, 1024), CudaTuning(256, None, 16), CudaTuning(cluster_blocks=2),
+         CudaTuning(cluster_blocks=8), CudaTuning(512, 8, 16, 8), CudaTuning(256, 0, 0, 8),
+         CudaTuning(cluster_blocks=16)), dtype, kw)
+
+
+@bulk_process
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.05}], ids=["plain", "smooth"])
+def test_results_under_bulk_load(dtype, kw, restore_tuning):
+    """The bulk loads (sm_90 and newer; elsewhere ignored) change no bit: each bulk setting
+    after the plain one of its launch shape (a whole or a 100 KiB row cache, none, a
+    cluster of 8)."""
+    _same_bits_per_launch_shape(
+        (CudaTuning(), CudaTuning(256, 100, 0), CudaTuning(128, 0, 64),
+         CudaTuning(cluster_blocks=8), CudaTuning(bulk_load=1), CudaTuning(256, 100, 0, 0, 1),
+         CudaTuning(128, 0, 64, 0, 1), CudaTuning(cluster_blocks=8, bulk_load=1)), dtype, kw)
+
+
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 needs_clusters = pytest.mark.skipif(
     not HOPPER, reason="needs a GPU with thread block clusters (sm_90 or newer)")
 
 
 @needs_clusters
-@pytest.mark.parametrize("tuning", [CudaTuning(cluster_blocks=4), CudaTuning(cluster_blocks=16),
-                                    CudaTuning(bulk_load=1)],
-                         ids=["cluster_blocks=4", "cluster_blocks=16", "bulk_load=1"])
+@pytest.mark.parametrize("tuning", [
+    CudaTuning(cluster_blocks=4), CudaTuning(cluster_blocks=16),
+    pytest.param(CudaTuning(bulk_load=1), marks=bulk_process),
+    pytest.param(CudaTuning(cluster_blocks=4, bulk_load=1), marks=bulk_process)],
+    ids=["cluster_blocks=4", "cluster_blocks=16", "bulk_load=1", "cluster_blocks=4,bulk_load=1"])
 def test_clusters_in_graphs_on_side_streams_and_repeated(tuning, restore_tuning):
     """Clusters are launched on the current stream (cudaLaunchKernelEx): a CUDA graph
     captures the fused forward + backward and replays the eager bits, a side stream gives
@@ -244,5 +270,20 @@ def test_cuda_only_suite_under_clusters(spec):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/test_cuda_only.py", "-k", select], cwd=root, env=env,
                        capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
+@needs_clusters
+def test_bulk_load_in_its_own_process():
+    """This file's bulk-load tests (results, bits, graphs, side streams), in a process of
+    their own (TLF_TEST_BULK_HERE=1): the first GPU run of the bulk-copy kernels cannot
+    take the other tests' CUDA context down with it."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TLF_TEST_BULK_HERE="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_cuda_tuning.py", "-k",
+                        "bulk and not own_process and not cuda_only_suite"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
