@@ -414,44 +414,45 @@ class SoftmaxRow {
     }
   }
 
-  // kBulk: once every thread of the block is done with the previous row's cache, one
-  // thread starts the copies of this row's cached vectors that are the block's, chunk k
-  // (vectors [k chunk_vecs, (k + 1) chunk_vecs)) completing on barrier k. In each segment
-  // of gsize vectors the block's share is one run (grp.block_share_*), which goes to the
-  // slots from j * share length for segment j, where the threads' own loads would have put
-  // it (cache_slot).
+  // kBulk: once every thread of the block is done with the previous row's cache, the
+  // block's first warp starts the copies of this row's cached vectors that are the
+  // block's: lane k arms barrier k and copies chunk k (vectors [k chunk_vecs, (k + 1)
+  // chunk_vecs)), so the chunks start together rather than one after another. In each
+  // segment of gsize vectors the block's share is one run (grp.block_share_*), which goes
+  // to the slots from j * share length for segment j, where the threads' own loads would
+  // have put it (cache_slot).
   __device__ __forceinline__ void start_bulk() {
+    static_assert(kBulkMaxChunks <= 32, "a lane of the first warp per chunk");
     __syncthreads();
-    if (threadIdx.x != 0) return;
+    const int k = static_cast<int>(threadIdx.x);
+    const int64_t a = static_cast<int64_t>(k) * chunk_vecs;
+    if (k >= kBulkMaxChunks || a >= cache_n) return;  // blocks have 32 threads or more
     async_proxy_fence();
     const T* xv = x + head;
     const int64_t off = grp.block_share_offset(), len = grp.block_share_length();
-    int k = 0;
-    for (int64_t a = 0; a < cache_n; a += chunk_vecs, ++k) {
-      const int64_t b = a + chunk_vecs < cache_n ? a + chunk_vecs : cache_n;
-      if (len == gsize) {  // the block's share is every segment whole: one copy
-        const auto bytes = static_cast<uint32_t>((b - a) * sizeof(uint4));
-        mbar_expect(bulk.bars + k, bytes);
-        bulk_load(cache + a, xv + a * kN, bytes, bulk.bars + k);
-        continue;
-      }
-      // The run of segment j within [a, b): vectors [f, e), empty when e <= f.
-      const auto run = [&](int64_t j, int64_t& f, int64_t& e) {
-        f = j * gsize + off;
-        e = f + len < b ? f + len : b;
-      };
-      uint32_t bytes = 0;
-      for (int64_t j = a / gsize, f, e; j * gsize < b; ++j) {
-        run(j, f, e);
-        if (e > f) bytes += static_cast<uint32_t>((e - f) * sizeof(uint4));
-      }
+    const int64_t b = a + chunk_vecs < cache_n ? a + chunk_vecs : cache_n;
+    if (len == gsize) {  // the block's share is every segment whole: one copy
+      const auto bytes = static_cast<uint32_t>((b - a) * sizeof(uint4));
       mbar_expect(bulk.bars + k, bytes);
-      for (int64_t j = a / gsize, f, e; j * gsize < b; ++j) {
-        run(j, f, e);
-        if (e > f) {
-          bulk_load(cache + j * len, xv + f * kN, static_cast<uint32_t>((e - f) * sizeof(uint4)),
-                    bulk.bars + k);
-        }
+      bulk_load(cache + a, xv + a * kN, bytes, bulk.bars + k);
+      return;
+    }
+    // The run of segment j within [a, b): vectors [f, e), empty when e <= f.
+    const auto run = [&](int64_t j, int64_t& f, int64_t& e) {
+      f = j * gsize + off;
+      e = f + len < b ? f + len : b;
+    };
+    uint32_t bytes = 0;
+    for (int64_t j = a / gsize, f, e; j * gsize < b; ++j) {
+      run(j, f, e);
+      if (e > f) bytes += static_cast<uint32_t>((e - f) * sizeof(uint4));
+    }
+    mbar_expect(bulk.bars + k, bytes);
+    for (int64_t j = a / gsize, f, e; j * gsize < b; ++j) {
+      run(j, f, e);
+      if (e > f) {
+        bulk_load(cache + j * len, xv + f * kN, static_cast<uint32_t>((e - f) * sizeof(uint4)),
+                  bulk.bars + k);
       }
     }
   }
