@@ -256,6 +256,17 @@ def test_clusters_in_graphs_on_side_streams_and_repeated(tuning, restore_tuning)
     assert torch.equal(loss, loss_f) and torch.equal(lse, lse_f) and torch.equal(grad, grad_f)
 
 
+def _pytest_in_own_process(path: str, select: str, **env: str) -> None:
+    """Runs the tests of `path` that `select` (-k) picks in a new process with `env` added,
+    and asserts some ran and all passed."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path,
+                        "-k", select], cwd=root, env=dict(os.environ, **env),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+
+
 @needs_clusters
 @pytest.mark.parametrize("spec", ["cluster_blocks=8", "bulk_load=1"])
 def test_cuda_only_suite_under_clusters(spec):
@@ -263,15 +274,9 @@ def test_cuda_only_suite_under_clusters(spec):
     262147 classes, more than 2^31 logits, determinism, the device-side assert), again in a
     process whose launches take clusters of 8 blocks, and in one whose blocks per row take
     bulk copies."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TLF_CUDA_TUNING=spec)
     select = ("50000 or 262147 or 2_31 or bitwise_deterministic or fused_and_split "
               "or device_side_assert")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_cuda_only.py", "-k", select], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    _pytest_in_own_process("tests/test_cuda_only.py", select, TLF_CUDA_TUNING=spec)
 
 
 @needs_clusters
@@ -279,11 +284,6 @@ def test_bulk_load_in_its_own_process():
     """This file's bulk-load tests (results, bits, graphs, side streams), in a process of
     their own (TLF_TEST_BULK_HERE=1): the first GPU run of the bulk-copy kernels cannot
     take the other tests' CUDA context down with it."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TLF_TEST_BULK_HERE="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        "tests/test_cuda_tuning.py", "-k",
-                        "bulk and not own_process and not cuda_only_suite"],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " failed" not in r.stdout, r.stdout[-2000:]
+    _pytest_in_own_process("tests/test_cuda_tuning.py",
+                           "bulk and not own_process and not cuda_only_suite",
+                           TLF_TEST_BULK_HERE="1")

@@ -166,9 +166,9 @@ class SoftmaxRow {
       cache_n = nvec < cover ? nvec : cover;
       if (kBulk) {
         // At most kBulkMaxChunks chunks, each a whole number of group sizes.
+        // (At least one group size, also for an empty cache.)
         const int64_t per_chunk = (cache_n + kBulkMaxChunks - 1) / kBulkMaxChunks;
-        chunk_vecs = gsize * ((per_chunk + gsize - 1) / gsize);
-        if (chunk_vecs == 0) chunk_vecs = gsize;
+        chunk_vecs = gsize * (per_chunk > gsize ? (per_chunk + gsize - 1) / gsize : 1);
       }
       if (next_x != nullptr) {
         const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
@@ -283,9 +283,7 @@ class SoftmaxRow {
 
     if (kGrad && zero_row) {
       // The bulk backward's copies still read the row: in place, no zero may land first.
-      if constexpr (kBulk && kMode == Mode::Backward) {
-        if (cache_n > 0) await(cache_n - 1);
-      }
+      if constexpr (kBulk && kMode == Mode::Backward) await_all();
       write_zero_row();
     } else if (kGrad || need_sum) {
       // The common rows have loops of their own, the same formulas without the
@@ -324,9 +322,7 @@ class SoftmaxRow {
     }
     // Every chunk has landed before any thread leaves the row, also where pass 2 read none
     // (an ignored row's zeros).
-    if constexpr (kBulk && kMode == Mode::Backward) {
-      if (cache_n > 0) await(cache_n - 1);
-    }
+    if constexpr (kBulk && kMode == Mode::Backward) await_all();
 
     if (kMode != Mode::Backward && lane == 0) {
       acc_t l;
@@ -383,9 +379,7 @@ class SoftmaxRow {
       }
       // Every chunk has landed before any thread leaves the row (the next row's copies
       // reuse the barriers and the cache).
-      if constexpr (kBulk) {
-        if (cache_n > 0) await(cache_n - 1);
-      }
+      if constexpr (kBulk) await_all();
     } else {
       const int64_t step = static_cast<int64_t>(gsize) * kUS;
       for (int64_t c0 = lane; c0 < C; c0 += step) {
@@ -466,6 +460,11 @@ class SoftmaxRow {
       ++ready_chunk;
       ready_end += chunk_vecs;
     }
+  }
+
+  // kBulk: waits until every cached vector of the row has landed.
+  __device__ __forceinline__ void await_all() {
+    if (cache_n > 0) await(cache_n - 1);
   }
 
   // Pass 1's vector v: from global memory, or with kBulk from the row cache once there.
