@@ -372,6 +372,8 @@ note "results: $(ls "$OUT/results" 2>/dev/null | tr '\n' ' ')"
 # The issues' performance targets, read from the results JSON just written.
 if compgen -G "$OUT/results/*.json" >/dev/null; then
   "$PY" -m benchmarks.targets "$OUT"/results/*.json 2>&1 | tee -a "$SUMMARY"
+  # README's "Results so far" line for this GPU (cross-entropy forward+backward).
+  "$PY" -m benchmarks.summary "$OUT"/results/*.json 2>&1 | tee -a "$SUMMARY" || true
 fi
 
 note "total: $((SECONDS - START)) s, overall rc=$overall"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import results_json, targets, tuning_sweep
+from benchmarks import results_json, summary, targets, tuning_sweep
 from benchmarks.cases import sweep
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -141,3 +141,30 @@ def test_tuning_sweep_best(tmp_path, capsys):
     assert best(default, close) == ""  # within the 2% margin
     assert best(fast, close) == ""  # no default to compare with
     assert best(default) == ""
+
+
+def test_summary_lines(tmp_path, capsys):
+    """benchmarks.summary: per case, our plain row's figures, the fastest peer that passed
+    its check, and the in-place row's memory; a case whose row of ours failed is left out."""
+    doc = _gpu_results()
+    ce = (16384, 128256)
+    doc["rows"] += [
+        _row("ce_fwd_bwd", "peer_a", "peer", ce, median_ms=3.5),
+        _row("ce_fwd_bwd", "peer_b", "peer", ce, median_ms=2.5),
+        dict(_row("ce_fwd_bwd", "peer_c", "peer", ce, median_ms=1.0), status="FAILED"),
+        dict(_row("ce_fwd_bwd", "torchloss_fused", "ours", (8, 8), median_ms=1.0),
+             status="FAILED"),
+    ]
+    doc["rows"][0].update(median_ms=3.25, pct_copy_bw=86.4)
+    assert summary.lines_of(doc, "ce_fwd_bwd") == [[
+        "test GPU", "d c", "bf16", "16384x128256", "3.250", "86%", "4.00x", "1.50x",
+        "peer_b 2.500", "1.00x", "0.01x"]]
+    # Figures a run did not record are empty cells, not errors.
+    assert summary.lines_of(doc, "focal_fwd_bwd") == [[
+        "test GPU", "d c", "bf16", "16384x128256", "3.200"] + [""] * 6]
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    assert summary.main([str(path)]) == 0
+    assert "peer_b 2.500" in capsys.readouterr().out
+    assert summary.main(["--op", "ce_fwd", str(path)]) == 1
