@@ -36,6 +36,10 @@
 # under sweep/. GPU_CHECK_SWEEP_S caps each run. When a setting beats the defaults' cross-
 # entropy forward+backward by more than 2% and the stages include "bench", the first
 # benchmark runs again under it (its results, which record the setting, go with the rest).
+# With the sweep, only the first benchmark run goes before it; the others follow the sweep
+# (and the rerun) with what is left. When the budget runs low, the sweep's later settings
+# and the later benchmark runs are skipped (summary.txt says which), rather than run
+# under limits too short for them to finish.
 #
 # Peer libraries for the benchmark (Liger-Kernel, cut-cross-entropy: pure Python + Triton)
 # are installed from wheels in .whl/ when present (not tracked: fetch them with `pip
@@ -62,6 +66,9 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 STAGES=" ${GPU_CHECK_STAGES:-build tests sanitizer bench} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
+
+# Seconds of the budget not yet spent.
+budget_left() { echo $((BUDGET - (SECONDS - START))); }
 
 # Seconds left for a stage: at most $1, and never past the budget minus a reserve for the
 # stages after it ($2).
@@ -153,7 +160,7 @@ EOF
 
 # ---- 2. the whole test suite: CUDA cases first (what only this machine can check), then the
 # rest. Not -x: a first run on new hardware should show every failure at once.
-PYTEST=("$PY" -m pytest -q -rfEs --maxfail=50 -p no:cacheprovider)
+PYTEST=("$PY" -m pytest -rfEs --maxfail=50 -p no:cacheprovider)
 WORKERS="${GPU_CHECK_WORKERS:-12}"
 if [[ "$WORKERS" -gt 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
   PYTEST+=(-n "$WORKERS")
@@ -161,22 +168,36 @@ fi
 # Run alone (GPU_CHECK_STAGES=tests), the tests get the whole budget: the CUDA part up to
 # GPU_CHECK_CUDA_TESTS_S seconds (default 360 alone, 240 beside the later stages).
 if want sanitizer || want bench; then after_tests=120 cuda_cap=240; else after_tests=0 cuda_cap=360; fi
-# The sweep's runs (about 20 s each at the default arguments) come after the tests too.
-if want sweep; then after_tests=$((after_tests + 150)); fi
+# The sweep's runs (about 20 s each at the default arguments) and a winner's rerun of
+# benchmark 1 (about 60 s) come after the tests too.
+SWEEP_RESERVE=0
+want sweep && SWEEP_RESERVE=200
+after_tests=$((after_tests + SWEEP_RESERVE))
 cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-$cuda_cap}"
 rest_select=(tests -k "not cuda or emulated")
 [[ -n "${GPU_CHECK_REST_SELECT:-}" ]] && read -r -a rest_select <<<"$GPU_CHECK_REST_SELECT"
 if want tests; then
   # Two threads per worker, as on CI's machine: the workers share the cores.
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+  # -v names each test as it ends, so a part cut short by its limit still says what passed
+  # and what failed (-q's list of failures is printed only at the end).
   run_stage tests-cuda "$LOGS/tests_cuda.log" "$(stage_limit "$cuda_cap" $((after_tests + 30)))" \
-    "${PYTEST[@]}" tests -k "cuda and not emulated"
+    "${PYTEST[@]}" -v tests -k "cuda and not emulated"
   run_stage tests-rest "$LOGS/tests_rest.log" "$(stage_limit 200 "$after_tests")" \
-    "${PYTEST[@]}" "${rest_select[@]}"
+    "${PYTEST[@]}" -q "${rest_select[@]}"
   unset OMP_NUM_THREADS
   for part in cuda rest; do
-    tail -n 1 "$LOGS/tests_$part.log" | sed "s/^/tests-$part: /" >>"$SUMMARY"
-    grep -E '^(FAILED|ERROR) ' "$LOGS/tests_$part.log" | head -n 40 >>"$SUMMARY"
+    log="$LOGS/tests_$part.log"
+    if tail -n 1 "$log" | grep -qE ' in [0-9.]+s'; then
+      tail -n 1 "$log" | sed "s/^/tests-$part: /" >>"$SUMMARY"
+      grep -E '^(FAILED|ERROR) ' "$log" | head -n 40 >>"$SUMMARY"
+    else
+      # Cut short: what the per-test lines say ("[gw3] [ 41%] PASSED tests/..." under xdist,
+      # "tests/...::name PASSED [ 41%]" without; -q parts have neither, only dots).
+      note "tests-$part: cut short, $(grep -cE '\] PASSED |::[^ ]+ PASSED' "$log") passed and \
+$(grep -cE '\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)' "$log") failed before the limit"
+      grep -E '\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)' "$log" | head -n 40 >>"$SUMMARY"
+    fi
   done
 fi
 
@@ -274,15 +295,32 @@ fi
 marker="$TMPD/marker"
 touch "$marker"
 DEFAULT_RUNS="--targets --dtypes bf16 --ops ce_fwd_bwd focal_fwd_bwd|--targets --dtypes bf16 --ops ce_fwd sigmoid_focal_fwd_bwd linear_ce_fwd_bwd"
+IFS='|' read -r -a bench_runs <<<"${BENCH_RUNS:-$DEFAULT_RUNS}"
+# run_bench I RESERVE: benchmark run I of BENCH_RUNS (1-based), leaving RESERVE seconds of the
+# budget to the stages after it; skipped when under 30 s would be left to it (a benchmark
+# cut short by its limit writes no results).
+run_bench() {
+  local i=$1 reserve=$2
+  local args="${bench_runs[$((i - 1))]}"
+  if (($(budget_left) - reserve < 30)); then
+    note "benchmark $i ($args): skipped, $(budget_left) s of the budget left"
+    return
+  fi
+  # shellcheck disable=SC2086  # args is a list of words
+  run_stage "benchmark $i ($args)" "$LOGS/bench_$i.log" "$(stage_limit 400 "$reserve")" \
+    "$PY" -m benchmarks.run --device cuda --no-progress $args
+}
+# With the sweep, only the first run (cross-entropy and focal: the issues' CUDA targets) goes
+# before it; the others come after the sweep and its winner's rerun, with what is left.
+bench_later=1
 if want bench; then
-  IFS='|' read -r -a bench_runs <<<"${BENCH_RUNS:-$DEFAULT_RUNS}"
-  i=0
-  for args in "${bench_runs[@]}"; do
-    i=$((i + 1))
-    # shellcheck disable=SC2086  # args is a list of words
-    run_stage "benchmark $i ($args)" "$LOGS/bench_$i.log" "$(stage_limit 400 10)" \
-      "$PY" -m benchmarks.run --device cuda --no-progress $args
-  done
+  if want sweep; then
+    run_bench 1 $((10 + SWEEP_RESERVE))
+  else
+    for ((i = 1; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
+    bench_later=$((${#bench_runs[@]} + 1))
+  fi
+  ((bench_later < 2)) && bench_later=2
 fi
 # ---- optional: hardware counters of the cross-entropy kernels at the target shape ---------
 # (GPU_CHECK_STAGES must name "profile": ncu replays each kernel several times)
@@ -337,8 +375,17 @@ DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-p
 if want sweep; then
   IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
   i=0
+  # A run needs ~20 s. The later settings (GPU_CHECK_SWEEP lists the most wanted first) are
+  # not tried once under 25 s would be left, beyond the ~70 s that a winner's rerun of
+  # benchmark 1 takes (about 60 s on the H200 at stop 16).
+  rerun_reserve=0
+  want bench && rerun_reserve=70
   for tuning in "${sweep_runs[@]}"; do
     i=$((i + 1))
+    if (($(budget_left) - rerun_reserve < 25)); then
+      note "sweep: settings $i to ${#sweep_runs[@]} skipped, $(budget_left) s of the budget left"
+      break
+    fi
     mkdir -p "$OUT/sweep/$i"
     # shellcheck disable=SC2086  # the arguments are a list of words
     TLF_CUDA_TUNING="$tuning" run_stage "sweep $i (TLF_CUDA_TUNING='$tuning')" \
@@ -351,9 +398,10 @@ if want sweep; then
     # A setting that beats the defaults by more than 2%: the first benchmark again under it
     # (peers and torch.compile included), so that one session measures the targets with it.
     best="$("$PY" -m benchmarks.tuning_sweep --best ce_fwd_bwd "$OUT"/sweep/*/*.json 2>/dev/null)"
-    if [[ -n "$best" ]] && want bench; then
+    if [[ -n "$best" ]] && want bench && (($(budget_left) < 40)); then
+      note "sweep winner: TLF_CUDA_TUNING='$best'; no time left to rerun benchmark 1 under it"
+    elif [[ -n "$best" ]] && want bench; then
       note "sweep winner: TLF_CUDA_TUNING='$best'; benchmark 1 again under it"
-      IFS='|' read -r -a bench_runs <<<"${BENCH_RUNS:-$DEFAULT_RUNS}"
       # shellcheck disable=SC2086  # the arguments are a list of words
       TLF_CUDA_TUNING="$best" run_stage "benchmark 1 (TLF_CUDA_TUNING='$best')" \
         "$LOGS/bench_best.log" "$(stage_limit 300 10)" \
@@ -362,6 +410,11 @@ if want sweep; then
       note "sweep: no setting beats the defaults by more than 2%"
     fi
   fi
+fi
+
+# The benchmark runs that wait for the sweep.
+if want bench; then
+  for ((i = bench_later; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
 fi
 
 # The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).
