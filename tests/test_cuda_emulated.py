@@ -973,6 +973,8 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
     # Bulk loads (bulk_load): a block per row with the bulk-copy kernel for the forward and
     # fused launches on the sm_90-like devices 0 and 2, not on device 1; clusters, where they
     # apply, take precedence.
+    # Device 3 runs clusters of at most 8 blocks: 16 falls back to a block per row. Device 4
+    # is sm_90 with only compute_80 code in the build: neither clusters nor bulk loads.
     for dtype, C, layout, device, tuning in [
             (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048, 0, 0)),
             (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20, 0, 0)),
@@ -984,7 +986,11 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
             (torch.bfloat16, 50000, "mis1", 2, (512, -1, 0, 0, 1)),
             (torch.float32, 20000, "padded", 0, (256, 4096, 2048, 0, 1)),
             (torch.float16, 40000, "contig", 1, (512, -1, 0, 0, 1)),
-            (torch.bfloat16, 9000, "contig", 0, (512, -1, 0, 2, 1))]:
+            (torch.bfloat16, 9000, "contig", 0, (512, -1, 0, 2, 1)),
+            (torch.bfloat16, 70000, "contig", 3, (512, -1, 0, 16, 0)),
+            (torch.float32, 20000, "mis1", 3, (512, -1, 0, 8, 1)),
+            (torch.float16, 40000, "padded", 4, (512, -1, 0, 8, 1)),
+            (torch.bfloat16, 20000, "contig", 4, (256, -1, 0, 0, 1))]:
         for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0}, {}):
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=4, device=device,
                                      tuning=tuning))
@@ -1271,23 +1277,27 @@ def test_sample_covers_the_kernels(emulated):
 def test_launcher_follows_tuning(emulated):
     """Under a BlockRowTuning the launcher's block-per-row launches take its block size (the
     rows are long enough not to halve it) and keep the row cache within its cap; with
-    cluster_blocks, on an sm_90-like device every launch is a cluster of that many blocks of
-    128 threads (a whole number of clusters, each block's cache within the cap), and on the
-    sm_86-like device a block per row; with bulk_load, on an sm_90-like device every launch
-    (block or cluster) takes the bulk-copy kernel, with a row cache, and on the sm_86-like
-    device the plain one. The values are checked with the other softmax cases, against the
-    reference."""
+    cluster_blocks, on an sm_90-like device that runs clusters of that size with sm_90 code
+    every launch is a cluster of that many blocks of 128 threads (a whole number of
+    clusters, each block's cache within the cap), and elsewhere a block per row, no error;
+    with bulk_load, on an sm_90-like device with sm_90 code every launch (block or cluster)
+    takes the bulk-copy kernel, with a row cache, and elsewhere the plain one. The values
+    are checked with the other softmax cases, against the reference."""
     _assert_none(emulated)
     launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
     tuned = [s for s in emulated.scenarios
              if isinstance(s, SoftmaxScenario) and s.cfg.tuning is not None]
-    assert len(tuned) == 33
+    assert len(tuned) == 45
+    # The largest cluster each emulated device runs, and whether the build has sm_90 code
+    # for it (emu_runtime.cpp's devices()).
+    max_cluster = {0: 16, 1: 0, 2: 16, 3: 8, 4: 16}
+    sm90_code = {0: True, 1: False, 2: True, 3: True, 4: False}
     clustered = bulk = 0
     for s in tuned:
         threads, cap, _, cluster, bulk_load = s.cfg.tuning
         cap = cap if cap >= 0 else 1 << 62
         mine = [ln for cid, lns in launches.items() if cid.startswith(s.sid + ".") for ln in lns]
-        if cluster and s.cfg.device != 1:
+        if cluster and sm90_code[s.cfg.device] and cluster <= max_cluster[s.cfg.device]:
             clustered += 1
             shape, threads = "ClusterGroup, true", 128
             assert all(ln[5] == cluster and ln[0] % cluster == 0 for ln in mine), mine
@@ -1298,14 +1308,14 @@ def test_launcher_follows_tuning(emulated):
         assert blocks and len(blocks) == len(mine), (s.cfg.describe(), mine)
         assert {ln[1] for ln in blocks} == {threads}, (s.cfg.describe(), blocks)
         assert all(ln[2] <= cap for ln in blocks), (s.cfg.describe(), blocks)
-        want = bool(bulk_load) and s.cfg.device != 1
+        want = bool(bulk_load) and sm90_code[s.cfg.device]
         bulk += want * len(mine)
         assert all(f"{shape}, {str(want).lower()}>" in ln[4] and (ln[2] > 0 or not want)
                    for ln in mine), (s.cfg.describe(), mine)
-    assert clustered == 12
-    # 3 settings (2 a block per row, 1 clusters) x 3 option sets x (fwd, fused, bwd, and
+    assert clustered == 15
+    # 4 settings (2 a block per row, 2 clusters) x 3 option sets x (fwd, fused, bwd, and
     # in-place but for focal loss)
-    assert bulk == 33
+    assert bulk == 44
 
 
 def main(argv: list[str]) -> int:

@@ -134,6 +134,30 @@ cudaError_t resident_clusters(Kernel kernel, const cudaLaunchConfig_t& cfg, int 
   return cudaSuccess;
 }
 
+// Whether the code of `kernel` that runs on the current device was compiled for sm_90 or
+// newer. A build whose only code for this GPU is older PTX, compiled just in time (say
+// TORCH_CUDA_ARCH_LIST="8.0+PTX" on an H100), has the cluster and bulk-copy kernels as
+// __trap() stubs (cluster_group.cuh, bulk_copy.cuh), so the launcher must not pick them.
+template <typename Kernel>
+cudaError_t has_sm90_code(Kernel kernel, bool* out) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find({fn, device});
+  if (it == known.end()) {
+    cudaFuncAttributes attr{};
+    err = cudaFuncGetAttributes(&attr, fn);
+    if (err != cudaSuccess) return err;
+    it = known.emplace(std::make_pair(fn, device), attr.ptxVersion >= 90).first;
+  }
+  *out = it->second;
+  return cudaSuccess;
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace tlf::cuda

@@ -103,12 +103,16 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
 // A cluster of `cluster` blocks per row (vector path). The row cache holds the whole row
 // (each block its share, a whole number of slots per thread) within the cap of tuning.h
 // and what the device grants, halved while no cluster fits. cudaErrorNotSupported when no
-// cluster fits even without a cache: the caller takes a block per row instead.
+// cluster fits even without a cache, when the device refuses clusters of that size, or
+// when the build has no sm_90 code for this GPU: the caller takes a block per row instead.
 template <typename T, Mode kMode, bool kBulk = false>
 cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props,
                             const BlockRowTuning& tune, bool two_pass, bool grad_vec,
                             cudaStream_t stream) {
   auto kernel = softmax_loss_kernel<T, kMode, ClusterGroup, true, kBulk>;
+  bool sm90 = false;
+  if (const cudaError_t err = has_sm90_code(kernel, &sm90); err != cudaSuccess) return err;
+  if (!sm90) return cudaErrorNotSupported;
   constexpr int kThreads = GroupTraits<ClusterGroup>::kMaxThreads;
   const int cluster = tune.cluster_blocks;
   const int64_t rows = p.in.B * p.in.D;
@@ -133,6 +137,12 @@ cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props
     cfg.dynamicSmemBytes = static_cast<size_t>(cache) * sizeof(uint4);
     int resident = 0;
     cudaError_t err = resident_clusters(kernel, cfg, cluster, &resident);
+    if (err == cudaErrorInvalidClusterSize || err == cudaErrorNotSupported) {
+      // Clusters of this size are not offered here (above 8 blocks, a non-portable size,
+      // on some GPUs), whatever the cache: the refusal is not this launch's error.
+      (void)cudaGetLastError();
+      return cudaErrorNotSupported;
+    }
     if (err == cudaSuccess && resident > 0) {
       const int64_t clusters = std::min<int64_t>(rows, resident);
       cfg.gridDim = dim3(static_cast<unsigned>(clusters * cluster));
@@ -205,7 +215,12 @@ cudaError_t launch_mode(const SoftmaxLossParams& p, cudaStream_t stream) {
     if (vec) {
       const int64_t full = std::min<int64_t>(ceil_div(C, kN), row_cache_budget(props, tune));
       // Bulk loads land in the row cache, so every kernel gets one then.
-      if (tune.bulk_load != 0 && props.cc_major >= 9) {
+      bool bulk = tune.bulk_load != 0 && props.cc_major >= 9;
+      if (bulk) {
+        err = has_sm90_code(softmax_loss_kernel<T, kMode, BlockGroup, true, true>, &bulk);
+        if (err != cudaSuccess) return err;
+      }
+      if (bulk) {
         return launch_rows<T, kMode, BlockGroup, true, true>(p, threads, 1, full, gvec, stream,
                                                              tune.prefetch_bytes);
       }

@@ -17,6 +17,9 @@ struct Device {
   int smem_per_sm;
   int threads_per_sm;
   int cc_major;  // compute capability: 9 and above launch thread block clusters
+  int max_cluster;  // the largest cluster it runs (with the non-portable opt-in above 8)
+  int ptx_version;  // cudaFuncGetAttributes' ptxVersion of every kernel: what the build's
+                    // code for this device was compiled for (80: only compute_80 PTX)
 };
 const std::vector<Device>& devices();
 

@@ -636,7 +636,9 @@ int blocks_per_sm(const void* kernel, unsigned threads, size_t smem) {
 // Why a cluster of `n` blocks cannot be launched on the current device, or nullptr.
 const char* cluster_problem(const void* kernel, unsigned n) {
   if (devices()[g_device].cc_major < 9) return "thread block clusters need compute capability 9.0";
-  if (n < 1 || n > 16) return "cluster size out of range";
+  if (n < 1 || n > static_cast<unsigned>(devices()[g_device].max_cluster)) {
+    return "cluster size out of range";
+  }
   if (n > 8 && g_non_portable_cluster.count({kernel, g_device}) == 0) {
     return "cluster size above 8 without cudaFuncAttributeNonPortableClusterSizeAllowed";
   }
@@ -764,10 +766,14 @@ cudaError_t run_grid(const void* kernel, const Config& cfg, void (*body)(void*),
 
 const std::vector<Device>& devices() {
   static const std::vector<Device> d = {
-      // sms, smem_optin, smem_grant, smem_per_sm, threads_per_sm, cc_major
-      {2, 232448, 232448, 233472, 2048, 9},  // H100-like (few SMs: the grids loop)
-      {3, 101376, 101376, 102400, 1536, 8},  // sm_86-like
-      {1, 232448, 65536, 233472, 2048, 9},   // grants less shared memory than it reports
+      // sms, smem_optin, smem_grant, smem_per_sm, threads_per_sm, cc_major, max_cluster,
+      // ptx_version
+      {2, 232448, 232448, 233472, 2048, 9, 16, 90},  // H100-like (few SMs: the grids loop)
+      {3, 101376, 101376, 102400, 1536, 8, 0, 80},   // sm_86-like
+      {1, 232448, 65536, 233472, 2048, 9, 16, 90},   // grants less shared memory than it reports
+      {2, 232448, 232448, 233472, 2048, 9, 8, 90},   // runs clusters of at most 8 blocks
+      {2, 232448, 232448, 233472, 2048, 9, 16, 80},  // H100-like, but the build's code for it
+                                                     // is compute_80 PTX, compiled just in time
   };
   return d;
 }
@@ -836,6 +842,15 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
     return emu::g_last_error = cudaErrorInvalidValue;
   }
   emu::g_max_dyn_smem[{func, emu::g_device}] = value;
+  return cudaSuccess;
+}
+
+// Only the fields the launchers read.
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* /*func*/) {
+  const emu::Device& d = emu::devices()[emu::g_device];
+  *attr = cudaFuncAttributes{};
+  attr->ptxVersion = d.ptx_version;
+  attr->binaryVersion = 10 * d.cc_major;
   return cudaSuccess;
 }
 
