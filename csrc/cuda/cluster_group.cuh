@@ -4,9 +4,14 @@
 // each block keeps only its share of the row, several rows' blocks share an SM and overlap
 // their phases, and the logits still come from DRAM once.
 //
-// Reductions: each block's partial as a BlockGroup's, then every thread reads the blocks'
-// partials in rank order through distributed shared memory, so every block of the cluster
-// gets the same bits, run after run. Blocks and clusters are sized in powers of two.
+// Reductions: each block's partial as a BlockGroup's, published in the block's shared
+// memory; after one cluster barrier, lane b of every warp reads block b's partial through
+// distributed shared memory (one round trip, not one per block), and the warp combines them
+// in rank order through shuffles, so every block of the cluster gets the same bits, run
+// after run. The partials alternate between two slots, so a slot is written again only two
+// reductions later, after a barrier that every reader of it has passed: one cluster barrier
+// per reduction, and one more before the blocks exit (finish()), after which no block reads
+// another's shared memory. Blocks and clusters are sized in powers of two.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -101,9 +106,9 @@ struct ClusterGroup {
     const acc_t part = block_.sum(v);
     if (threadIdx.x == 0) x[0] = part;
     cluster_sync();
-    acc_t total = *cluster_peer(x, 0);
-    for (unsigned b = 1; b < blocks_; ++b) total += *cluster_peer(x, b);
-    cluster_sync();  // every block has read x before any block writes it again or exits
+    const acc_t mine = peer_value(x);
+    acc_t total = __shfl_sync(kFullMask, mine, 0);
+    for (unsigned b = 1; b < blocks_; ++b) total += __shfl_sync(kFullMask, mine, b);
     return total;
   }
 
@@ -116,29 +121,42 @@ struct ClusterGroup {
       x[1] = st.s;
     }
     cluster_sync();
-    acc_t M = *cluster_peer(x, 0);
-    for (unsigned b = 1; b < blocks_; ++b) M = max_nan(M, *cluster_peer(x, b));
+    const acc_t m = peer_value(x), s = peer_value(x + 1);
+    acc_t M = __shfl_sync(kFullMask, m, 0);
+    for (unsigned b = 1; b < blocks_; ++b) M = max_nan(M, __shfl_sync(kFullMask, m, b));
     acc_t S = 0;
     for (unsigned b = 0; b < blocks_; ++b) {
       LseState<acc_t> bst;
-      bst.m = *cluster_peer(x, b);
-      bst.s = *cluster_peer(x + 1, b);
+      bst.m = __shfl_sync(kFullMask, m, b);
+      bst.s = __shfl_sync(kFullMask, s, b);
       S += bst.rescaled(M);
     }
-    cluster_sync();
     st.m = M;
     st.s = S;
   }
+
+  // Before the kernel's blocks exit: every block's last partial has been read.
+  __device__ __forceinline__ void finish() const { cluster_sync(); }
 
  private:
   BlockGroup block_;
   unsigned rank_ = 0, blocks_ = 1;
   int lg_threads_ = 0, lg_blocks_ = 0;
+  mutable unsigned phase_ = 0;  // which exchange slot the next reduction writes
 
+  // This block's exchange slot for the next reduction (and the one after it alternates).
   template <typename acc_t>
-  static __device__ __forceinline__ acc_t* exchange() {
-    __shared__ double xch[2];  // this block's (m, s) or sum, read by the whole cluster
-    return reinterpret_cast<acc_t*>(xch);
+  __device__ __forceinline__ acc_t* exchange() const {
+    __shared__ double xch[4];  // two slots, each this block's (m, s) or sum
+    phase_ ^= 1u;
+    return reinterpret_cast<acc_t*>(xch + 2 * phase_);
+  }
+
+  // The value at `x` in block (lane mod 32) of the cluster, for lanes below the cluster size.
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t peer_value(acc_t* x) const {
+    const unsigned lane = threadIdx.x & 31u;
+    return lane < blocks_ ? *cluster_peer(x, lane) : acc_t(0);
   }
 };
 

@@ -837,6 +837,7 @@ __global__ void __launch_bounds__(GroupTraits<G>::kMaxThreads, GroupTraits<G>::k
     row.run();
     if constexpr (kBulk) bulk.parity ^= row.bulk_chunks_mask();
   }
+  if constexpr (std::is_same_v<G, ClusterGroup>) grp.finish();
 }
 
 }  // namespace tlf::cuda

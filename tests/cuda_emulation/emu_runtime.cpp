@@ -396,14 +396,20 @@ void syncthreads() {
   switch_to_scheduler(false);
 }
 
-uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
+namespace {
+
+// A full-warp shuffle: every lane deposits its bits, waits for the whole warp, and reads
+// lane source(lane)'s. `name` and `arg` (the xor mask or the source lane, 0..31) are checked.
+template <typename Source>
+uint64_t shfl_bits(const char* name, unsigned mask, uint64_t bits, int arg, int width,
+                   Source source) {
   ClusterRun& r = *g_run;
-  if (mask != 0xffffffffu) device_fault("__shfl_xor_sync with a partial mask");
-  if (width != 32) device_fault("__shfl_xor_sync with width != 32");
-  if (lane_mask < 0 || lane_mask > 31) device_fault("__shfl_xor_sync lane mask out of range");
+  if (mask != 0xffffffffu) device_fault((std::string(name) + " with a partial mask").c_str());
+  if (width != 32) device_fault((std::string(name) + " with width != 32").c_str());
+  if (arg < 0 || arg > 31) device_fault((std::string(name) + " lane argument out of range").c_str());
   const unsigned me = r.cur, thread = (*r.fibers)[me].thread, lane = thread & 31u;
   Warp& w = r.blocks[(*r.fibers)[me].rank].warps[thread >> 5];
-  if (w.size != 32) device_fault("__shfl_xor_sync with a full mask in a partial warp");
+  if (w.size != 32) device_fault((std::string(name) + " with a full mask in a partial warp").c_str());
   const unsigned gen = w.gen;
   // Two slot sets: a lane can only write this set again after the whole warp has passed the
   // next shuffle, i.e. after every lane has read what it needed from it.
@@ -419,7 +425,19 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
     (*r.fibers)[me].state = State::AtShuffle;
     switch_to_scheduler(false);
   }
-  return w.slot[gen & 1u][lane ^ static_cast<unsigned>(lane_mask)];
+  return w.slot[gen & 1u][source(lane)];
+}
+
+}  // namespace
+
+uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width) {
+  return shfl_bits("__shfl_xor_sync", mask, bits, lane_mask, width,
+                   [&](unsigned lane) { return lane ^ static_cast<unsigned>(lane_mask); });
+}
+
+uint64_t shfl_idx_bits(unsigned mask, uint64_t bits, int src_lane, int width) {
+  return shfl_bits("__shfl_sync", mask, bits, src_lane, width,
+                   [&](unsigned) { return static_cast<unsigned>(src_lane); });
 }
 
 void cluster_arrive() {

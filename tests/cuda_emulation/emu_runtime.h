@@ -10,7 +10,7 @@
 //
 // Every CUDA thread of a block is a fiber (own stack) of one host thread; the blocks of a
 // cluster (one block without clusters) run together, clusters one after another.
-// __syncthreads(), __shfl_xor_sync() and the cluster barrier are barriers: a fiber runs until
+// __syncthreads(), the shuffles and the cluster barrier are barriers: a fiber runs until
 // it reaches one, then the next fiber runs, so the outcome depends only on the kernel and on
 // the schedule (fiber and block order, see emu::Schedule), never on the host's timing.
 #pragma once
@@ -61,8 +61,10 @@ extern unsigned g_cluster_rank, g_cluster_size;
 
 // ---- barriers ------------------------------------------------------------------------------
 void syncthreads();  // the threads of the calling block
-// All 32 lanes of the warp must arrive; returns the bits lane (lane ^ lane_mask) passed in.
+// All 32 lanes of the warp must arrive; returns the bits lane (lane ^ lane_mask), or lane
+// src_lane, passed in.
 uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask, int width);
+uint64_t shfl_idx_bits(unsigned mask, uint64_t bits, int src_lane, int width);
 // The split cluster barrier: wait returns once every thread of every block of the cluster has
 // arrived in the phase of the caller's arrive (a wait without an arrive is a device fault).
 void cluster_arrive();
@@ -213,15 +215,30 @@ inline cudaError_t emu_cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void
 // ---- intrinsics ----------------------------------------------------------------------------
 inline void __syncthreads() { ::emu::syncthreads(); }
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+namespace emu {
+// A shuffle of any value of up to 8 bytes, as its bits.
+template <typename T, typename Shuffle>
+inline T shfl_value(T v, Shuffle shuffle) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8);
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = ::emu::shfl_xor_bits(mask, bits, lane_mask, width);
+  bits = shuffle(bits);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
+}
+}  // namespace emu
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return ::emu::shfl_value(
+      v, [&](uint64_t bits) { return ::emu::shfl_xor_bits(mask, bits, lane_mask, width); });
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  return ::emu::shfl_value(
+      v, [&](uint64_t bits) { return ::emu::shfl_idx_bits(mask, bits, src_lane, width); });
 }
 
 // Thread block clusters (sm_90): the built-ins of CUDA's crt/sm_90_rt.h.
