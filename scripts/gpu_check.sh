@@ -311,16 +311,14 @@ run_bench() {
     "$PY" -m benchmarks.run --device cuda --no-progress $args
 }
 # With the sweep, only the first run (cross-entropy and focal: the issues' CUDA targets) goes
-# before it; the others come after the sweep and its winner's rerun, with what is left.
-bench_later=1
-if want bench; then
-  if want sweep; then
-    run_bench 1 $((10 + SWEEP_RESERVE))
-  else
-    for ((i = 1; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
-    bench_later=$((${#bench_runs[@]} + 1))
-  fi
-  ((bench_later < 2)) && bench_later=2
+# before it; the others (from bench_later on) come after the sweep and its winner's rerun,
+# with what is left.
+bench_later=$((${#bench_runs[@]} + 1))
+if want bench && want sweep; then
+  run_bench 1 $((10 + SWEEP_RESERVE))
+  bench_later=2
+elif want bench; then
+  for ((i = 1; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
 fi
 # ---- optional: hardware counters of the cross-entropy kernels at the target shape ---------
 # (GPU_CHECK_STAGES must name "profile": ncu replays each kernel several times)
