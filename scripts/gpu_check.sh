@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU check, run on a machine with an NVIDIA GPU (H100/H200), a CUDA build of PyTorch,
-# nvcc and no network: builds the extension for this GPU, prints which backend serves
-# CUDA, runs the whole test suite, runs compute-sanitizer (memcheck, racecheck) over every
-# CUDA op, then the benchmark. Every stage has a time limit so the whole run ends within
-# GPU_CHECK_BUDGET seconds (default 570); a failed stage is reported and the later stages
-# still run. $OUT receives summary.txt (written as the run goes) and, at the end,
+# nvcc and no network: builds the extension for this GPU (or uses a prebuilt one, building
+# from source beside the later stages), prints which backend serves CUDA, runs the
+# benchmark's first run (the issues' CUDA targets) alone on the machine, then the launch
+# sweep when asked for and that run missed a target, the whole test suite, compute-sanitizer
+# (memcheck, racecheck) over every CUDA op, the benchmark's later runs and the profile.
+# Every stage has a time limit so the whole run ends within GPU_CHECK_BUDGET seconds
+# (default 570); a failed stage is reported and the later stages still run. $OUT receives summary.txt (written as the run goes) and, at the end,
 # bundle.tgz (every log and the benchmark's results): at most 8 files come back from a
 # lent machine, so the many logs travel as one.
 #
@@ -21,25 +23,25 @@
 # A prebuilt extension (torchloss_fused/_C.cpython-<this python>-*.so, built elsewhere
 # against the same torch by scripts/prebuild_for_gpu.sh and carried along with
 # torchloss_fused/_C.sources, the hash of its sources) saves the build's minutes of device
-# time: when its sources are this tree's and it loads with its CUDA kernels, the tests run on it
-# at once and the build from source still runs, in a copy of the tree, beside the tests
-# (that it builds offline there is part of the check); its result is reported before the
-# benchmark.
+# time: when its sources are this tree's and it loads with its CUDA kernels, every stage
+# runs on it and the build from source still runs, in a copy of the tree, in the background
+# from the end of the benchmark's first run (that it builds offline there is part of the
+# check; nice'd, 4 jobs, within the budget); its result is reported after the sanitizer.
 # GPU_CHECK_WORKERS (default 12) pytest-xdist workers run the suite when xdist imports.
 # BENCH_RUNS: benchmark invocations separated by '|' (each writes its own results, so a
 # run cut short by its time limit loses only its own rows); default: the issues' target
 # shapes in bf16, cross-entropy and focal first.
-# GPU_CHECK_STAGES "sweep" (after the benchmark): the benchmark once per launch tuning
+# GPU_CHECK_STAGES "sweep" (after the benchmark's first run): the benchmark once per launch tuning
 # (TLF_CUDA_TUNING values separated by '|' in GPU_CHECK_SWEEP, "" = the defaults; see
 # torchloss_fused/_cuda_tuning.py), with the arguments of GPU_CHECK_SWEEP_ARGS, and one
 # table of our rows (benchmarks/tuning_sweep.py) in summary.txt; the JSONs go in the bundle
 # under sweep/. GPU_CHECK_SWEEP_S caps each run. When a setting beats the defaults' cross-
 # entropy forward+backward by more than 2% and the stages include "bench", the first
 # benchmark runs again under it (its results, which record the setting, go with the rest).
-# With the sweep, only the first benchmark run goes before it; the others follow the sweep
-# (and the rerun) with what is left. When the budget runs low, the sweep's later settings
-# and the later benchmark runs are skipped (summary.txt says which), rather than run
-# under limits too short for them to finish.
+# The sweep is skipped when the benchmark's first run meets every target it measures (the
+# time goes to the tests then). The sweep keeps the tests' and the sanitizer's reserves;
+# when the budget runs low, its later settings and the benchmark's later runs are skipped
+# (summary.txt says which), rather than run under limits too short for them to finish.
 #
 # Peer libraries for the benchmark (Liger-Kernel, cut-cross-entropy: pure Python + Triton)
 # are installed from wheels in .whl/ when present (not tracked: fetch them with `pip
@@ -119,7 +121,6 @@ cuda_loads() {
   (cd "$1" && "$PY" -c 'import sys, torchloss_fused as t
 sys.exit(t.backend_info("cuda")["implementation"] != "cuda")') >/dev/null 2>&1
 }
-BG_BUILD_PID=""
 # A prebuilt extension from other sources (torchloss_fused/_C.sources, written by
 # prebuild_for_gpu.sh, missing or another hash) would test and time stale kernels: it is
 # moved aside and the build runs first.
@@ -133,15 +134,22 @@ if [[ -n "$so_prebuilt" ]]; then
     mv "$so_prebuilt" "$TMPD/stale-$(basename "$so_prebuilt")"
   fi
 fi
+# What the stages after the benchmark's first run need at least: the tests (the CUDA part's
+# ~3800 tests and a first stretch of the rest, with 12 workers) and the sanitizer. The sweep
+# stops trying settings where it would eat into these.
+TESTS_RESERVE=0
+want tests && TESTS_RESERVE=200
+SAN_RESERVE=0
+want sanitizer && SAN_RESERVE=120
+# When a prebuilt extension serves the stages, the build from source still runs (that it
+# builds offline here is part of the check), in the background from the end of the
+# benchmark's first run, so that run has the machine to itself; its time limit keeps it
+# within the budget.
+BG_BUILD_PID=""
+BG_PENDING=0
 if want build && cuda_loads "$ROOT"; then
-  note "prebuilt extension loads with its CUDA kernels: tests start on it; building from source beside them"
-  BG_SRC="$TMPD/src"
-  mkdir -p "$BG_SRC"
-  git ls-files -z | xargs -0 cp --parents -t "$BG_SRC"
-  (cd "$BG_SRC" && MAX_JOBS=4 timeout 500 "$PY" setup.py build_ext --inplace) \
-    >"$LOGS/build.log" 2>&1 &
-  BG_BUILD_PID=$!
-  BG_BUILD_T0=$SECONDS
+  note "prebuilt extension loads with its CUDA kernels: the stages run on it; the build from source runs beside them from after benchmark 1"
+  BG_PENDING=1
 elif want build && ! run_stage build "$LOGS/build.log" "$(stage_limit 270 270)" \
     "$PY" setup.py build_ext --inplace; then
   note "build failed: see build.log"
@@ -149,31 +157,122 @@ elif want build && ! run_stage build "$LOGS/build.log" "$(stage_limit 270 270)" 
   exit 1
 fi
 # Built here in place: a later call on the same machine may use it as it is.
-if want build && [[ -z "$BG_BUILD_PID" ]]; then
+if want build && [[ $BG_PENDING -eq 0 ]]; then
   scripts/source_hash.sh >torchloss_fused/_C.sources
 fi
+start_bg_build() {
+  [[ $BG_PENDING -eq 1 ]] || return 0
+  BG_PENDING=0
+  BG_BUILD_LIMIT=$(($(budget_left) - 20))
+  ((BG_BUILD_LIMIT > 500)) && BG_BUILD_LIMIT=500
+  if ((BG_BUILD_LIMIT < 60)); then
+    note "build from source: not started, $(budget_left) s of the budget left"
+    return 0
+  fi
+  BG_SRC="$TMPD/src"
+  mkdir -p "$BG_SRC"
+  git ls-files -z | xargs -0 cp --parents -t "$BG_SRC"
+  (cd "$BG_SRC" && MAX_JOBS=4 nice -n 19 timeout "$BG_BUILD_LIMIT" "$PY" setup.py build_ext \
+    --inplace) >"$LOGS/build.log" 2>&1 &
+  BG_BUILD_PID=$!
+  BG_BUILD_T0=$SECONDS
+}
 
-"$PY" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$SUMMARY"
 import torchloss_fused
 print("backend_info('cuda'):", torchloss_fused.backend_info("cuda"))
-EOF
+PYEOF
 
-# ---- 2. the whole test suite: CUDA cases first (what only this machine can check), then the
+# ---- 2. the benchmark's first run (every CUDA target of the issues), alone on the machine ---
+marker="$TMPD/marker"
+touch "$marker"
+DEFAULT_RUNS="--targets --dtypes bf16 --ops ce_fwd_bwd focal_fwd_bwd|--targets --dtypes bf16 --ops ce_fwd sigmoid_focal_fwd_bwd linear_ce_fwd_bwd"
+IFS='|' read -r -a bench_runs <<<"${BENCH_RUNS:-$DEFAULT_RUNS}"
+# run_bench I RESERVE: benchmark run I of BENCH_RUNS (1-based), leaving RESERVE seconds of the
+# budget to the stages after it; skipped when under 30 s would be left to it (a benchmark
+# cut short by its limit writes no results).
+run_bench() {
+  local i=$1 reserve=$2
+  local args="${bench_runs[$((i - 1))]}"
+  if (($(budget_left) - reserve < 30)); then
+    note "benchmark $i ($args): skipped, $(budget_left) s of the budget left"
+    return
+  fi
+  # shellcheck disable=SC2086  # args is a list of words
+  run_stage "benchmark $i ($args)${TLF_CUDA_TUNING:+ (TLF_CUDA_TUNING='$TLF_CUDA_TUNING')}" \
+    "$LOGS/bench_$i${TLF_CUDA_TUNING:+_tuned}.log" "$(stage_limit 400 "$reserve")" \
+    "$PY" -m benchmarks.run --device cuda --no-progress $args
+}
+# When the first run meets every target it measures, the sweep is skipped and its time goes
+# to the tests (what the issue needs then); otherwise the sweep looks for a faster setting.
+targets_met=0
+if want bench; then
+  run_bench 1 $((10 + TESTS_RESERVE + SAN_RESERVE))
+  first_json="$(find benchmarks/results -name '*.json' -newer "$marker" | head -n 1)"
+  if [[ -n "$first_json" ]] && "$PY" -m benchmarks.targets "$first_json" >/dev/null 2>&1; then
+    targets_met=1
+  fi
+fi
+start_bg_build
+
+# ---- 3. optional: the benchmark under each launch tuning ------------------------------------
+# The defaults; thread block clusters of 8 blocks; a block per row that asks L2 for its
+# whole next row (256 KiB: a 128256-class bf16 row) while it writes this row's gradient, so
+# DRAM reads go on during the gradient pass (132 rows in flight: ~33 MB of a 50 MB L2);
+# a block per row whose first pass has the bulk-copy engine fill its row cache (bulk_load,
+# sm_90 and newer), alone, with that prefetch, and with clusters of 8; clusters of 4, 16, 8 with a 32 KiB
+# prefetch, and 2 (never measured yet, so first); then a block per row with a 64 KiB
+# prefetch, and two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
+# re-read from L2).
+DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|bulk_load=1|bulk_load=1,prefetch_kib=256|cluster_blocks=8,bulk_load=1|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
+DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
+if want sweep && [[ $targets_met -eq 1 ]]; then
+  note "sweep: skipped, benchmark 1 meets every target it measures (its time goes to the tests)"
+elif want sweep; then
+  IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
+  # A run needs ~20 s. The later settings (GPU_CHECK_SWEEP lists the most wanted first) are
+  # not tried once under 25 s would be left beyond the tests' and the sanitizer's reserves
+  # and the ~70 s of a winner's rerun of benchmark 1 (about 60 s on the H200 at stop 16).
+  after_sweep=$((TESTS_RESERVE + SAN_RESERVE))
+  want bench && after_sweep=$((after_sweep + 70))
+  i=0
+  for tuning in "${sweep_runs[@]}"; do
+    i=$((i + 1))
+    if (($(budget_left) - after_sweep < 25)); then
+      note "sweep: settings $i to ${#sweep_runs[@]} skipped, $(budget_left) s of the budget left"
+      break
+    fi
+    mkdir -p "$OUT/sweep/$i"
+    # shellcheck disable=SC2086  # the arguments are a list of words
+    TLF_CUDA_TUNING="$tuning" run_stage "sweep $i (TLF_CUDA_TUNING='$tuning')" \
+      "$LOGS/sweep_$i.log" "$(stage_limit "${GPU_CHECK_SWEEP_S:-60}" "$after_sweep")" \
+      "$PY" -m benchmarks.run --device cuda --no-progress --out "$OUT/sweep/$i" \
+      ${GPU_CHECK_SWEEP_ARGS:-$DEFAULT_SWEEP_ARGS}
+  done
+  if compgen -G "$OUT/sweep/*/*.json" >/dev/null; then
+    "$PY" -m benchmarks.tuning_sweep "$OUT"/sweep/*/*.json 2>&1 | tee -a "$SUMMARY"
+    # A setting that beats the defaults by more than 2%: the first benchmark again under it
+    # (peers and torch.compile included), so that one session measures the targets with it.
+    best="$("$PY" -m benchmarks.tuning_sweep --best ce_fwd_bwd "$OUT"/sweep/*/*.json 2>/dev/null)"
+    if [[ -n "$best" ]] && want bench; then
+      note "sweep winner: TLF_CUDA_TUNING='$best'; benchmark 1 again under it"
+      TLF_CUDA_TUNING="$best" run_bench 1 $((10 + TESTS_RESERVE + SAN_RESERVE))
+    elif [[ -z "$best" ]]; then
+      note "sweep: no setting beats the defaults by more than 2%"
+    fi
+  fi
+fi
+
+# ---- 4. the whole test suite: CUDA cases first (what only this machine can check), then the
 # rest. Not -x: a first run on new hardware should show every failure at once.
 PYTEST=("$PY" -m pytest -rfEs --maxfail=50 -p no:cacheprovider)
 WORKERS="${GPU_CHECK_WORKERS:-12}"
 if [[ "$WORKERS" -gt 1 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
   PYTEST+=(-n "$WORKERS")
 fi
-# Run alone (GPU_CHECK_STAGES=tests), the tests get the whole budget: the CUDA part up to
-# GPU_CHECK_CUDA_TESTS_S seconds (default 360 alone, 240 beside the later stages).
-if want sanitizer || want bench; then after_tests=120 cuda_cap=240; else after_tests=0 cuda_cap=360; fi
-# The sweep's runs (about 20 s each at the default arguments) and a winner's rerun of
-# benchmark 1 (about 60 s) come after the tests too.
-SWEEP_RESERVE=0
-want sweep && SWEEP_RESERVE=200
-after_tests=$((after_tests + SWEEP_RESERVE))
-cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-$cuda_cap}"
+# The CUDA part gets up to GPU_CHECK_CUDA_TESTS_S seconds (default 360), the rest up to 240,
+# each within what the budget leaves beyond the sanitizer's reserve.
+cuda_cap="${GPU_CHECK_CUDA_TESTS_S:-360}"
 rest_select=(tests -k "not cuda or emulated")
 [[ -n "${GPU_CHECK_REST_SELECT:-}" ]] && read -r -a rest_select <<<"$GPU_CHECK_REST_SELECT"
 if want tests; then
@@ -181,9 +280,9 @@ if want tests; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
   # -v names each test as it ends, so a part cut short by its limit still says what passed
   # and what failed (-q's list of failures is printed only at the end).
-  run_stage tests-cuda "$LOGS/tests_cuda.log" "$(stage_limit "$cuda_cap" $((after_tests + 30)))" \
+  run_stage tests-cuda "$LOGS/tests_cuda.log" "$(stage_limit "$cuda_cap" $((SAN_RESERVE + 40)))" \
     "${PYTEST[@]}" -v tests -k "cuda and not emulated"
-  run_stage tests-rest "$LOGS/tests_rest.log" "$(stage_limit 200 "$after_tests")" \
+  run_stage tests-rest "$LOGS/tests_rest.log" "$(stage_limit 240 $((SAN_RESERVE + 10)))" \
     "${PYTEST[@]}" -q "${rest_select[@]}"
   unset OMP_NUM_THREADS
   for part in cuda rest; do
@@ -194,14 +293,19 @@ if want tests; then
     else
       # Cut short: what the per-test lines say ("[gw3] [ 41%] PASSED tests/..." under xdist,
       # "tests/...::name PASSED [ 41%]" without; -q parts have neither, only dots).
-      note "tests-$part: cut short, $(grep -cE '\] PASSED |::[^ ]+ PASSED' "$log") passed and \
-$(grep -cE '\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)' "$log") failed before the limit"
-      grep -E '\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)' "$log" | head -n 40 >>"$SUMMARY"
+      passed=$(grep -cE '\] PASSED |::[^ ]+ PASSED' "$log")
+      failed=$(grep -cE '\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)' "$log")
+      if ((passed + failed > 0)); then
+        note "tests-$part: cut short, $passed passed and $failed failed before the limit"
+        grep -E '\] (FAILED|ERROR) |::[^ ]+ (FAILED|ERROR)' "$log" | head -n 40 >>"$SUMMARY"
+      else
+        note "tests-$part: cut short by its limit (see tests_$part.log)"
+      fi
     fi
   done
 fi
 
-# ---- 3. compute-sanitizer over every CUDA op ---------------------------------------------------
+# ---- 5. compute-sanitizer over every CUDA op ---------------------------------------------------
 SAN="$(command -v compute-sanitizer || true)"
 [[ -z "$SAN" && -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/compute-sanitizer" ]] &&
   SAN="$CUDA_HOME/bin/compute-sanitizer"
@@ -265,62 +369,41 @@ if ! want sanitizer; then
 elif [[ -n "$SAN" ]]; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees an
   # access past a tensor's end even where the cache would have had memory there.
-  run_stage memcheck "$LOGS/memcheck.log" "$(stage_limit "${GPU_CHECK_MEMCHECK_S:-90}" 140)" \
+  run_stage memcheck "$LOGS/memcheck.log" "$(stage_limit "${GPU_CHECK_MEMCHECK_S:-90}" 60)" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py"
-  run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit "${GPU_CHECK_RACECHECK_S:-60}" 130)" \
+  run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit "${GPU_CHECK_RACECHECK_S:-60}" 40)" \
     "$SAN" --tool racecheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
   # The bulk-copy kernels (bulk_load, sm_90 and newer, not the default) over the block-per-row
   # shapes: a copy that reads past a row's storage is an out-of-bounds access here.
   TLF_CUDA_TUNING=bulk_load=1 run_stage "memcheck (bulk_load=1)" "$LOGS/memcheck_bulk.log" \
-    "$(stage_limit "${GPU_CHECK_MEMCHECK_BULK_S:-45}" 120)" \
+    "$(stage_limit "${GPU_CHECK_MEMCHECK_BULK_S:-45}" 10)" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
 else
   note "compute-sanitizer not found: skipped"
 fi
 
-# ---- 4. the build from source beside the tests, then the benchmark (alone on the machine) ---
+# ---- 6. the build from source that ran beside the stages since benchmark 1 -----------------
 if [[ -n "$BG_BUILD_PID" ]]; then
   wait "$BG_BUILD_PID"
   rc=$?
   if [[ $rc -eq 0 ]] && cuda_loads "$BG_SRC"; then
     note "build from source: rc=0 in $((SECONDS - BG_BUILD_T0)) s; it loads with its CUDA kernels"
+  elif [[ $rc -eq 124 ]]; then
+    note "build from source: cut short by its limit (${BG_BUILD_LIMIT} s: what the budget left)"
   else
     note "build from source: FAILED (rc=$rc; see build.log)"
     overall=1
   fi
 fi
 
-marker="$TMPD/marker"
-touch "$marker"
-DEFAULT_RUNS="--targets --dtypes bf16 --ops ce_fwd_bwd focal_fwd_bwd|--targets --dtypes bf16 --ops ce_fwd sigmoid_focal_fwd_bwd linear_ce_fwd_bwd"
-IFS='|' read -r -a bench_runs <<<"${BENCH_RUNS:-$DEFAULT_RUNS}"
-# run_bench I RESERVE: benchmark run I of BENCH_RUNS (1-based), leaving RESERVE seconds of the
-# budget to the stages after it; skipped when under 30 s would be left to it (a benchmark
-# cut short by its limit writes no results).
-run_bench() {
-  local i=$1 reserve=$2
-  local args="${bench_runs[$((i - 1))]}"
-  if (($(budget_left) - reserve < 30)); then
-    note "benchmark $i ($args): skipped, $(budget_left) s of the budget left"
-    return
-  fi
-  # shellcheck disable=SC2086  # args is a list of words
-  run_stage "benchmark $i ($args)" "$LOGS/bench_$i.log" "$(stage_limit 400 "$reserve")" \
-    "$PY" -m benchmarks.run --device cuda --no-progress $args
-}
-# With the sweep, only the first run (cross-entropy and focal: the issues' CUDA targets) goes
-# before it; the others (from bench_later on) come after the sweep and its winner's rerun,
-# with what is left.
-bench_later=$((${#bench_runs[@]} + 1))
-if want bench && want sweep; then
-  run_bench 1 $((10 + SWEEP_RESERVE))
-  bench_later=2
-elif want bench; then
-  for ((i = 1; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
+# ---- 7. the benchmark's later runs, with what is left -----------------------------------------
+if want bench; then
+  for ((i = 2; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
 fi
-# ---- optional: hardware counters of the cross-entropy kernels at the target shape ---------
+
+# ---- 8. optional: hardware counters of the cross-entropy kernels at the target shape ---------
 # (GPU_CHECK_STAGES must name "profile": ncu replays each kernel several times)
 NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1 || true)"
 if want profile && [[ -n "$NCU" ]]; then
@@ -357,62 +440,6 @@ EOF
   fi
 elif want profile; then
   note "ncu not found: profile skipped"
-fi
-
-# ---- optional: the benchmark under each launch tuning ---------------------------------------
-# The defaults; thread block clusters of 8 blocks; a block per row that asks L2 for its
-# whole next row (256 KiB: a 128256-class bf16 row) while it writes this row's gradient, so
-# DRAM reads go on during the gradient pass (132 rows in flight: ~33 MB of a 50 MB L2);
-# a block per row whose first pass has the bulk-copy engine fill its row cache (bulk_load,
-# sm_90 and newer), alone, with that prefetch, and with clusters of 8; clusters of 4, 16, 8 with a 32 KiB
-# prefetch, and 2 (never measured yet, so first); then a block per row with a 64 KiB
-# prefetch, and two 256-thread blocks per SM (each caching 108 KiB of its row, the rest
-# re-read from L2).
-DEFAULT_SWEEP="|cluster_blocks=8|prefetch_kib=256|bulk_load=1|bulk_load=1,prefetch_kib=256|cluster_blocks=8,bulk_load=1|cluster_blocks=4|cluster_blocks=16|cluster_blocks=8,prefetch_kib=32|cluster_blocks=2|prefetch_kib=64|block_threads=256,row_cache_kib=108"
-DEFAULT_SWEEP_ARGS="--targets --dtypes bf16 --ops ce_fwd_bwd --no-compile --no-peers --no-plot"
-if want sweep; then
-  IFS='|' read -r -a sweep_runs <<<"${GPU_CHECK_SWEEP-$DEFAULT_SWEEP}"
-  i=0
-  # A run needs ~20 s. The later settings (GPU_CHECK_SWEEP lists the most wanted first) are
-  # not tried once under 25 s would be left, beyond the ~70 s that a winner's rerun of
-  # benchmark 1 takes (about 60 s on the H200 at stop 16).
-  rerun_reserve=0
-  want bench && rerun_reserve=70
-  for tuning in "${sweep_runs[@]}"; do
-    i=$((i + 1))
-    if (($(budget_left) - rerun_reserve < 25)); then
-      note "sweep: settings $i to ${#sweep_runs[@]} skipped, $(budget_left) s of the budget left"
-      break
-    fi
-    mkdir -p "$OUT/sweep/$i"
-    # shellcheck disable=SC2086  # the arguments are a list of words
-    TLF_CUDA_TUNING="$tuning" run_stage "sweep $i (TLF_CUDA_TUNING='$tuning')" \
-      "$LOGS/sweep_$i.log" "$(stage_limit "${GPU_CHECK_SWEEP_S:-60}" 10)" \
-      "$PY" -m benchmarks.run --device cuda --no-progress --out "$OUT/sweep/$i" \
-      ${GPU_CHECK_SWEEP_ARGS:-$DEFAULT_SWEEP_ARGS}
-  done
-  if compgen -G "$OUT/sweep/*/*.json" >/dev/null; then
-    "$PY" -m benchmarks.tuning_sweep "$OUT"/sweep/*/*.json 2>&1 | tee -a "$SUMMARY"
-    # A setting that beats the defaults by more than 2%: the first benchmark again under it
-    # (peers and torch.compile included), so that one session measures the targets with it.
-    best="$("$PY" -m benchmarks.tuning_sweep --best ce_fwd_bwd "$OUT"/sweep/*/*.json 2>/dev/null)"
-    if [[ -n "$best" ]] && want bench && (($(budget_left) < 40)); then
-      note "sweep winner: TLF_CUDA_TUNING='$best'; no time left to rerun benchmark 1 under it"
-    elif [[ -n "$best" ]] && want bench; then
-      note "sweep winner: TLF_CUDA_TUNING='$best'; benchmark 1 again under it"
-      # shellcheck disable=SC2086  # the arguments are a list of words
-      TLF_CUDA_TUNING="$best" run_stage "benchmark 1 (TLF_CUDA_TUNING='$best')" \
-        "$LOGS/bench_best.log" "$(stage_limit 300 10)" \
-        "$PY" -m benchmarks.run --device cuda --no-progress ${bench_runs[0]}
-    elif [[ -z "$best" ]]; then
-      note "sweep: no setting beats the defaults by more than 2%"
-    fi
-  fi
-fi
-
-# The benchmark runs that wait for the sweep.
-if want bench; then
-  for ((i = bench_later; i <= ${#bench_runs[@]}; i++)); do run_bench "$i" 10; done
 fi
 
 # The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).
