@@ -80,6 +80,19 @@ def test_gpu_verdicts_met_missed_and_not_measured(tmp_path):
     assert targets.main([str(path)]) == 1
     path.write_text(json.dumps(_gpu_results(85.0)))
     assert targets.main([str(path)]) == 0
+    # --ops: only those ops' targets, and one not measured counts as missed (the files come
+    # first: --ops takes every word after it).
+    ce_focal = ["--ops", "ce_fwd_bwd", "focal_fwd_bwd"]
+    assert targets.main([str(path), *ce_focal]) == 0
+    path.write_text(json.dumps(_gpu_results(85.0, with_inplace=False)))
+    assert targets.main([str(path)]) == 0
+    assert targets.main([str(path), *ce_focal]) == 1
+    assert targets.main([str(path), "--ops", "ce_fwd"]) == 1  # no target of that op
+    bad_lm = _gpu_results(85.0)
+    next(r for r in bad_lm["rows"] if r["impl_kind"] == "bound")["median_ms"] = 10.0
+    path.write_text(json.dumps(bad_lm))
+    assert targets.main([str(path)]) == 1
+    assert targets.main([str(path), *ce_focal]) == 0  # the missed one is linear CE's
 
 
 def test_default_file_is_the_newest_benchmark_run(tmp_path, monkeypatch):
