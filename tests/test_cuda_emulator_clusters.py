@@ -1,12 +1,12 @@
 """The CUDA emulator's thread block clusters (sm_90), on kernels of its own.
 
 tests/cuda_emulation/cluster_selftest.cpp, built with the flags of the kernel emulator
-(tests/test_cuda_emulated.py), launches through cudaLaunchKernelEx with clusters of 1, 2, 4
-and 16 blocks under every schedule: per-block and per-cluster shared memory, the split cluster
-barrier, __cluster_map_shared_rank in rank order, __syncthreads and __shfl_xor_sync per block,
-and the launch errors a GPU gives. Each kernel bug (a wait without an arrive, divergence at the
-cluster barrier, a block exiting while another reads its shared memory...) must stop the
-emulator, so it runs in a process of its own.
+(tests/test_cuda_emulated.py), launches through cudaLaunchKernelEx with clusters of 1, 2, 4 and
+16 blocks under every schedule: per-block and per-cluster shared memory, the split cluster
+barrier, __cluster_map_shared_rank in rank order, __syncthreads and the shuffles
+(__shfl_xor_sync, __shfl_sync) per block, and the launch errors a GPU gives. Each kernel bug (a
+wait without an arrive, divergence at the cluster barrier, a block exiting while another reads
+its shared memory...) must stop the emulator, so it runs in a process of its own.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ FAULTS = {
                    "127 at __cluster_barrier_wait", "1 at exited (block.thread 1.3)"],
     "rank_outside": ["__cluster_map_shared_rank: rank outside the cluster"],
     "not_shared": ["__cluster_map_shared_rank of an address outside the block's shared memory"],
+    "shfl_lane_outside": ["__shfl_sync lane argument out of range"],
 }
 
 

@@ -48,6 +48,7 @@ void cluster_kernel(unsigned expect_n, uint32_t* out, int* bad, int* first_block
   }
   const int mine = static_cast<int>(b * 1000 + t);
   if (__shfl_xor_sync(0xffffffffu, mine, 5) != static_cast<int>(b * 1000 + (t ^ 5))) ++*bad;
+  if (__shfl_sync(0xffffffffu, mine, 7) != static_cast<int>(b * 1000 + (t & ~31u) + 7)) ++*bad;
   if (__cluster_map_shared_rank(&dyn[t], rank) != &dyn[t]) ++*bad;
   __cluster_barrier_arrive();
   __cluster_barrier_wait();
@@ -274,6 +275,8 @@ void exited_block() {
   if (threadIdx.x == 0) *g_read = v;
 }
 
+void shfl_lane_outside() { (void)__shfl_sync(0xffffffffu, 1, 32); }
+
 struct Fault {
   const char* mode;
   void (*kernel)();
@@ -283,7 +286,8 @@ const Fault kFaults[] = {{"wait_without_arrive", wait_without_arrive},
                          {"divergence", divergence},
                          {"rank_outside", rank_outside},
                          {"not_shared", not_shared},
-                         {"exited_block", exited_block}};
+                         {"exited_block", exited_block},
+                         {"shfl_lane_outside", shfl_lane_outside}};
 
 }  // namespace
 
