@@ -403,13 +403,16 @@ namespace {
 template <typename Source>
 uint64_t shfl_bits(const char* name, unsigned mask, uint64_t bits, int arg, int width,
                    Source source) {
+  const auto fault = [name](const char* what) {
+    device_fault((std::string(name) + " " + what).c_str());
+  };
   ClusterRun& r = *g_run;
-  if (mask != 0xffffffffu) device_fault((std::string(name) + " with a partial mask").c_str());
-  if (width != 32) device_fault((std::string(name) + " with width != 32").c_str());
-  if (arg < 0 || arg > 31) device_fault((std::string(name) + " lane argument out of range").c_str());
+  if (mask != 0xffffffffu) fault("with a partial mask");
+  if (width != 32) fault("with width != 32");
+  if (arg < 0 || arg > 31) fault("lane argument out of range");
   const unsigned me = r.cur, thread = (*r.fibers)[me].thread, lane = thread & 31u;
   Warp& w = r.blocks[(*r.fibers)[me].rank].warps[thread >> 5];
-  if (w.size != 32) device_fault((std::string(name) + " with a full mask in a partial warp").c_str());
+  if (w.size != 32) fault("with a full mask in a partial warp");
   const unsigned gen = w.gen;
   // Two slot sets: a lane can only write this set again after the whole warp has passed the
   // next shuffle, i.e. after every lane has read what it needed from it.
