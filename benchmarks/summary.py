@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from .baselines import OURS, PEER
 from .cases import OPS
-from .report import _ms
+from .report import _ms, _x
 from .targets import INPLACE
 
 HEADERS = ["machine", "run", "dtype", "shape", "torchloss_fused ms", "% copy BW",
@@ -30,10 +30,6 @@ HEADERS = ["machine", "run", "dtype", "shape", "torchloss_fused ms", "% copy BW"
 
 def _ok(rows: list[dict], pred) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok" and pred(r)]
-
-
-def _x(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}x"
 
 
 def _pct(v: float | None) -> str:
