@@ -1165,9 +1165,11 @@ def emulated(tmp_path_factory) -> Outcome:
     return run_sample(exe, tmp_path_factory.mktemp("cuda_emulation"))
 
 
-def run_sample(exe: Path, workdir: Path) -> Outcome:
+def run_sample(exe: Path, workdir: Path, sample: list | None = None) -> Outcome:
+    """Runs `sample` (default: build_sample()) and checks every scenario of it."""
     batches = [Batch() for _ in range(BATCHES)]
-    scenarios = [make(batches[i % BATCHES]) for i, make in enumerate(build_sample())]
+    makers = build_sample() if sample is None else sample
+    scenarios = [make(batches[i % BATCHES]) for i, make in enumerate(makers)]
     with ThreadPoolExecutor(JOBS) as ex:
         errors = list(ex.map(lambda ib: ib[1].run(exe, workdir, f"batch{ib[0]}"),
                              enumerate(batches)))
