@@ -149,7 +149,7 @@ def git_state() -> dict:
 # faster with them, for every implementation that allocates one).
 PERF_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE",
             "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "TORCHLOSS_FUSED_FORCE_REFERENCE",
-            "TLF_CUDA_TUNING")
+            "TLF_CUDA_TUNING", "TLF_CPU_CACHE_MIB", "TLF_CPU_STREAM_MIB")
 
 
 def transparent_hugepages() -> str | None:

@@ -150,6 +150,19 @@ PyObject* set_host_cache_limit(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// _C.set_cpu_stream_threshold(bytes) (-1: the default) and _C.cpu_stream_threshold():
+// above how many bytes of logits + gradient a fused forward streams its gradient.
+PyObject* set_cpu_stream_threshold(PyObject*, PyObject* args) {
+  long long bytes = 0;
+  if (!PyArg_ParseTuple(args, "L", &bytes)) return nullptr;
+  tlf::cpu::set_stream_threshold_bytes(bytes);
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_stream_threshold(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(tlf::cpu::stream_threshold_bytes());
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernels", cpu_kernels, METH_NOARGS, "Instruction set of the CPU kernels in use."},
     {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
@@ -169,6 +182,11 @@ PyMethodDef methods[] = {
     {"host_cache_clear", host_cache_clear, METH_NOARGS, "Free the host buffer cache's blocks."},
     {"set_host_cache_limit", set_host_cache_limit, METH_VARARGS,
      "Set the host buffer cache's limit in bytes (0: off)."},
+    {"set_cpu_stream_threshold", set_cpu_stream_threshold, METH_VARARGS,
+     "Logits + gradient bytes above which a fused CPU forward streams its gradient "
+     "(-1: the last-level cache's size)."},
+    {"cpu_stream_threshold", cpu_stream_threshold, METH_NOARGS,
+     "The threshold set_cpu_stream_threshold sets, in bytes."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -7,7 +7,10 @@ C++ kernels serve CPU tensors, CUDA kernels GPU tensors, and a pure-PyTorch fall
 anything else; `backend_info(device)` says which and why.
 """
 
-from . import _ops  # noqa: F401  (registers fake kernels and autograd for the ops)
+from . import (
+    _cpu_streaming,  # noqa: F401  (applies TLF_CPU_STREAM_MIB)
+    _ops,  # noqa: F401  (registers fake kernels and autograd for the ops)
+)
 from ._backend import FORCE_REFERENCE_ENV, backend_info
 from ._host_buffers import cpu_cache_info, empty_cpu_cache
 from .functional import cross_entropy, focal_loss, sigmoid_focal_loss

@@ -1,8 +1,36 @@
 #include <ATen/Version.h>
+#include <unistd.h>
+
+#include <atomic>
 
 #include "kernels.h"
 
 namespace tlf::cpu {
+
+namespace {
+
+int64_t last_level_cache_bytes() {
+  long bytes = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (bytes <= 0) bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  return bytes > 0 ? static_cast<int64_t>(bytes) : int64_t{32} << 20;
+}
+
+std::atomic<int64_t> stream_threshold{-1};  // -1: the default
+
+}  // namespace
+
+int64_t stream_threshold_bytes() {
+  static const int64_t kDefault = last_level_cache_bytes();
+  const int64_t t = stream_threshold.load(std::memory_order_relaxed);
+  return t < 0 ? kDefault : t;
+}
+
+void set_stream_threshold_bytes(int64_t bytes) {
+  stream_threshold.store(bytes < 0 ? -1 : bytes, std::memory_order_relaxed);
+}
 
 const KernelTable& kernel_table() {
   // at::get_cpu_capability() is PyTorch's own choice for its kernels: the best instruction

@@ -200,6 +200,47 @@ inline void store_pair(scalar_t* dst, const Vectorized<acc_t>& lo, const Vectori
   }
 }
 
+// Non-temporal stores, for gradients too large for the caches (stream_threshold_bytes):
+// a plain store first reads the line it writes (a read for ownership), which was a third
+// of a fused bf16 forward's memory traffic. stream_pair stores as store_pair does, at a
+// dst aligned to kStreamAlign; a row's streaming stores end with stream_fence, before
+// another thread may read what they wrote.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kStreamStores = true;
+#else
+constexpr bool kStreamStores = false;
+#endif
+constexpr int64_t kStreamAlign = sizeof(Vectorized<float>);
+
+template <typename scalar_t>
+inline void stream_pair(scalar_t* dst, const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kReduced<scalar_t>) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst),
+                        at::vec::convert_from_float<scalar_t>(lo, hi));
+  } else {
+    _mm512_stream_ps(dst, lo);
+    _mm512_stream_ps(dst + Vectorized<float>::size(), hi);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kReduced<scalar_t>) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                        at::vec::convert_from_float<scalar_t>(lo, hi));
+  } else {
+    _mm256_stream_ps(dst, lo);
+    _mm256_stream_ps(dst + Vectorized<float>::size(), hi);
+  }
+#else
+  store_pair(dst, lo, hi);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // n elements at src (element stride `stride`) -> contiguous acc_t.
 template <typename scalar_t, typename acc_t>
 inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
@@ -767,28 +808,37 @@ inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_
   return M + std::log(S);
 }
 
-// Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g.
+// Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g;
+// with `stream` (e then is not g) by non-temporal stores where g's row start is aligned
+// for them (every pair after it then is: blocks and pairs are whole multiples of it).
 template <typename scalar_t, typename acc_t>
 inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, int64_t C,
                               const Transform<acc_t>& tf, acc_t lse, acc_t A, acc_t B,
-                              int64_t target, acc_t s_t) {
+                              int64_t target, acc_t s_t, bool stream) {
   using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
   const acc_t deriv = tf.scaled ? tf.scale : acc_t(1);
+  stream = stream && reinterpret_cast<uintptr_t>(g) % kStreamAlign == 0;
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
     const int64_t n = std::min(kBlock, C - c0);
-    const V f(A * std::exp(max_b[k] - lse) * deriv);
+    const acc_t fs = A * std::exp(max_b[k] - lse) * deriv;
+    const V f(fs);
+    int64_t i = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      for (; stream && i + 2 * W <= n; i += 2 * W) {
+        stream_pair(g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
+      }
+    }
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      at::vec::map([&](V ev) { return ev * f; }, g + c0, e + c0, n);
+      at::vec::map([&](V ev) { return ev * f; }, g + c0 + i, e + c0 + i, n - i);
     } else {
-      constexpr int64_t W = V::size();
-      int64_t i = 0;
       for (; i + 2 * W <= n; i += 2 * W) {
         store_pair(g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
       }
-      const acc_t fs = A * std::exp(max_b[k] - lse) * deriv;
       for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(e[c0 + i] * fs);
     }
   }
+  if (stream) stream_fence();
   if (target >= 0) {
     g[target] = static_cast<scalar_t>((A * std::exp(s_t - lse) - B) * deriv);
   }
@@ -798,14 +848,15 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
 template <typename scalar_t, typename acc_t>
 inline acc_t one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
                          acc_t g_loss, const Transform<acc_t>& tf, acc_t* buf,
-                         ExpRow<acc_t>& scratch, acc_t* s_t) {
+                         ExpRow<acc_t>& scratch, acc_t* s_t, bool stream) {
   auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
   const int64_t C = p.in.C;
   const acc_t lse = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
                                                       scratch.max_b.data());
   const auto k = index_row_coef<acc_t>(p, t, lse, g_loss, *s_t);
-  row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, lse, k.A, k.B, t, *s_t);
+  row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, lse, k.A, k.B, t, *s_t,
+                                     stream && !scratch.e.empty());
   return lse;
 }
 
@@ -828,8 +879,13 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
                              read_row_value<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
   };
   const bool one_exp = one_exp_path(p, tf);
+  // A gradient that, with the logits, outgrows the caches is streamed (stream_pair); a
+  // float one then keeps its exp terms in the scratch row instead of in itself.
+  const bool stream = one_exp && kStreamStores && std::is_same_v<acc_t, float> &&
+                      2 * p.in.rows() * C * static_cast<int64_t>(sizeof(scalar_t)) >
+                          stream_threshold_bytes();
   ExpRow<acc_t> scratch;
-  if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t>);
+  if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t> || stream);
 
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = x + p.in.row_offset(r);
@@ -852,7 +908,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     acc_t lse;
     if (one_exp && !ignored) {
       lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
-                                         tf, b.s, scratch, &s_t);
+                                         tf, b.s, scratch, &s_t, stream);
     } else {
       lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
       if (p.with_grad) fused_grad(r, t, lse);
