@@ -96,6 +96,6 @@ def test_a_malformed_threshold_is_an_error_at_import(value):
 def test_default_threshold_is_a_cache_size():
     from torchloss_fused import _C, _cpu_streaming
 
-    if _cpu_streaming._THRESHOLD >= 0:
+    if _cpu_streaming._THRESHOLD is not None:
         pytest.skip("TLF_CPU_STREAM_MIB is set")
     assert _C.cpu_stream_threshold() >= 1 << 20

@@ -9,30 +9,14 @@ and the gradient together are larger than the last-level cache (csrc/cpu/kernels
 
 from __future__ import annotations
 
-import os
-
 from . import _backend
+from ._env import mib_from_env
 
 ENV = "TLF_CPU_STREAM_MIB"
 
-
-def _threshold_from_env() -> int:
-    """Bytes from the variable, or -1 (unset: the kernels' default)."""
-    text = os.environ.get(ENV)
-    if text is None:
-        return -1
-    try:
-        mib = int(text)
-    except ValueError:
-        raise ValueError(f"{ENV} must be a whole number of MiB, got {text!r}") from None
-    if mib < 0:
-        raise ValueError(f"{ENV} must be >= 0, got {mib}")
-    return mib << 20
-
-
-_THRESHOLD = _threshold_from_env()  # checked even where there is no extension to apply it to
+_THRESHOLD = mib_from_env(ENV)  # checked even where there is no extension to apply it to
 if _backend.EXTENSION_LOADED:
     from . import _C
 
     if hasattr(_C, "set_cpu_stream_threshold"):
-        _C.set_cpu_stream_threshold(_THRESHOLD)
+        _C.set_cpu_stream_threshold(-1 if _THRESHOLD is None else _THRESHOLD)  # -1: default

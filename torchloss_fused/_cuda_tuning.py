@@ -43,6 +43,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from ._env import whole_number
+
 ENV = "TLF_CUDA_TUNING"
 THREADS = (128, 256, 512)
 CLUSTERS = (0, 2, 4, 8, 16)
@@ -75,13 +77,7 @@ DEFAULT = CudaTuning()
 
 
 def _kib(key: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{ENV}: {key} must be a whole number of KiB, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"{ENV}: {key} must be >= 0, got {value}")
-    return value
+    return whole_number(text, f"{ENV}: {key}", "KiB")
 
 
 def parse(spec: str) -> CudaTuning:

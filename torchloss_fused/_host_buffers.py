@@ -16,27 +16,13 @@ extension, or on other devices, buffers are plain torch.empty.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import _backend
+from ._env import mib_from_env
 
 ENV = "TLF_CPU_CACHE_MIB"
 DEFAULT_MIB = 2048
-
-
-def _limit_from_env() -> int:
-    text = os.environ.get(ENV)
-    if text is None:
-        return DEFAULT_MIB << 20
-    try:
-        mib = int(text)
-    except ValueError:
-        raise ValueError(f"{ENV} must be a whole number of MiB, got {text!r}") from None
-    if mib < 0:
-        raise ValueError(f"{ENV} must be >= 0, got {mib}")
-    return mib << 20
 
 
 def _extension():
@@ -47,7 +33,10 @@ def _extension():
     return _C if hasattr(_C, "host_empty") else None
 
 
-_LIMIT = _limit_from_env()  # checked even where there is no extension to apply it to
+# Checked even where there is no extension to apply it to.
+_LIMIT = mib_from_env(ENV)
+if _LIMIT is None:
+    _LIMIT = DEFAULT_MIB << 20
 _C = _extension()
 if _C is not None:
     _C.set_host_cache_limit(_LIMIT)
