@@ -151,7 +151,7 @@ PyObject* set_host_cache_limit(PyObject*, PyObject* args) {
 }
 
 // _C.set_cpu_stream_threshold(bytes) (-1: the default) and _C.cpu_stream_threshold():
-// above how many bytes of logits + gradient a fused forward streams its gradient.
+// above how many bytes of logits + gradient the CPU kernels stream a gradient.
 PyObject* set_cpu_stream_threshold(PyObject*, PyObject* args) {
   long long bytes = 0;
   if (!PyArg_ParseTuple(args, "L", &bytes)) return nullptr;
@@ -183,7 +183,7 @@ PyMethodDef methods[] = {
     {"set_host_cache_limit", set_host_cache_limit, METH_VARARGS,
      "Set the host buffer cache's limit in bytes (0: off)."},
     {"set_cpu_stream_threshold", set_cpu_stream_threshold, METH_VARARGS,
-     "Logits + gradient bytes above which a fused CPU forward streams its gradient "
+     "Logits + gradient bytes above which the CPU kernels stream a gradient "
      "(-1: the last-level cache's size)."},
     {"cpu_stream_threshold", cpu_stream_threshold, METH_NOARGS,
      "The threshold set_cpu_stream_threshold sets, in bytes."},

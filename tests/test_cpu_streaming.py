@@ -1,9 +1,11 @@
-"""Streaming (non-temporal) gradient stores of the fused CPU forward (csrc/cpu/kernels.h).
+"""Streaming (non-temporal) gradient stores of the CPU kernels (csrc/cpu/kernels.h).
 
 They are used only when the logits and the gradient outgrow the last-level cache, far
-beyond what a test should allocate, so TLF_CPU_STREAM_MIB=0 turns them on for every size in
-a subprocess, whose results must be bitwise those of the plain stores here: rows whose start
-is aligned for the streaming stores and rows whose start is not, every reduced dtype.
+beyond what a test should allocate, so two subprocesses run the same calls, one with
+TLF_CPU_STREAM_MIB=0 (streaming at every size) and one with a threshold no test reaches:
+their results must be the same bits. The calls cover the fused forward's rows (the one-exp
+path, generic rows, soft-capped rows) and the separate backward, every reduced dtype, and
+rows whose start is aligned for the streaming stores or not.
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ CASES = textwrap.dedent("""
                 y = torch.randint(0, c, (24,), generator=gen)
                 y[5] = -100
                 w = torch.rand(c, generator=gen).to(dtype)
+                p = torch.softmax(torch.randn(24, c, generator=gen), 1).to(dtype)
                 for name, fn in (
                         ("mean", lambda v: tlf.cross_entropy(v, y)),
                         ("sum_scaled", lambda v: tlf.cross_entropy(v, y, reduction="sum",
                                                                    logit_scale=0.5)),
                         ("z_weight", lambda v: tlf.cross_entropy(
                             v, y, z_loss=1e-3, weight=w)),
-                        ("focal", lambda v: tlf.focal_loss(v, y, gamma=2.0))):
+                        ("focal", lambda v: tlf.focal_loss(v, y, gamma=2.0)),
+                        # the fused forward's other rows: generic and soft-capped
+                        ("smooth", lambda v: tlf.cross_entropy(v, y, label_smoothing=0.1)),
+                        ("softcap", lambda v: tlf.cross_entropy(v, y, softcap=5.0)),
+                        ("prob", lambda v: tlf.cross_entropy(v, p)),
+                        # a gradient into lse: the separate backward
+                        ("lse", lambda v: sum(t.sum() for t in tlf.cross_entropy(
+                            v, y, reduction="none", return_lse=True)))):
                     leaf = x.clone().requires_grad_()
                     loss = fn(leaf)
                     loss.backward()
@@ -78,7 +88,7 @@ def test_streamed_gradients_are_bitwise_the_plain_ones(tmp_path):
     assert plain.returncode == 0, plain.stderr
     a = torch.load(tmp_path / "streamed.pt")
     b = torch.load(tmp_path / "plain.pt")
-    assert a.keys() == b.keys() and len(a) == 96
+    assert a.keys() == b.keys() and len(a) == 192
     differ = [k for k in a if not torch.equal(a[k].reshape(-1).view(torch.uint8),
                                              b[k].reshape(-1).view(torch.uint8))]
     assert not differ, differ[:10]

@@ -2,8 +2,9 @@
 
 A plain store first reads the cache line it writes (a read for ownership). For a gradient
 too large to stay in the caches that read is wasted traffic, a third of a fused forward +
-backward's, so the fused forward writes its gradient with streaming stores once the logits
-and the gradient together are larger than the last-level cache (csrc/cpu/kernels.h).
+backward's, so the kernels write a gradient with streaming stores once the logits and the
+gradient together are larger than the last-level cache (csrc/cpu/kernels.h), unless it is
+written over the logits (inplace_backward).
 ``TLF_CPU_STREAM_MIB`` (read at import; MiB, 0: always) sets another size.
 """
 

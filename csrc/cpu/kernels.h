@@ -41,8 +41,8 @@ extern const KernelTable kTable;
 // The table for this CPU (honours ATEN_CPU_CAPABILITY, as PyTorch's own kernels do).
 const KernelTable& kernel_table();
 
-// A fused forward writes its gradient with non-temporal stores when the logits and the
-// gradient together take more than this many bytes: by default the last-level cache's size
+// Gradients not written over their logits are written with non-temporal stores when the
+// logits and the gradient together take more than this many bytes: by default the last-level cache's size
 // (32 MiB where the system does not say), since a gradient that large would not stay in
 // the caches anyway. set_stream_threshold_bytes(-1) restores the default.
 int64_t stream_threshold_bytes();

@@ -241,6 +241,36 @@ inline void stream_fence() {
 #endif
 }
 
+// Whether this call writes its gradient with streaming stores: the logits and the gradient
+// together outgrow the last-level cache, and the gradient is not written over the logits
+// (an in-place row's lines are in the cache already, just read).
+template <typename scalar_t>
+inline bool stream_gradient(const SoftmaxLossParams& p) {
+  return kStreamStores && std::is_same_v<typename AccOf<scalar_t>::type, float> &&
+         p.grad_input != nullptr && p.grad_input != p.input &&
+         2 * p.in.rows() * p.in.C * static_cast<int64_t>(sizeof(scalar_t)) >
+             stream_threshold_bytes();
+}
+
+// Whether a gradient row starting at g takes the streaming stores (every pair after an
+// aligned start is aligned: blocks and pairs are whole multiples of kStreamAlign).
+template <typename scalar_t>
+inline bool stream_row(bool stream, const scalar_t* g) {
+  return stream && reinterpret_cast<uintptr_t>(g) % kStreamAlign == 0;
+}
+
+// n contiguous floats -> dst, whole pairs by streaming stores (dst aligned as stream_row
+// asks), the rest plain.
+template <typename scalar_t>
+inline void stream_block(const float* src, int64_t n, scalar_t* dst) {
+  constexpr int64_t W = Vectorized<float>::size();
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    stream_pair(dst + i, Vectorized<float>::loadu(src + i), Vectorized<float>::loadu(src + i + W));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
 // n elements at src (element stride `stride`) -> contiguous acc_t.
 template <typename scalar_t, typename acc_t>
 inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* dst) {
@@ -464,6 +494,7 @@ struct RowBuffers {
   alignas(64) acc_t s[kBlock];  // transformed logits of the current block
   alignas(64) acc_t t[kBlock];  // probability-target block
   alignas(64) acc_t out[kBlock];
+  bool stream = false;  // gradient rows by streaming stores (stream_gradient)
 };
 
 // Pass over a row: online log-sum-exp. Captures the transformed logit at `target` (when
@@ -581,9 +612,10 @@ template <typename scalar_t>
 inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
                              const Transform<float>& tf, float lse, float A, float D,
                              const float* q, bool uniform_q, float B, int64_t target,
-                             float* s) {
+                             float* s, bool stream) {
   using V = Vectorized<float>;
   constexpr int64_t W = V::size();
+  stream = stream_row(stream, g);
   // Read before the row is written: g may be x itself (inplace_backward).
   const float x_target = target >= 0 ? static_cast<float>(x[target]) : 0.f;
   const V vA(A), vD(D), vlse(lse), vs(tf.scale);
@@ -607,11 +639,15 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
     const int64_t n = std::min(kBlock, C - c0);
     load_block(x + c0, 1, n, s);
     int64_t i = 0;
+    for (; stream && i + 2 * W <= n; i += 2 * W) {
+      stream_pair(g + c0 + i, grad(V::loadu(s + i), c0 + i), grad(V::loadu(s + i + W), c0 + i + W));
+    }
     for (; i + 2 * W <= n; i += 2 * W) {
       store_pair(g + c0 + i, grad(V::loadu(s + i), c0 + i), grad(V::loadu(s + i + W), c0 + i + W));
     }
     for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(scalar_grad(s[i], c0 + i));
   }
+  if (stream) stream_fence();
   if (target >= 0) g[target] = static_cast<scalar_t>(scalar_grad(x_target, target));
 }
 
@@ -628,10 +664,11 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   const V vA(A), vD(D), vlse(lse);
   const bool with_q = D != 0 && (p.prob_target || w != nullptr);
   const bool uniform_q = D != 0 && !with_q;  // smoothing without weights: q_c = 1
+  const bool stream = gsc == 1 && stream_row(b.stream, g);
   if constexpr (kReduced<scalar_t>) {
     if (sc == 1 && gsc == 1 && !tf.capped && !p.prob_target) {
       row_grad_reduced(x, g, C, tf, lse, A, D, with_q ? w : nullptr, uniform_q, B, target,
-                       b.s);
+                       b.s, b.stream);
       return;
     }
   }
@@ -650,10 +687,11 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
     // Read before the block is written: g may be x itself (inplace_backward).
     const bool has_target = target >= c0 && target < c0 + n;
     const acc_t st = has_target ? s[target - c0] : acc_t(0);
-    // Contiguous float/double gradients are computed straight into place.
+    // Contiguous float/double gradients are computed straight into place, or streamed
+    // from the buffer.
     acc_t* out = b.out;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (gsc == 1) out = g + c0;
+      if (gsc == 1 && !stream) out = g + c0;
     }
     if (q != nullptr) {
       at::vec::map2(
@@ -677,8 +715,15 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
       const acc_t gt = A * std::exp(st - lse) - D * qt - B;
       out[i] = tf.active() ? gt * tf.deriv1(st) : gt;
     }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (stream) {
+        stream_block(b.out, n, g + c0);
+        continue;
+      }
+    }
     if (out == b.out) store_block(b.out, n, g + c0 * gsc, gsc);
   }
+  if (stream) stream_fence();
 }
 
 // Coefficients of a counted class-index row: grad_s = A p - D q - [c == t] B (see row_grad).
@@ -881,9 +926,8 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const bool one_exp = one_exp_path(p, tf);
   // A gradient that, with the logits, outgrows the caches is streamed (stream_pair); a
   // float one then keeps its exp terms in the scratch row instead of in itself.
-  const bool stream = one_exp && kStreamStores && std::is_same_v<acc_t, float> &&
-                      2 * p.in.rows() * C * static_cast<int64_t>(sizeof(scalar_t)) >
-                          stream_threshold_bytes();
+  const bool stream = p.with_grad && stream_gradient<scalar_t>(p);
+  b.stream = stream;
   ExpRow<acc_t> scratch;
   if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t> || stream);
 
@@ -945,6 +989,7 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
   RowBuffers<acc_t> b;
+  b.stream = stream_gradient<scalar_t>(p);
 
   for (int64_t r = begin; r < end; ++r) {
     int64_t t = -1;
