@@ -1,5 +1,7 @@
 #include <ATen/Version.h>
+#if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
+#endif
 
 #include <atomic>
 
