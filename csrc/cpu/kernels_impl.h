@@ -854,8 +854,7 @@ inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_
 }
 
 // Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g;
-// with `stream` (e then is not g) by non-temporal stores where g's row start is aligned
-// for them (every pair after it then is: blocks and pairs are whole multiples of it).
+// with `stream` (e then is not g) by streaming stores where stream_row allows them.
 template <typename scalar_t, typename acc_t>
 inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, int64_t C,
                               const Transform<acc_t>& tf, acc_t lse, acc_t A, acc_t B,
@@ -863,7 +862,7 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const acc_t deriv = tf.scaled ? tf.scale : acc_t(1);
-  stream = stream && reinterpret_cast<uintptr_t>(g) % kStreamAlign == 0;
+  stream = stream_row(stream, g);
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
     const int64_t n = std::min(kBlock, C - c0);
     const acc_t fs = A * std::exp(max_b[k] - lse) * deriv;
