@@ -235,6 +235,17 @@ inline void stream_pair(scalar_t* dst, const Vectorized<float>& lo, const Vector
 #endif
 }
 
+// store_pair, or stream_pair when `stream` (a flag fixed for the row: a predicted branch).
+template <typename scalar_t>
+inline void put_pair(bool stream, scalar_t* dst, const Vectorized<float>& lo,
+                     const Vectorized<float>& hi) {
+  if (stream) {
+    stream_pair(dst, lo, hi);
+  } else {
+    store_pair(dst, lo, hi);
+  }
+}
+
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
@@ -257,18 +268,6 @@ inline bool stream_gradient(const SoftmaxLossParams& p) {
 template <typename scalar_t>
 inline bool stream_row(bool stream, const scalar_t* g) {
   return stream && reinterpret_cast<uintptr_t>(g) % kStreamAlign == 0;
-}
-
-// n contiguous floats -> dst, whole pairs by streaming stores (dst aligned as stream_row
-// asks), the rest plain.
-template <typename scalar_t>
-inline void stream_block(const float* src, int64_t n, scalar_t* dst) {
-  constexpr int64_t W = Vectorized<float>::size();
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    stream_pair(dst + i, Vectorized<float>::loadu(src + i), Vectorized<float>::loadu(src + i + W));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
 }
 
 // n elements at src (element stride `stride`) -> contiguous acc_t.
@@ -313,6 +312,18 @@ inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stri
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
+}
+
+// n contiguous floats -> dst as store_block(src, n, dst, 1) does, whole pairs by streaming
+// stores (dst aligned as stream_row asks).
+template <typename scalar_t>
+inline void stream_block(const float* src, int64_t n, scalar_t* dst) {
+  constexpr int64_t W = Vectorized<float>::size();
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    stream_pair(dst + i, Vectorized<float>::loadu(src + i), Vectorized<float>::loadu(src + i + W));
+  }
+  store_block(src + i, n - i, dst + i, 1);
 }
 
 template <typename scalar_t>
@@ -607,7 +618,7 @@ inline acc_t focal_alpha(const SoftmaxLossParams& p, int64_t t) {
 // LM-training case). Each block is first converted into the L1 buffer s by a load-only
 // loop, then the gradient is computed from s and stored: interleaving the loads with the
 // exponential's long dependency chains leaves too few loads in flight to stream from
-// memory (about 2x slower on a 1-thread Xeon).
+// memory (about 2x slower on a 1-thread Xeon). `stream`: this row streams (stream_row).
 template <typename scalar_t>
 inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
                              const Transform<float>& tf, float lse, float A, float D,
@@ -615,7 +626,6 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
                              float* s, bool stream) {
   using V = Vectorized<float>;
   constexpr int64_t W = V::size();
-  stream = stream_row(stream, g);
   // Read before the row is written: g may be x itself (inplace_backward).
   const float x_target = target >= 0 ? static_cast<float>(x[target]) : 0.f;
   const V vA(A), vD(D), vlse(lse), vs(tf.scale);
@@ -639,11 +649,9 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
     const int64_t n = std::min(kBlock, C - c0);
     load_block(x + c0, 1, n, s);
     int64_t i = 0;
-    for (; stream && i + 2 * W <= n; i += 2 * W) {
-      stream_pair(g + c0 + i, grad(V::loadu(s + i), c0 + i), grad(V::loadu(s + i + W), c0 + i + W));
-    }
     for (; i + 2 * W <= n; i += 2 * W) {
-      store_pair(g + c0 + i, grad(V::loadu(s + i), c0 + i), grad(V::loadu(s + i + W), c0 + i + W));
+      put_pair(stream, g + c0 + i, grad(V::loadu(s + i), c0 + i),
+               grad(V::loadu(s + i + W), c0 + i + W));
     }
     for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(scalar_grad(s[i], c0 + i));
   }
@@ -668,7 +676,7 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   if constexpr (kReduced<scalar_t>) {
     if (sc == 1 && gsc == 1 && !tf.capped && !p.prob_target) {
       row_grad_reduced(x, g, C, tf, lse, A, D, with_q ? w : nullptr, uniform_q, B, target,
-                       b.s, b.stream);
+                       b.s, stream);
       return;
     }
   }
@@ -867,19 +875,14 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
     const int64_t n = std::min(kBlock, C - c0);
     const acc_t fs = A * std::exp(max_b[k] - lse) * deriv;
     const V f(fs);
-    int64_t i = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
-      for (; stream && i + 2 * W <= n; i += 2 * W) {
-        stream_pair(g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
-      }
-    }
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      at::vec::map([&](V ev) { return ev * f; }, g + c0 + i, e + c0 + i, n - i);
-    } else {
+      int64_t i = 0;
       for (; i + 2 * W <= n; i += 2 * W) {
-        store_pair(g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
+        put_pair(stream, g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
       }
       for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(e[c0 + i] * fs);
+    } else {
+      at::vec::map([&](V ev) { return ev * f; }, g + c0, e + c0, n);
     }
   }
   if (stream) stream_fence();
