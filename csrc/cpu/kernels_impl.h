@@ -34,6 +34,16 @@ using at::vec::Vectorized;
 
 constexpr int64_t kBlock = 2048;  // classes per block; 8 KiB of floats stays in L1
 
+// For the per-vector formulas of elementwise losses: GCC kept SigmoidTerms out of line,
+// so each call stored its four results to memory, and reloaded its constants, every vector.
+#if defined(__GNUC__)
+#define TLF_ALWAYS_INLINE inline __attribute__((always_inline))
+#define TLF_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define TLF_ALWAYS_INLINE inline
+#define TLF_ALWAYS_INLINE_LAMBDA
+#endif
+
 template <typename scalar_t>
 struct AccOf {
   using type = float;
@@ -70,7 +80,7 @@ constexpr float kLn2Hi = 0x1.62e43p-1f;    // log(2) rounded to float
 constexpr float kLn2Lo = -0x1.05c61p-29f;  // log(2) - kLn2Hi
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-inline Vectorized<float> exp2_poly(const Vectorized<float>& f) {
+TLF_ALWAYS_INLINE Vectorized<float> exp2_poly(const Vectorized<float>& f) {
   Vectorized<float> p(kExp2Poly[6]);
   for (int k = 5; k >= 0; --k) p = at::vec::fmadd(p, f, Vectorized<float>(kExp2Poly[k]));
   return p;
@@ -86,7 +96,7 @@ inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
   return _mm512_scalef_ps(exp2_poly(f), n);
 }
 
-inline Vectorized<float> vexp_exact(const Vectorized<float>& v) {
+TLF_ALWAYS_INLINE Vectorized<float> vexp_exact(const Vectorized<float>& v) {
   // Beyond [-104, 89] exp is 0 or inf in float; the clamp keeps n finite (r is never
   // inf - inf) and keeps a NaN, as max and min return their second operand for NaN.
   const __m512 x =
@@ -115,7 +125,7 @@ inline Vectorized<float> vexp2(const Vectorized<float>& yv) {
   return _mm256_mul_ps(exp2_poly(f), pow2i(n));
 }
 
-inline Vectorized<float> vexp_exact(const Vectorized<float>& v) {
+TLF_ALWAYS_INLINE Vectorized<float> vexp_exact(const Vectorized<float>& v) {
   // v clamped to [-88, 89] (NaN kept, as in vexp2), so n lies in [-127, 128] for pow2i;
   // exp(v) below -88 is subnormal and comes out 0.
   __m256 x = _mm256_max_ps(_mm256_set1_ps(-88.f), v);
@@ -154,7 +164,7 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 // (Cody-Waite: r = v - n log(2), log(2) in two parts; exp(v) = 2^n 2^(r L)), about 1e-7
 // relative for any v. Elsewhere ATen's exp.
 template <typename acc_t>
-inline Vectorized<acc_t> vexp_elementwise(const Vectorized<acc_t>& v) {
+TLF_ALWAYS_INLINE Vectorized<acc_t> vexp_elementwise(const Vectorized<acc_t>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) return vexp_exact(v);
 #endif
@@ -1019,26 +1029,50 @@ constexpr float kLog1pPoly[8] = {0x1.555554p-2f,  -0x1.000228p-2f, 0x1.99a008p-3
                                  0x1.055b9ep-3f,  -0x1.38b5cp-4f};
 constexpr float kSqrt2 = 0x1.6a09e6p+0f;
 
+// V::blendv(a, b, x >= y) (kGe) or V::blendv(a, b, x > y) (kGt): b where the comparison
+// holds, else a. float on AVX-512: the comparison stays a mask register (ATen's makes a
+// vector of it, which blendv compares back into a mask: two instructions more).
+enum class Cmp { kGe, kGt };
+
+template <Cmp kCmp, typename acc_t>
+TLF_ALWAYS_INLINE Vectorized<acc_t> pick_if(const Vectorized<acc_t>& x, const Vectorized<acc_t>& y,
+                                            const Vectorized<acc_t>& a,
+                                            const Vectorized<acc_t>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    constexpr int kPred = kCmp == Cmp::kGe ? _CMP_GE_OQ : _CMP_GT_OQ;
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, y, kPred), a, b);
+  }
+#endif
+  if constexpr (kCmp == Cmp::kGe) {
+    return Vectorized<acc_t>::blendv(a, b, x >= y);
+  } else {
+    return Vectorized<acc_t>::blendv(a, b, x > y);
+  }
+}
+
 // log(1 + e) for e in [0, 1], given u = 1 + e rounded and inv = 1 / u.
 // float on AVX2 and AVX-512: log(u) by a polynomial once u is brought into
 // [sqrt(1/2), sqrt(2)] (u - 1 and u / 2 - 1 are exact there), plus (e - (u - 1)) / u for
 // the rounding of u, itself exact: about 2 ulp, for a fifth of Sleef's log1p, which was
 // the most expensive instruction sequence of the loss. Elsewhere ATen's log1p.
 template <typename acc_t>
-inline Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e,
-                                     [[maybe_unused]] const Vectorized<acc_t>& u,
-                                     [[maybe_unused]] const Vectorized<acc_t>& inv) {
+TLF_ALWAYS_INLINE Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e,
+                                                [[maybe_unused]] const Vectorized<acc_t>& u,
+                                                [[maybe_unused]] const Vectorized<acc_t>& inv) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     using V = Vectorized<float>;
-    const V one(1.f), big = u > V(kSqrt2);  // false for NaN: f and the result stay NaN
-    const V f = V::blendv(u - one, u * V(0.5f) - one, big);
+    // u > sqrt(2) is false for NaN: f and the result stay NaN
+    const V one(1.f), root2(kSqrt2), zero(0.f);
+    const V f = pick_if<Cmp::kGt>(u, root2, u - one, u * V(0.5f) - one);
     V q(kLog1pPoly[7]);
     for (int k = 6; k >= 0; --k) q = at::vec::fmadd(q, f, V(kLog1pPoly[k]));
     const V z = f * f;
     const V log_m = f + at::vec::fmadd(f * z, q, V(-0.5f) * z);
-    const V rounding = at::vec::fmadd(e - (u - one), inv, V::blendv(V(0.f), V(kLn2Lo), big));
-    return V::blendv(V(0.f), V(kLn2Hi), big) + (log_m + rounding);
+    const V rounding =
+        at::vec::fmadd(e - (u - one), inv, pick_if<Cmp::kGt>(u, root2, zero, V(kLn2Lo)));
+    return pick_if<Cmp::kGt>(u, root2, zero, V(kLn2Hi)) + (log_m + rounding);
   }
 #endif
   return e.log1p();
@@ -1047,7 +1081,7 @@ inline Vectorized<acc_t> vlog1p_unit(const Vectorized<acc_t>& e,
 // 1 / d for d in [1, 2]. float on AVX-512: a 14-bit estimate and one Newton step, within
 // about 1 ulp for a fraction of vdivps' cost. Elsewhere a division.
 template <typename acc_t>
-inline Vectorized<acc_t> vrecip_unit(const Vectorized<acc_t>& d) {
+TLF_ALWAYS_INLINE Vectorized<acc_t> vrecip_unit(const Vectorized<acc_t>& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m512 r = _mm512_rcp14_ps(d);
@@ -1061,21 +1095,21 @@ template <typename acc_t>
 struct SigmoidTerms {
   using V = Vectorized<acc_t>;
   V ce, p, q, m;  // BCE-with-logits, sigmoid(x), 1 - sigmoid(x), 1 - p_t
-  SigmoidTerms(const V& x, const V& t) {
+  TLF_ALWAYS_INLINE SigmoidTerms(const V& x, const V& t) {
     const V one(1), zero(0);
     const V e = vexp_elementwise(x.abs().neg());  // exp(-|x|) never overflows
     const V u = one + e;
     const V inv = vrecip_unit(u);
     ce = at::vec::maximum(x, zero) - x * t + vlog1p_unit(e, u, inv);
-    const V pos = x >= zero;
-    p = V::blendv(e * inv, inv, pos);
-    q = V::blendv(inv, e * inv, pos);
+    const V e_inv = e * inv;
+    p = pick_if<Cmp::kGe>(x, zero, e_inv, inv);
+    q = pick_if<Cmp::kGe>(x, zero, inv, e_inv);
     m = t * q + (one - t) * p;
   }
 };
 
 template <typename acc_t>
-inline Vectorized<acc_t> vpow(const Vectorized<acc_t>& m, acc_t gamma) {
+TLF_ALWAYS_INLINE Vectorized<acc_t> vpow(const Vectorized<acc_t>& m, acc_t gamma) {
   using V = Vectorized<acc_t>;
   if (gamma == 0) return V(1);
   if (gamma == 1) return m;
@@ -1084,13 +1118,13 @@ inline Vectorized<acc_t> vpow(const Vectorized<acc_t>& m, acc_t gamma) {
 }
 
 template <typename acc_t>
-inline Vectorized<acc_t> alpha_t(const Vectorized<acc_t>& t, acc_t alpha) {
+TLF_ALWAYS_INLINE Vectorized<acc_t> alpha_t(const Vectorized<acc_t>& t, acc_t alpha) {
   using V = Vectorized<acc_t>;
   return V(alpha) * t + V(acc_t(1) - alpha) * (V(1) - t);
 }
 
 template <typename acc_t>
-inline Vectorized<acc_t> sigmoid_focal_value(const SigmoidTerms<acc_t>& s,
+TLF_ALWAYS_INLINE Vectorized<acc_t> sigmoid_focal_value(const SigmoidTerms<acc_t>& s,
                                              const Vectorized<acc_t>& t, acc_t alpha,
                                              acc_t gamma) {
   const Vectorized<acc_t> l = s.ce * vpow(s.m, gamma);
@@ -1099,7 +1133,7 @@ inline Vectorized<acc_t> sigmoid_focal_value(const SigmoidTerms<acc_t>& s,
 
 // d loss / dx.
 template <typename acc_t>
-inline Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
+TLF_ALWAYS_INLINE Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
                                              const Vectorized<acc_t>& t, acc_t alpha,
                                              acc_t gamma) {
   using V = Vectorized<acc_t>;
@@ -1110,7 +1144,7 @@ inline Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t>& s,
     // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
     V dpow = V(gamma) * vpow(s.m, gamma - acc_t(1));
     if (gamma < 1) {  // m = 0 only where p q = 0: the limit of the product is 0
-      dpow = V::blendv(V(0), dpow, s.m > V(0));
+      dpow = pick_if<Cmp::kGt>(s.m, V(0), V(0), dpow);
     }
     d = d * vpow(s.m, gamma) + s.ce * dpow * s.p * s.q * (V(1) - V(2) * t);
   }
@@ -1146,12 +1180,12 @@ void sigmoid_focal_fwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
   const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
-  auto value = [&](const V& xv, const V& tv) {
+  auto value = [&](const V& xv, const V& tv) TLF_ALWAYS_INLINE_LAMBDA {
     return sigmoid_focal_value(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
   };
   sigmoid_chunks<scalar_t>(
       p, nullptr, static_cast<scalar_t*>(p.loss), begin, end,
-      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t) {
+      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t) TLF_ALWAYS_INLINE_LAMBDA {
         V x0, x1, t0, t1;
         load_pair(x, x0, x1);
         load_pair(t, t0, t1);
@@ -1166,12 +1200,12 @@ void sigmoid_focal_bwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t
   const auto* gl = static_cast<const scalar_t*>(p.grad_loss);
   const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
   const V g_all(p.scalar_grad ? static_cast<acc_t>(gl[0]) : acc_t(0));
-  auto deriv = [&](const V& xv, const V& tv) {
+  auto deriv = [&](const V& xv, const V& tv) TLF_ALWAYS_INLINE_LAMBDA {
     return sigmoid_focal_deriv(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
   };
   sigmoid_chunks<scalar_t>(
       p, p.scalar_grad ? nullptr : gl, static_cast<scalar_t*>(p.grad_input), begin, end,
-      [&](const scalar_t* x, const scalar_t* t, const scalar_t* g, scalar_t* out, int64_t) {
+      [&](const scalar_t* x, const scalar_t* t, const scalar_t* g, scalar_t* out, int64_t) TLF_ALWAYS_INLINE_LAMBDA {
         V x0, x1, t0, t1, g0 = g_all, g1 = g_all;
         load_pair(x, x0, x1);
         load_pair(t, t0, t1);
@@ -1193,7 +1227,7 @@ double sigmoid_focal_sum_range(const SigmoidFocalParams& p, int64_t begin, int64
   V total0(0), total1(0);
   sigmoid_chunks<scalar_t>(
       p, nullptr, static_cast<scalar_t*>(p.grad_input), begin, end,
-      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t n) {
+      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t n) TLF_ALWAYS_INLINE_LAMBDA {
         V x0, x1, t0, t1;
         load_pair(x, x0, x1);
         load_pair(t, t0, t1);
