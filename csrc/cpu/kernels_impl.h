@@ -1117,6 +1117,21 @@ TLF_ALWAYS_INLINE Vectorized<acc_t> vpow(const Vectorized<acc_t>& m, acc_t gamma
   return m.pow(V(gamma));
 }
 
+// f(gamma), with gamma a literal where it is 2, 0 or 1 (the usual values): f is inlined at
+// each call, so each is a copy of the loop in which vpow's tests of gamma fold away.
+template <typename acc_t, typename F>
+TLF_ALWAYS_INLINE void with_gamma(acc_t gamma, F&& f) {
+  if (gamma == acc_t(2)) {
+    f(acc_t(2));
+  } else if (gamma == acc_t(0)) {
+    f(acc_t(0));
+  } else if (gamma == acc_t(1)) {
+    f(acc_t(1));
+  } else {
+    f(gamma);
+  }
+}
+
 template <typename acc_t>
 TLF_ALWAYS_INLINE Vectorized<acc_t> alpha_t(const Vectorized<acc_t>& t, acc_t alpha) {
   using V = Vectorized<acc_t>;
@@ -1156,7 +1171,7 @@ TLF_ALWAYS_INLINE Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t
 // last, partial chunk runs on zero-padded local copies with n < 2W, and only its n outputs
 // are copied back. g (an elementwise grad_loss) and out may be null.
 template <typename scalar_t, typename Step>
-inline void sigmoid_chunks(const SigmoidFocalParams& p, const scalar_t* g, scalar_t* out,
+TLF_ALWAYS_INLINE void sigmoid_chunks(const SigmoidFocalParams& p, const scalar_t* g, scalar_t* out,
                            int64_t begin, int64_t end, Step&& step) {
   constexpr int64_t K = 2 * Vectorized<typename AccOf<scalar_t>::type>::size();
   const auto* x = static_cast<const scalar_t*>(p.input);
@@ -1179,18 +1194,21 @@ template <typename scalar_t>
 void sigmoid_focal_fwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t end) {
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
-  const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
-  auto value = [&](const V& xv, const V& tv) TLF_ALWAYS_INLINE_LAMBDA {
-    return sigmoid_focal_value(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
-  };
-  sigmoid_chunks<scalar_t>(
-      p, nullptr, static_cast<scalar_t*>(p.loss), begin, end,
-      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t) TLF_ALWAYS_INLINE_LAMBDA {
-        V x0, x1, t0, t1;
-        load_pair(x, x0, x1);
-        load_pair(t, t0, t1);
-        store_pair(out, value(x0, t0), value(x1, t1));
-      });
+  const acc_t alpha = static_cast<acc_t>(p.alpha);
+  with_gamma(static_cast<acc_t>(p.gamma), [&](const acc_t gamma) TLF_ALWAYS_INLINE_LAMBDA {
+    auto value = [&](const V& xv, const V& tv) TLF_ALWAYS_INLINE_LAMBDA {
+      return sigmoid_focal_value(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
+    };
+    sigmoid_chunks<scalar_t>(
+        p, nullptr, static_cast<scalar_t*>(p.loss), begin, end,
+        [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out,
+            int64_t) TLF_ALWAYS_INLINE_LAMBDA {
+          V x0, x1, t0, t1;
+          load_pair(x, x0, x1);
+          load_pair(t, t0, t1);
+          store_pair(out, value(x0, t0), value(x1, t1));
+        });
+  });
 }
 
 template <typename scalar_t>
@@ -1198,20 +1216,23 @@ void sigmoid_focal_bwd_range(const SigmoidFocalParams& p, int64_t begin, int64_t
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
   const auto* gl = static_cast<const scalar_t*>(p.grad_loss);
-  const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
+  const acc_t alpha = static_cast<acc_t>(p.alpha);
   const V g_all(p.scalar_grad ? static_cast<acc_t>(gl[0]) : acc_t(0));
-  auto deriv = [&](const V& xv, const V& tv) TLF_ALWAYS_INLINE_LAMBDA {
-    return sigmoid_focal_deriv(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
-  };
-  sigmoid_chunks<scalar_t>(
-      p, p.scalar_grad ? nullptr : gl, static_cast<scalar_t*>(p.grad_input), begin, end,
-      [&](const scalar_t* x, const scalar_t* t, const scalar_t* g, scalar_t* out, int64_t) TLF_ALWAYS_INLINE_LAMBDA {
-        V x0, x1, t0, t1, g0 = g_all, g1 = g_all;
-        load_pair(x, x0, x1);
-        load_pair(t, t0, t1);
-        if (g != nullptr) load_pair(g, g0, g1);
-        store_pair(out, deriv(x0, t0) * g0, deriv(x1, t1) * g1);
-      });
+  with_gamma(static_cast<acc_t>(p.gamma), [&](const acc_t gamma) TLF_ALWAYS_INLINE_LAMBDA {
+    auto deriv = [&](const V& xv, const V& tv) TLF_ALWAYS_INLINE_LAMBDA {
+      return sigmoid_focal_deriv(SigmoidTerms<acc_t>(xv, tv), tv, alpha, gamma);
+    };
+    sigmoid_chunks<scalar_t>(
+        p, p.scalar_grad ? nullptr : gl, static_cast<scalar_t*>(p.grad_input), begin, end,
+        [&](const scalar_t* x, const scalar_t* t, const scalar_t* g, scalar_t* out,
+            int64_t) TLF_ALWAYS_INLINE_LAMBDA {
+          V x0, x1, t0, t1, g0 = g_all, g1 = g_all;
+          load_pair(x, x0, x1);
+          load_pair(t, t0, t1);
+          if (g != nullptr) load_pair(g, g0, g1);
+          store_pair(out, deriv(x0, t0) * g0, deriv(x1, t1) * g1);
+        });
+  });
 }
 
 // One pass for the reduced loss: each element's terms are computed once, for its loss and
@@ -1222,29 +1243,32 @@ double sigmoid_focal_sum_range(const SigmoidFocalParams& p, int64_t begin, int64
   using acc_t = typename AccOf<scalar_t>::type;
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
-  const acc_t gamma = static_cast<acc_t>(p.gamma), alpha = static_cast<acc_t>(p.alpha);
+  const acc_t alpha = static_cast<acc_t>(p.alpha);
   const V scale(static_cast<acc_t>(p.scale));
   V total0(0), total1(0);
-  sigmoid_chunks<scalar_t>(
-      p, nullptr, static_cast<scalar_t*>(p.grad_input), begin, end,
-      [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out, int64_t n) TLF_ALWAYS_INLINE_LAMBDA {
-        V x0, x1, t0, t1;
-        load_pair(x, x0, x1);
-        load_pair(t, t0, t1);
-        const SigmoidTerms<acc_t> s0(x0, t0), s1(x1, t1);
-        V v0 = sigmoid_focal_value(s0, t0, alpha, gamma);
-        V v1 = sigmoid_focal_value(s1, t1, alpha, gamma);
-        if (n < 2 * W) {  // the padded lanes of the last chunk add nothing
-          v0 = V::set(V(0), v0, std::min(n, W));
-          v1 = V::set(V(0), v1, std::max<int64_t>(n - W, 0));
-        }
-        total0 += v0;
-        total1 += v1;
-        if (out != nullptr) {
-          store_pair(out, sigmoid_focal_deriv(s0, t0, alpha, gamma) * scale,
-                     sigmoid_focal_deriv(s1, t1, alpha, gamma) * scale);
-        }
-      });
+  with_gamma(static_cast<acc_t>(p.gamma), [&](const acc_t gamma) TLF_ALWAYS_INLINE_LAMBDA {
+    sigmoid_chunks<scalar_t>(
+        p, nullptr, static_cast<scalar_t*>(p.grad_input), begin, end,
+        [&](const scalar_t* x, const scalar_t* t, const scalar_t*, scalar_t* out,
+            int64_t n) TLF_ALWAYS_INLINE_LAMBDA {
+          V x0, x1, t0, t1;
+          load_pair(x, x0, x1);
+          load_pair(t, t0, t1);
+          const SigmoidTerms<acc_t> s0(x0, t0), s1(x1, t1);
+          V v0 = sigmoid_focal_value(s0, t0, alpha, gamma);
+          V v1 = sigmoid_focal_value(s1, t1, alpha, gamma);
+          if (n < 2 * W) {  // the padded lanes of the last chunk add nothing
+            v0 = V::set(V(0), v0, std::min(n, W));
+            v1 = V::set(V(0), v1, std::max<int64_t>(n - W, 0));
+          }
+          total0 += v0;
+          total1 += v1;
+          if (out != nullptr) {
+            store_pair(out, sigmoid_focal_deriv(s0, t0, alpha, gamma) * scale,
+                       sigmoid_focal_deriv(s1, t1, alpha, gamma) * scale);
+          }
+        });
+  });
   alignas(64) acc_t lanes[W];
   (total0 + total1).store(lanes);
   double sum = 0;
