@@ -753,10 +753,13 @@ struct IndexRowCoef {
 
 template <typename acc_t>
 inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t, acc_t lse,
-                                          acc_t g, acc_t s_t) {
+                                          acc_t g, acc_t s_t, acc_t* focal_loss = nullptr) {
   if (p.focal) {
-    const acc_t f =
-        Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma)).factor();
+    // focal_loss: the row's loss from the same terms (its expm1 and pow are a large part
+    // of a short row's time)
+    const Focal<acc_t> fo(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma));
+    if (focal_loss != nullptr) *focal_loss = fo.loss();
+    const acc_t f = fo.factor();
     return {g * f, acc_t(0), g * f};
   }
   const int64_t C = p.in.C;
@@ -901,17 +904,19 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
   }
 }
 
-// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns lse.
+// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns lse;
+// sets *focal_loss to a focal row's loss.
 template <typename scalar_t, typename acc_t>
 inline acc_t one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
                          acc_t g_loss, const Transform<acc_t>& tf, acc_t* buf,
-                         ExpRow<acc_t>& scratch, acc_t* s_t, bool stream) {
+                         ExpRow<acc_t>& scratch, acc_t* s_t, bool stream,
+                         acc_t* focal_loss) {
   auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
   const int64_t C = p.in.C;
   const acc_t lse = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
                                                       scratch.max_b.data());
-  const auto k = index_row_coef<acc_t>(p, t, lse, g_loss, *s_t);
+  const auto k = index_row_coef<acc_t>(p, t, lse, g_loss, *s_t, focal_loss);
   row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, lse, k.A, k.B, t, *s_t,
                                      stream && !scratch.e.empty());
   return lse;
@@ -962,9 +967,11 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     }
     acc_t s_t = 0;
     acc_t lse;
-    if (one_exp && !ignored) {
+    acc_t focal_loss = 0;
+    const bool on_one_exp = one_exp && !ignored;
+    if (on_one_exp) {
       lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
-                                         tf, b.s, scratch, &s_t, stream);
+                                         tf, b.s, scratch, &s_t, stream, &focal_loss);
     } else {
       lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
       if (p.with_grad) fused_grad(r, t, lse);
@@ -975,9 +982,10 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       continue;
     }
     if (p.focal) {
-      loss[r] = Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
-                             static_cast<acc_t>(p.gamma))
-                    .loss();
+      loss[r] = on_one_exp ? focal_loss
+                                 : Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
+                                                static_cast<acc_t>(p.gamma))
+                                       .loss();
       continue;
     }
     const acc_t nll = lse - s_t;
