@@ -983,9 +983,9 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     }
     if (p.focal) {
       loss[r] = on_one_exp ? focal_loss
-                                 : Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
-                                                static_cast<acc_t>(p.gamma))
-                                       .loss();
+                           : Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
+                                          static_cast<acc_t>(p.gamma))
+                                 .loss();
       continue;
     }
     const acc_t nll = lse - s_t;
