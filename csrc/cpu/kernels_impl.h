@@ -601,16 +601,23 @@ inline acc_t row_weighted_nll_sum(const SoftmaxLossParams& p, int64_t r, const s
 template <typename acc_t>
 struct Focal {
   acc_t log_pt, alpha_t, gamma;
-  acc_t q, q_pow;  // 1 - p_t without cancellation, and q^gamma
+  // p_t, 1 - p_t without cancellation, and q^gamma (gamma = 0: only q_pow = 1 is used)
+  acc_t pt = 0, q = 0, q_pow = 1;
   Focal(acc_t log_pt_, acc_t alpha_t_, acc_t gamma_)
-      : log_pt(log_pt_), alpha_t(alpha_t_), gamma(gamma_), q(-std::expm1(log_pt_)) {
-    q_pow = gamma == 0 ? acc_t(1) : gamma == 1 ? q : gamma == 2 ? q * q : std::pow(q, gamma);
+      : log_pt(log_pt_), alpha_t(alpha_t_), gamma(gamma_) {
+    if (gamma == 0) return;
+    pt = std::exp(log_pt);
+    // Below p_t = 1/2, 1 - p_t is within an ulp as expm1 is (p_t's error is at most half
+    // an ulp of q >= 1/2, and the subtraction rounds once) and reuses exp(log_pt), which
+    // factor() needs anyway: glibc's expm1f takes about three times expf's latency, on
+    // each row's chain before its gradient pass (short rows: a tenth of the time).
+    q = log_pt < acc_t(-0.6931471805599453) ? acc_t(1) - pt : -std::expm1(log_pt);
+    q_pow = gamma == 1 ? q : gamma == 2 ? q * q : std::pow(q, gamma);
   }
   // 0 - log_pt rather than -log_pt: +0.0 where p_t = 1, as cross-entropy's lse - s_t.
   acc_t loss() const { return (alpha_t * q_pow) * (acc_t(0) - log_pt); }
   acc_t factor() const {
     if (gamma == 0) return alpha_t;
-    const acc_t pt = std::exp(log_pt);
     // log(1 - q) / q -> -1 as q -> 0; p_t * log p_t -> 0 as p_t -> 0.
     const acc_t ratio = q > 0 ? log_pt / q : acc_t(-1);
     const acc_t corr = pt > 0 ? gamma * pt * ratio : acc_t(0);
