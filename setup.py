@@ -38,6 +38,7 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 def _sources():
     cpu = ["csrc/ops.cpp", "csrc/tensor_params.cpp", "csrc/host_buffers.cpp",
+           "csrc/reduced_loss.cpp",
            "csrc/cpu/kernel_table.cpp",
            "csrc/cpu/ops_cpu.cpp",
            # Default-capability objects come first in the link so that the inline functions

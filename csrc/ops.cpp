@@ -15,6 +15,7 @@
 
 #include "cpu/kernels.h"
 #include "host_buffers.h"
+#include "reduced_loss.h"
 #include "tensor_params.h"
 #if defined(TLF_WITH_CUDA)
 #include "cuda/tuning.h"
@@ -187,6 +188,10 @@ PyMethodDef methods[] = {
      "(-1: the last-level cache's size)."},
     {"cpu_stream_threshold", cpu_stream_threshold, METH_NOARGS,
      "The threshold set_cpu_stream_threshold sets, in bytes."},
+    {"reduced_loss", tlf::reduced_loss, METH_VARARGS,
+     "A softmax loss reduced to a sum or a mean, eagerly, in one call (reduced_loss.h)."},
+    {"rescale_reduced", tlf::rescale_reduced, METH_VARARGS,
+     "Backward of reduced_loss's fused gradient, in place (reduced_loss.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -96,7 +96,9 @@ def test_loss_outside_the_compiled_region_keeps_the_fused_path(device, backend):
     while node is not None:
         seen.append(type(node).__name__)
         node = node.next_functions[0][0] if node.next_functions else None
-    assert "ce_fwd_grad_reduced_eagerBackward" in seen, seen
+    # (the C++ reduced path with the kernels, the Python one with the fallback)
+    assert {"ce_fwd_grad_reduced_eagerBackward",
+            "ce_fwd_grad_reduced_fast_eagerBackward"} & set(seen), seen
     (grad,) = torch.autograd.grad(loss, h)
     h64 = h.detach().double().requires_grad_()
     want = torch.nn.functional.cross_entropy(torch.tanh(h64) @ w.double(), y)

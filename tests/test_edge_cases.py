@@ -118,6 +118,31 @@ def test_uint8_target_out_of_range(backend):
         tlf.cross_entropy(x, torch.tensor([1, 200], dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("tdtype, ignore_index", [(torch.uint8, -100),
+                                                   (torch.int32, 2**32 + 3)])
+def test_narrow_targets_count_as_the_kernels_count_them(device, backend, tdtype, ignore_index):
+    # Compared in its own dtype, a uint8 target would wrap -100 to 156 (and an int32 one
+    # 2**32 + 3 to 3): the mean's denominator would drop rows whose loss the kernels add.
+    x = random_logits((6, 200), torch.float64, device)
+    y = torch.tensor([156, 3, 156, 7, 3, 0], device=device)
+    w = torch.rand(200, dtype=torch.float64, device=device) + 0.5
+    hidden = random_logits((6, 16), torch.float64, device)
+    head = random_logits((200, 16), torch.float64, device)
+    losses = [
+        lambda t: tlf.cross_entropy(x, t, ignore_index=ignore_index),
+        lambda t: tlf.cross_entropy(x, t, weight=w, ignore_index=ignore_index),
+        lambda t: tlf.focal_loss(x, t, ignore_index=ignore_index),
+        lambda t: tlf.linear_cross_entropy(hidden, head, t, ignore_index=ignore_index),
+    ]
+    for loss in losses:
+        with torch.no_grad():
+            want = loss(y)
+            assert torch.equal(loss(y.to(tdtype)), want)
+        assert torch.equal(loss(y.to(tdtype)).detach(), want)
+    assert torch.equal(tlf.cross_entropy(x, y.to(tdtype), ignore_index=ignore_index).detach(),
+                       F.cross_entropy(x.detach(), y))
+
+
 def test_ignore_index_inside_class_range(device, backend):
     x = random_logits((50, 7), torch.float32, device)
     y = random_targets((50,), 7, device)

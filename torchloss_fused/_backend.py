@@ -84,6 +84,15 @@ def ops_for(device: torch.device):
     return torch.ops.torchloss_fused_ref
 
 
+def extension_module():
+    """The compiled extension's module, or None where it is not loaded."""
+    if not EXTENSION_LOADED:
+        return None
+    from torchloss_fused import _C
+
+    return _C
+
+
 def _cpu_kernel_flavour() -> str:
     from torchloss_fused import _C
 

@@ -235,13 +235,20 @@ def _fused_path(x: Tensor, inplace_backward: bool = False, compiled: bool = Fals
 # ---- reductions -----------------------------------------------------------------------------
 
 
+def _counted(t: Tensor, ignore_index: int) -> Tensor:
+    """The targets other than ignore_index, compared as int64 as the kernels compare them: a
+    uint8 or int32 tensor compared with the number itself would wrap it to its own dtype
+    first (-100 to 156 for uint8), and miss or add rows."""
+    return t.long() != ignore_index
+
+
 def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: int,
                        acc: torch.dtype, unbatched: bool = False) -> Tensor:
     """Sum of the targets' weights over non-ignored rows (their count without weights).
     unbatched: the logits had no batch dim and there is no label smoothing. F on CUDA then
     gives 0, not CPU's 0/0 = nan, as the mean when the one target is ignored: a
     denominator of 1 over that row's zero loss gives the same."""
-    valid = t2 != ignore_index
+    valid = _counted(t2, ignore_index)
     if weight is None or C == 0:
         denom = valid.sum().to(acc)
     else:
@@ -264,6 +271,14 @@ def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dty
     else:
         one = x3.new_ones((), dtype=acc) if denom is None else denom.new_ones(())
     return _reduction.rows_grad(one, reduction, denom, shape, acc)
+
+
+def _fused_reduced_loss(name: str, *args):
+    """The eager loss of a fused op reduced to a "sum" or a "mean", denominator to
+    reduction in one C++ call (_eager.FusedReduced.loss's arguments after `name`); None
+    where that path does not serve (no compiled kernels for the device, traced code...)."""
+    fast = _eager.ops_for(args[3].device).fused_reduced
+    return None if fast is None else fast.loss(name, *args)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------
@@ -350,6 +365,16 @@ def cross_entropy(
 
     if autocast and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
+    args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
+    reference_grads = transformed or _wants_grad(weight) or (prob and _wants_grad(target))
+    unbatched = input.dim() == 1 and label_smoothing == 0
+    if reduction != "none" and not (return_lse or reference_grads) and \
+            not (inplace_backward and _wants_grad(x3)):
+        loss = _fused_reduced_loss("ce_fwd_grad", int(prob), reduction, unbatched, x3, t,
+                                   weight, args, dtype)
+        if loss is not None:
+            return loss
+
     acc = reference.acc_dtype(x3.dtype)
     C = x3.shape[1]
     if reduction != "mean":
@@ -358,11 +383,9 @@ def cross_entropy(
         # F divides by input.numel() / C, and gives nan when the input is empty: C = 0 too.
         denom = _count_denominator(x3.shape[0] * x3.shape[2] if C else 0, x3, acc)
     else:
-        denom = _index_denominator(t, weight, ignore_index, C, acc,
-                                   unbatched=input.dim() == 1 and label_smoothing == 0)
-    args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
+        denom = _index_denominator(t, weight, ignore_index, C, acc, unbatched=unbatched)
 
-    if transformed or _wants_grad(weight) or (prob and _wants_grad(target)):
+    if reference_grads:
         # Gradients for the weight or the target, torch.func: autograd through the reference.
         loss_rows, lse = reference.ce_fwd(vocab_parallel.gather_classes(x3), t, weight, *args)
     elif vocab_parallel.class_sharded(x3):
@@ -427,11 +450,18 @@ def focal_loss(
     elif alpha is not None:
         alpha_scale = _check_number(alpha, "alpha")
 
-    acc = reference.acc_dtype(x3.dtype)
-    denom = (t != ignore_index).sum().to(acc) if reduction == "mean" else None
     dtype = torch.float32 if _autocast_to_float32(input.dtype, input.device) else input.dtype
     args = (alpha_scale, gamma, ignore_index)
-    if _wants_grad(alpha_vec) or transform_active(input, alpha_vec):
+    reference_grads = _wants_grad(alpha_vec) or transform_active(input, alpha_vec)
+    if reduction != "none" and not reference_grads:
+        loss = _fused_reduced_loss("focal_fwd_grad", 2, reduction, False, x3, t, alpha_vec,
+                                   args, dtype)
+        if loss is not None:
+            return loss
+
+    acc = reference.acc_dtype(x3.dtype)
+    denom = _counted(t, ignore_index).sum().to(acc) if reduction == "mean" else None
+    if reference_grads:
         loss_rows, _ = reference.focal_fwd(vocab_parallel.gather_classes(x3), t, alpha_vec,
                                            *args)
     elif vocab_parallel.class_sharded(x3):

@@ -1,0 +1,291 @@
+// _C.reduced_loss and _C.rescale_reduced: the eager path of a softmax loss reduced to a
+// "sum" or a "mean", in one call from Python each way (see reduced_loss.h).
+//
+// Every step is the ATen op functional.py and _reduction.py would call, in their order, so
+// the results are bitwise those of the Python path; what goes away is the Python binding
+// of each small op (a dozen of them per call), which took most of a small loss's time.
+#include "reduced_loss.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <tuple>
+
+namespace tlf {
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+enum Kind { kCeIndex = 0, kCeProb = 1, kFocal = 2 };
+enum Reduction { kSum = 1, kMean = 2 };
+
+struct CeArgs {
+  long long ignore_index = 0;
+  double label_smoothing = 0, z_loss = 0, softcap = 0, logit_scale = 1;
+};
+
+struct FocalArgs {
+  double alpha_scale = 1, gamma = 0;
+  long long ignore_index = 0;
+};
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using Rows2 = std::tuple<Tensor, Tensor>;
+using Rows3 = std::tuple<Tensor, Tensor, Tensor>;
+
+Rows2 ce_fwd(const Tensor& x, const Tensor& t, const OptTensor& w, const CeArgs& a) {
+  static const auto h = op<Rows2(const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                                 double, double, double, double, bool)>("torchloss_fused::ce_fwd");
+  return h.call(x, t, w, a.ignore_index, a.label_smoothing, a.z_loss, a.softcap,
+                a.logit_scale, false);
+}
+
+Rows3 ce_fwd_grad(const Tensor& x, const Tensor& t, const OptTensor& w, const CeArgs& a,
+                  const Tensor& grad_scale) {
+  static const auto h =
+      op<Rows3(const Tensor&, const Tensor&, const OptTensor&, int64_t, double, double, double,
+               double, const Tensor&)>("torchloss_fused::ce_fwd_grad");
+  return h.call(x, t, w, a.ignore_index, a.label_smoothing, a.z_loss, a.softcap,
+                a.logit_scale, grad_scale);
+}
+
+Rows2 focal_fwd(const Tensor& x, const Tensor& t, const OptTensor& alpha, const FocalArgs& a) {
+  static const auto h = op<Rows2(const Tensor&, const Tensor&, const OptTensor&, double, double,
+                                 int64_t)>("torchloss_fused::focal_fwd");
+  return h.call(x, t, alpha, a.alpha_scale, a.gamma, a.ignore_index);
+}
+
+Rows3 focal_fwd_grad(const Tensor& x, const Tensor& t, const OptTensor& alpha,
+                     const FocalArgs& a, const Tensor& grad_scale) {
+  static const auto h = op<Rows3(const Tensor&, const Tensor&, const OptTensor&, double, double,
+                                 int64_t, const Tensor&)>("torchloss_fused::focal_fwd_grad");
+  return h.call(x, t, alpha, a.alpha_scale, a.gamma, a.ignore_index, grad_scale);
+}
+
+void rescale_grad_rows(const Tensor& grad, const Tensor& grad_loss, const Tensor& grad_scale) {
+  static const auto h = op<void(const Tensor&, const Tensor&, const Tensor&)>(
+      "torchloss_fused::_rescale_grad_rows");
+  h.call(grad, grad_loss, grad_scale);
+}
+
+at::ScalarType acc_of(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Targets are compared with ignore_index as int64, as the kernels compare them (a uint8 or
+// int32 tensor compared with the number itself would first wrap it to the tensor's type).
+Tensor counted(const Tensor& t, long long ignore_index) {
+  return t.to(at::kLong).ne(ignore_index);
+}
+
+template <class T>
+int64_t count_other_than(const Tensor& t, long long ignore_index) {
+  const T* p = t.const_data_ptr<T>();
+  int64_t n = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) n += static_cast<int64_t>(p[i]) != ignore_index;
+  return n;
+}
+
+// The number of targets other than ignore_index, for a CPU target: counted here, without
+// the three small ops (compare, sum, convert) that take longer than the loop.
+std::optional<int64_t> host_count(const Tensor& t, long long ignore_index) {
+  if (!t.device().is_cpu()) return std::nullopt;
+  const Tensor c = t.contiguous();
+  switch (c.scalar_type()) {
+    case at::kLong: return count_other_than<int64_t>(c, ignore_index);
+    case at::kInt: return count_other_than<int32_t>(c, ignore_index);
+    case at::kByte: return count_other_than<uint8_t>(c, ignore_index);
+    default: return std::nullopt;  // (the op's own check names the dtype)
+  }
+}
+
+// functional._index_denominator: the targets' summed weights over the counted rows (their
+// count without weights).
+Tensor index_denominator(const Tensor& t, const OptTensor& weight, long long ignore_index,
+                         int64_t C, at::ScalarType acc, bool unbatched) {
+  const Tensor valid = counted(t, ignore_index);
+  Tensor denom;
+  if (!weight.has_value() || C == 0) {
+    denom = valid.sum().to(acc);
+  } else {
+    const Tensor w_t =
+        weight->to(acc).gather(0, t.to(at::kLong).clamp(0, C - 1).flatten()).view_as(t);
+    denom = at::where(valid, w_t, at::Scalar(0)).sum();
+  }
+  if (unbatched && t.device().is_cuda()) {
+    denom = at::where(valid.reshape({}), denom, denom.new_ones({}));
+  }
+  return denom;
+}
+
+// _reduction.rows_grad: the per-row gradient of the reduced loss, as autograd makes it.
+Tensor rows_grad(const Tensor& grad, int reduction, const Tensor& denom, int64_t B, int64_t D,
+                 at::ScalarType acc) {
+  Tensor g = grad.to(acc);
+  if (reduction == kMean) g = g / denom;
+  return g.expand({B, D});
+}
+
+// _reduction.reduce for "sum" and "mean".
+Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::ScalarType dtype) {
+  const Tensor total = rows.sum();
+  return (reduction == kMean ? total / denom : total).to(dtype);
+}
+
+struct Result {
+  Tensor loss, lse, grad, grad_scale, denom;
+};
+
+Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor& x,
+           const Tensor& t, const OptTensor& w, const CeArgs& ce, const FocalArgs& focal,
+           at::ScalarType dtype) {
+  const at::ScalarType acc = acc_of(x);
+  const int64_t B = x.size(0), C = x.size(1), D = x.size(2);
+  const auto acc_options = x.options().dtype(acc);
+  Result r;
+  // A mean's denominator, and the count it is where that is known here.
+  std::optional<int64_t> count;
+  if (reduction == kMean) {
+    const long long ignore_index = kind == kFocal ? focal.ignore_index : ce.ignore_index;
+    if (kind == kCeProb) {
+      // F divides by input.numel() / C, and gives nan for an empty input: C = 0 too.
+      count = C ? B * D : 0;
+    } else if (kind == kFocal || !w.has_value() || C == 0) {
+      count = host_count(t, ignore_index);
+    }
+    if (count.has_value()) {
+      r.denom = at::scalar_tensor(static_cast<double>(*count), acc_options);
+    } else if (kind == kCeIndex) {
+      r.denom = index_denominator(t, w, ignore_index, C, acc, unbatched);
+    } else {
+      r.denom = counted(t, ignore_index).sum().to(acc);
+    }
+  }
+  // The kernels run below autograd, as _eager's calls run them.
+  at::AutoDispatchBelowAutograd below_autograd;
+  Tensor rows;
+  if (with_grad) {
+    if (count.has_value()) {
+      // 1 / denom, rounded once in the accumulation dtype as the tensor division rounds it
+      const double scale = acc == at::kDouble
+                               ? 1.0 / static_cast<double>(*count)
+                               : static_cast<double>(1.0f / static_cast<float>(*count));
+      r.grad_scale = at::scalar_tensor(scale, acc_options).expand({B, D});
+    } else {
+      const Tensor one = r.denom.defined() ? r.denom.new_ones({}) : at::ones({}, acc_options);
+      r.grad_scale = rows_grad(one, reduction, r.denom, B, D, acc);
+    }
+    std::tie(rows, r.lse, r.grad) = kind == kFocal
+                                        ? focal_fwd_grad(x, t, w, focal, r.grad_scale)
+                                        : ce_fwd_grad(x, t, w, ce, r.grad_scale);
+  } else {
+    std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
+  }
+  r.loss = reduce(rows, reduction, r.denom, dtype);
+  return r;
+}
+
+bool unpack_tensor(PyObject* obj, const char* name, Tensor& out) {
+  if (!THPVariable_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "reduced_loss: %s must be a tensor", name);
+    return false;
+  }
+  out = THPVariable_Unpack(obj);
+  return true;
+}
+
+PyObject* wrap_or_none(const Tensor& t) {
+  if (!t.defined()) Py_RETURN_NONE;
+  return THPVariable_Wrap(t);
+}
+
+}  // namespace
+
+PyObject* reduced_loss(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  int kind = 0, reduction = 0, with_grad = 0, unbatched = 0;
+  PyObject *input = nullptr, *target = nullptr, *weight = nullptr, *scalars = nullptr;
+  PyObject* dtype = nullptr;
+  if (!PyArg_ParseTuple(args, "iippOOOO!O", &kind, &reduction, &with_grad, &unbatched, &input,
+                        &target, &weight, &PyTuple_Type, &scalars, &dtype)) {
+    return nullptr;
+  }
+  if (kind < kCeIndex || kind > kFocal || (reduction != kSum && reduction != kMean)) {
+    PyErr_SetString(PyExc_ValueError, "reduced_loss: unknown kind or reduction");
+    return nullptr;
+  }
+  if (!THPDtype_Check(dtype)) {
+    PyErr_SetString(PyExc_TypeError, "reduced_loss: dtype must be a torch.dtype");
+    return nullptr;
+  }
+  CeArgs ce;
+  FocalArgs focal;
+  const bool parsed =
+      kind == kFocal
+          ? PyArg_ParseTuple(scalars, "ddL", &focal.alpha_scale, &focal.gamma,
+                             &focal.ignore_index)
+          : PyArg_ParseTuple(scalars, "Ldddd", &ce.ignore_index, &ce.label_smoothing,
+                             &ce.z_loss, &ce.softcap, &ce.logit_scale);
+  if (!parsed) return nullptr;
+  Tensor x, t;
+  OptTensor w;
+  if (!unpack_tensor(input, "input", x) || !unpack_tensor(target, "target", t)) return nullptr;
+  if (weight != Py_None) {
+    Tensor v;
+    if (!unpack_tensor(weight, "weight", v)) return nullptr;
+    w = v;
+  }
+  TORCH_CHECK_VALUE(x.dim() == 3, "reduced_loss: input must be (B, C, D), got ", x.sizes());
+  const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+  Result r;
+  {
+    pybind11::gil_scoped_release no_gil;
+    r = run(kind, reduction, with_grad, unbatched, x, t, w, ce, focal, out_dtype);
+  }
+  if (!with_grad) return THPVariable_Wrap(r.loss);
+  return Py_BuildValue("(NNNNN)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
+                       THPVariable_Wrap(r.grad), THPVariable_Wrap(r.grad_scale),
+                       wrap_or_none(r.denom));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* rescale_reduced(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *grad_obj = nullptr, *loss_grad = nullptr, *denom_obj = nullptr, *scale_obj = nullptr;
+  int reduction = 0;
+  if (!PyArg_ParseTuple(args, "OOiOO", &grad_obj, &loss_grad, &reduction, &denom_obj,
+                        &scale_obj)) {
+    return nullptr;
+  }
+  Tensor grad, g, denom, grad_scale;
+  if (!unpack_tensor(grad_obj, "grad", grad) || !unpack_tensor(loss_grad, "grad_loss", g) ||
+      !unpack_tensor(scale_obj, "grad_scale", grad_scale)) {
+    return nullptr;
+  }
+  if (denom_obj != Py_None && !unpack_tensor(denom_obj, "denom", denom)) return nullptr;
+  TORCH_CHECK_VALUE(grad.dim() == 3 && (reduction == kSum || (reduction == kMean && denom.defined())),
+                    "rescale_reduced: bad arguments");
+  {
+    pybind11::gil_scoped_release no_gil;
+    const Tensor rows =
+        rows_grad(g, reduction, denom, grad.size(0), grad.size(2), grad_scale.scalar_type());
+    at::AutoDispatchBelowAutograd below_autograd;
+    rescale_grad_rows(grad, rows, grad_scale);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace tlf
