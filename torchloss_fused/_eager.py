@@ -89,10 +89,12 @@ def _eager_path(args, n_args: int) -> bool:
                 or type(x) is not torch.Tensor or _wrapped(x))
 
 
-def _eager_call(namespace: str, name: str):
-    op = getattr(getattr(torch.ops, namespace), name).default
+def eager_call(op, name: str, backward, setup_context):
+    """`op` (an OpOverload whose autograd formula is `backward` and `setup_context`, as
+    registered with torch.library) as a call that runs that formula in an autograd.Function
+    of its own for plain tensors in eager mode, and the op itself otherwise."""
     n_args = len(op._schema.arguments)
-    function = _eager_function(op, name, *_ops._AUTOGRAD[name](namespace))
+    function = _eager_function(op, name, backward, setup_context)
 
     def call(*args):
         if not _eager_path(args, n_args):
@@ -104,6 +106,11 @@ def _eager_call(namespace: str, name: str):
 
     call.__name__ = name
     return call
+
+
+def _eager_call(namespace: str, name: str):
+    op = getattr(getattr(torch.ops, namespace), name).default
+    return eager_call(op, name, *_ops._AUTOGRAD[name](namespace))
 
 
 def _reduced_call(namespace: str, name: str, plain_call):

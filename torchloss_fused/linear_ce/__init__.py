@@ -62,13 +62,9 @@ from ..functional import (
 from ..vocab_parallel import replicated_like
 from . import targets, vocab_parallel
 from .chunking import auto_chunk_size
-from .ops import NAMESPACE, materialised_rows
+from .ops import EAGER, materialised_rows
 
 __all__ = ["LinearCrossEntropyLoss", "auto_chunk_size", "linear_cross_entropy"]
-
-
-def _ns():
-    return getattr(torch.ops, NAMESPACE)
 
 
 def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
@@ -220,7 +216,6 @@ def linear_cross_entropy(
     acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     ce_args = (ignore_index, label_smoothing, z_loss, softcap)
     chunk = 0 if chunk_size is None else chunk_size
-    ops = _ns()
     denom = None
     if reduction == "mean" and prob:
         denom = _count_denominator(h2.shape[0], h2, acc)  # (F: the number of rows)
@@ -240,12 +235,13 @@ def linear_cross_entropy(
         loss_rows, lse = vocab_parallel.loss_rows(h2, weight, bias, t1, class_weight,
                                                   *ce_args, chunk, accum_dtype)
     elif reduction != "none" and any(needs):
-        loss, lse, *_ = ops.linear_ce_fwd_grad(h2, weight, bias, t1, class_weight, denom,
-                                               *ce_args, chunk, accum_dtype, *needs)
+        loss, lse, *_ = EAGER["linear_ce_fwd_grad"](h2, weight, bias, t1, class_weight,
+                                                    denom, *ce_args, chunk, accum_dtype,
+                                                    *needs)
         return _with_lse(loss.to(out_dtype), lse, hidden, return_lse)
     else:
-        loss_rows, lse = ops.linear_ce_fwd(h2, weight, bias, t1, class_weight, *ce_args,
-                                           chunk, accum_dtype)
+        loss_rows, lse = EAGER["linear_ce_fwd"](h2, weight, bias, t1, class_weight,
+                                                *ce_args, chunk, accum_dtype)
     if reduction == "none":
         loss = loss_rows.reshape(hidden.shape[:-1]).to(out_dtype)
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _sharding, reference
+from .. import _eager, _sharding, reference
 from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
 from . import targets
@@ -181,7 +181,7 @@ def _is_host_one(grad_loss: Tensor) -> bool:
     # loss.backward() sends exactly 1. Reading a CPU scalar costs nothing; a CUDA one
     # would synchronise the host, so CUDA gradients are always scaled.
     return (type(grad_loss) is Tensor and grad_loss.device.type == "cpu"
-            and bool(grad_loss == 1))
+            and grad_loss.numel() == 1 and grad_loss.item() == 1)
 
 
 def _masked(grads, needs) -> tuple:
@@ -264,3 +264,11 @@ def _define_ops() -> None:
 
 _define_ops()
 _sharding.register(NAMESPACE, "linear")
+
+# The differentiable ops as eager calls (_eager.py): for plain tensors, the formulas above
+# in an autograd.Function of their own, without torch.library's Python wrapper (whose
+# argument handling took most of a small call's time); the op itself when traced.
+EAGER = {name: _eager.eager_call(getattr(_ns(), name).default, name, backward, setup)
+         for name, backward, setup in (
+             ("linear_ce_fwd", _fwd_backward, _fwd_setup_context),
+             ("linear_ce_fwd_grad", _fwd_grad_backward, _fwd_grad_setup_context))}
