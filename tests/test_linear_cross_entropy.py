@@ -499,9 +499,10 @@ def test_unbatched_ignored_target_mean_is_fs_on_each_device(device, backend):
 
 def largest_allowed_allocation(chunk, V, H):
     """A chunk of float32 logits or a float32 weight-sized buffer, with room for a matmul
-    library's padding: oneDNN's bfloat16 product on a CPU with bfloat16 instructions (seen
-    on an H200 machine's host) allocates its float32 result a little larger than it is."""
-    return int(max(chunk * V, V * H) * 4 * 1.05) + 65536
+    library's padding: oneDNN's bfloat16 product allocates its float32 result larger than
+    it is (5% on an H200 machine's host with bfloat16 instructions; 17% under torch 2.4 on
+    CI's machine). Logits-sized buffers are far larger still."""
+    return int(max(chunk * V, V * H) * 4 * 1.25) + 65536
 
 
 def _cpu_allocations(fn):

@@ -25,6 +25,13 @@ REDUCED = [torch.bfloat16, torch.float16]
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def _keeps_subnormals() -> bool:
+    """Whether this process computes float subnormals: loading a library built with
+    -ffast-math turns on flush-to-zero for good (torch 2.4's inductor CPU kernels do, so
+    any earlier torch.compile test in the same worker), and then no result is subnormal."""
+    return float(torch.tensor(1e-20) * torch.tensor(1e-20)) != 0.0
+
+
 def _same_bits(ours: torch.Tensor, want: torch.Tensor) -> bool:
     return torch.equal(ours.view(torch.int16), want.view(torch.int16))
 
@@ -63,7 +70,8 @@ def test_cross_entropy_rounds_the_float_result_once(dtype, c, kwargs):
     loss32, g32 = _grad(tlf.cross_entropy, x.float(), y, **kwargs)
     assert _same_bits(g, g32.to(dtype))
     assert _same_bits(loss.reshape(-1), loss32.to(dtype).reshape(-1))
-    if dtype == torch.bfloat16 and kwargs.get("reduction") == "sum" and c == 1000 and _AVX512:
+    if (dtype == torch.bfloat16 and kwargs.get("reduction") == "sum" and c == 1000 and _AVX512
+            and _keeps_subnormals()):
         assert _subnormal_count(g) > 0  # the inputs do reach subnormal results
 
 
@@ -92,5 +100,5 @@ def test_sigmoid_focal_loss_rounds_the_float_result_once(dtype, reduction):
     loss32, g32 = _grad(tlf.sigmoid_focal_loss, x.float(), t.float(), reduction=reduction)
     assert _same_bits(g, g32.to(dtype))
     assert _same_bits(loss.reshape(-1), loss32.to(dtype).reshape(-1))
-    if dtype == torch.bfloat16 and reduction == "none":
+    if dtype == torch.bfloat16 and reduction == "none" and _keeps_subnormals():
         assert _subnormal_count(loss) > 0  # the elementwise exp keeps subnormals everywhere
