@@ -6,6 +6,8 @@
 // of each small op (a dozen of them per call), which took most of a small loss's time.
 #include "reduced_loss.h"
 
+#include "tensor_params.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -80,10 +82,6 @@ void rescale_grad_rows(const Tensor& grad, const Tensor& grad_loss, const Tensor
   h.call(grad, grad_loss, grad_scale);
 }
 
-at::ScalarType acc_of(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Targets are compared with ignore_index as int64, as the kernels compare them (a uint8 or
 // int32 tensor compared with the number itself would first wrap it to the tensor's type).
 Tensor counted(const Tensor& t, long long ignore_index) {
@@ -151,7 +149,7 @@ struct Result {
 Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor& x,
            const Tensor& t, const OptTensor& w, const CeArgs& ce, const FocalArgs& focal,
            at::ScalarType dtype) {
-  const at::ScalarType acc = acc_of(x);
+  const at::ScalarType acc = acc_dtype(x);
   const int64_t B = x.size(0), C = x.size(1), D = x.size(2);
   const auto acc_options = x.options().dtype(acc);
   Result r;
@@ -167,10 +165,9 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
     }
     if (count.has_value()) {
       r.denom = at::scalar_tensor(static_cast<double>(*count), acc_options);
-    } else if (kind == kCeIndex) {
-      r.denom = index_denominator(t, w, ignore_index, C, acc, unbatched);
-    } else {
-      r.denom = counted(t, ignore_index).sum().to(acc);
+    } else {  // (the focal loss's mean counts rows: its alpha is no weight here)
+      r.denom = index_denominator(t, kind == kFocal ? OptTensor() : w, ignore_index, C, acc,
+                                  unbatched);
     }
   }
   // The kernels run below autograd, as _eager's calls run them.

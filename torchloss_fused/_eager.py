@@ -77,8 +77,7 @@ def _eager_reduced_function(op, name: str, backward, setup_context):
     def reduced_backward(ctx, grad):
         # (grad is None where autograd passes an undefined gradient: the op's formula
         # takes None for "no gradient" as well)
-        rows = None if grad is None else _reduction.rows_grad(grad, *ctx.reduction)
-        return (*backward(ctx, rows, None, None), None)
+        return (*_rows_backward(backward, ctx, grad), None)
 
     return _function(f"{name}_reduced_eager", forward, reduced_backward)
 
@@ -135,6 +134,18 @@ _REDUCIBLE = ("ce_fwd_grad", "focal_fwd_grad")
 
 _REDUCTION_CODES = {"sum": 1, "mean": 2}
 
+# FusedReduced's kinds of loss (_C.reduced_loss's codes), and the fused op of each.
+CE_INDEX, CE_PROB, FOCAL = 0, 1, 2
+_KIND_OPS = ("ce_fwd_grad", "ce_fwd_grad", "focal_fwd_grad")
+
+
+def _rows_backward(backward, ctx, grad):
+    """A reduced call's backward through the op's own formula: the loss's gradient made
+    the rows' as autograd's reduction nodes make it (_reduction.rows_grad), then
+    `backward`'s gradients for the op's arguments."""
+    rows = None if grad is None else _reduction.rows_grad(grad, *ctx.reduction)
+    return backward(ctx, rows, None, None)
+
 
 def _plain(*tensors) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in tensors)
@@ -168,8 +179,7 @@ class FusedReduced:
             buffer = ctx.fused_grad
             if grad is None or buffer is None or reference_backward(grad):
                 # A second backward, a differentiable or batched gradient: the op's formula.
-                rows = None if grad is None else _reduction.rows_grad(grad, *ctx.reduction)
-                return backward(ctx, rows, None, None)[0], None, None, None, None
+                return _rows_backward(backward, ctx, grad)[0], None, None, None, None
             ctx.fused_grad = None
             reduction, denom, _, _ = ctx.reduction
             c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom, ctx.grad_scale)
@@ -177,16 +187,16 @@ class FusedReduced:
 
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)
 
-    def loss(self, name: str, kind: int, reduction: str, unbatched: bool, x, t, w,
-             scalars: tuple, dtype: torch.dtype):
+    def loss(self, kind: int, reduction: str, unbatched: bool, x, t, w, scalars: tuple,
+             dtype: torch.dtype):
         """reduce(op(x, t, w, *scalars, grad_scale)[0]) as functional.py computes it, with
         its gradient for x where autograd wants one; None where this path does not serve.
-        kind: 0 class indices, 1 class probabilities, 2 focal (see reduced_loss.h)."""
+        kind: CE_INDEX, CE_PROB or FOCAL (see reduced_loss.h)."""
         if torch.compiler.is_compiling() or not _plain(x, t, w) or _wrapped(x):
             return None
         if torch.is_grad_enabled() and x.requires_grad:
-            return self._functions[name].apply(x, t, w, scalars,
-                                               (kind, reduction, unbatched, dtype))
+            return self._functions[_KIND_OPS[kind]].apply(x, t, w, scalars,
+                                                          (kind, reduction, unbatched, dtype))
         return self._c.reduced_loss(kind, _REDUCTION_CODES[reduction], False, unbatched,
                                     x, t, w, scalars, dtype)
 

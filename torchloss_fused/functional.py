@@ -273,12 +273,14 @@ def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dty
     return _reduction.rows_grad(one, reduction, denom, shape, acc)
 
 
-def _fused_reduced_loss(name: str, *args):
+def _fused_reduced_loss(kind: int, reduction: str, unbatched: bool, x3: Tensor, t: Tensor,
+                        w: Tensor | None, args: tuple, dtype: torch.dtype):
     """The eager loss of a fused op reduced to a "sum" or a "mean", denominator to
-    reduction in one C++ call (_eager.FusedReduced.loss's arguments after `name`); None
-    where that path does not serve (no compiled kernels for the device, traced code...)."""
-    fast = _eager.ops_for(args[3].device).fused_reduced
-    return None if fast is None else fast.loss(name, *args)
+    reduction in one C++ call (_eager.FusedReduced.loss); None where that path does not
+    serve (no compiled kernels for the device, traced code...)."""
+    fast = _eager.ops_for(x3.device).fused_reduced
+    return None if fast is None else fast.loss(kind, reduction, unbatched, x3, t, w, args,
+                                               dtype)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------
@@ -370,8 +372,8 @@ def cross_entropy(
     unbatched = input.dim() == 1 and label_smoothing == 0
     if reduction != "none" and not (return_lse or reference_grads) and \
             not (inplace_backward and _wants_grad(x3)):
-        loss = _fused_reduced_loss("ce_fwd_grad", int(prob), reduction, unbatched, x3, t,
-                                   weight, args, dtype)
+        kind = _eager.CE_PROB if prob else _eager.CE_INDEX
+        loss = _fused_reduced_loss(kind, reduction, unbatched, x3, t, weight, args, dtype)
         if loss is not None:
             return loss
 
@@ -454,8 +456,8 @@ def focal_loss(
     args = (alpha_scale, gamma, ignore_index)
     reference_grads = _wants_grad(alpha_vec) or transform_active(input, alpha_vec)
     if reduction != "none" and not reference_grads:
-        loss = _fused_reduced_loss("focal_fwd_grad", 2, reduction, False, x3, t, alpha_vec,
-                                   args, dtype)
+        loss = _fused_reduced_loss(_eager.FOCAL, reduction, False, x3, t, alpha_vec, args,
+                                   dtype)
         if loss is not None:
             return loss
 
