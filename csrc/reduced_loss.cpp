@@ -1,5 +1,5 @@
-// _C.reduced_loss and _C.rescale_reduced: the eager path of a softmax loss reduced to a
-// "sum" or a "mean", in one call from Python each way (see reduced_loss.h).
+// _C.reduced_loss and _C.rescale_reduced: the eager path of a softmax loss, reduced or not,
+// in one call from Python each way (see reduced_loss.h).
 //
 // Every step is the ATen op functional.py and _reduction.py would call, in their order, so
 // the results are bitwise those of the Python path; what goes away is the Python binding
@@ -18,6 +18,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace tlf {
 
@@ -27,7 +28,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 enum Kind { kCeIndex = 0, kCeProb = 1, kFocal = 2 };
-enum Reduction { kSum = 1, kMean = 2 };
+enum Reduction { kNone = 0, kSum = 1, kMean = 2 };
 
 struct CeArgs {
   long long ignore_index = 0;
@@ -128,16 +129,25 @@ Tensor index_denominator(const Tensor& t, const OptTensor& weight, long long ign
   return denom;
 }
 
-// _reduction.rows_grad: the per-row gradient of the reduced loss, as autograd makes it.
+// _reduction.rows_grad: the per-row gradient of the loss, as autograd makes it (for "none",
+// the loss-shaped gradient reshaped to the rows', as ViewBackward does).
 Tensor rows_grad(const Tensor& grad, int reduction, const Tensor& denom, int64_t B, int64_t D,
                  at::ScalarType acc) {
   Tensor g = grad.to(acc);
+  if (reduction == kNone && g.dim() > 0) return g.reshape({B, D});
   if (reduction == kMean) g = g / denom;
   return g.expand({B, D});
 }
 
-// _reduction.reduce for "sum" and "mean".
-Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::ScalarType dtype) {
+// _reduction.reduce.
+Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArrayRef out_shape,
+              at::ScalarType dtype) {
+  if (reduction == kNone) {
+    // Not a view as autograd sees views: an output of a custom Function that is one may not
+    // be modified in place, where F's loss (a tensor of its own) may.
+    at::AutoDispatchBelowADInplaceOrView untracked;
+    return rows.reshape(out_shape).to(dtype);
+  }
   const Tensor total = rows.sum();
   return (reduction == kMean ? total / denom : total).to(dtype);
 }
@@ -148,7 +158,7 @@ struct Result {
 
 Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor& x,
            const Tensor& t, const OptTensor& w, const CeArgs& ce, const FocalArgs& focal,
-           at::ScalarType dtype) {
+           at::IntArrayRef out_shape, at::ScalarType dtype) {
   const at::ScalarType acc = acc_dtype(x);
   const int64_t B = x.size(0), C = x.size(1), D = x.size(2);
   const auto acc_options = x.options().dtype(acc);
@@ -190,7 +200,7 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
-  r.loss = reduce(rows, reduction, r.denom, dtype);
+  r.loss = reduce(rows, reduction, r.denom, out_shape, dtype);
   return r;
 }
 
@@ -214,12 +224,13 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   int kind = 0, reduction = 0, with_grad = 0, unbatched = 0;
   PyObject *input = nullptr, *target = nullptr, *weight = nullptr, *scalars = nullptr;
-  PyObject* dtype = nullptr;
-  if (!PyArg_ParseTuple(args, "iippOOOO!O", &kind, &reduction, &with_grad, &unbatched, &input,
-                        &target, &weight, &PyTuple_Type, &scalars, &dtype)) {
+  PyObject *dtype = nullptr, *shape = nullptr;
+  if (!PyArg_ParseTuple(args, "iippOOOO!OO!", &kind, &reduction, &with_grad, &unbatched, &input,
+                        &target, &weight, &PyTuple_Type, &scalars, &dtype, &PyTuple_Type,
+                        &shape)) {
     return nullptr;
   }
-  if (kind < kCeIndex || kind > kFocal || (reduction != kSum && reduction != kMean)) {
+  if (kind < kCeIndex || kind > kFocal || reduction < kNone || reduction > kMean) {
     PyErr_SetString(PyExc_ValueError, "reduced_loss: unknown kind or reduction");
     return nullptr;
   }
@@ -246,10 +257,15 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
   }
   TORCH_CHECK_VALUE(x.dim() == 3, "reduced_loss: input must be (B, C, D), got ", x.sizes());
   const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+  std::vector<int64_t> out_shape(PyTuple_GET_SIZE(shape));
+  for (size_t i = 0; i < out_shape.size(); ++i) {
+    out_shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    if (out_shape[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
   Result r;
   {
     pybind11::gil_scoped_release no_gil;
-    r = run(kind, reduction, with_grad, unbatched, x, t, w, ce, focal, out_dtype);
+    r = run(kind, reduction, with_grad, unbatched, x, t, w, ce, focal, out_shape, out_dtype);
   }
   if (!with_grad) return THPVariable_Wrap(r.loss);
   return Py_BuildValue("(NNNNN)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
@@ -272,7 +288,8 @@ PyObject* rescale_reduced(PyObject*, PyObject* args) {
     return nullptr;
   }
   if (denom_obj != Py_None && !unpack_tensor(denom_obj, "denom", denom)) return nullptr;
-  TORCH_CHECK_VALUE(grad.dim() == 3 && (reduction == kSum || (reduction == kMean && denom.defined())),
+  TORCH_CHECK_VALUE(grad.dim() == 3 && reduction >= kNone && reduction <= kMean &&
+                        (reduction != kMean || denom.defined()),
                     "rescale_reduced: bad arguments");
   {
     pybind11::gil_scoped_release no_gil;

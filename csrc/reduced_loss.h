@@ -1,15 +1,17 @@
-// The eager path of a softmax loss reduced to a "sum" or a "mean", one C++ call each way
-// (torchloss_fused/_eager.py's fast calls use them):
+// The eager path of a softmax loss (reduced to a "sum" or a "mean", or not reduced), one C++
+// call each way (torchloss_fused/_eager.py's fast calls use them):
 //
-// _C.reduced_loss(kind, reduction, with_grad, unbatched, input, target, weight, scalars, dtype)
+// _C.reduced_loss(kind, reduction, with_grad, unbatched, input, target, weight, scalars, dtype,
+//                 out_shape)
 //   kind: 0 cross-entropy with class indices, 1 with class probabilities, 2 focal loss;
-//   reduction: 1 "sum", 2 "mean"; input (B, C, D) and target as the ops take them; weight:
-//   the ops' weight (or alpha) or None; scalars: the op's scalar arguments in schema order
-//   (ce: ignore_index, label_smoothing, z_loss, softcap, logit_scale; focal: alpha_scale,
-//   gamma, ignore_index); unbatched: functional._index_denominator's flag; dtype: the
-//   loss's. Computes the mean's denominator, runs ce_fwd/focal_fwd (with_grad false) or
-//   the *_fwd_grad op for a unit upstream gradient, and reduces. Returns the loss, or
-//   (loss, lse, grad, grad_scale, denom or None) with_grad.
+//   reduction: 0 "none", 1 "sum", 2 "mean"; input (B, C, D) and target as the ops take them;
+//   weight: the ops' weight (or alpha) or None; scalars: the op's scalar arguments in schema
+//   order (ce: ignore_index, label_smoothing, z_loss, softcap, logit_scale; focal:
+//   alpha_scale, gamma, ignore_index); unbatched: functional._index_denominator's flag;
+//   dtype: the loss's; out_shape: the unreduced loss's shape (a tuple). Computes the mean's
+//   denominator, runs ce_fwd/focal_fwd (with_grad false) or the *_fwd_grad op for a unit
+//   upstream gradient, and reduces. Returns the loss, or (loss, lse, grad, grad_scale,
+//   denom or None) with_grad.
 //
 // _C.rescale_reduced(grad, grad_loss, reduction, denom, grad_scale): backward of the
 //   above: turns the loss's gradient into the rows' (_reduction.rows_grad) and rescales

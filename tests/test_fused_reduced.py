@@ -1,8 +1,9 @@
 """The fused reduced path (_eager.FusedReduced over csrc/reduced_loss.cpp): cross_entropy
-and focal_loss reduced to a "sum" or a "mean", denominator to reduction in one C++ call
-each way. It must give bitwise what the general eager path gives (denominators in Python,
-the op's reduced call): the loss, its gradient for any upstream gradient, a second
-backward's, a differentiable one's, and the loss without grad."""
+and focal_loss reduced to a "sum" or a "mean" or not reduced, denominator to reduction in
+one C++ call each way. It must give bitwise what the general eager path gives
+(denominators in Python, the op's reduced call, or the op and a reshape): the loss, its
+gradient for any upstream gradient, a second backward's, a differentiable one's, and the
+loss without grad."""
 
 from __future__ import annotations
 
@@ -56,7 +57,9 @@ def general_path(monkeypatch):
 def _run(loss_fn, x, reduction, upstream):
     loss = loss_fn(x, reduction)
     node = type(loss.grad_fn).__name__
-    g = torch.full((), upstream, dtype=loss.dtype, device=x.device)
+    g = torch.full(loss.shape, upstream, dtype=loss.dtype, device=x.device)
+    if upstream != 1 and g.dim():
+        g.view(-1)[::2] = -0.75  # (rows with other gradients than their neighbours)
     (grad,) = torch.autograd.grad(loss, x, g, retain_graph=True)
     (again,) = torch.autograd.grad(loss, x, g)
     with torch.no_grad():
@@ -70,7 +73,7 @@ def _assert_bitwise(got, want, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fused_reduced_equals_the_general_path(device, general_path, dtype, reduction):
     runs = {}
     for fast in (True, False):
@@ -118,10 +121,10 @@ def test_fused_reduced_serves_only_plain_eager_calls(device):
     t = random_targets((6,), C, device)
     fast = "ce_fwd_grad_reduced_fast_eagerBackward"
     assert type(tlf.cross_entropy(x, t).grad_fn).__name__ == fast
-    # Unreduced, with the lse, with gradients for the weight, in place: the general path.
+    assert type(tlf.cross_entropy(x, t, reduction="none").grad_fn).__name__ == fast
+    # With the lse, with gradients for the weight, in place: the general path.
     w = torch.rand(C, device=device, requires_grad=True)
-    for loss in (tlf.cross_entropy(x, t, reduction="none").sum(),
-                 tlf.cross_entropy(x, t, return_lse=True)[0],
+    for loss in (tlf.cross_entropy(x, t, return_lse=True)[0],
                  tlf.cross_entropy(x, t, weight=w),
                  tlf.cross_entropy(x.clone(), t, inplace_backward=True)):
         node = loss.grad_fn
@@ -137,3 +140,18 @@ def test_fused_reduced_reports_bad_targets(device):
     for grad in (True, False):
         with torch.set_grad_enabled(grad), pytest.raises(IndexError, match="Target 9 is out"):
             tlf.cross_entropy(x, torch.tensor([1, 9, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_unreduced_loss_is_a_tensor_of_its_own(device, dtype):
+    # F's unreduced loss may be modified in place before backward; an output of a custom
+    # Function that is a view (of the op's rows) may not, so the C++ reshape is untracked.
+    x = random_logits((6, C), dtype, device)
+    t = random_targets((6,), C, device)
+    loss = tlf.cross_entropy(x, t, reduction="none")
+    assert type(loss.grad_fn).__name__ == "ce_fwd_grad_reduced_fast_eagerBackward"
+    assert not loss._is_view() and loss.shape == (6,) and loss.dtype == dtype
+    loss.mul_(2)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    (want,) = torch.autograd.grad(2 * tlf.cross_entropy(x, t, reduction="none").sum(), x)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)

@@ -15,10 +15,11 @@ loss's gradient into the per-row one exactly as autograd's reduction nodes would
 (the op's, the sum's, the mean's division and a cast), about 10% of a small loss's
 forward+backward time on CPU.
 
-With the compiled extension, cross_entropy and focal_loss reduced to a "sum" or a "mean"
-go further (FusedReduced below): the mean's denominator, the op and the reduction are one
-C++ call (csrc/reduced_loss.h), and so is the backward's rescale: the same ATen ops in the
-same order, without a Python binding around each, for about half a small loss's time.
+With the compiled extension, cross_entropy and focal_loss (reduced to a "sum" or a "mean",
+or not reduced) go further (FusedReduced below): the mean's denominator, the op and the
+reduction (or reshape) are one C++ call (csrc/reduced_loss.h), and so is the backward's
+rescale: the same ATen ops in the same order, without a Python binding around each, for
+about half a small loss's time.
 
 Everything else keeps the registered op: torch.compile (it traces the op and its
 registered formulas), tensor subclasses such as DTensor (their dispatch rules see the
@@ -132,7 +133,7 @@ def _reduced_call(namespace: str, name: str, plain_call):
 # The fused forward+gradient ops whose first output is the per-row loss.
 _REDUCIBLE = ("ce_fwd_grad", "focal_fwd_grad")
 
-_REDUCTION_CODES = {"sum": 1, "mean": 2}
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
 # FusedReduced's kinds of loss (_C.reduced_loss's codes), and the fused op of each.
 CE_INDEX, CE_PROB, FOCAL = 0, 1, 2
@@ -152,8 +153,8 @@ def _plain(*tensors) -> bool:
 
 
 class FusedReduced:
-    """A fused op's loss reduced to a "sum" or a "mean", the extension's C++ doing each
-    way's tensor work in one call: `loss(...)` returns None where that does not apply
+    """A fused op's loss, reduced ("sum", "mean") or not ("none"), the extension's C++ doing
+    each way's tensor work in one call: `loss(...)` returns None where that does not apply
     (traced or transformed code, tensor subclasses), for the caller's general path."""
 
     def __init__(self, namespace: str, extension):
@@ -165,12 +166,12 @@ class FusedReduced:
         c = self._c
 
         # Arguments: the op's input, target and weight (alpha), its scalars as a tuple, and
-        # (kind, reduction, unbatched, dtype) as _C.reduced_loss takes them.
+        # (kind, reduction, unbatched, dtype, out_shape) as _C.reduced_loss takes them.
         def forward(ctx, x, t, w, scalars, spec):
-            kind, reduction, unbatched, dtype = spec
+            kind, reduction, unbatched, dtype, out_shape = spec
             code = _REDUCTION_CODES[reduction]
             loss, lse, grad, grad_scale, denom = c.reduced_loss(
-                kind, code, True, unbatched, x, t, w, scalars, dtype)
+                kind, code, True, unbatched, x, t, w, scalars, dtype, out_shape)
             setup_context(ctx, (x, t, w, *scalars, grad_scale), (None, lse, grad))
             ctx.reduction = (reduction, denom, lse.shape, lse.dtype)
             return loss
@@ -188,17 +189,17 @@ class FusedReduced:
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)
 
     def loss(self, kind: int, reduction: str, unbatched: bool, x, t, w, scalars: tuple,
-             dtype: torch.dtype):
+             dtype: torch.dtype, out_shape: tuple):
         """reduce(op(x, t, w, *scalars, grad_scale)[0]) as functional.py computes it, with
         its gradient for x where autograd wants one; None where this path does not serve.
         kind: CE_INDEX, CE_PROB or FOCAL (see reduced_loss.h)."""
         if torch.compiler.is_compiling() or not _plain(x, t, w) or _wrapped(x):
             return None
         if torch.is_grad_enabled() and x.requires_grad:
-            return self._functions[_KIND_OPS[kind]].apply(x, t, w, scalars,
-                                                          (kind, reduction, unbatched, dtype))
+            spec = (kind, reduction, unbatched, dtype, out_shape)
+            return self._functions[_KIND_OPS[kind]].apply(x, t, w, scalars, spec)
         return self._c.reduced_loss(kind, _REDUCTION_CODES[reduction], False, unbatched,
-                                    x, t, w, scalars, dtype)
+                                    x, t, w, scalars, dtype, out_shape)
 
 
 class _Ops:

@@ -30,9 +30,11 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
 def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: torch.Size,
               rows_dtype: torch.dtype) -> Tensor:
     """The gradient of the per-row values given the gradient of
-    reduce(rows, reduction, denom, ...), as autograd computes it (for "none", of a
-    gradient already shaped like the rows)."""
+    reduce(rows, reduction, denom, ...), as autograd computes it (for "none", a gradient
+    shaped like the loss is reshaped to the rows'; a 0-dim one is expanded)."""
     grad = grad.to(rows_dtype)  # ToCopyBackward (no-op when the dtypes agree)
+    if reduction == "none" and grad.dim():
+        return grad.reshape(rows_shape)  # ViewBackward
     if reduction == "mean":
         grad = grad / denom  # DivBackward0
     return grad.expand(rows_shape)  # SumBackward0

@@ -274,13 +274,13 @@ def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dty
 
 
 def _fused_reduced_loss(kind: int, reduction: str, unbatched: bool, x3: Tensor, t: Tensor,
-                        w: Tensor | None, args: tuple, dtype: torch.dtype):
-    """The eager loss of a fused op reduced to a "sum" or a "mean", denominator to
-    reduction in one C++ call (_eager.FusedReduced.loss); None where that path does not
-    serve (no compiled kernels for the device, traced code...)."""
+                        w: Tensor | None, args: tuple, dtype: torch.dtype, out_shape: tuple):
+    """The eager loss of a fused op, denominator to reduction in one C++ call
+    (_eager.FusedReduced.loss); None where that path does not serve (no compiled kernels
+    for the device, traced code...)."""
     fast = _eager.ops_for(x3.device).fused_reduced
     return None if fast is None else fast.loss(kind, reduction, unbatched, x3, t, w, args,
-                                               dtype)
+                                               dtype, out_shape)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------
@@ -370,10 +370,10 @@ def cross_entropy(
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
     reference_grads = transformed or _wants_grad(weight) or (prob and _wants_grad(target))
     unbatched = input.dim() == 1 and label_smoothing == 0
-    if reduction != "none" and not (return_lse or reference_grads) and \
-            not (inplace_backward and _wants_grad(x3)):
+    if not (return_lse or reference_grads or (inplace_backward and _wants_grad(x3))):
         kind = _eager.CE_PROB if prob else _eager.CE_INDEX
-        loss = _fused_reduced_loss(kind, reduction, unbatched, x3, t, weight, args, dtype)
+        loss = _fused_reduced_loss(kind, reduction, unbatched, x3, t, weight, args, dtype,
+                                   out_shape)
         if loss is not None:
             return loss
 
@@ -455,9 +455,9 @@ def focal_loss(
     dtype = torch.float32 if _autocast_to_float32(input.dtype, input.device) else input.dtype
     args = (alpha_scale, gamma, ignore_index)
     reference_grads = _wants_grad(alpha_vec) or transform_active(input, alpha_vec)
-    if reduction != "none" and not reference_grads:
+    if not reference_grads:
         loss = _fused_reduced_loss(_eager.FOCAL, reduction, False, x3, t, alpha_vec, args,
-                                   dtype)
+                                   dtype, out_shape)
         if loss is not None:
             return loss
 
