@@ -26,6 +26,12 @@ struct KernelTable {
   // acc[i] += src[i] for i in [begin, end): src float32, bfloat16 or float16, widened
   // exactly, added in float32.
   void (*accumulate)(float* acc, const void* src, Dtype, int64_t begin, int64_t end);
+  // The backward's rescale: each row (b, d) of a (B, C, D) gradient times factor[b * D + d]
+  // (float; double for float64), the product rounded once to the gradient's dtype, as
+  // grad.mul_(factor) rounds it. Rows whose factor is 1 are not touched (the same bits).
+  // [begin, end) counts rows where D is 1, and b (whole (C, D) planes) otherwise.
+  void (*scale_rows)(void* grad, const RowLayout&, Dtype, const void* factor, int64_t begin,
+                     int64_t end);
 };
 
 namespace DEFAULT {

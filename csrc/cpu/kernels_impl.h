@@ -1307,6 +1307,54 @@ inline void accumulate_range(float* acc, const scalar_t* src, int64_t begin, int
   for (; i < end; ++i) acc[i] += static_cast<float>(src[i]);
 }
 
+// ---- the backward's rescale of a fused gradient's rows -----------------------------------
+
+template <typename scalar_t, typename acc_t>
+inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t W = aVec::size();
+  const aVec fv(f);
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) {
+    aVec lo, hi;
+    load_pair(row + c, lo, hi);
+    store_pair(row + c, lo * fv, hi * fv);
+  }
+  for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
+}
+
+template <typename scalar_t>
+inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const typename AccOf<scalar_t>::type* factor,
+                             int64_t begin, int64_t end) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  auto scale1 = [](scalar_t* e, acc_t f) {
+    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
+  };
+  if (l.D == 1) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t f = factor[r];
+      if (f == acc_t(1)) continue;
+      scalar_t* row = grad + r * l.sb;
+      if (l.sc == 1) {
+        scale_row(row, l.C, f);
+      } else {
+        for (int64_t c = 0; c < l.C; ++c) scale1(row + c * l.sc, f);
+      }
+    }
+    return;
+  }
+  // (B, C, D): a plane at a time, d innermost, the order of a contiguous layout's memory.
+  for (int64_t b = begin; b < end; ++b) {
+    const acc_t* fb = factor + b * l.D;
+    for (int64_t c = 0; c < l.C; ++c) {
+      scalar_t* e = grad + b * l.sb + c * l.sc;
+      for (int64_t d = 0; d < l.D; ++d) {
+        if (fb[d] != acc_t(1)) scale1(e + d * l.sd, fb[d]);
+      }
+    }
+  }
+}
+
 template <typename F>
 inline auto dispatch_dtype(Dtype dt, F&& f) {
   switch (dt) {
@@ -1354,6 +1402,15 @@ void accumulate(float* acc, const void* src, Dtype dt, int64_t begin, int64_t en
   });
 }
 
+void scale_rows(void* grad, const RowLayout& l, Dtype dt, const void* factor, int64_t begin,
+                int64_t end) {
+  dispatch_dtype(dt, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scale_rows_range(static_cast<scalar_t*>(grad), l,
+                     static_cast<const typename AccOf<scalar_t>::type*>(factor), begin, end);
+  });
+}
+
 double sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, int64_t begin, int64_t end) {
   return dispatch_dtype(
       dt, [&](auto tag) { return sigmoid_focal_sum_range<decltype(tag)>(p, begin, end); });
@@ -1365,7 +1422,7 @@ double sigmoid_focal_sum(const SigmoidFocalParams& p, Dtype dt, int64_t begin, i
 #define TLF_STR(x) TLF_STR2(x)
 extern const KernelTable kTable = {TLF_STR(CPU_CAPABILITY), softmax_loss_fwd, softmax_loss_bwd,
                                    sigmoid_focal_fwd, sigmoid_focal_bwd, sigmoid_focal_sum,
-                                   accumulate};
+                                   accumulate, scale_rows};
 
 }  // namespace CPU_CAPABILITY
 }  // namespace tlf::cpu

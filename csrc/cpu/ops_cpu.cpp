@@ -93,7 +93,24 @@ struct Cpu {
     const at::Tensor factor = AT_DISPATCH_FLOATING_TYPES(
         grad_loss.scalar_type(), "rescale",
         [&] { return row_factors<scalar_t>(grad_loss, grad_scale); });
-    if (factor.defined()) grad.mul_(factor.unsqueeze(1));
+    if (!factor.defined()) return;
+    // The kernel skips the rows that keep their values and widens a bf16/fp16 gradient in
+    // vectors, where ATen's mixed-dtype mul_ ran element by element (a bf16 (4096, 32000)
+    // gradient: about 330 ms, the fused forward 27). mul_ keeps what the kernel does not take
+    // (elements sharing memory, which it rejects; another factor dtype than acc_dtype).
+    if (factor.scalar_type() != acc_dtype(grad) ||
+        at::has_internal_overlap(grad) != at::MemOverlap::No) {
+      grad.mul_(factor.unsqueeze(1));
+      return;
+    }
+    const RowLayout l = layout_of(grad);
+    const auto fn = cpu::kernel_table().scale_rows;
+    const Dtype dt = kernel_dtype(grad);
+    void* g = grad.data_ptr();
+    const void* f = factor.const_data_ptr();
+    // (B units either way: rows where D is 1, (C, D) planes otherwise)
+    at::parallel_for(0, l.B, std::max<int64_t>(1, 32768 / std::max<int64_t>(l.C * l.D, 1)),
+                     [&](int64_t begin, int64_t end) { fn(g, l, dt, f, begin, end); });
   }
 
   static void sigmoid(const SigmoidFocalParams& p, const at::Tensor& input, bool backward) {
