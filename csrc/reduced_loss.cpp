@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -139,17 +140,19 @@ Tensor rows_grad(const Tensor& grad, int reduction, const Tensor& denom, int64_t
   return g.expand({B, D});
 }
 
-// _reduction.reduce.
+// _reduction.reduce (split_terms: _reduction.mean_total's).
 Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArrayRef out_shape,
-              at::ScalarType dtype) {
+              at::ScalarType dtype, bool split_terms) {
   if (reduction == kNone) {
     // Not a view as autograd sees views: an output of a custom Function that is one may not
     // be modified in place, where F's loss (a tensor of its own) may.
     at::AutoDispatchBelowADInplaceOrView untracked;
     return rows.reshape(out_shape).to(dtype);
   }
-  const Tensor total = rows.sum();
-  return (reduction == kMean ? total / denom : total).to(dtype);
+  Tensor total = rows.sum();
+  if (reduction != kMean) return total.to(dtype);
+  if (split_terms) total = at::where(denom.eq(0), std::numeric_limits<double>::quiet_NaN(), total);
+  return (total / denom).to(dtype);
 }
 
 struct Result {
@@ -200,7 +203,9 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
-  r.loss = reduce(rows, reduction, r.denom, out_shape, dtype);
+  // (F's weighted, label-smoothed mean: see _reduction.mean_total)
+  const bool split_terms = kind == kCeIndex && w.has_value() && ce.label_smoothing > 0;
+  r.loss = reduce(rows, reduction, r.denom, out_shape, dtype, split_terms);
   return r;
 }
 

@@ -32,6 +32,38 @@ def test_all_targets_ignored(device, backend, weight):
 # mean over no counted target is NaN (0 / 0), yet F's gradient is exactly zero whatever the
 # upstream gradient (its backward never touches ignored rows). A negative, zero or NaN
 # upstream gradient once gave NaN rows here (-inf / +inf in the fused gradient's rescale).
+@pytest.mark.parametrize("path", ["fused", "return_lse", "no_grad", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_smoothed_mean_over_zero_weight_is_nan_like_pytorch(device, backend, path, dtype):
+    # Counted targets whose class weights are all 0: F takes the label-smoothed mean of its
+    # NLL term (0/0 = nan) and of its smoothing term (x/0 = inf) apart, and returns nan;
+    # one combined sum over 0 would be inf. Gradients: nan where F's are (ignored rows 0).
+    x = random_logits((5, 3), dtype, device)
+    t = torch.tensor([0, -100, 1, 1, 0], device=device)
+    w = torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device)
+    kw = {"label_smoothing": 0.3}
+    if path == "linear":
+        h = random_logits((5, 4), dtype, device)
+        W = random_logits((3, 4), dtype, device)
+        loss = tlf.linear_cross_entropy(h, W, t, class_weight=w, **kw)
+        want = F.cross_entropy(h @ W.t(), t, weight=w, **kw)
+        inputs, want_inputs = (h, W), (h, W)
+    else:
+        with torch.set_grad_enabled(path != "no_grad"):
+            loss = tlf.cross_entropy(x, t, weight=w, return_lse=path == "return_lse", **kw)
+        loss = loss[0] if path == "return_lse" else loss
+        want = F.cross_entropy(x, t, weight=w, **kw)
+        inputs = want_inputs = (x,)
+    assert torch.isnan(want) and torch.isnan(loss), (loss, want)
+    if path == "no_grad":
+        return
+    grads = torch.autograd.grad(loss, inputs)
+    want_grads = torch.autograd.grad(want, want_inputs)
+    for g, wg in zip(grads, want_grads):
+        assert torch.equal(g.isnan(), wg.isnan())
+        assert torch.equal(g[~g.isnan()], wg[~wg.isnan()])
+
+
 @pytest.mark.parametrize("upstream", [1.0, 0.7, -2.0, 0.0, float("nan")])
 @pytest.mark.parametrize("case", ["ce", "ce_smooth_weight", "ce_inplace", "focal", "linear"])
 def test_mean_all_ignored_gradient_is_zero(device, backend, case, upstream):

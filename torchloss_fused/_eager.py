@@ -67,13 +67,15 @@ def _eager_function(op, name: str, backward, setup_context):
 def _eager_reduced_function(op, name: str, backward, setup_context):
     op_forward = _op_forward(op, setup_context)
 
-    # The last forward argument is the reduction (kind, denominator, loss shape, dtype);
-    # the op's formulas see its own arguments, as in _eager_function.
+    # The last forward argument is the reduction (kind, denominator, loss shape, dtype and
+    # optionally split_terms: _reduction.reduce's arguments after the rows); the op's
+    # formulas see its own arguments, as in _eager_function.
     def forward(ctx, *args):
-        *args, (reduction, denom, out_shape, dtype) = args
+        *args, spec = args
+        reduction, denom = spec[:2]
         output = op_forward(ctx, *args)
         ctx.reduction = (reduction, denom, output[0].shape, output[0].dtype)
-        return _reduction.reduce(output[0], reduction, denom, out_shape, dtype)
+        return _reduction.reduce(output[0], *spec)
 
     def reduced_backward(ctx, grad):
         # (grad is None where autograd passes an undefined gradient: the op's formula

@@ -9,14 +9,16 @@ upstream gradient of 1) still matches the scale the forward computed the gradien
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
 def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
-           dtype: torch.dtype) -> Tensor:
+           dtype: torch.dtype, split_terms: bool = False) -> Tensor:
     """The loss from its per-row values (in the accumulation dtype): "none", "sum", or
-    "mean" over `denom`; returned in `dtype`."""
+    "mean" over `denom`; returned in `dtype`. split_terms: see mean_total."""
     if reduction == "none":
         return loss_rows.reshape(out_shape).to(dtype)
     total = loss_rows.sum()
@@ -24,7 +26,15 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
         return total.to(dtype)
     # (F's value, NaN or inf when no target counts; _rescale_grad_rows keeps the fused
     # gradient's ignored rows exactly zero there)
-    return (total / denom).to(dtype)
+    return (mean_total(total, denom, split_terms) / denom).to(dtype)
+
+
+def mean_total(total: Tensor, denom: Tensor, split_terms: bool) -> Tensor:
+    """The sum a mean divides by denom. split_terms: a label-smoothed cross-entropy with
+    class weights, whose mean F takes of its NLL and smoothing terms apart; where the
+    counted targets weigh 0 in all, its NLL term is 0/0 and the mean nan, where one
+    combined sum over 0 would be inf. (Only the value: the gradient is F's either way.)"""
+    return torch.where(denom == 0, math.nan, total) if split_terms else total
 
 
 def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: torch.Size,

@@ -379,6 +379,7 @@ def cross_entropy(
 
     acc = reference.acc_dtype(x3.dtype)
     C = x3.shape[1]
+    split_terms = weight is not None and not prob and label_smoothing > 0
     if reduction != "mean":
         denom = None
     elif prob:
@@ -397,12 +398,13 @@ def cross_entropy(
         if _fused_path(x3, inplace_backward):
             fused = (x3, t, weight, *args, _grad_scale(reduction, denom, x3, acc))
             if reduction != "none" and not return_lse:
-                return ops.reduced("ce_fwd_grad", (reduction, denom, out_shape, dtype), *fused)
+                return ops.reduced("ce_fwd_grad", (reduction, denom, out_shape, dtype,
+                                                   split_terms), *fused)
             loss_rows, lse, _ = ops.ce_fwd_grad(*fused)
         else:
             loss_rows, lse = ops.ce_fwd(x3, t, weight, *args, inplace_backward)
 
-    loss = _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype)
+    loss = _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype, split_terms)
     if return_lse:
         return loss, lse.reshape(out_shape)
     return loss

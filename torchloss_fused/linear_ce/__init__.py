@@ -43,6 +43,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import _reduction
 from .._higher_order import transform_active
 from ..functional import (
     _FLOAT_DTYPES,
@@ -246,7 +247,9 @@ def linear_cross_entropy(
         loss = loss_rows.reshape(hidden.shape[:-1]).to(out_dtype)
     else:
         total = loss_rows.sum()
-        loss = (total if denom is None else total / denom).to(out_dtype)
+        split_terms = class_weight is not None and not prob and label_smoothing > 0
+        loss = (total if denom is None else
+                _reduction.mean_total(total, denom, split_terms) / denom).to(out_dtype)
     return _with_lse(loss, lse, hidden, return_lse)
 
 

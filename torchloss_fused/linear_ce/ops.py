@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _eager, _sharding, reference
+from .. import _eager, _reduction, _sharding, reference
 from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
 from . import targets
@@ -63,7 +63,9 @@ def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_ind
         chunk_size, accum_dtype, row_grad=row_scale, lse_in=None,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
     total = loss_rows.sum()
-    loss = total if denom is None else total / denom
+    split_terms = (class_weight is not None and label_smoothing > 0
+                   and not target.is_floating_point())
+    loss = total if denom is None else _reduction.mean_total(total, denom, split_terms) / denom
     return (loss, lse, gh if gh is not None else _placeholder(hidden),
             gw if gw is not None else _placeholder(hidden),
             gb if gb is not None else _placeholder(hidden))
