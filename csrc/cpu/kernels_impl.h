@@ -1323,10 +1323,9 @@ inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
   for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
 }
 
-template <typename scalar_t>
-inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const typename AccOf<scalar_t>::type* factor,
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const acc_t* factor,
                              int64_t begin, int64_t end) {
-  using acc_t = typename AccOf<scalar_t>::type;
   auto scale1 = [](scalar_t* e, acc_t f) {
     *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
   };
