@@ -29,6 +29,12 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
     return (mean_total(total, denom, split_terms) / denom).to(dtype)
 
 
+def splits_terms(weight: Tensor | None, prob_target: bool, label_smoothing: float) -> bool:
+    """Whether F's mean of this cross-entropy divides two terms apart (mean_total): class
+    weights, class-index targets and label smoothing."""
+    return weight is not None and not prob_target and label_smoothing > 0
+
+
 def mean_total(total: Tensor, denom: Tensor, split_terms: bool) -> Tensor:
     """The sum a mean divides by denom. split_terms: a label-smoothed cross-entropy with
     class weights, whose mean F takes of its NLL and smoothing terms apart; where the

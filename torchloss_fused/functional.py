@@ -379,7 +379,7 @@ def cross_entropy(
 
     acc = reference.acc_dtype(x3.dtype)
     C = x3.shape[1]
-    split_terms = weight is not None and not prob and label_smoothing > 0
+    split_terms = _reduction.splits_terms(weight, prob, label_smoothing)
     if reduction != "mean":
         denom = None
     elif prob:

@@ -243,13 +243,9 @@ def linear_cross_entropy(
     else:
         loss_rows, lse = EAGER["linear_ce_fwd"](h2, weight, bias, t1, class_weight,
                                                 *ce_args, chunk, accum_dtype)
-    if reduction == "none":
-        loss = loss_rows.reshape(hidden.shape[:-1]).to(out_dtype)
-    else:
-        total = loss_rows.sum()
-        split_terms = class_weight is not None and not prob and label_smoothing > 0
-        loss = (total if denom is None else
-                _reduction.mean_total(total, denom, split_terms) / denom).to(out_dtype)
+    split_terms = _reduction.splits_terms(class_weight, prob, label_smoothing)
+    loss = _reduction.reduce(loss_rows, reduction, denom, hidden.shape[:-1], out_dtype,
+                             split_terms)
     return _with_lse(loss, lse, hidden, return_lse)
 
 
