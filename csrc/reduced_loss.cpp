@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -157,11 +158,47 @@ Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArr
 
 struct Result {
   Tensor loss, lse, grad, grad_scale, denom;
+  bool guessed = false;  // the gradient was written for the guessed upstream
 };
+
+// The upstream guess (_eager.UpstreamGuesses): a loss that the caller scales (divided by
+// an accumulation count, GradScaler's scale) gets another upstream gradient than the unit
+// one the fused forward assumes, and the backward then rescales the whole gradient: a
+// second read and write of it. When the guess for this loss's gradient is right, the
+// forward writes the gradient that rescale would leave, each row rescaled while it is in
+// the cache (PostScaleScope), and the backward finds no row to rescale. The row factor is
+// the one the backward's rescale would compute (rows_grad(guess) / grad_scale, rounded in
+// acc), so a right guess changes no bit. A wrong one costs the rescale as before, of an
+// already scaled gradient: rounded twice where the factors' ratio is not a power of two.
+//
+// CPU only (the CUDA kernels have no post_scale yet), rows of D == 1, and not for float16
+// gradients: their range is narrow enough that a wrongly guessed scale could overflow or
+// underflow where the right one would not. Returns the factor, or 1 for no guess.
+double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
+                      const Tensor& denom, const Tensor& unit, Tensor& expected) {
+  if (!guess.has_value() || reduction == kNone || !x.is_cpu() || x.size(2) != 1 ||
+      x.size(0) == 0 || x.scalar_type() == at::kHalf) {
+    return 1.0;
+  }
+  const at::ScalarType acc = unit.scalar_type();
+  Tensor g = guess->to(acc);  // rows_grad's scalar, as the backward will compute it
+  if (reduction == kMean) g = g / denom;
+  const double e = g.item<double>(), s = unit.item<double>();
+  const double f = acc == at::kDouble
+                       ? e / s
+                       : static_cast<double>(static_cast<float>(e) / static_cast<float>(s));
+  const double magnitude = std::abs(f);
+  if (!std::isfinite(e) || e == 0 || !std::isfinite(s) || s == 0 || f == 1 ||
+      !(magnitude >= 0x1p-32 && magnitude <= 0x1p32)) {
+    return 1.0;
+  }
+  expected = g.expand({x.size(0), x.size(2)});
+  return f;
+}
 
 Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor& x,
            const Tensor& t, const OptTensor& w, const CeArgs& ce, const FocalArgs& focal,
-           at::IntArrayRef out_shape, at::ScalarType dtype) {
+           at::IntArrayRef out_shape, at::ScalarType dtype, const OptTensor& guess) {
   const at::ScalarType acc = acc_dtype(x);
   const int64_t B = x.size(0), C = x.size(1), D = x.size(2);
   const auto acc_options = x.options().dtype(acc);
@@ -187,19 +224,34 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   at::AutoDispatchBelowAutograd below_autograd;
   Tensor rows;
   if (with_grad) {
+    Tensor unit;  // the unit upstream's row gradient (reduced: one value for every row)
     if (count.has_value()) {
       // 1 / denom, rounded once in the accumulation dtype as the tensor division rounds it
       const double scale = acc == at::kDouble
                                ? 1.0 / static_cast<double>(*count)
                                : static_cast<double>(1.0f / static_cast<float>(*count));
-      r.grad_scale = at::scalar_tensor(scale, acc_options).expand({B, D});
+      unit = at::scalar_tensor(scale, acc_options);
+      r.grad_scale = unit.expand({B, D});
     } else {
       const Tensor one = r.denom.defined() ? r.denom.new_ones({}) : at::ones({}, acc_options);
       r.grad_scale = rows_grad(one, reduction, r.denom, B, D, acc);
+      if (reduction != kNone) unit = reduction == kMean ? one / r.denom : one;
     }
-    std::tie(rows, r.lse, r.grad) = kind == kFocal
-                                        ? focal_fwd_grad(x, t, w, focal, r.grad_scale)
-                                        : ce_fwd_grad(x, t, w, ce, r.grad_scale);
+    Tensor expected;
+    const double post = unit.defined()
+                            ? guessed_factor(x, reduction, guess, r.denom, unit, expected)
+                            : 1.0;
+    {
+      PostScaleScope scope(post);
+      std::tie(rows, r.lse, r.grad) = kind == kFocal
+                                          ? focal_fwd_grad(x, t, w, focal, r.grad_scale)
+                                          : ce_fwd_grad(x, t, w, ce, r.grad_scale);
+    }
+    if (post != 1.0) {
+      // The backward compares the actual rows' gradient with the one the forward wrote for.
+      r.grad_scale = expected;
+      r.guessed = true;
+    }
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
@@ -229,10 +281,10 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   int kind = 0, reduction = 0, with_grad = 0, unbatched = 0;
   PyObject *input = nullptr, *target = nullptr, *weight = nullptr, *scalars = nullptr;
-  PyObject *dtype = nullptr, *shape = nullptr;
-  if (!PyArg_ParseTuple(args, "iippOOOO!OO!", &kind, &reduction, &with_grad, &unbatched, &input,
-                        &target, &weight, &PyTuple_Type, &scalars, &dtype, &PyTuple_Type,
-                        &shape)) {
+  PyObject *dtype = nullptr, *shape = nullptr, *guess_obj = Py_None;
+  if (!PyArg_ParseTuple(args, "iippOOOO!OO!|O", &kind, &reduction, &with_grad, &unbatched,
+                        &input, &target, &weight, &PyTuple_Type, &scalars, &dtype,
+                        &PyTuple_Type, &shape, &guess_obj)) {
     return nullptr;
   }
   if (kind < kCeIndex || kind > kFocal || reduction < kNone || reduction > kMean) {
@@ -260,6 +312,14 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
     if (!unpack_tensor(weight, "weight", v)) return nullptr;
     w = v;
   }
+  OptTensor guess;
+  if (guess_obj != Py_None) {
+    Tensor v;
+    if (!unpack_tensor(guess_obj, "guess", v)) return nullptr;
+    TORCH_CHECK_VALUE(v.dim() == 0 && v.is_cpu() && v.is_floating_point(),
+                      "reduced_loss: guess must be a 0-dim floating-point CPU tensor");
+    guess = v;
+  }
   TORCH_CHECK_VALUE(x.dim() == 3, "reduced_loss: input must be (B, C, D), got ", x.sizes());
   const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
   std::vector<int64_t> out_shape(PyTuple_GET_SIZE(shape));
@@ -270,12 +330,13 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
   Result r;
   {
     pybind11::gil_scoped_release no_gil;
-    r = run(kind, reduction, with_grad, unbatched, x, t, w, ce, focal, out_shape, out_dtype);
+    r = run(kind, reduction, with_grad, unbatched, x, t, w, ce, focal, out_shape, out_dtype,
+            guess);
   }
   if (!with_grad) return THPVariable_Wrap(r.loss);
-  return Py_BuildValue("(NNNNN)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
+  return Py_BuildValue("(NNNNNO)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
                        THPVariable_Wrap(r.grad), THPVariable_Wrap(r.grad_scale),
-                       wrap_or_none(r.denom));
+                       wrap_or_none(r.denom), r.guessed ? Py_True : Py_False);
   END_HANDLE_TH_ERRORS
 }
 

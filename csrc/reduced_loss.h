@@ -2,7 +2,7 @@
 // call each way (torchloss_fused/_eager.py's fast calls use them):
 //
 // _C.reduced_loss(kind, reduction, with_grad, unbatched, input, target, weight, scalars, dtype,
-//                 out_shape)
+//                 out_shape, guess=None)
 //   kind: 0 cross-entropy with class indices, 1 with class probabilities, 2 focal loss;
 //   reduction: 0 "none", 1 "sum", 2 "mean"; input (B, C, D) and target as the ops take them;
 //   weight: the ops' weight (or alpha) or None; scalars: the op's scalar arguments in schema
@@ -11,7 +11,10 @@
 //   dtype: the loss's; out_shape: the unreduced loss's shape (a tuple). Computes the mean's
 //   denominator, runs ce_fwd/focal_fwd (with_grad false) or the *_fwd_grad op for a unit
 //   upstream gradient, and reduces. Returns the loss, or (loss, lse, grad, grad_scale,
-//   denom or None) with_grad.
+//   denom or None, guessed) with_grad. guess: a 0-dim CPU tensor, the loss's gradient
+//   the backward will likely get (the last ones it got), or None; where it applies (see
+//   guessed_factor in reduced_loss.cpp) the gradient is written for it, grad_scale is the
+//   rows' gradient for it, and guessed is True.
 //
 // _C.rescale_reduced(grad, grad_loss, reduction, denom, grad_scale): backward of the
 //   above: turns the loss's gradient into the rows' (_reduction.rows_grad) and rescales

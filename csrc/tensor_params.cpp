@@ -220,6 +220,10 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
   l.p.grad_layout = layout_of(grad_input);
 }
 
+namespace {
+thread_local double thread_post_scale = 1.0;  // (PostScaleScope)
+}  // namespace
+
 void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
                          const at::Tensor& grad_scale, const at::Tensor& grad_input) {
   check_per_row(op, input, grad_scale, "grad_scale");
@@ -230,7 +234,14 @@ void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor&
   l.p.grad_loss = row_vector_of(grad_scale);
   l.p.grad_input = grad_input.data_ptr();
   l.p.grad_layout = layout_of(grad_input);
+  if (input.is_cpu() && l.p.grad_layout.D == 1) l.p.post_scale = thread_post_scale;
 }
+
+PostScaleScope::PostScaleScope(double factor) : previous_(thread_post_scale) {
+  thread_post_scale = factor;
+}
+
+PostScaleScope::~PostScaleScope() { thread_post_scale = previous_; }
 
 void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,
                         const at::Tensor& grad_scale) {

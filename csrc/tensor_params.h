@@ -45,9 +45,25 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
                        const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                        const at::Tensor& lse, const at::Tensor& grad_input);
 
-// Fused forward: also write the gradient of sum_r grad_scale_r * loss_r into grad_input.
+// Fused forward: also write the gradient of sum_r grad_scale_r * loss_r into grad_input
+// (then times the post scale of a PostScaleScope on this thread, on CPU).
 void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
                          const at::Tensor& grad_scale, const at::Tensor& grad_input);
+
+// While it lives, the fused forwards this thread runs on CPU (D == 1) multiply each
+// gradient row by `factor` as the backward's rescale would (SoftmaxLossParams::post_scale).
+// A scope, not an op argument: only reduced_loss.cpp's eager path sets it, and the ops'
+// schemas, fake kernels and autograd formulas stay as they are.
+class PostScaleScope {
+ public:
+  explicit PostScaleScope(double factor);
+  ~PostScaleScope();
+  PostScaleScope(const PostScaleScope&) = delete;
+  PostScaleScope& operator=(const PostScaleScope&) = delete;
+
+ private:
+  double previous_;
+};
 
 // Checks the arguments of _rescale_grad_rows: grad (B, C, D) and two (B, D) row vectors.
 void check_rescale_args(const at::Tensor& grad, const at::Tensor& grad_loss,

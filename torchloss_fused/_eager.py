@@ -33,6 +33,7 @@ import torch
 
 from . import _backend, _ops, _reduction
 from ._higher_order import reference_backward
+from ._upstream_guess import GUESSES
 
 _any_requires_grad = getattr(
     torch._C, "_any_requires_grad",
@@ -172,10 +173,13 @@ class FusedReduced:
         def forward(ctx, x, t, w, scalars, spec):
             kind, reduction, unbatched, dtype, out_shape = spec
             code = _REDUCTION_CODES[reduction]
-            loss, lse, grad, grad_scale, denom = c.reduced_loss(
-                kind, code, True, unbatched, x, t, w, scalars, dtype, out_shape)
+            key = (kind, code, x.dtype, dtype)
+            guess = GUESSES.guess(key, x) if code else None
+            loss, lse, grad, grad_scale, denom, guessed = c.reduced_loss(
+                kind, code, True, unbatched, x, t, w, scalars, dtype, out_shape, guess)
             setup_context(ctx, (x, t, w, *scalars, grad_scale), (None, lse, grad))
             ctx.reduction = (reduction, denom, lse.shape, lse.dtype)
+            ctx.guess = (key, guess if guessed else None)
             return loss
 
         def reduced_backward(ctx, grad):
@@ -186,6 +190,8 @@ class FusedReduced:
             ctx.fused_grad = None
             reduction, denom, _, _ = ctx.reduction
             c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom, ctx.grad_scale)
+            if reduction != "none":
+                GUESSES.observe(ctx.guess[0], grad, ctx.guess[1])
             return buffer, None, None, None, None
 
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)

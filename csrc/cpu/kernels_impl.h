@@ -264,11 +264,12 @@ inline void stream_fence() {
 
 // Whether this call writes its gradient with streaming stores: the logits and the gradient
 // together outgrow the last-level cache, and the gradient is not written over the logits
-// (an in-place row's lines are in the cache already, just read).
+// (an in-place row's lines are in the cache already, just read), and no post_scale pass
+// will read it back.
 template <typename scalar_t>
 inline bool stream_gradient(const SoftmaxLossParams& p) {
   return kStreamStores && std::is_same_v<typename AccOf<scalar_t>::type, float> &&
-         p.grad_input != nullptr && p.grad_input != p.input &&
+         p.grad_input != nullptr && p.grad_input != p.input && p.post_scale == 1.0 &&
          2 * p.in.rows() * p.in.C * static_cast<int64_t>(sizeof(scalar_t)) >
              stream_threshold_bytes();
 }
@@ -929,6 +930,58 @@ inline acc_t one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* 
   return lse;
 }
 
+// ---- the backward's rescale of a fused gradient's rows -----------------------------------
+
+template <typename scalar_t, typename acc_t>
+inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t W = aVec::size();
+  const aVec fv(f);
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) {
+    aVec lo, hi;
+    load_pair(row + c, lo, hi);
+    store_pair(row + c, lo * fv, hi * fv);
+  }
+  for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
+}
+
+// Row r of a gradient laid out as l (D == 1) times f; untouched where f is 1.
+template <typename scalar_t, typename acc_t>
+inline void scale_row_of(scalar_t* grad, const RowLayout& l, int64_t r, acc_t f) {
+  if (f == acc_t(1)) return;
+  scalar_t* row = grad + r * l.sb;
+  if (l.sc == 1) {
+    scale_row(row, l.C, f);
+  } else {
+    for (int64_t c = 0; c < l.C; ++c) {
+      row[c * l.sc] = static_cast<scalar_t>(static_cast<acc_t>(row[c * l.sc]) * f);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const acc_t* factor,
+                             int64_t begin, int64_t end) {
+  auto scale1 = [](scalar_t* e, acc_t f) {
+    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
+  };
+  if (l.D == 1) {
+    for (int64_t r = begin; r < end; ++r) scale_row_of<scalar_t, acc_t>(grad, l, r, factor[r]);
+    return;
+  }
+  // (B, C, D): a plane at a time, d innermost, the order of a contiguous layout's memory.
+  for (int64_t b = begin; b < end; ++b) {
+    const acc_t* fb = factor + b * l.D;
+    for (int64_t c = 0; c < l.C; ++c) {
+      scalar_t* e = grad + b * l.sb + c * l.sc;
+      for (int64_t d = 0; d < l.D; ++d) {
+        if (fb[d] != acc_t(1)) scale1(e + d * l.sd, fb[d]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
                               int64_t* bad_target) {
@@ -942,10 +995,16 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<acc_t*>(p.lse);
   RowBuffers<acc_t> b;
+  // post_scale: the backward's rescale of the row, done while the row is in the cache
+  // (scale_row_of: the very loop the backward's scale_rows runs, so the same bits).
+  const acc_t post = static_cast<acc_t>(p.post_scale);
+  auto* grad = static_cast<scalar_t*>(p.grad_input);
+  auto post_scale_row = [&](int64_t r) { scale_row_of<scalar_t, acc_t>(grad, p.grad_layout, r, post); };
   // Fused forward: the row was just read, so its second pass mostly hits cache.
   auto fused_grad = [&](int64_t r, int64_t t, acc_t lse) {
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
                              read_row_value<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
+    post_scale_row(r);
   };
   const bool one_exp = one_exp_path(p, tf);
   // A gradient that, with the logits, outgrows the caches is streamed (stream_pair); a
@@ -979,6 +1038,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     if (on_one_exp) {
       lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
                                          tf, b.s, scratch, &s_t, stream, &focal_loss);
+      post_scale_row(r);
     } else {
       lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
       if (p.with_grad) fused_grad(r, t, lse);
@@ -1305,53 +1365,6 @@ inline void accumulate_range(float* acc, const scalar_t* src, int64_t begin, int
     (fVec::loadu(acc + i + W) + hi).store(acc + i + W);
   }
   for (; i < end; ++i) acc[i] += static_cast<float>(src[i]);
-}
-
-// ---- the backward's rescale of a fused gradient's rows -----------------------------------
-
-template <typename scalar_t, typename acc_t>
-inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t W = aVec::size();
-  const aVec fv(f);
-  int64_t c = 0;
-  for (; c + 2 * W <= C; c += 2 * W) {
-    aVec lo, hi;
-    load_pair(row + c, lo, hi);
-    store_pair(row + c, lo * fv, hi * fv);
-  }
-  for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
-}
-
-template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
-inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const acc_t* factor,
-                             int64_t begin, int64_t end) {
-  auto scale1 = [](scalar_t* e, acc_t f) {
-    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
-  };
-  if (l.D == 1) {
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t f = factor[r];
-      if (f == acc_t(1)) continue;
-      scalar_t* row = grad + r * l.sb;
-      if (l.sc == 1) {
-        scale_row(row, l.C, f);
-      } else {
-        for (int64_t c = 0; c < l.C; ++c) scale1(row + c * l.sc, f);
-      }
-    }
-    return;
-  }
-  // (B, C, D): a plane at a time, d innermost, the order of a contiguous layout's memory.
-  for (int64_t b = begin; b < end; ++b) {
-    const acc_t* fb = factor + b * l.D;
-    for (int64_t c = 0; c < l.C; ++c) {
-      scalar_t* e = grad + b * l.sb + c * l.sc;
-      for (int64_t d = 0; d < l.D; ++d) {
-        if (fb[d] != acc_t(1)) scale1(e + d * l.sd, fb[d]);
-      }
-    }
-  }
 }
 
 template <typename F>

@@ -1,0 +1,175 @@
+"""The upstream guess (torchloss_fused/_upstream_guess.py, csrc/reduced_loss.cpp): once a
+reduced loss's backward has got the same upstream gradient twice, the eager forward writes
+its gradient for that upstream. Checked: a right guess gives bitwise the gradient of a
+forward that guessed nothing (and the guess was used: `hits`); a wrong one stays within a
+rounding of it, bitwise where the scales differ by a power of two; losses scaled
+differently in turns, float16, (N, C, d) inputs, "none" and unscaled losses never guess."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchloss_fused as tlf
+from torchloss_fused import _backend, _upstream_guess
+
+pytestmark = pytest.mark.skipif(not _backend.has_kernels("cpu"),
+                                reason="the guess serves the compiled CPU kernels")
+
+GUESSES = _upstream_guess.GUESSES
+
+
+@pytest.fixture(autouse=True)
+def _small_inputs_guess(monkeypatch):
+    monkeypatch.setattr(_upstream_guess, "MIN_ELEMENTS", 0)
+
+
+def _logits(dtype, shape=(48, 300)):
+    return (torch.randn(*shape, dtype=torch.float64) * 4).to(dtype)
+
+
+def _targets(x, ignored=True):
+    t = torch.randint(0, x.shape[1], (x.shape[0], *x.shape[2:]))
+    if ignored:
+        t[::5] = -100
+    return t
+
+
+def _grad(loss_fn, x, t, scale):
+    x = x.clone().requires_grad_()
+    loss = loss_fn(x, t)
+    (loss * scale if isinstance(scale, float) else scale(loss)).backward()
+    return x.grad
+
+
+def _cold(loss_fn, x, t, scale):
+    """The gradient with no guess in play."""
+    saved = dict(GUESSES._seen), GUESSES.hits, GUESSES.misses
+    GUESSES._seen.clear()
+    try:
+        return _grad(loss_fn, x, t, scale)
+    finally:
+        GUESSES._seen.clear()
+        GUESSES._seen.update(saved[0])
+        GUESSES.hits, GUESSES.misses = saved[1], saved[2]
+
+
+def _fixed(draw, shape):
+    # (the same weights or targets on every call: a test compares calls bit for bit)
+    return draw(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+LOSSES = {
+    "ce-mean": lambda x, t: tlf.cross_entropy(x, t),
+    "ce-sum": lambda x, t: tlf.cross_entropy(x, t, reduction="sum"),
+    "ce-options": lambda x, t: tlf.cross_entropy(
+        x, t, weight=_fixed(torch.rand, x.shape[1]).to(x.dtype) + 0.5, label_smoothing=0.1,
+        z_loss=1e-3, softcap=20.0),
+    "ce-prob": lambda x, t: tlf.cross_entropy(
+        x, torch.softmax(_fixed(torch.randn, x.shape), 1).to(x.dtype)),
+    "focal": lambda x, t: tlf.focal_loss(x, t, gamma=2.0),
+}
+SCALES = {"/4": 0.25, "/3": lambda loss: loss / 3, "x65536": 65536.0, "negated": -1.0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_right_guess_changes_no_bit(dtype, loss, scale):
+    loss_fn, s = LOSSES[loss], SCALES[scale]
+    for step in range(4):
+        x = _logits(dtype)
+        t = _targets(x)
+        warm = _grad(loss_fn, x, t, s)
+        assert torch.equal(warm, _cold(loss_fn, x, t, s)), f"step {step}"
+    # Steps 2 and 3 guessed (after two equal upstream gradients), and rightly.
+    assert (GUESSES.hits, GUESSES.misses) == (2, 0)
+
+
+def test_guess_at_the_default_threshold(monkeypatch):
+    monkeypatch.setattr(_upstream_guess, "MIN_ELEMENTS", 1 << 16)
+    small, large = _logits(torch.bfloat16, (64, 1000)), _logits(torch.bfloat16, (64, 1024))
+    for _ in range(3):
+        _grad(LOSSES["ce-mean"], small, _targets(small), 0.25)
+    assert GUESSES.hits == 0  # 64000 logits: below it, though the backwards saw 1/4 thrice
+    for _ in range(3):
+        _grad(LOSSES["ce-mean"], large, _targets(large), 0.25)
+    assert GUESSES.hits == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrong_guess_is_within_a_rounding(dtype):
+    loss_fn = LOSSES["ce-mean"]
+    for _ in range(3):
+        x = _logits(dtype)
+        _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
+    x = _logits(dtype)
+    t = _targets(x)
+    wrong = _grad(loss_fn, x, t, lambda loss: loss / 5)
+    assert GUESSES.misses == 1
+    cold = _cold(loss_fn, x, t, lambda loss: loss / 5)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(wrong, cold, rtol=2 * ulp, atol=0)
+    # The next forward does not guess /3 again (the last two upstreams differ).
+    x = _logits(dtype)
+    t = _targets(x)
+    assert torch.equal(_grad(loss_fn, x, t, lambda loss: loss / 5),
+                       _cold(loss_fn, x, t, lambda loss: loss / 5))
+    assert GUESSES.misses == 1
+
+
+def test_power_of_two_change_is_bitwise():
+    # GradScaler halves its scale after an overflow: a wrong guess by a factor of 2.
+    loss_fn = LOSSES["ce-mean"]
+    for _ in range(3):
+        x = _logits(torch.bfloat16)
+        _grad(loss_fn, x, _targets(x), 65536.0)
+    x = _logits(torch.bfloat16)
+    t = _targets(x)
+    assert torch.equal(_grad(loss_fn, x, t, 32768.0), _cold(loss_fn, x, t, 32768.0))
+    assert GUESSES.misses == 1
+
+
+def test_losses_scaled_in_turns_never_guess():
+    loss_fn = LOSSES["ce-mean"]
+    for step in range(6):
+        x = _logits(torch.float32)
+        t = _targets(x)
+        s = 0.25 if step % 2 else 0.5
+        assert torch.equal(_grad(loss_fn, x, t, s), _cold(loss_fn, x, t, s))
+    assert (GUESSES.hits, GUESSES.misses) == (0, 0)
+
+
+@pytest.mark.parametrize("case", ["unscaled", "float16", "planes", "none", "zero-then-one"])
+def test_no_guess(case):
+    dtype = torch.float16 if case == "float16" else torch.float32
+    shape = (16, 30, 5) if case == "planes" else (48, 300)
+    loss_fn = ((lambda x, t: tlf.cross_entropy(x, t, reduction="none").sum())
+               if case == "none" else LOSSES["ce-mean"])
+    scales = [1.0] * 4 if case == "unscaled" else [0.0, 0.0, 0.0, 1.0] \
+        if case == "zero-then-one" else [0.25] * 4
+    for s in scales:
+        x = _logits(dtype, shape)
+        t = _targets(x)
+        assert torch.equal(_grad(loss_fn, x, t, s), _cold(loss_fn, x, t, s))
+    assert (GUESSES.hits, GUESSES.misses) == (0, 0)
+
+
+def test_guess_with_streaming_stores_on(monkeypatch):
+    # A gradient that would be streamed past the caches is not, when rows are rescaled
+    # after they are written: the same bits either way.
+    from torchloss_fused import _C
+    if not hasattr(_C, "set_cpu_stream_threshold"):
+        pytest.skip("no streaming-store control in this build")
+    _C.set_cpu_stream_threshold(0)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            GUESSES.clear()
+            for _ in range(3):
+                x = _logits(dtype)
+                t = _targets(x)
+                assert torch.equal(_grad(LOSSES["ce-mean"], x, t, 0.25),
+                                   _cold(LOSSES["ce-mean"], x, t, 0.25))
+            assert GUESSES.hits == 1
+    finally:
+        _C.set_cpu_stream_threshold(-1)
