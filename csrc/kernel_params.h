@@ -99,9 +99,10 @@ struct SoftmaxLossParams {
   RowVector grad_lse;            // acc, strided; ptr null when absent
   void* grad_input = nullptr;    // input dtype, in grad_layout
   RowLayout grad_layout;
-  // Fused forward, CPU kernels, D == 1 only: each gradient row, once written, is multiplied
-  // by this (an acc value) exactly as _rescale_grad_rows would multiply it, while it is
-  // still in the cache (the eager path's upstream guess: reduced_loss.cpp). 1: off.
+  // Fused forward, CPU kernels, D == 1 only: each gradient value is stored as
+  // _rescale_grad_rows would leave it after multiplying the stored value by this (an acc
+  // value): round(round(g) * post_scale) (the eager path's upstream guess:
+  // reduced_loss.cpp). 1: off.
   double post_scale = 1.0;
 };
 

@@ -165,8 +165,9 @@ struct Result {
 // an accumulation count, GradScaler's scale) gets another upstream gradient than the unit
 // one the fused forward assumes, and the backward then rescales the whole gradient: a
 // second read and write of it. When the guess for this loss's gradient is right, the
-// forward writes the gradient that rescale would leave, each row rescaled while it is in
-// the cache (PostScaleScope), and the backward finds no row to rescale. The row factor is
+// forward stores the gradient that rescale would leave (PostScaleScope: the kernels round
+// each value, multiply it by the row factor and round again), and the backward finds no
+// row to rescale. The row factor is
 // the one the backward's rescale would compute (rows_grad(guess) / grad_scale, rounded in
 // acc), so a right guess changes no bit. A wrong one costs the rescale as before, of an
 // already scaled gradient: rounded twice where the factors' ratio is not a power of two.

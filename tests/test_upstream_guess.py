@@ -173,3 +173,52 @@ def test_guess_with_streaming_stores_on(monkeypatch):
             assert GUESSES.hits == 1
     finally:
         _C.set_cpu_stream_threshold(-1)
+
+
+_CAPABILITY_SCRIPT = """
+import torch, torchloss_fused as tlf
+from torchloss_fused import _upstream_guess as ug
+ug.MIN_ELEMENTS = 0
+torch.manual_seed(0)
+print(torch.backends.cpu.get_cpu_capability())
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for options in ({}, {"label_smoothing": 0.1}, {"softcap": 20.0}):
+        ug.GUESSES.clear()
+        for step in range(3):
+            x = (torch.randn(40, 333, dtype=torch.float64) * 4).to(dtype)
+            t = torch.randint(0, 333, (40,))
+            t[::5] = -100
+            grads = []
+            for cold in (False, True):
+                seen, hits = dict(ug.GUESSES._seen), ug.GUESSES.hits
+                if cold:
+                    ug.GUESSES._seen.clear()
+                xx = x.clone().requires_grad_()
+                (tlf.cross_entropy(xx, t, **options) / 3).backward()
+                grads.append(xx.grad)
+                if cold:  # (as if it had not run)
+                    ug.GUESSES._seen.clear()
+                    ug.GUESSES._seen.update(seen)
+                    ug.GUESSES.hits = hits
+            assert torch.equal(*grads), (dtype, options, step)
+        assert ug.GUESSES.hits >= 1, (dtype, options)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_every_cpu_capability_guesses_bitwise(capability):
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 instruction sets")
+    best = torch.backends.cpu.get_cpu_capability()
+    if capability == "avx2" and best not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert capability.upper() in out.stdout and out.stdout.strip().endswith("ok")

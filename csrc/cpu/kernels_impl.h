@@ -256,6 +256,49 @@ inline void put_pair(bool stream, scalar_t* dst, const Vectorized<float>& lo,
   }
 }
 
+// A fused forward's post_scale f (SoftmaxLossParams): a gradient value v becomes what the
+// backward's rescale (scale_row) would make of it once stored, round(round(v) * f), with
+// v rounded to the gradient's dtype and widened back first (nothing to do for float and
+// double gradients); the store rounds the product. on: f != 1.
+template <typename scalar_t, typename acc_t>
+struct PostScale {
+  acc_t f;
+  bool on;
+
+  explicit PostScale(double factor) : f(static_cast<acc_t>(factor)), on(factor != 1.0) {}
+
+  Vectorized<acc_t> operator()(Vectorized<acc_t> v) const {
+    if constexpr (kReduced<scalar_t>) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(
+          at::vec::convert_from_float<scalar_t>(v, v));
+      (void)hi;
+      return lo * Vectorized<acc_t>(f);
+    } else {
+      return v * Vectorized<acc_t>(f);
+    }
+  }
+
+  acc_t operator()(acc_t v) const {
+    return static_cast<acc_t>(static_cast<scalar_t>(v)) * f;
+  }
+
+  // put_pair of the two vectors, post-scaled when on.
+  void put(bool stream, scalar_t* dst, Vectorized<float> lo, Vectorized<float> hi) const {
+    if (on) {
+      if constexpr (kReduced<scalar_t>) {
+        std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(
+            at::vec::convert_from_float<scalar_t>(lo, hi));
+      }
+      lo = lo * Vectorized<float>(f);
+      hi = hi * Vectorized<float>(f);
+    }
+    put_pair(stream, dst, lo, hi);
+  }
+
+  // One element's store, post-scaled when on.
+  scalar_t scalar(acc_t v) const { return static_cast<scalar_t>(on ? (*this)(v) : v); }
+};
+
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
@@ -264,12 +307,11 @@ inline void stream_fence() {
 
 // Whether this call writes its gradient with streaming stores: the logits and the gradient
 // together outgrow the last-level cache, and the gradient is not written over the logits
-// (an in-place row's lines are in the cache already, just read), and no post_scale pass
-// will read it back.
+// (an in-place row's lines are in the cache already, just read).
 template <typename scalar_t>
 inline bool stream_gradient(const SoftmaxLossParams& p) {
   return kStreamStores && std::is_same_v<typename AccOf<scalar_t>::type, float> &&
-         p.grad_input != nullptr && p.grad_input != p.input && p.post_scale == 1.0 &&
+         p.grad_input != nullptr && p.grad_input != p.input &&
          2 * p.in.rows() * p.in.C * static_cast<int64_t>(sizeof(scalar_t)) >
              stream_threshold_bytes();
 }
@@ -511,6 +553,58 @@ inline const acc_t* logits_block(const scalar_t* x, int64_t sc, int64_t c0, int6
   return buf;
 }
 
+// ---- the backward's rescale of a fused gradient's rows -----------------------------------
+
+template <typename scalar_t, typename acc_t>
+inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t W = aVec::size();
+  const aVec fv(f);
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) {
+    aVec lo, hi;
+    load_pair(row + c, lo, hi);
+    store_pair(row + c, lo * fv, hi * fv);
+  }
+  for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
+}
+
+// Row r of a gradient laid out as l (D == 1) times f; untouched where f is 1.
+template <typename scalar_t, typename acc_t>
+inline void scale_row_of(scalar_t* grad, const RowLayout& l, int64_t r, acc_t f) {
+  if (f == acc_t(1)) return;
+  scalar_t* row = grad + r * l.sb;
+  if (l.sc == 1) {
+    scale_row(row, l.C, f);
+  } else {
+    for (int64_t c = 0; c < l.C; ++c) {
+      row[c * l.sc] = static_cast<scalar_t>(static_cast<acc_t>(row[c * l.sc]) * f);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
+inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const acc_t* factor,
+                             int64_t begin, int64_t end) {
+  auto scale1 = [](scalar_t* e, acc_t f) {
+    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
+  };
+  if (l.D == 1) {
+    for (int64_t r = begin; r < end; ++r) scale_row_of<scalar_t, acc_t>(grad, l, r, factor[r]);
+    return;
+  }
+  // (B, C, D): a plane at a time, d innermost, the order of a contiguous layout's memory.
+  for (int64_t b = begin; b < end; ++b) {
+    const acc_t* fb = factor + b * l.D;
+    for (int64_t c = 0; c < l.C; ++c) {
+      scalar_t* e = grad + b * l.sb + c * l.sc;
+      for (int64_t d = 0; d < l.D; ++d) {
+        if (fb[d] != acc_t(1)) scale1(e + d * l.sd, fb[d]);
+      }
+    }
+  }
+}
+
 template <typename acc_t>
 struct RowBuffers {
   alignas(64) acc_t s[kBlock];  // transformed logits of the current block
@@ -641,7 +735,7 @@ template <typename scalar_t>
 inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
                              const Transform<float>& tf, float lse, float A, float D,
                              const float* q, bool uniform_q, float B, int64_t target,
-                             float* s, bool stream) {
+                             float* s, bool stream, const PostScale<scalar_t, float>& post) {
   using V = Vectorized<float>;
   constexpr int64_t W = V::size();
   // Read before the row is written: g may be x itself (inplace_backward).
@@ -668,13 +762,13 @@ inline void row_grad_reduced(const scalar_t* x, scalar_t* g, int64_t C,
     load_block(x + c0, 1, n, s);
     int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
-      put_pair(stream, g + c0 + i, grad(V::loadu(s + i), c0 + i),
+      post.put(stream, g + c0 + i, grad(V::loadu(s + i), c0 + i),
                grad(V::loadu(s + i + W), c0 + i + W));
     }
-    for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(scalar_grad(s[i], c0 + i));
+    for (; i < n; ++i) g[c0 + i] = post.scalar(scalar_grad(s[i], c0 + i));
   }
   if (stream) stream_fence();
-  if (target >= 0) g[target] = static_cast<scalar_t>(scalar_grad(x_target, target));
+  if (target >= 0) g[target] = post.scalar(scalar_grad(x_target, target));
 }
 
 // Gradient of one row: grad_c = ds/dx_c * (A p_c - D q_c) - [c == t] ds/dx_t * B, where q_c is
@@ -691,10 +785,11 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
   const bool with_q = D != 0 && (p.prob_target || w != nullptr);
   const bool uniform_q = D != 0 && !with_q;  // smoothing without weights: q_c = 1
   const bool stream = gsc == 1 && stream_row(b.stream, g);
+  const PostScale<scalar_t, acc_t> post(p.post_scale);
   if constexpr (kReduced<scalar_t>) {
     if (sc == 1 && gsc == 1 && !tf.capped && !p.prob_target) {
       row_grad_reduced(x, g, C, tf, lse, A, D, with_q ? w : nullptr, uniform_q, B, target,
-                       b.s, stream);
+                       b.s, stream, post);
       return;
     }
   }
@@ -741,6 +836,7 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
       const acc_t gt = A * std::exp(st - lse) - D * qt - B;
       out[i] = tf.active() ? gt * tf.deriv1(st) : gt;
     }
+    if (post.on) at::vec::map([&](V v) { return post(v); }, out, out, n);
     if constexpr (std::is_same_v<acc_t, float>) {
       if (stream) {
         stream_block(b.out, n, g + c0);
@@ -819,6 +915,9 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
       row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse, acc_t(0), acc_t(0), -1, b);
     } else {
       zero_row(grow, C, p.grad_layout.sc);
+      // (-0 for a negative post scale, as the backward's rescale would leave)
+      scale_row_of<scalar_t, acc_t>(static_cast<scalar_t*>(p.grad_input), p.grad_layout, r,
+                                    static_cast<acc_t>(p.post_scale));
     }
     return;
   }
@@ -887,7 +986,8 @@ inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_
 template <typename scalar_t, typename acc_t>
 inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, int64_t C,
                               const Transform<acc_t>& tf, acc_t lse, acc_t A, acc_t B,
-                              int64_t target, acc_t s_t, bool stream) {
+                              int64_t target, acc_t s_t, bool stream,
+                              const PostScale<scalar_t, acc_t>& post) {
   using V = Vectorized<acc_t>;
   constexpr int64_t W = V::size();
   const acc_t deriv = tf.scaled ? tf.scale : acc_t(1);
@@ -899,17 +999,17 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
     if constexpr (std::is_same_v<acc_t, float>) {
       int64_t i = 0;
       for (; i + 2 * W <= n; i += 2 * W) {
-        put_pair(stream, g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
+        post.put(stream, g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
       }
-      for (; i < n; ++i) g[c0 + i] = static_cast<scalar_t>(e[c0 + i] * fs);
+      for (; i < n; ++i) g[c0 + i] = post.scalar(e[c0 + i] * fs);
+    } else if (post.on) {
+      at::vec::map([&](V ev) { return post(ev * f); }, g + c0, e + c0, n);
     } else {
       at::vec::map([&](V ev) { return ev * f; }, g + c0, e + c0, n);
     }
   }
   if (stream) stream_fence();
-  if (target >= 0) {
-    g[target] = static_cast<scalar_t>((A * std::exp(s_t - lse) - B) * deriv);
-  }
+  if (target >= 0) g[target] = post.scalar((A * std::exp(s_t - lse) - B) * deriv);
 }
 
 // Both passes for a counted row on the one-exp path; g is the row's gradient. Returns lse;
@@ -926,60 +1026,9 @@ inline acc_t one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* 
                                                       scratch.max_b.data());
   const auto k = index_row_coef<acc_t>(p, t, lse, g_loss, *s_t, focal_loss);
   row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, lse, k.A, k.B, t, *s_t,
-                                     stream && !scratch.e.empty());
+                                     stream && !scratch.e.empty(),
+                                     PostScale<scalar_t, acc_t>(p.post_scale));
   return lse;
-}
-
-// ---- the backward's rescale of a fused gradient's rows -----------------------------------
-
-template <typename scalar_t, typename acc_t>
-inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
-  using aVec = Vectorized<acc_t>;
-  constexpr int64_t W = aVec::size();
-  const aVec fv(f);
-  int64_t c = 0;
-  for (; c + 2 * W <= C; c += 2 * W) {
-    aVec lo, hi;
-    load_pair(row + c, lo, hi);
-    store_pair(row + c, lo * fv, hi * fv);
-  }
-  for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
-}
-
-// Row r of a gradient laid out as l (D == 1) times f; untouched where f is 1.
-template <typename scalar_t, typename acc_t>
-inline void scale_row_of(scalar_t* grad, const RowLayout& l, int64_t r, acc_t f) {
-  if (f == acc_t(1)) return;
-  scalar_t* row = grad + r * l.sb;
-  if (l.sc == 1) {
-    scale_row(row, l.C, f);
-  } else {
-    for (int64_t c = 0; c < l.C; ++c) {
-      row[c * l.sc] = static_cast<scalar_t>(static_cast<acc_t>(row[c * l.sc]) * f);
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
-inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const acc_t* factor,
-                             int64_t begin, int64_t end) {
-  auto scale1 = [](scalar_t* e, acc_t f) {
-    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
-  };
-  if (l.D == 1) {
-    for (int64_t r = begin; r < end; ++r) scale_row_of<scalar_t, acc_t>(grad, l, r, factor[r]);
-    return;
-  }
-  // (B, C, D): a plane at a time, d innermost, the order of a contiguous layout's memory.
-  for (int64_t b = begin; b < end; ++b) {
-    const acc_t* fb = factor + b * l.D;
-    for (int64_t c = 0; c < l.C; ++c) {
-      scalar_t* e = grad + b * l.sb + c * l.sc;
-      for (int64_t d = 0; d < l.D; ++d) {
-        if (fb[d] != acc_t(1)) scale1(e + d * l.sd, fb[d]);
-      }
-    }
-  }
 }
 
 template <typename scalar_t>
@@ -995,16 +1044,10 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<acc_t*>(p.lse);
   RowBuffers<acc_t> b;
-  // post_scale: the backward's rescale of the row, done while the row is in the cache
-  // (scale_row_of: the very loop the backward's scale_rows runs, so the same bits).
-  const acc_t post = static_cast<acc_t>(p.post_scale);
-  auto* grad = static_cast<scalar_t*>(p.grad_input);
-  auto post_scale_row = [&](int64_t r) { scale_row_of<scalar_t, acc_t>(grad, p.grad_layout, r, post); };
   // Fused forward: the row was just read, so its second pass mostly hits cache.
   auto fused_grad = [&](int64_t r, int64_t t, acc_t lse) {
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
                              read_row_value<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
-    post_scale_row(r);
   };
   const bool one_exp = one_exp_path(p, tf);
   // A gradient that, with the logits, outgrows the caches is streamed (stream_pair); a
@@ -1038,7 +1081,6 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     if (on_one_exp) {
       lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
                                          tf, b.s, scratch, &s_t, stream, &focal_loss);
-      post_scale_row(r);
     } else {
       lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
       if (p.with_grad) fused_grad(r, t, lse);
