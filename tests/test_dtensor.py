@@ -73,11 +73,24 @@ def test_every_op_has_a_sharding_rule():
 def test_tensor_parallel_benchmark_end_to_end(tmp_path):
     """benchmarks.tensor_parallel on 2 ranks: every implementation checked against ours,
     the files written, and ours the one whose memory stays lowest, for both losses."""
+    from torch.multiprocessing import ProcessExitedException
+
     from benchmarks import tensor_parallel
 
-    assert tensor_parallel.main(["--world", "2", "--rows", "256", "--vocab", "8192",
-                                 "--hidden", "64", "--dtypes", "float32", "--repeats", "1",
-                                 "--out", str(tmp_path)]) == 0
+    args = ["--world", "2", "--rows", "256", "--vocab", "8192", "--hidden", "64",
+            "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)]
+    try:
+        rc = tensor_parallel.main(args)
+    except ProcessExitedException as e:
+        # A rank killed by a signal, not one that raised: at stop 31 a CI rehearsal's rank 0
+        # aborted once ("terminate called without an active exception") right after a
+        # torch.profiler stop of the memory measurement, with gloo's threads running (a
+        # kineto problem; the test then passed 11 times running). One more try; a rank
+        # that raises (ProcessRaisedException) or a second crash still fails.
+        if e.signal_name is None:
+            raise
+        rc = tensor_parallel.main(args)
+    assert rc == 0
     (doc_path,) = tmp_path.glob("tp-*.json")
     doc = json.loads(doc_path.read_text())
     assert doc["schema"] == tensor_parallel.SCHEMA and len(doc["rows"]) == 6
