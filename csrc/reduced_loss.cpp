@@ -161,28 +161,28 @@ struct Result {
   bool guessed = false;  // the gradient was written for the guessed upstream
 };
 
-// The upstream guess (_eager.UpstreamGuesses): a loss that the caller scales (divided by
-// an accumulation count, GradScaler's scale) gets another upstream gradient than the unit
-// one the fused forward assumes, and the backward then rescales the whole gradient: a
-// second read and write of it. When the guess for this loss's gradient is right, the
-// forward stores the gradient that rescale would leave (PostScaleScope: the kernels round
-// each value, multiply it by the row factor and round again), and the backward finds no
-// row to rescale. The row factor is
-// the one the backward's rescale would compute (rows_grad(guess) / grad_scale, rounded in
-// acc), so a right guess changes no bit. A wrong one costs the rescale as before, of an
-// already scaled gradient: rounded twice where the factors' ratio is not a power of two.
+// The upstream guess (torchloss_fused/_upstream_guess.py): a loss that the caller scales
+// (divided by an accumulation count, GradScaler's scale) gets another upstream gradient
+// than the unit one the fused forward assumes, and the backward then rescales the whole
+// gradient: a second read and write of it. Given the gradient this loss's backwards have
+// been getting, the forward stores the gradient that rescale would leave (PostScaleScope:
+// the kernels round each value, multiply it by the row factor and round again), so with
+// a right guess the backward has nothing to do and no bit changes. (With a wrong one the
+// backward recomputes the gradient from the logits, as a second backward does:
+// _eager.FusedReduced.) grad_scale stays the unit upstream's, for that recomputation.
 //
-// CPU only (the CUDA kernels have no post_scale yet), rows of D == 1, and not for float16
-// gradients: their range is narrow enough that a wrongly guessed scale could overflow or
-// underflow where the right one would not. Returns the factor, or 1 for no guess.
+// The row factor is the one the backward's rescale computes from the rows' gradient
+// (rows_grad) and grad_scale: rows_grad(guess) / unit, rounded in acc. CPU only (the CUDA
+// kernels have no post_scale yet), rows of D == 1, and not for float16 gradients, whose
+// narrow range a scale might overflow or underflow. Returns the factor, or 1 for none.
 double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
-                      const Tensor& denom, const Tensor& unit, Tensor& expected) {
+                      const Tensor& denom, const Tensor& unit) {
   if (!guess.has_value() || reduction == kNone || !x.is_cpu() || x.size(2) != 1 ||
       x.size(0) == 0 || x.scalar_type() == at::kHalf) {
     return 1.0;
   }
   const at::ScalarType acc = unit.scalar_type();
-  Tensor g = guess->to(acc);  // rows_grad's scalar, as the backward will compute it
+  Tensor g = guess->to(acc);  // rows_grad's value, as the backward will compute it
   if (reduction == kMean) g = g / denom;
   const double e = g.item<double>(), s = unit.item<double>();
   const double f = acc == at::kDouble
@@ -193,7 +193,6 @@ double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
       !(magnitude >= 0x1p-32 && magnitude <= 0x1p32)) {
     return 1.0;
   }
-  expected = g.expand({x.size(0), x.size(2)});
   return f;
 }
 
@@ -238,21 +237,13 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
       r.grad_scale = rows_grad(one, reduction, r.denom, B, D, acc);
       if (reduction != kNone) unit = reduction == kMean ? one / r.denom : one;
     }
-    Tensor expected;
-    const double post = unit.defined()
-                            ? guessed_factor(x, reduction, guess, r.denom, unit, expected)
-                            : 1.0;
-    {
-      PostScaleScope scope(post);
-      std::tie(rows, r.lse, r.grad) = kind == kFocal
-                                          ? focal_fwd_grad(x, t, w, focal, r.grad_scale)
-                                          : ce_fwd_grad(x, t, w, ce, r.grad_scale);
-    }
-    if (post != 1.0) {
-      // The backward compares the actual rows' gradient with the one the forward wrote for.
-      r.grad_scale = expected;
-      r.guessed = true;
-    }
+    const double post =
+        unit.defined() ? guessed_factor(x, reduction, guess, r.denom, unit) : 1.0;
+    PostScaleScope scope(post);
+    std::tie(rows, r.lse, r.grad) = kind == kFocal
+                                        ? focal_fwd_grad(x, t, w, focal, r.grad_scale)
+                                        : ce_fwd_grad(x, t, w, ce, r.grad_scale);
+    r.guessed = post != 1.0;
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }

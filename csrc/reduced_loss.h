@@ -13,8 +13,8 @@
 //   upstream gradient, and reduces. Returns the loss, or (loss, lse, grad, grad_scale,
 //   denom or None, guessed) with_grad. guess: a 0-dim CPU tensor, the loss's gradient
 //   the backward will likely get (the last ones it got), or None; where it applies (see
-//   guessed_factor in reduced_loss.cpp) the gradient is written for it, grad_scale is the
-//   rows' gradient for it, and guessed is True.
+//   guessed_factor in reduced_loss.cpp) the gradient is written for it and guessed is
+//   True (grad_scale stays the unit upstream's rows).
 //
 // _C.rescale_reduced(grad, grad_loss, reduction, denom, grad_scale): backward of the
 //   above: turns the loss's gradient into the rows' (_reduction.rows_grad) and rescales

@@ -1,9 +1,9 @@
 """The upstream guess (torchloss_fused/_upstream_guess.py, csrc/reduced_loss.cpp): once a
 reduced loss's backward has got the same upstream gradient twice, the eager forward writes
-its gradient for that upstream. Checked: a right guess gives bitwise the gradient of a
-forward that guessed nothing (and the guess was used: `hits`); a wrong one stays within a
-rounding of it, bitwise where the scales differ by a power of two; losses scaled
-differently in turns, float16, (N, C, d) inputs, "none" and unscaled losses never guess."""
+its gradient for that upstream. Checked: a right guess and a wrong one both give bitwise
+the gradient of a forward that guessed nothing (and the guess was used: `hits`, `misses`),
+a second backward repeats the first; losses scaled differently in turns, float16,
+(N, C, d) inputs, "none" and unscaled losses never guess."""
 
 from __future__ import annotations
 
@@ -98,8 +98,9 @@ def test_guess_at_the_default_threshold(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wrong_guess_is_within_a_rounding(dtype):
-    loss_fn = LOSSES["ce-mean"]
+@pytest.mark.parametrize("loss", ["ce-mean", "focal"])
+def test_wrong_guess_changes_no_bit(dtype, loss):
+    loss_fn = LOSSES[loss]
     for _ in range(3):
         x = _logits(dtype)
         _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
@@ -107,15 +108,34 @@ def test_wrong_guess_is_within_a_rounding(dtype):
     t = _targets(x)
     wrong = _grad(loss_fn, x, t, lambda loss: loss / 5)
     assert GUESSES.misses == 1
-    cold = _cold(loss_fn, x, t, lambda loss: loss / 5)
-    ulp = torch.finfo(dtype).eps
-    torch.testing.assert_close(wrong, cold, rtol=2 * ulp, atol=0)
+    assert torch.equal(wrong, _cold(loss_fn, x, t, lambda loss: loss / 5))
     # The next forward does not guess /3 again (the last two upstreams differ).
     x = _logits(dtype)
     t = _targets(x)
     assert torch.equal(_grad(loss_fn, x, t, lambda loss: loss / 5),
                        _cold(loss_fn, x, t, lambda loss: loss / 5))
     assert GUESSES.misses == 1
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_second_backward_repeats_the_first(right):
+    # retain_graph=True: the second backward recomputes the gradient from the logits.
+    loss_fn = LOSSES["ce-mean"]
+    for _ in range(3):
+        x = _logits(torch.bfloat16)
+        _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
+    x = _logits(torch.bfloat16).requires_grad_()
+    t = _targets(x)
+    before = GUESSES.hits, GUESSES.misses
+    loss = loss_fn(x, t) / (3 if right else 7)
+    first, = torch.autograd.grad(loss, x, retain_graph=True)
+    second, = torch.autograd.grad(loss, x)
+    # (each backward counts)
+    assert GUESSES.hits - before[0] == (2 if right else 0)
+    assert GUESSES.misses - before[1] == (0 if right else 2)
+    assert torch.equal(first, second)
+    assert torch.equal(first, _cold(loss_fn, x.detach(), t,
+                                    lambda loss: loss / (3 if right else 7)))
 
 
 def test_power_of_two_change_is_bitwise():
@@ -222,3 +242,27 @@ def test_every_cpu_capability_guesses_bitwise(capability):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert capability.upper() in out.stdout and out.stdout.strip().endswith("ok")
+
+
+def test_differentiable_and_batched_backwards_after_a_streak():
+    # create_graph=True and batched upstream gradients take the reference formula; a
+    # guessed forward's buffer is simply not used there.
+    loss_fn = LOSSES["ce-mean"]
+    for _ in range(3):
+        x = _logits(torch.float32)
+        _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
+    x = _logits(torch.float32).requires_grad_()
+    t = _targets(x)
+    g, = torch.autograd.grad(loss_fn(x, t) / 3, x, create_graph=True)
+    GUESSES._seen.clear()
+    g_cold, = torch.autograd.grad(loss_fn(x, t) / 3, x, create_graph=True)
+    assert torch.equal(g, g_cold)
+    for _ in range(3):
+        _grad(loss_fn, x.detach(), t, lambda loss: loss / 3)
+    loss = loss_fn(x, t) / 3
+    ups = torch.tensor([1.0, 2.0, 3.0])
+    batched, = torch.autograd.grad(loss, x, ups, is_grads_batched=True)
+    for i, u in enumerate(ups):
+        GUESSES._seen.clear()
+        one, = torch.autograd.grad(loss_fn(x, t) / 3, x, u)
+        torch.testing.assert_close(batched[i], one)

@@ -33,7 +33,7 @@ import torch
 
 from . import _backend, _ops, _reduction
 from ._higher_order import reference_backward
-from ._upstream_guess import GUESSES
+from ._upstream_guess import GUESSES, same_gradient
 
 _any_requires_grad = getattr(
     torch._C, "_any_requires_grad",
@@ -184,14 +184,23 @@ class FusedReduced:
 
         def reduced_backward(ctx, grad):
             buffer = ctx.fused_grad
-            if grad is None or buffer is None or reference_backward(grad):
+            reduction, denom, _, _ = ctx.reduction
+            key, guessed = ctx.guess
+            formula = grad is None or reference_backward(grad)
+            if not formula and reduction != "none":
+                GUESSES.observe(key, grad, guessed)
+            if guessed is not None and not formula and not same_gradient(guessed, grad):
+                # The buffer was written for another upstream gradient: recomputed below
+                # from the logits, as a second backward would, so a wrong guess changes
+                # no bit either (it costs a forward pass where the rescale cost a pass).
+                ctx.fused_grad = buffer = None
+            if formula or buffer is None:
                 # A second backward, a differentiable or batched gradient: the op's formula.
                 return _rows_backward(backward, ctx, grad)[0], None, None, None, None
             ctx.fused_grad = None
-            reduction, denom, _, _ = ctx.reduction
-            c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom, ctx.grad_scale)
-            if reduction != "none":
-                GUESSES.observe(ctx.guess[0], grad, ctx.guess[1])
+            if guessed is None:  # (a right guess left no row to rescale)
+                c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom,
+                                  ctx.grad_scale)
             return buffer, None, None, None, None
 
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)

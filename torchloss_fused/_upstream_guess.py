@@ -5,15 +5,15 @@ A loss the caller scales, `loss / accumulation_steps` or GradScaler's `scale(los
 another one, and the backward then rescales the whole gradient: one more read and write
 of it, about half again a forward+backward's memory traffic. Training scales every step
 alike, so the backward's last upstream gradient predicts the next: given it, the eager
-forward writes the gradient as the rescale would leave it (csrc/reduced_loss.cpp,
+forward stores the gradient as the rescale would leave it (csrc/reduced_loss.cpp,
 guessed_factor: the same row factor and rounding, so a right guess changes no bit) and
-the backward has nothing to do.
+the backward has nothing to do. A wrong guess changes no bit either: the backward
+recomputes the gradient from the logits (_eager.FusedReduced), one forward pass where the
+rescale took one pass over the gradient.
 
 A guess is made only after the same upstream gradient came twice in a row, so a loss
 scaled differently every step (`/ num_items_in_batch`), or two losses scaled differently
-taking turns, keep the plain path. A wrong guess costs the rescale it would have cost
-anyway, of a gradient already scaled: within a rounding of the other result, and bitwise
-the same where the two factors differ by a power of two (GradScaler's steps).
+taking turns, keep the plain path, and wrong guesses stay rare (a change of scale).
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ class UpstreamGuesses:
             return
         with self._lock:
             seen = self._seen.get(key)
-            repeats = seen[1] + 1 if seen is not None and _same(seen[0], grad) else 0
+            repeats = seen[1] + 1 if seen is not None and same_gradient(seen[0], grad) else 0
             self._seen[key] = (seen[0] if repeats else grad.detach().clone(), repeats)
             if guessed is not None:
-                if _same(guessed, grad):
+                if same_gradient(guessed, grad):
                     self.hits += 1
                 else:
                     self.misses += 1
@@ -64,9 +64,11 @@ class UpstreamGuesses:
             self.hits = self.misses = 0
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # (NaN never repeats; ±0 never becomes a guess: reduced_loss.cpp refuses zero)
-    return a.dtype == b.dtype and a.item() == b.item()
+def same_gradient(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two 0-dim CPU gradients are the same (dtype and value): then so are the
+    rows' gradients the backward makes of them. (NaN never is; ±0 never becomes a guess:
+    reduced_loss.cpp refuses zero.)"""
+    return a.dtype == b.dtype and b.device.type == "cpu" and a.item() == b.item()
 
 
 GUESSES = UpstreamGuesses()
