@@ -59,6 +59,13 @@ def _fixed(draw, shape):
     return draw(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
+def _streak(loss_fn, dtype, scale, steps=3):
+    """Backwards of `steps` scaled losses on fresh inputs: the guess is formed."""
+    for _ in range(steps):
+        x = _logits(dtype)
+        _grad(loss_fn, x, _targets(x), scale)
+
+
 LOSSES = {
     "ce-mean": lambda x, t: tlf.cross_entropy(x, t),
     "ce-sum": lambda x, t: tlf.cross_entropy(x, t, reduction="sum"),
@@ -101,9 +108,7 @@ def test_guess_at_the_default_threshold(monkeypatch):
 @pytest.mark.parametrize("loss", ["ce-mean", "focal"])
 def test_wrong_guess_changes_no_bit(dtype, loss):
     loss_fn = LOSSES[loss]
-    for _ in range(3):
-        x = _logits(dtype)
-        _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
+    _streak(loss_fn, dtype, lambda loss: loss / 3)
     x = _logits(dtype)
     t = _targets(x)
     wrong = _grad(loss_fn, x, t, lambda loss: loss / 5)
@@ -121,9 +126,7 @@ def test_wrong_guess_changes_no_bit(dtype, loss):
 def test_second_backward_repeats_the_first(right):
     # retain_graph=True: the second backward recomputes the gradient from the logits.
     loss_fn = LOSSES["ce-mean"]
-    for _ in range(3):
-        x = _logits(torch.bfloat16)
-        _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
+    _streak(loss_fn, torch.bfloat16, lambda loss: loss / 3)
     x = _logits(torch.bfloat16).requires_grad_()
     t = _targets(x)
     before = GUESSES.hits, GUESSES.misses
@@ -141,9 +144,7 @@ def test_second_backward_repeats_the_first(right):
 def test_power_of_two_change_is_bitwise():
     # GradScaler halves its scale after an overflow: a wrong guess by a factor of 2.
     loss_fn = LOSSES["ce-mean"]
-    for _ in range(3):
-        x = _logits(torch.bfloat16)
-        _grad(loss_fn, x, _targets(x), 65536.0)
+    _streak(loss_fn, torch.bfloat16, 65536.0)
     x = _logits(torch.bfloat16)
     t = _targets(x)
     assert torch.equal(_grad(loss_fn, x, t, 32768.0), _cold(loss_fn, x, t, 32768.0))
@@ -248,9 +249,7 @@ def test_differentiable_and_batched_backwards_after_a_streak():
     # create_graph=True and batched upstream gradients take the reference formula; a
     # guessed forward's buffer is simply not used there.
     loss_fn = LOSSES["ce-mean"]
-    for _ in range(3):
-        x = _logits(torch.float32)
-        _grad(loss_fn, x, _targets(x), lambda loss: loss / 3)
+    _streak(loss_fn, torch.float32, lambda loss: loss / 3)
     x = _logits(torch.float32).requires_grad_()
     t = _targets(x)
     g, = torch.autograd.grad(loss_fn(x, t) / 3, x, create_graph=True)

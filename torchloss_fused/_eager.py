@@ -19,7 +19,9 @@ With the compiled extension, cross_entropy and focal_loss (reduced to a "sum" or
 or not reduced) go further (FusedReduced below): the mean's denominator, the op and the
 reduction (or reshape) are one C++ call (csrc/reduced_loss.h), and so is the backward's
 rescale: the same ATen ops in the same order, without a Python binding around each, for
-about half a small loss's time.
+about half a small loss's time. On CPU the forward may also write the gradient for the
+upstream gradient its backward is likely to get, so that rescale has nothing to do
+(_upstream_guess.py).
 
 Everything else keeps the registered op: torch.compile (it traces the op and its
 registered formulas), tensor subclasses such as DTensor (their dispatch rules see the
