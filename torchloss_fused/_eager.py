@@ -175,8 +175,8 @@ class FusedReduced:
         def forward(ctx, x, t, w, scalars, spec):
             kind, reduction, unbatched, dtype, out_shape = spec
             code = _REDUCTION_CODES[reduction]
-            key = (kind, code, x.dtype, dtype)
-            guess = GUESSES.guess(key, x) if code else None
+            key = GUESSES.key(kind, code, x, dtype)
+            guess = GUESSES.guess(key)
             loss, lse, grad, grad_scale, denom, guessed = c.reduced_loss(
                 kind, code, True, unbatched, x, t, w, scalars, dtype, out_shape, guess)
             setup_context(ctx, (x, t, w, *scalars, grad_scale), (None, lse, grad))
@@ -189,7 +189,7 @@ class FusedReduced:
             reduction, denom, _, _ = ctx.reduction
             key, guessed = ctx.guess
             formula = grad is None or reference_backward(grad)
-            if not formula and reduction != "none":
+            if key is not None and not formula:
                 GUESSES.observe(key, grad, guessed)
             if guessed is not None and not formula and not same_gradient(guessed, grad):
                 # The buffer was written for another upstream gradient: recomputed below
