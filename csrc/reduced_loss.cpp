@@ -173,12 +173,12 @@ struct Result {
 //
 // The row factor is the one the backward's rescale computes from the rows' gradient
 // (rows_grad) and grad_scale: rows_grad(guess) / unit, rounded in acc. CPU only (the CUDA
-// kernels have no post_scale yet), rows of D == 1, and not for float16 gradients, whose
-// narrow range a scale might overflow or underflow. Returns the factor, or 1 for none.
+// kernels have no post_scale yet), rows of D == 1. (A float16 gradient that a wrongly
+// guessed scale overflows is recomputed like any other.) Returns the factor, or 1.
 double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
                       const Tensor& denom, const Tensor& unit) {
   if (!guess.has_value() || reduction == kNone || !x.is_cpu() || x.size(2) != 1 ||
-      x.size(0) == 0 || x.scalar_type() == at::kHalf) {
+      x.size(0) == 0) {
     return 1.0;
   }
   const at::ScalarType acc = unit.scalar_type();
@@ -190,7 +190,7 @@ double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
                        : static_cast<double>(static_cast<float>(e) / static_cast<float>(s));
   const double magnitude = std::abs(f);
   if (!std::isfinite(e) || e == 0 || !std::isfinite(s) || s == 0 || f == 1 ||
-      !(magnitude >= 0x1p-32 && magnitude <= 0x1p32)) {
+      !(magnitude >= 0x1p-64 && magnitude <= 0x1p64)) {
     return 1.0;
   }
   return f;
