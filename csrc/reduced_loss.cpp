@@ -172,19 +172,19 @@ struct Result {
 // _eager.FusedReduced.) grad_scale stays the unit upstream's, for that recomputation.
 //
 // The row factor is the one the backward's rescale computes from the rows' gradient
-// (rows_grad) and grad_scale: rows_grad(guess) / unit, rounded in acc. CPU only (the CUDA
+// (rows_grad) and grad_scale: rows_grad(guess) / grad_scale, rounded in acc. CPU only (the CUDA
 // kernels have no post_scale yet), rows of D == 1. (A float16 gradient that a wrongly
 // guessed scale overflows is recomputed like any other.) Returns the factor, or 1.
 double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
-                      const Tensor& denom, const Tensor& unit) {
+                      const Tensor& denom, const Tensor& grad_scale) {
   if (!guess.has_value() || reduction == kNone || !x.is_cpu() || x.size(2) != 1 ||
       x.size(0) == 0) {
     return 1.0;
   }
-  const at::ScalarType acc = unit.scalar_type();
-  Tensor g = guess->to(acc);  // rows_grad's value, as the backward will compute it
-  if (reduction == kMean) g = g / denom;
-  const double e = g.item<double>(), s = unit.item<double>();
+  // (reduced: every row's value is the same, so one row's stands for all)
+  const at::ScalarType acc = grad_scale.scalar_type();
+  const double e = rows_grad(*guess, reduction, denom, 1, 1, acc).item<double>();
+  const double s = grad_scale[0][0].item<double>();
   const double f = acc == at::kDouble
                        ? e / s
                        : static_cast<double>(static_cast<float>(e) / static_cast<float>(s));
@@ -224,21 +224,17 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   at::AutoDispatchBelowAutograd below_autograd;
   Tensor rows;
   if (with_grad) {
-    Tensor unit;  // the unit upstream's row gradient (reduced: one value for every row)
     if (count.has_value()) {
       // 1 / denom, rounded once in the accumulation dtype as the tensor division rounds it
       const double scale = acc == at::kDouble
                                ? 1.0 / static_cast<double>(*count)
                                : static_cast<double>(1.0f / static_cast<float>(*count));
-      unit = at::scalar_tensor(scale, acc_options);
-      r.grad_scale = unit.expand({B, D});
+      r.grad_scale = at::scalar_tensor(scale, acc_options).expand({B, D});
     } else {
       const Tensor one = r.denom.defined() ? r.denom.new_ones({}) : at::ones({}, acc_options);
       r.grad_scale = rows_grad(one, reduction, r.denom, B, D, acc);
-      if (reduction != kNone) unit = reduction == kMean ? one / r.denom : one;
     }
-    const double post =
-        unit.defined() ? guessed_factor(x, reduction, guess, r.denom, unit) : 1.0;
+    const double post = guessed_factor(x, reduction, guess, r.denom, r.grad_scale);
     PostScaleScope scope(post);
     std::tie(rows, r.lse, r.grad) = kind == kFocal
                                         ? focal_fwd_grad(x, t, w, focal, r.grad_scale)

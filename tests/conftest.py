@@ -40,6 +40,6 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _fresh_upstream_guesses():
-    # A test's results must not depend on which losses the tests before it scaled
-    # (a wrong guess rounds a scaled gradient twice: _upstream_guess.py).
+    # A test's guesses, hits and misses must not depend on which losses the tests before
+    # it scaled (_upstream_guess.py).
     _upstream_guess.GUESSES.clear()

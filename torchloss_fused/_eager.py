@@ -35,7 +35,7 @@ import torch
 
 from . import _backend, _ops, _reduction
 from ._higher_order import reference_backward
-from ._upstream_guess import GUESSES, same_gradient
+from ._upstream_guess import GUESSES
 
 _any_requires_grad = getattr(
     torch._C, "_any_requires_grad",
@@ -189,9 +189,8 @@ class FusedReduced:
             reduction, denom, _, _ = ctx.reduction
             key, guessed = ctx.guess
             formula = grad is None or reference_backward(grad)
-            if key is not None and not formula:
-                GUESSES.observe(key, grad, guessed)
-            if guessed is not None and not formula and not same_gradient(guessed, grad):
+            right = key is not None and not formula and GUESSES.observe(key, grad, guessed)
+            if guessed is not None and not formula and not right:
                 # The buffer was written for another upstream gradient: recomputed below
                 # from the logits, as a second backward would, so a wrong guess changes
                 # no bit either (it costs a forward pass where the rescale cost a pass).

@@ -34,7 +34,8 @@ class UpstreamGuesses:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[tuple, tuple[torch.Tensor, int]] = {}  # key -> (last, repeats)
+        # key -> (last upstream gradient, its (dtype, value), times running it came - 1)
+        self._seen: dict[tuple, tuple[torch.Tensor, tuple, int]] = {}
         self.hits = 0    # backwards that got the guessed gradient
         self.misses = 0  # backwards of a guessed forward that got another one
 
@@ -48,34 +49,32 @@ class UpstreamGuesses:
 
     def guess(self, key: tuple | None) -> torch.Tensor | None:
         seen = self._seen.get(key) if key is not None else None
-        return seen[0] if seen is not None and seen[1] > 0 else None
+        return seen[0] if seen is not None and seen[2] > 0 else None
 
-    def observe(self, key: tuple, grad: torch.Tensor, guessed: torch.Tensor | None) -> None:
+    def observe(self, key: tuple, grad: torch.Tensor, guessed: torch.Tensor | None) -> bool:
         """Record the upstream gradient a backward got; `guessed`: what its forward
-        assumed (None: no guess)."""
+        assumed (None: no guess). Returns whether that guess was it: the same dtype and
+        value, so the same rows' gradient. (NaN never is; ±0 never becomes a guess:
+        reduced_loss.cpp refuses zero.)"""
         if grad.device.type != "cpu" or grad.dim() != 0:
-            return
+            return False
+        value = (grad.dtype, grad.item())
         with self._lock:
             seen = self._seen.get(key)
-            repeats = seen[1] + 1 if seen is not None and same_gradient(seen[0], grad) else 0
-            self._seen[key] = (seen[0] if repeats else grad.detach().clone(), repeats)
+            if seen is not None and seen[1] == value:
+                self._seen[key] = (seen[0], value, seen[2] + 1)
+            else:
+                self._seen[key] = (grad.detach().clone(), value, 0)
+            right = guessed is not None and (guessed.dtype, guessed.item()) == value
             if guessed is not None:
-                if same_gradient(guessed, grad):
-                    self.hits += 1
-                else:
-                    self.misses += 1
+                self.hits += right
+                self.misses += not right
+        return right
 
     def clear(self) -> None:
         with self._lock:
             self._seen.clear()
             self.hits = self.misses = 0
-
-
-def same_gradient(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two 0-dim CPU gradients are the same (dtype and value): then so are the
-    rows' gradients the backward makes of them. (NaN never is; ±0 never becomes a guess:
-    reduced_loss.cpp refuses zero.)"""
-    return a.dtype == b.dtype and b.device.type == "cpu" and a.item() == b.item()
 
 
 GUESSES = UpstreamGuesses()
