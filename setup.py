@@ -138,7 +138,7 @@ def _extensions():
     # Headers: distutils rebuilds every object when one of these changes.
     depends = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh")
                      for p in (ROOT / "csrc").rglob(pattern))
-    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     link = []
     if _torch_uses_openmp():
         # at::parallel_for is inline OpenMP code: without -fopenmp it silently runs on one

@@ -87,16 +87,17 @@ struct SoftmaxLossParams {
   const void* alpha = nullptr;  // acc, contiguous C, or null
   double alpha_scale = 1.0;
 
-  // Forward outputs: per-row loss and log-sum-exp (acc, contiguous, B * D).
+  // Forward outputs: per-row loss (acc) and log-sum-exp (double: RowLse), contiguous,
+  // B * D.
   void* loss = nullptr;
   void* lse = nullptr;
 
   // Backward inputs and output. A fused forward (with_grad) also writes grad_input, using
   // grad_loss as the per-row scale of the gradient and its own lse.
   bool with_grad = false;
-  const void* lse_in = nullptr;  // acc, contiguous
+  const void* lse_in = nullptr;  // as lse, contiguous
   RowVector grad_loss;           // acc, strided
-  RowVector grad_lse;            // acc, strided; ptr null when absent
+  RowVector grad_lse;            // double (as lse), strided; ptr null when absent
   void* grad_input = nullptr;    // input dtype, in grad_layout
   RowLayout grad_layout;
   // Fused forward, CPU kernels, D == 1 only: each gradient value is stored as
@@ -124,6 +125,33 @@ struct SigmoidFocalParams {
   // pass writes grad = scale * d loss / dx (the gradient of that result).
   double scale = 1.0;
 };
+
+// A row's log-sum-exp lse = M + log S (M its largest logit) as the kernels use it. A row
+// accumulated in float (float32, bf16, fp16 logits) stores it as the double M + log S (two
+// floats: the sum is exact), so that nothing rounds lse to float32: an ulp of lse near a
+// large M is far above F's error, which works relative to M. The kernels take it as
+// hi + lo, hi its float rounding and lo the rest rounded (0 where hi is not finite), hi per
+// element and lo per row: exp(s - lse) = exp(s - hi) exp(-lo) and lse - s = (hi - s) + lo.
+// (A bf16 row's results are then still its float32 row's, rounded once.) float64 rows
+// store their double lse, lo = 0; a zero lo changes no bit of any formula (minus(), log_p()
+// and the callers test for it).
+template <typename acc_t>
+struct RowLse {
+  acc_t hi = 0, lo = 0;
+  TLF_HOST_DEVICE acc_t minus(acc_t s) const { return lo == 0 ? hi - s : (hi - s) + lo; }
+  // s - lse (log p of a logit s)
+  TLF_HOST_DEVICE acc_t log_p(acc_t s) const { return lo == 0 ? s - hi : (s - hi) - lo; }
+};
+
+// The stored lse of a row (a double for rows accumulated in float: kSplit) as hi + lo.
+template <bool kSplit, typename acc_t, typename stored_t>
+TLF_HOST_DEVICE RowLse<acc_t> split_lse(stored_t v) {
+  RowLse<acc_t> l;
+  l.hi = static_cast<acc_t>(v);
+  // v - hi is exact in double; hi - hi is 0 only for a finite hi
+  if (kSplit && l.hi - l.hi == acc_t(0)) l.lo = static_cast<acc_t>(v - static_cast<stored_t>(l.hi));
+  return l;
+}
 
 // Value of row r of a per-row vector of acc_t (float or double).
 template <typename acc_t>

@@ -4,8 +4,9 @@
 // Shapes: `input` is a (B, C, D) view with the class dim at 1 (Python reshapes
 // (C), (N, C) and (N, C, d1..dK) into it). A class-index target is (B, D) int64/int32/uint8;
 // a probability target is (B, C, D) in the input dtype or float32. Per-row outputs
-// (loss, lse) are contiguous (B, D) in the accumulation dtype: float32, or float64 for
-// float64 inputs. softcap = 0 means no soft-capping. ce_fwd's inplace_backward only tells
+// (loss, lse) are contiguous (B, D): loss in the accumulation dtype (float32, or float64
+// for float64 inputs), lse in float64 whatever the input (kernel_params.h, RowLse); the
+// backward's grad_lse is in lse's dtype too. softcap = 0 means no soft-capping. ce_fwd's inplace_backward only tells
 // its autograd formula to call _ce_bwd_inplace; the forward kernels ignore it.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>

@@ -116,13 +116,18 @@ SoftmaxLossLaunch prepare_common(const char* op, const at::Tensor& input,
 }
 
 void check_per_row(const char* op, const at::Tensor& input, const at::Tensor& t,
-                   const char* name) {
+                   const char* name, at::ScalarType dtype) {
   check_same_device(op, input, t, name);
   TORCH_CHECK(t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == input.size(2), op,
               ": ", name, " must be (B, D) = (", input.size(0), ", ", input.size(2), "), got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == acc_dtype(input), op, ": ", name, " must be ",
-              acc_dtype(input), ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+void check_per_row(const char* op, const at::Tensor& input, const at::Tensor& t,
+                   const char* name) {
+  check_per_row(op, input, t, name, acc_dtype(input));
 }
 
 }  // namespace
@@ -143,6 +148,8 @@ Dtype kernel_dtype(const at::Tensor& input) {
 at::ScalarType acc_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+at::ScalarType lse_dtype(const at::Tensor&) { return at::kDouble; }
 
 SoftmaxLossLaunch prepare_ce(const char* op, const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -192,7 +199,7 @@ std::pair<at::Tensor, at::Tensor> set_forward_outputs(SoftmaxLossLaunch& l,
                                                       const at::Tensor& input) {
   auto opts = input.options().dtype(acc_dtype(input));
   at::Tensor loss = at::empty({input.size(0), input.size(2)}, opts);
-  at::Tensor lse = at::empty({input.size(0), input.size(2)}, opts);
+  at::Tensor lse = at::empty({input.size(0), input.size(2)}, opts.dtype(lse_dtype(input)));
   l.p.loss = loss.data_ptr();
   l.p.lse = lse.data_ptr();
   return {loss, lse};
@@ -202,11 +209,11 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
                        const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                        const at::Tensor& lse, const at::Tensor& grad_input) {
   check_per_row(op, input, grad_loss, "grad_loss");
-  check_per_row(op, input, lse, "lse");
+  check_per_row(op, input, lse, "lse", lse_dtype(input));
   TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous");
   l.p.grad_loss = row_vector_of(grad_loss);
   if (grad_lse.has_value()) {
-    check_per_row(op, input, *grad_lse, "grad_lse");
+    check_per_row(op, input, *grad_lse, "grad_lse", lse_dtype(input));
     l.p.grad_lse = row_vector_of(*grad_lse);
   }
   l.p.lse_in = lse.data_ptr();

@@ -514,6 +514,7 @@ class SoftmaxScenario:
         self.x = x
         acc = R.acc_dtype(cfg.dtype)
         self.acc = acc
+        self.lse_dt = R.lse_dtype(cfg.dtype)  # (float64: the kernels' RowLse)
         self.ii = o.get("ignore_index", -100)
         if o.get("prob"):
             t = torch.rand(B, C, D, generator=gen, dtype=torch.float64)
@@ -543,8 +544,8 @@ class SoftmaxScenario:
         self.gl[::3] = -self.gl[::3]
         if o.get("gl_bcast"):
             self.gl = self.gl[:1, :1].expand(B, D)
-        self.glse = (torch.rand(B, D, generator=gen, dtype=torch.float64) - 0.5).to(acc) \
-            if o.get("glse") else None
+        self.glse = (torch.rand(B, D, generator=gen, dtype=torch.float64) - 0.5) \
+            .to(self.lse_dt) if o.get("glse") else None
         if self.glse is not None and o.get("nan_row"):
             self.glse.view(-1)[1] = 0  # the ignored (NaN) row: exact zeros, not 0 * NaN
         self._add_cases()
@@ -609,12 +610,12 @@ class SoftmaxScenario:
         gl = self._rowvec(self.gl)
 
         def fused(name, **extra):
-            out = b.output(rows, self.acc), b.output(rows, self.acc), self._grad_out()
+            out = b.output(rows, self.acc), b.output(rows, self.lse_dt), self._grad_out()
             b.case(f"{sid}.{name}", mode=2, loss=out[0].arg(), lse=out[1].arg(), grad_loss=gl,
                    grad_input=self._grad_arg(out[2]), **dict(kv, **extra))
             return out
 
-        self.fwd_loss, self.fwd_lse = b.output(rows, self.acc), b.output(rows, self.acc)
+        self.fwd_loss, self.fwd_lse = b.output(rows, self.acc), b.output(rows, self.lse_dt)
         b.case(f"{sid}.fwd", mode=0, loss=self.fwd_loss.arg(), lse=self.fwd_lse.arg(), **kv)
         # grad_lse only reaches the backward (the fused op has no lse gradient).
         self.fused = fused("fused") if self.glse is None else None
@@ -625,7 +626,7 @@ class SoftmaxScenario:
         # in what order: the plain kernel's bits.
         self.plain = None
         if cfg.bulk:
-            self.plain = b.output(rows, self.acc), b.output(rows, self.acc)
+            self.plain = b.output(rows, self.acc), b.output(rows, self.lse_dt)
             b.case(f"{sid}.plainfwd", mode=0, loss=self.plain[0].arg(),
                    lse=self.plain[1].arg(), **dict(kv, bulk=0))
             if self.fused is not None:
@@ -735,21 +736,22 @@ class BadTargetScenario:
         if cfg.launch == "direct":
             kv.update(group=cfg.group, vec=int(cfg.vec), grid=cfg.grid, threads=cfg.threads)
         grad_loss = (batch.tensor(torch.ones(B, D, dtype=acc)).arg(), D, 1, D)
-        lse_in = batch.tensor(torch.zeros(B, D, dtype=acc)).arg()
+        lse_in = batch.tensor(torch.zeros(B, D, dtype=R.lse_dtype(cfg.dtype))).arg()
 
         def grad():
             g = batch.output(x.shape, cfg.dtype)
             return (g.arg(), *g.shape, *g.stride)
 
-        def rows():
-            return batch.output((B, D), acc).arg()
+        def rows(dtype=acc):
+            return batch.output((B, D), dtype).arg()
 
+        lse_dt = R.lse_dtype(cfg.dtype)
         self.cases = [
-            batch.case(f"{sid}.fwd", mode=0, loss=rows(), lse=rows(), **kv),
+            batch.case(f"{sid}.fwd", mode=0, loss=rows(), lse=rows(lse_dt), **kv),
             batch.case(f"{sid}.bwd", mode=1, lse_in=lse_in, grad_loss=grad_loss,
                        grad_input=grad(), **kv),
-            batch.case(f"{sid}.fused", mode=2, loss=rows(), lse=rows(), grad_loss=grad_loss,
-                       grad_input=grad(), **kv)]
+            batch.case(f"{sid}.fused", mode=2, loss=rows(), lse=rows(lse_dt),
+                       grad_loss=grad_loss, grad_input=grad(), **kv)]
 
     def check(self, fails: dict):
         for cid in self.cases:

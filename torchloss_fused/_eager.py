@@ -180,7 +180,8 @@ class FusedReduced:
             loss, lse, grad, grad_scale, denom, guessed = c.reduced_loss(
                 kind, code, True, unbatched, x, t, w, scalars, dtype, out_shape, guess)
             setup_context(ctx, (x, t, w, *scalars, grad_scale), (None, lse, grad))
-            ctx.reduction = (reduction, denom, lse.shape, lse.dtype)
+            # (the rows' gradient in the loss rows' dtype, grad_scale's: lse may be wider)
+            ctx.reduction = (reduction, denom, lse.shape, grad_scale.dtype)
             ctx.guess = (key, guess if guessed else None)
             return loss
 

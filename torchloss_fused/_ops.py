@@ -80,9 +80,10 @@ def _define_reference_ops() -> None:
 # ---- fake kernels (shapes, dtypes, strides of the real outputs) ------------------------
 
 
-def _per_row(input: torch.Tensor) -> torch.Tensor:
+def _per_row(input: torch.Tensor, lse: bool = False) -> torch.Tensor:
     B, _, D = input.shape
-    return input.new_empty((B, D), dtype=reference.acc_dtype(input.dtype))
+    dtype = (reference.lse_dtype if lse else reference.acc_dtype)(input.dtype)
+    return input.new_empty((B, D), dtype=dtype)
 
 
 def _grad_like(input: torch.Tensor) -> torch.Tensor:
@@ -90,11 +91,11 @@ def _grad_like(input: torch.Tensor) -> torch.Tensor:
 
 
 def _fake_fwd(input, *args, **kwargs):
-    return _per_row(input), _per_row(input)
+    return _per_row(input), _per_row(input, lse=True)
 
 
 def _fake_fwd_grad(input, *args, **kwargs):
-    return _per_row(input), _per_row(input), _grad_like(input)
+    return _per_row(input), _per_row(input, lse=True), _grad_like(input)
 
 
 def _fake_bwd(grad_loss, grad_lse, input, *args):
@@ -149,8 +150,11 @@ def _ns(namespace: str):
     return getattr(torch.ops, namespace)
 
 
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
+def _zeros_if_none(grad, lse, input):
+    """grad_loss, or zeros like lse in the accumulation dtype of `input`."""
+    if grad is not None:
+        return grad
+    return torch.zeros_like(lse, dtype=reference.acc_dtype(input.dtype))
 
 
 # Each loss's reference forward, from a backward's ctx (the plain and the fused op save the
@@ -194,7 +198,7 @@ def _make_ce_autograd(namespace: str):
             return (None,) * 9
         if reference_backward(grad_loss, grad_lse):  # (out of place even when inplace)
             return (_graph_grad(ctx, _ce_reference, grad_loss, grad_lse),) + (None,) * 8
-        grad_loss = _zeros_if_none(grad_loss, lse)
+        grad_loss = _zeros_if_none(grad_loss, lse, input)
         ops = _ns(namespace)
         if ctx.inplace:
             ops._ce_bwd_inplace(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
@@ -288,7 +292,7 @@ def _make_ce_fwd_grad_autograd(namespace: str):
 
         def recompute(g, g_lse):
             input, target, weight, lse = ctx.saved_tensors
-            g = _zeros_if_none(g, lse)
+            g = _zeros_if_none(g, lse, input)
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
         grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,

@@ -405,8 +405,8 @@ def cross_entropy(
             loss_rows, lse = ops.ce_fwd(x3, t, weight, *args, inplace_backward)
 
     loss = _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype, split_terms)
-    if return_lse:
-        return loss, lse.reshape(out_shape)
+    if return_lse:  # (float32 for float32 logits, whose lse the ops keep in float64)
+        return loss, lse.reshape(out_shape).to(acc)
     return loss
 
 

@@ -7,7 +7,9 @@ plain differentiable PyTorch, so autograd can also run straight through them (us
 target or weight itself requires grad).
 
 Shapes: `input` is (B, C, D) with the class dim at 1; a class-index target is (B, D);
-a probability target is (B, C, D); per-row results are (B, D) in the accumulation dtype.
+a probability target is (B, C, D); per-row losses are (B, D) in the accumulation dtype,
+and lse in float64: a float row's lse is the float64 M + log S, as the kernels store it
+(csrc/kernel_params.h, RowLse), and is used as hi + lo (split_lse).
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the ops' lse for logits of `dtype`: float64 (a float row's lse is the
+    float64 M + log S: stored_lse)."""
+    return torch.float64
 
 
 def _chunks(input: Tensor):
@@ -69,6 +77,42 @@ def logsumexp(s: Tensor) -> Tensor:
     return torch.where(lse == float("inf"), float("nan"), lse)
 
 
+def stored_lse(s: Tensor) -> Tensor:
+    """logsumexp(s) as the ops return it (in float64): for float rows M + log S, M the
+    row's largest value and log S rounded to float32, as the kernels compute it, so that
+    nothing rounds lse to float32 (its gradient is softmax(s), as logsumexp's)."""
+    if s.dtype != torch.float32 or s.shape[-1] == 0:
+        return logsumexp(s).to(lse_dtype(s.dtype))
+    m = s.amax(-1).detach()  # NaN where a NaN is; +-inf as the row's extremes
+    finite = torch.isfinite(m)
+    m0 = torch.where(finite, m, 0).unsqueeze(-1)
+    log_s = torch.exp(s - m0).sum(-1).log()
+    v = m.double() + log_s.double()
+    special = torch.where(m == float("-inf"), float("-inf"), float("nan")).double()
+    return torch.where(finite, v, special)
+
+
+def split_lse(lse: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(hi, lo): a stored lse as the kernels use it, hi its rounding to acc and lo the rest
+    rounded (0 where hi is not finite; None where lse is already in acc). lo carries no
+    gradient: hi carries lse's."""
+    if lse.dtype == acc:
+        return lse, None
+    hi = lse.to(acc)
+    lo = torch.where(torch.isfinite(hi), (lse - hi.to(lse.dtype)).to(acc), 0).detach()
+    return hi, lo
+
+
+def _minus(hi: Tensor, lo: Tensor | None, s: Tensor) -> Tensor:
+    """lse - s from split_lse's (hi, lo) (broadcast as the caller shapes them)."""
+    return hi - s if lo is None else (hi - s) + lo
+
+
+def _log_p(hi: Tensor, lo: Tensor | None, s: Tensor) -> Tensor:
+    """s - lse from split_lse's (hi, lo)."""
+    return s - hi if lo is None else (s - hi) - lo
+
+
 def _per_row(v: Tensor, t: Tensor) -> Tensor:
     """v[t] for a per-class vector v and class indices t. As a gather: torch 2.11's DTensor
     cannot propagate the backward of an index (index_put) with a row-sharded t."""
@@ -96,23 +140,25 @@ def _smoothed_prob_target(t: Tensor, eps: float, C: int) -> Tensor:
 
 
 def _ce_chunk(s, lse, target, w, ignore_index, eps, z_loss):
-    """Per-row loss of one chunk; s is (b, D, C), lse (b, D)."""
+    """Per-row loss of one chunk; s is (b, D, C), lse (b, D) as stored."""
     C = s.shape[-1]
+    lse, lo = split_lse(lse, s.dtype)
+    lo_c = None if lo is None else lo.unsqueeze(-1)
     if target.is_floating_point():
         q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
         if w is not None:
             q = q * w
-        loss = (q * (lse.unsqueeze(-1) - s)).sum(-1)
+        loss = (q * _minus(lse.unsqueeze(-1), lo_c, s)).sum(-1)
         if z_loss != 0:
             loss = loss + z_loss * lse * lse
         return loss
     t = target.long()
     valid = t != ignore_index
     safe = t.masked_fill(~valid, 0)
-    nll = lse - _gather_target(s, safe)
+    nll = _minus(lse, lo, _gather_target(s, safe))
     loss = (1 - eps) * (_per_row(w, safe) * nll if w is not None else nll)
     if eps > 0:
-        nll_all = lse.unsqueeze(-1) - s
+        nll_all = _minus(lse.unsqueeze(-1), lo_c, s)
         smooth = (nll_all * w).sum(-1) if w is not None else nll_all.sum(-1)
         loss = loss + eps / C * smooth
     if z_loss != 0:
@@ -131,10 +177,10 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
     losses, lses = [], []
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, softcap, logit_scale)
-        lse = logsumexp(s)
+        lse = stored_lse(s)
         losses.append(_ce_chunk(s, lse, target[b0:b1], w, ignore_index, label_smoothing, z_loss))
         lses.append(lse)
-    return _cat_rows(losses, input, acc), _cat_rows(lses, input, acc)
+    return _cat_rows(losses, input, acc), _cat_rows(lses, input, lse_dtype(input.dtype))
 
 
 def _cat_rows(parts, input: Tensor, acc: torch.dtype) -> Tensor:
@@ -144,7 +190,8 @@ def _cat_rows(parts, input: Tensor, acc: torch.dtype) -> Tensor:
 
 
 def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
-    """(A, Dq, B, t) with grad_s = A p - Dq - [c == t] B, per row; see kernels_impl.h."""
+    """(A, Dq, B, t) with grad_s = A p - Dq - [c == t] B, per row; see kernels_impl.h.
+    lse: split_lse's hi."""
     C = s.shape[-1]
     if target.is_floating_point():
         q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
@@ -180,7 +227,10 @@ def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
     return A, Dq, B, safe, keep
 
 
-def _grad_chunk(s, lse, A, Dq, B, t, softcap, logit_scale, keep=None):
+def _grad_chunk(s, lse, A, Dq, B, t, softcap, logit_scale, keep=None, lo=None):
+    """The gradient of rows s from (hi, lo) = split_lse(lse): p = exp(s - hi) exp(-lo)."""
+    if lo is not None:
+        A = A * torch.exp(-lo)
     grad = A.unsqueeze(-1) * torch.exp(s - lse.unsqueeze(-1))
     if Dq is not None:
         grad = grad - Dq
@@ -204,10 +254,11 @@ def _ce_bwd_into(out, grad_loss, grad_lse, input, target, weight, lse, ignore_in
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, softcap, logit_scale)
         g_lse = None if grad_lse is None else grad_lse[b0:b1].to(acc)
-        A, Dq, B, t, keep = _ce_coefficients(s, lse[b0:b1], target[b0:b1], w, ignore_index,
+        hi, lo = split_lse(lse[b0:b1], acc)
+        A, Dq, B, t, keep = _ce_coefficients(s, hi, target[b0:b1], w, ignore_index,
                                              label_smoothing, z_loss,
                                              grad_loss[b0:b1].to(acc), g_lse)
-        grad = _grad_chunk(s, lse[b0:b1], A, Dq, B, t, softcap, logit_scale, keep)
+        grad = _grad_chunk(s, hi, A, Dq, B, t, softcap, logit_scale, keep, lo)
         _write_grad(out, b0, b1, grad)
     return out
 
@@ -269,15 +320,16 @@ def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: 
     losses, lses = [], []
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, 0.0, 1.0)
-        lse = logsumexp(s)
+        lse = stored_lse(s)
+        hi, lo = split_lse(lse, acc)
         t = target[b0:b1].long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)
-        log_pt = _gather_target(s, safe) - lse
+        log_pt = _log_p(hi, lo, _gather_target(s, safe))
         loss, _ = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
         losses.append(torch.where(valid, loss, torch.zeros((), dtype=acc, device=loss.device)))
         lses.append(lse)
-    return _cat_rows(losses, input, acc), _cat_rows(lses, input, acc)
+    return _cat_rows(losses, input, acc), _cat_rows(lses, input, lse_dtype(input.dtype))
 
 
 def focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: Tensor | None,
@@ -287,15 +339,16 @@ def focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: Tensor | 
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, 0.0, 1.0)
-        lse_c = lse[b0:b1]
+        hi, lo = split_lse(lse[b0:b1], acc)
         t = target[b0:b1].long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)
-        log_pt = _gather_target(s, safe) - lse_c
+        log_pt = _log_p(hi, lo, _gather_target(s, safe))
         _, factor = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
         coef = torch.where(valid, grad_loss[b0:b1].to(acc) * factor,
                            torch.zeros((), dtype=acc, device=s.device))
-        _write_grad(out, b0, b1, _grad_chunk(s, lse_c, coef, None, coef, safe, 0.0, 1.0, valid))
+        _write_grad(out, b0, b1,
+                    _grad_chunk(s, hi, coef, None, coef, safe, 0.0, 1.0, valid, lo))
     return out
 
 

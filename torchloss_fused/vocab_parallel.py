@@ -211,8 +211,17 @@ def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> T
     """Each row's log-sum-exp over the local slice, from the cross-entropy kernel (one
     read of the slice, no float32 copy)."""
     ops = _backend.ops_for(x.device)
-    return ops.ce_fwd(x, tg.kernel_target(), None, _NOWHERE, 0.0, 0.0, softcap, logit_scale,
-                      False)[1]
+    lse = ops.ce_fwd(x, tg.kernel_target(), None, _NOWHERE, 0.0, 0.0, softcap, logit_scale,
+                     False)[1]
+    # (the slices' lses are combined in the accumulation dtype; the kernels' float64 lse of
+    # float32 logits is not carried across ranks)
+    return lse.to(reference.acc_dtype(x.dtype))
+
+
+def _lse_typed(v: Tensor, x: Tensor) -> Tensor:
+    """The global lse, or its gradient, as the backward kernel takes it
+    (reference.lse_dtype)."""
+    return v.to(reference.lse_dtype(x.dtype))
 
 
 def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None, acc,
@@ -229,7 +238,8 @@ def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None, a
     ops = _backend.ops_for(x.device)
     L, lse = ops.ce_fwd(x, tg.local, w_here, _NOWHERE, 1.0, 0.0, softcap, logit_scale, False)
     W = w_here.sum() if w_here is not None else Cl
-    total = W * lse - Cl * L
+    total = (W * lse - Cl * L).to(acc)  # (float64 for float32 logits: their lse's dtype)
+    lse = lse.to(acc)
     # A slice of only -inf logits (masked vocabulary): lse_l = -inf makes L NaN, where
     # the sum itself is sum_c w_c * -inf.
     minus_inf = torch.full((), -float("inf"), dtype=acc, device=x.device)
@@ -249,8 +259,8 @@ def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, soft
     unsharded path, whatever their logits hold: the kernel writes zeros for a row without
     target whose lse gradient is 0."""
     g = torch.where(tg.here, B, 0)
-    return _ce_bwd(x, inplace, g, A - g, x, tg.kernel_target(), None, lse, _NOWHERE, 0.0, 0.0,
-                   softcap, logit_scale)
+    return _ce_bwd(x, inplace, g, _lse_typed(A - g, x), x, tg.kernel_target(), None,
+                   _lse_typed(lse, x), _NOWHERE, 0.0, 0.0, softcap, logit_scale)
 
 
 def _ce_bwd(x: Tensor, inplace: bool, *args) -> Tensor:
@@ -290,8 +300,8 @@ def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Ten
     W_local = w_here.sum() if w_here is not None else Cl
     g_lse = A - torch.where(tg.valid, g_k * ((1 - eps_k) * w_tk + eps_k / Cl * W_local), zero)
     x0 = x[:, 0].to(lse.dtype, copy=True)  # (read before an in-place backward writes x)
-    out = _ce_bwd(x, inplace, g_k, g_lse, x, t_k, w_here, lse, _NOWHERE, eps_k, 0.0, softcap,
-                  logit_scale)
+    out = _ce_bwd(x, inplace, g_k, _lse_typed(g_lse, x), x, t_k, w_here, _lse_typed(lse, x),
+                  _NOWHERE, eps_k, 0.0, softcap, logit_scale)
     s0 = reference._transform(x0, softcap, logit_scale)
     w0 = w_here[0] if w_here is not None else 1.0
     v0 = (A * torch.exp(s0 - lse) - g * (eps / C) * w0) * reference._transform_deriv(

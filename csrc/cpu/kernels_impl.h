@@ -53,6 +53,33 @@ struct AccOf<double> {
   using type = double;
 };
 
+// A row accumulated in float stores its lse as a double (RowLse, kernel_params.h).
+template <typename scalar_t>
+constexpr bool kSplitLse = std::is_same_v<typename AccOf<scalar_t>::type, float>;
+template <typename scalar_t>
+using LseStore = std::conditional_t<kSplitLse<scalar_t>, double, typename AccOf<scalar_t>::type>;
+
+// The stored lse M + log S of a row: for float rows the double sum, which is exact.
+template <typename scalar_t, typename acc_t>
+inline LseStore<scalar_t> lse_store(acc_t M, acc_t log_s) {
+  if constexpr (kSplitLse<scalar_t>) {
+    return static_cast<double>(M) + static_cast<double>(log_s);
+  } else {
+    return M + log_s;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline RowLse<acc_t> lse_parts(LseStore<scalar_t> v) {
+  return split_lse<kSplitLse<scalar_t>, acc_t>(v);
+}
+
+// exp(-lo): the factor from p_c computed with hi to p_c (1, exactly, where lo is 0).
+template <typename acc_t>
+inline acc_t lse_correction(const RowLse<acc_t>& l) {
+  return l.lo == 0 ? acc_t(1) : std::exp(-l.lo);
+}
+
 template <typename scalar_t>
 constexpr bool kReduced =
     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
@@ -616,8 +643,9 @@ struct RowBuffers {
 // Pass over a row: online log-sum-exp. Captures the transformed logit at `target` (when
 // 0 <= target < C) from the same buffer the sum used, so forward and backward agree.
 template <typename scalar_t, typename acc_t>
-inline acc_t row_lse(const scalar_t* x, int64_t C, int64_t sc, const Transform<acc_t>& tf,
-                     int64_t target, acc_t* s_target, acc_t* buf) {
+inline LseStore<scalar_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
+                                  const Transform<acc_t>& tf, int64_t target, acc_t* s_target,
+                                  acc_t* buf) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
@@ -632,7 +660,7 @@ inline acc_t row_lse(const scalar_t* x, int64_t C, int64_t sc, const Transform<a
     if (M == kNegInf) continue;  // all -inf so far: each term is exp(-inf) = 0
     S += block_expsum(s, n, M);
   }
-  return M + std::log(S);
+  return lse_store<scalar_t>(M, std::log(S));
 }
 
 // Loads a probability-target block and turns it into t'_c * w_c, where
@@ -663,26 +691,27 @@ inline void load_prob_target(const SoftmaxLossParams& p, int64_t r, int64_t c0, 
 // sum_c q_c * (lse - s_c), with q_c = w_c (smoothing) or t'_c * w_c (probability target).
 template <typename scalar_t, typename acc_t>
 inline acc_t row_weighted_nll_sum(const SoftmaxLossParams& p, int64_t r, const scalar_t* x,
-                                  const Transform<acc_t>& tf, acc_t lse,
+                                  const Transform<acc_t>& tf, const RowLse<acc_t>& lse,
                                   RowBuffers<acc_t>& b) {
   using V = Vectorized<acc_t>;
   const int64_t C = p.in.C, sc = p.in.sc;
   const auto* w = static_cast<const acc_t*>(p.weight);
-  const V vlse(lse);
+  const V vhi(lse.hi), vlo(lse.lo);
+  const bool with_lo = lse.lo != 0;
+  auto nll = [&](V sv) { return with_lo ? (vhi - sv) + vlo : vhi - sv; };  // lse - s
   acc_t total = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = std::min(kBlock, C - c0);
     const acc_t* s = logits_block(x, sc, c0, n, tf, b.s);
     if (p.prob_target) {
       load_prob_target<scalar_t>(p, r, c0, n, b.t);
-      total += at::vec::map2_reduce_all<acc_t>([&](V sv, V q) { return q * (vlse - sv); },
+      total += at::vec::map2_reduce_all<acc_t>([&](V sv, V q) { return q * nll(sv); },
                                                vadd<acc_t>, s, b.t, n);
     } else if (w != nullptr) {
-      total += at::vec::map2_reduce_all<acc_t>([&](V sv, V q) { return q * (vlse - sv); },
+      total += at::vec::map2_reduce_all<acc_t>([&](V sv, V q) { return q * nll(sv); },
                                                vadd<acc_t>, s, w + c0, n);
     } else {
-      total += at::vec::map_reduce_all<acc_t>([&](V sv) { return vlse - sv; }, vadd<acc_t>,
-                                              s, n);
+      total += at::vec::map_reduce_all<acc_t>(nll, vadd<acc_t>, s, n);
     }
   }
   return total;
@@ -856,12 +885,14 @@ struct IndexRowCoef {
 };
 
 template <typename acc_t>
-inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t, acc_t lse,
-                                          acc_t g, acc_t s_t, acc_t* focal_loss = nullptr) {
+inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t,
+                                          const RowLse<acc_t>& lse, acc_t g, acc_t s_t,
+                                          acc_t* focal_loss = nullptr) {
   if (p.focal) {
     // focal_loss: the row's loss from the same terms (its expm1 and pow are a large part
     // of a short row's time)
-    const Focal<acc_t> fo(s_t - lse, focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma));
+    const Focal<acc_t> fo(lse.log_p(s_t), focal_alpha<acc_t>(p, t),
+                          static_cast<acc_t>(p.gamma));
     if (focal_loss != nullptr) *focal_loss = fo.loss();
     const acc_t f = fo.factor();
     return {g * f, acc_t(0), g * f};
@@ -878,20 +909,22 @@ inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t,
     coef += eps / static_cast<acc_t>(C) * W;
     D = g * (eps / static_cast<acc_t>(C));
   }
-  if (z != 0) coef += 2 * z * lse;
+  if (z != 0) coef += 2 * z * lse.hi;
   return {g * coef, D, g * ((acc_t(1) - eps) * wt)};
 }
 
 // Writes the gradient of row r given its lse, the loss gradient g and the lse gradient
 // g_lse (has_g_lse false when no gradient flows into lse). t is the class-index target
-// (already validated; unused for probability targets).
+// (already validated; unused for probability targets). The gradient loops take hi for
+// lse, and p's coefficient A times exp(-lo).
 template <typename scalar_t, typename acc_t>
 inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* row,
-                           int64_t t, acc_t lse, acc_t g, acc_t g_lse, bool has_g_lse,
-                           const Transform<acc_t>& tf, RowBuffers<acc_t>& b) {
+                           int64_t t, const RowLse<acc_t>& L, acc_t g, acc_t g_lse,
+                           bool has_g_lse, const Transform<acc_t>& tf, RowBuffers<acc_t>& b) {
   const int64_t C = p.in.C;
   scalar_t* grow = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   const acc_t z = static_cast<acc_t>(p.z_loss);
+  const acc_t lse = L.hi, corr = lse_correction(L);
 
   if (p.prob_target) {
     // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
@@ -904,7 +937,7 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
     acc_t A = g * mass;
     if (z != 0) A += g * 2 * z * lse;
     if (has_g_lse) A += g_lse;
-    row_grad<scalar_t>(p, r, row, grow, tf, lse, A, g, acc_t(0), -1, b);
+    row_grad<scalar_t>(p, r, row, grow, tf, lse, A * corr, g, acc_t(0), -1, b);
     return;
   }
 
@@ -912,7 +945,7 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
     // An ignored row gets exact zeros unless its lse has a nonzero gradient, whatever its
     // logits hold (0 * p would be NaN for a NaN, +inf or all -inf row).
     if (has_g_lse && g_lse != 0) {
-      row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse, acc_t(0), acc_t(0), -1, b);
+      row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse * corr, acc_t(0), acc_t(0), -1, b);
     } else {
       zero_row(grow, C, p.grad_layout.sc);
       // (-0 for a negative post scale, as the backward's rescale would leave)
@@ -921,10 +954,10 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
     }
     return;
   }
-  IndexRowCoef<acc_t> k = index_row_coef<acc_t>(p, t, lse, g,
+  IndexRowCoef<acc_t> k = index_row_coef<acc_t>(p, t, L, g,
                                                 static_cast<acc_t>(row[t * p.in.sc]));
   if (has_g_lse) k.A += g_lse;
-  row_grad<scalar_t>(p, r, row, grow, tf, lse, k.A, k.D, k.B, t, b);
+  row_grad<scalar_t>(p, r, row, grow, tf, lse, k.A * corr, k.D, k.B, t, b);
 }
 
 // ---- fused forward + gradient, one exp per logit -------------------------------------------
@@ -957,9 +990,10 @@ inline void size_scratch(ExpRow<acc_t>& scratch, int64_t C, bool need_e) {
 // Pass 1: online log-sum-exp keeping the exp terms in e (C values) and the running max per
 // block in max_b; captures the target's transformed logit.
 template <typename scalar_t, typename acc_t>
-inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_t>& tf,
-                              int64_t target, acc_t* s_target, acc_t* buf, acc_t* e,
-                              acc_t* max_b) {
+inline LseStore<scalar_t> row_lse_keep_exp(const scalar_t* x, int64_t C,
+                                           const Transform<acc_t>& tf, int64_t target,
+                                           acc_t* s_target, acc_t* buf, acc_t* e,
+                                           acc_t* max_b) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
@@ -978,7 +1012,7 @@ inline acc_t row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_
     }
     S += block_exp_terms<true>(s, n, M, e + c0);
   }
-  return M + std::log(S);
+  return lse_store<scalar_t>(M, std::log(S));
 }
 
 // Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g;
@@ -1012,23 +1046,25 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
   if (target >= 0) g[target] = post.scalar((A * std::exp(s_t - lse) - B) * deriv);
 }
 
-// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns lse;
-// sets *focal_loss to a focal row's loss.
+// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns the
+// stored lse; sets *focal_loss to a focal row's loss.
 template <typename scalar_t, typename acc_t>
-inline acc_t one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
+inline LseStore<scalar_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
                          acc_t g_loss, const Transform<acc_t>& tf, acc_t* buf,
                          ExpRow<acc_t>& scratch, acc_t* s_t, bool stream,
                          acc_t* focal_loss) {
   auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
   const int64_t C = p.in.C;
-  const acc_t lse = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
-                                                      scratch.max_b.data());
-  const auto k = index_row_coef<acc_t>(p, t, lse, g_loss, *s_t, focal_loss);
-  row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, lse, k.A, k.B, t, *s_t,
+  const LseStore<scalar_t> v = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
+                                                                  scratch.max_b.data());
+  const RowLse<acc_t> L = lse_parts<scalar_t, acc_t>(v);
+  const auto k = index_row_coef<acc_t>(p, t, L, g_loss, *s_t, focal_loss);
+  row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, L.hi,
+                                     k.A * lse_correction(L), k.B, t, *s_t,
                                      stream && !scratch.e.empty(),
                                      PostScale<scalar_t, acc_t>(p.post_scale));
-  return lse;
+  return v;
 }
 
 template <typename scalar_t>
@@ -1042,10 +1078,10 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t z = static_cast<acc_t>(p.z_loss);
   auto* loss = static_cast<acc_t*>(p.loss);
-  auto* lse_out = static_cast<acc_t*>(p.lse);
+  auto* lse_out = static_cast<LseStore<scalar_t>*>(p.lse);
   RowBuffers<acc_t> b;
   // Fused forward: the row was just read, so its second pass mostly hits cache.
-  auto fused_grad = [&](int64_t r, int64_t t, acc_t lse) {
+  auto fused_grad = [&](int64_t r, int64_t t, const RowLse<acc_t>& lse) {
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse,
                              read_row_value<acc_t>(p.grad_loss, r), acc_t(0), false, tf, b);
   };
@@ -1060,11 +1096,12 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = x + p.in.row_offset(r);
     if (p.prob_target) {
-      const acc_t lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
+      const LseStore<scalar_t> v = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
+      const RowLse<acc_t> lse = lse_parts<scalar_t, acc_t>(v);
       acc_t l = row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
-      if (z != 0) l += z * lse * lse;
+      if (z != 0) l += z * lse.hi * lse.hi;
       loss[r] = l;
-      lse_out[r] = lse;
+      lse_out[r] = v;
       if (p.with_grad) fused_grad(r, -1, lse);
       continue;
     }
@@ -1075,34 +1112,35 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       return r;
     }
     acc_t s_t = 0;
-    acc_t lse;
+    LseStore<scalar_t> v;
     acc_t focal_loss = 0;
     const bool on_one_exp = one_exp && !ignored;
     if (on_one_exp) {
-      lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
-                                         tf, b.s, scratch, &s_t, stream, &focal_loss);
+      v = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r), tf,
+                                       b.s, scratch, &s_t, stream, &focal_loss);
     } else {
-      lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
-      if (p.with_grad) fused_grad(r, t, lse);
+      v = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
     }
-    lse_out[r] = lse;
+    const RowLse<acc_t> lse = lse_parts<scalar_t, acc_t>(v);
+    if (!on_one_exp && p.with_grad) fused_grad(r, t, lse);
+    lse_out[r] = v;
     if (ignored) {
       loss[r] = 0;
       continue;
     }
     if (p.focal) {
       loss[r] = on_one_exp ? focal_loss
-                           : Focal<acc_t>(s_t - lse, focal_alpha<acc_t>(p, t),
+                           : Focal<acc_t>(lse.log_p(s_t), focal_alpha<acc_t>(p, t),
                                           static_cast<acc_t>(p.gamma))
                                  .loss();
       continue;
     }
-    const acc_t nll = lse - s_t;
+    const acc_t nll = lse.minus(s_t);
     acc_t l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
     if (eps > 0) {
       l += eps / static_cast<acc_t>(C) * row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
     }
-    if (z != 0) l += z * lse * lse;
+    if (z != 0) l += z * lse.hi * lse.hi;
     loss[r] = l;
   }
   return -1;
@@ -1115,7 +1153,7 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const auto* x = static_cast<const scalar_t*>(p.input);
   const int64_t C = p.in.C;
   const Transform<acc_t> tf(p.logit_scale, p.softcap);
-  const auto* lse_in = static_cast<const acc_t*>(p.lse_in);
+  const auto* lse_in = static_cast<const LseStore<scalar_t>*>(p.lse_in);
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
   RowBuffers<acc_t> b;
   b.stream = stream_gradient<scalar_t>(p);
@@ -1130,9 +1168,10 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       }
     }
     const acc_t g = read_row_value<acc_t>(p.grad_loss, r);
-    const acc_t g_lse = has_g_lse ? read_row_value<acc_t>(p.grad_lse, r) : acc_t(0);
-    write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t, lse_in[r], g, g_lse, has_g_lse,
-                             tf, b);
+    const acc_t g_lse =
+        has_g_lse ? static_cast<acc_t>(read_row_value<double>(p.grad_lse, r)) : acc_t(0);
+    write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t,
+                             lse_parts<scalar_t, acc_t>(lse_in[r]), g, g_lse, has_g_lse, tf, b);
   }
   return -1;
 }

@@ -144,9 +144,14 @@ struct LseState {
   // absolute error near 1 (up to 2^-21.4) can make it slightly negative, which would put lse
   // below the largest logit: a negative loss, log p_t > 0 and 1 - p_t < 0 (a NaN focal loss
   // for non-integer gamma). Clamped; NaN stays NaN, and s = 0 gives -inf either way.
-  __device__ __forceinline__ acc_t lse() const {
+  __device__ __forceinline__ acc_t log_s() const {
     const acc_t l = log_fast(s);
-    return m + (l < acc_t(0) ? acc_t(0) : l);
+    return l < acc_t(0) ? acc_t(0) : l;
+  }
+  __device__ __forceinline__ acc_t lse() const { return m + log_s(); }
+  // The stored lse of a float row (RowLse, kernel_params.h): m + log_s() in double, exact.
+  __device__ __forceinline__ double lse_double() const {
+    return static_cast<double>(m) + static_cast<double>(log_s());
   }
 };
 

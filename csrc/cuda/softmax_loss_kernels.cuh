@@ -96,6 +96,11 @@ class SoftmaxRow {
   static constexpr int kU2 = kMode == Mode::Backward ? kU : 2;
   static constexpr int kUS = 4;  // scalar loads per batch
   static constexpr bool kGrad = kMode != Mode::Forward;
+  // A row accumulated in float stores its lse as a double, used as hi + lo (RowLse,
+  // kernel_params.h): `lse` below is hi; lo enters per row only (A, the loss, log p_t,
+  // the smoothing sum).
+  static constexpr bool kSplit = std::is_same_v<acc_t, float>;
+  using lse_store_t = std::conditional_t<kSplit, double, acc_t>;
 
   const SoftmaxLossParams& p;
   const G& grp;
@@ -125,6 +130,7 @@ class SoftmaxRow {
   // A2 = A base2_residual(lse, lse2), so A p_c = A2 exp2_shifted(s_c, lse2) (the folded
   // loop's lse2 is lse2 - log2 A2).
   acc_t lse = 0, A = 0, B = 0, D = 0, lse2 = 0, A2 = 0;
+  acc_t lse_lo = 0;
   int64_t t = -1;
   // This thread stores the vector that holds the target element (vector v is always
   // thread v mod gsize's): it rewrites that element after pass 2 (write_target).
@@ -207,7 +213,7 @@ class SoftmaxRow {
     acc_t g = 0, g_lse = 0;
     if (kGrad) {
       g = read_row_value<acc_t>(p.grad_loss, r);
-      if (has_g_lse) g_lse = read_row_value<acc_t>(p.grad_lse, r);
+      if (has_g_lse) g_lse = static_cast<acc_t>(read_row_value<double>(p.grad_lse, r));
     }
 
     // The target logit; its load overlaps pass 1. The owner of its vector reads it before
@@ -217,21 +223,29 @@ class SoftmaxRow {
     }
 
     acc_t mass = 0;  // sum_c q_c of a probability target
+    lse_store_t lse_v;
     if (kMode != Mode::Backward) {
       LseState<acc_t> st;
       const bool with_mass = kMode == Mode::Fused && p.prob_target;
       pass1(st, mass, with_mass);
       grp.merge(st);
-      lse = st.lse();
+      if constexpr (kSplit) {
+        lse_v = st.lse_double();
+      } else {
+        lse_v = st.lse();
+      }
       if (with_mass) mass = grp.sum(mass);
     } else {
-      lse = static_cast<const acc_t*>(p.lse_in)[r];
+      lse_v = static_cast<const lse_store_t*>(p.lse_in)[r];
       if (p.prob_target) mass = grp.sum(mass_pass());
     }
+    const RowLse<acc_t> L = split_lse<kSplit, acc_t>(lse_v);
+    lse = L.hi;
+    lse_lo = L.lo;
 
     const bool focal_ready = counted && p.focal;
     Focal<acc_t> focal;
-    if (focal_ready) focal.compute(s_t - lse, alpha_t, p.gamma);
+    if (focal_ready) focal.compute(L.log_p(s_t), alpha_t, p.gamma);
 
     bool zero_row = false;
     if (kGrad) {
@@ -268,6 +282,10 @@ class SoftmaxRow {
           B = g * ((acc_t(1) - eps) * wt);
         }
         if (has_g_lse) A += g_lse;
+      }
+      // p_c = exp(s_c - hi) exp(-lo): the loops below use hi
+      if constexpr (kSplit) {
+        if (lse_lo != acc_t(0)) A *= expf(-lse_lo);
       }
     }
     if (!counted) t = -1;  // no target element in the gradient
@@ -318,7 +336,11 @@ class SoftmaxRow {
           pass2<Loop::Generic>();
           break;
       }
-      if (need_sum) total = grp.sum(total);
+      if (need_sum) {
+        total = grp.sum(total);
+        // the smooth loop summed hi - s_c over the row's C classes
+        if (kSplit && loop == Loop::Smooth) total += lse_lo * static_cast<acc_t>(C);
+      }
     }
     // Every chunk has landed before any thread leaves the row, also where pass 2 read none
     // (an ignored row's zeros).
@@ -334,13 +356,13 @@ class SoftmaxRow {
       } else if (focal_ready) {
         l = focal.loss;
       } else {
-        const acc_t nll = lse - s_t;
+        const acc_t nll = L.minus(s_t);
         l = (acc_t(1) - eps) * (wt * nll);  // wt = 1 without weights: exactly nll
         if (eps > 0) l += eps / static_cast<acc_t>(C) * total;
         if (z != 0) l += z * lse * lse;
       }
       static_cast<acc_t*>(p.loss)[r] = l;
-      static_cast<acc_t*>(p.lse)[r] = lse;
+      static_cast<lse_store_t*>(p.lse)[r] = lse_v;
     }
   }
 
@@ -647,7 +669,10 @@ class SoftmaxRow {
     }
     const QKind qk = q_sum != QKind::None ? q_sum : q_grad;
     const acc_t qc = qk != QKind::None ? q(qk, c) : acc_t(0);
-    if (need_sum) total += q_sum == QKind::One ? lse - s : qc * (lse - s);
+    if (need_sum) {
+      const acc_t d = kSplit && lse_lo != acc_t(0) ? (lse - s) + lse_lo : lse - s;  // lse - s
+      total += q_sum == QKind::One ? d : qc * d;
+    }
     if (!kGrad) return acc_t(0);
     const acc_t gv = q_grad != QKind::None ? A * exp_fast(s - lse) - D * qc : A * exp_fast(s - lse);
     return tf.active() ? gv * tf.deriv(s) : gv;

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, _host_buffers
+from .. import _backend, _host_buffers, reference
 from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
@@ -33,6 +33,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     # (float64 only where a float64 probability target or class weight asks for it)
     cdt = targets.compute_dtype(hidden.dtype, target, class_weight)
     acc = targets.acc_dtype(hidden.dtype, target, class_weight)
+    lse_kernel = reference.lse_dtype(cdt)
     ops = _backend.ops_for(hidden.device)
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(N, V, H, hidden.dtype,
                                                              hidden.device)
@@ -76,12 +77,13 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
             loss_c, lse_c = ops.ce_fwd(x3, t2, class_weight, *ce_args, 1.0, False)
             loss_rows[s:e].copy_(loss_c.view(n))
             lse[s:e].copy_(lse_c.view(n))
-        else:
-            lse_c = lse_in[s:e].unsqueeze(-1)
         if not grads:
             continue
+        # The lse this op returns (in acc), also where it was just computed wider (float32
+        # logits: reference.lse_dtype), so that the fused op and the backward op agree.
+        lse_c = (lse if lse_in is None else lse_in)[s:e].unsqueeze(-1).to(lse_kernel)
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
-        g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1)
+        g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1).to(lse_kernel)
         ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *ce_args, 1.0)
         if x3.dtype != logits.dtype:
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it

@@ -100,7 +100,8 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
         target = targets.chunk(target, logits.dtype)
     loss, lse = reference.ce_fwd(logits, target.unsqueeze(-1), class_weight, ignore_index,
                                  label_smoothing, z_loss, softcap, 1.0)
-    return loss.squeeze(-1), lse.squeeze(-1)
+    # (linear cross-entropy's lse is in the loss's dtype: reference.lse_dtype is wider)
+    return loss.squeeze(-1), lse.squeeze(-1).to(loss.dtype)
 
 
 def _graph_grads(saved, ce_args, needs, grad_rows, grad_lse):
