@@ -1,0 +1,123 @@
+"""float32 logits far from 0: loss and gradient as accurate as F.cross_entropy's.
+
+F works relative to each row's maximum M; the kernels keep each row's lse as the float64
+M + log S (csrc/kernel_params.h, RowLse), so rounding lse to float32 (an error of about
+an ulp of M) no longer enters the loss or the gradient. Each case measures F's own float32
+error against the float64 oracle and allows ours twice that plus a few ulp of the value.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchloss_fused as tlf
+from torchloss_fused import reference
+
+from .helpers import _max_err
+
+OFFSETS = [30.0, 1000.0, 1e5]
+
+
+def _logits(offset: float, rows: int = 64, classes: int = 1000) -> torch.Tensor:
+    x = torch.randn(rows, classes, dtype=torch.float64) * 3 + offset
+    return x.float()
+
+
+def _loss_and_grad(fn, x, *args, **kwargs):
+    leaf = x.detach().clone().requires_grad_()
+    loss = fn(leaf, *args, **kwargs)
+    (g,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), g
+
+
+def _check(fn, ref_fn, x, *args, **kwargs):
+    """ours and F (ref_fn) in float32 against ref_fn in float64, value and gradient."""
+    ours = _loss_and_grad(fn, x, *args, **kwargs)
+    theirs = _loss_and_grad(ref_fn, x, *args, **kwargs)
+    exact = _loss_and_grad(ref_fn, x.double(), *args, **kwargs)
+    for what, a, f, o in zip(("loss", "gradient"), ours, theirs, exact):
+        err, f_err = _max_err(a, o), _max_err(f, o)
+        floor = 4 * torch.finfo(torch.float32).eps * float(o.abs().max())
+        assert err <= 2 * f_err + floor, (
+            f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("kwargs", [{"reduction": "none"}, {"reduction": "mean"},
+                                    {"reduction": "none", "label_smoothing": 0.1},
+                                    {"reduction": "sum", "weight": True}],
+                         ids=["none", "mean", "smoothing", "weight"])
+def test_cross_entropy_far_from_zero(backend, offset, kwargs):
+    kwargs = dict(kwargs)
+    x = _logits(offset)
+    y = torch.randint(0, x.shape[1], (x.shape[0],))
+    if kwargs.pop("weight", False):
+        w = torch.rand(x.shape[1]) + 0.5
+        _check(lambda v, t: tlf.cross_entropy(v, t, weight=w.to(v.dtype), **kwargs),
+               lambda v, t: F.cross_entropy(v, t, weight=w.to(v.dtype), **kwargs), x, y)
+    else:
+        _check(tlf.cross_entropy, F.cross_entropy, x, y, **kwargs)
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_probability_targets_far_from_zero(backend, offset):
+    x = _logits(offset, rows=16, classes=300)
+    t = torch.softmax(torch.randn(16, 300), 1)
+    _check(lambda v, q: tlf.cross_entropy(v, q.to(v.dtype), reduction="none"),
+           lambda v, q: F.cross_entropy(v, q.to(v.dtype), reduction="none"), x, t)
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_focal_loss_far_from_zero(backend, offset):
+    x = _logits(offset)
+    y = torch.randint(0, x.shape[1], (x.shape[0],))
+
+    def eager_focal(v, t):  # the float64 formula of the focal loss, in v's dtype
+        log_pt = torch.log_softmax(v, 1).gather(1, t[:, None]).squeeze(1)
+        return -(1 - log_pt.exp()) ** 2 * log_pt
+
+    _check(lambda v, t: tlf.focal_loss(v, t, gamma=2.0, reduction="none"), eager_focal, x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_logits_keep_their_loss(backend, dtype):
+    # An ulp of 1e8 in float32 is 8: a float32 lse had made this loss 0 (and the
+    # gradient 0); F gives log 3 and (1/3 - 1, 1/3, 1/3).
+    x = torch.full((1, 3), 1e8).to(dtype)
+    y = torch.tensor([0])
+    loss, g = _loss_and_grad(tlf.cross_entropy, x, y)
+    rel = 1e-6 if dtype == torch.float32 else 1e-2  # (the loss has the input's dtype)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), rel=rel)
+    expect = torch.tensor([[-2 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(g.float(), expect, rtol=rel, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_ops_keep_lse_in_float64_and_return_lse_in_the_accumulation_dtype(backend, dtype):
+    x = (torch.randn(5, 7, 1) * 3 + 1000).to(dtype)
+    y = torch.randint(0, 7, (5, 1))
+    ops = torch.ops.torchloss_fused_ref if backend == "reference" else torch.ops.torchloss_fused
+    loss, lse = ops.ce_fwd(x, y, None, -100, 0.0, 0.0, 0.0, 1.0, False)
+    assert lse.dtype == torch.float64 and loss.dtype == reference.acc_dtype(dtype)
+    exact = torch.logsumexp(x.double().squeeze(-1), 1).unsqueeze(-1)
+    # within a float64 rounding of M + log S, log S rounded to float32 (M itself exact)
+    assert _max_err(lse, exact) <= (1e-12 if dtype == torch.float64 else 4e-7)
+    xs = x.squeeze(-1).requires_grad_()
+    _, user_lse = tlf.cross_entropy(xs, y.squeeze(-1), return_lse=True)
+    assert user_lse.dtype == reference.acc_dtype(dtype)
+    torch.testing.assert_close(user_lse, lse.squeeze(-1).to(user_lse.dtype), rtol=0, atol=0)
+
+
+def test_backward_op_takes_the_forward_lse_bitwise(backend):
+    """The separate backward from the saved float64 lse is the fused gradient, bitwise, also
+    where lo matters (a retain_graph second backward recomputes it so)."""
+    x = _logits(1000.0, rows=8, classes=200).requires_grad_()
+    y = torch.randint(0, 200, (8,))
+    loss = tlf.cross_entropy(x, y)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
+    _, g_ref = _loss_and_grad(F.cross_entropy, x.detach().double(), y)
+    assert _max_err(g1, g_ref) < 1e-7
