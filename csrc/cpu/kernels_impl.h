@@ -59,15 +59,6 @@ constexpr bool kSplitLse = std::is_same_v<typename AccOf<scalar_t>::type, float>
 template <typename scalar_t>
 using LseStore = std::conditional_t<kSplitLse<scalar_t>, double, typename AccOf<scalar_t>::type>;
 
-// The stored lse M + log S of a row: for float rows the double sum, which is exact.
-template <typename scalar_t, typename acc_t>
-inline LseStore<scalar_t> lse_store(acc_t M, acc_t log_s) {
-  if constexpr (kSplitLse<scalar_t>) {
-    return static_cast<double>(M) + static_cast<double>(log_s);
-  } else {
-    return M + log_s;
-  }
-}
 
 template <typename scalar_t, typename acc_t>
 inline RowLse<acc_t> lse_parts(LseStore<scalar_t> v) {
@@ -77,7 +68,7 @@ inline RowLse<acc_t> lse_parts(LseStore<scalar_t> v) {
 // exp(-lo): the factor from p_c computed with hi to p_c (1, exactly, where lo is 0).
 template <typename acc_t>
 inline acc_t lse_correction(const RowLse<acc_t>& l) {
-  return l.lo == 0 ? acc_t(1) : std::exp(-l.lo);
+  return l.lo_is_small() ? l.small_correction() : std::exp(-l.lo);
 }
 
 template <typename scalar_t>
@@ -643,9 +634,9 @@ struct RowBuffers {
 // Pass over a row: online log-sum-exp. Captures the transformed logit at `target` (when
 // 0 <= target < C) from the same buffer the sum used, so forward and backward agree.
 template <typename scalar_t, typename acc_t>
-inline LseStore<scalar_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
-                                  const Transform<acc_t>& tf, int64_t target, acc_t* s_target,
-                                  acc_t* buf) {
+inline RowLse<acc_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
+                             const Transform<acc_t>& tf, int64_t target, acc_t* s_target,
+                             acc_t* buf) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
@@ -660,7 +651,7 @@ inline LseStore<scalar_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
     if (M == kNegInf) continue;  // all -inf so far: each term is exp(-inf) = 0
     S += block_expsum(s, n, M);
   }
-  return lse_store<scalar_t>(M, std::log(S));
+  return lse_of<kSplitLse<scalar_t>>(M, std::log(S));
 }
 
 // Loads a probability-target block and turns it into t'_c * w_c, where
@@ -696,9 +687,8 @@ inline acc_t row_weighted_nll_sum(const SoftmaxLossParams& p, int64_t r, const s
   using V = Vectorized<acc_t>;
   const int64_t C = p.in.C, sc = p.in.sc;
   const auto* w = static_cast<const acc_t*>(p.weight);
-  const V vhi(lse.hi), vlo(lse.lo);
-  const bool with_lo = lse.lo != 0;
-  auto nll = [&](V sv) { return with_lo ? (vhi - sv) + vlo : vhi - sv; };  // lse - s
+  const V vhi(lse.hi), vneg_lo(acc_t(0) - lse.lo);
+  auto nll = [&](V sv) { return (vhi - sv) - vneg_lo; };  // lse - s, as RowLse::minus
   acc_t total = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = std::min(kBlock, C - c0);
@@ -990,10 +980,9 @@ inline void size_scratch(ExpRow<acc_t>& scratch, int64_t C, bool need_e) {
 // Pass 1: online log-sum-exp keeping the exp terms in e (C values) and the running max per
 // block in max_b; captures the target's transformed logit.
 template <typename scalar_t, typename acc_t>
-inline LseStore<scalar_t> row_lse_keep_exp(const scalar_t* x, int64_t C,
-                                           const Transform<acc_t>& tf, int64_t target,
-                                           acc_t* s_target, acc_t* buf, acc_t* e,
-                                           acc_t* max_b) {
+inline RowLse<acc_t> row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_t>& tf,
+                                      int64_t target, acc_t* s_target, acc_t* buf, acc_t* e,
+                                      acc_t* max_b) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
@@ -1012,7 +1001,7 @@ inline LseStore<scalar_t> row_lse_keep_exp(const scalar_t* x, int64_t C,
     }
     S += block_exp_terms<true>(s, n, M, e + c0);
   }
-  return lse_store<scalar_t>(M, std::log(S));
+  return lse_of<kSplitLse<scalar_t>>(M, std::log(S));
 }
 
 // Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g;
@@ -1046,25 +1035,24 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
   if (target >= 0) g[target] = post.scalar((A * std::exp(s_t - lse) - B) * deriv);
 }
 
-// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns the
-// stored lse; sets *focal_loss to a focal row's loss.
+// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns its
+// lse; sets *focal_loss to a focal row's loss.
 template <typename scalar_t, typename acc_t>
-inline LseStore<scalar_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
+inline RowLse<acc_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
                          acc_t g_loss, const Transform<acc_t>& tf, acc_t* buf,
                          ExpRow<acc_t>& scratch, acc_t* s_t, bool stream,
                          acc_t* focal_loss) {
   auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
   const int64_t C = p.in.C;
-  const LseStore<scalar_t> v = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
-                                                                  scratch.max_b.data());
-  const RowLse<acc_t> L = lse_parts<scalar_t, acc_t>(v);
+  const RowLse<acc_t> L = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
+                                                             scratch.max_b.data());
   const auto k = index_row_coef<acc_t>(p, t, L, g_loss, *s_t, focal_loss);
   row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, L.hi,
                                      k.A * lse_correction(L), k.B, t, *s_t,
                                      stream && !scratch.e.empty(),
                                      PostScale<scalar_t, acc_t>(p.post_scale));
-  return v;
+  return L;
 }
 
 template <typename scalar_t>
@@ -1096,12 +1084,11 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* row = x + p.in.row_offset(r);
     if (p.prob_target) {
-      const LseStore<scalar_t> v = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
-      const RowLse<acc_t> lse = lse_parts<scalar_t, acc_t>(v);
+      const RowLse<acc_t> lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
       acc_t l = row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
       if (z != 0) l += z * lse.hi * lse.hi;
       loss[r] = l;
-      lse_out[r] = v;
+      lse_out[r] = stored_lse<kSplitLse<scalar_t>>(lse);
       if (p.with_grad) fused_grad(r, -1, lse);
       continue;
     }
@@ -1112,18 +1099,17 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       return r;
     }
     acc_t s_t = 0;
-    LseStore<scalar_t> v;
+    RowLse<acc_t> lse;
     acc_t focal_loss = 0;
     const bool on_one_exp = one_exp && !ignored;
     if (on_one_exp) {
-      v = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r), tf,
-                                       b.s, scratch, &s_t, stream, &focal_loss);
+      lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
+                                         tf, b.s, scratch, &s_t, stream, &focal_loss);
     } else {
-      v = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
+      lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
+      if (p.with_grad) fused_grad(r, t, lse);
     }
-    const RowLse<acc_t> lse = lse_parts<scalar_t, acc_t>(v);
-    if (!on_one_exp && p.with_grad) fused_grad(r, t, lse);
-    lse_out[r] = v;
+    lse_out[r] = stored_lse<kSplitLse<scalar_t>>(lse);
     if (ignored) {
       loss[r] = 0;
       continue;

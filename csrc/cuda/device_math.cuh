@@ -149,10 +149,6 @@ struct LseState {
     return l < acc_t(0) ? acc_t(0) : l;
   }
   __device__ __forceinline__ acc_t lse() const { return m + log_s(); }
-  // The stored lse of a float row (RowLse, kernel_params.h): m + log_s() in double, exact.
-  __device__ __forceinline__ double lse_double() const {
-    return static_cast<double>(m) + static_cast<double>(log_s());
-  }
 };
 
 }  // namespace tlf::cuda

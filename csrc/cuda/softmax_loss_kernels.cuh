@@ -223,23 +223,18 @@ class SoftmaxRow {
     }
 
     acc_t mass = 0;  // sum_c q_c of a probability target
-    lse_store_t lse_v;
+    RowLse<acc_t> L;
     if (kMode != Mode::Backward) {
       LseState<acc_t> st;
       const bool with_mass = kMode == Mode::Fused && p.prob_target;
       pass1(st, mass, with_mass);
       grp.merge(st);
-      if constexpr (kSplit) {
-        lse_v = st.lse_double();
-      } else {
-        lse_v = st.lse();
-      }
+      L = lse_of<kSplit>(st.m, st.log_s());  // (hi: st.lse())
       if (with_mass) mass = grp.sum(mass);
     } else {
-      lse_v = static_cast<const lse_store_t*>(p.lse_in)[r];
+      L = split_lse<kSplit, acc_t>(static_cast<const lse_store_t*>(p.lse_in)[r]);
       if (p.prob_target) mass = grp.sum(mass_pass());
     }
-    const RowLse<acc_t> L = split_lse<kSplit, acc_t>(lse_v);
     lse = L.hi;
     lse_lo = L.lo;
 
@@ -285,7 +280,7 @@ class SoftmaxRow {
       }
       // p_c = exp(s_c - hi) exp(-lo): the loops below use hi
       if constexpr (kSplit) {
-        if (lse_lo != acc_t(0)) A *= expf(-lse_lo);
+        A *= L.lo_is_small() ? L.small_correction() : expf(-lse_lo);  // (1 for lo = 0)
       }
     }
     if (!counted) t = -1;  // no target element in the gradient
@@ -338,8 +333,9 @@ class SoftmaxRow {
       }
       if (need_sum) {
         total = grp.sum(total);
-        // the smooth loop summed hi - s_c over the row's C classes
-        if (kSplit && loop == Loop::Smooth) total += lse_lo * static_cast<acc_t>(C);
+        // the smooth loop summed hi - s_c over the row's C classes (- (0 - lo) C: as
+        // RowLse::minus, no change for lo = 0)
+        if (kSplit && loop == Loop::Smooth) total -= (acc_t(0) - lse_lo) * static_cast<acc_t>(C);
       }
     }
     // Every chunk has landed before any thread leaves the row, also where pass 2 read none
@@ -362,7 +358,7 @@ class SoftmaxRow {
         if (z != 0) l += z * lse * lse;
       }
       static_cast<acc_t*>(p.loss)[r] = l;
-      static_cast<lse_store_t*>(p.lse)[r] = lse_v;
+      static_cast<lse_store_t*>(p.lse)[r] = stored_lse<kSplit>(L);
     }
   }
 
@@ -670,7 +666,7 @@ class SoftmaxRow {
     const QKind qk = q_sum != QKind::None ? q_sum : q_grad;
     const acc_t qc = qk != QKind::None ? q(qk, c) : acc_t(0);
     if (need_sum) {
-      const acc_t d = kSplit && lse_lo != acc_t(0) ? (lse - s) + lse_lo : lse - s;  // lse - s
+      const acc_t d = kSplit ? (lse - s) - (acc_t(0) - lse_lo) : lse - s;  // RowLse::minus
       total += q_sum == QKind::One ? d : qc * d;
     }
     if (!kGrad) return acc_t(0);
