@@ -444,6 +444,12 @@ elif want profile; then
   note "ncu not found: profile skipped"
 fi
 
+# float32 accuracy beside F's, on the GPU (benchmarks/precision.py: a few seconds).
+if want bench; then
+  "$PY" -m benchmarks.precision --device cuda 2>&1 | tee -a "$SUMMARY" ||
+    note "benchmarks.precision failed"
+fi
+
 # The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).
 mkdir -p "$OUT/results"
 find benchmarks/results -type f -newer "$marker" \( -name '*.json' -o -name '*.png' -o -name '*.md' \) \

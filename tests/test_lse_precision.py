@@ -4,6 +4,11 @@ F works relative to each row's maximum M; the kernels keep each row's lse as the
 M + log S (csrc/kernel_params.h, RowLse), so rounding lse to float32 (an error of about
 an ulp of M) no longer enters the loss or the gradient. Each case measures F's own float32
 error against the float64 oracle and allows ours twice that plus a few ulp of the value.
+
+CPU only: the CUDA kernels' fast-math exp and log have errors of their own beside F's
+accurate ones, whatever lse does; scripts/gpu_check.sh runs benchmarks/precision.py on
+the GPU, and the emulated CUDA kernels are checked against reference.py's split lse
+(tests/test_cuda_emulated.py).
 """
 
 from __future__ import annotations
