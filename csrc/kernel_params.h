@@ -3,6 +3,7 @@
 // so kernel translation units never include a torch header.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 // Helpers below run on the host (CPU kernels, launchers) and on the device (CUDA kernels).
@@ -144,17 +145,15 @@ struct RowLse {
   TLF_HOST_DEVICE acc_t minus(acc_t s) const { return (hi - s) - (acc_t(0) - lo); }
   // s - lse (log p of a logit s)
   TLF_HOST_DEVICE acc_t log_p(acc_t s) const { return (s - hi) - lo; }
-  // exp(-lo), p_c's factor, where |lo| < 2^-12 (|hi| below 8192): 1 - lo + lo^2 / 2 is
-  // within 2^-38 of it, with no exp per row (short rows would feel one); callers take exp
-  // beyond. 1 exactly for lo = 0.
-  TLF_HOST_DEVICE bool lo_is_small() const {
-    return lo > acc_t(-0x1p-12) && lo < acc_t(0x1p-12);
-  }
-  TLF_HOST_DEVICE acc_t small_correction() const {
-    // 1 - lo alone where |lo| < 2^-16 (|hi| below 512; the dropped lo^2 / 2 is below
-    // 2^-33): one operation on the row's way to its gradient loop
-    if (lo > acc_t(-0x1p-16) && lo < acc_t(0x1p-16)) return acc_t(1) - lo;
-    return (acc_t(1) - lo) + acc_t(0.5) * lo * lo;
+  // exp(-lo), the factor from exp(s - hi) to p; 1 exactly for lo = 0. No exp per row for
+  // ordinary logits (short rows would feel one): 1 - lo where |lo| < 2^-16 (|hi| below
+  // 512; the dropped lo^2 / 2 is below 2^-33), one operation on the row's way to its
+  // gradient loop; 1 - lo + lo^2 / 2 where |lo| < 2^-12 (|hi| below 8192; within 2^-38).
+  TLF_HOST_DEVICE acc_t correction() const {
+    const acc_t a = lo < 0 ? -lo : lo;
+    if (a < acc_t(0x1p-16)) return acc_t(1) - lo;
+    if (a < acc_t(0x1p-12)) return (acc_t(1) - lo) + acc_t(0.5) * lo * lo;
+    return std::exp(-lo);
   }
 };
 
@@ -172,10 +171,11 @@ TLF_HOST_DEVICE RowLse<acc_t> lse_of(acc_t M, acc_t log_s) {
   return l;
 }
 
-// The stored lse: the double hi + lo (exact, and split_lse gives back the same hi and lo,
-// since float(hi + lo) is the rounding of M + log S, hi) for rows accumulated in float.
+// The stored lse (a double for every dtype): for rows accumulated in float the double
+// hi + lo (exact, and split_lse gives back the same hi and lo, since float(hi + lo) is the
+// rounding of M + log S, hi); float64 rows store hi.
 template <bool kSplit, typename acc_t>
-TLF_HOST_DEVICE auto stored_lse(const RowLse<acc_t>& l) {
+TLF_HOST_DEVICE double stored_lse(const RowLse<acc_t>& l) {
   if constexpr (kSplit) {
     return static_cast<double>(l.hi) + static_cast<double>(l.lo);
   } else {
@@ -183,13 +183,13 @@ TLF_HOST_DEVICE auto stored_lse(const RowLse<acc_t>& l) {
   }
 }
 
-// The stored lse of a row (a double for rows accumulated in float: kSplit) as hi + lo.
-template <bool kSplit, typename acc_t, typename stored_t>
-TLF_HOST_DEVICE RowLse<acc_t> split_lse(stored_t v) {
+// A stored lse as hi + lo (kSplit: a row accumulated in float).
+template <bool kSplit, typename acc_t>
+TLF_HOST_DEVICE RowLse<acc_t> split_lse(double v) {
   RowLse<acc_t> l;
   l.hi = static_cast<acc_t>(v);
   // v - hi is exact in double; hi - hi is 0 only for a finite hi
-  if (kSplit && l.hi - l.hi == acc_t(0)) l.lo = static_cast<acc_t>(v - static_cast<stored_t>(l.hi));
+  if (kSplit && l.hi - l.hi == acc_t(0)) l.lo = static_cast<acc_t>(v - static_cast<double>(l.hi));
   return l;
 }
 

@@ -6,8 +6,9 @@
 // a probability target is (B, C, D) in the input dtype or float32. Per-row outputs
 // (loss, lse) are contiguous (B, D): loss in the accumulation dtype (float32, or float64
 // for float64 inputs), lse in float64 whatever the input (kernel_params.h, RowLse); the
-// backward's grad_lse is in lse's dtype too. softcap = 0 means no soft-capping. ce_fwd's inplace_backward only tells
-// its autograd formula to call _ce_bwd_inplace; the forward kernels ignore it.
+// backward's grad_lse is in lse's dtype too. softcap = 0 means no soft-capping. ce_fwd's
+// inplace_backward only tells its autograd formula to call _ce_bwd_inplace; the forward
+// kernels ignore it.
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>

@@ -149,8 +149,6 @@ at::ScalarType acc_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::ScalarType lse_dtype(const at::Tensor&) { return at::kDouble; }
-
 SoftmaxLossLaunch prepare_ce(const char* op, const at::Tensor& input, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
                              double label_smoothing, double z_loss, double softcap,
@@ -199,7 +197,7 @@ std::pair<at::Tensor, at::Tensor> set_forward_outputs(SoftmaxLossLaunch& l,
                                                       const at::Tensor& input) {
   auto opts = input.options().dtype(acc_dtype(input));
   at::Tensor loss = at::empty({input.size(0), input.size(2)}, opts);
-  at::Tensor lse = at::empty({input.size(0), input.size(2)}, opts.dtype(lse_dtype(input)));
+  at::Tensor lse = at::empty({input.size(0), input.size(2)}, opts.dtype(kLseDtype));
   l.p.loss = loss.data_ptr();
   l.p.lse = lse.data_ptr();
   return {loss, lse};
@@ -209,11 +207,11 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
                        const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                        const at::Tensor& lse, const at::Tensor& grad_input) {
   check_per_row(op, input, grad_loss, "grad_loss");
-  check_per_row(op, input, lse, "lse", lse_dtype(input));
+  check_per_row(op, input, lse, "lse", kLseDtype);
   TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous");
   l.p.grad_loss = row_vector_of(grad_loss);
   if (grad_lse.has_value()) {
-    check_per_row(op, input, *grad_lse, "grad_lse", lse_dtype(input));
+    check_per_row(op, input, *grad_lse, "grad_lse", kLseDtype);
     l.p.grad_lse = row_vector_of(*grad_lse);
   }
   l.p.lse_in = lse.data_ptr();

@@ -14,9 +14,9 @@ namespace tlf {
 
 Dtype kernel_dtype(const at::Tensor& input);
 at::ScalarType acc_dtype(const at::Tensor& input);
-// The dtype of a forward's lse output and a backward's lse input: float64 for every input
-// dtype (kernel_params.h, RowLse).
-at::ScalarType lse_dtype(const at::Tensor& input);
+// The dtype of a forward's lse output and a backward's lse and grad_lse inputs, whatever
+// the input's (kernel_params.h, RowLse).
+constexpr at::ScalarType kLseDtype = at::kDouble;
 
 // Layouts of a (B, C, D) tensor and a (B, D) per-row tensor, in element strides.
 RowLayout layout_of(const at::Tensor& t);

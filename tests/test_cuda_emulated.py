@@ -514,7 +514,7 @@ class SoftmaxScenario:
         self.x = x
         acc = R.acc_dtype(cfg.dtype)
         self.acc = acc
-        self.lse_dt = R.lse_dtype(cfg.dtype)  # (float64: the kernels' RowLse)
+        self.lse_dt = R.LSE_DTYPE  # (the kernels' RowLse, stored)
         self.ii = o.get("ignore_index", -100)
         if o.get("prob"):
             t = torch.rand(B, C, D, generator=gen, dtype=torch.float64)
@@ -736,7 +736,7 @@ class BadTargetScenario:
         if cfg.launch == "direct":
             kv.update(group=cfg.group, vec=int(cfg.vec), grid=cfg.grid, threads=cfg.threads)
         grad_loss = (batch.tensor(torch.ones(B, D, dtype=acc)).arg(), D, 1, D)
-        lse_in = batch.tensor(torch.zeros(B, D, dtype=R.lse_dtype(cfg.dtype))).arg()
+        lse_in = batch.tensor(torch.zeros(B, D, dtype=R.LSE_DTYPE)).arg()
 
         def grad():
             g = batch.output(x.shape, cfg.dtype)
@@ -745,7 +745,7 @@ class BadTargetScenario:
         def rows(dtype=acc):
             return batch.output((B, D), dtype).arg()
 
-        lse_dt = R.lse_dtype(cfg.dtype)
+        lse_dt = R.LSE_DTYPE
         self.cases = [
             batch.case(f"{sid}.fwd", mode=0, loss=rows(), lse=rows(lse_dt), **kv),
             batch.case(f"{sid}.bwd", mode=1, lse_in=lse_in, grad_loss=grad_loss,

@@ -82,7 +82,7 @@ def _define_reference_ops() -> None:
 
 def _per_row(input: torch.Tensor, lse: bool = False) -> torch.Tensor:
     B, _, D = input.shape
-    dtype = (reference.lse_dtype if lse else reference.acc_dtype)(input.dtype)
+    dtype = reference.LSE_DTYPE if lse else reference.acc_dtype(input.dtype)
     return input.new_empty((B, D), dtype=dtype)
 
 

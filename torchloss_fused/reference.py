@@ -25,10 +25,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the ops' lse for logits of `dtype`: float64 (a float row's lse is the
-    float64 M + log S: stored_lse)."""
-    return torch.float64
+# The dtype of the ops' lse (and of its gradient) whatever the logits' (stored_lse).
+LSE_DTYPE = torch.float64
 
 
 def _chunks(input: Tensor):
@@ -82,7 +80,7 @@ def stored_lse(s: Tensor) -> Tensor:
     row's largest value and log S rounded to float32, as the kernels compute it, so that
     nothing rounds lse to float32 (its gradient is softmax(s), as logsumexp's)."""
     if s.dtype != torch.float32 or s.shape[-1] == 0:
-        return logsumexp(s).to(lse_dtype(s.dtype))
+        return logsumexp(s).to(LSE_DTYPE)
     m = s.amax(-1).detach()  # NaN where a NaN is; +-inf as the row's extremes
     finite = torch.isfinite(m)
     m0 = torch.where(finite, m, 0).unsqueeze(-1)
@@ -180,7 +178,7 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
         lse = stored_lse(s)
         losses.append(_ce_chunk(s, lse, target[b0:b1], w, ignore_index, label_smoothing, z_loss))
         lses.append(lse)
-    return _cat_rows(losses, input, acc), _cat_rows(lses, input, lse_dtype(input.dtype))
+    return _cat_rows(losses, input, acc), _cat_rows(lses, input, LSE_DTYPE)
 
 
 def _cat_rows(parts, input: Tensor, acc: torch.dtype) -> Tensor:
@@ -329,7 +327,7 @@ def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: 
         loss, _ = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
         losses.append(torch.where(valid, loss, torch.zeros((), dtype=acc, device=loss.device)))
         lses.append(lse)
-    return _cat_rows(losses, input, acc), _cat_rows(lses, input, lse_dtype(input.dtype))
+    return _cat_rows(losses, input, acc), _cat_rows(lses, input, LSE_DTYPE)
 
 
 def focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: Tensor | None,

@@ -218,10 +218,9 @@ def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> T
     return lse.to(reference.acc_dtype(x.dtype))
 
 
-def _lse_typed(v: Tensor, x: Tensor) -> Tensor:
-    """The global lse, or its gradient, as the backward kernel takes it
-    (reference.lse_dtype)."""
-    return v.to(reference.lse_dtype(x.dtype))
+def _lse_typed(v: Tensor) -> Tensor:
+    """The global lse, or its gradient, as the backward kernel takes it."""
+    return v.to(reference.LSE_DTYPE)
 
 
 def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None, acc,
@@ -259,8 +258,8 @@ def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, soft
     unsharded path, whatever their logits hold: the kernel writes zeros for a row without
     target whose lse gradient is 0."""
     g = torch.where(tg.here, B, 0)
-    return _ce_bwd(x, inplace, g, _lse_typed(A - g, x), x, tg.kernel_target(), None,
-                   _lse_typed(lse, x), _NOWHERE, 0.0, 0.0, softcap, logit_scale)
+    return _ce_bwd(x, inplace, g, _lse_typed(A - g), x, tg.kernel_target(), None,
+                   _lse_typed(lse), _NOWHERE, 0.0, 0.0, softcap, logit_scale)
 
 
 def _ce_bwd(x: Tensor, inplace: bool, *args) -> Tensor:
@@ -300,7 +299,7 @@ def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Ten
     W_local = w_here.sum() if w_here is not None else Cl
     g_lse = A - torch.where(tg.valid, g_k * ((1 - eps_k) * w_tk + eps_k / Cl * W_local), zero)
     x0 = x[:, 0].to(lse.dtype, copy=True)  # (read before an in-place backward writes x)
-    out = _ce_bwd(x, inplace, g_k, _lse_typed(g_lse, x), x, t_k, w_here, _lse_typed(lse, x),
+    out = _ce_bwd(x, inplace, g_k, _lse_typed(g_lse), x, t_k, w_here, _lse_typed(lse),
                   _NOWHERE, eps_k, 0.0, softcap, logit_scale)
     s0 = reference._transform(x0, softcap, logit_scale)
     w0 = w_here[0] if w_here is not None else 1.0

@@ -53,23 +53,9 @@ struct AccOf<double> {
   using type = double;
 };
 
-// A row accumulated in float stores its lse as a double (RowLse, kernel_params.h).
+// A row accumulated in float keeps its lse as hi + lo (RowLse, kernel_params.h).
 template <typename scalar_t>
 constexpr bool kSplitLse = std::is_same_v<typename AccOf<scalar_t>::type, float>;
-template <typename scalar_t>
-using LseStore = std::conditional_t<kSplitLse<scalar_t>, double, typename AccOf<scalar_t>::type>;
-
-
-template <typename scalar_t, typename acc_t>
-inline RowLse<acc_t> lse_parts(LseStore<scalar_t> v) {
-  return split_lse<kSplitLse<scalar_t>, acc_t>(v);
-}
-
-// exp(-lo): the factor from p_c computed with hi to p_c (1, exactly, where lo is 0).
-template <typename acc_t>
-inline acc_t lse_correction(const RowLse<acc_t>& l) {
-  return l.lo_is_small() ? l.small_correction() : std::exp(-l.lo);
-}
 
 template <typename scalar_t>
 constexpr bool kReduced =
@@ -914,7 +900,7 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
   const int64_t C = p.in.C;
   scalar_t* grow = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   const acc_t z = static_cast<acc_t>(p.z_loss);
-  const acc_t lse = L.hi, corr = lse_correction(L);
+  const acc_t lse = L.hi, corr = L.correction();
 
   if (p.prob_target) {
     // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
@@ -1038,10 +1024,10 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
 // Both passes for a counted row on the one-exp path; g is the row's gradient. Returns its
 // lse; sets *focal_loss to a focal row's loss.
 template <typename scalar_t, typename acc_t>
-inline RowLse<acc_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row, int64_t t,
-                         acc_t g_loss, const Transform<acc_t>& tf, acc_t* buf,
-                         ExpRow<acc_t>& scratch, acc_t* s_t, bool stream,
-                         acc_t* focal_loss) {
+inline RowLse<acc_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row,
+                                 int64_t t, acc_t g_loss, const Transform<acc_t>& tf,
+                                 acc_t* buf, ExpRow<acc_t>& scratch, acc_t* s_t, bool stream,
+                                 acc_t* focal_loss) {
   auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
   acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
   const int64_t C = p.in.C;
@@ -1049,7 +1035,7 @@ inline RowLse<acc_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const sc
                                                              scratch.max_b.data());
   const auto k = index_row_coef<acc_t>(p, t, L, g_loss, *s_t, focal_loss);
   row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, L.hi,
-                                     k.A * lse_correction(L), k.B, t, *s_t,
+                                     k.A * L.correction(), k.B, t, *s_t,
                                      stream && !scratch.e.empty(),
                                      PostScale<scalar_t, acc_t>(p.post_scale));
   return L;
@@ -1066,7 +1052,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t z = static_cast<acc_t>(p.z_loss);
   auto* loss = static_cast<acc_t*>(p.loss);
-  auto* lse_out = static_cast<LseStore<scalar_t>*>(p.lse);
+  auto* lse_out = static_cast<double*>(p.lse);
   RowBuffers<acc_t> b;
   // Fused forward: the row was just read, so its second pass mostly hits cache.
   auto fused_grad = [&](int64_t r, int64_t t, const RowLse<acc_t>& lse) {
@@ -1139,7 +1125,7 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const auto* x = static_cast<const scalar_t*>(p.input);
   const int64_t C = p.in.C;
   const Transform<acc_t> tf(p.logit_scale, p.softcap);
-  const auto* lse_in = static_cast<const LseStore<scalar_t>*>(p.lse_in);
+  const auto* lse_in = static_cast<const double*>(p.lse_in);
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
   RowBuffers<acc_t> b;
   b.stream = stream_gradient<scalar_t>(p);
@@ -1157,7 +1143,8 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     const acc_t g_lse =
         has_g_lse ? static_cast<acc_t>(read_row_value<double>(p.grad_lse, r)) : acc_t(0);
     write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t,
-                             lse_parts<scalar_t, acc_t>(lse_in[r]), g, g_lse, has_g_lse, tf, b);
+                             split_lse<kSplitLse<scalar_t>, acc_t>(lse_in[r]), g, g_lse,
+                             has_g_lse, tf, b);
   }
   return -1;
 }

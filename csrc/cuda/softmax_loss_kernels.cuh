@@ -96,11 +96,10 @@ class SoftmaxRow {
   static constexpr int kU2 = kMode == Mode::Backward ? kU : 2;
   static constexpr int kUS = 4;  // scalar loads per batch
   static constexpr bool kGrad = kMode != Mode::Forward;
-  // A row accumulated in float stores its lse as a double, used as hi + lo (RowLse,
-  // kernel_params.h): `lse` below is hi; lo enters per row only (A, the loss, log p_t,
-  // the smoothing sum).
+  // A row accumulated in float keeps its lse as hi + lo (RowLse, kernel_params.h; stored
+  // as a double): `lse` below is hi; lo enters per row only (A, the loss, log p_t, the
+  // smoothing sum).
   static constexpr bool kSplit = std::is_same_v<acc_t, float>;
-  using lse_store_t = std::conditional_t<kSplit, double, acc_t>;
 
   const SoftmaxLossParams& p;
   const G& grp;
@@ -232,7 +231,7 @@ class SoftmaxRow {
       L = lse_of<kSplit>(st.m, st.log_s());  // (hi: st.lse())
       if (with_mass) mass = grp.sum(mass);
     } else {
-      L = split_lse<kSplit, acc_t>(static_cast<const lse_store_t*>(p.lse_in)[r]);
+      L = split_lse<kSplit, acc_t>(static_cast<const double*>(p.lse_in)[r]);
       if (p.prob_target) mass = grp.sum(mass_pass());
     }
     lse = L.hi;
@@ -280,7 +279,7 @@ class SoftmaxRow {
       }
       // p_c = exp(s_c - hi) exp(-lo): the loops below use hi
       if constexpr (kSplit) {
-        A *= L.lo_is_small() ? L.small_correction() : expf(-lse_lo);  // (1 for lo = 0)
+        A *= L.correction();
       }
     }
     if (!counted) t = -1;  // no target element in the gradient
@@ -335,7 +334,9 @@ class SoftmaxRow {
         total = grp.sum(total);
         // the smooth loop summed hi - s_c over the row's C classes (- (0 - lo) C: as
         // RowLse::minus, no change for lo = 0)
-        if (kSplit && loop == Loop::Smooth) total -= (acc_t(0) - lse_lo) * static_cast<acc_t>(C);
+        if (kSplit && loop == Loop::Smooth) {
+          total -= (acc_t(0) - lse_lo) * static_cast<acc_t>(C);
+        }
       }
     }
     // Every chunk has landed before any thread leaves the row, also where pass 2 read none
@@ -358,7 +359,7 @@ class SoftmaxRow {
         if (z != 0) l += z * lse * lse;
       }
       static_cast<acc_t*>(p.loss)[r] = l;
-      static_cast<lse_store_t*>(p.lse)[r] = stored_lse<kSplit>(L);
+      static_cast<double*>(p.lse)[r] = stored_lse<kSplit>(L);
     }
   }
 

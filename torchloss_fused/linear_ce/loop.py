@@ -33,7 +33,6 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     # (float64 only where a float64 probability target or class weight asks for it)
     cdt = targets.compute_dtype(hidden.dtype, target, class_weight)
     acc = targets.acc_dtype(hidden.dtype, target, class_weight)
-    lse_kernel = reference.lse_dtype(cdt)
     ops = _backend.ops_for(hidden.device)
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(N, V, H, hidden.dtype,
                                                              hidden.device)
@@ -79,11 +78,12 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
             lse[s:e].copy_(lse_c.view(n))
         if not grads:
             continue
-        # The lse this op returns (in acc), also where it was just computed wider (float32
-        # logits: reference.lse_dtype), so that the fused op and the backward op agree.
-        lse_c = (lse if lse_in is None else lse_in)[s:e].unsqueeze(-1).to(lse_kernel)
+        # The lse this op returns (in acc), also where it was just computed wider
+        # (reference.LSE_DTYPE), so that the fused op and the backward op agree.
+        lse_c = (lse if lse_in is None else lse_in)[s:e].unsqueeze(-1).to(reference.LSE_DTYPE)
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
-        g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1).to(lse_kernel)
+        g_lse = (None if lse_grad is None
+                 else lse_grad[s:e].unsqueeze(-1).to(reference.LSE_DTYPE))
         ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *ce_args, 1.0)
         if x3.dtype != logits.dtype:
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it

@@ -100,7 +100,7 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
         target = targets.chunk(target, logits.dtype)
     loss, lse = reference.ce_fwd(logits, target.unsqueeze(-1), class_weight, ignore_index,
                                  label_smoothing, z_loss, softcap, 1.0)
-    # (linear cross-entropy's lse is in the loss's dtype: reference.lse_dtype is wider)
+    # (linear cross-entropy's lse is in the loss's dtype: reference.LSE_DTYPE is wider)
     return loss.squeeze(-1), lse.squeeze(-1).to(loss.dtype)
 
 
