@@ -126,3 +126,56 @@ def test_backward_op_takes_the_forward_lse_bitwise(backend):
     assert torch.equal(g1, g2)
     _, g_ref = _loss_and_grad(F.cross_entropy, x.detach().double(), y)
     assert _max_err(g1, g_ref) < 1e-7
+
+
+def _linear_ce_grads(fn, leaves, target, **kwargs):
+    leaves = [v.detach().clone().requires_grad_() for v in leaves]
+    loss = fn(*leaves, target, **kwargs)
+    return [loss.detach(), *torch.autograd.grad(loss.sum(), leaves)]
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("kwargs", [{"reduction": "none"}, {"reduction": "mean"},
+                                    {"reduction": "mean", "label_smoothing": 0.1}],
+                         ids=["none", "mean", "smoothing"])
+def test_linear_cross_entropy_far_from_zero(backend, offset, kwargs):
+    """The logits' offset comes from the bias. reduction="none" takes the separate backward
+    op (from the saved lse), "mean" the gradients made during the forward."""
+    N, H, V = 48, 16, 600
+    hidden = torch.randn(N, H)
+    weight = torch.randn(V, H) * (3 / H ** 0.5)
+    bias = torch.full((V,), offset)
+    y = torch.randint(0, V, (N,))
+
+    def ours(h, w, b, t, **kw):
+        return tlf.linear_cross_entropy(h, w, t, b, chunk_size=16, **kw)
+
+    def theirs(h, w, b, t, **kw):
+        return F.cross_entropy(F.linear(h, w, b), t, **kw)
+
+    got = _linear_ce_grads(ours, (hidden, weight, bias), y, **kwargs)
+    f32 = _linear_ce_grads(theirs, (hidden, weight, bias), y, **kwargs)
+    exact = _linear_ce_grads(theirs, [v.double() for v in (hidden, weight, bias)], y, **kwargs)
+    for what, a, f, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, f32,
+                             exact):
+        err, f_err = _max_err(a, o), _max_err(f, o)
+        floor = 4 * torch.finfo(torch.float32).eps * float(o.abs().max())
+        assert err <= 2 * f_err + floor, (
+            f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
+
+
+def test_linear_cross_entropy_ops_keep_lse_in_float64(backend):
+    hidden, weight = torch.randn(6, 4), torch.randn(9, 4)
+    bias = torch.full((9,), 1000.0)
+    y = torch.randint(0, 9, (6,))
+    loss, lse = tlf.linear_cross_entropy(hidden, weight, y, bias, reduction="none",
+                                         return_lse=True)
+    assert loss.dtype == lse.dtype == torch.float32
+    from torchloss_fused.linear_ce import ops as lce_ops
+    ops = getattr(torch.ops, lce_ops.NAMESPACE)
+    _, op_lse = ops.linear_ce_fwd(hidden, weight, bias, y, None, -100, 0.0, 0.0, 0.0, 0, None)
+    assert op_lse.dtype == torch.float64
+    torch.testing.assert_close(lse, op_lse.float(), rtol=0, atol=0)
+    # of the float32 logits (F.linear's product, as the op's), exact but for log S's rounding
+    exact = torch.logsumexp(F.linear(hidden, weight, bias).double(), 1)
+    assert _max_err(op_lse, exact) <= 4e-7

@@ -239,18 +239,19 @@ def linear_cross_entropy(
         loss, lse, *_ = EAGER["linear_ce_fwd_grad"](h2, weight, bias, t1, class_weight,
                                                     denom, *ce_args, chunk, accum_dtype,
                                                     *needs)
-        return _with_lse(loss.to(out_dtype), lse, hidden, return_lse)
+        return _with_lse(loss.to(out_dtype), lse, hidden, return_lse, acc)
     else:
         loss_rows, lse = EAGER["linear_ce_fwd"](h2, weight, bias, t1, class_weight,
                                                 *ce_args, chunk, accum_dtype)
     split_terms = _reduction.splits_terms(class_weight, prob, label_smoothing)
     loss = _reduction.reduce(loss_rows, reduction, denom, hidden.shape[:-1], out_dtype,
                              split_terms)
-    return _with_lse(loss, lse, hidden, return_lse)
+    return _with_lse(loss, lse, hidden, return_lse, acc)
 
 
-def _with_lse(loss: Tensor, lse: Tensor, hidden: Tensor, return_lse: bool):
-    return (loss, lse.reshape(hidden.shape[:-1])) if return_lse else loss
+def _with_lse(loss: Tensor, lse: Tensor, hidden: Tensor, return_lse: bool, acc: torch.dtype):
+    # (the ops keep lse in float64, as cross_entropy's; the user gets it in acc, as there)
+    return (loss, lse.reshape(hidden.shape[:-1]).to(acc)) if return_lse else loss
 
 
 class LinearCrossEntropyLoss(nn.Module):

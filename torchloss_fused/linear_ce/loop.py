@@ -21,9 +21,10 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
 
     target: class indices (N,) or class probabilities (N, V) (see targets.py).
     class_weight: per-class weights (V,) or None, as the cross-entropy ops' weight.
-    lse_in None: computes per-row loss and lse. row_grad: the gradient of the loss with
-    respect to each row's loss, a 0-dim tensor (same for every row) or (N,); None: no
-    gradients. lse_grad: (N,) gradients of the returned lse (return_lse), or None.
+    lse_in None: computes per-row loss (acc) and lse (reference.LSE_DTYPE); else the
+    lse this computed, for the gradients. row_grad: the gradient of the loss with
+    respect to each row's loss in acc, a 0-dim tensor (same for every row) or (N,); None: no
+    gradients. lse_grad: (N,) gradients of the lse in its dtype (return_lse), or None.
     Returns (loss_rows, lse, grad_hidden, grad_weight, grad_bias) with None for what was
     not computed.
     """
@@ -45,7 +46,9 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
     loss_rows = lse = None
     if lse_in is None:
         loss_rows = hidden.new_empty((N,), dtype=acc)
-        lse = hidden.new_empty((N,), dtype=acc)
+        # (float64 as the cross-entropy ops keep it: the exact M + log S of float rows,
+        # which the backward splits again; linear_cross_entropy returns it in acc)
+        lse = hidden.new_empty((N,), dtype=reference.LSE_DTYPE)
     big = {"dtype": hidden.dtype, "device": hidden.device}
     grad_h = _host_buffers.empty((N, H), **big) if need_h else None
     # One chunk: one product, accumulated inside the matmul, rounded once, as F.linear's
@@ -78,12 +81,9 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
             lse[s:e].copy_(lse_c.view(n))
         if not grads:
             continue
-        # The lse this op returns (in acc), also where it was just computed wider
-        # (reference.LSE_DTYPE), so that the fused op and the backward op agree.
-        lse_c = (lse if lse_in is None else lse_in)[s:e].unsqueeze(-1).to(reference.LSE_DTYPE)
+        lse_c = (lse if lse_in is None else lse_in)[s:e].unsqueeze(-1)
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
-        g_lse = (None if lse_grad is None
-                 else lse_grad[s:e].unsqueeze(-1).to(reference.LSE_DTYPE))
+        g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1)
         ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *ce_args, 1.0)
         if x3.dtype != logits.dtype:
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it

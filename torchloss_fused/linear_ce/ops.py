@@ -20,8 +20,9 @@ _CE = "int ignore_index, float label_smoothing, float z_loss, float softcap"
 _CHUNK = "int chunk_size, ScalarType? accum_dtype"
 _NEEDS = "bool grad_hidden, bool grad_weight, bool grad_bias"
 SCHEMAS = {
-    # Per-row loss and lse (accumulation dtype: float32, or float64 where hidden or a
-    # probability target or its class weights are float64), no gradients. target: class
+    # Per-row loss (accumulation dtype: float32, or float64 where hidden or a probability
+    # target or its class weights are float64) and lse (float64, as the cross-entropy
+    # ops'), no gradients. target: class
     # indices (N,) or probabilities (N, V).
     "linear_ce_fwd": f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
     f"Tensor? class_weight, {_CE}, {_CHUNK}) -> (Tensor loss, Tensor lse)",
@@ -74,10 +75,11 @@ def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_ind
 def _bwd_impl(grad_loss, grad_lse, hidden, weight, bias, target, class_weight, lse,
               ignore_index, label_smoothing, z_loss, softcap, chunk_size, accum_dtype,
               grad_hidden, grad_weight, grad_bias):
+    acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     _, _, gh, gw, gb = _loop(
         hidden, weight, bias, target, class_weight,
         (ignore_index, label_smoothing, z_loss, softcap),
-        chunk_size, accum_dtype, row_grad=grad_loss.to(lse.dtype), lse_in=lse,
+        chunk_size, accum_dtype, row_grad=grad_loss.to(acc), lse_in=lse,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None,
         lse_grad=None if grad_lse is None else grad_lse.to(lse.dtype))
     return (gh if gh is not None else _placeholder(hidden),
@@ -128,7 +130,8 @@ def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
 def _fake_fwd(hidden, weight, bias, target, class_weight, *args):
     acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     N = hidden.shape[0]
-    return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc)
+    return (hidden.new_empty((N,), dtype=acc),
+            hidden.new_empty((N,), dtype=reference.LSE_DTYPE))
 
 
 def _fake_fwd_grad(hidden, weight, bias, target, class_weight, denom, ignore_index,
@@ -136,7 +139,7 @@ def _fake_fwd_grad(hidden, weight, bias, target, class_weight, denom, ignore_ind
                    grad_weight, grad_bias):
     acc = targets.acc_dtype(hidden.dtype, target, class_weight)
     loss = hidden.new_empty((), dtype=acc)
-    lse = hidden.new_empty((hidden.shape[0],), dtype=acc)
+    lse = hidden.new_empty((hidden.shape[0],), dtype=reference.LSE_DTYPE)
     return (loss, lse, *_fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias))
 
 
