@@ -15,7 +15,12 @@ as DTensors (rows sharded as the input's rows, replicated over the class-shardin
 dims), so functional.py reduces them exactly as it reduces local ones.
 
 The arithmetic is reference.py's, on local chunks with the global normalisers (C, the
-summed weights, the all-reduced lse): the same formulas the kernels implement.
+summed weights, the all-reduced lse): the same formulas the kernels implement. The per-row
+numbers (the slices' lses, the sums, the global lse, the loss before its last rounding)
+are float64 (reference.LSE_DTYPE) for every input dtype, as the ops keep lse: the kernels'
+float64 M + log S is carried across the ranks, so a sharded loss and its gradient are as
+accurate as the unsharded ones at any logit magnitude (loss = lse - s_t, formed in float32,
+would lose an ulp of lse).
 """
 
 from __future__ import annotations
@@ -164,9 +169,12 @@ def _local(grad, layout: _Layout) -> Tensor | None:
     return None if grad is None else _as_rows_local(grad, layout)
 
 
+ROW_DTYPE = reference.LSE_DTYPE  # of the per-row numbers (see the module's docstring)
+
+
 def _all_reduce_lse(lse_local: Tensor, sums: Tensor, groups) -> tuple[Tensor, Tensor]:
     """The log-sum-exp over all slices of each row, and `sums` (k, b, D) summed over the
-    slices: two collectives per mesh dim, whatever k."""
+    slices: two collectives per mesh dim, whatever k. lse_local and sums in ROW_DTYPE."""
     top = lse_local.clone()
     for g in groups:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=g)
@@ -208,14 +216,11 @@ _NOWHERE = -1
 
 
 def _kernel_lse(x: Tensor, tg: _Target, softcap: float, logit_scale: float) -> Tensor:
-    """Each row's log-sum-exp over the local slice, from the cross-entropy kernel (one
-    read of the slice, no float32 copy)."""
+    """Each row's log-sum-exp over the local slice (ROW_DTYPE), from the cross-entropy
+    kernel (one read of the slice, no float32 copy)."""
     ops = _backend.ops_for(x.device)
-    lse = ops.ce_fwd(x, tg.kernel_target(), None, _NOWHERE, 0.0, 0.0, softcap, logit_scale,
-                     False)[1]
-    # (the slices' lses are combined in the accumulation dtype; the kernels' float64 lse of
-    # float32 logits is not carried across ranks)
-    return lse.to(reference.acc_dtype(x.dtype))
+    return ops.ce_fwd(x, tg.kernel_target(), None, _NOWHERE, 0.0, 0.0, softcap, logit_scale,
+                      False)[1]  # (in ROW_DTYPE, the ops' lse dtype)
 
 
 def _lse_typed(v: Tensor) -> Tensor:
@@ -223,25 +228,25 @@ def _lse_typed(v: Tensor) -> Tensor:
     return v.to(reference.LSE_DTYPE)
 
 
-def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None, acc,
+def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None,
                                 softcap: float, logit_scale: float) -> tuple[Tensor, Tensor]:
     """Each row's log-sum-exp over the local slice and sum_c w_c s_c of its transformed
     logits (label smoothing's share of the slice), from one read of the slice: with label
     smoothing 1 the kernel's loss is L = sum_c w_c (lse_l - s_c) / C_l whatever the target
-    (its term has weight 1 - 1 = 0), so the sum is W_l lse_l - C_l L, W_l = sum_c w_c.
-    (Its rounding error is that of W_l lse_l in float32, relative to the loss's smoothing
-    term W lse - sum w s: a few ulp.)"""
+    (its term has weight 1 - 1 = 0), so the sum is W_l lse_l - C_l L, W_l = sum_c w_c,
+    formed in ROW_DTYPE: its error is C_l times L's, which is of the order of the logits'
+    spread, not of their magnitude. Both in ROW_DTYPE."""
     Cl = x.shape[1]
     if Cl == 0:  # (no class of this slice can be a kernel's target)
-        return _kernel_lse(x, tg, softcap, logit_scale), x.new_zeros(tg.here.shape, dtype=acc)
+        return (_kernel_lse(x, tg, softcap, logit_scale),
+                x.new_zeros(tg.here.shape, dtype=ROW_DTYPE))
     ops = _backend.ops_for(x.device)
     L, lse = ops.ce_fwd(x, tg.local, w_here, _NOWHERE, 1.0, 0.0, softcap, logit_scale, False)
     W = w_here.sum() if w_here is not None else Cl
-    total = (W * lse - Cl * L).to(acc)  # (float64 for float32 logits: their lse's dtype)
-    lse = lse.to(acc)
+    total = W * lse - Cl * L  # (in lse's dtype, ROW_DTYPE)
     # A slice of only -inf logits (masked vocabulary): lse_l = -inf makes L NaN, where
     # the sum itself is sum_c w_c * -inf.
-    minus_inf = torch.full((), -float("inf"), dtype=acc, device=x.device)
+    minus_inf = torch.full((), -float("inf"), dtype=ROW_DTYPE, device=x.device)
     empty_sum = (w_here * minus_inf).sum() if w_here is not None else minus_inf
     return lse, torch.where(lse == minus_inf, empty_sum, total)
 
@@ -256,8 +261,9 @@ def _kernel_grad(x: Tensor, tg: _Target, A: Tensor, B: Tensor, lse: Tensor, soft
 
     Ignored rows (A = 0 there, no lse gradient) come out as exact zeros, as in the
     unsharded path, whatever their logits hold: the kernel writes zeros for a row without
-    target whose lse gradient is 0."""
-    g = torch.where(tg.here, B, 0)
+    target whose lse gradient is 0. A, B and lse in ROW_DTYPE; B is rounded to the
+    accumulation dtype, the kernel's upstream gradient, and A - B formed after."""
+    g = torch.where(tg.here, B, 0).to(reference.acc_dtype(x.dtype))
     return _ce_bwd(x, inplace, g, _lse_typed(A - g), x, tg.kernel_target(), None,
                    _lse_typed(lse), _NOWHERE, 0.0, 0.0, softcap, logit_scale)
 
@@ -292,7 +298,7 @@ def _kernel_grad_smoothed(x: Tensor, tg: _Target, g: Tensor, A: Tensor, lse: Ten
     else:
         eps_k, g_scale = 1.0, Cl / C
     zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    g_k = torch.where(tg.valid, g * g_scale, zero)
+    g_k = torch.where(tg.valid, g * g_scale, 0)  # (in g's dtype: the kernel's grad_loss)
     elsewhere = tg.valid & ~tg.here
     t_k = torch.where(tg.here, tg.local, torch.where(tg.valid, 0, _NOWHERE))
     w_tk = w_here[t_k.clamp_min(0)] if w_here is not None else 1.0
@@ -338,10 +344,11 @@ def _local_chunks(x: Tensor, acc, softcap: float, logit_scale: float):
         yield b0, b1, reference._rows(x[b0:b1], acc, softcap, logit_scale)
 
 
-def _stack_rows(parts: list[list[Tensor]], k: int, x: Tensor, acc) -> tuple[Tensor, Tensor]:
-    """Per-chunk [lse_local, sum_1, ..., sum_k] -> lse_local (b, D) and sums (k, b, D)."""
+def _stack_rows(parts: list[list[Tensor]], k: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-chunk [lse_local, sum_1, ..., sum_k] (ROW_DTYPE) -> lse_local (b, D) and sums
+    (k, b, D)."""
     if not parts:  # no local rows: the collectives still run, on empty tensors
-        empty = x.new_empty((k + 1, x.shape[0], x.shape[2]), dtype=acc)
+        empty = x.new_empty((k + 1, x.shape[0], x.shape[2]), dtype=ROW_DTYPE)
         return empty[0], empty[1:]
     cols = [torch.cat(col) for col in zip(*parts)]
     return cols[0], torch.stack(cols[1:])
@@ -364,9 +371,9 @@ class _CrossEntropy(torch.autograd.Function):
             lse_local, sums = prob_sums(x, target, acc, eps, C, w_here, softcap, logit_scale)
         else:  # the kernel reads the slice once
             tg = _Target(target, ignore_index, off, Cl)
-            sums = [tg.logit_of(x, acc, softcap, logit_scale)]
+            sums = [tg.logit_of(x, acc, softcap, logit_scale).to(ROW_DTYPE)]
             if eps > 0:
-                lse_local, smoothing = kernel_lse_and_weighted_sum(x, tg, w_here, acc, softcap,
+                lse_local, smoothing = kernel_lse_and_weighted_sum(x, tg, w_here, softcap,
                                                                    logit_scale)
                 sums.append(smoothing)
             else:
@@ -381,7 +388,8 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(x, target, weight, lse, sums[0] if prob else None)
         ctx.layout, ctx.inplace, ctx.x3_meta = layout, inplace_backward, _meta(x3)
         ctx.args = (ignore_index, eps, z_loss, softcap, logit_scale)
-        return _to_rows_dtensor(loss, layout), _to_rows_dtensor(lse, layout)
+        # (the loss in acc, as the ops give it; lse in ROW_DTYPE, as the ops keep it)
+        return _to_rows_dtensor(loss.to(acc), layout), _to_rows_dtensor(lse, layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -398,13 +406,13 @@ class _CrossEntropy(torch.autograd.Function):
         if not target.is_floating_point():
             tg = _Target(target, ignore_index, off, Cl)
             out = index_grad(x, tg, grad_loss.to(acc),
-                             None if grad_lse is None else grad_lse.to(acc), lse, w, w_here,
-                             eps, z_loss, C, softcap, logit_scale, ctx.inplace)
+                             None if grad_lse is None else grad_lse.to(ROW_DTYPE), lse, w,
+                             w_here, eps, z_loss, C, softcap, logit_scale, ctx.inplace)
             return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
         out = x if ctx.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
         prob_grad_into(out, x, target, grad_loss.to(acc),
-                       None if grad_lse is None else grad_lse.to(acc), lse, q_total, acc, eps,
-                       z_loss, C, w_here, softcap, logit_scale)
+                       None if grad_lse is None else grad_lse.to(ROW_DTYPE), lse, q_total, acc,
+                       eps, z_loss, C, w_here, softcap, logit_scale)
         return (_to_logits_dtensor(out, ctx.layout, ctx.x3_meta),) + (None,) * 9
 
 
@@ -412,12 +420,23 @@ def prob_sums(x: Tensor, target: Tensor, acc, eps: float, C: int, w_here: Tensor
               softcap: float, logit_scale: float) -> tuple[Tensor, Tensor]:
     """For a slice (b, C_local, D) of the logits and its probability target: the slice's
     lse (b, D) and sums (2, b, D): the target's weighted total and its weighted logit sum
-    (each rank's part of the whole row's)."""
+    (each rank's part of the whole row's), all in ROW_DTYPE. The logit sum is taken as
+    m Q + sum q (s - m), m the row's largest logit here and Q the total: the loss
+    lse Q - sum q s then cancels m exactly (in ROW_DTYPE), and its error is that of the
+    logits' spread, as F's, not of their magnitude."""
     parts = []
     for b0, b1, s in _local_chunks(x, acc, softcap, logit_scale):
         q = _weighted_prob_target(target[b0:b1], s.dtype, eps, C, w_here)
-        parts.append([reference.logsumexp(s), q.sum(-1), (q * s).sum(-1)])
-    return _stack_rows(parts, 2, x, acc)
+        total = q.sum(-1)
+        if s.shape[-1] == 0:
+            m = torch.zeros_like(total)
+        else:
+            m = s.amax(-1)
+            m = torch.where(torch.isfinite(m), m, 0)  # (rows of +-inf or NaN: q s as is)
+        spread = (q * (s - m.unsqueeze(-1))).sum(-1)
+        wide = total.to(ROW_DTYPE)
+        parts.append([reference.stored_lse(s), wide, m.to(ROW_DTYPE) * wide + spread])
+    return _stack_rows(parts, 2, x)
 
 
 def prob_loss(lse: Tensor, sums: Tensor, z_loss: float) -> Tensor:
@@ -437,8 +456,9 @@ def prob_grad_into(out: Tensor, x: Tensor, target: Tensor, g: Tensor, g_lse: Ten
         q = _weighted_prob_target(target[b0:b1], acc, eps, C, w_here)
         A = g_c * (q_total[b0:b1] + 2 * z_loss * l_c) if z_loss else g_c * q_total[b0:b1]
         A = A if g_lse is None else A + g_lse[b0:b1]
-        grad = reference._grad_chunk(s, l_c, A, g_c.unsqueeze(-1) * q, None, None, softcap,
-                                     logit_scale)
+        hi, lo = reference.split_lse(l_c, acc)  # (p = exp(s - hi) exp(-lo), in acc)
+        grad = reference._grad_chunk(s, hi, A.to(acc), g_c.unsqueeze(-1) * q, None, None,
+                                     softcap, logit_scale, lo=lo)
         reference._write_grad(out, b0, b1, grad)
 
 
@@ -498,12 +518,13 @@ class _Focal(torch.autograd.Function):
         acc = reference.acc_dtype(x.dtype)
         tg = _Target(target, ignore_index, layout.offset, x.shape[1])
         lse, sums = _all_reduce_lse(_kernel_lse(x, tg, 0.0, 1.0),
-                                    tg.logit_of(x, acc, 0.0, 1.0)[None], layout.groups)
+                                    tg.logit_of(x, acc, 0.0, 1.0)[None].to(ROW_DTYPE),
+                                    layout.groups)
         s_t = sums[0]
         loss, _ = _focal_terms(s_t, lse, target, alpha, alpha_scale, gamma, ignore_index)
         ctx.save_for_backward(x, target, alpha, lse, s_t)
         ctx.layout, ctx.args, ctx.x3_meta = layout, (alpha_scale, gamma, ignore_index), _meta(x3)
-        return _to_rows_dtensor(loss, layout), _to_rows_dtensor(lse, layout)
+        return _to_rows_dtensor(loss.to(acc), layout), _to_rows_dtensor(lse, layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -88,8 +88,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         chunk = chunk_size or auto_chunk_size(N, max(Vl, 1), H, h.dtype, h.device)
         chunk = max(1, min(chunk, N))
-        lse_local = h.new_empty((N, 1), dtype=acc)
-        sums = h.new_zeros((2 if eps > 0 or prob else 1, N, 1), dtype=acc)
+        # (per-row numbers in vp.ROW_DTYPE, float64: see ../vocab_parallel.py)
+        lse_local = h.new_empty((N, 1), dtype=vp.ROW_DTYPE)
+        sums = h.new_zeros((2 if eps > 0 or prob else 1, N, 1), dtype=vp.ROW_DTYPE)
         buf = h.new_empty((chunk * Vl,))
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
@@ -102,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sums[0, s:e] = tg.logit_of(x3, acc, softcap, 1.0)
             if eps > 0:
                 lse_local[s:e], sums[1, s:e] = vp.kernel_lse_and_weighted_sum(
-                    x3, tg, cw_here, acc, softcap, 1.0)
+                    x3, tg, cw_here, softcap, 1.0)
             else:
                 lse_local[s:e] = vp._kernel_lse(x3, tg, softcap, 1.0)
         del buf
@@ -118,7 +119,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.args = (ignore_index, eps, z_loss, softcap, accum_dtype)
         ctx.meta = tuple((t.shape, t.stride()) if t is not None else None
                          for t in (hidden, weight, bias))
-        return _rows_dtensor(loss, layout), _rows_dtensor(lse, layout)
+        return _rows_dtensor(loss.to(acc), layout), _rows_dtensor(lse, layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -132,10 +133,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_b = b is not None and ctx.needs_input_grad[2]
         N, H = h.shape
         Vl = w.shape[0]
-        acc = lse.dtype
-        g_rows = torch.zeros_like(lse) if grad_loss is None else _local_rows(grad_loss, layout,
-                                                                              acc)
-        g_lse = None if grad_lse is None else _local_rows(grad_lse, layout, acc)
+        acc = targets.acc_dtype(h.dtype, target, class_weight)
+        g_rows = (lse.new_zeros(lse.shape, dtype=acc) if grad_loss is None
+                  else _local_rows(grad_loss, layout, acc))
+        g_lse = None if grad_lse is None else _local_rows(grad_lse, layout, lse.dtype)
         cw, cw_here = _class_weights(class_weight, acc, layout.offset, Vl)
         grad_h = h.new_empty((N, H)) if need_h else None
         gw = WeightGrad(w, w.dtype if chunk >= N else resolve_accum(w.dtype, accum_dtype)) \
