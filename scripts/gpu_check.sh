@@ -446,8 +446,10 @@ fi
 
 # float32 accuracy beside F's, on the GPU (benchmarks/precision.py: a few seconds).
 if want bench; then
-  "$PY" -m benchmarks.precision --device cuda 2>&1 | tee -a "$SUMMARY" ||
-    note "benchmarks.precision failed"
+  for op in cross_entropy linear_cross_entropy; do
+    "$PY" -m benchmarks.precision --op "$op" --device cuda 2>&1 | tee -a "$SUMMARY" ||
+      note "benchmarks.precision --op $op failed"
+  done
 fi
 
 # The results the benchmark wrote in this run (JSON, PNG, -latest.md tables).

@@ -840,14 +840,16 @@ def _(ctx):
 # The slices' lses are combined in float64 (../torchloss_fused/vocab_parallel.py), so the
 # sharded loss and gradient keep F's accuracy where a float32 lse loses an ulp of it
 # (6e-5 at 1000). Ours, against the float64 oracle, within twice F's float32 error plus
-# 4 ulp of the value, as tests/test_lse_precision.py asks of the unsharded paths.
+# an ulp of the value (tests/test_lse_precision.py allows 4 for the unsharded paths; here
+# 4 would pass a smoothing sum whose slices' weight totals were rounded apart: 8e-6
+# against F's 1.3e-6).
 
 
 def _within_f32(ours, f32, exact, what):
     ours = (ours.full_tensor() if isinstance(ours, DTensor) else ours).detach()
     err = float((ours.double() - exact.double()).abs().max())
     f_err = float((f32.double() - exact.double()).abs().max())
-    floor = 4 * torch.finfo(torch.float32).eps * float(exact.abs().max())
+    floor = torch.finfo(torch.float32).eps * float(exact.abs().max())
     assert err <= 2 * f_err + floor, (
         f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
 

@@ -444,3 +444,17 @@ def test_rows_serialise_without_nan():
     row = Row(op="ce_fwd", op_label="x", impl="i", impl_kind=OURS, dtype="fp32", shape=[1, 2],
               logits_bytes=8, bytes_moved=8, input_sets=1)
     assert json.dumps(row.to_json(), allow_nan=False)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_precision_script_prints_ours_beside_f(op, capsys):
+    from benchmarks import precision
+
+    precision.main(["--op", op, "--shape", "8", "40", "--offsets", "0", "1000"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{op}: float32 (8, 40)")
+    assert "F: loss" in out and "ours: loss" in out
+    e = precision.errors(1000.0, 8, 40, "cpu", 0, op)
+    assert set(e) == {"ours", "F"} and len(e["ours"]) == len(e["F"]) == (
+        2 if op == "cross_entropy" else 3)
+    assert all(0 <= v < 1e-3 for v in e["ours"] + e["F"])

@@ -242,7 +242,9 @@ def kernel_lse_and_weighted_sum(x: Tensor, tg: _Target, w_here: Tensor | None,
                 x.new_zeros(tg.here.shape, dtype=ROW_DTYPE))
     ops = _backend.ops_for(x.device)
     L, lse = ops.ce_fwd(x, tg.local, w_here, _NOWHERE, 1.0, 0.0, softcap, logit_scale, False)
-    W = w_here.sum() if w_here is not None else Cl
+    # (W_l summed in ROW_DTYPE, as index_loss sums W: W lse - sum_l W_l lse_l must cancel
+    # to the last bits, lse being near the logits' magnitude)
+    W = w_here.sum(dtype=ROW_DTYPE) if w_here is not None else Cl
     total = W * lse - Cl * L  # (in lse's dtype, ROW_DTYPE)
     # A slice of only -inf logits (masked vocabulary): lse_l = -inf makes L NaN, where
     # the sum itself is sum_c w_c * -inf.
@@ -471,7 +473,7 @@ def index_loss(lse: Tensor, sums: Tensor, target: Tensor, w: Tensor | None, igno
     w_t = w[t.masked_fill(~valid, 0)] if w is not None else torch.ones_like(lse)
     loss = (1 - eps) * (w_t * (lse - sums[0]))
     if eps > 0:
-        W = w.sum() if w is not None else C
+        W = w.sum(dtype=ROW_DTYPE) if w is not None else C  # (see kernel_lse_and_...)
         loss = loss + eps / C * (W * lse - sums[1])
     if z_loss != 0:
         loss = loss + z_loss * lse * lse
