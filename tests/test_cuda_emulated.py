@@ -485,6 +485,11 @@ def make_logits(cfg: SoftmaxConfig, gen: torch.Generator) -> torch.Tensor:
         return rand(C, B).t().unsqueeze(-1)
     if cfg.layout == "d3":
         return rand(B, C, 3)
+    if cfg.layout == "far":  # rows around FAR_OFFSETS (see far_configs)
+        offsets = FAR_OFFSETS[cfg.dtype]
+        off = torch.tensor([offsets[r % len(offsets)] for r in range(B)], dtype=torch.float64)
+        x = torch.randn(B, C, 1, generator=gen, dtype=torch.float64) * 3 + off[:, None, None]
+        return x.to(cfg.dtype)
     if cfg.layout == "saturated":  # the largest logit dominates: sum exp(x - max) rounds to 1
         x = torch.full((B, C, 1), -30.0, dtype=torch.float64)
         x[:, 0] = 0.0
@@ -1003,6 +1008,7 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
             out.append(SoftmaxConfig(dtype, C, "contig", {"prob": True}, group=2,
                                      threads=threads, vec=True, cache="full", grid=2, B=5))
     out += bulk_configs()
+    out += far_configs()
     return out
 
 
@@ -1048,6 +1054,41 @@ def bulk_configs() -> list[SoftmaxConfig]:
             out.append(SoftmaxConfig(
                 torch.bfloat16, C, "contig", o, group=group, threads=threads, vec=True,
                 cluster=cluster, bulk=True, cache="full", grid=grid, B=8))
+    return out
+
+
+# Row offsets of the "far" layout, row r taking entry r mod len: the stored lse's lo, up to
+# half an ulp of hi, then takes each tier of RowLse::correction (1 - lo below 2^-16, the
+# polynomial below 2^-12, exp beyond: hi near 30, 1000 and 5000, and 1e5 or 1e8) and
+# enters the loss, the smoothing and probability-target sums and focal's log p_t with
+# values far from 0. (float16 holds 65504 at most.)
+FAR_OFFSETS = {torch.float32: (30.0, 1000.0, 5000.0, 1e5, 1e8),
+               torch.bfloat16: (30.0, 1000.0, 5000.0, 1e5, 1e8),
+               torch.float16: (30.0, 1000.0, 5000.0, 3e4, 6e4),
+               torch.float64: (30.0, 1e5)}
+
+
+def far_configs() -> list[SoftmaxConfig]:
+    """Logits far from 0 ("far" layout) in every group shape, vector or scalar, every option
+    dealt in turn, and through the real launcher. Its own random stream, so the sample
+    before it is unchanged."""
+    rnd = random.Random(20261206)
+    out = []
+    deal = dealer(rnd)
+    for dtype in DTYPES:
+        for _, group, threads in GROUPS:
+            for vec in (False, True):
+                if vec and (dtype == torch.float64 or group == 0):
+                    continue
+                out.append(SoftmaxConfig(
+                    dtype, rnd.choice([33, 257, 1000] if group else [3, 33, 100]), "far",
+                    deal(), group=group, threads=threads, vec=vec,
+                    cache=rnd.choice(["none", "part", "full"]), grid=rnd.choice([1, 2]),
+                    B=10 if group else 20))
+    for dtype, C in ((torch.float32, 3000), (torch.bfloat16, 20000), (torch.float16, 700)):
+        for o in ({"eps": 0.1, "weight": True, "z": 1e-3}, {"focal": True, "gamma": 2.0},
+                  {"prob": True}):
+            out.append(SoftmaxConfig(dtype, C, "far", o, launch="auto", B=5))
     return out
 
 

@@ -8,7 +8,7 @@ error against the float64 oracle and allows ours twice that plus a few ulp of th
 CPU only: the CUDA kernels' fast-math exp and log have errors of their own beside F's
 accurate ones, whatever lse does; scripts/gpu_check.sh runs benchmarks/precision.py on
 the GPU, and the emulated CUDA kernels are checked against reference.py's split lse
-(tests/test_cuda_emulated.py).
+(tests/test_cuda_emulated.py, its "far" layout for logits far from 0).
 """
 
 from __future__ import annotations
