@@ -61,13 +61,15 @@ CHECK = """
     torch.manual_seed(0)
     x = torch.randn(33, 1000, dtype=torch.{dtype})
     # Rows that stress each copy's exponentials: far-apart logits, a -inf half (masked
-    # classes), a +inf and a NaN logit (NaN rows), one dominant logit (loss exactly 0).
+    # classes), a +inf and a NaN logit (NaN rows), one dominant logit (loss exactly 0),
+    # logits far from 0.
     x[1] *= 1000
     x[2, 500:] = float("-inf")
     x[3, 7] = float("inf")
     x[4, 9] = float("nan")
     x[5] = float("-inf")
     x[5, 3] = 5.0
+    x[6] += 1e5  # far from 0: the row's lse keeps a lo (RowLse) that each copy must use
     x.requires_grad_()
     y = torch.randint(0, 500, (33,))
     y[0] = -100
