@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.debug import CommDebugMode
 
 import torchloss_fused as tlf
-from tests.helpers import oracle_cross_entropy
+from tests.helpers import assert_as_accurate_as_f, oracle_cross_entropy
 from tests.test_focal_loss import focal_oracle
 from torchloss_fused import reference
 
@@ -846,12 +846,8 @@ def _(ctx):
 
 
 def _within_f32(ours, f32, exact, what):
-    ours = (ours.full_tensor() if isinstance(ours, DTensor) else ours).detach()
-    err = float((ours.double() - exact.double()).abs().max())
-    f_err = float((f32.double() - exact.double()).abs().max())
-    floor = torch.finfo(torch.float32).eps * float(exact.abs().max())
-    assert err <= 2 * f_err + floor, (
-        f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
+    ours = ours.full_tensor() if isinstance(ours, DTensor) else ours
+    assert_as_accurate_as_f(ours, f32, exact, what, ulps=1)
 
 
 def check_far_from_zero(ctx, fn, ref_fn, prob=False, weight=False, offset=1000.0, **kwargs):

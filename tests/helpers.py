@@ -88,6 +88,16 @@ def _max_err(a, b):
     return float(d.max())
 
 
+def assert_as_accurate_as_f(ours, f32, exact, what: str, ulps: float = 4) -> None:
+    """ours' largest error against the float64 `exact` at most twice F's float32 result's
+    (`f32`) plus `ulps` float32 ulps of the largest exact value (the float32-lse tests:
+    tests/test_lse_precision.py, tests/dtensor_worker.py's precise_* cases)."""
+    err, f_err = _max_err(ours, exact), _max_err(f32, exact)
+    floor = ulps * torch.finfo(torch.float32).eps * float(exact.detach().abs().max())
+    assert err <= 2 * f_err + floor, (
+        f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
+
+
 def assert_matches(ours, oracle, eager=None, dtype=None, factor=2.0, what="value",
                    extra=0.0):
     """ours vs the float64 oracle. float32/float64: assert_close's defaults for that dtype,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchloss_fused as tlf
 from torchloss_fused import reference
 
-from .helpers import _max_err
+from .helpers import _max_err, assert_as_accurate_as_f
 
 OFFSETS = [30.0, 1000.0, 1e5]
 
@@ -43,10 +43,7 @@ def _check(fn, ref_fn, x, *args, **kwargs):
     theirs = _loss_and_grad(ref_fn, x, *args, **kwargs)
     exact = _loss_and_grad(ref_fn, x.double(), *args, **kwargs)
     for what, a, f, o in zip(("loss", "gradient"), ours, theirs, exact):
-        err, f_err = _max_err(a, o), _max_err(f, o)
-        floor = 4 * torch.finfo(torch.float32).eps * float(o.abs().max())
-        assert err <= 2 * f_err + floor, (
-            f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
+        assert_as_accurate_as_f(a, f, o, what)
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
@@ -158,10 +155,7 @@ def test_linear_cross_entropy_far_from_zero(backend, offset, kwargs):
     exact = _linear_ce_grads(theirs, [v.double() for v in (hidden, weight, bias)], y, **kwargs)
     for what, a, f, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, f32,
                              exact):
-        err, f_err = _max_err(a, o), _max_err(f, o)
-        floor = 4 * torch.finfo(torch.float32).eps * float(o.abs().max())
-        assert err <= 2 * f_err + floor, (
-            f"{what}: max error {err:.3g} against F's {f_err:.3g} (allowed 2x + {floor:.3g})")
+        assert_as_accurate_as_f(a, f, o, what)
 
 
 def test_linear_cross_entropy_ops_keep_lse_in_float64(backend):
