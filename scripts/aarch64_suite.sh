@@ -10,7 +10,7 @@
 #   TLF_ARM_TORCH      the torch requirement inside (default torch==2.9.1, whose aarch64
 #                      wheel on PyPI is a CPU build; 2.13.0's needs CUDA's libraries, GBs)
 # The mounts (proc, dev) inside the root file system stay after the run.
-# Seen on a 2-core x86 machine: debootstrap 6 min, the venv 2.5 min, the build 5 min; the
+# Seen on a 2-core x86 machine: debootstrap 6 min, the venv 2.5 min, the build 5-7 min; the
 # whole suite takes over an hour emulated, so pass test files to run a part (the figures:
 # README, "Development").
 set -euo pipefail
