@@ -36,7 +36,7 @@ CAPABILITY_FLAGS = {
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _sources():
+def _sources(x86=IS_X86):
     cpu = ["csrc/ops.cpp", "csrc/tensor_params.cpp", "csrc/host_buffers.cpp",
            "csrc/reduced_loss.cpp",
            "csrc/cpu/kernel_table.cpp",
@@ -44,7 +44,7 @@ def _sources():
            # Default-capability objects come first in the link so that the inline functions
            # they share with the AVX objects resolve to the portable copies.
            "csrc/cpu/kernels_default.cpp"]
-    if IS_X86:
+    if x86:
         cpu += ["csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"]
     cuda = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     return cpu, cuda
@@ -138,13 +138,8 @@ def _extensions():
     # Headers: distutils rebuilds every object when one of these changes.
     depends = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh")
                      for p in (ROOT / "csrc").rglob(pattern))
-    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-ffp-contract=off"]
-    link = []
-    if _torch_uses_openmp():
-        # at::parallel_for is inline OpenMP code: without -fopenmp it silently runs on one
-        # thread. The OpenMP runtime resolves to the libgomp torch has already loaded.
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
+    cxx = _cxx_flags()
+    link = ["-fopenmp"] if "-fopenmp" in cxx else []
     macros = [("TLF_X86_KERNELS", None)] if IS_X86 else []
     if _want_cuda() and cuda_sources:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -165,6 +160,17 @@ def _extensions():
                            depends=depends, extra_compile_args={"cxx": cxx},
                            extra_link_args=link)
     return [ext], {"build_ext": Build.with_options(use_ninja=False)}
+
+
+def _cxx_flags():
+    """The C++ flags of every source (CAPABILITY_FLAGS and _cxx_std() come on top).
+    .ci/aarch64_compile_check.sh reads them, with _sources, by importing this file."""
+    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-ffp-contract=off"]
+    if _torch_uses_openmp():
+        # at::parallel_for is inline OpenMP code: without -fopenmp it silently runs on one
+        # thread. The OpenMP runtime resolves to the libgomp torch has already loaded.
+        cxx.append("-fopenmp")
+    return cxx
 
 
 def _nvcc_command():
@@ -222,7 +228,10 @@ def _parallel_compile(self, sources, output_dir=None, macros=None, include_dirs=
     return sorted(objects, key=lambda o: any(k in o for k in ("_avx2.", "_avx512.")))
 
 
-if not (_env_flag("TORCHLOSS_FUSED_CPU_ONLY") or _env_flag("TORCHLOSS_FUSED_NO_EXTENSION")):
-    _resolve_cuda_home()
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# (setuptools' build backend runs this file as __main__ too; an import only reads it)
+if __name__ == "__main__":
+    if not (_env_flag("TORCHLOSS_FUSED_CPU_ONLY")
+            or _env_flag("TORCHLOSS_FUSED_NO_EXTENSION")):
+        _resolve_cuda_home()
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -14,7 +14,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 CXX="${TLF_AARCH64_CXX:-aarch64-linux-gnu-g++}"
-start=$SECONDS
 log() { echo "[aarch64-compile-check] $*"; }
 
 if ! command -v "$CXX" >/dev/null; then
@@ -32,41 +31,45 @@ if ! command -v "$CXX" >/dev/null; then
 fi
 log "$("$CXX" --version | head -n 1)"
 
-# The flags setup.py gives the C++ sources; a change there must be mirrored here.
-read -r -a INCLUDES <<<"$("$PYTHON" - <<'EOF'
-import sysconfig
-from torch.utils.cpp_extension import include_paths
-print(" ".join("-I" + p for p in include_paths() + [sysconfig.get_paths()["include"]]))
-EOF
-)"
-STD="$("$PYTHON" -c 'import torch; v = tuple(int(x) for x in torch.__version__.split(".")[:2]); print("-std=c++20" if v >= (2, 10) else "-std=c++17")')"
-FLAGS=("$STD" -O3 -fPIC -fvisibility=hidden -Wno-unknown-pragmas -ffp-contract=off -fopenmp
-       -Wno-psabi  # (a note on every ATen vector pair: "parameter passing ... changed")
-       -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C)
-
 cd "$ROOT"
-# setup.py's own list, less the x86-only copies (it adds those only where IS_X86).
-mapfile -t SOURCES < <(grep -o '"csrc/[A-Za-z0-9_/]*\.cpp"' setup.py | tr -d '"' \
-                       | grep -v -E '_avx(2|512)\.cpp$' | sort -u)
-(( ${#SOURCES[@]} > 0 )) || { log "no C++ sources found in setup.py"; exit 1; }
+# setup.py's own source list (as on a non-x86 host) and C++ flags, read by importing it;
+# the two defines are the ones torch's BuildExtension adds.
+"$PYTHON" - "$CXX" <<'EOF'
+import importlib.util
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
 
-OBJ="$(mktemp -d)"
-trap 'rm -rf "$OBJ"' EXIT
-failed=0
-for src in "${SOURCES[@]}"; do
-  extra=()
-  [[ "$src" == */kernels_default.cpp ]] && extra=(-DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT)
-  if "$CXX" "${FLAGS[@]}" ${extra[@]+"${extra[@]}"} "${INCLUDES[@]}" -c "$src" \
-       -o "$OBJ/$(basename "$src").o" 2>"$OBJ/log"; then
-    log "ok      $src"
-  else
-    log "FAILED  $src"
-    cat "$OBJ/log"
-    failed=1
-  fi
-done
-if (( failed )); then
-  log "failed after $((SECONDS - start)) s"
-  exit 1
-fi
-log "passed in $((SECONDS - start)) s (${#SOURCES[@]} sources)"
+from torch.utils.cpp_extension import include_paths
+
+spec = importlib.util.spec_from_file_location("tlf_setup", "setup.py")
+setup_py = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(setup_py)
+
+cxx, start = sys.argv[1], time.monotonic()
+sources, _ = setup_py._sources(x86=False)
+flags = (setup_py._cxx_flags() + [setup_py._cxx_std(), "-fPIC",
+         "-Wno-psabi",  # a note on every ATen vector pair: "parameter passing ... changed"
+         "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+         + ["-I" + p for p in include_paths() + [sysconfig.get_paths()["include"]]])
+failed = []
+with tempfile.TemporaryDirectory() as obj:
+    for src in sources:
+        extra = [f for suffix, fs in setup_py.CAPABILITY_FLAGS.items()
+                 if src.endswith(suffix) for f in fs]
+        run = subprocess.run([cxx, *flags, *extra, "-c", src,
+                              "-o", str(Path(obj) / (Path(src).name + ".o"))],
+                             capture_output=True, text=True)
+        ok = run.returncode == 0
+        print(f"[aarch64-compile-check] {'ok    ' if ok else 'FAILED'}  {src}", flush=True)
+        if not ok:
+            print(run.stderr, flush=True)
+            failed.append(src)
+took = time.monotonic() - start
+if failed:
+    sys.exit(f"[aarch64-compile-check] failed after {took:.0f} s: {', '.join(failed)}")
+print(f"[aarch64-compile-check] passed in {took:.0f} s ({len(sources)} sources)")
+EOF
