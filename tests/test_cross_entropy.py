@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchloss_fused as tlf
 
@@ -276,3 +277,48 @@ def test_deterministic_and_retained_graph_repeats_bitwise(device, backend, dtype
     again = torch.autograd.grad(f(x), x)[0]
     assert torch.equal(first, second) and torch.equal(first, again)
     assert torch.equal(loss, f(x))
+
+
+SPARSE_LAYOUTS = {
+    "coo": lambda p: p.to_sparse(),
+    "coo_hybrid": lambda p: p.to_sparse(1),  # (sparse rows, dense class values)
+    "csr": lambda p: p.to_sparse_csr(),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SPARSE_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"reduction": "none"},
+                                {"reduction": "sum", "label_smoothing": 0.2},
+                                {"weight": True}, {"z_loss": 1e-3}],
+                         ids=["mean", "none", "sum_smoothing", "weight", "z_loss"])
+def test_sparse_probability_target_is_its_dense_copy(device, backend, layout, dtype, kw):
+    # F.cross_entropy takes a sparse probability target (mean and sum, forward only); here
+    # it gives the dense target's bits for every option, the backward included.
+    x = random_logits((6, 9), dtype, device)
+    p = torch.rand(6, 9, device=device).to(dtype)
+    p[torch.rand(6, 9, device=device) < 0.6] = 0
+    if kw.get("weight"):
+        kw = {"weight": torch.rand(9, device=device).to(dtype) + 0.5}
+    sparse = SPARSE_LAYOUTS[layout](p)
+    assert sparse.layout != torch.strided
+    ours, dense = tlf.cross_entropy(x, sparse, **kw), tlf.cross_entropy(x, p, **kw)
+    grad_out = torch.rand_like(ours) + 0.5
+    (g_ours,), (g_dense,) = (torch.autograd.grad(v, x, grad_out) for v in (ours, dense))
+    assert torch.equal(ours, dense) and torch.equal(g_ours, g_dense)
+    assert sparse.to_dense().equal(p)  # (the caller's target untouched)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sparse_probability_target_matches_f(device, reduction):
+    # Where F.cross_entropy computes it: the value, and the gradient of a sparse target
+    # (F's is dense, ours sparse with every class: the same values).
+    x = random_logits((5, 8), torch.float64, device, requires_grad=False)
+    p = torch.rand(5, 8, dtype=torch.float64, device=device)
+    p[p < 0.5] = 0
+    ours_t, f_t = (p.to_sparse().requires_grad_() for _ in range(2))
+    ours, theirs = tlf.cross_entropy(x, ours_t, reduction=reduction), F.cross_entropy(
+        x, f_t, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    (g_ours,), (g_f,) = torch.autograd.grad(ours, ours_t), torch.autograd.grad(theirs, f_t)
+    torch.testing.assert_close(g_ours.to_dense(), g_f.to_dense(), rtol=1e-12, atol=1e-12)

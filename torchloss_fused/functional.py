@@ -35,6 +35,25 @@ def _check_reduction(reduction) -> None:
 def _check_tensor(x, name: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        # (The kernels and the reference's views read strided memory; F fails on these too,
+        # deep inside with NotImplementedError, but for sparse probability targets.)
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got layout {x.layout}; "
+            "convert it with .to_dense()"
+        )
+
+
+def _dense_prob_target(target):
+    """F.cross_entropy takes a sparse (COO, CSR...) probability target, in its forward:
+    taken here as its dense copy, which the kernels read like any probability target (one
+    logits-sized tensor; the backward works too, and every reduction and option, where F's
+    stops at the input's gradient and at label smoothing or reduction="none").
+    masked_grad=False: a target requiring grad gets every class's gradient, as from F."""
+    if isinstance(target, Tensor) and target.layout != torch.strided and \
+            target.is_floating_point():
+        return target.to_dense(masked_grad=False)
+    return target
 
 
 def _check_logits(input, name: str = "input") -> None:
@@ -322,6 +341,7 @@ def cross_entropy(
         reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
     _check_reduction(reduction)
     _check_logits(input)
+    target = _dense_prob_target(target)
     _check_tensor(target, "target")
     _check_device(input, target, "target")
     label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
