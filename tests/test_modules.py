@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
+import pytest
 import torch
 
 import torchloss_fused as tlf
@@ -43,3 +47,55 @@ def test_focal_modules():
 def test_legacy_reduction_arguments():
     m = tlf.CrossEntropyLoss(size_average=False)
     assert m.reduction == "sum"
+
+
+MODULES = {
+    "CrossEntropyLoss": lambda: tlf.CrossEntropyLoss(weight=torch.rand(5) + 0.5,
+                                                     label_smoothing=0.1, z_loss=1e-3),
+    "FocalLoss": lambda: tlf.FocalLoss(gamma=1.5, alpha=torch.rand(5)),
+    "SigmoidFocalLoss": lambda: tlf.SigmoidFocalLoss(alpha=0.3, reduction="mean"),
+    "LinearCrossEntropyLoss": lambda: tlf.LinearCrossEntropyLoss(
+        class_weight=torch.rand(5) + 0.5, chunk_size=2),
+}
+
+
+def _call(name, module):
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    if name == "SigmoidFocalLoss":
+        return module(x, torch.rand(4, 5))
+    if name == "LinearCrossEntropyLoss":
+        return module(torch.randn(4, 3), torch.randn(5, 3), y)
+    return module(x, y)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_copy_save_and_load(name, tmp_path):
+    # deepcopy (model averaging, EMA copies), torch.save of the whole module and of its
+    # state_dict: the copies compute what the original does.
+    module = MODULES[name]()
+    expected = _call(name, module)
+    torch.save(module, tmp_path / "m.pt")
+    fresh = MODULES[name]()
+    fresh.load_state_dict(module.state_dict())
+    for copy_ in (copy.deepcopy(module), torch.load(tmp_path / "m.pt", weights_only=False),
+                  fresh):
+        assert type(copy_) is type(module)
+        assert torch.equal(_call(name, copy_), expected)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_torchscript_is_refused_clearly(name):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = MODULES[name]()
+
+        def forward(self, x, y):
+            return self.loss(x, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (2.13: torch.jit.script's)
+        with pytest.raises(TypeError, match=f"torchloss_fused.{name} cannot be compiled by "
+                           "TorchScript"):
+            torch.jit.script(Model())

@@ -12,10 +12,24 @@ from .vocab_parallel import replicated_like
 __all__ = ["CrossEntropyLoss", "FocalLoss", "SigmoidFocalLoss"]
 
 
+def refuse_torchscript(module: nn.Module):
+    """A loss module's __prepare_scriptable__, which torch.jit.script calls first on each
+    module it compiles: the losses' Python (argument checks, keyword-only extras, the
+    DTensor and autograd paths) is beyond TorchScript, whose own error would point into
+    this library's source. (TorchScript is deprecated: 2.13 warns at every script call.)"""
+    raise TypeError(
+        f"torchloss_fused.{type(module).__name__} cannot be compiled by TorchScript "
+        "(torch.jit.script); compute the loss outside the scripted module, or use "
+        "torch.compile or torch.export, which both take it"
+    )
+
+
 class CrossEntropyLoss(nn.Module):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` with the keyword-only extras of
     :func:`torchloss_fused.cross_entropy`. ``weight`` is a buffer, as in PyTorch; given a
     DTensor input, a plain buffer is used as a replicated DTensor on its mesh."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(
         self,
@@ -65,6 +79,8 @@ class FocalLoss(nn.Module):
     """Softmax focal loss module; see :func:`torchloss_fused.focal_loss`. A per-class
     ``alpha`` tensor is a buffer (it follows ``.to(device)``)."""
 
+    __prepare_scriptable__ = refuse_torchscript
+
     def __init__(self, gamma: float = 2.0, alpha: float | Tensor | None = None,
                  ignore_index: int = -100, reduction: str = "mean") -> None:
         super().__init__()
@@ -87,6 +103,8 @@ class FocalLoss(nn.Module):
 
 class SigmoidFocalLoss(nn.Module):
     """Module form of :func:`torchloss_fused.sigmoid_focal_loss` (torchvision semantics)."""
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
         super().__init__()

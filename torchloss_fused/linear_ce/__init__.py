@@ -60,6 +60,7 @@ from ..functional import (
     _index_denominator,
     _wants_grad,
 )
+from ..modules import refuse_torchscript
 from ..vocab_parallel import replicated_like
 from . import targets, vocab_parallel
 from .chunking import auto_chunk_size
@@ -261,6 +262,8 @@ class LinearCrossEntropyLoss(nn.Module):
     ``class_weight`` is a buffer (as ``CrossEntropyLoss``'s ``weight``); given DTensor
     inputs, a plain buffer is used as a replicated DTensor on their mesh.
     """
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(
         self,
