@@ -43,6 +43,15 @@ _any_requires_grad = getattr(
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def traced() -> bool:
+    """torch.compile or torch.jit.trace at work: both must see the registered ops. The
+    tracer would record this module's autograd.Functions as opaque Python calls, and the
+    C++ reduced loss (FusedReduced) computes its mean's denominator on the host, which a
+    trace would keep as a constant: a model traced with no ignored target would divide by
+    the full count ever after."""
+    return torch.compiler.is_compiling() or torch._C._is_tracing()
+
+
 def _op_forward(op, setup_context):
     # setup_context is called from forward, as torch.library's wrapper calls it: a
     # Function that defines setup_context itself binds its arguments with inspect on
@@ -90,7 +99,7 @@ def _eager_reduced_function(op, name: str, backward, setup_context):
 
 def _eager_path(args, n_args: int) -> bool:
     x = args[0]
-    return not (torch.compiler.is_compiling() or len(args) != n_args
+    return not (traced() or len(args) != n_args
                 or type(x) is not torch.Tensor or _wrapped(x))
 
 
@@ -212,7 +221,7 @@ class FusedReduced:
         """reduce(op(x, t, w, *scalars, grad_scale)[0]) as functional.py computes it, with
         its gradient for x where autograd wants one; None where this path does not serve.
         kind: CE_INDEX, CE_PROB or FOCAL (see reduced_loss.h)."""
-        if torch.compiler.is_compiling() or not _plain(x, t, w) or _wrapped(x):
+        if traced() or not _plain(x, t, w) or _wrapped(x):
             return None
         if torch.is_grad_enabled() and x.requires_grad:
             spec = (kind, reduction, unbatched, dtype, out_shape)

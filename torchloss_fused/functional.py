@@ -198,8 +198,11 @@ def _prob_target_for(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _count_denominator(count: int, like: Tensor, acc: torch.dtype) -> Tensor:
     """A mean's denominator known on the host (a row count), made on `like`'s device: no
     host-to-device copy, which CUDA graph capture forbids. Replicated where `like` is a
-    DTensor."""
+    DTensor. Under torch.jit.trace sizes are traced 0-dim tensors, and so is `count`: kept
+    as one, so the traced graph divides by its inputs' count (float() would freeze it)."""
     local = like.to_local() if vocab_parallel.is_dtensor(like) else like
+    if isinstance(count, Tensor):
+        return count.to(device=local.device, dtype=acc)
     denom = torch.full((), float(count), dtype=acc, device=local.device)
     return vocab_parallel.replicated_like(denom, like)
 
@@ -246,8 +249,12 @@ def _fused_path(x: Tensor, inplace_backward: bool = False, compiled: bool = Fals
     move as many bytes as fused + scaling (inputs and targets read twice, against a
     gradient read and written once more) but compute each element's terms twice: it passes
     compiled=True (on the 2-core CPU, about 1.5x faster compiled forward+backward).
+
+    Never under torch.jit.trace: its check traces again without gradients (_check_trace
+    is @torch.no_grad), and the graph must not depend on that; the split op's registered
+    backward serves the traced graph's gradients.
     """
-    return (_wants_grad(x) and not inplace_backward
+    return (_wants_grad(x) and not inplace_backward and not torch.jit.is_tracing()
             and (compiled or not torch.compiler.is_compiling()))
 
 
@@ -547,7 +554,9 @@ def sigmoid_focal_loss(
     x, t = inputs.to(dtype), targets.to(dtype)
     # Gradients for the target, torch.func: autograd through the reference code.
     use_reference = _wants_grad(t) or transform_active(x, t)
-    if reduction == "none" or x.numel() == 0 or use_reference:
+    # (torch.jit.trace: the kernels' reduction takes the mean's 1 / numel as a float, which
+    # the trace would freeze; the elementwise loss's mean is traced with its inputs' size)
+    if reduction == "none" or x.numel() == 0 or use_reference or torch.jit.is_tracing():
         fwd = reference.sigmoid_focal_fwd if use_reference else (
             _eager.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)

@@ -236,7 +236,9 @@ def linear_cross_entropy(
         # A ColwiseParallel LM head: the vocabulary stays split (see vocab_parallel.py).
         loss_rows, lse = vocab_parallel.loss_rows(h2, weight, bias, t1, class_weight,
                                                   *ce_args, chunk, accum_dtype)
-    elif reduction != "none" and any(needs):
+    elif reduction != "none" and any(needs) and not torch.jit.is_tracing():
+        # (Not under torch.jit.trace, whose check traces again without gradients: the graph
+        # must not depend on them. functional._fused_path says the same.)
         loss, lse, *_ = EAGER["linear_ce_fwd_grad"](h2, weight, bias, t1, class_weight,
                                                     denom, *ce_args, chunk, accum_dtype,
                                                     *needs)
