@@ -16,6 +16,7 @@ from torch.nn import _reduction as _legacy_reduction
 
 from . import _eager, _reduction, reference, vocab_parallel
 from ._higher_order import transform_active
+from ._overrides import dispatches_torch_function
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
 
@@ -312,6 +313,7 @@ def _fused_reduced_loss(kind: int, reduction: str, unbatched: bool, x3: Tensor, 
 # ---- cross-entropy ------------------------------------------------------------------------
 
 
+@dispatches_torch_function
 @vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def cross_entropy(
     input: Tensor,
@@ -440,6 +442,7 @@ def cross_entropy(
 # ---- softmax focal loss -------------------------------------------------------------------
 
 
+@dispatches_torch_function
 @vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def focal_loss(
     input: Tensor,
@@ -512,6 +515,7 @@ def focal_loss(
 # ---- sigmoid focal loss -------------------------------------------------------------------
 
 
+@dispatches_torch_function
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,

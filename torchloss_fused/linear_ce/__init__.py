@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .. import _reduction
 from .._higher_order import transform_active
+from .._overrides import dispatches_torch_function
 from ..functional import (
     _FLOAT_DTYPES,
     _INDEX_DTYPES,
@@ -146,6 +147,7 @@ def _autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias), torch.float32
 
 
+@dispatches_torch_function
 @vocab_parallel.vp.eager_under_compile_when(vocab_parallel.head_vocab_sharded)
 def linear_cross_entropy(
     hidden: Tensor,
