@@ -16,6 +16,7 @@ from ._host_buffers import cpu_cache_info, empty_cpu_cache
 from .functional import cross_entropy, focal_loss, sigmoid_focal_loss
 from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss, FocalLoss, SigmoidFocalLoss
+from .patching import TorchPatch, patch_torch
 
 __version__ = "0.1.0"
 
@@ -25,11 +26,13 @@ __all__ = [
     "FocalLoss",
     "LinearCrossEntropyLoss",
     "SigmoidFocalLoss",
+    "TorchPatch",
     "backend_info",
     "cpu_cache_info",
     "cross_entropy",
     "empty_cpu_cache",
     "focal_loss",
     "linear_cross_entropy",
+    "patch_torch",
     "sigmoid_focal_loss",
 ]
