@@ -101,3 +101,34 @@ def test_parameters_take_the_plain_path():
     assert type(loss) is torch.Tensor
     loss.backward()
     assert x.grad is not None
+
+
+class RecordingMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_torch_function_mode_sees_the_loss_once(device, loss):
+    # As F.cross_entropy under a mode: the loss, then backward; nothing from inside it.
+    x = torch.randn(6, C, device=device, requires_grad=True)
+    y = torch.randint(0, C, (6,), device=device)
+    with RecordingMode() as mode:
+        getattr(tlf, loss)(x, y).backward()
+    assert mode.seen[0] is getattr(tlf, loss) and len(mode.seen) == 2, mode.seen
+
+
+def test_default_device_context(device):
+    # torch.device(...) as a context (and set_default_device) is a TorchFunctionMode: the
+    # loss still runs where its inputs are, with F's results.
+    x = torch.randn(6, C, device=device, requires_grad=True)
+    y = torch.randint(0, C, (6,), device=device)
+    with torch.device("meta"):
+        got = tlf.cross_entropy(x, y, label_smoothing=0.1)
+    assert got.device == x.device
+    torch.testing.assert_close(got, F.cross_entropy(x, y, label_smoothing=0.1))
