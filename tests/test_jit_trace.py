@@ -88,3 +88,58 @@ def test_traced_model_computes_the_models_loss(device, backend, name, check_trac
         for module in (traced, loaded):
             for got, want in zip(_loss_and_grads(module, h, y), expected, strict=True):
                 torch.testing.assert_close(got, want)
+
+
+def _learned(shape, device):
+    return torch.nn.Parameter(torch.rand(shape, device=device) + 0.5)
+
+
+LEARNED = {  # (a loss of (logits, target, learned tensor); the learned tensor's shape)
+    "ce_weight": (lambda z, y, w: tlf.cross_entropy(z, y, weight=w), (C,)),
+    "ce_prob_target": (lambda z, y, p: tlf.cross_entropy(z, p.softmax(1)), (16, C)),
+    "focal_alpha": (lambda z, y, a: tlf.focal_loss(z, y, alpha=a), (C,)),
+    "sigmoid_targets": (lambda z, y, p: tlf.sigmoid_focal_loss(z, p.sigmoid(), reduction="sum"),
+                        (16, C)),
+    "linear_ce_class_weight": (None, (C,)),
+}
+
+
+class LearnedModel(torch.nn.Module):
+    def __init__(self, name, device):
+        super().__init__()
+        self.head = torch.nn.Linear(H, C).to(device)
+        self.loss, shape = LEARNED[name]
+        self.learned = _learned(shape, device)
+
+    def forward(self, h, y):
+        if self.loss is None:
+            return tlf.linear_cross_entropy(h, self.head.weight, y, self.head.bias,
+                                            class_weight=self.learned, chunk_size=4)
+        return self.loss(self.head(h), y, self.learned)
+
+
+@pytest.mark.parametrize("traced_without_grad", [False, True])
+@pytest.mark.parametrize("name", sorted(LEARNED))
+def test_traced_model_learns_weights_and_targets(device, backend, name, traced_without_grad):
+    # The gradient of a class weight, an alpha or a probability target comes from the
+    # reference code: a graph traced under no_grad must record it too (it had recorded the
+    # kernels, which give none: the gradient came back None), and the trace's check (which
+    # traces again without gradients) must pass.
+    model = LearnedModel(name, device)
+    h = torch.randn(16, H, device=device)
+    y = torch.randint(0, C, (16,), device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if traced_without_grad:
+            with torch.no_grad():
+                traced = torch.jit.trace(model, (h, y), check_trace=False)
+        else:
+            traced = torch.jit.trace(model, (h, y))
+    grads = []
+    for module in (model, traced):  # (the traced module shares the model's parameters)
+        module.zero_grad(set_to_none=True)
+        module(h, y).backward()
+        grads.append(module.learned.grad)
+        assert grads[-1] is not None
+        grads[-1] = grads[-1].clone()
+    torch.testing.assert_close(grads[1], grads[0])

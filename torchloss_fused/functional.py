@@ -237,6 +237,14 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _may_want_grad(t: Tensor | None) -> bool:
+    """_wants_grad(t) for a weight, alpha or probability target, whose gradient only the
+    reference code gives; under torch.jit.trace any such tensor: the traced graph must not
+    depend on grad mode (its check traces again without gradients), and may run later with
+    t requiring grad."""
+    return t is not None and (torch.jit.is_tracing() or _wants_grad(t))
+
+
 def _fused_path(x: Tensor, inplace_backward: bool = False, compiled: bool = False) -> bool:
     """Compute the gradient in the forward pass (logits read once): eager training, and
     traced code where `compiled` says the fused op is cheaper there too.
@@ -397,7 +405,7 @@ def cross_entropy(
     if autocast and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     args = (ignore_index, label_smoothing, z_loss, softcap, logit_scale)
-    reference_grads = transformed or _wants_grad(weight) or (prob and _wants_grad(target))
+    reference_grads = transformed or _may_want_grad(weight) or (prob and _may_want_grad(target))
     unbatched = input.dim() == 1 and label_smoothing == 0
     if not (return_lse or reference_grads or (inplace_backward and _wants_grad(x3))):
         kind = _eager.CE_PROB if prob else _eager.CE_INDEX
@@ -486,7 +494,7 @@ def focal_loss(
 
     dtype = torch.float32 if _autocast_to_float32(input.dtype, input.device) else input.dtype
     args = (alpha_scale, gamma, ignore_index)
-    reference_grads = _wants_grad(alpha_vec) or transform_active(input, alpha_vec)
+    reference_grads = _may_want_grad(alpha_vec) or transform_active(input, alpha_vec)
     if not reference_grads:
         loss = _fused_reduced_loss(_eager.FOCAL, reduction, False, x3, t, alpha_vec, args,
                                    dtype, out_shape)
@@ -556,11 +564,11 @@ def sigmoid_focal_loss(
     else:
         out_dtype = dtype
     x, t = inputs.to(dtype), targets.to(dtype)
-    # Gradients for the target, torch.func: autograd through the reference code.
-    use_reference = _wants_grad(t) or transform_active(x, t)
-    # (torch.jit.trace: the kernels' reduction takes the mean's 1 / numel as a float, which
-    # the trace would freeze; the elementwise loss's mean is traced with its inputs' size)
-    if reduction == "none" or x.numel() == 0 or use_reference or torch.jit.is_tracing():
+    # Gradients for the target, torch.func: autograd through the reference code; so too
+    # under torch.jit.trace (_may_want_grad), where the mean below divides by a traced size
+    # (the kernels' reduction takes 1 / numel as a float, which a trace would freeze).
+    use_reference = _may_want_grad(t) or transform_active(x, t)
+    if reduction == "none" or x.numel() == 0 or use_reference:
         fwd = reference.sigmoid_focal_fwd if use_reference else (
             _eager.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)

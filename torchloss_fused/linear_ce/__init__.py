@@ -59,6 +59,7 @@ from ..functional import (
     _check_tensor,
     _count_denominator,
     _index_denominator,
+    _may_want_grad,
     _wants_grad,
 )
 from ..modules import refuse_torchscript
@@ -229,7 +230,7 @@ def linear_cross_entropy(
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
     if transform_active(hidden, weight, bias, class_weight, target if prob else None) or \
-            _wants_grad(class_weight) or (prob and _wants_grad(target)):
+            _may_want_grad(class_weight) or (prob and _may_want_grad(target)):
         # torch.func / forward-mode AD see through this, not through the custom ops; and
         # autograd differentiates it for the gradient of a class_weight or a probability
         # target, as cross_entropy's.
