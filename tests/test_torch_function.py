@@ -132,3 +132,41 @@ def test_default_device_context(device):
         got = tlf.cross_entropy(x, y, label_smoothing=0.1)
     assert got.device == x.device
     torch.testing.assert_close(got, F.cross_entropy(x, y, label_smoothing=0.1))
+
+
+class LayoutMode(torch.overrides.TorchFunctionMode):
+    """Records how the first function it is handed got its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.layout = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.layout is None:
+            self.layout = (len(args), sorted(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("call", [
+    lambda f, x, y, w: f(x, y),
+    lambda f, x, y, w: f(x, y, w, None, 3, None, "sum"),
+    lambda f, x, y, w: f(x, y, weight=w, label_smoothing=0.1),
+    lambda f, x, y, w: f(input=x, target=y, reduction="none"),
+], ids=["two", "all_positional", "keywords", "by_name"])
+def test_override_gets_fs_argument_layout(call):
+    # A handler written for F.cross_entropy's arguments (two positional, its six options by
+    # keyword, however the call was written) reads ours alike; extras only where given.
+    x, y, w = torch.randn(4, C), torch.randint(0, C, (4,)), torch.rand(C)
+    layouts = []
+    for f in (F.cross_entropy, tlf.cross_entropy):
+        with LayoutMode() as mode:
+            call(f, x, y, w)
+        layouts.append(mode.layout)
+    assert layouts[0] == layouts[1] == (2, sorted(functional_keywords())), layouts
+    with LayoutMode() as mode:
+        tlf.cross_entropy(x, y, z_loss=1e-3)
+    assert mode.layout == (2, sorted(functional_keywords() + ("z_loss",)))
+
+
+def functional_keywords():
+    return ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")

@@ -2,32 +2,56 @@
 
 F.cross_entropy hands a call with a tensor-like argument that overrides
 __torch_function__ (torch.fx's Proxy while symbolic_trace runs, a user's logging or
-masking subclass) to that override, with F.cross_entropy itself as the function. These
-losses do the same, with themselves as the function: an FX graph then holds one call of
-the loss (run as the loss when the graph runs), and a subclass sees the loss, not the
-tensor operations inside it. DTensor, nn.Parameter, FakeTensor and the other subclasses
-that disable __torch_function__ never take this turn.
+masking subclass, a TorchFunctionMode) to that override, with F.cross_entropy itself as
+the function. These losses do the same, with themselves as the function: an FX graph then
+holds one call of the loss (run as the loss when the graph runs), and a subclass sees the
+loss, not the tensor operations inside it. DTensor, nn.Parameter, FakeTensor and the
+other subclasses that disable __torch_function__ never take this turn.
+
+The override gets the arguments laid out as F hands them: the leading tensors positional,
+the rest by keyword (F's own keywords always, as F passes them; this library's extras
+where the caller gave them), whichever way the caller wrote the call. So a handler written
+for F.cross_entropy's arguments reads ours (under tlf.patch_torch() it cannot tell them
+apart but by the function).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 from torch.overrides import handle_torch_function, has_torch_function
 
 __all__ = ["dispatches_torch_function"]
 
 
-def dispatches_torch_function(loss_fn):
-    """The loss, handing a call to the __torch_function__ of any argument that overrides
-    it. (F checks its tensor arguments only; the others here are numbers, None or strings,
-    which never override it, and checking all of them costs less than picking some.)"""
+def dispatches_torch_function(positional: int, always: tuple[str, ...] = ()):
+    """A loss whose first `positional` parameters an override gets positionally, and the
+    parameters `always` by keyword whether the caller gave them or not."""
+    def decorate(loss_fn):
+        signature = inspect.signature(loss_fn)
+        names = list(signature.parameters)
+        keyword_names = names[positional:]
 
-    @functools.wraps(loss_fn)
-    def loss(*args, **kwargs):
-        if has_torch_function(args) or (kwargs and has_torch_function(tuple(kwargs.values()))):
-            relevant = args + tuple(kwargs.values())
-            return handle_torch_function(loss, relevant, *args, **kwargs)
-        return loss_fn(*args, **kwargs)
+        def handed_over(loss, args, kwargs):
+            bound = signature.bind(*args, **kwargs)  # (a TypeError for a call that is wrong)
+            given = bound.arguments
+            bound.apply_defaults()
+            values = bound.arguments
+            leading = tuple(values[name] for name in names[:positional])
+            keywords = {name: values[name] for name in keyword_names
+                        if name in always or name in given}
+            relevant = leading + tuple(keywords.values())
+            return handle_torch_function(loss, relevant, *leading, **keywords)
 
-    return loss
+        @functools.wraps(loss_fn)
+        def loss(*args, **kwargs):
+            # (every argument checked: the others are numbers, None or strings, which never
+            # override; that costs less than picking the tensors out)
+            if has_torch_function(args) or (kwargs and has_torch_function(tuple(kwargs.values()))):
+                return handed_over(loss, args, kwargs)
+            return loss_fn(*args, **kwargs)
+
+        return loss
+
+    return decorate

@@ -320,8 +320,12 @@ def _fused_reduced_loss(kind: int, reduction: str, unbatched: bool, x3: Tensor, 
 
 # ---- cross-entropy ------------------------------------------------------------------------
 
+# The keywords F.cross_entropy hands a __torch_function__ override (_overrides.py).
+_F_KEYWORDS = ("weight", "size_average", "ignore_index", "reduce", "reduction",
+               "label_smoothing")
 
-@dispatches_torch_function
+
+@dispatches_torch_function(2, _F_KEYWORDS)
 @vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def cross_entropy(
     input: Tensor,
@@ -450,7 +454,7 @@ def cross_entropy(
 # ---- softmax focal loss -------------------------------------------------------------------
 
 
-@dispatches_torch_function
+@dispatches_torch_function(2)
 @vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def focal_loss(
     input: Tensor,
@@ -523,7 +527,7 @@ def focal_loss(
 # ---- sigmoid focal loss -------------------------------------------------------------------
 
 
-@dispatches_torch_function
+@dispatches_torch_function(2)
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,

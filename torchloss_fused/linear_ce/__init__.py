@@ -148,7 +148,7 @@ def _autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias), torch.float32
 
 
-@dispatches_torch_function
+@dispatches_torch_function(3)
 @vocab_parallel.vp.eager_under_compile_when(vocab_parallel.head_vocab_sharded)
 def linear_cross_entropy(
     hidden: Tensor,
