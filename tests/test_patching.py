@@ -3,6 +3,8 @@ this library's, and put back."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,13 +67,56 @@ def test_patch_under_torch_compile(calls):
     torch.testing.assert_close(got, ORIGINAL(x, y))
 
 
-def test_patches_nest_and_restore_in_reverse_order():
+def test_code_compiled_before_the_patch_after_a_reset(calls):
+    # (Dynamo does not guard torch.nn.functional's attributes: code compiled before the
+    # patch keeps torch's function until torch.compiler.reset(), as README says)
+    x, y = torch.randn(5, 9), torch.randint(0, 9, (5,))
+    torch.compiler.reset()
+    compiled = torch.compile(lambda x, y: torch.nn.CrossEntropyLoss()(x, y),
+                             backend="aot_eager")
+    compiled(x, y)
+    with tlf.patch_torch():
+        torch.compiler.reset()
+        got = compiled(x, y)
+        assert calls
+    torch.compiler.reset()
+    torch.testing.assert_close(got, ORIGINAL(x, y))
+
+
+def test_patches_count_and_restore_in_any_order():
     outer = tlf.patch_torch()
     inner = tlf.patch_torch()
+    outer.restore()  # (out of order: the inner patch still holds)
+    assert F.cross_entropy is functional.cross_entropy and inner.active and not outer.active
+    outer.restore()  # (a second restore does nothing)
+    assert F.cross_entropy is functional.cross_entropy
     inner.restore()
-    assert F.cross_entropy is functional.cross_entropy  # (the outer patch still holds)
-    inner.restore()  # (a second restore does nothing)
-    outer.restore()
+    assert F.cross_entropy is ORIGINAL
+
+
+def test_threads_leaving_their_blocks_in_either_order():
+    # Thread a enters first and leaves first, while b is still inside its block.
+    a_in, a_leave, b_checked = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with tlf.patch_torch():
+            a_in.set()
+            a_leave.wait(10)
+
+    def b():
+        a_in.wait(10)
+        with tlf.patch_torch():
+            a_leave.set()
+            thread_a.join(10)
+            seen["inside b, after a left"] = F.cross_entropy is functional.cross_entropy
+            b_checked.set()
+
+    thread_a, thread_b = threading.Thread(target=a), threading.Thread(target=b)
+    thread_a.start()
+    thread_b.start()
+    thread_b.join(20)
+    assert b_checked.is_set() and seen == {"inside b, after a left": True}
     assert F.cross_entropy is ORIGINAL
 
 
@@ -83,7 +128,7 @@ def test_restore_refuses_to_undo_a_later_replacement():
 
     try:
         torch.nn.functional.cross_entropy = someone_elses
-        with pytest.raises(RuntimeError, match="replaced again"):
+        with pytest.raises(RuntimeError, match="replaced by something else"):
             patch.restore()
         assert F.cross_entropy is someone_elses and patch.active
         torch.nn.functional.cross_entropy = functional.cross_entropy

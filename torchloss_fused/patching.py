@@ -6,9 +6,15 @@ Transformers' causal-LM loss does). Both look the function up on ``torch.nn.func
 at each call, so replacing that one attribute routes them all here. ``cross_entropy``
 takes every call F's takes and returns the same values, dtypes and gradients, so the
 replacement changes speed and memory, not results.
+
+Patches are counted: the replacement holds while any patch is live, and the last one
+restored puts PyTorch's function back, whatever the order (two threads each inside a
+``with tlf.patch_torch():`` block may leave them in either order).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch.nn.functional as torch_functional
 
@@ -16,30 +22,41 @@ from .functional import cross_entropy
 
 __all__ = ["TorchPatch", "patch_torch"]
 
+_lock = threading.Lock()
+_live = 0          # patches made and not restored
+_replaced = None   # what torch.nn.functional.cross_entropy was before the first of them
+
 
 class TorchPatch:
-    """The replacement made by :func:`patch_torch`: undone by ``restore()``, or on leaving
-    a ``with`` block."""
+    """One live replacement made by :func:`patch_torch`: ended by ``restore()``, or on
+    leaving a ``with`` block."""
 
     def __init__(self) -> None:
-        self._replaced = torch_functional.cross_entropy
-        torch_functional.cross_entropy = cross_entropy
-
-    @property
-    def active(self) -> bool:
-        return self._replaced is not None
+        global _live, _replaced
+        with _lock:
+            if _live == 0:
+                _replaced = torch_functional.cross_entropy
+                torch_functional.cross_entropy = cross_entropy
+            _live += 1
+        self.active = True
 
     def restore(self) -> None:
-        """Puts back the function found when patching. An error, changing nothing, when
-        ``torch.nn.functional.cross_entropy`` was replaced again since: patches are undone
-        in the reverse order of making them. A second ``restore()`` does nothing."""
-        if self._replaced is None:
-            return
-        if torch_functional.cross_entropy is not cross_entropy:
-            raise RuntimeError(
-                "torch.nn.functional.cross_entropy was replaced again after patch_torch(); "
-                "undo that replacement first")
-        torch_functional.cross_entropy, self._replaced = self._replaced, None
+        """Ends this patch; the last live one puts back the function found when the first
+        was made. An error, changing nothing, when ``torch.nn.functional.cross_entropy``
+        was meanwhile replaced by someone else (undo that first). A second ``restore()``
+        does nothing."""
+        global _live, _replaced
+        with _lock:
+            if not self.active:
+                return
+            if _live == 1:
+                if torch_functional.cross_entropy is not cross_entropy:
+                    raise RuntimeError(
+                        "torch.nn.functional.cross_entropy was replaced by something else "
+                        "after patch_torch(); undo that replacement first")
+                torch_functional.cross_entropy, _replaced = _replaced, None
+            _live -= 1
+            self.active = False
 
     def __enter__(self) -> TorchPatch:
         return self
@@ -52,12 +69,14 @@ def patch_torch() -> TorchPatch:
     """Makes ``torch.nn.functional.cross_entropy`` this library's ``cross_entropy``, and so
     ``torch.nn.CrossEntropyLoss`` and every caller of either that looks the function up at
     call time (not a ``from torch.nn.functional import cross_entropy`` made before), until
-    the returned patch is restored::
+    the returned patch is restored (and any other live ones)::
 
         patch = tlf.patch_torch()      # for the rest of the run
         with tlf.patch_torch():        # or for a block
             trainer.train()
 
     It applies to the whole process (all threads), as any replacement of a module
-    attribute does."""
+    attribute does. Code already compiled by ``torch.compile`` keeps the function it
+    traced (Dynamo does not guard module attributes of torch.nn.functional): patch before
+    compiling, or call ``torch.compiler.reset()`` after patching or restoring."""
     return TorchPatch()
