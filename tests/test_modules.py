@@ -85,8 +85,10 @@ def test_modules_copy_save_and_load(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_torchscript_is_refused_clearly(name):
-    class Model(torch.nn.Module):
+def test_torchscript_warns_and_keeps_ignored_losses(name):
+    # A scripted module calling the loss cannot compile (a warning says why first); one
+    # that only holds it, listed in __jit_ignored_attributes__, scripts as with torch.nn's.
+    class Calls(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.loss = MODULES[name]()
@@ -94,8 +96,26 @@ def test_torchscript_is_refused_clearly(name):
         def forward(self, x, y):
             return self.loss(x, y)
 
+    class Holds(torch.nn.Module):
+        __jit_ignored_attributes__ = ["loss"]
+
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 5)
+            self.loss = MODULES[name]()
+
+        def forward(self, x):
+            return self.head(x)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # (2.13: torch.jit.script's)
-        with pytest.raises(TypeError, match=f"torchloss_fused.{name} cannot be compiled by "
-                           "TorchScript"):
-            torch.jit.script(Model())
+        with pytest.warns(UserWarning, match=f"torchloss_fused.{name} cannot be compiled by "
+                          "TorchScript"), pytest.raises(
+                              (RuntimeError, torch.jit.frontend.FrontendError)):
+            torch.jit.script(Calls())
+        model = Holds()
+        with pytest.warns(UserWarning, match="cannot be compiled by TorchScript"):
+            scripted = torch.jit.script(model)
+    x = torch.randn(2, 3)
+    assert torch.equal(scripted(x), model(x))
+    assert type(model.loss) is type(MODULES[name]())  # (the model's own loss untouched)

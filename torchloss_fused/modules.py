@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.nn import _reduction
@@ -12,16 +14,20 @@ from .vocab_parallel import replicated_like
 __all__ = ["CrossEntropyLoss", "FocalLoss", "SigmoidFocalLoss"]
 
 
-def refuse_torchscript(module: nn.Module):
-    """A loss module's __prepare_scriptable__, which torch.jit.script calls first on each
-    module it compiles: the losses' Python (argument checks, keyword-only extras, the
-    DTensor and autograd paths) is beyond TorchScript, whose own error would point into
-    this library's source. (TorchScript is deprecated: 2.13 warns at every script call.)"""
-    raise TypeError(
+def warn_torchscript(module: nn.Module) -> nn.Module:
+    """A loss module's __prepare_scriptable__, which torch.jit.script calls on every module
+    under the one it scripts: the losses' Python (argument checks, keyword-only extras, the
+    DTensor and autograd paths) is beyond TorchScript, whose own error, should the scripted
+    code call the loss, points into this library's source. A warning says why first; not
+    an error, since a module holding a loss it does not call in TorchScript (listed in
+    __jit_ignored_attributes__) scripts, as with torch.nn's losses. (TorchScript is
+    deprecated: 2.13 warns at every script call.)"""
+    warnings.warn(
         f"torchloss_fused.{type(module).__name__} cannot be compiled by TorchScript "
-        "(torch.jit.script); compute the loss outside the scripted module, or use "
-        "torch.compile or torch.export, which both take it"
-    )
+        "(torch.jit.script): a scripted module that calls it fails to compile. Compute the "
+        "loss outside the scripted module, or use torch.compile or torch.export, which "
+        "both take it", UserWarning, stacklevel=3)
+    return module
 
 
 class CrossEntropyLoss(nn.Module):
@@ -29,7 +35,7 @@ class CrossEntropyLoss(nn.Module):
     :func:`torchloss_fused.cross_entropy`. ``weight`` is a buffer, as in PyTorch; given a
     DTensor input, a plain buffer is used as a replicated DTensor on its mesh."""
 
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = warn_torchscript
 
     def __init__(
         self,
@@ -79,7 +85,7 @@ class FocalLoss(nn.Module):
     """Softmax focal loss module; see :func:`torchloss_fused.focal_loss`. A per-class
     ``alpha`` tensor is a buffer (it follows ``.to(device)``)."""
 
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = warn_torchscript
 
     def __init__(self, gamma: float = 2.0, alpha: float | Tensor | None = None,
                  ignore_index: int = -100, reduction: str = "mean") -> None:
@@ -104,7 +110,7 @@ class FocalLoss(nn.Module):
 class SigmoidFocalLoss(nn.Module):
     """Module form of :func:`torchloss_fused.sigmoid_focal_loss` (torchvision semantics)."""
 
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = warn_torchscript
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
         super().__init__()

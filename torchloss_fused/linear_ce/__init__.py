@@ -62,7 +62,7 @@ from ..functional import (
     _may_want_grad,
     _wants_grad,
 )
-from ..modules import refuse_torchscript
+from ..modules import warn_torchscript
 from ..vocab_parallel import replicated_like
 from . import targets, vocab_parallel
 from .chunking import auto_chunk_size
@@ -268,7 +268,7 @@ class LinearCrossEntropyLoss(nn.Module):
     inputs, a plain buffer is used as a replicated DTensor on their mesh.
     """
 
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = warn_torchscript
 
     def __init__(
         self,
