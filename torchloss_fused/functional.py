@@ -48,9 +48,10 @@ def _check_tensor(x, name: str) -> None:
 def _dense_prob_target(target):
     """F.cross_entropy takes a sparse (COO, CSR...) probability target, in its forward:
     taken here as its dense copy, which the kernels read like any probability target (one
-    logits-sized tensor; the backward works too, and every reduction and option, where F's
-    stops at the input's gradient and at label smoothing or reduction="none").
-    masked_grad=False: a target requiring grad gets every class's gradient, as from F."""
+    logits-sized tensor), with every option and the backward. F's gives no gradient for
+    the input, fails with label smoothing, and with reduction="none" fails for CSR and
+    returns a sparse loss for COO (ours is dense). masked_grad=False: a target requiring
+    grad gets every class's gradient, as from F."""
     if isinstance(target, Tensor) and target.layout != torch.strided and \
             target.is_floating_point():
         return target.to_dense(masked_grad=False)
