@@ -138,6 +138,7 @@ LAYOUT_BAD_CALLS = [
         ("linear prob target", "target",
          lambda c=convert: tlf.linear_cross_entropy(H3, W53, c(X.softmax(1)))),
     )
+    # (CSR needs two dimensions: not the 1-D weight and alpha vectors)
     if layout == "coo" or arg not in ("alpha", "weight") or name.startswith("linear")
 ]
 

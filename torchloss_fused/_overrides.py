@@ -35,7 +35,7 @@ def dispatches_torch_function(positional: int, always: tuple[str, ...] = ()):
 
         def handed_over(loss, args, kwargs):
             bound = signature.bind(*args, **kwargs)  # (a TypeError for a call that is wrong)
-            given = bound.arguments
+            given = set(bound.arguments)
             bound.apply_defaults()
             values = bound.arguments
             leading = tuple(values[name] for name in names[:positional])

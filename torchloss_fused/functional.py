@@ -203,9 +203,8 @@ def _count_denominator(count: int, like: Tensor, acc: torch.dtype) -> Tensor:
     DTensor. Under torch.jit.trace sizes are traced 0-dim tensors, and so is `count`: kept
     as one, so the traced graph divides by its inputs' count (float() would freeze it)."""
     local = like.to_local() if vocab_parallel.is_dtensor(like) else like
-    if isinstance(count, Tensor):
-        return count.to(device=local.device, dtype=acc)
-    denom = torch.full((), float(count), dtype=acc, device=local.device)
+    denom = (count.to(device=local.device, dtype=acc) if isinstance(count, Tensor)
+             else torch.full((), float(count), dtype=acc, device=local.device))
     return vocab_parallel.replicated_like(denom, like)
 
 
