@@ -45,7 +45,7 @@ def calls(draw):
         x = torch.zeros([s + 2 for s in shape], dtype=torch.float64)[
             tuple(slice(1, 1 + s) for s in shape)].copy_(x)
     kw = {"reduction": draw(st.sampled_from(["mean", "sum", "none"])),
-          "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))}
+          "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0, -0.2]))}
     tshape = [] if no_batch else [N, *spatial]
     if draw(st.integers(0, 3)) == 0:  # probability targets
         t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64),

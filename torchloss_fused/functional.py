@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
+import sys
+import warnings
 
 import torch
 from torch import Tensor
@@ -31,6 +34,51 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 def _check_reduction(reduction) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warn_at_caller(message: str) -> None:
+    """warnings.warn attributed to the first frame outside this package, the user's call
+    however many wrappers lie between (so the default filter shows it once per call site)."""
+    if torch.compiler.is_compiling():
+        return  # (fullgraph=True refuses warnings.warn; an eager call shows it)
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _f_reduction(reduction) -> str:
+    """F.cross_entropy's reductions: ours, and the deprecated "elementwise_mean", which F
+    still takes as "mean" with a warning (torch.nn._reduction.get_enum's words)."""
+    if reduction == "elementwise_mean":
+        _warn_at_caller("reduction='elementwise_mean' is deprecated. "
+                        "Please use reduction='mean' instead.")
+        return "mean"
+    _check_reduction(reduction)
+    return reduction
+
+
+def _check_label_smoothing(value) -> float:
+    """label_smoothing as F takes it: above 1 is an error; F smooths only when it is above
+    0, so a negative value (-inf too) or nan means no smoothing, which we follow (raising
+    would break code that runs with F), with a warning, since whoever passed one expected
+    it to act (negative label smoothing is a published method that F does not implement).
+    F's parser also takes a bool, as 0 or 1."""
+    if type(value) is bool:
+        value = float(value)
+    value = _real_number(value, "label_smoothing")
+    if value > 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {value}")
+    if not value > 0.0:
+        if value != 0.0:
+            _warn_at_caller(
+                f"label_smoothing={value} applies no smoothing: F.cross_entropy smooths only "
+                "with a value in (0, 1], and this loss does the same")
+        return 0.0
+    return value
 
 
 def _check_tensor(x, name: str) -> None:
@@ -92,8 +140,7 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
         )
 
 
-def _check_number(value, name: str, low: float | None = None, high: float | None = None,
-                  low_open: bool = False) -> float:
+def _real_number(value, name: str) -> float:
     if type(value) is not float:  # (the common case skips the slow ABC check)
         if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
             # F's argument parser takes these too, and syncs alike (one requiring grad is
@@ -102,6 +149,12 @@ def _check_number(value, name: str, low: float | None = None, high: float | None
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
+    return value
+
+
+def _check_number(value, name: str, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    value = _real_number(value, name)
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and value > high
     finite = value == value and abs(value) != math.inf  # (math.isfinite breaks tracing)
@@ -137,6 +190,8 @@ def _check_index_target(input: Tensor, target: Tensor, out_shape: tuple) -> None
         )
     if tuple(target.shape) == out_shape:
         return
+    if input.dim() == 1 and tuple(target.shape) == (1,):
+        return  # (F takes it as the 0-dim target: its forward does; its backward fails)
     if input.dim() == 2 and target.dim() == 1:
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
@@ -360,12 +415,12 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
-    _check_reduction(reduction)
+    reduction = _f_reduction(reduction)
     _check_logits(input)
     target = _dense_prob_target(target)
     _check_tensor(target, "target")
     _check_device(input, target, "target")
-    label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    label_smoothing = _check_label_smoothing(label_smoothing)
     z_loss = _check_number(z_loss, "z_loss", 0.0)
     softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
     logit_scale = _check_number(logit_scale, "logit_scale")

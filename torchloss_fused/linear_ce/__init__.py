@@ -54,10 +54,11 @@ from ..functional import (
     _check_device,
     _check_ignore_index,
     _check_index_weight_dtype,
+    _check_label_smoothing,
     _check_number,
-    _check_reduction,
     _check_tensor,
     _count_denominator,
+    _f_reduction,
     _index_denominator,
     _may_want_grad,
     _wants_grad,
@@ -199,12 +200,12 @@ def linear_cross_entropy(
     the backward recompute logits and gradients, three more products; ``z_loss`` trains
     with the lse's square without them).
     """
-    _check_reduction(reduction)
+    reduction = _f_reduction(reduction)
     hidden, weight, bias, autocast_dtype = _autocast_inputs(hidden, weight, bias)
     ignore_index = _check_ignore_index(ignore_index)
     _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                 accum_dtype, autocast=autocast_dtype is not None)
-    label_smoothing = _check_number(label_smoothing, "label_smoothing", 0.0, 1.0)
+    label_smoothing = _check_label_smoothing(label_smoothing)
     z_loss = _check_number(z_loss, "z_loss", 0.0)
     softcap = 0.0 if softcap is None else _check_number(softcap, "softcap", 0.0, low_open=True)
 
