@@ -151,6 +151,25 @@ def test_unbatched_input_takes_a_one_element_target(backend, reduction, target_v
     assert _same_bits(focal, focal0) and _same_bits(focal_grad, focal_grad0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_value", [2, -100])
+def test_linear_ce_of_a_1d_hidden_takes_a_one_element_target(backend, reduction, target_value):
+    """As cross_entropy of the (V,) logits F.linear makes of it."""
+    h = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor([target_value])
+    for kwargs in ({}, {"label_smoothing": 0.1},
+                   {"class_weight": torch.rand(5, dtype=torch.float64)}):
+        loss = tlf.linear_cross_entropy(h, head, t1, reduction=reduction, **kwargs)
+        grads = torch.autograd.grad(loss, (h, head))
+        loss0 = tlf.linear_cross_entropy(h, head, t1[0], reduction=reduction, **kwargs)
+        grads0 = torch.autograd.grad(loss0, (h, head))
+        assert loss.shape == () and _same_bits(loss, loss0)
+        assert all(_same_bits(a, b) for a, b in zip(grads, grads0))
+    with pytest.raises(ValueError, match="target must have hidden's shape"):
+        tlf.linear_cross_entropy(h, head, torch.tensor([1, 2]))
+
+
 def test_unbatched_input_refuses_a_longer_target():
     x = torch.randn(5)
     with pytest.raises(ValueError, match="Expected target size"):

@@ -108,7 +108,8 @@ def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_
         raise TypeError(
             "target must hold class indices (int64, int32 or uint8) or class probabilities "
             f"(a floating-point tensor of shape (..., V)), got {target.dtype}")
-    elif tuple(target.shape) != tuple(hidden.shape[:-1]):
+    elif tuple(target.shape) != tuple(hidden.shape[:-1]) and not (
+            hidden.dim() == 1 and tuple(target.shape) == (1,)):  # (as cross_entropy's)
         raise ValueError(
             f"target must have hidden's shape without its last dimension, "
             f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
@@ -171,7 +172,8 @@ def linear_cross_entropy(
     without materialising the logits.
 
     ``hidden`` is (..., H), ``weight`` (V, H) as in ``nn.Linear``, ``bias`` (V,) or None,
-    ``target`` class indices shaped like ``hidden`` without its last dimension, or class
+    ``target`` class indices shaped like ``hidden`` without its last dimension (a 1-D
+    ``hidden`` also takes a (1,) target, as F.cross_entropy its logits), or class
     probabilities (soft labels, a teacher's distribution) shaped (..., V), as
     ``F.cross_entropy`` takes them: any float dtype (the loss has F's promoted dtype of
     hidden, target and class_weight), no ``ignore_index``. A float32 target with bf16/fp16
