@@ -160,19 +160,19 @@ struct LossOps {
   }
 
   static Tensor sigmoid_focal_sum(const Tensor& input, const Tensor& target, double alpha,
-                                  double gamma, double scale) {
+                                  double gamma, int64_t divisor) {
     typename Device::Guard guard(input.device());
-    return reduce_sigmoid_focal("sigmoid_focal_sum", input, target, alpha, gamma, scale,
+    return reduce_sigmoid_focal("sigmoid_focal_sum", input, target, alpha, gamma, divisor,
                                 nullptr);
   }
 
   static std::tuple<Tensor, Tensor> sigmoid_focal_sum_grad(const Tensor& input,
                                                            const Tensor& target, double alpha,
-                                                           double gamma, double scale) {
+                                                           double gamma, int64_t divisor) {
     typename Device::Guard guard(input.device());
     Tensor grad = empty_output_like(input);
     Tensor loss = reduce_sigmoid_focal("sigmoid_focal_sum_grad", input, target, alpha, gamma,
-                                       scale, &grad);
+                                       divisor, &grad);
     return {loss, grad};
   }
 
@@ -190,12 +190,12 @@ struct LossOps {
 
  private:
   static Tensor reduce_sigmoid_focal(const char* op, const Tensor& input, const Tensor& target,
-                                     double alpha, double gamma, double scale,
+                                     double alpha, double gamma, int64_t divisor,
                                      const Tensor* grad) {
-    TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+    TORCH_CHECK(divisor >= 1, op, ": divisor must be at least 1, got ", divisor);
     const Tensor x = input.contiguous(), t = target.contiguous();
     SigmoidFocalParams p = prepare_sigmoid_focal(op, x, t, alpha, gamma);
-    p.scale = scale;
+    p.scale = 1.0 / static_cast<double>(divisor);  // (as Python's 1.0 / divisor)
     if (grad != nullptr) p.grad_input = grad->data_ptr();
     Tensor out = at::empty({}, x.options().dtype(acc_dtype(x)));
     Device::sigmoid_sum(p, x, out);

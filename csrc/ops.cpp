@@ -246,16 +246,18 @@ TORCH_LIBRARY(torchloss_fused, m) {
   m.def(
       "_sigmoid_focal_bwd(Tensor grad_loss, Tensor input, Tensor target, float alpha, "
       "float gamma) -> Tensor");
-  // Reductions without an elementwise loss tensor: scale * sum of the losses, as a 0-dim
-  // tensor in the accumulation dtype (float64 for float64 input, else float32), summed in a
-  // fixed order (bitwise the same run to run). The _grad form also returns the gradient of
-  // that value, computed in the same pass (eager training reads the inputs once).
+  // Reductions without an elementwise loss tensor: the sum of the losses times
+  // 1.0 / divisor (1 for a sum, the element count for a mean: an integer, which
+  // torch.compile keeps symbolic where it would specialize on a float made of the count),
+  // as a 0-dim tensor in the accumulation dtype (float64 for float64 input, else float32),
+  // summed in a fixed order (bitwise the same run to run). The _grad form also returns the
+  // gradient of that value, computed in the same pass (eager training reads the inputs once).
   m.def(
-      "sigmoid_focal_sum(Tensor input, Tensor target, float alpha, float gamma, float scale) "
-      "-> Tensor");
+      "sigmoid_focal_sum(Tensor input, Tensor target, float alpha, float gamma, "
+      "SymInt divisor) -> Tensor");
   m.def(
       "sigmoid_focal_sum_grad(Tensor input, Tensor target, float alpha, float gamma, "
-      "float scale) -> (Tensor loss, Tensor grad)");
+      "SymInt divisor) -> (Tensor loss, Tensor grad)");
   // acc += src, as acc.add_(src) (same shape and device): linear_cross_entropy sums each
   // row chunk's bf16/fp16 grad_weight product into a float32 accumulator with it, in one
   // pass where a conversion and an add took two.

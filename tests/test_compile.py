@@ -82,6 +82,39 @@ def test_compile_dynamic_shapes(device, backend):
         torch.testing.assert_close(compiled(x, y), torch.nn.functional.cross_entropy(x, y))
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "sigmoid_focal_loss",
+                                  "linear_cross_entropy"])
+def test_batch_sizes_compile_once_more_not_every_time(device, backend, loss):
+    """As with F.cross_entropy, a new batch size compiles a dynamic graph once (automatic
+    dynamic shapes), which the next sizes reuse. The sigmoid focal mean used to hand its
+    kernel 1 / numel as a float, on which Dynamo specialized: a compile per size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    calls = {
+        "cross_entropy": lambda x, y, h, w: tlf.cross_entropy(x, y, label_smoothing=0.1),
+        "focal_loss": lambda x, y, h, w: tlf.focal_loss(x, y),
+        "sigmoid_focal_loss": lambda x, y, h, w: tlf.sigmoid_focal_loss(
+            x, torch.sigmoid(x.detach() * 2), reduction="mean"),
+        "linear_cross_entropy": lambda x, y, h, w: tlf.linear_cross_entropy(h, w, y),
+    }
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(calls[loss], fullgraph=True, backend=counter)
+    w = torch.randn(13, 6, device=device, requires_grad=True)
+    for n in (5, 6, 9, 17, 30):
+        x = torch.randn(n, 13, device=device, requires_grad=True)
+        y = torch.randint(0, 13, (n,), device=device)
+        h = torch.randn(n, 6, device=device, requires_grad=True)
+        out = compiled(x, y, h, w)
+        grads = torch.autograd.grad(out, (h, w) if loss == "linear_cross_entropy" else (x,))
+        expected = calls[loss](x, y, h, w)
+        torch.testing.assert_close(out, expected)
+        for a, b in zip(grads, torch.autograd.grad(
+                expected, (h, w) if loss == "linear_cross_entropy" else (x,))):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 2, counter.frame_count
+
+
 def test_loss_outside_the_compiled_region_keeps_the_fused_path(device, backend):
     # README: torch.compiler.disable(tlf.cross_entropy) inside a compiled model runs the
     # eager fused forward+gradient (one read of the logits), with the same result.

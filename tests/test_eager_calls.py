@@ -27,8 +27,8 @@ def _calls(device):
     x = torch.randn(7, 5, device=device, requires_grad=True)
     t = torch.rand(7, 5, device=device)
     yield "sigmoid_focal_fwd", (x, t, 0.25, 2.0)
-    yield "sigmoid_focal_sum", (x, t, 0.25, 2.0, 1 / 35)
-    yield "sigmoid_focal_sum_grad", (x, t, -1.0, 0.5, 1.0)
+    yield "sigmoid_focal_sum", (x, t, 0.25, 2.0, 35)
+    yield "sigmoid_focal_sum_grad", (x, t, -1.0, 0.5, 1)
 
 
 def _outputs_and_grad(fn, args):

@@ -41,9 +41,9 @@ SCHEMAS = {
     "_sigmoid_focal_bwd": "(Tensor grad_loss, Tensor input, Tensor target, float alpha, "
     "float gamma) -> Tensor",
     "sigmoid_focal_sum": "(Tensor input, Tensor target, float alpha, float gamma, "
-    "float scale) -> Tensor",
+    "SymInt divisor) -> Tensor",
     "sigmoid_focal_sum_grad": "(Tensor input, Tensor target, float alpha, float gamma, "
-    "float scale) -> (Tensor loss, Tensor grad)",
+    "SymInt divisor) -> (Tensor loss, Tensor grad)",
     "_accumulate_": "(Tensor(a!) acc, Tensor src) -> ()",
 }
 
@@ -384,8 +384,8 @@ def _make_sigmoid_sum_autograd(namespace: str):
             return (None,) * 5
         if reference_backward(grad_loss):
             return _graph_grad(ctx, _sigmoid_sum_reference, grad_loss), None, None, None, None
-        alpha, gamma, scale = ctx.args
-        g = (grad_loss * scale).to(input.dtype).expand(input.shape)
+        alpha, gamma, divisor = ctx.args
+        g = (grad_loss * (1.0 / divisor)).to(input.dtype).expand(input.shape)
         grad = _ns(namespace)._sigmoid_focal_bwd(g, input, target, alpha, gamma)
         return grad, None, None, None, None
 

@@ -625,7 +625,7 @@ def sigmoid_focal_loss(
     x, t = inputs.to(dtype), targets.to(dtype)
     # Gradients for the target, torch.func: autograd through the reference code; so too
     # under torch.jit.trace (_may_want_grad), where the mean below divides by a traced size
-    # (the kernels' reduction takes 1 / numel as a float, which a trace would freeze).
+    # (the kernels' reduction takes the element count as a number, which a trace would freeze).
     use_reference = _may_want_grad(t) or transform_active(x, t)
     if reduction == "none" or x.numel() == 0 or use_reference:
         fwd = reference.sigmoid_focal_fwd if use_reference else (
@@ -639,9 +639,11 @@ def sigmoid_focal_loss(
     # Reduced in the kernel, in the accumulation dtype: no elementwise loss tensor; eager
     # training also gets the gradient from the same pass (the inputs are read once).
     ops = _eager.ops_for(x.device)
-    scale = 1.0 / x.numel() if reduction == "mean" else 1.0
+    # (the count as an int: torch.compile keeps it symbolic, where a float made of it
+    # would recompile for every input size)
+    divisor = x.numel() if reduction == "mean" else 1
     if _fused_path(x, compiled=True):
-        loss, _ = ops.sigmoid_focal_sum_grad(x, t, alpha, gamma, scale)
+        loss, _ = ops.sigmoid_focal_sum_grad(x, t, alpha, gamma, divisor)
     else:
-        loss = ops.sigmoid_focal_sum(x, t, alpha, gamma, scale)
+        loss = ops.sigmoid_focal_sum(x, t, alpha, gamma, divisor)
     return loss.to(out_dtype)

@@ -408,15 +408,17 @@ def sigmoid_focal_fwd(input: Tensor, target: Tensor, alpha: float, gamma: float)
 
 
 def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
-                      scale: float) -> Tensor:
-    """scale * the sum of the elementwise losses, a 0-dim tensor in the accumulation dtype."""
-    return _sigmoid_focal_losses(input, target, alpha, gamma).sum() * scale
+                      divisor: int) -> Tensor:
+    """The sum of the elementwise losses times 1.0 / divisor, a 0-dim tensor in the
+    accumulation dtype."""
+    return _sigmoid_focal_losses(input, target, alpha, gamma).sum() * (1.0 / divisor)
 
 
 def sigmoid_focal_sum_grad(input: Tensor, target: Tensor, alpha: float, gamma: float,
-                           scale: float) -> tuple[Tensor, Tensor]:
-    grad_loss = torch.full((), scale, dtype=acc_dtype(input.dtype), device=input.device)
-    return (sigmoid_focal_sum(input, target, alpha, gamma, scale),
+                           divisor: int) -> tuple[Tensor, Tensor]:
+    grad_loss = torch.full((), 1.0 / divisor, dtype=acc_dtype(input.dtype),
+                           device=input.device)
+    return (sigmoid_focal_sum(input, target, alpha, gamma, divisor),
             sigmoid_focal_bwd(grad_loss, input, target, alpha, gamma))
 
 
