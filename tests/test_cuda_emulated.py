@@ -827,6 +827,7 @@ class SigmoidScenario:
         acc = R.acc_dtype(dtype)
         xr, tr, gr = batch.tensor(x), batch.tensor(t), batch.tensor(gl)
         self.scale = 0.5  # exact in every dtype: sum_grad's gradient == bwd with grad = scale
+        self.divisor = 2  # (the ops' argument: scale = 1.0 / divisor)
         scalar = batch.tensor(torch.full((1,), self.scale, dtype=dtype))
         common = {"dtype": DTYPE_CODE[dtype], "device": device, "input": xr.arg(),
                   "target": tr.arg(), "n": n, "alpha": alpha, "gamma": gamma}
@@ -871,7 +872,7 @@ class SigmoidScenario:
                 add("sigmoid", m)
         # The reference sums in float64 from the same inputs; float accumulation over a fixed
         # tree of at most ~40 levels here stays well inside 1e-6 (one dropped term would not).
-        ref_sum = R.sigmoid_focal_sum(self.x.double(), self.t.double(), a, g, self.scale)
+        ref_sum = R.sigmoid_focal_sum(self.x.double(), self.t.double(), a, g, self.divisor)
         sums = {name: b.get(out) for name, (out, _) in self.sums.items()}
         rtol = 1e-12 if dt == torch.float64 else 1e-6
         got = sums["sum"].double().reshape(())
