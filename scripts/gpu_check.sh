@@ -312,60 +312,6 @@ SAN="$(command -v compute-sanitizer || true)"
 [[ -z "$SAN" && -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/compute-sanitizer" ]] &&
   SAN="$CUDA_HOME/bin/compute-sanitizer"
 [[ -z "$SAN" && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
-cat >"$TMPD/exercise_ops.py" <<'EOF'
-"""Calls every CUDA op on small inputs that reach each kernel shape: thread / warp / block
-rows, vector and scalar paths, misaligned and padded rows, every option. With --block-only,
-only the block-per-row shapes (the ones that use shared memory)."""
-import sys
-import torch
-import torchloss_fused  # noqa: F401
-ops = torch.ops.torchloss_fused
-block_only = "--block-only" in sys.argv
-dev = "cuda"
-torch.manual_seed(0)
-shapes = [(300, 5000, 1), (2, 3000, 3)] if block_only else \
-    [(64, 3, 1), (64, 100, 1), (16, 1000, 2), (300, 5000, 1), (2, 3000, 3), (3, 40000, 1)]
-for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-    acc = torch.float64 if dt == torch.float64 else torch.float32
-    for B, C, D in shapes:
-        for layout in ("contig", "offset", "padded"):
-            if layout == "contig":
-                x = torch.randn(B, C, D, device=dev).to(dt)
-            elif layout == "offset":
-                x = torch.randn(B * C * D + 1, device=dev).to(dt)[1:].view(B, C, D)
-            else:
-                x = torch.randn(B, C + 3, D, device=dev).to(dt)[:, :C]
-            t = torch.randint(0, C, (B, D), device=dev)
-            t[0, 0] = -100
-            w = torch.rand(C, device=dev, dtype=acc) + 0.5
-            g = torch.rand(B, D, device=dev, dtype=acc)
-            for weight, ls, z, cap, sc in ((None, 0.0, 0.0, 0.0, 1.0), (w, 0.1, 1e-3, 5.0, 0.5)):
-                loss, lse = ops.ce_fwd(x, t, weight, -100, ls, z, cap, sc, False)
-                ops._ce_bwd(g, g, x, t, weight, lse, -100, ls, z, cap, sc)
-                ops._ce_bwd_inplace(g, None, x.clone(), t, weight, lse, -100, ls, z, cap, sc)
-                _, _, grad = ops.ce_fwd_grad(x, t, weight, -100, ls, z, cap, sc, g)
-                ops._rescale_grad_rows(grad, g * 2, g)
-            p = torch.softmax(torch.randn(B, C, D, device=dev), 1)
-            ops.ce_fwd(x, p.to(dt), None, -100, 0.1, 0.0, 0.0, 1.0, False)
-            if dt != torch.float64:
-                ops.ce_fwd_grad(x, p, w, -100, 0.0, 0.0, 0.0, 1.0, g)
-            loss, lse = ops.focal_fwd(x, t, None, 0.25, 2.0, -100)
-            ops._focal_bwd(g, x, t, None, lse, 0.25, 2.0, -100)
-            ops.focal_fwd_grad(x, t, w, 1.0, 1.5, -100, g)
-    if not block_only:
-        for n in (1, 1000, 4099):
-            xs = torch.randn(n + 1, device=dev).to(dt)[1:]
-            ts = (torch.rand(n, device=dev) > 0.5).to(dt)
-            ops.sigmoid_focal_fwd(xs, ts, 0.25, 2.0)
-            ops._sigmoid_focal_bwd(torch.rand(n, device=dev).to(dt), xs, ts, 0.25, 1.5)
-            ops.sigmoid_focal_sum(xs, ts, 0.25, 2.0, 1.0 / n)
-            ops.sigmoid_focal_sum_grad(xs, ts, -1.0, 1.5, 1.0)
-        # Enough elements for the reduced sum's grid to reach its block cap.
-        xs = torch.randn(1_500_001, device=dev).to(dt)
-        ops.sigmoid_focal_sum_grad(xs, (xs > 0).to(dt), 0.25, 2.0, 1.0)
-torch.cuda.synchronize()
-print("exercised every op")
-EOF
 if ! want sanitizer; then
   :
 elif [[ -n "$SAN" ]]; then
@@ -373,15 +319,15 @@ elif [[ -n "$SAN" ]]; then
   # access past a tensor's end even where the cache would have had memory there.
   run_stage memcheck "$LOGS/memcheck.log" "$(stage_limit "${GPU_CHECK_MEMCHECK_S:-90}" 60)" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py"
+    "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$ROOT/scripts/exercise_ops.py"
   run_stage racecheck "$LOGS/racecheck.log" "$(stage_limit "${GPU_CHECK_RACECHECK_S:-60}" 40)" \
-    "$SAN" --tool racecheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
+    "$SAN" --tool racecheck --error-exitcode 3 "$PY" "$ROOT/scripts/exercise_ops.py" --block-only
   # The bulk-copy kernels (bulk_load, sm_90 and newer, not the default) over the block-per-row
   # shapes: a copy that reads past a row's storage is an out-of-bounds access here.
   TLF_CUDA_TUNING=bulk_load=1 run_stage "memcheck (bulk_load=1)" "$LOGS/memcheck_bulk.log" \
     "$(stage_limit "${GPU_CHECK_MEMCHECK_BULK_S:-45}" 10)" \
     env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$TMPD/exercise_ops.py" --block-only
+    "$SAN" --tool memcheck --error-exitcode 3 "$PY" "$ROOT/scripts/exercise_ops.py" --block-only
 else
   note "compute-sanitizer not found: skipped"
 fi

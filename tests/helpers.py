@@ -148,7 +148,7 @@ def as_f_on_device(ref, device, unbatched, prob, kw, ignored):
     """A CPU oracle's loss as F gives it on `device`: on CUDA the mean of an unbatched input
     whose one target is ignored is 0, not 0/0 = nan (without label smoothing)."""
     if (device.type == "cuda" and unbatched and not prob and kw["reduction"] == "mean"
-            and kw["label_smoothing"] == 0 and bool(ignored.all())):
+            and not kw["label_smoothing"] > 0 and bool(ignored.all())):
         return torch.where(ref.isnan(), torch.zeros_like(ref), ref)
     return ref
 

@@ -91,10 +91,15 @@ def test_module_and_linear_ce_take_negative_smoothing(backend):
     assert torch.equal(loss, tlf.linear_cross_entropy(h, head, t))
     torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, head), t, label_smoothing=-0.3))
     x = random_logits((6, 5), torch.float32, "cpu")
-    with pytest.warns(UserWarning, match="applies no smoothing"):
+    with pytest.warns(UserWarning, match="applies no smoothing") as record:
         loss = tlf.CrossEntropyLoss(label_smoothing=-0.3)(x, t)
+    # (attributed to this line, not to nn.Module's call: torch's frames are skipped too)
+    assert record[0].filename == __file__
     assert torch.equal(loss, tlf.CrossEntropyLoss()(x, t))
     torch.testing.assert_close(loss, torch.nn.CrossEntropyLoss(label_smoothing=-0.3)(x, t))
+    with tlf.patch_torch(), pytest.warns(UserWarning, match="no smoothing") as record:
+        patched = torch.nn.CrossEntropyLoss(label_smoothing=-0.3)(x, t)
+    assert record[0].filename == __file__ and torch.equal(patched, loss)
 
 
 def test_negative_smoothing_compiles_with_fullgraph():
@@ -177,6 +182,13 @@ def test_linear_ce_of_a_1d_hidden_takes_a_one_element_target(backend, reduction,
 
 
 def test_unbatched_input_refuses_a_longer_target():
+    # A (1,) input with a (1,) target: F reads it as probabilities, which need floats.
+    with pytest.raises(RuntimeError, match="floating point type"):
+        F.cross_entropy(torch.randn(1), torch.tensor([0]))
+    with pytest.raises(ValueError, match="Expected target size"):
+        tlf.cross_entropy(torch.randn(1), torch.tensor([0]))
+    with pytest.raises(ValueError, match="target must have hidden's shape"):
+        tlf.linear_cross_entropy(torch.randn(3), torch.randn(1, 3), torch.tensor([0]))
     x = torch.randn(5)
     with pytest.raises(ValueError, match="Expected target size"):
         tlf.cross_entropy(x, torch.tensor([1, 2]))

@@ -36,16 +36,20 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"{reduction} is not a valid value for reduction")
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Frames a warning is not attributed to: this package's, and torch's (nn.Module's call,
+# torch.nn.CrossEntropyLoss.forward under patch_torch, torch.compiler.disable's wrapper).
+_INNER_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                    for m in (sys.modules[__package__], torch))
 
 
 def _warn_at_caller(message: str) -> None:
-    """warnings.warn attributed to the first frame outside this package, the user's call
-    however many wrappers lie between (so the default filter shows it once per call site)."""
+    """warnings.warn attributed to the caller's line, however many wrappers and modules lie
+    between (so the default filter shows it once per call site), or to the outermost frame
+    if all are inner ones."""
     if torch.compiler.is_compiling():
         return  # (fullgraph=True refuses warnings.warn; an eager call shows it)
     frame, level = sys._getframe(0), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INNER_DIRS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 
@@ -66,7 +70,7 @@ def _check_label_smoothing(value) -> float:
     0, so a negative value (-inf too) or nan means no smoothing, which we follow (raising
     would break code that runs with F), with a warning, since whoever passed one expected
     it to act (negative label smoothing is a published method that F does not implement).
-    F's parser also takes a bool, as 0 or 1."""
+    F's parser also takes a Python bool, as 0 or 1."""
     if type(value) is bool:
         value = float(value)
     value = _real_number(value, "label_smoothing")
@@ -190,8 +194,10 @@ def _check_index_target(input: Tensor, target: Tensor, out_shape: tuple) -> None
         )
     if tuple(target.shape) == out_shape:
         return
-    if input.dim() == 1 and tuple(target.shape) == (1,):
-        return  # (F takes it as the 0-dim target: its forward does; its backward fails)
+    if input.dim() == 1 and tuple(target.shape) == (1,) and input.shape[0] != 1:
+        # (F takes it as the 0-dim target: its forward does; its backward fails. A (1,)
+        # input it reads as probabilities, which an index target is not.)
+        return
     if input.dim() == 2 and target.dim() == 1:
         raise ValueError(
             f"Expected input batch_size ({input.shape[0]}) to match target batch_size "

@@ -411,11 +411,15 @@ def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
                       divisor: int) -> Tensor:
     """The sum of the elementwise losses times 1.0 / divisor, a 0-dim tensor in the
     accumulation dtype."""
+    torch._check(divisor >= 1, lambda: f"sigmoid_focal_sum: divisor must be at least 1, "
+                 f"got {divisor}")
     return _sigmoid_focal_losses(input, target, alpha, gamma).sum() * (1.0 / divisor)
 
 
 def sigmoid_focal_sum_grad(input: Tensor, target: Tensor, alpha: float, gamma: float,
                            divisor: int) -> tuple[Tensor, Tensor]:
+    torch._check(divisor >= 1, lambda: f"sigmoid_focal_sum_grad: divisor must be at least 1, "
+                 f"got {divisor}")
     grad_loss = torch.full((), 1.0 / divisor, dtype=acc_dtype(input.dtype),
                            device=input.device)
     return (sigmoid_focal_sum(input, target, alpha, gamma, divisor),

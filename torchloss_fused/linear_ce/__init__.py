@@ -109,7 +109,8 @@ def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_
             "target must hold class indices (int64, int32 or uint8) or class probabilities "
             f"(a floating-point tensor of shape (..., V)), got {target.dtype}")
     elif tuple(target.shape) != tuple(hidden.shape[:-1]) and not (
-            hidden.dim() == 1 and tuple(target.shape) == (1,)):  # (as cross_entropy's)
+            # (a (1,) target for a 1-D hidden, as cross_entropy takes one for (V,) logits)
+            hidden.dim() == 1 and tuple(target.shape) == (1,) and weight.shape[0] != 1):
         raise ValueError(
             f"target must have hidden's shape without its last dimension, "
             f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
