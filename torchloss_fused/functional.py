@@ -262,10 +262,12 @@ def _count_denominator(count: int, like: Tensor, acc: torch.dtype) -> Tensor:
     """A mean's denominator known on the host (a row count), made on `like`'s device: no
     host-to-device copy, which CUDA graph capture forbids. Replicated where `like` is a
     DTensor. Under torch.jit.trace sizes are traced 0-dim tensors, and so is `count`: kept
-    as one, so the traced graph divides by its inputs' count (float() would freeze it)."""
+    as one, so the traced graph divides by its inputs' count (float() would freeze it).
+    Under torch.export a SymInt, handed to torch.full as it is: float() would specialize
+    the program to this call's size."""
     local = like.to_local() if vocab_parallel.is_dtensor(like) else like
     denom = (count.to(device=local.device, dtype=acc) if isinstance(count, Tensor)
-             else torch.full((), float(count), dtype=acc, device=local.device))
+             else torch.full((), count, dtype=acc, device=local.device))
     return vocab_parallel.replicated_like(denom, like)
 
 
