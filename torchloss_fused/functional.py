@@ -186,6 +186,13 @@ def _check_ignore_index(value) -> int:
     return value
 
 
+def _one_element_target(logits_dim: int, num_classes: int, target: Tensor) -> bool:
+    """Whether an index target of shape (1,) stands for the 0-dim one, as F takes it: for
+    unbatched (C,) logits (F's forward does; its backward fails), but for C = 1, where F
+    reads the pair as probabilities, which an index target is not."""
+    return logits_dim == 1 and tuple(target.shape) == (1,) and num_classes != 1
+
+
 def _check_index_target(input: Tensor, target: Tensor, out_shape: tuple) -> None:
     if target.dtype not in _INDEX_DTYPES:
         raise TypeError(
@@ -194,9 +201,7 @@ def _check_index_target(input: Tensor, target: Tensor, out_shape: tuple) -> None
         )
     if tuple(target.shape) == out_shape:
         return
-    if input.dim() == 1 and tuple(target.shape) == (1,) and input.shape[0] != 1:
-        # (F takes it as the 0-dim target: its forward does; its backward fails. A (1,)
-        # input it reads as probabilities, which an index target is not.)
+    if _one_element_target(input.dim(), input.shape[0], target):
         return
     if input.dim() == 2 and target.dim() == 1:
         raise ValueError(

@@ -418,12 +418,10 @@ def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
 
 def sigmoid_focal_sum_grad(input: Tensor, target: Tensor, alpha: float, gamma: float,
                            divisor: int) -> tuple[Tensor, Tensor]:
-    torch._check(divisor >= 1, lambda: f"sigmoid_focal_sum_grad: divisor must be at least 1, "
-                 f"got {divisor}")
+    loss = sigmoid_focal_sum(input, target, alpha, gamma, divisor)  # (checks the divisor)
     grad_loss = torch.full((), 1.0 / divisor, dtype=acc_dtype(input.dtype),
                            device=input.device)
-    return (sigmoid_focal_sum(input, target, alpha, gamma, divisor),
-            sigmoid_focal_bwd(grad_loss, input, target, alpha, gamma))
+    return loss, sigmoid_focal_bwd(grad_loss, input, target, alpha, gamma)
 
 
 def sigmoid_focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: float,

@@ -61,6 +61,7 @@ from ..functional import (
     _f_reduction,
     _index_denominator,
     _may_want_grad,
+    _one_element_target,
     _wants_grad,
 )
 from ..modules import warn_torchscript
@@ -108,9 +109,8 @@ def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_
         raise TypeError(
             "target must hold class indices (int64, int32 or uint8) or class probabilities "
             f"(a floating-point tensor of shape (..., V)), got {target.dtype}")
-    elif tuple(target.shape) != tuple(hidden.shape[:-1]) and not (
-            # (a (1,) target for a 1-D hidden, as cross_entropy takes one for (V,) logits)
-            hidden.dim() == 1 and tuple(target.shape) == (1,) and weight.shape[0] != 1):
+    elif tuple(target.shape) != tuple(hidden.shape[:-1]) and \
+            not _one_element_target(hidden.dim(), weight.shape[0], target):
         raise ValueError(
             f"target must have hidden's shape without its last dimension, "
             f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
