@@ -6,6 +6,7 @@
 // of each small op (a dozen of them per call), which took most of a small loss's time.
 #include "reduced_loss.h"
 
+#include "ordered_sum.h"
 #include "tensor_params.h"
 
 #include <ATen/ATen.h>
@@ -123,7 +124,7 @@ Tensor index_denominator(const Tensor& t, const OptTensor& weight, long long ign
   } else {
     const Tensor w_t =
         weight->to(acc).gather(0, t.to(at::kLong).clamp(0, C - 1).flatten()).view_as(t);
-    denom = at::where(valid, w_t, at::Scalar(0)).sum();
+    denom = ordered_sum(at::where(valid, w_t, at::Scalar(0)));
   }
   if (unbatched && t.device().is_cuda()) {
     denom = at::where(valid.reshape({}), denom, denom.new_ones({}));
@@ -150,7 +151,7 @@ Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArr
     at::AutoDispatchBelowADInplaceOrView untracked;
     return rows.reshape(out_shape).to(dtype);
   }
-  Tensor total = rows.sum();
+  Tensor total = ordered_sum(rows);
   if (reduction != kMean) return total.to(dtype);
   if (split_terms) total = at::where(denom.eq(0), std::numeric_limits<double>::quiet_NaN(), total);
   return (total / denom).to(dtype);

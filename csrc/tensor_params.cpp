@@ -1,6 +1,7 @@
 #include "tensor_params.h"
 
 #include "host_buffers.h"
+#include "ordered_sum.h"
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -163,7 +164,7 @@ SoftmaxLossLaunch prepare_ce(const char* op, const at::Tensor& input, const at::
               logit_scale);
   if (weight.has_value()) {
     l.weight_acc = class_vector(op, input, *weight, "weight");
-    l.weight_sum = l.weight_acc.sum();
+    l.weight_sum = ordered_sum(l.weight_acc);
     l.p.weight = l.weight_acc.data_ptr();
     l.p.weight_sum = l.weight_sum.data_ptr();
   }

@@ -14,6 +14,26 @@ import math
 import torch
 from torch import Tensor
 
+# csrc/ordered_sum.h's constants: ATen sums a CPU tensor of fewer elements than this on one
+# thread; a larger one here goes in blocks of _SUM_BLOCK.
+_SERIAL_SUM_ELEMENTS = 32768
+_SUM_BLOCK = 16384
+
+
+def ordered_sum(v: Tensor) -> Tensor:
+    """v.sum(), the same bits whatever torch.set_num_threads says, as F.cross_entropy's
+    CPU mean is: ATen splits a large CPU sum among the threads, so its rounding changes
+    with their number. The steps of csrc/ordered_sum.cpp (see there), so the C++ and the
+    Python paths agree bitwise. Traced code, tensor subclasses (DTensor, fake and
+    functorch tensors) and other devices get v.sum() itself."""
+    if (v.numel() < _SERIAL_SUM_ELEMENTS or v.device.type != "cpu"
+            or type(v) is not torch.Tensor or torch.compiler.is_compiling()
+            or torch._C._is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(v)):
+        return v.sum()
+    flat = v.reshape(-1)
+    blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % _SUM_BLOCK))
+    return ordered_sum(blocks.view(-1, _SUM_BLOCK).sum(1))
+
 
 def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
            dtype: torch.dtype, split_terms: bool = False) -> Tensor:
@@ -21,7 +41,7 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
     "mean" over `denom`; returned in `dtype`. split_terms: see mean_total."""
     if reduction == "none":
         return loss_rows.reshape(out_shape).to(dtype)
-    total = loss_rows.sum()
+    total = ordered_sum(loss_rows)
     if reduction == "sum":
         return total.to(dtype)
     # (F's value, NaN or inf when no target counts; _rescale_grad_rows keeps the fused

@@ -357,7 +357,7 @@ def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: 
     else:
         # Clamped so an out-of-range target reaches the kernel, which reports it by value.
         w_t = weight.to(acc).gather(0, t2.long().clamp(0, C - 1).flatten()).view_as(t2)
-        denom = torch.where(valid, w_t, 0).sum()
+        denom = _reduction.ordered_sum(torch.where(valid, w_t, 0))
     if unbatched and t2.device.type == "cuda":
         denom = torch.where(valid.reshape(()), denom, denom.new_ones(()))
     return denom
@@ -645,9 +645,10 @@ def sigmoid_focal_loss(
             _eager.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)
         if reduction == "mean":
-            loss = loss.sum() / loss.numel()  # nan for an empty input, as mean() gives
+            # (nan for an empty input, as mean() gives)
+            loss = _reduction.ordered_sum(loss) / loss.numel()
         elif reduction == "sum":
-            loss = loss.sum()
+            loss = _reduction.ordered_sum(loss)
         return loss.to(out_dtype)
     # Reduced in the kernel, in the accumulation dtype: no elementwise loss tensor; eager
     # training also gets the gradient from the same pass (the inputs are read once).

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._reduction import ordered_sum
+
 # Elements per chunk of float32 temporaries (16 MiB).
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -208,7 +210,7 @@ def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
     coef = (1 - eps) * wt
     Dq = None
     if eps > 0:
-        W = w.sum() if w is not None else C
+        W = ordered_sum(w) if w is not None else C
         coef = coef + eps / C * W
         Dq = (g * (eps / C)).unsqueeze(-1) * (w if w is not None else 1.0)
     if z_loss != 0:
@@ -413,7 +415,7 @@ def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
     accumulation dtype."""
     torch._check(divisor >= 1, lambda: f"sigmoid_focal_sum: divisor must be at least 1, "
                  f"got {divisor}")
-    return _sigmoid_focal_losses(input, target, alpha, gamma).sum() * (1.0 / divisor)
+    return ordered_sum(_sigmoid_focal_losses(input, target, alpha, gamma)) * (1.0 / divisor)
 
 
 def sigmoid_focal_sum_grad(input: Tensor, target: Tensor, alpha: float, gamma: float,
