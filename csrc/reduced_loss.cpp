@@ -332,24 +332,35 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
 PyObject* rescale_reduced(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *grad_obj = nullptr, *loss_grad = nullptr, *denom_obj = nullptr, *scale_obj = nullptr;
+  PyObject* target_obj = Py_None;
   int reduction = 0;
-  if (!PyArg_ParseTuple(args, "OOiOO", &grad_obj, &loss_grad, &reduction, &denom_obj,
-                        &scale_obj)) {
+  long long ignore_index = 0;
+  if (!PyArg_ParseTuple(args, "OOiOO|OL", &grad_obj, &loss_grad, &reduction, &denom_obj,
+                        &scale_obj, &target_obj, &ignore_index)) {
     return nullptr;
   }
-  Tensor grad, g, denom, grad_scale;
+  Tensor grad, g, denom, grad_scale, target;
   if (!unpack_tensor(grad_obj, "grad", grad) || !unpack_tensor(loss_grad, "grad_loss", g) ||
       !unpack_tensor(scale_obj, "grad_scale", grad_scale)) {
     return nullptr;
   }
   if (denom_obj != Py_None && !unpack_tensor(denom_obj, "denom", denom)) return nullptr;
+  if (target_obj != Py_None && !unpack_tensor(target_obj, "target", target)) return nullptr;
   TORCH_CHECK_VALUE(grad.dim() == 3 && reduction >= kNone && reduction <= kMean &&
                         (reduction != kMean || denom.defined()),
                     "rescale_reduced: bad arguments");
   {
     pybind11::gil_scoped_release no_gil;
-    const Tensor rows =
+    Tensor rows =
         rows_grad(g, reduction, denom, grad.size(0), grad.size(2), grad_scale.scalar_type());
+    // An ignored row's gradient is zero whatever its upstream, as F's (nll_loss's backward
+    // never writes it): a nan or infinite one (a sum divided by a count of 0) would make
+    // the rescale's 0 * f nan. Such a row gets the upstream it was made for, so the rescale
+    // leaves it. (A finite 0-dim upstream on the CPU needs no look at the targets.)
+    if (target.defined() &&
+        !(g.dim() == 0 && g.is_cpu() && std::isfinite(g.item<double>()))) {
+      rows = at::where(counted(target, ignore_index), rows, grad_scale);
+    }
     at::AutoDispatchBelowAutograd below_autograd;
     rescale_grad_rows(grad, rows, grad_scale);
   }

@@ -16,9 +16,11 @@
 //   guessed_factor in reduced_loss.cpp) the gradient is written for it and guessed is
 //   True (grad_scale stays the unit upstream's rows).
 //
-// _C.rescale_reduced(grad, grad_loss, reduction, denom, grad_scale): backward of the
-//   above: turns the loss's gradient into the rows' (_reduction.rows_grad) and rescales
-//   the fused gradient in place with _rescale_grad_rows.
+// _C.rescale_reduced(grad, grad_loss, reduction, denom, grad_scale, target=None,
+//                    ignore_index=0): backward of the above: turns the loss's gradient into
+//   the rows' (_reduction.rows_grad) and rescales the fused gradient in place with
+//   _rescale_grad_rows, leaving the rows whose class-index target is ignore_index as they
+//   are (zero), whatever their upstream gradient.
 #pragma once
 
 #include <Python.h>

@@ -114,6 +114,53 @@ def test_no_classes_all_ignored(device, backend):
     assert torch.equal(ours, F.cross_entropy(x.detach(), y, reduction="none"))
 
 
+# A nan or infinite upstream gradient (a sum divided by a count of 0: Hugging Face's
+# `/ num_items_in_batch` for a batch whose labels are all masked, a per-sequence mean of a
+# padded sequence) leaves F's gradient zero on the ignored rows: nll_loss's backward never
+# writes them, and F.linear's products of zero rows are zero. Here the fused gradient's
+# rescale once made them nan (0 * inf), which an optimizer step spreads to every weight.
+@pytest.mark.parametrize("upstream", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("all_ignored", [False, True], ids=["some-ignored", "all-ignored"])
+@pytest.mark.parametrize("case", ["ce", "ce_smooth_weight", "ce_lse", "ce_inplace", "focal",
+                                  "linear"])
+def test_ignored_rows_stay_zero_whatever_the_upstream(device, backend, case, all_ignored,
+                                                      reduction, upstream):
+    x = random_logits((6, 9), torch.float32, device)
+    y = random_targets((6,), 9, device)
+    y[::2] = 4 if case != "ce_smooth_weight" else -100
+    ignore = 4 if case != "ce_smooth_weight" else -100
+    if all_ignored:
+        y.fill_(ignore)
+    w = torch.rand(9, device=device) + 0.5
+    h = torch.randn(6, 5, device=device, requires_grad=True)
+    head = torch.randn(9, 5, device=device, requires_grad=True)
+    kw = {"reduction": reduction, "ignore_index": ignore}
+    if case == "linear":
+        loss, inputs = tlf.linear_cross_entropy(h, head, y, **kw), (h, head)
+    else:
+        loss = {"ce": lambda: tlf.cross_entropy(x, y, **kw),
+                "ce_smooth_weight": lambda: tlf.cross_entropy(x, y, weight=w,
+                                                              label_smoothing=0.2, **kw),
+                "ce_lse": lambda: tlf.cross_entropy(x, y, return_lse=True, **kw)[0],
+                "ce_inplace": lambda: tlf.cross_entropy(x * 1, y, inplace_backward=True, **kw),
+                "focal": lambda: tlf.focal_loss(x, y, **kw)}[case]()
+        inputs = (x,)
+    g = torch.full(loss.shape, upstream, device=device)
+    if reduction == "none":
+        g[1] = 1.5  # (a row with a finite upstream beside them)
+    grads = torch.autograd.grad(loss, inputs, g)
+    ignored = y == ignore
+    # (F's, for the record: zero on the ignored rows)
+    ref_loss = F.cross_entropy(x, y, ignore_index=ignore, reduction=reduction)
+    (g_ref,) = torch.autograd.grad(ref_loss, x, g)
+    assert torch.equal(g_ref[ignored], torch.zeros_like(g_ref[ignored]))
+    assert torch.equal(grads[0][ignored], torch.zeros_like(grads[0][ignored])), grads[0]
+    if all_ignored:  # (linear: the head's gradient is a sum of zero rows, zero in F too)
+        for grad in grads:
+            assert torch.equal(grad, torch.zeros_like(grad)), grad
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(3, 0), (0, 4), (2, 0, 3), (0, 0)])
 def test_empty_input_probability_targets(device, backend, reduction, shape):

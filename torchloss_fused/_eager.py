@@ -192,6 +192,7 @@ class FusedReduced:
             # (the rows' gradient in the loss rows' dtype, grad_scale's: lse may be wider)
             ctx.reduction = (reduction, denom, lse.shape, grad_scale.dtype)
             ctx.guess = (key, guess if guessed else None)
+            ctx.ignore_index = None if kind == CE_PROB else scalars[2 if kind == FOCAL else 0]
             return loss
 
         def reduced_backward(ctx, grad):
@@ -210,8 +211,11 @@ class FusedReduced:
                 return _rows_backward(backward, ctx, grad)[0], None, None, None, None
             ctx.fused_grad = None
             if guessed is None:  # (a right guess left no row to rescale)
+                # (the target: its ignored rows stay zero whatever the upstream)
+                ignored = () if ctx.ignore_index is None else (ctx.saved_tensors[1],
+                                                                ctx.ignore_index)
                 c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom,
-                                  ctx.grad_scale)
+                                  ctx.grad_scale, *ignored)
             return buffer, None, None, None, None
 
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)

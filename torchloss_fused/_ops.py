@@ -223,8 +223,14 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _ignored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The rows of a fused op's (B, D) class-index target that are ignored (compared as
+    int64, as the kernels compare them); None for a probability target."""
+    return None if target.is_floating_point() else target.long() == ignore_index
+
+
 def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                    as_rows=None, reference_forward=None):
+                    as_rows=None, reference_forward=None, ignored=None):
     """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
@@ -234,7 +240,10 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     computes it with the separate backward op (`recompute`). `as_rows` maps (grad,
     grad_loss, grad_scale) to the (B, C, D), (B, D), (B, D) views the rescale works on,
     when the op's outputs are not already shaped so. With create_graph=True or batched
-    gradients, it comes from autograd through `reference_forward` (see _graph_grad)."""
+    gradients, it comes from autograd through `reference_forward` (see _graph_grad).
+    `ignored()`: the (B, D) rows whose target is ignore_index (or None), whose gradient
+    stays zero whatever their grad_loss, as F's does: a nan or infinite one (a sum divided
+    by a count of 0) would make the rescale's 0 * f nan."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
     if reference_backward(grad_loss, grad_lse):
@@ -245,6 +254,9 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     grad, ctx.fused_grad = ctx.fused_grad, None
     if grad is None:
         grad = redo_forward(ctx.grad_scale)
+    rows_ignored = ignored() if ignored is not None else None
+    if rows_ignored is not None:  # (their upstream made the one they were made for)
+        grad_loss = torch.where(rows_ignored, ctx.grad_scale, grad_loss)
     if as_rows is None and _rescale_dtensor(namespace, grad, grad_loss, ctx.grad_scale):
         return grad
     rows, g, scale = (as_rows or (lambda *views: views))(grad, grad_loss, ctx.grad_scale)
@@ -296,7 +308,8 @@ def _make_ce_fwd_grad_autograd(namespace: str):
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
         grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                               reference_forward=_ce_reference)
+                               reference_forward=_ce_reference,
+                               ignored=lambda: _ignored_rows(ctx.saved_tensors[1], ctx.args[0]))
         return (grad,) + (None,) * 8
 
     return backward, setup_context
@@ -337,7 +350,8 @@ def _make_focal_fwd_grad_autograd(namespace: str):
         if grad_loss is None:
             return (None,) * 7
         grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
-                               reference_forward=_focal_reference)
+                               reference_forward=_focal_reference,
+                               ignored=lambda: _ignored_rows(ctx.saved_tensors[1], ctx.args[2]))
         return (grad,) + (None,) * 6
 
     return backward, setup_context

@@ -246,11 +246,25 @@ def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
                                      *ctx.chunk, *needs)
     elif ctx.eager and _is_host_one(grad_loss):
         grads = fused  # made for exactly this grad_loss: the pass over them is saved
-    elif ctx.eager:
-        grads = tuple(g.mul_(grad_loss) if need else None for g, need in zip(fused, needs))
     else:
-        grads = tuple(g * grad_loss if need else None for g, need in zip(fused, needs))
+        factors = _scale_factors(grad_loss, target, ctx.ce_args[0])
+        grads = tuple((g.mul_(f) if ctx.eager else g * f) if need else None
+                      for g, f, need in zip(fused, factors, needs))
     return _masked(grads, needs) + none
+
+
+def _scale_factors(grad_loss: Tensor, target: Tensor, ignore_index: int) -> tuple:
+    """What the gradients made in the forward for a unit upstream (hidden's, weight's,
+    bias's) are multiplied by: grad_loss, but 1 for an ignored row of grad_hidden, and for
+    grad_weight and grad_bias where no row counts. Those stay zero whatever the upstream,
+    as F's do: a nan or infinite one (a sum divided by a count of 0) would make 0 * f nan.
+    (A row's factor multiplies as the 0-dim grad_loss did: the same bits.)"""
+    if target.is_floating_point():
+        return (grad_loss,) * 3
+    counted = target.long() != ignore_index
+    one = torch.ones_like(grad_loss)
+    whole = torch.where(counted.any(), grad_loss, one)
+    return torch.where(counted, grad_loss, one).unsqueeze(1), whole, whole
 
 
 def _define_ops() -> None:
