@@ -133,6 +133,46 @@ def test_probability_targets(device, backend, dtype, tdtype, opts, reduction):
     check(x, t, reduction, **opts)
 
 
+# F smooths a probability target in the target's own dtype (`target * (1 - ls) + ls / C`,
+# each step rounded to it). Beside wider logits those roundings are far above the logits'
+# error (a float16 target beside float32 logits: about 2e-4 of the loss), so ours rounds
+# the same way where it converts the target anyway; the compared values are then F's to
+# the logits' precision. The target's own gradient goes through the same steps.
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float16),
+                                    (torch.float32, torch.bfloat16),
+                                    (torch.float64, torch.float32),
+                                    (torch.float64, torch.bfloat16)],
+                         ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("case", ["plain", "weight", "kdim", "target_grad", "linear"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_smoothed_narrower_probability_target_rounds_as_f(device, backend, dtypes, case,
+                                                          reduction):
+    xdtype, tdtype = dtypes
+    shape = (4, 7, 3) if case == "kdim" else (6, 7)
+    x = random_logits(shape, xdtype, device)
+    t = torch.softmax(torch.randn(shape, dtype=torch.float64) * 2, 1).to(device=device,
+                                                                         dtype=tdtype)
+    t.requires_grad_(case == "target_grad")
+    kw = {"label_smoothing": 0.3, "reduction": reduction}
+    if case == "weight":
+        kw["weight"] = torch.rand(7, dtype=xdtype, device=device) + 0.5
+    inputs = (x, t) if case == "target_grad" else (x,)
+    if case == "linear":
+        h = torch.randn(6, 5, dtype=xdtype, device=device, requires_grad=True)
+        head = torch.randn(7, 5, dtype=xdtype, device=device)
+        ours = tlf.linear_cross_entropy(h, head, t, **kw)
+        ref = F.cross_entropy(F.linear(h, head), t, **kw)
+        inputs = (h,)
+    else:
+        ours, ref = tlf.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw)
+    eps = torch.finfo(xdtype).eps
+    assert ours.dtype == ref.dtype
+    torch.testing.assert_close(ours, ref, rtol=16 * eps, atol=16 * eps)
+    g = torch.rand_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=16 * eps, atol=16 * eps)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_probability_targets_kdim_and_unnormalised(device, backend, dtype):
     x = random_logits((3, 5, 4, 2), dtype, device)

@@ -255,12 +255,20 @@ def _compute_dtype(input_dtype: torch.dtype, target: Tensor,
     return input_dtype
 
 
-def _prob_target_for(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """A probability target in a dtype the kernels read beside logits of `dtype`: theirs,
-    or float32 below float64."""
+def _prob_target_for(t: Tensor, dtype: torch.dtype,
+                     label_smoothing: float = 0.0) -> tuple[Tensor, float]:
+    """A (B, C, ...) probability target in a dtype the kernels read beside logits of
+    `dtype` (theirs, or float32 below float64), and the label smoothing left for the
+    kernels to apply. A target that is converted gets F's smoothing first, as F computes
+    it: `t * (1 - ls) + ls / C` in t's own dtype, each step rounded to it (for a float16 or
+    bfloat16 target beside float32 logits those roundings move the loss by about 2e-4 of
+    itself). One read as it is gets it in the kernels, unrounded, with no tensor of its
+    size made for it."""
     if t.dtype == dtype or (t.dtype == torch.float32 and dtype != torch.float64):
-        return t
-    return t.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        return t, label_smoothing
+    if label_smoothing > 0 and t.shape[1] > 0:
+        t = t.mul(1 - label_smoothing).add_(label_smoothing / t.shape[1])
+    return t.to(torch.float64 if dtype == torch.float64 else torch.float32), 0.0
 
 
 def _count_denominator(count: int, like: Tensor, acc: torch.dtype) -> Tensor:
@@ -472,7 +480,7 @@ def cross_entropy(
     dtype = _loss_dtype(input.dtype, target, weight)
     if prob:
         x3 = x3.to(_compute_dtype(input.dtype, target, weight))
-        t = _prob_target_for(t, x3.dtype)
+        t, label_smoothing = _prob_target_for(t, x3.dtype, label_smoothing)
 
     if autocast and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32

@@ -74,9 +74,15 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         x3 = logits.unsqueeze(-1)  # (B, C, D) = (n, V, 1)
         if cdt != x3.dtype:
             x3 = x3.to(cdt)
-        t2 = (targets.chunk(target[s:e], cdt) if prob else target[s:e]).unsqueeze(-1)
+        chunk_args = ce_args
+        if prob:  # (the chunk's smoothing applied where its target is converted: see chunk)
+            t2, smoothing = targets.chunk(target[s:e], cdt, ce_args[1])
+            chunk_args = (ce_args[0], smoothing, *ce_args[2:])
+        else:
+            t2 = target[s:e]
+        t2 = t2.unsqueeze(-1)
         if lse_in is None:
-            loss_c, lse_c = ops.ce_fwd(x3, t2, class_weight, *ce_args, 1.0, False)
+            loss_c, lse_c = ops.ce_fwd(x3, t2, class_weight, *chunk_args, 1.0, False)
             loss_rows[s:e].copy_(loss_c.view(n))
             lse[s:e].copy_(lse_c.view(n))
         if not grads:
@@ -84,7 +90,7 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         lse_c = (lse if lse_in is None else lse_in)[s:e].unsqueeze(-1)
         g = row_grad.expand(n, 1) if row_grad.dim() == 0 else row_grad[s:e].unsqueeze(-1)
         g_lse = None if lse_grad is None else lse_grad[s:e].unsqueeze(-1)
-        ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *ce_args, 1.0)
+        ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *chunk_args, 1.0)
         if x3.dtype != logits.dtype:
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it
         if need_h:

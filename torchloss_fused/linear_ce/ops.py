@@ -99,7 +99,7 @@ def materialised_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
         torch.nn.functional.linear(hidden, weight, bias).unsqueeze(-1))
     if targets.is_prob(target):
         logits = logits.to(targets.compute_dtype(hidden.dtype, target, class_weight))
-        target = targets.chunk(target, logits.dtype)
+        target, label_smoothing = targets.chunk(target, logits.dtype, label_smoothing)
     loss, lse = reference.ce_fwd(logits, target.unsqueeze(-1), class_weight, ignore_index,
                                  label_smoothing, z_loss, softcap, 1.0)
     # (linear cross-entropy's lse is in the loss's dtype: reference.LSE_DTYPE is wider)
