@@ -77,7 +77,7 @@ def test_losses_do_not_depend_on_the_thread_count(backend, dtype):
     for name, shape, loss_fn in _cases(dtype):
         x = _logits(shape, dtype)
 
-        def step():
+        def step(x=x, loss_fn=loss_fn):
             loss = loss_fn(x)
             (grad,) = torch.autograd.grad(loss, x)
             with torch.no_grad():
