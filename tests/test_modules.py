@@ -23,6 +23,22 @@ def test_cross_entropy_loss_module_mirrors_torch():
     assert "label_smoothing=0.1" in repr(ours)
 
 
+def test_cross_entropy_loss_module_is_torchs_kind():
+    # Code that checks isinstance(criterion, nn.CrossEntropyLoss) (or _WeightedLoss) takes
+    # ours, and state dicts go both ways.
+    ours = tlf.CrossEntropyLoss(weight=torch.rand(5), z_loss=1e-3)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert isinstance(ours, torch.nn.modules.loss._WeightedLoss)
+    ref = torch.nn.CrossEntropyLoss(weight=torch.rand(5))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    assert torch.equal(ours.weight, ref.weight)
+    ref.load_state_dict(tlf.CrossEntropyLoss(weight=torch.ones(5)).state_dict())
+    assert torch.equal(ref.weight, torch.ones(5))
+    x, y = torch.randn(3, 5), torch.randint(0, 5, (3,))
+    assert torch.equal(ours(x, y), tlf.cross_entropy(x, y, weight=ours.weight, z_loss=1e-3))
+
+
 def test_cross_entropy_loss_module_extras():
     m = tlf.CrossEntropyLoss(z_loss=1e-3, softcap=5.0, logit_scale=0.5, return_lse=True)
     x, y = torch.randn(4, 6), torch.randint(0, 6, (4,))

@@ -30,10 +30,12 @@ def warn_torchscript(module: nn.Module) -> nn.Module:
     return module
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` with the keyword-only extras of
-    :func:`torchloss_fused.cross_entropy`. ``weight`` is a buffer, as in PyTorch; given a
-    DTensor input, a plain buffer is used as a replicated DTensor on its mesh."""
+    :func:`torchloss_fused.cross_entropy`: a subclass of it (code that checks
+    ``isinstance(loss, nn.CrossEntropyLoss)`` takes it), with the same attributes and
+    state dict. ``weight`` is a buffer, as in PyTorch; given a DTensor input, a plain
+    buffer is used as a replicated DTensor on its mesh."""
 
     __prepare_scriptable__ = warn_torchscript
 
@@ -52,13 +54,11 @@ class CrossEntropyLoss(nn.Module):
         return_lse: bool = False,
         inplace_backward: bool = False,
     ) -> None:
-        super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
+        # (the weight buffer, ignore_index, reduction and label_smoothing, set as torch's)
+        super().__init__(weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing)
         self.z_loss = z_loss
         self.softcap = softcap
         self.logit_scale = logit_scale
