@@ -6,6 +6,7 @@ when it recomputes the region."""
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -84,6 +85,28 @@ def test_checkpointed_loss_backward_twice_with_retain_graph(device, backend):
     (gr,) = torch.autograd.grad(F.cross_entropy(xr.tanh(), t), xr)
     assert torch.equal(g1, g2)
     torch.testing.assert_close(g1, gr.float(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "focal_loss"])
+@pytest.mark.parametrize("upstream", [1.0, 0.25, math.inf])
+def test_checkpointed_loss_is_not_recomputed(device, backend, name, upstream):
+    # The fused gradient is kept outside the saved tensors, and the backward's common path
+    # unpacks none of them (the target of the ignored rows included), so a non-reentrant
+    # checkpoint around the loss never reruns its forward: one pass over the logits, not
+    # two. (Ops that save nothing surround it here, so only the loss could trigger it.)
+    x = (torch.randn(N, C, device=device) * 3).requires_grad_()
+    t = _target(name, device)
+    t[::3] = -100
+    calls = []
+
+    def region(x):
+        calls.append(1)
+        return getattr(tlf, name)(x * 2, t) * upstream
+
+    loss = checkpoint(region, x, use_reentrant=False)
+    (g,) = torch.autograd.grad(loss, x)
+    assert len(calls) == 1
+    assert torch.equal(g[::3], torch.zeros_like(g[::3]))
 
 
 class _Head(torch.nn.Module):

@@ -192,7 +192,9 @@ class FusedReduced:
             # (the rows' gradient in the loss rows' dtype, grad_scale's: lse may be wider)
             ctx.reduction = (reduction, denom, lse.shape, grad_scale.dtype)
             ctx.guess = (key, guess if guessed else None)
-            ctx.ignore_index = None if kind == CE_PROB else scalars[2 if kind == FOCAL else 0]
+            # (a plain attribute, as the buffer: unpacking the saved target would make a
+            # checkpointed loss recompute its forward; see _ops._fused_backward)
+            ctx.ignored = () if kind == CE_PROB else (t, scalars[2 if kind == FOCAL else 0])
             return loss
 
         def reduced_backward(ctx, grad):
@@ -212,10 +214,8 @@ class FusedReduced:
             ctx.fused_grad = None
             if guessed is None:  # (a right guess left no row to rescale)
                 # (the target: its ignored rows stay zero whatever the upstream)
-                ignored = () if ctx.ignore_index is None else (ctx.saved_tensors[1],
-                                                                ctx.ignore_index)
                 c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom,
-                                  ctx.grad_scale, *ignored)
+                                  ctx.grad_scale, *ctx.ignored)
             return buffer, None, None, None, None
 
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)

@@ -215,22 +215,26 @@ def _make_ce_autograd(namespace: str):
     return backward, setup_context
 
 
-def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor) -> None:
+def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor,
+                ignored: tuple = ()) -> None:
     # Kept outside save_for_backward: backward rescales the buffer in place and hands it
     # on (a detached alias, so no reference cycle through the output's grad_fn).
+    # `ignored`: (class-index target, ignore_index), for _fused_backward's ignored rows; a
+    # plain attribute too, since unpacking saved tensors makes a checkpointed loss
+    # recompute its forward, which the buffer spares it.
     ctx.fused_grad = grad.detach()
     ctx.grad_scale = grad_scale
+    ctx.ignored = ignored
     ctx.set_materialize_grads(False)
 
 
-def _ignored_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """The rows of a fused op's (B, D) class-index target that are ignored (compared as
-    int64, as the kernels compare them); None for a probability target."""
-    return None if target.is_floating_point() else target.long() == ignore_index
+def _index_target(target: torch.Tensor, ignore_index: int) -> tuple:
+    """_save_fused's `ignored` for a fused op's target: () for a probability target."""
+    return () if target.is_floating_point() else (target, ignore_index)
 
 
 def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                    as_rows=None, reference_forward=None, ignored=None):
+                    as_rows=None, reference_forward=None):
     """Backward of a *_fwd_grad op: the forward computed the gradient for an expected
     grad_loss (grad_scale); rows that received another grad_loss are rescaled in place.
 
@@ -241,9 +245,9 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     grad_loss, grad_scale) to the (B, C, D), (B, D), (B, D) views the rescale works on,
     when the op's outputs are not already shaped so. With create_graph=True or batched
     gradients, it comes from autograd through `reference_forward` (see _graph_grad).
-    `ignored()`: the (B, D) rows whose target is ignore_index (or None), whose gradient
-    stays zero whatever their grad_loss, as F's does: a nan or infinite one (a sum divided
-    by a count of 0) would make the rescale's 0 * f nan."""
+    Rows whose target is ignore_index (ctx.ignored, _save_fused's) keep a zero gradient
+    whatever their grad_loss, as F's do: a nan or infinite one (a sum divided by a count
+    of 0) would make the rescale's 0 * f nan."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
     if reference_backward(grad_loss, grad_lse):
@@ -254,9 +258,9 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     grad, ctx.fused_grad = ctx.fused_grad, None
     if grad is None:
         grad = redo_forward(ctx.grad_scale)
-    rows_ignored = ignored() if ignored is not None else None
-    if rows_ignored is not None:  # (their upstream made the one they were made for)
-        grad_loss = torch.where(rows_ignored, ctx.grad_scale, grad_loss)
+    if ctx.ignored:  # (such rows get the upstream they were made for: left as they are)
+        target, ignore_index = ctx.ignored
+        grad_loss = torch.where(target.long() == ignore_index, ctx.grad_scale, grad_loss)
     if as_rows is None and _rescale_dtensor(namespace, grad, grad_loss, ctx.grad_scale):
         return grad
     rows, g, scale = (as_rows or (lambda *views: views))(grad, grad_loss, ctx.grad_scale)
@@ -295,7 +299,7 @@ def _make_ce_fwd_grad_autograd(namespace: str):
         input, target, weight, *args, grad_scale = inputs
         ctx.save_for_backward(input, target, weight, output[1])
         ctx.args = tuple(args)
-        _save_fused(ctx, output[2], grad_scale)
+        _save_fused(ctx, output[2], grad_scale, _index_target(target, args[0]))
 
     def backward(ctx, grad_loss, grad_lse, _unused):
         def redo_forward(grad_scale):
@@ -308,8 +312,7 @@ def _make_ce_fwd_grad_autograd(namespace: str):
             return _ns(namespace)._ce_bwd(g, g_lse, input, target, weight, lse, *ctx.args)
 
         grad = _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute,
-                               reference_forward=_ce_reference,
-                               ignored=lambda: _ignored_rows(ctx.saved_tensors[1], ctx.args[0]))
+                               reference_forward=_ce_reference)
         return (grad,) + (None,) * 8
 
     return backward, setup_context
@@ -339,7 +342,7 @@ def _make_focal_fwd_grad_autograd(namespace: str):
         input, target, alpha, *args, grad_scale = inputs
         ctx.save_for_backward(input, target, alpha, output[1])
         ctx.args = tuple(args)
-        _save_fused(ctx, output[2], grad_scale)
+        _save_fused(ctx, output[2], grad_scale, _index_target(target, args[2]))
 
     def backward(ctx, grad_loss, grad_lse, _unused):
         # focal_loss does not expose lse: a gradient for it can only be zero, and is ignored.
@@ -350,8 +353,7 @@ def _make_focal_fwd_grad_autograd(namespace: str):
         if grad_loss is None:
             return (None,) * 7
         grad = _fused_backward(ctx, namespace, grad_loss, None, redo_forward, None,
-                               reference_forward=_focal_reference,
-                               ignored=lambda: _ignored_rows(ctx.saved_tensors[1], ctx.args[2]))
+                               reference_forward=_focal_reference)
         return (grad,) + (None,) * 6
 
     return backward, setup_context

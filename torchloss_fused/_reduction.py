@@ -26,9 +26,10 @@ def ordered_sum(v: Tensor) -> Tensor:
     with their number. The steps of csrc/ordered_sum.cpp (see there), so the C++ and the
     Python paths agree bitwise. Traced code, tensor subclasses (DTensor, fake and
     functorch tensors) and other devices get v.sum() itself."""
-    if (v.numel() < _SERIAL_SUM_ELEMENTS or v.device.type != "cpu"
-            or type(v) is not torch.Tensor or torch.compiler.is_compiling()
-            or torch._C._is_tracing() or torch._C._functorch.is_functorch_wrapped_tensor(v)):
+    # (traced first: the size test would put a guard on a symbolic size)
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or type(v) is not torch.Tensor
+            or torch._C._functorch.is_functorch_wrapped_tensor(v) or v.device.type != "cpu"
+            or v.numel() < _SERIAL_SUM_ELEMENTS):
         return v.sum()
     flat = v.reshape(-1)
     blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % _SUM_BLOCK))
