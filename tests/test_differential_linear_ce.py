@@ -125,6 +125,17 @@ def _product_rounding_bounds(dtype, kw, leaves, target, kw64, upstream, upstream
             "bias": eps * top(G.sum(0))}
 
 
+def _smoothed_as_f(target, hidden_dtype, kw):
+    """A probability target narrower than the logits' computation (float32 beside float64
+    hidden states) smoothed as F smooths it, in its own dtype (README: probability
+    targets); otherwise the target itself, smoothed by the oracle in float64."""
+    ls = kw["label_smoothing"]
+    compute = torch.promote_types(hidden_dtype, target.dtype)
+    if ls > 0 and torch.finfo(target.dtype).eps > torch.finfo(compute).eps:
+        return target * (1 - ls) + ls / target.shape[-1]
+    return target
+
+
 # (the backend fixture only picks the implementation: the same for every example)
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -152,9 +163,13 @@ def test_matches_f_linear_cross_entropy(device, backend, call):
                                          bias=ours_in["bias"], **{**on(device),
                                                                   "return_lse": True})
     oracle_in = leaves(torch.float64, "cpu")
-    ref_t = target.to(torch.float64) if target.is_floating_point() else target
+    ref_t, ref_kw = target, on("cpu", torch.float64)
+    if target.is_floating_point():
+        ref_t, ref_kw = _smoothed_as_f(target, dtype, ref_kw), dict(ref_kw)
+        ref_kw["label_smoothing"] = kw["label_smoothing"] if ref_t is target else 0.0
+        ref_t = ref_t.to(torch.float64)
     ref, ref_lse = _composed(oracle_in["hidden"], oracle_in["weight"], oracle_in["bias"],
-                             ref_t, on("cpu", torch.float64))
+                             ref_t, ref_kw)
     eager_in = leaves(dtype, "cpu")
     eager, eager_lse = _composed(eager_in["hidden"], eager_in["weight"], eager_in["bias"],
                                  target, on("cpu"))
@@ -183,8 +198,8 @@ def test_matches_f_linear_cross_entropy(device, backend, call):
     got = backprop(loss, lse, ours_in, device)
     expect = backprop(ref, ref_lse, oracle_in, "cpu")
     budget = backprop(eager, eager_lse, eager_in, "cpu")
-    extra = _product_rounding_bounds(dtype, kw, oracle_in, ref_t, on("cpu", torch.float64),
-                                     upstream, upstream_lse)
+    extra = _product_rounding_bounds(dtype, kw, oracle_in, ref_t, ref_kw, upstream,
+                                     upstream_lse)
     for n in names:
         assert_matches(got[n], expect[n], budget[n], dtype, what=f"grad of {n}",
                        extra=extra.get(n, 0.0))
