@@ -110,6 +110,57 @@ def test_sigmoid_focal_second_order_matches_torchvision(reduction, device, backe
                      lambda a: sigmoid_focal_loss_torchvision(a, t, 0.3, 1.5, reduction), [x])
 
 
+def _routes(loss_fn, x, *, target=None):
+    """d loss / dx through each route that differentiates the reference code (create_graph,
+    torch.func.grad, a target requiring grad), beside the eager one."""
+    out = {}
+    xx = x.clone().requires_grad_()
+    out["eager"] = torch.autograd.grad(loss_fn(xx, target), xx)[0]
+    xx = x.clone().requires_grad_()
+    out["create_graph"] = torch.autograd.grad(loss_fn(xx, target), xx, create_graph=True)[0]
+    out["func"] = grad(lambda a: loss_fn(a, target))(x)
+    if target is not None and target.is_floating_point():
+        xx = x.clone().requires_grad_()
+        out["target_grad"] = torch.autograd.grad(
+            loss_fn(xx, target.clone().requires_grad_()), xx)[0]
+    return {k: v.detach() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("alpha,gamma", [(-1.0, 0.0), (0.25, 2.0), (0.5, 0.5)])
+def test_sigmoid_focal_gradient_at_zero_logits(alpha, gamma, device, backend):
+    # At x = 0 exactly (a zero-initialised head) the reference code's |x| had slope 0 while
+    # its clamp_min(x, 0) had slope 1: d/dx came out 0.5 too high on every route through it.
+    x = torch.zeros(3, 4, dtype=F64, device=device)
+    x[1] = torch.tensor([0.0, 1.0, -2.0, 0.0])
+    t = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=F64, device=device).expand(3, 4)
+    xx = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(sigmoid_focal_loss_torchvision(xx, t, alpha, gamma, "sum"),
+                                  xx)
+    routes = _routes(lambda a, tt: tlf.sigmoid_focal_loss(a, tt, alpha, gamma, "sum"), x,
+                     target=t)
+    for name, got in routes.items():
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.9])
+def test_saturated_logits_keep_finite_gradients_on_every_route(gamma, device, backend):
+    # README: values and gradients stay finite at saturated logits for every gamma >= 0.
+    # Through the reference code (create_graph, torch.func) pow's slope at 1 - p_t = 0,
+    # inf for gamma < 1, made them nan; the limit is 0, as the kernels compute.
+    x = torch.tensor([[50.0, 0.0, -50.0], [0.3, -0.2, 0.1]], dtype=F64, device=device)
+    t = torch.tensor([0, 2], device=device)
+    focal = _routes(lambda a, _: tlf.focal_loss(a, t, gamma=gamma), x)
+    xs = torch.tensor([800.0, -800.0, 0.4], dtype=F64, device=device)
+    ts = torch.tensor([1.0, 0.0, 1.0], dtype=F64, device=device)
+    sig = _routes(lambda a, tt: tlf.sigmoid_focal_loss(a, tt, 0.25, gamma, "sum"), xs,
+                  target=ts)
+    for routes in (focal, sig):
+        for name, got in routes.items():
+            assert got.isfinite().all(), (name, got)
+            torch.testing.assert_close(got, routes["eager"], rtol=1e-10, atol=1e-14,
+                                       msg=name)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])

@@ -298,10 +298,22 @@ def _focal_alpha_t(alpha, alpha_scale, t):
     return alpha_scale * _per_row(alpha, t) if alpha is not None else alpha_scale
 
 
+def _modulating(base: Tensor, gamma: float) -> Tensor:
+    """base ** gamma (base >= 0, a focal loss's 1 - p_t), whose slope autograd takes as 0
+    where base is 0, the limit the kernels' gradients take: for 0 < gamma < 1 pow's own,
+    gamma base^(gamma - 1), is inf there, and the chain's inf * 0 made the gradients
+    through the reference code (create_graph, torch.func) nan at saturated logits. The
+    same values as base.pow(gamma)."""
+    if not 0 < gamma < 1:
+        return base.pow(gamma)
+    live = base > 0
+    return torch.where(live, torch.where(live, base, 1).pow(gamma), base.pow(gamma).detach())
+
+
 def _focal_terms(log_pt: Tensor, alpha_t, gamma: float):
     """(loss, factor) as csrc/cpu/kernels_impl.h's Focal: finite at saturation."""
     q = -torch.expm1(log_pt)
-    loss = (alpha_t * q.pow(gamma)) * (0 - log_pt)  # 0 - x: +0.0 at p_t = 1, as lse - s_t
+    loss = (alpha_t * _modulating(q, gamma)) * (0 - log_pt)  # 0 - x: +0.0 at p_t = 1, as lse - s_t
     if gamma == 0:
         factor = alpha_t * torch.ones_like(log_pt)
     else:
@@ -381,7 +393,10 @@ def accumulate_(acc: Tensor, src: Tensor) -> None:
 
 
 def _sigmoid_terms(x: Tensor, t: Tensor):
-    e = torch.exp(-x.abs())
+    # |x| as the x >= 0 side computes it (the same values): autograd then differentiates
+    # every term at x = 0 from that side, as clamp_min and `pos` do, giving sigmoid(0) - t.
+    # (abs's derivative 0 there mixed the sides: ce's slope came out 1 - t.)
+    e = torch.exp(-torch.where(x >= 0, x, -x))
     ce = x.clamp_min(0) - x * t + torch.log1p(e)
     inv = 1 / (1 + e)
     pos = x >= 0
@@ -399,7 +414,7 @@ def _sigmoid_focal_losses(input: Tensor, target: Tensor, alpha: float, gamma: fl
     acc = acc_dtype(input.dtype)
     x, t = input.to(acc), target.to(acc)
     ce, _, _, m = _sigmoid_terms(x, t)
-    loss = ce * m.pow(gamma)
+    loss = ce * _modulating(m, gamma)
     if alpha >= 0:
         loss = loss * _alpha_t(t, alpha)
     return loss
