@@ -150,6 +150,31 @@ def test_3d_hidden(device, dtype, reduction):
     check(hidden, weight, target, b, reduction, chunk_size=4)
 
 
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_flattened_target_beside_3d_hidden(device, backend, prob, reduction):
+    # F.linear + F.cross_entropy on flattened rows takes `labels.view(-1)` beside (B, T, H)
+    # hidden states: so does this, with the same loss and gradients as the shaped target
+    # (the unreduced loss and the lse then shaped (N,), as the target).
+    hidden, weight, target, b = make(0, 20, 53, torch.float32, device, bias=True,
+                                     lead=(3, 11))
+    if prob:
+        target = torch.softmax(torch.randn(3, 11, 53, device=device), -1)
+    flat = target.flatten(0, 1) if prob else target.flatten()
+    runs = []
+    for t in (target, flat):
+        loss, lse = tlf.linear_cross_entropy(hidden, weight, t, b, reduction=reduction,
+                                             return_lse=True, chunk_size=4)
+        assert loss.shape == ((33,) if t is flat else (3, 11)) or reduction != "none"
+        assert lse.shape == ((33,) if t is flat else (3, 11))
+        g = torch.autograd.grad(loss.sum(), (hidden, weight, b))
+        runs.append((loss.flatten(), lse.flatten(), *g))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    with pytest.raises(ValueError, match="or be that flattened" if not prob else "flattened"):
+        tlf.linear_cross_entropy(hidden, weight, flat[:-1], b)
+
+
 def test_1d_hidden_is_one_row(device):
     hidden, weight, target, _ = make(0, 8, 13, torch.float64, device, ignore_frac=0, lead=())
     assert hidden.shape == (8,) and target.shape == ()

@@ -73,6 +73,13 @@ from .ops import EAGER, materialised_rows
 __all__ = ["LinearCrossEntropyLoss", "auto_chunk_size", "linear_cross_entropy"]
 
 
+def _rows_shape(hidden: Tensor, target: Tensor) -> tuple:
+    """The shape of the unreduced loss and of the lse: hidden's without its last dimension,
+    or (N,) for a flattened target (targets.flattened)."""
+    return tuple(target.shape[:1]) if targets.flattened(hidden, target) else \
+        tuple(hidden.shape[:-1])
+
+
 def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                 accum_dtype, autocast: bool) -> None:
     _check_tensor(hidden, "hidden")
@@ -110,10 +117,11 @@ def _check_args(hidden, weight, target, bias, class_weight, ignore_index, chunk_
             "target must hold class indices (int64, int32 or uint8) or class probabilities "
             f"(a floating-point tensor of shape (..., V)), got {target.dtype}")
     elif tuple(target.shape) != tuple(hidden.shape[:-1]) and \
-            not _one_element_target(hidden.dim(), weight.shape[0], target):
+            not _one_element_target(hidden.dim(), weight.shape[0], target) and \
+            not targets.flattened(hidden, target):
         raise ValueError(
             f"target must have hidden's shape without its last dimension, "
-            f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}")
+            f"{tuple(hidden.shape[:-1])}, or be that flattened, got {tuple(target.shape)}")
     if class_weight is not None:
         _check_class_vector(hidden, class_weight, "class_weight", weight.shape[0])
         if not prob:  # (probability targets promote, as F.cross_entropy's)
@@ -173,9 +181,10 @@ def linear_cross_entropy(
     without materialising the logits.
 
     ``hidden`` is (..., H), ``weight`` (V, H) as in ``nn.Linear``, ``bias`` (V,) or None,
-    ``target`` class indices shaped like ``hidden`` without its last dimension (a 1-D
-    ``hidden`` also takes a (1,) target, as F.cross_entropy its logits), or class
-    probabilities (soft labels, a teacher's distribution) shaped (..., V), as
+    ``target`` class indices shaped like ``hidden`` without its last dimension, or those
+    flattened to (N,) (a 1-D ``hidden`` also takes a (1,) target, as F.cross_entropy its
+    logits), or class probabilities (soft labels, a teacher's distribution) shaped
+    (..., V) or (N, V), as
     ``F.cross_entropy`` takes them: any float dtype (the loss has F's promoted dtype of
     hidden, target and class_weight), no ``ignore_index``. A float32 target with bf16/fp16
     hidden states is read as float32; other dtypes are converted a chunk at a time. Only the
@@ -185,7 +194,7 @@ def linear_cross_entropy(
     weights; probability targets: the number of rows; all as ``F.cross_entropy``); ``sum``
     is for gradient accumulation, where the caller divides by a token count across
     micro-batches; ``none`` returns the loss shaped like ``hidden`` without its last
-    dimension.
+    dimension ((N,) for a flattened target).
 
     Keyword-only: ``class_weight`` (per-class weights (V,) in hidden's dtype, any float
     dtype with probability targets: the ``weight`` of ``F.cross_entropy``, renamed since
@@ -214,6 +223,7 @@ def linear_cross_entropy(
 
     H, V = hidden.shape[-1], weight.shape[0]
     prob = targets.is_prob(target)
+    rows_shape = _rows_shape(hidden, target)
     # (-1 cannot be inferred beside an empty hidden dimension; F.linear takes H = 0)
     h2 = hidden.reshape(-1, H) if H else hidden.reshape(math.prod(hidden.shape[:-1]), 0)
     t1 = target.reshape(-1, V) if prob else target.reshape(-1)
@@ -249,19 +259,20 @@ def linear_cross_entropy(
         loss, lse, *_ = EAGER["linear_ce_fwd_grad"](h2, weight, bias, t1, class_weight,
                                                     denom, *ce_args, chunk, accum_dtype,
                                                     *needs)
-        return _with_lse(loss.to(out_dtype), lse, hidden, return_lse, acc)
+        return _with_lse(loss.to(out_dtype), lse, rows_shape, return_lse, acc)
     else:
         loss_rows, lse = EAGER["linear_ce_fwd"](h2, weight, bias, t1, class_weight,
                                                 *ce_args, chunk, accum_dtype)
     split_terms = _reduction.splits_terms(class_weight, prob, label_smoothing)
-    loss = _reduction.reduce(loss_rows, reduction, denom, hidden.shape[:-1], out_dtype,
+    loss = _reduction.reduce(loss_rows, reduction, denom, rows_shape, out_dtype,
                              split_terms)
-    return _with_lse(loss, lse, hidden, return_lse, acc)
+    return _with_lse(loss, lse, rows_shape, return_lse, acc)
 
 
-def _with_lse(loss: Tensor, lse: Tensor, hidden: Tensor, return_lse: bool, acc: torch.dtype):
+def _with_lse(loss: Tensor, lse: Tensor, rows_shape: tuple, return_lse: bool,
+              acc: torch.dtype):
     # (the ops keep lse in float64, as cross_entropy's; the user gets it in acc, as there)
-    return (loss, lse.reshape(hidden.shape[:-1]).to(acc)) if return_lse else loss
+    return (loss, lse.reshape(rows_shape).to(acc)) if return_lse else loss
 
 
 class LinearCrossEntropyLoss(nn.Module):

@@ -12,6 +12,8 @@ chunk at a time, never the whole (N, V) tensor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,8 @@ from ..functional import _compute_dtype as compute_dtype
 from ..functional import _loss_dtype as loss_dtype
 from ..functional import _prob_target_for as chunk  # (applied to one chunk of rows)
 
-__all__ = ["acc_dtype", "check", "chunk", "compute_dtype", "is_prob", "loss_dtype"]
+__all__ = ["acc_dtype", "check", "chunk", "compute_dtype", "flattened", "is_prob",
+           "loss_dtype"]
 
 
 def is_prob(target: Tensor) -> bool:
@@ -34,11 +37,21 @@ def acc_dtype(hidden_dtype: torch.dtype, target: Tensor,
     return reference.acc_dtype(compute_dtype(hidden_dtype, target, class_weight))
 
 
+def flattened(hidden: Tensor, target: Tensor) -> bool:
+    """Whether target holds hidden's rows flattened, as the F.linear + F.cross_entropy call
+    linear cross-entropy stands for takes them (`labels.view(-1)` beside (B, T, H) hidden
+    states): (N,) class indices, or (N, V) probabilities."""
+    return (hidden.dim() > 2 and target.dim() == 1 + is_prob(target)
+            and target.shape[0] == math.prod(hidden.shape[:-1]))
+
+
 def check(target: Tensor, hidden: Tensor, V: int, ignore_index: int) -> None:
     expected = (*hidden.shape[:-1], V)
-    if tuple(target.shape) != expected:
+    if tuple(target.shape) != expected and not (flattened(hidden, target)
+                                                and target.shape[1] == V):
         raise ValueError(
             f"a probability target must have shape {expected} (hidden's shape with the "
-            f"vocabulary size V={V} last), got {tuple(target.shape)}")
+            f"vocabulary size V={V} last, or that with the rows flattened), got "
+            f"{tuple(target.shape)}")
     if ignore_index >= 0:
         raise ValueError("ignore_index is not supported for floating point target")
