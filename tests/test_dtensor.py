@@ -79,17 +79,19 @@ def test_tensor_parallel_benchmark_end_to_end(tmp_path):
 
     args = ["--world", "2", "--rows", "256", "--vocab", "8192", "--hidden", "64",
             "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)]
-    try:
-        rc = tensor_parallel.main(args)
-    except ProcessExitedException as e:
-        # A rank killed by a signal, not one that raised: at stop 31 a CI rehearsal's rank 0
-        # aborted once ("terminate called without an active exception") right after a
-        # torch.profiler stop of the memory measurement, with gloo's threads running (a
-        # kineto problem; the test then passed 11 times running). One more try; a rank
-        # that raises (ProcessRaisedException) or a second crash still fails.
-        if e.signal_name is None:
-            raise
-        rc = tensor_parallel.main(args)
+    # A rank killed by a signal, not one that raised: at stop 31 a CI rehearsal's rank 0
+    # aborted once ("terminate called without an active exception") right after a
+    # torch.profiler stop of the memory measurement, with gloo's threads running (a kineto
+    # problem; the test then passed 11 times running), and at stop 37 a rehearsal on a
+    # loaded machine saw it twice in a row (then 16 runs under load passed). Up to three
+    # tries; a rank that raises (ProcessRaisedException) fails at once.
+    for attempt in range(3):
+        try:
+            rc = tensor_parallel.main(args)
+            break
+        except ProcessExitedException as e:
+            if e.signal_name is None or attempt == 2:
+                raise
     assert rc == 0
     (doc_path,) = tmp_path.glob("tp-*.json")
     doc = json.loads(doc_path.read_text())
