@@ -83,12 +83,15 @@ def test_cross_entropy_second_order_matches_pytorch(case, kdim, device, backend)
 def test_inplace_backward_with_create_graph_leaves_input_intact(device, backend):
     x = random_logits((6, 11), F64, device, requires_grad=False)
     t = random_targets((6,), 11, device)
-    _assert_same_hvp(lambda a: tlf.cross_entropy(a, t, inplace_backward=True),
+    # (logits computed from the leaf: a leaf itself is refused, its values would become
+    # its gradient in the usual backward)
+    _assert_same_hvp(lambda a: tlf.cross_entropy(a * 1, t, inplace_backward=True),
                      lambda a: F.cross_entropy(a, t), [x])
     leaf = x.clone().requires_grad_()
-    (g,) = torch.autograd.grad(tlf.cross_entropy(leaf, t, inplace_backward=True), leaf,
+    logits = leaf * 1
+    (g,) = torch.autograd.grad(tlf.cross_entropy(logits, t, inplace_backward=True), leaf,
                                create_graph=True)
-    assert torch.equal(leaf.detach(), x) and g.requires_grad
+    assert torch.equal(logits.detach(), x) and g.requires_grad
 
 
 @pytest.mark.parametrize("gamma,alpha", [(0.0, None), (2.0, 0.25), (1.5, "vec")])

@@ -64,6 +64,17 @@ CE_BAD_CALLS = [
     ("expanded input, in place", ValueError, "share memory",
      lambda: tlf.cross_entropy(torch.randn(1, 5, requires_grad=True).expand(4, 5), Y,
                                inplace_backward=True)),
+    # (its values would become its gradient, and .grad the same memory: the optimizer
+    # would then step a parameter made of its own gradient)
+    ("parameter, in place", ValueError, "leaf tensor that requires grad",
+     lambda: tlf.cross_entropy(torch.nn.Parameter(torch.randn(4, 5)), Y,
+                               inplace_backward=True)),
+    ("view of a parameter, in place", ValueError, "view of a leaf tensor",
+     lambda: tlf.cross_entropy(torch.nn.Parameter(torch.randn(20)).view(4, 5), Y,
+                               inplace_backward=True)),
+    ("parameter, in place, module", ValueError, "leaf tensor that requires grad",
+     lambda: tlf.CrossEntropyLoss(inplace_backward=True)(torch.randn(4, 5, requires_grad=True),
+                                                         Y)),
 ]
 
 BAD_IGNORE_INDEX = [

@@ -144,6 +144,28 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
         )
 
 
+def _check_inplace_target(input: Tensor, x3: Tensor) -> None:
+    """inplace_backward=True writes the gradient over the input's storage: refused where
+    that would corrupt something, as PyTorch refuses an in-place op on such a tensor.
+    (Under torch.compile only the leaf test: a compiled backward writes into the input
+    too, and copies the result back to a parameter.)"""
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x3) == 1:
+        raise ValueError(
+            "inplace_backward=True writes the gradient into the input, but elements of this "
+            "input share memory (an expanded tensor?); clone it or use inplace_backward=False"
+        )
+    # A leaf that requires grad (a parameter), or a view of one: its values would become
+    # its own gradient, and .grad the same memory, which the optimizer then steps with.
+    base = input if input._base is None else input._base
+    if base.is_leaf and base.requires_grad:
+        what = "is a leaf tensor" if base is input else "is a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_backward=True writes the gradient into the input, but the input {what} "
+            "that requires grad (a parameter?), whose values would become its gradient; use "
+            "inplace_backward=False, or pass logits computed from it"
+        )
+
+
 def _real_number(value, name: str) -> float:
     if type(value) is not float:  # (the common case skips the slow ABC check)
         if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
@@ -450,12 +472,8 @@ def cross_entropy(
     x3, out_shape = _rows_view(input)
     # torch.func and forward-mode AD: the reference code, which they see through.
     transformed = transform_active(input, weight, target if target.is_floating_point() else None)
-    if inplace_backward and _wants_grad(x3) and not torch.compiler.is_compiling() and \
-            not transformed and torch._debug_has_internal_overlap(x3) == 1:
-        raise ValueError(
-            "inplace_backward=True writes the gradient into the input, but elements of this "
-            "input share memory (an expanded tensor?); clone it or use inplace_backward=False"
-        )
+    if inplace_backward and _wants_grad(x3) and not transformed:
+        _check_inplace_target(input, x3)
     prob = target.is_floating_point()
     if prob:
         if tuple(target.shape) != tuple(input.shape):
