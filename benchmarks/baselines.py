@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import eager_losses
 from .cases import LINEAR_OPS
+from .problems import as_model_output
 
 OURS, EAGER, COMPILE, PEER = "ours", "eager", "compile", "peer"
 # Ours inside a compiled function, as in a model compiled with its loss: the softmax
@@ -94,7 +95,8 @@ def _ours(op: str, label: str) -> list[Impl]:
         if op == "ce_fwd_bwd":
             impls.append(Impl(
                 f"{label} inplace_backward", OURS,
-                lambda: lambda x, y: tlf.cross_entropy(x, y, inplace_backward=True),
+                lambda: lambda x, y: tlf.cross_entropy(as_model_output(x), y,
+                                                       inplace_backward=True),
                 mutates_inputs=True))
         return impls
     if op == "focal_fwd_bwd" and hasattr(tlf, "focal_loss"):

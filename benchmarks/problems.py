@@ -45,6 +45,26 @@ def make_inputs(case: Case, device: torch.device, seed: int) -> tuple[torch.Tens
     return randn(n, v, scale=LOGIT_STD), _targets(n, v, gen, device)
 
 
+class _ModelOutput(torch.autograd.Function):
+    # (forward returns a detached alias: a non-leaf output on the input's own storage, with
+    # no view relation to it that autograd would trace back to the leaf)
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def as_model_output(x: torch.Tensor) -> torch.Tensor:
+    """x as a model hands its logits on: the output of an op (here an identity), on x's own
+    storage, not a copy. inplace_backward=True refuses a leaf that requires grad (its values
+    would become its own gradient), which is what a benchmark's or a test's input is; the
+    leaf is then only the buffer the loss overwrites, and receives that gradient."""
+    return _ModelOutput.apply(x)
+
+
 def _targets(n: int, v: int, gen: torch.Generator, device) -> torch.Tensor:
     return torch.randint(0, v, (n,), generator=gen, device=device)
 

@@ -83,10 +83,11 @@ struct LossOps {
                              const Tensor& lse, int64_t ignore_index, double label_smoothing,
                              double z_loss, double softcap, double logit_scale) {
     typename Device::Guard guard(input.device());
-    backward("_ce_bwd_inplace",
-             prepare_ce("_ce_bwd_inplace", input, target, weight, ignore_index,
-                        label_smoothing, z_loss, softcap, logit_scale),
-             grad_loss, grad_lse, input, lse, input);
+    SoftmaxLossLaunch l = prepare_ce("_ce_bwd_inplace", input, target, weight, ignore_index,
+                                     label_smoothing, z_loss, softcap, logit_scale);
+    check_inplace_backward("_ce_bwd_inplace", input, target, weight, lse, grad_loss, grad_lse,
+                           ignore_index);
+    backward("_ce_bwd_inplace", l, grad_loss, grad_lse, input, lse, input);
   }
 
   static std::tuple<Tensor, Tensor, Tensor> ce_fwd_grad(

@@ -228,7 +228,47 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
 
 namespace {
 thread_local double thread_post_scale = 1.0;  // (PostScaleScope)
+
+template <typename T>
+void check_index_range(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const at::Tensor t = target.contiguous();
+  const T* v = t.const_data_ptr<T>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const auto k = static_cast<int64_t>(v[i]);
+    TORCH_CHECK_INDEX(k == ignore_index || (k >= 0 && k < C), "Target ", k,
+                      " is out of bounds.");
+  }
+}
 }  // namespace
+
+void check_inplace_backward(const char* op, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                            const at::Tensor& grad_loss,
+                            const std::optional<at::Tensor>& grad_lse, int64_t ignore_index) {
+  auto apart = [&](const at::Tensor& t, const char* name) {
+    // (get_overlap_status says "too hard" for any expanded tensor, whatever its storage:
+    // only a tensor on the input's own storage is asked)
+    if (!t.has_storage() || !input.has_storage() ||
+        !input.storage().is_alias_of(t.storage())) {
+      return;
+    }
+    TORCH_CHECK_VALUE(at::get_overlap_status(input, t) == at::MemOverlapStatus::No, op, ": ",
+                      name, " shares memory with the input, which the gradient overwrites; "
+                      "pass a copy");
+  };
+  apart(target, "target");
+  if (weight.has_value()) apart(*weight, "weight");
+  apart(lse, "lse");
+  apart(grad_loss, "grad_loss");
+  if (grad_lse.has_value()) apart(*grad_lse, "grad_lse");
+  if (!input.is_cpu() || target.is_floating_point()) return;  // (CUDA: a device assert)
+  switch (target.scalar_type()) {
+    case at::kLong: return check_index_range<int64_t>(target, input.size(1), ignore_index);
+    case at::kInt: return check_index_range<int32_t>(target, input.size(1), ignore_index);
+    case at::kByte: return check_index_range<uint8_t>(target, input.size(1), ignore_index);
+    default: return;  // (prepare_ce names the dtype)
+  }
+}
 
 void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,
                          const at::Tensor& grad_scale, const at::Tensor& grad_input) {

@@ -48,6 +48,15 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
                        const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                        const at::Tensor& lse, const at::Tensor& grad_input);
 
+// _ce_bwd_inplace's own checks, before its kernel overwrites the input: no argument it
+// reads shares memory with the input (the rows written first would be read later), and on
+// the CPU no class index is out of range (the kernel's own check raises mid-pass, with
+// the rows before it already overwritten).
+void check_inplace_backward(const char* op, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                            const at::Tensor& grad_loss,
+                            const std::optional<at::Tensor>& grad_lse, int64_t ignore_index);
+
 // Fused forward: also write the gradient of sum_r grad_scale_r * loss_r into grad_input
 // (then times the post scale of a PostScaleScope on this thread, on CPU).
 void set_fused_grad_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& input,

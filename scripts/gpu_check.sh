@@ -360,13 +360,14 @@ if want profile && [[ -n "$NCU" ]]; then
 forward+backward (twice: the first warms up), then inplace_backward's forward and backward."""
 import torch
 import torchloss_fused as tlf
+from benchmarks.problems import as_model_output  # (inplace_backward refuses a leaf)
 x = torch.randn(16384, 128256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 t = torch.randint(0, 128256, (16384,), device="cuda")
 for _ in range(2):
     tlf.cross_entropy(x, t).backward()
     x.grad = None
 y = x.detach().clone().requires_grad_()
-tlf.cross_entropy(y, t, inplace_backward=True).backward()
+tlf.cross_entropy(as_model_output(y), t, inplace_backward=True).backward()
 torch.cuda.synchronize()
 EOF
   # Clocks as found (--clock-control none): see the device notes on not changing them.

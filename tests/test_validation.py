@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import torchloss_fused as tlf
+from torchloss_fused import _backend
 
 X = torch.randn(4, 5)
 Y = torch.tensor([0, 1, 2, 3])
@@ -222,6 +223,61 @@ def test_direct_op_calls_are_checked_too():
                     torch.zeros(4, 2), -100, 0.0, 0.0, 0.0, 1.0)
     with pytest.raises(IndexError, match="Target 7 is out of bounds"):
         ops.ce_fwd(x3, torch.full((4, 1), 7), None, -100, 0.0, 0.0, 0.0, 1.0)
+
+
+_CE = (-100, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("namespace", ["torchloss_fused", "torchloss_fused_ref"])
+def test_direct_op_calls_refuse_a_meta_argument_beside_real_ones(namespace):
+    # The dispatcher sends such a call to the fake (Meta) kernel, not the CPU one: without
+    # its own device check it returned uninitialised memory (out of place) or did nothing
+    # (in place), with no error.
+    if namespace == "torchloss_fused" and not _backend.EXTENSION_LOADED:
+        pytest.skip("compiled extension not loaded")
+    ops = getattr(torch.ops, namespace)
+    x3 = torch.randn(2, 5, 3)
+    t = torch.randint(0, 5, (2, 3))
+    lse = torch.logsumexp(x3.double(), 1)
+    calls = {
+        "ce_fwd": lambda: ops.ce_fwd(x3, t.to("meta"), None, *_CE),
+        "_ce_bwd_inplace": lambda: ops._ce_bwd_inplace(torch.ones(2, 3), None, x3.clone(), t,
+                                                       None, lse.to("meta"), *_CE),
+        "_accumulate_": lambda: ops._accumulate_(torch.zeros(4), torch.ones(4, device="meta")),
+        "sigmoid_focal_fwd": lambda: ops.sigmoid_focal_fwd(
+            torch.randn(4, 6), torch.rand(4, 6, device="meta"), 0.25, 2.0),
+        "linear_ce_fwd": lambda: torch.ops.torchloss_fused_py.linear_ce_fwd(
+            torch.randn(3, 4), torch.randn(5, 4), None, torch.zeros(3, dtype=torch.long,
+                                                                      device="meta"),
+            None, -100, 0.0, 0.0, 0.0, 0, None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="expected all tensors on one device"):
+            call()
+        assert name  # (the failing call's name shows in pytest's report)
+
+
+@pytest.mark.skipif(not _backend.EXTENSION_LOADED, reason="compiled extension not loaded")
+def test_inplace_backward_op_checks_before_writing():
+    ops = torch.ops.torchloss_fused
+    x3 = torch.randn(4, 5, 1)
+    lse = torch.logsumexp(x3.double(), 1)
+    g = torch.ones(4, 1)
+    # An out-of-range class index: refused before any row is overwritten (the kernel's own
+    # check raised mid-pass, rows before it already gradients).
+    x = x3.clone()
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        ops._ce_bwd_inplace(g, None, x, torch.tensor([[0], [1], [2], [9]]), None, lse, *_CE)
+    assert torch.equal(x, x3)
+    # Arguments it reads that share the input's memory: later rows would read values the
+    # earlier rows' gradients overwrote.
+    x = x3.clone()
+    with pytest.raises(ValueError, match="weight shares memory with the input"):
+        ops._ce_bwd_inplace(g, None, x, torch.zeros(4, 1, dtype=torch.long), x[1, :, 0],
+                            lse, *_CE)
+    with pytest.raises(ValueError, match="target shares memory with the input"):
+        ops._ce_bwd_inplace(g, None, x, x[:1].expand(4, 5, 1), None, lse, *_CE)
+    assert torch.equal(x, x3)
 
 
 def test_caller_tensors_are_not_modified(backend):

@@ -9,6 +9,8 @@ test compares the two.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _backend, _sharding, reference, vocab_parallel
@@ -442,9 +444,27 @@ _AUTOGRAD = {
 }
 
 
+def one_device(qualname: str, fake):
+    """`fake` (a fake kernel), first checking that every tensor argument is on one device.
+    A meta-device argument beside tensors on a real device sends the call to the fake
+    kernel rather than to that device's (the dispatcher picks Meta): the kernels' own
+    device checks never run, and out-of-place ops returned uninitialised memory while
+    in-place ones did nothing."""
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:
+            raise RuntimeError(f"{qualname}: expected all tensors on one device, got "
+                               f"{', '.join(sorted(map(str, devices)))}")
+        return fake(*args, **kwargs)
+
+    return checked
+
+
 def _register(namespace: str) -> None:
     for name, fake in _FAKES.items():
-        torch.library.register_fake(f"{namespace}::{name}", fake)
+        qualname = f"{namespace}::{name}"
+        torch.library.register_fake(qualname, one_device(qualname, fake))
     for name, make in _AUTOGRAD.items():
         backward, setup_context = make(namespace)
         torch.library.register_autograd(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _eager, _reduction, _sharding, reference
+from .. import _eager, _ops, _reduction, _sharding, reference
 from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
 from . import targets
@@ -275,7 +275,7 @@ def _define_ops() -> None:
     for name, schema in SCHEMAS.items():
         qualname = f"{NAMESPACE}::{name}"
         torch.library.custom_op(qualname, impls[name], mutates_args=(), schema=schema)
-        torch.library.register_fake(qualname, fakes[name])
+        torch.library.register_fake(qualname, _ops.one_device(qualname, fakes[name]))
     torch.library.register_autograd(f"{NAMESPACE}::linear_ce_fwd", _fwd_backward,
                                     setup_context=_fwd_setup_context)
     torch.library.register_autograd(f"{NAMESPACE}::linear_ce_fwd_grad", _fwd_grad_backward,
