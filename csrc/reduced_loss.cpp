@@ -92,25 +92,15 @@ Tensor counted(const Tensor& t, long long ignore_index) {
   return t.to(at::kLong).ne(ignore_index);
 }
 
-template <class T>
-int64_t count_other_than(const Tensor& t, long long ignore_index) {
-  const T* p = t.const_data_ptr<T>();
-  int64_t n = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) n += static_cast<int64_t>(p[i]) != ignore_index;
-  return n;
-}
-
 // The number of targets other than ignore_index, for a CPU target: counted here, without
 // the three small ops (compare, sum, convert) that take longer than the loop.
 std::optional<int64_t> host_count(const Tensor& t, long long ignore_index) {
   if (!t.device().is_cpu()) return std::nullopt;
-  const Tensor c = t.contiguous();
-  switch (c.scalar_type()) {
-    case at::kLong: return count_other_than<int64_t>(c, ignore_index);
-    case at::kInt: return count_other_than<int32_t>(c, ignore_index);
-    case at::kByte: return count_other_than<uint8_t>(c, ignore_index);
-    default: return std::nullopt;  // (the op's own check names the dtype)
+  int64_t n = 0;
+  if (!for_each_host_index(t, [&](int64_t k) { n += k != ignore_index; })) {
+    return std::nullopt;  // (the op's own check names the dtype)
   }
+  return n;
 }
 
 // functional._index_denominator: the targets' summed weights over the counted rows (their

@@ -48,6 +48,22 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
                        const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                        const at::Tensor& lse, const at::Tensor& grad_input);
 
+// Calls fn(k) for each class index of a CPU target (int64, int32 or uint8), as int64, in
+// memory order of its contiguous copy; returns false, calling nothing, for another dtype.
+template <class Fn>
+bool for_each_host_index(const at::Tensor& target, Fn&& fn) {
+  const at::Tensor t = target.contiguous();
+  auto each = [&](const auto* v) {
+    for (int64_t i = 0; i < t.numel(); ++i) fn(static_cast<int64_t>(v[i]));
+  };
+  switch (t.scalar_type()) {
+    case at::kLong: each(t.const_data_ptr<int64_t>()); return true;
+    case at::kInt: each(t.const_data_ptr<int32_t>()); return true;
+    case at::kByte: each(t.const_data_ptr<uint8_t>()); return true;
+    default: return false;
+  }
+}
+
 // _ce_bwd_inplace's own checks, before its kernel overwrites the input: no argument it
 // reads shares memory with the input (the rows written first would be read later), and on
 // the CPU no class index is out of range (the kernel's own check raises mid-pass, with

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from . import _backend, _sharding, reference, vocab_parallel
+from . import _backend, _reduction, _sharding, reference, vocab_parallel
 from ._higher_order import differentiable_grads, reference_backward
 
 REF_NAMESPACE = "torchloss_fused_ref"
@@ -262,7 +262,8 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
         grad = redo_forward(ctx.grad_scale)
     if ctx.ignored:  # (such rows get the upstream they were made for: left as they are)
         target, ignore_index = ctx.ignored
-        grad_loss = torch.where(target.long() == ignore_index, ctx.grad_scale, grad_loss)
+        grad_loss = torch.where(_reduction.counted(target, ignore_index), grad_loss,
+                                ctx.grad_scale)
     if as_rows is None and _rescale_dtensor(namespace, grad, grad_loss, ctx.grad_scale):
         return grad
     rows, g, scale = (as_rows or (lambda *views: views))(grad, grad_loss, ctx.grad_scale)

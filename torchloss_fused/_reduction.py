@@ -36,6 +36,13 @@ def ordered_sum(v: Tensor) -> Tensor:
     return ordered_sum(blocks.view(-1, _SUM_BLOCK).sum(1))
 
 
+def counted(t: Tensor, ignore_index: int) -> Tensor:
+    """The class-index targets other than ignore_index, compared as int64 as the kernels
+    compare them: a uint8 or int32 tensor compared with the number itself would wrap it to
+    its own dtype first (-100 to 156 for uint8), and miss or add rows."""
+    return t.long() != ignore_index
+
+
 def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
            dtype: torch.dtype, split_terms: bool = False) -> Tensor:
     """The loss from its per-row values (in the accumulation dtype): "none", "sum", or

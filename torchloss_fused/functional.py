@@ -368,20 +368,13 @@ def _fused_path(x: Tensor, inplace_backward: bool = False, compiled: bool = Fals
 # ---- reductions -----------------------------------------------------------------------------
 
 
-def _counted(t: Tensor, ignore_index: int) -> Tensor:
-    """The targets other than ignore_index, compared as int64 as the kernels compare them: a
-    uint8 or int32 tensor compared with the number itself would wrap it to its own dtype
-    first (-100 to 156 for uint8), and miss or add rows."""
-    return t.long() != ignore_index
-
-
 def _index_denominator(t2: Tensor, weight: Tensor | None, ignore_index: int, C: int,
                        acc: torch.dtype, unbatched: bool = False) -> Tensor:
     """Sum of the targets' weights over non-ignored rows (their count without weights).
     unbatched: the logits had no batch dim and there is no label smoothing. F on CUDA then
     gives 0, not CPU's 0/0 = nan, as the mean when the one target is ignored: a
     denominator of 1 over that row's zero loss gives the same."""
-    valid = _counted(t2, ignore_index)
+    valid = _reduction.counted(t2, ignore_index)
     if weight is None or C == 0:
         denom = valid.sum().to(acc)
     else:
@@ -600,7 +593,7 @@ def focal_loss(
             return loss
 
     acc = reference.acc_dtype(x3.dtype)
-    denom = _counted(t, ignore_index).sum().to(acc) if reduction == "mean" else None
+    denom = _reduction.counted(t, ignore_index).sum().to(acc) if reduction == "mean" else None
     if reference_grads:
         loss_rows, _ = reference.focal_fwd(vocab_parallel.gather_classes(x3), t, alpha_vec,
                                            *args)

@@ -261,7 +261,7 @@ def _scale_factors(grad_loss: Tensor, target: Tensor, ignore_index: int) -> tupl
     (A row's factor multiplies as the 0-dim grad_loss did: the same bits.)"""
     if target.is_floating_point():
         return (grad_loss,) * 3
-    counted = target.long() != ignore_index
+    counted = _reduction.counted(target, ignore_index)
     one = torch.ones_like(grad_loss)
     whole = torch.where(counted.any(), grad_loss, one)
     return torch.where(counted, grad_loss, one).unsqueeze(1), whole, whole
