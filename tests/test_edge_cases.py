@@ -107,11 +107,24 @@ def test_empty_batch(device, backend, reduction, shape):
     assert g.shape == x.shape
 
 
-def test_no_classes_all_ignored(device, backend):
-    x = random_logits((3, 0), torch.float32, device)
-    y = torch.full((3,), -100, device=device)
-    ours = tlf.cross_entropy(x, y, reduction="none")
-    assert torch.equal(ours, F.cross_entropy(x.detach(), y, reduction="none"))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (0,)])
+def test_no_classes_all_ignored(device, backend, shape, smoothing, reduction):
+    """No classes, so every target is ignored. With label smoothing F's loss is nan in every
+    row and reduction (it scales the masked smoothing term by label_smoothing / C)."""
+    x = random_logits(shape, torch.float32, device)
+    y = torch.full(shape[:-1], -100, device=device)
+    kw = {"reduction": reduction, "label_smoothing": smoothing}
+    ours = tlf.cross_entropy(x, y, **kw)
+    ref = F.cross_entropy(x.detach(), y, **kw)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    loss, lse = tlf.cross_entropy(x, y, return_lse=True, **kw)
+    assert torch.equal(loss.isnan(), ref.isnan()) and lse.shape == shape[:-1]
+    (g,) = torch.autograd.grad(ours.sum(), x)
+    assert g.shape == x.shape
 
 
 # A nan or infinite upstream gradient (a sum divided by a count of 0: Hugging Face's

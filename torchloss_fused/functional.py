@@ -482,6 +482,12 @@ def cross_entropy(
         t = target.reshape(x3.shape[0], x3.shape[2])
         if vocab_parallel.is_dtensor(t):
             vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
+        if label_smoothing > 0 and x3.shape[1] == 0:
+            return _smoothed_without_classes(
+                cross_entropy(input, target, weight, ignore_index=ignore_index,
+                              reduction=reduction, z_loss=z_loss,
+                              softcap=softcap or None, logit_scale=logit_scale,
+                              return_lse=return_lse, inplace_backward=inplace_backward))
     autocast = _autocast_to_float32(input.dtype, input.device)
     if weight is not None:
         _check_class_vector(input, weight, "weight")
@@ -536,6 +542,16 @@ def cross_entropy(
     if return_lse:  # (float32 for float32 logits, whose lse the ops keep in float64)
         return loss, lse.reshape(out_shape).to(acc)
     return loss
+
+
+def _smoothed_without_classes(result):
+    """F's loss with label smoothing and no classes (C = 0, so every target is ignored):
+    it scales the masked smoothing term by label_smoothing / C, 0 * inf, nan in every row
+    and in every reduction; the loss's other term, and the gradient, are those without
+    smoothing (an empty gradient)."""
+    if isinstance(result, tuple):
+        return (result[0] + math.nan, *result[1:])
+    return result + math.nan
 
 
 # ---- softmax focal loss -------------------------------------------------------------------
