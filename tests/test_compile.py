@@ -3,8 +3,11 @@ gradients as eager."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchloss_fused as tlf
 
@@ -70,6 +73,51 @@ def test_compile_inplace_backward_and_probability_targets(device, backend):
     (g1,) = torch.autograd.grad(compiled(x, t), x)
     (g2,) = torch.autograd.grad(f(x, t), x)
     torch.testing.assert_close(g1, g2)
+
+
+def test_compiled_inplace_backward_leaves_logits_other_ops_saved(device, backend):
+    """A compiled backward has no version counters: where another op saved the logits and
+    its backward runs after the loss's, eager raises, and the compiled program must not
+    read an overwritten gradient instead. (It did: off by up to 17.7 here.)"""
+    t = torch.randint(0, 6, (5,), device=device)
+    a0 = torch.randn(5, 6, device=device)
+
+    def step(a, loss):
+        z = a * 2
+        return (z ** 2).sum() + loss(z, t)  # (pow's backward reads z after the loss's)
+
+    ours = functools.partial(tlf.cross_entropy, inplace_backward=True)
+    a = a0.clone().requires_grad_()
+    expected = torch.autograd.grad(step(a, F.cross_entropy), a)
+    a = a0.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(step(a, ours), a)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    a = a0.clone().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(compiled(a, ours), a), expected)
+
+
+def test_compiled_inplace_backward_with_the_logits_returned(device, backend):
+    """A compiled step that also returns the logits (for a metric) compiles and trains, as
+    eagerly (AOTAutograd's partitioner failed on a backward mutating a graph output)."""
+    t = torch.randint(0, 6, (5,), device=device)
+    a0 = torch.randn(5, 6, device=device)
+
+    def step(a):
+        z = a * 2
+        return tlf.cross_entropy(z, t, inplace_backward=True), z
+
+    torch._dynamo.reset()
+    a = a0.clone().requires_grad_()
+    loss, z = torch.compile(step, backend="aot_eager")(a)
+    expected = F.cross_entropy(a0 * 2, t)
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(z, a0 * 2)
+    loss.backward()
+    b = a0.clone().requires_grad_()
+    F.cross_entropy(b * 2, t).backward()
+    torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_compile_dynamic_shapes(device, backend):

@@ -202,9 +202,13 @@ def _make_ce_autograd(namespace: str):
             return (_graph_grad(ctx, _ce_reference, grad_loss, grad_lse),) + (None,) * 8
         grad_loss = _zeros_if_none(grad_loss, lse, input)
         ops = _ns(namespace)
-        if ctx.inplace:
+        # Not under torch.compile: a compiled backward has no version counters, so a later
+        # backward that saved the same logits (an auxiliary loss on them) would read the
+        # gradient silently where eager raises; and AOTAutograd cannot partition a graph
+        # that also returns the logits. Compiled, the gradient gets a buffer of its own.
+        if ctx.inplace and not torch.compiler.is_compiling():
             ops._ce_bwd_inplace(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
-            if namespace != REF_NAMESPACE and not torch.compiler.is_compiling():
+            if namespace != REF_NAMESPACE:
                 # Ops from TORCH_LIBRARY do not bump version counters themselves (custom_op
                 # ops do). Bumping makes a later backward that saved these logits fail
                 # loudly instead of reading gradients.
