@@ -463,6 +463,50 @@ def _(ctx):
     _close(wd.grad, w64.grad, torch.float64, "grad weight")
 
 
+def _penalised_grads(loss_fn, leaves):
+    """The leaves' gradients of loss + |dloss/dleaves[0]|^2 (a gradient penalty: the
+    first gradient taken with create_graph=True, then differentiated again)."""
+    loss = loss_fn(*leaves)
+    (g,) = torch.autograd.grad(loss, leaves[0], create_graph=True)
+    (loss + (g * g).sum()).backward()
+    return [v.grad for v in leaves]
+
+
+@case("vocab_create_graph_keeps_second_order_terms")
+def _(ctx):
+    """create_graph=True on class-sharded logits (and a vocabulary-sharded LM head): the
+    gradient is differentiable, as F's, rather than a constant whose second-order terms
+    silently vanish (they did, by up to 1e-1 of the gradient)."""
+    x, t, w = _row_inputs(11, 6)
+    p = torch.softmax(torch.randn(6, 10, dtype=torch.float64), 1)
+    td = _dist(t, ctx.mesh, [Replicate()])
+    wd = _dist(w, ctx.mesh, [Replicate()])
+    cases = (
+        ("ce", lambda a: tlf.cross_entropy(a, td),
+         lambda a: F.cross_entropy(a, t)),
+        ("ce smoothing weight", lambda a: tlf.cross_entropy(a, td, weight=wd,
+                                                            label_smoothing=0.1),
+         lambda a: F.cross_entropy(a, t, weight=w, label_smoothing=0.1)),
+        ("ce prob", lambda a: tlf.cross_entropy(a, _dist(p, ctx.mesh, VOCAB)),
+         lambda a: F.cross_entropy(a, p)),
+        ("focal", lambda a: tlf.focal_loss(a, td, gamma=2.0, alpha=wd),
+         lambda a: focal_oracle(a, t, 2.0, w)),
+    )
+    for what, ours, oracle in cases:
+        (got,) = _penalised_grads(ours, [_dist(x, ctx.mesh, VOCAB, requires_grad=True)])
+        (want,) = _penalised_grads(oracle, [x.clone().requires_grad_()])
+        assert got.placements == tuple(VOCAB), (what, got.placements)
+        _close(got, want, torch.float64, what)
+    h, head = torch.randn(6, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    got = _penalised_grads(lambda a, b: tlf.linear_cross_entropy(a, b, td, label_smoothing=0.1),
+                           [_dist(h, ctx.mesh, [Replicate()], requires_grad=True),
+                            _dist(head, ctx.mesh, [Shard(0)], requires_grad=True)])
+    want = _penalised_grads(lambda a, b: F.cross_entropy(F.linear(a, b), t, label_smoothing=0.1),
+                            [h.clone().requires_grad_(), head.clone().requires_grad_()])
+    for g, ref, what in zip(got, want, ("hidden", "head")):
+        _close(g, ref, torch.float64, f"linear {what}")
+
+
 @case("vocab_plain_target_is_a_clear_error")
 def _(ctx):
     xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)

@@ -19,6 +19,14 @@ from torch import Tensor
 
 from ._reduction import ordered_sum
 
+try:
+    # A target's logit is picked by a one-hot product on DTensors: differentiated twice
+    # (create_graph) through a gather, DTensor (torch 2.13) makes a masked partial sum on
+    # the gathered dim whose reduction fails ("too many indices").
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch without distributed
+    _DTensor = ()
+
 # Elements per chunk of float32 temporaries (16 MiB).
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -132,6 +140,8 @@ def _gather_target(s: Tensor, safe: Tensor) -> Tensor:
     """s[..., t]; a row with no classes (C = 0) can only be ignored, so any value will do."""
     if s.shape[-1] == 0:
         return s.new_zeros(safe.shape)
+    if isinstance(s, _DTensor):  # (see _DTensor)
+        return (s * torch.nn.functional.one_hot(safe, s.shape[-1]).to(s.dtype)).sum(-1)
     return s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
+from ._higher_order import differentiable_grads, reference_backward
 
 try:
     import torch.distributed as dist
@@ -162,6 +163,34 @@ def _to_logits_dtensor(local: Tensor, layout: _Layout, meta: tuple):
     shape, stride = meta
     return DTensor.from_local(local, layout.mesh, layout.logits_placements, run_check=False,
                               shape=shape, stride=stride)
+
+
+def _from_local(local: Tensor, layout: _Layout, placements, shape) -> Tensor:
+    """A local tensor as the DTensor of global `shape` (contiguous) laid out by placements."""
+    stride, step = [], 1
+    for n in reversed(shape):
+        stride.insert(0, step)
+        step *= max(n, 1)
+    return DTensor.from_local(local, layout.mesh, placements, run_check=False,
+                              shape=torch.Size(shape), stride=tuple(stride))
+
+
+def _reference_grad(ctx, x3, target, vector, forward, args, grads) -> Tensor:
+    """The logits' gradient for create_graph=True (or vmap-batched upstream gradients):
+    autograd through the reference `forward` on the gathered classes, recorded so that it
+    can be differentiated again, as the unsharded ops do (_higher_order.py); the kernels'
+    gradient would be a constant to autograd, and the second-order terms would vanish.
+    x3: the DTensor logits (saved as the Function's input, so the graph reaches the
+    caller's); target, vector: the local target and the whole class vector."""
+    layout = ctx.layout
+    if target.is_floating_point():
+        t = _from_local(target, layout, layout.logits_placements, ctx.x3_meta[0])
+    else:
+        t = _from_local(target, layout, layout.rows_placements, layout.rows_shape)
+    v = replicated_like(vector, x3)
+    (g,) = differentiable_grads(lambda x: forward(gather_classes(x), t, v, *args), [x3],
+                                [True], grads)
+    return g
 
 
 def _local(grad, layout: _Layout) -> Tensor | None:
@@ -386,17 +415,20 @@ class _CrossEntropy(torch.autograd.Function):
             loss = prob_loss(lse, sums, z_loss)
         else:
             loss = index_loss(lse, sums, target, w, ignore_index, eps, z_loss, C)
-        # A probability target's rows also keep their total weight (sum over all slices).
-        ctx.save_for_backward(x, target, weight, lse, sums[0] if prob else None)
+        # A probability target's rows also keep their total weight (sum over all slices);
+        # x3, the input, serves create_graph (_reference_grad).
+        ctx.save_for_backward(x, target, weight, lse, sums[0] if prob else None, x3)
         ctx.layout, ctx.inplace, ctx.x3_meta = layout, inplace_backward, _meta(x3)
         ctx.args = (ignore_index, eps, z_loss, softcap, logit_scale)
         # (the loss in acc, as the ops give it; lse in ROW_DTYPE, as the ops keep it)
         return _to_rows_dtensor(loss.to(acc), layout), _to_rows_dtensor(lse, layout)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_lse):
-        x, target, weight, lse, q_total = ctx.saved_tensors
+        x, target, weight, lse, q_total, x3 = ctx.saved_tensors
+        if reference_backward(grad_loss, grad_lse):
+            return (_reference_grad(ctx, x3, target, weight, reference.ce_fwd, ctx.args,
+                                    (grad_loss, grad_lse)),) + (None,) * 9
         grad_loss, grad_lse = _local(grad_loss, ctx.layout), _local(grad_lse, ctx.layout)
         ignore_index, eps, z_loss, softcap, logit_scale = ctx.args
         acc = reference.acc_dtype(x.dtype)
@@ -524,16 +556,18 @@ class _Focal(torch.autograd.Function):
                                     layout.groups)
         s_t = sums[0]
         loss, _ = _focal_terms(s_t, lse, target, alpha, alpha_scale, gamma, ignore_index)
-        ctx.save_for_backward(x, target, alpha, lse, s_t)
+        ctx.save_for_backward(x, target, alpha, lse, s_t, x3)
         ctx.layout, ctx.args, ctx.x3_meta = layout, (alpha_scale, gamma, ignore_index), _meta(x3)
         return _to_rows_dtensor(loss.to(acc), layout), _to_rows_dtensor(lse, layout)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_lse):  # focal_loss does not return lse
-        x, target, alpha, lse, s_t = ctx.saved_tensors
+        x, target, alpha, lse, s_t, x3 = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 7
+        if reference_backward(grad_loss):
+            return (_reference_grad(ctx, x3, target, alpha, reference.focal_fwd, ctx.args,
+                                    (grad_loss, None)),) + (None,) * 6
         grad_loss = _local(grad_loss, ctx.layout)
         alpha_scale, gamma, ignore_index = ctx.args
         acc = reference.acc_dtype(x.dtype)

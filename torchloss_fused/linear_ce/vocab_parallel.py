@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .. import vocab_parallel as vp
+from .._higher_order import differentiable_grads, reference_backward
 from . import targets
 from .chunking import auto_chunk_size
 from .weight_grad import WeightGrad, resolve_accum
@@ -114,7 +115,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = vp.index_loss(lse, sums, target[:, None], cw, ignore_index, eps, z_loss,
                                  layout.vocab)
         # (a probability target's rows keep their total weight, summed over the slices)
-        ctx.save_for_backward(h, w, b, target, class_weight, lse, sums[0] if prob else None)
+        # (hidden, weight, bias, the inputs, serve create_graph: _reference_grads)
+        ctx.save_for_backward(h, w, b, target, class_weight, lse, sums[0] if prob else None,
+                              hidden, weight, bias)
         ctx.layout, ctx.chunk = layout, chunk
         ctx.args = (ignore_index, eps, z_loss, softcap, accum_dtype)
         ctx.meta = tuple((t.shape, t.stride()) if t is not None else None
@@ -122,11 +125,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _rows_dtensor(loss.to(acc), layout), _rows_dtensor(lse, layout)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_lse):
         if (grad_loss is None and grad_lse is None) or not any(ctx.needs_input_grad[:3]):
             return (None,) * 12
-        h, w, b, target, class_weight, lse, q_total = ctx.saved_tensors
+        h, w, b, target, class_weight, lse, q_total, *inputs = ctx.saved_tensors
+        if reference_backward(grad_loss, grad_lse):
+            return _reference_grads(ctx, inputs, target, class_weight, grad_loss,
+                                    grad_lse) + (None,) * 9
         layout, chunk = ctx.layout, ctx.chunk
         ignore_index, eps, z_loss, softcap, accum_dtype = ctx.args
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -173,6 +178,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_b else None,
         )
         return grads + (None,) * 9
+
+
+def _reference_grads(ctx, inputs, target, class_weight, grad_loss, grad_lse) -> tuple:
+    """hidden's, the head's and the bias's gradients for create_graph=True (or vmap-batched
+    upstream gradients): autograd through ops.materialised_rows (the whole logits, their
+    classes gathered), recorded so that they can be differentiated again, as the unsharded
+    op does; the chunked gradients would be constants to autograd. inputs: the DTensor
+    hidden, weight and bias; target: the local one."""
+    from .ops import materialised_rows
+
+    layout = ctx.layout
+    hidden, weight, bias = inputs
+    shape = (layout.rows, layout.vocab) if targets.is_prob(target) else (layout.rows,)
+    t = vp._from_local(target, layout, _target_placements(layout, target), shape)
+    cw = vp.replicated_like(class_weight, hidden)
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[2])
+    return differentiable_grads(
+        lambda h, w, b: materialised_rows(h, w, b, t, cw, *ctx.args[:4]),
+        (hidden, weight, bias), needs, (grad_loss, grad_lse))
 
 
 def _class_weights(class_weight: Tensor | None, acc, offset: int, Vl: int):
