@@ -372,3 +372,39 @@ def test_batched_upstream_gradients(reduction, device, backend):
         hes = torch.autograd.functional.hessian
         torch.testing.assert_close(hes(ours_fn, a, vectorize=True),
                                    hes(ref_fn, a, vectorize=True))
+
+
+def test_scalar_tensor_alpha_under_every_mode_of_differentiation(device, backend):
+    """focal_loss's 0-dim tensor alpha gets its derivative from forward mode (jacfwd, dual
+    tensors) and vmap as from reverse mode: it had been read as a number, a tangent of 0."""
+    x = random_logits((5, 6), F64, device).detach()
+    y = random_targets((5,), 6, device)
+    alpha = torch.tensor(0.7, dtype=F64, device=device)
+    expected = tlf.focal_loss(x, y, 2.0, alpha=1.0)  # (the loss is linear in alpha)
+
+    def loss(a):
+        return tlf.focal_loss(x, y, 2.0, alpha=a)
+
+    torch.testing.assert_close(grad(loss)(alpha), expected)
+    torch.testing.assert_close(torch.func.jacfwd(loss)(alpha), expected)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(alpha, torch.ones((), dtype=F64, device=device))
+        torch.testing.assert_close(fwAD.unpack_dual(loss(dual)).tangent, expected)
+    alphas = torch.tensor([0.2, 0.5], dtype=F64, device=device)
+    torch.testing.assert_close(vmap(loss)(alphas), alphas * expected)
+
+
+@pytest.mark.parametrize("name", ["z_loss", "logit_scale", "softcap"])
+def test_scalar_options_being_differentiated_are_refused(name, device, backend):
+    """A 0-dim tensor option carrying a derivative is refused in forward mode as in reverse
+    mode (reading it as a number would drop the derivative silently)."""
+    x = random_logits((4, 5), F64, device).detach()
+    y = random_targets((4,), 5, device)
+    value = torch.tensor(1.5, dtype=F64, device=device)
+    assert torch.isfinite(tlf.cross_entropy(x, y, **{name: value}))  # (a plain one is taken)
+    with pytest.raises(TypeError, match=name):
+        tlf.cross_entropy(x, y, **{name: value.clone().requires_grad_()})
+    with fwAD.dual_level(), pytest.raises(TypeError, match=name):
+        tlf.cross_entropy(x, y, **{name: fwAD.make_dual(value, torch.ones_like(value))})
+    with pytest.raises(TypeError, match=name):
+        torch.func.jacfwd(lambda v: tlf.cross_entropy(x, y, **{name: v}))(value)

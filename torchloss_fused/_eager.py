@@ -35,6 +35,7 @@ import torch
 
 from . import _backend, _ops, _reduction
 from ._higher_order import reference_backward
+from ._tracing import recording
 from ._upstream_guess import GUESSES
 
 _any_requires_grad = getattr(
@@ -44,12 +45,12 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def traced() -> bool:
-    """torch.compile or torch.jit.trace at work: both must see the registered ops. The
-    tracer would record this module's autograd.Functions as opaque Python calls, and the
-    C++ reduced loss (FusedReduced) computes its mean's denominator on the host, which a
-    trace would keep as a constant: a model traced with no ignored target would divide by
-    the full count ever after."""
-    return torch.compiler.is_compiling() or torch._C._is_tracing()
+    """torch.compile, torch.jit.trace or make_fx at work (_tracing.py): they must see the
+    registered ops. A tracer would record this module's autograd.Functions as opaque
+    Python calls, and the C++ reduced loss (FusedReduced) computes its mean's denominator
+    on the host, which a trace would keep as a constant: a model traced with no ignored
+    target would divide by the full count ever after."""
+    return recording()
 
 
 def _op_forward(op, setup_context):

@@ -32,6 +32,14 @@ def transform_active(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def carries_derivative(t: Tensor) -> bool:
+    """Whether t itself is differentiated: it requires grad, is batched or wrapped by a
+    torch.func transform, or carries a forward-mode tangent (reading it as a number, as
+    .item() does, would silently drop that derivative)."""
+    return (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None))
+
+
 def reference_backward(*grads: Tensor | None) -> bool:
     """Inside a backward formula: whether the gradient must come from autograd through the
     reference forward. Yes when the caller asked for a differentiable gradient

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._tracing import recording
+
 # csrc/ordered_sum.h's constants: ATen sums a CPU tensor of fewer elements than this on one
 # thread; a larger one here goes in blocks of _SUM_BLOCK.
 _SERIAL_SUM_ELEMENTS = 32768
@@ -27,7 +29,7 @@ def ordered_sum(v: Tensor) -> Tensor:
     Python paths agree bitwise. Traced code, tensor subclasses (DTensor, fake and
     functorch tensors) and other devices get v.sum() itself."""
     # (traced first: the size test would put a guard on a symbolic size)
-    if (torch.compiler.is_compiling() or torch._C._is_tracing() or type(v) is not torch.Tensor
+    if (recording() or type(v) is not torch.Tensor
             or torch._C._functorch.is_functorch_wrapped_tensor(v) or v.device.type != "cpu"
             or v.numel() < _SERIAL_SUM_ELEMENTS):
         return v.sum()

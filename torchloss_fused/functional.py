@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn import _reduction as _legacy_reduction
 
 from . import _eager, _reduction, reference, vocab_parallel
-from ._higher_order import transform_active
+from ._higher_order import carries_derivative, transform_active
 from ._overrides import dispatches_torch_function
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
@@ -168,9 +168,10 @@ def _check_inplace_target(input: Tensor, x3: Tensor) -> None:
 
 def _real_number(value, name: str) -> float:
     if type(value) is not float:  # (the common case skips the slow ABC check)
-        if isinstance(value, Tensor) and value.dim() == 0 and not value.requires_grad:
-            # F's argument parser takes these too, and syncs alike (one requiring grad is
-            # refused: converting would cut its gradient). A bool or complex one fails below.
+        if isinstance(value, Tensor) and value.dim() == 0 and not carries_derivative(value):
+            # F's argument parser takes these too, and syncs alike (one being differentiated
+            # is refused: converting would cut its derivative, in reverse mode, forward mode
+            # or torch.func alike). A bool or complex one fails below.
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -591,7 +592,7 @@ def focal_loss(
     if vocab_parallel.is_dtensor(t):
         vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     alpha_vec, alpha_scale = None, 1.0
-    if isinstance(alpha, Tensor) and alpha.dim() == 0 and alpha.requires_grad:
+    if isinstance(alpha, Tensor) and alpha.dim() == 0 and carries_derivative(alpha):
         alpha = alpha.expand(x3.shape[1])  # (a number to learn: the per-class path's grad)
     if isinstance(alpha, Tensor) and alpha.dim() > 0:
         _check_class_vector(input, alpha, "alpha")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._reduction import ordered_sum
+from ._tracing import recording
 
 try:
     # A target's logit is picked by a one-hot product on DTensors: differentiated twice
@@ -65,11 +66,11 @@ def check_index_target(target: Tensor, num_classes: int, ignore_index: int) -> N
     """IndexError naming the first out-of-range target, as PyTorch's CPU loss raises.
 
     Only on CPU: elsewhere the check would synchronise with the host, and the gather that
-    follows raises a device-side assertion instead. Not while traced (torch.compile) or
+    follows raises a device-side assertion instead. Not while recorded (_tracing.py) or
     batched by torch.func.vmap, which cannot branch on values: there the gather's own
     bounds check raises.
     """
-    if (target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling()
+    if (target.device.type != "cpu" or target.numel() == 0 or recording()
             or torch._C._functorch.is_functorch_wrapped_tensor(target)):
         return
     t = target.long()

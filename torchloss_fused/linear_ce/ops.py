@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import _eager, _ops, _reduction, _sharding, reference
 from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
+from .._tracing import recording
 from . import targets
 from .loop import _loop, _placeholder
 
@@ -209,8 +210,9 @@ def _fwd_grad_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     # Eager: the gradients are handed on once, scaled in place, from a plain attribute (no
     # reference cycle through the outputs' grad_fn); a second backward (retain_graph)
-    # recomputes. Traced (torch.compile): saved normally and scaled out of place.
-    ctx.eager = not torch.compiler.is_compiling() and type(gh) is torch.Tensor
+    # recomputes. Traced (torch.compile, make_fx: _tracing.py): saved normally and scaled
+    # out of place, whatever the upstream gradient (its value cannot be read).
+    ctx.eager = not recording() and type(gh) is torch.Tensor
     if ctx.eager:
         ctx.fused = (gh.detach(), gw.detach(), gb.detach())
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, denom, lse)
