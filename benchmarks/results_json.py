@@ -115,7 +115,12 @@ def validate(doc: dict) -> None:
             raise SchemaError(f"rows[{i}].shape: expected list[int]")
 
 
+def dumps(doc: dict) -> str:
+    """The file's text. allow_nan=False: a NaN/inf would make the file unreadable to strict
+    JSON parsers (non-finite figures are written as null). Also tensor_parallel's."""
+    return json.dumps(doc, indent=1, allow_nan=False) + "\n"
+
+
 def write(doc: dict, path: Path) -> None:
     validate(doc)
-    # allow_nan=False: a NaN/inf would make the file unreadable to strict JSON parsers.
-    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    path.write_text(dumps(doc))

@@ -3,7 +3,8 @@
 Runs each case on the best available device (or --device), prints the report and writes
 <out>/<device-slug>-<UTC stamp>.json and .png plus <out>/<device-slug>-latest.md (the
 printed report; runs other than the default sweep name their selection in it). Exits 1
-when a torchloss_fused row FAILED its correctness check or raised.
+when a torchloss_fused row FAILED its correctness check or raised; 2 on bad arguments,
+including a selection that leaves nothing to run (checked before anything is measured).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from . import baselines, device_info, memory, plot, report, results_json, runner, timing
-from .cases import DEFAULT_DTYPES, DTYPES, OP_ALIASES, OPS, sweep
+from .arg_types import nonnegative_float, output_dir, positive_float, positive_int, seed
+from .cases import DEFAULT_DTYPES, DTYPES, LINEAR_OPS, OP_ALIASES, OPS, sweep
 from .rows import ERROR, FAILED
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -31,19 +33,26 @@ SETTINGS = {
 }
 
 
-def _names(values, allowed, flag, aliases=None):
-    """Space- or comma-separated names, checked against `allowed` (or an alias of some)."""
+# Why a sweep size holds no shape of an op (cases.py), for the message that says so.
+NO_SHAPE_WHY = {"targets": "no performance target is set on it"}
+
+
+def _names(parser, values, allowed, flag, aliases=None):
+    """Space- or comma-separated names, checked against `allowed` (or an alias of some);
+    none at all (`--ops ,`, an empty shell variable) is an error, not an empty run."""
     aliases = aliases or {}
     names = [n for v in values for n in v.split(",") if n]
     bad = [n for n in names if n not in allowed and n not in aliases]
     if bad:
         choices = ", ".join([*allowed, *aliases])
-        raise SystemExit(f"{flag}: unknown {bad}; choose from {choices}")
+        parser.error(f"argument {flag}: unknown {bad}; choose from {choices}")
+    if not names:
+        parser.error(f"argument {flag}: no name given")
     expanded = [m for n in names for m in aliases.get(n, (n,))]
     return tuple(dict.fromkeys(expanded))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                 description="Benchmark torchloss_fused against PyTorch "
                                             "and peer libraries.")
@@ -63,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"subset of {', '.join(OPS)}, or function names ({', '.join(OP_ALIASES)})")
     p.add_argument("--dtypes", nargs="+", default=list(DEFAULT_DTYPES),
                    help=f"subset of {', '.join(DTYPES)}")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    p.add_argument("--out", type=output_dir, default=DEFAULT_OUT,
+                   help="results directory (made if missing)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     compile_group = p.add_mutually_exclusive_group()
     compile_group.add_argument("--no-compile", dest="compile", action="store_false",
@@ -71,17 +81,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     compile_group.add_argument("--compile", dest="compile", action="store_true",
                                help="keep the torch.compile baselines with --tiny")
     p.add_argument("--no-peers", action="store_true", help="skip peer libraries")
-    p.add_argument("--min-run-time", type=float, help="seconds of timed runs per row")
-    p.add_argument("--min-runs", type=int, help="timed runs per row, at the least")
-    p.add_argument("--prefault-gib", type=float,
+    p.add_argument("--min-run-time", type=positive_float,
+                   help="seconds of timed runs per row (> 0)")
+    p.add_argument("--min-runs", type=positive_int, help="timed runs per row, at the least")
+    p.add_argument("--prefault-gib", type=nonnegative_float,
                    help="CPU: touch this much fresh memory before timing, so first-touch "
                         "page costs of a virtual machine hit no row (default: 4x the "
-                        "largest case's logits, at least 1 GiB, at most 1/3 of free memory)")
-    p.add_argument("--seed", type=int, default=0)
+                        "largest case's logits, at least 1 GiB, at most 1/3 of free memory; "
+                        "none with --tiny, whose runs last seconds)")
+    p.add_argument("--seed", type=seed, default=0, help="0 <= SEED < 2**63")
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _parser()
     args = p.parse_args(argv)
-    args.ops = _names(args.ops, OPS, "--ops", OP_ALIASES)
-    args.dtypes = _names(args.dtypes, tuple(DTYPES), "--dtypes")
+    args.ops = _names(p, args.ops, OPS, "--ops", OP_ALIASES)
+    args.dtypes = _names(p, args.dtypes, tuple(DTYPES), "--dtypes")
     if args.compile is None:
         args.compile = args.size != "tiny"  # compiling costs seconds per shape
     return args
@@ -105,10 +122,12 @@ def _copy_tensor_bytes(device: torch.device, size: str, llc: int) -> int:
 
 
 def _prefault_bytes(args, device: torch.device, cases) -> int:
-    if device.type != "cpu" or args.size == "tiny":
+    if device.type != "cpu":
         return 0
     if args.prefault_gib is not None:
         return int(args.prefault_gib * 2**30)
+    if args.size == "tiny":  # (seconds of runs, for tests: not worth a GiB of page faults)
+        return 0
     largest = max(case.rows * case.classes * case.torch_dtype.itemsize for case in cases)
     want = max(2**30, 4 * largest)
     avail = device_info.available_memory_bytes(device)
@@ -169,17 +188,43 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
     }
 
 
-def latest_name(slug: str, size: str, ops: tuple, dtypes: tuple) -> str:
-    """<slug>-latest.md for the default run (quick sweep, every op and dtype); other
-    selections get their own file, so a partial run never replaces the default table."""
+def latest_name(slug: str, size: str, ops, dtypes, compile: bool | None = None,
+                peers: bool = True) -> str:
+    """<slug>-latest.md for the default run (quick sweep, every op and default dtype,
+    compile and peer rows); other selections get their own file, naming what differs, so a
+    partial run never replaces the default table. Ops and dtypes count as sets (named in
+    cases.py's order): the same selection in another order is the same table. compile:
+    None for the sweep's default (none with --tiny)."""
     parts = [slug]
     if size != "quick":
         parts.append(size)
-    if tuple(ops) != tuple(OPS):
-        parts.append("+".join(ops))
-    if tuple(dtypes) != tuple(DEFAULT_DTYPES):
-        parts.append("+".join(dtypes))
+    if set(ops) != set(OPS):
+        parts.append("+".join(op for op in OPS if op in ops))
+    if set(dtypes) != set(DEFAULT_DTYPES):
+        parts.append("+".join(dt for dt in DTYPES if dt in dtypes))
+    if compile is not None and compile != (size != "tiny"):
+        parts.append("compile" if compile else "no-compile")
+    if not peers:
+        parts.append("no-peers")
     return "-".join(parts) + "-latest.md"
+
+
+def _plan(args, device: torch.device) -> tuple[list, dict]:
+    """(case, implementations) pairs to run, and {op: why it is left out} for the selected
+    ops that have none."""
+    cases = sweep(device.type, args.size, args.ops, args.dtypes)
+    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers))
+            for case in cases]
+    left_out = {}
+    for op in args.ops:
+        if not any(case.op == op for case in cases):
+            why = NO_SHAPE_WHY.get(args.size)
+            left_out[op] = f"the {args.size} sweep has no shape of it" + (
+                f": {why}" if why else "")
+        elif op in LINEAR_OPS and not any(impls for case, impls in plan if case.op == op):
+            # (baselines.impls_for: linear CE is measured only beside ours)
+            left_out[op] = "torchloss_fused.linear_cross_entropy is not available here"
+    return [(case, impls) for case, impls in plan if impls], left_out
 
 
 def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool,
@@ -206,15 +251,16 @@ def main(argv=None) -> int:
     load_start = device_info.load_average()
     llc = device_info.llc_bytes(device)
 
-    cases = sweep(device.type, args.size, args.ops, args.dtypes)
-    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers))
-            for case in cases]
-    plan = [(case, impls) for case, impls in plan if impls]
+    plan, left_out = _plan(args, device)
+    left = "left out " + "; ".join(f"{op} ({why})" for op, why in left_out.items())
     if not plan:
-        print("nothing to run: no implementation of the selected ops on this device "
-              "(the linear ops run once torchloss_fused.linear_cross_entropy exists)",
-              file=sys.stderr)
-        return 0
+        _parser().error(f"nothing to run: {left}")
+    if left_out:
+        print(left, file=sys.stderr)
+    try:  # before measuring: a run that cannot be saved should not start
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _parser().error(f"argument --out: {e}")
 
     prefault_bytes = _prefault_bytes(args, device, [case for case, _ in plan])
     prefault = {"bytes": prefault_bytes, "seconds": memory.prefault(prefault_bytes)}
@@ -228,7 +274,8 @@ def main(argv=None) -> int:
                     load_start, prefault)
     text = report.render(doc, rows)
     print(text)
-    latest_file = latest_name(doc["device"]["slug"], args.size, args.ops, args.dtypes)
+    latest_file = latest_name(doc["device"]["slug"], args.size, args.ops, args.dtypes,
+                              compile=args.compile, peers=not args.no_peers)
     written = _write(doc, text, rows, args.out, started, not args.no_plot, latest_file)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     ours_broken = any(r.impl_kind == baselines.OURS and r.status in (FAILED, ERROR)

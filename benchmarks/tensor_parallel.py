@@ -21,7 +21,9 @@ smoothing (a DTensor sharding error in torch 2.13).
 
 Before timing, each row's loss and gradient (the logits', or the head's slice's) are
 checked against ours (the float64 check
-against F.cross_entropy on whole tensors is tests/test_dtensor.py's job). Time: median of
+against F.cross_entropy on whole tensors is tests/test_dtensor.py's job); a non-finite
+difference (float16 F.cross_entropy's own sum overflows to inf, for one) is null in the
+JSON and FAILED in the table, with what was not finite. Time: median of
 --repeats runs, each the slowest rank's. Memory: peak bytes allocated per rank above what
 was in use before (the profiler's count), the largest over ranks, and its ratio to the
 rank's slice of the logits. Prints a markdown table; with --out, also writes
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -45,7 +48,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from . import device_info, memory
+from . import device_info, memory, results_json
+from .arg_types import fraction, output_dir, positive_int
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -53,24 +57,34 @@ except ImportError:  # before torch 2.5: the script says so when run
     DTensor = None
 
 SCHEMA = "torchloss_fused-tp-benchmark"
+SCHEMA_VERSION = 2  # 2: check.ok and check.message; a non-finite difference is null
 IMPLS = ("torchloss_fused", "F.cross_entropy + loss_parallel", "F.cross_entropy (gathered)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tensor_parallel",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", type=int, default=2, help="processes (ranks)")
-    p.add_argument("--rows", type=int, default=4096)
-    p.add_argument("--vocab", type=int, default=32768, help="classes, split over the ranks")
+    p.add_argument("--world", type=positive_int, default=2, help="processes (ranks)")
+    p.add_argument("--rows", type=positive_int, default=4096)
+    p.add_argument("--vocab", type=positive_int, default=32768,
+                   help="classes, split over the ranks: a multiple of --world")
     p.add_argument("--ops", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    p.add_argument("--hidden", type=int, default=256, help="H of linear_cross_entropy")
+    p.add_argument("--hidden", type=positive_int, default=256, help="H of linear_cross_entropy")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="for every loss (ours and F.cross_entropy)")
-    p.add_argument("--out", type=Path, help="write the results JSON and markdown here")
-    return p.parse_args(argv)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--label-smoothing", type=fraction, default=0.0,
+                   help="in [0, 1], for every loss (ours and F.cross_entropy)")
+    p.add_argument("--out", type=output_dir, help="write the results JSON and markdown here")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.vocab % args.world:
+        p.error("argument --vocab: must be a multiple of --world (equal slices)")
+    return args
 
 
 def _ce_problem(args, mesh, dtype, rank):
@@ -176,11 +190,14 @@ def _rank(rank: int, args, port: int, out_file: str) -> None:
             for impl in impls:
                 run = _runner(impls[impl], leaf)
                 loss, grad = run()  # warm-up, and the check
-                loss_err = float((loss.full_tensor().double() - ref_loss).abs())
+                loss = loss.detach().full_tensor().double()
                 # (a gathered path's gradient may come back replicated: this rank's slice)
                 mine = grad.redistribute(placements=leaf.placements).to_local().double()
-                grad_err = float((mine - ref_grad).abs().max())
-                del loss, grad
+                check = check_entry(loss_err=float((loss - ref_loss).abs()),
+                                    grad_err=float((mine - ref_grad).abs().max()),
+                                    loss=float(loss),
+                                    grad_finite=bool(mine.isfinite().all()))
+                del loss, grad, mine
                 times = []
                 for _ in range(args.repeats):
                     dist.barrier()
@@ -196,11 +213,37 @@ def _rank(rank: int, args, port: int, out_file: str) -> None:
                     "local_bytes": slice_bytes, "median_ms": statistics.median(times) * 1e3,
                     "peak_extra_bytes": int(peak_t),
                     "peak_extra_ratio": float(peak_t) / slice_bytes,
-                    "check": {"loss_err_vs_ours": loss_err, "grad_err_vs_ours": grad_err},
+                    "check": check,
                 })
     if rank == 0:
-        Path(out_file).write_text(json.dumps(rows))
+        Path(out_file).write_text(json.dumps(rows, allow_nan=False))
     dist.destroy_process_group()
+
+
+def check_entry(loss_err: float, grad_err: float, loss: float, grad_finite: bool) -> dict:
+    """A row's check against ours. JSON has no inf/nan (results_json.dumps refuses them): a
+    non-finite difference is null, ok is False and the message says what was not finite
+    (this row's loss or gradient, else ours'). The gradient's is this rank's slice's."""
+    finite = math.isfinite(loss_err) and math.isfinite(grad_err)
+    if finite:
+        message = ""
+    elif not math.isfinite(loss):
+        message = f"loss {loss}"
+    elif not grad_finite:
+        message = "gradient not finite"
+    else:
+        message = "ours not finite"
+    return {"loss_err_vs_ours": loss_err if math.isfinite(loss_err) else None,
+            "grad_err_vs_ours": grad_err if math.isfinite(grad_err) else None,
+            "ok": finite, "message": message}
+
+
+def _check_cell(check: dict) -> str:
+    errs = [check["loss_err_vs_ours"], check["grad_err_vs_ours"]]
+    text = " / ".join("-" if e is None else f"{e:.1e}" for e in errs)
+    # (files from before "ok" was written hold a bare inf/nan instead)
+    ok = check.get("ok", all(e is not None and math.isfinite(e) for e in errs))
+    return text if ok else f"FAILED ({check.get('message') or 'not finite'}): {text}"
 
 
 def _free_port() -> int:
@@ -232,29 +275,40 @@ def render(doc: dict) -> str:
         rows = [r for r in doc["rows"] if r["op"] == op]
         table = [[r["dtype"], r["impl"], f"{r['local_bytes'] / 2**20:.0f}",
                   f"{r['median_ms']:.1f}", f"{r['peak_extra_bytes'] / 2**20:.1f}",
-                  f"{r['peak_extra_ratio']:.2f}x",
-                  f"{r['check']['loss_err_vs_ours']:.1e} / {r['check']['grad_err_vs_ours']:.1e}"]
+                  f"{r['peak_extra_ratio']:.2f}x", _check_cell(r["check"])]
                  for r in rows]
         text += (f"\n### {op}: " + _CAPTIONS[op].format(**rows[0]) + "\n\n" + tabulate(
             table, headers=["dtype", "implementation", "slice MiB", "median ms",
                             "peak extra MiB per rank", "peak / slice",
-                            "|loss|, max|grad| diff vs ours"], tablefmt="github") + "\n")
+                            "loss / max grad diff vs ours"], tablefmt="github") + "\n")
     return text
+
+
+def write(doc: dict, text: str, out: Path, started: datetime) -> None:
+    """tp-<slug>-<stamp>.json (strict JSON) and tp-<slug>[-smoothing]-latest.md under out."""
+    out.mkdir(parents=True, exist_ok=True)
+    slug, stamp = doc["device"]["slug"], started.strftime("%Y%m%dT%H%M%SZ")
+    (out / f"tp-{slug}-{stamp}.json").write_text(results_json.dumps(doc))
+    kind = "-smoothing" if doc["label_smoothing"] else ""
+    (out / f"tp-{slug}{kind}-latest.md").write_text(text)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.vocab % args.world:
-        raise SystemExit("--vocab must be a multiple of --world (equal slices)")
     if DTensor is None:
         raise SystemExit("needs torch.distributed.tensor (PyTorch 2.5 or newer)")
+    if args.out:
+        try:  # before measuring: a run that cannot be saved should not start
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _parser().error(f"argument --out: {e}")
     started = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rows.json")
         mp.spawn(_rank, args=(args, _free_port(), out_file), nprocs=args.world)
         rows = json.loads(Path(out_file).read_text())
     cpu = torch.device("cpu")
-    doc = {"schema": SCHEMA, "schema_version": 1,
+    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
            "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
            "command": " ".join(["python -m benchmarks.tensor_parallel", *sys.argv[1:]]),
            "world": args.world, "device": device_info.describe(cpu),
@@ -264,11 +318,7 @@ def main(argv=None) -> int:
     text = render(doc)
     print(text)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        slug, stamp = doc["device"]["slug"], started.strftime("%Y%m%dT%H%M%SZ")
-        (args.out / f"tp-{slug}-{stamp}.json").write_text(json.dumps(doc, indent=1) + "\n")
-        kind = "-smoothing" if args.label_smoothing else ""
-        (args.out / f"tp-{slug}{kind}-latest.md").write_text(text)
+        write(doc, text, args.out, started)
     return 0
 
 

@@ -24,17 +24,31 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from .arg_types import nonnegative_float
 from .baselines import OURS
 
 HEADERS = ["op", "dtype", "shape", "impl", "TLF_CUDA_TUNING", "median ms", "% copy BW",
            "vs default"]
 
 
+def _read(path: Path) -> dict:
+    """A results document; ValueError, naming the file, for one that is not."""
+    try:
+        results = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path}: not a benchmark results file (a JSON object)")
+    return results
+
+
 def rows_of(paths: list[Path]) -> list[dict]:
     """Our ok rows of each file, tagged with the setting its run used."""
     out = []
     for path in paths:
-        results = json.loads(path.read_text())
+        results = _read(path)
         tuning = results.get("software", {}).get("env", {}).get("TLF_CUDA_TUNING") or "default"
         for row in results.get("rows", []):
             if row.get("impl_kind") == OURS and row.get("status") == "ok":
@@ -75,13 +89,17 @@ def best_setting(rows: list[dict], op: str, margin: float) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tuning_sweep",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--best", metavar="OP", help="print only the winning setting for OP")
-    ap.add_argument("--margin", type=float, default=0.02,
+    ap.add_argument("--margin", type=nonnegative_float, default=0.02,
                     help="how much faster than the default a winner must be (fraction)")
     args = ap.parse_args(argv)
-    rows = rows_of(args.results)
+    try:
+        rows = rows_of(args.results)
+    except ValueError as e:
+        ap.error(str(e))
     if args.best:
         best = best_setting(rows, args.best, args.margin)
         if best is not None:

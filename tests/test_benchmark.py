@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 
 import pytest
@@ -458,3 +459,182 @@ def test_precision_script_prints_ours_beside_f(op, capsys):
     assert set(e) == {"ours", "F"} and len(e["ours"]) == len(e["F"]) == (
         2 if op == "cross_entropy" else 3)
     assert all(0 <= v < 1e-3 for v in e["ours"] + e["F"])
+
+
+# ---- command lines: bad input is an argparse error (exit 2), found before measuring -------
+
+
+def _usage_error(parse, argv, capsys=None) -> str:
+    """Calls `parse(argv)`, which must exit 2 (argparse's code); returns what it printed."""
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2, exc.value.code
+    return capsys.readouterr().err if capsys is not None else ""
+
+
+@pytest.mark.parametrize("argv", [
+    # inf/nan made blocked_autorange grow its block forever; 0 or negative timed nothing
+    ["--min-run-time", "inf"], ["--min-run-time", "nan"], ["--min-run-time", "0"],
+    ["--min-run-time", "-1"], ["--min-runs", "0"], ["--min-runs", "-3"],
+    ["--prefault-gib", "-1"], ["--prefault-gib", "inf"],
+    # torch.Generator.manual_seed takes 64 bits; the input sets use seed + k
+    ["--seed", "99999999999999999999999"], ["--seed", str(2**63)], ["--seed", "-1"],
+])
+def test_run_refuses_bad_numbers(argv, capsys):
+    err = _usage_error(run.parse_args, ["--tiny", *argv], capsys)
+    assert argv[0] in err and "Traceback" not in err
+
+
+def test_run_takes_good_numbers():
+    args = run.parse_args(["--min-run-time", "0.25", "--min-runs", "1", "--seed", str(2**63 - 1),
+                           "--prefault-gib", "0"])
+    assert (args.min_run_time, args.min_runs, args.seed) == (0.25, 1, 2**63 - 1)
+    assert run._settings(args).min_run_time == 0.25
+
+
+@pytest.mark.parametrize("argv", [["--ops", ","], ["--dtypes", ","], ["--ops="],
+                                  ["--ops", "softmax"], ["--dtypes", "fp8"]])
+def test_run_refuses_an_empty_or_unknown_selection(argv, capsys):
+    # (an empty selection ran nothing and exited 0; an unknown name exited 1)
+    err = _usage_error(run.parse_args, argv, capsys)
+    assert argv[0].rstrip("=") in err
+
+
+def test_run_says_truly_why_a_selection_runs_nothing(capsys):
+    # The targets sweep has no shape for the soft-target linear CE (no target is set on it).
+    err = _usage_error(run.main, ["--targets", "--device", "cpu", "--ops",
+                                  "linear_ce_soft_fwd_bwd"], capsys)
+    assert "linear_ce_soft_fwd_bwd" in err and "performance target" in err
+    assert "once torchloss_fused.linear_cross_entropy exists" not in err
+
+
+def test_run_checks_out_before_measuring(tmp_path, monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub"):
+        err = _usage_error(run.parse_args, ["--out", str(out)], capsys)
+        assert "--out" in err
+    # A good --out is made before anything is measured.
+    class Measured(Exception):
+        pass
+
+    def measure(*args, **kwargs):
+        raise Measured
+
+    monkeypatch.setattr(run.timing, "copy_bandwidth", measure)
+    out = tmp_path / "new" / "dir"
+    with pytest.raises(Measured):
+        run.main(["--tiny", "--device", "cpu", "--ops", "ce_fwd", "--dtypes", "fp32",
+                  "--no-plot", "--no-progress", "--out", str(out)])
+    assert out.is_dir()
+
+
+def test_prefault_size_follows_the_argument():
+    cases = sweep("cpu", "tiny", ("ce_fwd",), ("fp32",))
+
+    def nbytes(argv):
+        return run._prefault_bytes(run.parse_args(argv), CPU, cases)
+
+    assert nbytes(["--tiny"]) == 0  # (tests: no 1 GiB touched unasked)
+    assert nbytes(["--tiny", "--prefault-gib", "0.5"]) == 2**29
+    assert nbytes(["--quick", "--prefault-gib", "0"]) == 0
+
+
+def test_latest_file_names_the_selection_as_a_set():
+    def name(argv):
+        a = run.parse_args(argv)
+        return run.latest_name("cpu-x", a.size, a.ops, a.dtypes, compile=a.compile,
+                               peers=not a.no_peers)
+
+    default = name([])
+    assert default == "cpu-x-latest.md"
+    # A selection with rows left out never takes the default table's name ...
+    assert name(["--no-compile"]) == "cpu-x-no-compile-latest.md"
+    assert name(["--no-peers"]) == "cpu-x-no-peers-latest.md"
+    assert name(["--tiny"]) == "cpu-x-tiny-latest.md"  # (its default: no compile)
+    assert name(["--tiny", "--compile"]) == "cpu-x-tiny-compile-latest.md"
+    # ... and the same selection, reordered, is the same table.
+    assert name(["--dtypes", "bf16", "fp32"]) == default
+    assert name(["--ops", *reversed(OPS)]) == default
+    assert name(["--ops", "focal_fwd_bwd", "ce_fwd"]) == name(["--ops", "ce_fwd,focal_fwd_bwd"])
+
+
+# ---- tensor_parallel and tuning_sweep -----------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["--world", "0"], ["--world", "-2"], ["--repeats", "0"], ["--vocab", "0"], ["--rows", "0"],
+    ["--hidden", "-1"], ["--label-smoothing", "-0.1"], ["--label-smoothing", "1.5"],
+    ["--label-smoothing", "nan"], ["--world", "3", "--vocab", "64"],
+])
+def test_tensor_parallel_refuses_bad_sizes(argv, capsys):
+    from benchmarks import tensor_parallel
+
+    err = _usage_error(tensor_parallel.parse_args, argv, capsys)
+    assert err.startswith("usage: python -m benchmarks.tensor_parallel")
+
+
+def _tp_doc(check):
+    row = {"op": "cross_entropy", "impl": "F.cross_entropy (gathered)", "dtype": "float16",
+           "rows": 8, "vocab": 16, "hidden": None, "local_bytes": 256, "median_ms": 1.0,
+           "peak_extra_bytes": 256, "peak_extra_ratio": 1.0, "check": check}
+    return {"device": {"name": "cpu", "slug": "cpu-x"}, "world": 2, "date": "d",
+            "software": {"torch": "t"}, "git": {"commit": "c" * 40}, "label_smoothing": 0.1,
+            "rows": [row]}
+
+
+def test_tensor_parallel_writes_strict_json_and_flags_non_finite(tmp_path):
+    # float16 F.cross_entropy's own sum overflows (loss inf): the file had a bare Infinity.
+    from datetime import datetime, timezone
+
+    from benchmarks import tensor_parallel
+
+    check = tensor_parallel.check_entry(loss_err=math.inf, grad_err=1.5e-5, loss=math.inf,
+                                        grad_finite=True)
+    assert check["loss_err_vs_ours"] is None and check["ok"] is False
+    doc = _tp_doc(check)
+    tensor_parallel.write(doc, "text", tmp_path, datetime.now(timezone.utc))
+    (path,) = tmp_path.glob("tp-cpu-x-*.json")
+
+    def refuse(token):
+        raise ValueError(token)
+
+    assert json.loads(path.read_text(), parse_constant=refuse)["rows"][0]["check"] == check
+    line = next(x for x in tensor_parallel.render(doc).splitlines() if "float16" in x)
+    assert "FAILED" in line and "loss inf" in line
+    fine = tensor_parallel.check_entry(loss_err=0.0, grad_err=2e-7, loss=1.0, grad_finite=True)
+    assert fine["ok"] is True and "0.0e+00 / 2.0e-07" in tensor_parallel.render(_tp_doc(fine))
+
+
+def _gfm_cells(line: str) -> int:
+    import re
+
+    return len(re.split(r"(?<!\\)\|", line.strip().strip("|")))
+
+
+def test_tensor_parallel_table_header_is_one_row_of_cells():
+    from pathlib import Path
+
+    from benchmarks import tensor_parallel
+
+    check = {"loss_err_vs_ours": 0.0, "grad_err_vs_ours": 0.0}  # (as the older files hold)
+    table = [x for x in tensor_parallel.render(_tp_doc(check)).splitlines() if x.startswith("|")]
+    assert _gfm_cells(table[0]) == _gfm_cells(table[1]) == 7
+    # The copies pasted in the main README.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    pasted = [i for i, x in enumerate(readme) if x.startswith("| dtype ") and "vs ours" in x]
+    assert len(pasted) == 2
+    for i in pasted:
+        assert _gfm_cells(readme[i]) == _gfm_cells(readme[i + 1]) == 7
+
+
+def test_tuning_sweep_refuses_unreadable_files(tmp_path, capsys):
+    from benchmarks import tuning_sweep
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for path in (tmp_path / "missing.json", bad, listed, tmp_path):
+        err = _usage_error(tuning_sweep.main, [str(path)], capsys)
+        assert err.startswith("usage: python -m benchmarks.tuning_sweep") and str(path) in err

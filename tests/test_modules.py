@@ -135,3 +135,31 @@ def test_torchscript_warns_and_keeps_ignored_losses(name):
     x = torch.randn(2, 3)
     assert torch.equal(scripted(x), model(x))
     assert type(model.loss) is type(MODULES[name]())  # (the model's own loss untouched)
+
+
+def test_repr_shows_every_setting_that_changes_the_result():
+    # Default-constructed, a module prints as torch.nn's does ("CrossEntropyLoss()"); any
+    # setting away from its default is shown, so two modules that compute differently never
+    # print alike (FocalLoss(alpha=0.25) and return_lse=True printed as the defaults).
+    assert repr(tlf.CrossEntropyLoss()) == repr(torch.nn.CrossEntropyLoss())
+    assert repr(tlf.FocalLoss()) == "FocalLoss()"
+    assert repr(tlf.SigmoidFocalLoss()) == "SigmoidFocalLoss()"
+    assert repr(tlf.LinearCrossEntropyLoss()) == "LinearCrossEntropyLoss()"
+    variants = [
+        tlf.CrossEntropyLoss(), tlf.CrossEntropyLoss(return_lse=True),
+        tlf.CrossEntropyLoss(inplace_backward=True), tlf.CrossEntropyLoss(weight=torch.ones(5)),
+        tlf.CrossEntropyLoss(ignore_index=0), tlf.CrossEntropyLoss(reduction="sum"),
+        tlf.CrossEntropyLoss(label_smoothing=0.1), tlf.CrossEntropyLoss(z_loss=1e-3),
+        tlf.CrossEntropyLoss(softcap=30.0), tlf.CrossEntropyLoss(logit_scale=0.5),
+        tlf.FocalLoss(), tlf.FocalLoss(alpha=0.25), tlf.FocalLoss(alpha=torch.rand(5)),
+        tlf.FocalLoss(gamma=1.0), tlf.FocalLoss(ignore_index=0), tlf.FocalLoss(reduction="sum"),
+        tlf.SigmoidFocalLoss(), tlf.SigmoidFocalLoss(alpha=-1), tlf.SigmoidFocalLoss(gamma=1.0),
+        tlf.SigmoidFocalLoss(reduction="mean"),
+        tlf.LinearCrossEntropyLoss(), tlf.LinearCrossEntropyLoss(z_loss=1e-3),
+        tlf.LinearCrossEntropyLoss(accum_dtype=torch.float32),
+        tlf.LinearCrossEntropyLoss(class_weight=torch.ones(5)),
+    ]
+    reprs = [repr(m) for m in variants]
+    assert len(set(reprs)) == len(reprs), reprs
+    assert "return_lse=True" in reprs[1] and "inplace_backward=True" in reprs[2]
+    assert "alpha=0.25" in reprs[11] and "reduction='sum'" in reprs[5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -28,6 +29,22 @@ def warn_torchscript(module: nn.Module) -> nn.Module:
         "loss outside the scripted module, or use torch.compile or torch.export, which "
         "both take it", UserWarning, stacklevel=3)
     return module
+
+
+def settings_repr(module: nn.Module, init, names: tuple[str, ...]) -> str:
+    """extra_repr: the settings in `names` that differ from `init`'s defaults (a tensor, as
+    weight or alpha, by its shape: buffers are not printed otherwise). A default-constructed
+    module prints as torch.nn's losses do (``CrossEntropyLoss()``), and two modules that
+    compute differently never print alike."""
+    defaults = inspect.signature(init).parameters
+    parts = []
+    for name in names:
+        value = getattr(module, name)
+        if isinstance(value, Tensor):
+            parts.append(f"{name}=Tensor(shape={tuple(value.shape)})")
+        elif value != defaults[name].default:
+            parts.append(f"{name}={value!r}")
+    return ", ".join(parts)
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -76,9 +93,9 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+        return settings_repr(self, CrossEntropyLoss.__init__, (
+            "weight", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap",
+            "logit_scale", "return_lse", "inplace_backward"))
 
 
 class FocalLoss(nn.Module):
@@ -104,7 +121,8 @@ class FocalLoss(nn.Module):
                             ignore_index=self.ignore_index, reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return settings_repr(self, FocalLoss.__init__,
+                             ("gamma", "alpha", "ignore_index", "reduction"))
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -123,4 +141,4 @@ class SigmoidFocalLoss(nn.Module):
                                     reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+        return settings_repr(self, SigmoidFocalLoss.__init__, ("alpha", "gamma", "reduction"))

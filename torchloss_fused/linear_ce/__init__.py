@@ -64,7 +64,7 @@ from ..functional import (
     _one_element_target,
     _wants_grad,
 )
-from ..modules import warn_torchscript
+from ..modules import settings_repr, warn_torchscript
 from ..vocab_parallel import replicated_like
 from . import targets, vocab_parallel
 from .chunking import auto_chunk_size
@@ -319,7 +319,6 @@ class LinearCrossEntropyLoss(nn.Module):
             return_lse=self.return_lse)
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-                f"softcap={self.softcap}, chunk_size={self.chunk_size}, "
-                f"accum_dtype={self.accum_dtype}, return_lse={self.return_lse}")
+        return settings_repr(self, LinearCrossEntropyLoss.__init__, (
+            "class_weight", "ignore_index", "reduction", "label_smoothing", "z_loss",
+            "softcap", "chunk_size", "accum_dtype", "return_lse"))
