@@ -507,6 +507,30 @@ def _(ctx):
         _close(g, ref, torch.float64, f"linear {what}")
 
 
+@case("torch_func_over_dtensor_logits")
+def _(ctx):
+    """torch.func over row-sharded logits (a plain DTensor target beside the transform's
+    wrapper had been refused as a plain tensor), and a clear error over class-sharded ones,
+    where the reference code cannot gather the classes of a wrapped DTensor."""
+    x, t, w = _row_inputs(12, 8)
+    rows = [Shard(0)]
+    td = _dist(t, ctx.mesh, rows)
+    for what, ours, oracle in (
+            ("ce", lambda a: tlf.cross_entropy(a, td, label_smoothing=0.1),
+             lambda a: F.cross_entropy(a, t, label_smoothing=0.1)),
+            ("focal", lambda a: tlf.focal_loss(a, td, gamma=2.0),
+             lambda a: focal_oracle(a, t, 2.0))):
+        got = torch.func.grad(ours)(_dist(x, ctx.mesh, rows))
+        _close(got, torch.func.grad(oracle)(x), torch.float64, what)
+    td = _dist(t, ctx.mesh, [Replicate()])
+    try:
+        torch.func.grad(lambda a: tlf.cross_entropy(a, td))(_dist(x, ctx.mesh, VOCAB))
+    except NotImplementedError as e:
+        assert "class dim" in str(e), e
+    else:
+        raise AssertionError("torch.func over class-sharded logits raised nothing")
+
+
 @case("vocab_plain_target_is_a_clear_error")
 def _(ctx):
     xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)

@@ -32,6 +32,13 @@ def transform_active(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def unwrapped(t: Tensor) -> Tensor:
+    """t without torch.func's wrappers (a transformed input's underlying tensor)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def carries_derivative(t: Tensor) -> bool:
     """Whether t itself is differentiated: it requires grad, is batched or wrapped by a
     torch.func transform, or carries a forward-mode tangent (reading it as a number, as

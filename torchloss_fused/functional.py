@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn import _reduction as _legacy_reduction
 
 from . import _eager, _reduction, reference, vocab_parallel
-from ._higher_order import carries_derivative, transform_active
+from ._higher_order import carries_derivative, transform_active, unwrapped
 from ._overrides import dispatches_torch_function
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
@@ -124,6 +124,9 @@ def _check_logits(input, name: str = "input") -> None:
 
 
 def _check_device(input: Tensor, other: Tensor, name: str) -> None:
+    # (Under a torch.func transform the input is a wrapper around a DTensor, and a DTensor
+    # target from outside the transform is not wrapped: they are compared unwrapped.)
+    input, other = unwrapped(input), unwrapped(other)
     dtensor = vocab_parallel.is_dtensor(input)
     if dtensor != vocab_parallel.is_dtensor(other):
         kinds = ("a DTensor", "a plain tensor")

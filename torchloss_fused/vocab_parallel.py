@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._higher_order import differentiable_grads, reference_backward
+from ._higher_order import differentiable_grads, reference_backward, unwrapped
 
 try:
     import torch.distributed as dist
@@ -98,6 +98,14 @@ def gather_classes(x3):
     """x3 with every class-dim shard gathered (for the rare paths that need whole rows:
     gradients for the weight or a probability target, torch.func)."""
     if not class_sharded(x3):
+        if class_sharded(unwrapped(x3)):
+            # (A torch.func wrapper: its DTensor cannot be redistributed from here, and
+            # DTensor's own rules gave a wrong gradient for the reference code on it.)
+            raise NotImplementedError(
+                "torch.func transforms of these losses over logits sharded on the class dim "
+                "are not supported; gather the classes before the transform "
+                "(x.redistribute(placements=[Replicate()]) or x.full_tensor()), or use "
+                "autograd (create_graph=True works on sharded logits)")
         return x3
     return x3.redistribute(placements=[Replicate() if p.is_shard(1) else p
                                        for p in x3.placements])
