@@ -531,6 +531,34 @@ def _(ctx):
         raise AssertionError("torch.func over class-sharded logits raised nothing")
 
 
+@case("rows_sharded_without_rows_and_the_reference_route")
+def _(ctx):
+    """Row-sharded logits (and hidden states) with no rows give F's 0 (an internal reshape
+    of the sharded dim was refused); and the reference route (a weight requiring grad)
+    keeps the rows sharded (its chunks were slices, which DTensor replicates: every rank
+    computed and held every row's gradient)."""
+    rows = [Shard(0)]
+    xd = _dist(torch.randn(0, 10, dtype=torch.float64), ctx.mesh, rows, requires_grad=True)
+    td = _dist(torch.zeros(0, dtype=torch.long), ctx.mesh, rows)
+    loss = tlf.cross_entropy(xd, td, reduction="sum")
+    loss.backward()
+    assert loss.full_tensor().item() == 0 and xd.grad.shape == (0, 10)
+    hd = _dist(torch.randn(0, 4, dtype=torch.float64), ctx.mesh, rows, requires_grad=True)
+    wd = _dist(torch.randn(10, 4, dtype=torch.float64), ctx.mesh, [Replicate()],
+               requires_grad=True)
+    loss = tlf.linear_cross_entropy(hd, wd, td, reduction="sum")
+    loss.backward()
+    assert loss.full_tensor().item() == 0 and hd.grad.shape == (0, 4)
+    x, t, w = _row_inputs(13, 8)
+    xd = _dist(x, ctx.mesh, rows, requires_grad=True)
+    wd = _dist(w, ctx.mesh, [Replicate()], requires_grad=True)
+    tlf.cross_entropy(xd, _dist(t, ctx.mesh, rows), weight=wd, label_smoothing=0.1).backward()
+    x64 = x.clone().requires_grad_()
+    F.cross_entropy(x64, t, weight=w, label_smoothing=0.1).backward()
+    assert xd.grad.placements == tuple(rows), xd.grad.placements
+    _close(xd.grad, x64.grad, torch.float64, "grad x")
+
+
 @case("vocab_plain_target_is_a_clear_error")
 def _(ctx):
     xd = _dist(torch.randn(4, 10), ctx.mesh, VOCAB)

@@ -33,7 +33,10 @@ def transform_active(*tensors: Tensor | None) -> bool:
 
 
 def unwrapped(t: Tensor) -> Tensor:
-    """t without torch.func's wrappers (a transformed input's underlying tensor)."""
+    """t without torch.func's wrappers (a transformed input's underlying tensor); t itself
+    under torch.compile, which traces no such wrapper (transform_active says why)."""
+    if torch.compiler.is_compiling():
+        return t
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     return t
@@ -42,7 +45,10 @@ def unwrapped(t: Tensor) -> Tensor:
 def carries_derivative(t: Tensor) -> bool:
     """Whether t itself is differentiated: it requires grad, is batched or wrapped by a
     torch.func transform, or carries a forward-mode tangent (reading it as a number, as
-    .item() does, would silently drop that derivative)."""
+    .item() does, would silently drop that derivative). Under torch.compile: whether it
+    requires grad (transform_active says why)."""
+    if torch.compiler.is_compiling():
+        return t.requires_grad
     return (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
             or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None))
 

@@ -314,8 +314,17 @@ def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
     """(N, C, d1..dK) -> (N, C, d1*...*dK) and the unreduced loss shape (N, d1..dK)."""
     if input.dim() == 1:
         return input.reshape(1, input.shape[0], 1), ()
+    if input.dim() == 2:  # (a view under any DTensor layout: a reshape of a sharded
+        return input.unsqueeze(-1), tuple(input.shape[:1])  # dim of 0 rows is refused)
     N, C, *rest = input.shape
     return input.reshape(N, C, math.prod(rest)), (N, *rest)
+
+
+def _index_rows(input: Tensor, target: Tensor, x3: Tensor) -> Tensor:
+    """A class-index target as the (B, D) rows of x3 = _rows_view(input)."""
+    if input.dim() == 2 and target.dim() == 1:  # (a view under any DTensor layout, as there)
+        return target.unsqueeze(-1)
+    return target.reshape(x3.shape[0], x3.shape[2])
 
 
 def _autocast_to_float32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -483,7 +492,7 @@ def cross_entropy(
         t = target.reshape(x3.shape)
     else:
         _check_index_target(input, target, out_shape)
-        t = target.reshape(x3.shape[0], x3.shape[2])
+        t = _index_rows(input, target, x3)
         if vocab_parallel.is_dtensor(t):
             vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
         if label_smoothing > 0 and x3.shape[1] == 0:
@@ -591,7 +600,7 @@ def focal_loss(
             f"focal_loss takes class-index targets (int64, int32 or uint8), got {target.dtype}"
         )
     _check_index_target(input, target, out_shape)
-    t = target.reshape(x3.shape[0], x3.shape[2])
+    t = _index_rows(input, target, x3)
     if vocab_parallel.is_dtensor(t):
         vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     alpha_vec, alpha_scale = None, 1.0

@@ -42,9 +42,21 @@ LSE_DTYPE = torch.float64
 
 def _chunks(input: Tensor):
     B, C, D = input.shape
+    if isinstance(input, _DTensor):
+        # One chunk per call: slices of a row-sharded DTensor, and their concatenation,
+        # are replicated (every rank would hold, and differentiate, all rows); each rank's
+        # temporaries are its own rows'.
+        yield 0, B
+        return
     step = max(1, _CHUNK_ELEMENTS // max(1, C * D))
     for b0 in range(0, B, step):
         yield b0, min(B, b0 + step)
+
+
+def _part(t: Tensor, b0: int, b1: int) -> Tensor:
+    """Rows b0:b1 of t; t itself for all of them (a DTensor's slice of a sharded dim is
+    replicated, even a whole one: see _chunks)."""
+    return t if b0 == 0 and b1 == t.shape[0] else t[b0:b1]
 
 
 def _transform(x: Tensor, softcap: float, logit_scale: float) -> Tensor:
@@ -187,14 +199,17 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
     w = _class_vector(weight, acc)
     losses, lses = [], []
     for b0, b1 in _chunks(input):
-        s = _rows(input[b0:b1], acc, softcap, logit_scale)
+        s = _rows(_part(input, b0, b1), acc, softcap, logit_scale)
         lse = stored_lse(s)
-        losses.append(_ce_chunk(s, lse, target[b0:b1], w, ignore_index, label_smoothing, z_loss))
+        losses.append(_ce_chunk(s, lse, _part(target, b0, b1), w, ignore_index,
+                                label_smoothing, z_loss))
         lses.append(lse)
     return _cat_rows(losses, input, acc), _cat_rows(lses, input, LSE_DTYPE)
 
 
 def _cat_rows(parts, input: Tensor, acc: torch.dtype) -> Tensor:
+    if len(parts) == 1:  # (DTensor's cat replicates rows it splits: see _chunks)
+        return parts[0]
     if parts:
         return torch.cat(parts)
     return input.new_empty((input.shape[0], input.shape[2]), dtype=acc)
@@ -342,10 +357,10 @@ def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: 
     a = _class_vector(alpha, acc)
     losses, lses = [], []
     for b0, b1 in _chunks(input):
-        s = _rows(input[b0:b1], acc, 0.0, 1.0)
+        s = _rows(_part(input, b0, b1), acc, 0.0, 1.0)
         lse = stored_lse(s)
         hi, lo = split_lse(lse, acc)
-        t = target[b0:b1].long()
+        t = _part(target, b0, b1).long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)
         log_pt = _log_p(hi, lo, _gather_target(s, safe))

@@ -225,8 +225,11 @@ def linear_cross_entropy(
     prob = targets.is_prob(target)
     rows_shape = _rows_shape(hidden, target)
     # (-1 cannot be inferred beside an empty hidden dimension; F.linear takes H = 0)
-    h2 = hidden.reshape(-1, H) if H else hidden.reshape(math.prod(hidden.shape[:-1]), 0)
-    t1 = target.reshape(-1, V) if prob else target.reshape(-1)
+    # (2-D hidden as it is: a reshape of a DTensor's sharded dim of 0 rows is refused)
+    h2 = (hidden if hidden.dim() == 2 else hidden.reshape(-1, H) if H
+          else hidden.reshape(math.prod(hidden.shape[:-1]), 0))
+    t1 = (target if target.dim() == (2 if prob else 1)
+          else target.reshape(-1, V) if prob else target.reshape(-1))
     if vocab_parallel.vp.is_dtensor(t1) and not prob:
         vocab_parallel.vp.check_targets(t1, V, ignore_index)
     out_dtype = targets.loss_dtype(hidden.dtype, target, class_weight)
