@@ -116,3 +116,41 @@ def test_linear_cross_entropy_probability_target_under_autocast(device, backend,
                                 torch.autograd.grad(theirs, (h, w))):
         assert g_ours.dtype == torch.float32
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-2, atol=1e-4)
+
+
+def test_float32_logits_take_a_half_precision_weight_under_autocast(device, backend):
+    """F casts the weight to float32 under autocast, float32 logits beside a bfloat16 or
+    float16 weight included (a model cast to bf16, its logits upcast): ours refused it."""
+    x = torch.randn(16, 50, device=device, requires_grad=True)
+    y = torch.randint(0, 50, (16,), device=device)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = (torch.rand(50, device=device) + 0.5).to(dtype)
+        with _autocast(device):
+            ours = tlf.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+            theirs = F.cross_entropy(x, y, weight=w, label_smoothing=0.1)
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours, x), torch.autograd.grad(theirs, x))
+
+
+@pytest.mark.parametrize("logits_dtype, target_dtype", [
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+    (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
+def test_narrower_probability_target_is_smoothed_as_float32_under_autocast(
+        device, backend, logits_dtype, target_dtype):
+    """Under autocast F casts a float16/bfloat16 target to float32 before smoothing it, so
+    its smoothing is not rounded to the target's dtype (outside autocast it is: ours
+    followed that rule there too, 4e-4 of the loss away from F)."""
+    x = (torch.randn(32, 300, device=device) * 3).to(logits_dtype)
+    p = torch.softmax(torch.randn(32, 300, device=device) * 2, -1).to(target_dtype)
+    with _autocast(device):
+        ours = tlf.cross_entropy(x, p, label_smoothing=0.2)
+        theirs = F.cross_entropy(x, p, label_smoothing=0.2)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=0)
+    h = torch.randn(32, 16, device=device)
+    w = torch.randn(300, 16, device=device) * 0.3
+    with _autocast(device):
+        ours = tlf.linear_cross_entropy(h, w, p, label_smoothing=0.2)
+        theirs = F.cross_entropy(F.linear(h, w), p, label_smoothing=0.2)
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=0)

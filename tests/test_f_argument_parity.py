@@ -71,6 +71,15 @@ def test_label_smoothing_zero_and_bools_do_not_warn(backend):
                                    F.cross_entropy(x, t, label_smoothing=True))
 
 
+def test_label_smoothing_takes_numpy_and_tensor_bools_as_f(backend):
+    """F's parser reads any bool as 0 or 1: NumPy's and a 0-dim bool tensor too."""
+    x = random_logits((5, 4), torch.float32, "cpu", requires_grad=False)
+    t = random_targets((5,), 4, "cpu")
+    for value in (np.bool_(True), np.bool_(False), torch.tensor(True), torch.tensor(False)):
+        torch.testing.assert_close(tlf.cross_entropy(x, t, label_smoothing=value),
+                                   F.cross_entropy(x, t, label_smoothing=value))
+
+
 @pytest.mark.parametrize("value", [1.5, float("inf"), torch.tensor(1.01)], ids=str)
 def test_label_smoothing_above_one_is_refused_as_by_f(value):
     x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])

@@ -136,3 +136,25 @@ def test_restore_refuses_to_undo_a_later_replacement():
         assert F.cross_entropy is ORIGINAL
     finally:
         torch.nn.functional.cross_entropy = ORIGINAL
+
+
+def test_a_copied_or_pickled_patch_is_not_another_live_one():
+    """copy, deepcopy or pickle of an object holding a patch (a trainer's state): the copy
+    is the same patch (restored once), and unpickled it is a restored one; a copy had
+    restored a second time, leaving the counter at -1 and the next patch a no-op."""
+    import copy
+    import pickle
+
+    original = torch.nn.functional.cross_entropy
+    patch = tlf.patch_torch()
+    assert copy.copy(patch) is patch and copy.deepcopy({"p": patch})["p"] is patch
+    unpickled = pickle.loads(pickle.dumps(patch))
+    assert not unpickled.active
+    unpickled.restore()
+    assert torch.nn.functional.cross_entropy is functional.cross_entropy
+    copy.copy(patch).restore()
+    patch.restore()
+    assert torch.nn.functional.cross_entropy is original
+    with tlf.patch_torch():
+        assert torch.nn.functional.cross_entropy is functional.cross_entropy
+    assert torch.nn.functional.cross_entropy is original

@@ -70,9 +70,10 @@ def _check_label_smoothing(value) -> float:
     0, so a negative value (-inf too) or nan means no smoothing, which we follow (raising
     would break code that runs with F), with a warning, since whoever passed one expected
     it to act (negative label smoothing is a published method that F does not implement).
-    F's parser also takes a Python bool, as 0 or 1."""
-    if type(value) is bool:
-        value = float(value)
+    F's parser also takes a bool, as 0 or 1: Python's, NumPy's, a 0-dim bool tensor."""
+    if type(value) is bool or getattr(getattr(value, "dtype", None), "kind", None) == "b" or (
+            isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 0):
+        value = float(bool(value))
     value = _real_number(value, "label_smoothing")
     if value > 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {value}")
@@ -281,17 +282,20 @@ def _compute_dtype(input_dtype: torch.dtype, target: Tensor,
     return input_dtype
 
 
-def _prob_target_for(t: Tensor, dtype: torch.dtype,
-                     label_smoothing: float = 0.0) -> tuple[Tensor, float]:
+def _prob_target_for(t: Tensor, dtype: torch.dtype, label_smoothing: float = 0.0,
+                     autocast: bool = False) -> tuple[Tensor, float]:
     """A (B, C, ...) probability target in a dtype the kernels read beside logits of
     `dtype` (theirs, or float32 below float64), and the label smoothing left for the
     kernels to apply. A target that is converted gets F's smoothing first, as F computes
     it: `t * (1 - ls) + ls / C` in t's own dtype, each step rounded to it (for a float16 or
     bfloat16 target beside float32 logits those roundings move the loss by about 2e-4 of
     itself). One read as it is gets it in the kernels, unrounded, with no tensor of its
-    size made for it."""
+    size made for it. Under autocast (`autocast`: it is on for the device) F casts a
+    float16 or bfloat16 target to float32 before smoothing it, and so does this."""
     if t.dtype == dtype or (t.dtype == torch.float32 and dtype != torch.float64):
         return t, label_smoothing
+    if autocast and dtype != torch.float64 and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float(), label_smoothing
     if label_smoothing > 0 and t.shape[1] > 0:
         t = t.mul(1 - label_smoothing).add_(label_smoothing / t.shape[1])
     return t.to(torch.float64 if dtype == torch.float64 else torch.float32), 0.0
@@ -505,12 +509,16 @@ def cross_entropy(
     if weight is not None:
         _check_class_vector(input, weight, "weight")
         if not prob:
-            _check_index_weight_dtype(weight, input.dtype, autocast)
+            # (Under autocast F casts float32, float16 and bfloat16 inputs and weights alike
+            # to float32, float32 logits beside a bfloat16 weight included.)
+            _check_index_weight_dtype(weight, input.dtype, autocast or (
+                input.dtype == torch.float32 and _autocast_enabled(input.device)))
 
     dtype = _loss_dtype(input.dtype, target, weight)
     if prob:
         x3 = x3.to(_compute_dtype(input.dtype, target, weight))
-        t, label_smoothing = _prob_target_for(t, x3.dtype, label_smoothing)
+        t, label_smoothing = _prob_target_for(t, x3.dtype, label_smoothing,
+                                              _autocast_enabled(input.device))
 
     if autocast and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32

@@ -58,11 +58,29 @@ class TorchPatch:
             _live -= 1
             self.active = False
 
+    # A copy is the same patch, not another live one (a copied or pickled object that
+    # holds a patch must not restore it twice); unpickled elsewhere it is a restored one,
+    # the replacement being this process's.
+    def __copy__(self) -> TorchPatch:
+        return self
+
+    def __deepcopy__(self, memo) -> TorchPatch:
+        return self
+
+    def __reduce__(self):
+        return _restored_patch, ()
+
     def __enter__(self) -> TorchPatch:
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def _restored_patch() -> TorchPatch:
+    patch = TorchPatch.__new__(TorchPatch)
+    patch.active = False
+    return patch
 
 
 def patch_torch() -> TorchPatch:

@@ -223,6 +223,10 @@ def linear_cross_entropy(
 
     H, V = hidden.shape[-1], weight.shape[0]
     prob = targets.is_prob(target)
+    if prob and autocast_dtype is not None and target.dtype in (torch.float16, torch.bfloat16):
+        # (F casts it to float32 under autocast, before smoothing it: functional's
+        # _prob_target_for says why)
+        target = target.float()
     rows_shape = _rows_shape(hidden, target)
     # (-1 cannot be inferred beside an empty hidden dimension; F.linear takes H = 0)
     # (2-D hidden as it is: a reshape of a DTensor's sharded dim of 0 rows is refused)
