@@ -523,12 +523,19 @@ def _(ctx):
         got = torch.func.grad(ours)(_dist(x, ctx.mesh, rows))
         _close(got, torch.func.grad(oracle)(x), torch.float64, what)
     td = _dist(t, ctx.mesh, [Replicate()])
-    try:
-        torch.func.grad(lambda a: tlf.cross_entropy(a, td))(_dist(x, ctx.mesh, VOCAB))
-    except NotImplementedError as e:
-        assert "class dim" in str(e), e
-    else:
-        raise AssertionError("torch.func over class-sharded logits raised nothing")
+    head = _dist(torch.randn(10, 4, dtype=torch.float64), ctx.mesh, [Shard(0)])
+    for what, call in (
+            ("class-sharded logits", lambda: torch.func.grad(
+                lambda a: tlf.cross_entropy(a, td))(_dist(x, ctx.mesh, VOCAB))),
+            ("a vocabulary-sharded head", lambda: torch.func.grad(
+                lambda h: tlf.linear_cross_entropy(h, head, td))(
+                    _dist(torch.randn(8, 4, dtype=torch.float64), ctx.mesh, [Replicate()])))):
+        try:
+            call()
+        except NotImplementedError as e:
+            assert "class dim" in str(e), e
+        else:
+            raise AssertionError(f"torch.func over {what} raised nothing")
 
 
 @case("rows_sharded_without_rows_and_the_reference_route")
@@ -549,6 +556,11 @@ def _(ctx):
     loss = tlf.linear_cross_entropy(hd, wd, td, reduction="sum")
     loss.backward()
     assert loss.full_tensor().item() == 0 and hd.grad.shape == (0, 4)
+    pd = _dist(torch.rand(0, 10, dtype=torch.float64), ctx.mesh, rows)  # probabilities
+    assert tlf.cross_entropy(xd, pd, reduction="sum").full_tensor().item() == 0
+    x3d = _dist(torch.randn(0, 10, 3, dtype=torch.float64), ctx.mesh, rows)  # K-dim
+    t3d = _dist(torch.zeros(0, 3, dtype=torch.long), ctx.mesh, rows)
+    assert tlf.cross_entropy(x3d, t3d, reduction="sum").full_tensor().item() == 0
     x, t, w = _row_inputs(13, 8)
     xd = _dist(x, ctx.mesh, rows, requires_grad=True)
     wd = _dist(w, ctx.mesh, [Replicate()], requires_grad=True)

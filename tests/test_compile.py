@@ -120,6 +120,27 @@ def test_compiled_inplace_backward_with_the_logits_returned(device, backend):
     torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_inplace_backward_under_aot_function_with_the_logits_returned(device, backend):
+    """AOTAutograd on its own (functorch.compile.aot_function) traces the backward too: the
+    in-place write is left out there as under torch.compile (its partitioner failed)."""
+    from functorch.compile import aot_function, nop
+
+    t = torch.randint(0, 6, (5,), device=device)
+    a0 = torch.randn(5, 6, device=device)
+
+    def step(a, tt):
+        z = a * 2
+        return tlf.cross_entropy(z, tt, inplace_backward=True), z
+
+    a = a0.clone().requires_grad_()
+    loss, z = aot_function(step, fw_compiler=nop, bw_compiler=nop)(a, t)
+    loss.backward()
+    b = a0.clone().requires_grad_()
+    F.cross_entropy(b * 2, t).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert torch.equal(z, a0 * 2)
+
+
 def test_compile_dynamic_shapes(device, backend):
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, y: tlf.cross_entropy(x, y), fullgraph=True,

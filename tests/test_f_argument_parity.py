@@ -78,6 +78,11 @@ def test_label_smoothing_takes_numpy_and_tensor_bools_as_f(backend):
     for value in (np.bool_(True), np.bool_(False), torch.tensor(True), torch.tensor(False)):
         torch.testing.assert_close(tlf.cross_entropy(x, t, label_smoothing=value),
                                    F.cross_entropy(x, t, label_smoothing=value))
+    for array in (np.array(True), np.array([True]), np.array([True, False])):  # (F: no)
+        with pytest.raises(TypeError):
+            F.cross_entropy(x, t, label_smoothing=array)
+        with pytest.raises(TypeError, match="label_smoothing must be a real number"):
+            tlf.cross_entropy(x, t, label_smoothing=array)
 
 
 @pytest.mark.parametrize("value", [1.5, float("inf"), torch.tensor(1.01)], ids=str)

@@ -408,3 +408,13 @@ def test_scalar_options_being_differentiated_are_refused(name, device, backend):
         tlf.cross_entropy(x, y, **{name: fwAD.make_dual(value, torch.ones_like(value))})
     with pytest.raises(TypeError, match=name):
         torch.func.jacfwd(lambda v: tlf.cross_entropy(x, y, **{name: v}))(value)
+
+
+def test_functionalize_takes_tensor_options(device, backend):
+    """torch.func.functionalize wraps its inputs without differentiating them: a 0-dim
+    tensor option is a number there, as in eager (it had been refused as differentiated)."""
+    x = random_logits((4, 5), F64, device).detach()
+    y = random_targets((4,), 5, device)
+    z = torch.tensor(0.1, dtype=F64, device=device)
+    got = torch.func.functionalize(lambda a, v: tlf.cross_entropy(a, y, z_loss=v))(x, z)
+    torch.testing.assert_close(got, tlf.cross_entropy(x, y, z_loss=0.1))

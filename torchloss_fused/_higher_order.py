@@ -49,7 +49,8 @@ def carries_derivative(t: Tensor) -> bool:
     requires grad (transform_active says why)."""
     if torch.compiler.is_compiling():
         return t.requires_grad
-    return (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    ft = torch._C._functorch  # (not functionalize's wrappers: they carry no derivative)
+    return (t.requires_grad or ft.is_batchedtensor(t) or ft.is_gradtrackingtensor(t)
             or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None))
 
 

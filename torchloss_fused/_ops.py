@@ -15,6 +15,7 @@ import torch
 
 from . import _backend, _reduction, _sharding, reference, vocab_parallel
 from ._higher_order import differentiable_grads, reference_backward
+from ._tracing import recording
 
 REF_NAMESPACE = "torchloss_fused_ref"
 
@@ -202,11 +203,12 @@ def _make_ce_autograd(namespace: str):
             return (_graph_grad(ctx, _ce_reference, grad_loss, grad_lse),) + (None,) * 8
         grad_loss = _zeros_if_none(grad_loss, lse, input)
         ops = _ns(namespace)
-        # Not under torch.compile: a compiled backward has no version counters, so a later
-        # backward that saved the same logits (an auxiliary loss on them) would read the
-        # gradient silently where eager raises; and AOTAutograd cannot partition a graph
-        # that also returns the logits. Compiled, the gradient gets a buffer of its own.
-        if ctx.inplace and not torch.compiler.is_compiling():
+        # Not when traced (torch.compile, AOTAutograd, make_fx: _tracing.py): a compiled
+        # backward has no version counters, so a later backward that saved the same logits
+        # (an auxiliary loss on them) would read the gradient silently where eager raises;
+        # and AOTAutograd cannot partition a graph that also returns the logits. Traced,
+        # the gradient gets a buffer of its own.
+        if ctx.inplace and not recording():
             ops._ce_bwd_inplace(grad_loss, grad_lse, input, target, weight, lse, *ctx.args)
             if namespace != REF_NAMESPACE:
                 # Ops from TORCH_LIBRARY do not bump version counters themselves (custom_op

@@ -71,8 +71,8 @@ def _check_label_smoothing(value) -> float:
     would break code that runs with F), with a warning, since whoever passed one expected
     it to act (negative label smoothing is a published method that F does not implement).
     F's parser also takes a bool, as 0 or 1: Python's, NumPy's, a 0-dim bool tensor."""
-    if type(value) is bool or getattr(getattr(value, "dtype", None), "kind", None) == "b" or (
-            isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 0):
+    if type(value) is not float and (type(value) is bool or _numpy_bool(value) or (
+            isinstance(value, Tensor) and value.dtype == torch.bool and value.dim() == 0)):
         value = float(bool(value))
     value = _real_number(value, "label_smoothing")
     if value > 1.0:
@@ -84,6 +84,13 @@ def _check_label_smoothing(value) -> float:
                 "with a value in (0, 1], and this loss does the same")
         return 0.0
     return value
+
+
+def _numpy_bool(value) -> bool:
+    """Whether value is NumPy's bool scalar (not an array: F refuses those), without
+    importing NumPy."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.bool_)
 
 
 def _check_tensor(x, name: str) -> None:
@@ -177,6 +184,11 @@ def _real_number(value, name: str) -> float:
             # is refused: converting would cut its derivative, in reverse mode, forward mode
             # or torch.func alike). A bool or complex one fails below.
             value = value.item()
+        if isinstance(value, Tensor) and value.dim() == 0 and carries_derivative(value):
+            raise TypeError(
+                f"{name} is a 0-dim tensor being differentiated (it requires grad, carries a "
+                "forward-mode tangent or is batched by torch.func), and as a number its "
+                "derivative would be lost: pass a number, or .detach() it")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
@@ -320,6 +332,8 @@ def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
         return input.reshape(1, input.shape[0], 1), ()
     if input.dim() == 2:  # (a view under any DTensor layout: a reshape of a sharded
         return input.unsqueeze(-1), tuple(input.shape[:1])  # dim of 0 rows is refused)
+    if input.dim() == 3:  # (as it is, for the same reason)
+        return input, (input.shape[0], input.shape[2])
     N, C, *rest = input.shape
     return input.reshape(N, C, math.prod(rest)), (N, *rest)
 
@@ -328,6 +342,8 @@ def _index_rows(input: Tensor, target: Tensor, x3: Tensor) -> Tensor:
     """A class-index target as the (B, D) rows of x3 = _rows_view(input)."""
     if input.dim() == 2 and target.dim() == 1:  # (a view under any DTensor layout, as there)
         return target.unsqueeze(-1)
+    if input.dim() == 3 and target.dim() == 2:  # (as it is, for the same reason)
+        return target
     return target.reshape(x3.shape[0], x3.shape[2])
 
 
@@ -493,7 +509,8 @@ def cross_entropy(
             )
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported for floating point target")
-        t = target.reshape(x3.shape)
+        t = (target.unsqueeze(-1) if input.dim() == 2 else target if input.dim() == 3
+             else target.reshape(x3.shape))
     else:
         _check_index_target(input, target, out_shape)
         t = _index_rows(input, target, x3)

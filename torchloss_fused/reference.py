@@ -208,8 +208,9 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
 
 
 def _cat_rows(parts, input: Tensor, acc: torch.dtype) -> Tensor:
-    if len(parts) == 1:  # (DTensor's cat replicates rows it splits: see _chunks)
-        return parts[0]
+    if len(parts) == 1 and isinstance(parts[0], _DTensor):
+        return parts[0]  # (DTensor's cat replicates rows it splits: see _chunks; others
+        # get cat's contiguous copy, the layout the fake kernels promise)
     if parts:
         return torch.cat(parts)
     return input.new_empty((input.shape[0], input.shape[2]), dtype=acc)

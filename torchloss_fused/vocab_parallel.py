@@ -359,8 +359,12 @@ def check_targets(target, num_classes: int, ignore_index: int) -> None:
     device-side assertion on a GPU (no host synchronisation), an IndexError on CPU, raised
     on every rank of the target's mesh (a rank whose own rows are fine would otherwise
     wait forever in the loss's next collective)."""
-    t = target.to_local() if is_dtensor(target) else target
-    if torch.compiler.is_compiling() or t.numel() == 0 and not is_dtensor(target):
+    if torch.compiler.is_compiling():
+        return
+    # (the local values without to_local's autograd.Function, which a torch.func transform
+    # refuses for want of a setup_context, whatever tensor it is applied to)
+    t = target._local_tensor if is_dtensor(target) else target
+    if t.numel() == 0 and not is_dtensor(target):
         return
     t = t.long()
     bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)
