@@ -98,7 +98,8 @@ CE_BAD_CALLS += [
     for name, exc, pattern, value in BAD_IGNORE_INDEX
     for loss, call in LOSSES_WITH_IGNORE_INDEX.items()
 ] + [
-    ("label_smoothing requiring grad", TypeError, "label_smoothing must be a real number",
+    ("label_smoothing requiring grad", TypeError,
+     "label_smoothing is a 0-dim tensor being differentiated",
      lambda: tlf.cross_entropy(X, Y, label_smoothing=torch.tensor(0.1, requires_grad=True))),
     ("label_smoothing 1-d tensor", TypeError, "label_smoothing must be a real number",
      lambda: tlf.cross_entropy(X, Y, label_smoothing=torch.tensor([0.1]))),
