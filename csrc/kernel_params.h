@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 // Helpers below run on the host (CPU kernels, launchers) and on the device (CUDA kernels).
 #if defined(__CUDACC__)
@@ -150,6 +151,11 @@ struct RowLse {
   // 512; the dropped lo^2 / 2 is below 2^-33), one operation on the row's way to its
   // gradient loop; 1 - lo + lo^2 / 2 where |lo| < 2^-12 (|hi| below 8192; within 2^-38).
   TLF_HOST_DEVICE acc_t correction() const {
+    if constexpr (std::is_same_v<acc_t, double>) {
+      // (a double row's lo reaches 2^-16 near |hi| of 1e11, where the series' dropped
+      // terms exceed a double's precision)
+      return lo == 0 ? acc_t(1) : std::exp(-lo);
+    }
     const acc_t a = lo < 0 ? -lo : lo;
     if (a < acc_t(0x1p-16)) return acc_t(1) - lo;
     if (a < acc_t(0x1p-12)) return (acc_t(1) - lo) + acc_t(0.5) * lo * lo;

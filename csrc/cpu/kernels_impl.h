@@ -53,9 +53,13 @@ struct AccOf<double> {
   using type = double;
 };
 
-// A row accumulated in float keeps its lse as hi + lo (RowLse, kernel_params.h).
+// Every row keeps its lse as hi + lo in registers (RowLse, kernel_params.h): a float row
+// for its float64 store, a double row so that its loss and fused gradient stay exact far
+// from zero, as F's (lse - s formed from one double M + log S lost an ulp of M: loss 0 for
+// a row of two logits 1e16). A double row stores hi alone, so the split backward reads
+// that one double.
 template <typename scalar_t>
-constexpr bool kSplitLse = std::is_same_v<typename AccOf<scalar_t>::type, float>;
+constexpr bool kSplitLse = true;
 
 template <typename scalar_t>
 constexpr bool kReduced =
