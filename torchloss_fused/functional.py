@@ -132,10 +132,13 @@ def _check_logits(input, name: str = "input") -> None:
 
 
 def _check_device(input: Tensor, other: Tensor, name: str) -> None:
-    # (Under a torch.func transform the input is a wrapper around a DTensor, and a DTensor
-    # target from outside the transform is not wrapped: they are compared unwrapped.)
-    input, other = unwrapped(input), unwrapped(other)
     dtensor = vocab_parallel.is_dtensor(input)
+    if dtensor != vocab_parallel.is_dtensor(other):
+        # (Under a torch.func transform the input may be a wrapper around a DTensor, and a
+        # DTensor target from outside the transform is not wrapped: compared unwrapped,
+        # only here, off the common path.)
+        input, other = unwrapped(input), unwrapped(other)
+        dtensor = vocab_parallel.is_dtensor(input)
     if dtensor != vocab_parallel.is_dtensor(other):
         kinds = ("a DTensor", "a plain tensor")
         a, b = kinds if dtensor else kinds[::-1]
