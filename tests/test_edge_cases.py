@@ -428,3 +428,27 @@ def test_reference_rows_are_contiguous_as_the_fake_kernels_say(backend):
     for loss, lse in (reference.ce_fwd(x3, t, None, -100, 0.0, 0.0, 0.0, 1.0),
                       reference.focal_fwd(x3, t, None, 1.0, 2.0, -100)):
         assert loss.is_contiguous() and lse.is_contiguous()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("case", ["ce", "ce_lse", "focal"])
+def test_target_written_before_backward_raises_as_in_f(device, backend, case, reduction):
+    """A class-index target written in place between forward and backward (a reused label
+    buffer): F raises autograd's version error. Ours kept the target as a plain attribute
+    and rescaled by its new ignored rows: those kept the gradient made for an upstream of
+    1, a third of the right one here."""
+    x = random_logits((6, 5), torch.float32, device)
+    t = random_targets((6,), 5, device)
+    calls = {"ce": lambda: tlf.cross_entropy(x * 1, t, reduction=reduction),
+             "ce_lse": lambda: tlf.cross_entropy(x * 1, t, reduction=reduction,
+                                                 return_lse=True)[0],
+             "focal": lambda: tlf.focal_loss(x * 1, t, reduction=reduction)}
+    loss = calls[case]()
+    t[:3] = -100
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss.sum() * 3).backward()
+    t2 = random_targets((6,), 5, device)
+    f_loss = F.cross_entropy(x * 1, t2, reduction=reduction)
+    t2[:3] = -100
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (f_loss.sum() * 3).backward()

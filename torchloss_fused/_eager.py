@@ -196,9 +196,11 @@ class FusedReduced:
             # (a plain attribute, as the buffer: unpacking the saved target would make a
             # checkpointed loss recompute its forward; see _ops._fused_backward)
             ctx.ignored = _ops._index_target(t, scalars[2 if kind == FOCAL else 0])
+            ctx.ignored_version = t._version
             return loss
 
         def reduced_backward(ctx, grad):
+            _ops.check_ignored_unchanged(ctx)
             buffer = ctx.fused_grad
             reduction, denom, _, _ = ctx.reduction
             key, guessed = ctx.guess

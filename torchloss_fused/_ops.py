@@ -233,7 +233,21 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor,
     ctx.fused_grad = grad.detach()
     ctx.grad_scale = grad_scale
     ctx.ignored = ignored
+    ctx.ignored_version = ignored[0]._version if ignored else None
     ctx.set_materialize_grads(False)
+
+
+def check_ignored_unchanged(ctx) -> None:
+    """The version check autograd makes of a saved tensor, for the target kept in
+    ctx.ignored (a plain attribute: see _save_fused): a target written in place between
+    forward and backward raises, as F's does, instead of the rescale reading its new
+    ignored rows (their gradients would be those made for another upstream gradient)."""
+    if ctx.ignored and not torch.compiler.is_compiling() and \
+            ctx.ignored[0]._version != ctx.ignored_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            "inplace operation: the class-index target of a torchloss_fused loss is at version "
+            f"{ctx.ignored[0]._version}; expected version {ctx.ignored_version} instead")
 
 
 def _index_target(target: torch.Tensor, ignore_index: int) -> tuple:
@@ -258,6 +272,7 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
     of 0) would make the rescale's 0 * f nan."""
     if not ctx.needs_input_grad[0] or (grad_loss is None and grad_lse is None):
         return None
+    check_ignored_unchanged(ctx)
     if reference_backward(grad_loss, grad_lse):
         ctx.fused_grad = None
         return _graph_grad(ctx, reference_forward, grad_loss, grad_lse)
