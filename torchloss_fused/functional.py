@@ -479,8 +479,8 @@ def cross_entropy(
     - ``z_loss``: adds ``z_loss * lse**2`` for each counted row (PaLM's auxiliary loss).
     - ``softcap``: logits become ``softcap * tanh(x / softcap)`` before the softmax (Gemma 2).
     - ``logit_scale``: multiplies the logits before the softmax (and before ``softcap``).
-    - ``return_lse``: also return the per-row log-sum-exp (float32; float64 for float64
-      input), shaped like the unreduced loss: ``(loss, lse)``.
+    - ``return_lse``: also return the per-row log-sum-exp (float32; float64 where the loss
+      is computed in float64), shaped like the unreduced loss: ``(loss, lse)``.
     - ``inplace_backward``: the backward writes the gradient into ``input``'s storage,
       saving a logits-sized buffer. This DESTROYS the input's values during backward;
       use it only when nothing else needs the logits afterwards.
@@ -680,7 +680,9 @@ def sigmoid_focal_loss(
     reduction: str = "none",
 ) -> Tensor:
     """``torchvision.ops.sigmoid_focal_loss``, fused: the same arguments, values and
-    gradients (``alpha < 0`` disables the alpha term), without importing torchvision."""
+    gradients (``alpha < 0`` disables the alpha term), without importing torchvision.
+    Arguments torchvision's formula computes with anyway are refused: ``gamma`` must be
+    finite and at least 0, ``alpha`` a finite real number, not a bool."""
     if reduction not in _REDUCTIONS:
         raise ValueError(
             f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: "

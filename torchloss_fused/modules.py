@@ -20,14 +20,16 @@ def warn_torchscript(module: nn.Module) -> nn.Module:
     under the one it scripts: the losses' Python (argument checks, keyword-only extras, the
     DTensor and autograd paths) is beyond TorchScript, whose own error, should the scripted
     code call the loss, points into this library's source. A warning says why first; not
-    an error, since a module holding a loss it does not call in TorchScript (listed in
-    __jit_ignored_attributes__) scripts, as with torch.nn's losses. (TorchScript is
-    deprecated: 2.13 warns at every script call.)"""
+    an error, since a module holding a loss it does not call in TorchScript scripts once
+    the attribute is listed in its __jit_ignored_attributes__ (unlisted, TorchScript fails
+    on the loss's Python even uncalled). (TorchScript is deprecated: 2.13 warns at every
+    script call.)"""
     warnings.warn(
         f"torchloss_fused.{type(module).__name__} cannot be compiled by TorchScript "
-        "(torch.jit.script): a scripted module that calls it fails to compile. Compute the "
-        "loss outside the scripted module, or use torch.compile or torch.export, which "
-        "both take it", UserWarning, stacklevel=3)
+        "(torch.jit.script): a scripted module that holds it must list it in "
+        "__jit_ignored_attributes__ and cannot call it. Compute the loss outside the "
+        "scripted module, or use torch.compile or torch.export, which both take it",
+        UserWarning, stacklevel=3)
     return module
 
 

@@ -207,10 +207,11 @@ def linear_cross_entropy(
     the grad_weight/grad_bias accumulator: float32 for bf16/fp16 inputs by default, else the
     input dtype; pass the input dtype to save memory) and ``return_lse`` (also return each
     row's log-sum-exp, differentiable, as ``cross_entropy``'s: ``(loss, lse)``, the lse
-    float32 (float64 where the computation is) shaped like ``hidden`` without its last
-    dimension; e.g. to log the z-loss term. With mean/sum, a gradient through the lse makes
-    the backward recompute logits and gradients, three more products; ``z_loss`` trains
-    with the lse's square without them).
+    float32 (float64 where the computation is) shaped like the unreduced loss (``hidden``
+    without its last dimension, or (N,) beside a flattened target); e.g. to log the
+    z-loss term. With mean/sum, a gradient through the lse makes the backward recompute
+    logits and gradients, three more products; ``z_loss`` trains with the lse's square
+    without them).
     """
     reduction = _f_reduction(reduction)
     hidden, weight, bias, autocast_dtype = _autocast_inputs(hidden, weight, bias)
