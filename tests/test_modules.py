@@ -101,9 +101,11 @@ def test_modules_copy_save_and_load(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-def test_torchscript_warns_and_keeps_ignored_losses(name):
+@pytest.mark.parametrize("listed", [False, True], ids=["unlisted", "jit-ignored"])
+def test_torchscript_warns_and_keeps_held_losses(name, listed):
     # A scripted module calling the loss cannot compile (a warning says why first); one
-    # that only holds it, listed in __jit_ignored_attributes__, scripts as with torch.nn's.
+    # that only holds it scripts as with torch.nn's, listed in __jit_ignored_attributes__
+    # or not (unlisted, scripting had failed on the loss's Python).
     class Calls(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -113,7 +115,7 @@ def test_torchscript_warns_and_keeps_ignored_losses(name):
             return self.loss(x, y)
 
     class Holds(torch.nn.Module):
-        __jit_ignored_attributes__ = ["loss"]
+        __jit_ignored_attributes__ = ["loss"] if listed else []
 
         def __init__(self):
             super().__init__()
@@ -127,7 +129,7 @@ def test_torchscript_warns_and_keeps_ignored_losses(name):
         warnings.simplefilter("ignore", DeprecationWarning)  # (2.13: torch.jit.script's)
         with pytest.warns(UserWarning, match=f"torchloss_fused.{name} cannot be compiled by "
                           "TorchScript"), pytest.raises(
-                              (RuntimeError, torch.jit.frontend.FrontendError)):
+                              (RuntimeError, ValueError, torch.jit.frontend.FrontendError)):
             torch.jit.script(Calls())
         model = Holds()
         with pytest.warns(UserWarning, match="cannot be compiled by TorchScript"):

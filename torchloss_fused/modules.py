@@ -20,16 +20,15 @@ def warn_torchscript(module: nn.Module) -> nn.Module:
     under the one it scripts: the losses' Python (argument checks, keyword-only extras, the
     DTensor and autograd paths) is beyond TorchScript, whose own error, should the scripted
     code call the loss, points into this library's source. A warning says why first; not
-    an error, since a module holding a loss it does not call in TorchScript scripts once
-    the attribute is listed in its __jit_ignored_attributes__ (unlisted, TorchScript fails
-    on the loss's Python even uncalled). (TorchScript is deprecated: 2.13 warns at every
+    an error, since a module holding a loss it does not call in TorchScript scripts, as
+    with torch.nn's losses: the losses' forward is marked @torch.jit.unused, so scripting
+    compiles its signature, not its body. (TorchScript is deprecated: 2.13 warns at every
     script call.)"""
     warnings.warn(
         f"torchloss_fused.{type(module).__name__} cannot be compiled by TorchScript "
-        "(torch.jit.script): a scripted module that holds it must list it in "
-        "__jit_ignored_attributes__ and cannot call it. Compute the loss outside the "
-        "scripted module, or use torch.compile or torch.export, which both take it",
-        UserWarning, stacklevel=3)
+        "(torch.jit.script): a scripted module may hold it but cannot call it. Compute the "
+        "loss outside the scripted module, or use torch.compile or torch.export, which "
+        "both take it", UserWarning, stacklevel=3)
     return module
 
 
@@ -84,6 +83,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
 
+    @torch.jit.unused  # (see warn_torchscript)
     def forward(self, input: Tensor, target: Tensor):
         # (Under tensor parallelism the buffer goes with the DTensor input, replicated.)
         return F.cross_entropy(
@@ -117,6 +117,7 @@ class FocalLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
 
+    @torch.jit.unused  # (see warn_torchscript)
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.focal_loss(input, target, gamma=self.gamma,
                             alpha=replicated_like(self.alpha, input),
@@ -138,6 +139,7 @@ class SigmoidFocalLoss(nn.Module):
         self.gamma = gamma
         self.reduction = reduction
 
+    @torch.jit.unused  # (see warn_torchscript)
     def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
         return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma,
                                     reduction=self.reduction)

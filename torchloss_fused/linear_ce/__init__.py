@@ -317,6 +317,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.accum_dtype = accum_dtype
         self.return_lse = return_lse
 
+    @torch.jit.unused  # (see warn_torchscript)
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor,
                 bias: Tensor | None = None):
         return linear_cross_entropy(
