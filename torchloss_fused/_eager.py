@@ -195,8 +195,7 @@ class FusedReduced:
             ctx.guess = (key, guess if guessed else None)
             # (a plain attribute, as the buffer: unpacking the saved target would make a
             # checkpointed loss recompute its forward; see _ops._fused_backward)
-            ctx.ignored = _ops._index_target(t, scalars[2 if kind == FOCAL else 0])
-            ctx.ignored_version = t._version
+            _ops.keep_ignored(ctx, _ops._index_target(t, scalars[2 if kind == FOCAL else 0]))
             return loss
 
         def reduced_backward(ctx, grad):

@@ -232,9 +232,14 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor,
     # recompute its forward, which the buffer spares it.
     ctx.fused_grad = grad.detach()
     ctx.grad_scale = grad_scale
+    keep_ignored(ctx, ignored)
+    ctx.set_materialize_grads(False)
+
+
+def keep_ignored(ctx, ignored: tuple) -> None:
+    """ctx.ignored (_index_target's), and its target's version for check_ignored_unchanged."""
     ctx.ignored = ignored
     ctx.ignored_version = ignored[0]._version if ignored else None
-    ctx.set_materialize_grads(False)
 
 
 def check_ignored_unchanged(ctx) -> None:

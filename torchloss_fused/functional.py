@@ -182,16 +182,16 @@ def _check_inplace_target(input: Tensor, x3: Tensor) -> None:
 
 def _real_number(value, name: str) -> float:
     if type(value) is not float:  # (the common case skips the slow ABC check)
-        if isinstance(value, Tensor) and value.dim() == 0 and not carries_derivative(value):
-            # F's argument parser takes these too, and syncs alike (one being differentiated
+        if isinstance(value, Tensor) and value.dim() == 0:
+            # F's argument parser takes these too, and syncs alike; one being differentiated
             # is refused: converting would cut its derivative, in reverse mode, forward mode
-            # or torch.func alike). A bool or complex one fails below.
+            # or torch.func alike. A bool or complex one fails below.
+            if carries_derivative(value):
+                raise TypeError(
+                    f"{name} is a 0-dim tensor being differentiated (it requires grad, "
+                    "carries a forward-mode tangent or is batched by torch.func), and as a "
+                    "number its derivative would be lost: pass a number, or .detach() it")
             value = value.item()
-        if isinstance(value, Tensor) and value.dim() == 0 and carries_derivative(value):
-            raise TypeError(
-                f"{name} is a 0-dim tensor being differentiated (it requires grad, carries a "
-                "forward-mode tangent or is batched by torch.func), and as a number its "
-                "derivative would be lost: pass a number, or .detach() it")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         value = float(value)
@@ -329,25 +329,24 @@ def _count_denominator(count: int, like: Tensor, acc: torch.dtype) -> Tensor:
     return vocab_parallel.replicated_like(denom, like)
 
 
+def _reshaped(t: Tensor, shape: tuple) -> Tensor:
+    """t.reshape(shape), but t itself where the shape is t's, and t.unsqueeze(-1) where it
+    only gains a trailing 1: views DTensor takes under any layout, where it refuses a
+    reshape of a sharded dim of 0 rows."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    if (*t.shape, 1) == shape:
+        return t.unsqueeze(-1)
+    return t.reshape(shape)
+
+
 def _rows_view(input: Tensor) -> tuple[Tensor, tuple]:
     """(N, C, d1..dK) -> (N, C, d1*...*dK) and the unreduced loss shape (N, d1..dK)."""
     if input.dim() == 1:
         return input.reshape(1, input.shape[0], 1), ()
-    if input.dim() == 2:  # (a view under any DTensor layout: a reshape of a sharded
-        return input.unsqueeze(-1), tuple(input.shape[:1])  # dim of 0 rows is refused)
-    if input.dim() == 3:  # (as it is, for the same reason)
-        return input, (input.shape[0], input.shape[2])
     N, C, *rest = input.shape
-    return input.reshape(N, C, math.prod(rest)), (N, *rest)
-
-
-def _index_rows(input: Tensor, target: Tensor, x3: Tensor) -> Tensor:
-    """A class-index target as the (B, D) rows of x3 = _rows_view(input)."""
-    if input.dim() == 2 and target.dim() == 1:  # (a view under any DTensor layout, as there)
-        return target.unsqueeze(-1)
-    if input.dim() == 3 and target.dim() == 2:  # (as it is, for the same reason)
-        return target
-    return target.reshape(x3.shape[0], x3.shape[2])
+    return _reshaped(input, (N, C, math.prod(rest))), (N, *rest)
 
 
 def _autocast_to_float32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -512,11 +511,10 @@ def cross_entropy(
             )
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported for floating point target")
-        t = (target.unsqueeze(-1) if input.dim() == 2 else target if input.dim() == 3
-             else target.reshape(x3.shape))
+        t = _reshaped(target, x3.shape)
     else:
         _check_index_target(input, target, out_shape)
-        t = _index_rows(input, target, x3)
+        t = _reshaped(target, (x3.shape[0], x3.shape[2]))
         if vocab_parallel.is_dtensor(t):
             vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
         if label_smoothing > 0 and x3.shape[1] == 0:
@@ -628,7 +626,7 @@ def focal_loss(
             f"focal_loss takes class-index targets (int64, int32 or uint8), got {target.dtype}"
         )
     _check_index_target(input, target, out_shape)
-    t = _index_rows(input, target, x3)
+    t = _reshaped(target, (x3.shape[0], x3.shape[2]))
     if vocab_parallel.is_dtensor(t):
         vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     alpha_vec, alpha_scale = None, 1.0

@@ -194,7 +194,7 @@ def _reference_grad(ctx, x3, target, vector, forward, args, grads) -> Tensor:
     if target.is_floating_point():
         t = _from_local(target, layout, layout.logits_placements, ctx.x3_meta[0])
     else:
-        t = _from_local(target, layout, layout.rows_placements, layout.rows_shape)
+        t = _to_rows_dtensor(target, layout)
     v = replicated_like(vector, x3)
     (g,) = differentiable_grads(lambda x: forward(gather_classes(x), t, v, *args), [x3],
                                 [True], grads)

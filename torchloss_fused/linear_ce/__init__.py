@@ -62,6 +62,7 @@ from ..functional import (
     _index_denominator,
     _may_want_grad,
     _one_element_target,
+    _reshaped,
     _wants_grad,
 )
 from ..modules import settings_repr, warn_torchscript
@@ -229,12 +230,9 @@ def linear_cross_entropy(
         # _prob_target_for says why)
         target = target.float()
     rows_shape = _rows_shape(hidden, target)
-    # (-1 cannot be inferred beside an empty hidden dimension; F.linear takes H = 0)
-    # (2-D hidden as it is: a reshape of a DTensor's sharded dim of 0 rows is refused)
-    h2 = (hidden if hidden.dim() == 2 else hidden.reshape(-1, H) if H
-          else hidden.reshape(math.prod(hidden.shape[:-1]), 0))
-    t1 = (target if target.dim() == (2 if prob else 1)
-          else target.reshape(-1, V) if prob else target.reshape(-1))
+    # (the rows counted, not -1: that cannot be inferred beside H = 0, which F.linear takes)
+    h2 = _reshaped(hidden, (math.prod(hidden.shape[:-1]), H))
+    t1 = _reshaped(target, (h2.shape[0], V) if prob else (h2.shape[0],))
     if vocab_parallel.vp.is_dtensor(t1) and not prob:
         vocab_parallel.vp.check_targets(t1, V, ignore_index)
     out_dtype = targets.loss_dtype(hidden.dtype, target, class_weight)
