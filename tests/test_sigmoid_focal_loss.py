@@ -173,3 +173,42 @@ def test_reduced_sum_independent_of_thread_count(backend, dtype):
         torch.set_num_threads(threads)
     for loss, g in results[1:]:
         assert torch.equal(loss, results[0][0]) and torch.equal(g, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_infinite_inputs_as_torchvision(device, backend, dtype, reduction):
+    """+inf with a target below 1 is an infinite loss, as torchvision's; +inf with target 1
+    and -inf with target 0 are nan in both (0 * inf). -inf with a target above 0 is inf
+    here, where torchvision's (1 - t) x - logsigmoid(x) is inf - inf (README says so)."""
+    inf = float("inf")
+    x = torch.tensor([inf, inf, inf, -inf, 1.5], dtype=dtype, device=device)
+    t = torch.tensor([0.0, 0.3, 1.0, 0.0, 0.2], dtype=dtype, device=device)
+    for i in range(x.numel()):
+        xi, ti = x[i:i + 1].clone().requires_grad_(), t[i:i + 1]
+        ours = tlf.sigmoid_focal_loss(xi, ti, reduction=reduction)
+        ref = torchvision_formula(xi.detach().double(), ti.double(), reduction=reduction)
+        torch.testing.assert_close(ours.double(), ref, equal_nan=True, rtol=1e-2, atol=0,
+                                   msg=lambda m, i=i: f"element {i}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [2.0, 3.3])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_confidently_wrong_inputs_near_the_range_edge(device, backend, dtype, gamma,
+                                                      reduction):
+    """The gradient of x -> +-0.6 max with the opposite target is alpha_t (p - t) = +-alpha_t
+    (the modulating factor is 1, its slope 0): finite. ce * gamma m^(gamma - 1) overflowed
+    first, and times p q = 0 gave nan."""
+    big = 0.6 * torch.finfo(dtype).max
+    x = torch.tensor([big, -big, 2.0], dtype=dtype, device=device, requires_grad=True)
+    t = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device)
+    loss = tlf.sigmoid_focal_loss(x, t, alpha=0.25, gamma=gamma, reduction=reduction)
+    (g,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+    scale = 1 / 3 if reduction == "mean" else 1.0
+    p2 = torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))
+    g2 = 0.75 * (p2 ** gamma * (p2 - 0) + gamma * p2 ** (gamma - 1) * p2 * (1 - p2)
+                 * torch.nn.functional.softplus(torch.tensor(2.0, dtype=torch.float64)))
+    expect = torch.tensor([0.75, -0.25, g2.item()], dtype=torch.float64) * scale
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(g.double().cpu(), expect, rtol=tol, atol=0)

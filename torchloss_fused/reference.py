@@ -423,10 +423,12 @@ def _sigmoid_terms(x: Tensor, t: Tensor):
     # |x| as the x >= 0 side computes it (the same values): autograd then differentiates
     # every term at x = 0 from that side, as clamp_min and `pos` do, giving sigmoid(0) - t.
     # (abs's derivative 0 there mixed the sides: ce's slope came out 1 - t.)
-    e = torch.exp(-torch.where(x >= 0, x, -x))
-    ce = x.clamp_min(0) - x * t + torch.log1p(e)
-    inv = 1 / (1 + e)
     pos = x >= 0
+    ax = torch.where(pos, x, -x)
+    e = torch.exp(-ax)
+    # max(x, 0) - x t by x's sign, as the kernels: +inf with t < 1 gives inf, not nan
+    ce = ax * torch.where(pos, 1 - t, t) + torch.log1p(e)
+    inv = 1 / (1 + e)
     p = torch.where(pos, inv, e * inv)
     q = torch.where(pos, e * inv, inv)
     m = t * q + (1 - t) * p
@@ -478,7 +480,7 @@ def sigmoid_focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: f
         dpow = gamma * m.pow(gamma - 1)
         if gamma < 1:  # m = 0 only where p q = 0: the product's limit is 0
             dpow = torch.where(m > 0, dpow, 0)
-        d = d * m.pow(gamma) + ce * dpow * p * q * (1 - 2 * t)
+        d = d * m.pow(gamma) + ce * (p * q) * dpow * (1 - 2 * t)  # finite for finite x
     if alpha >= 0:
         d = d * _alpha_t(t, alpha)
     return (d * grad_loss.to(acc)).to(input.dtype).contiguous()

@@ -1230,10 +1230,14 @@ struct SigmoidTerms {
   V ce, p, q, m;  // BCE-with-logits, sigmoid(x), 1 - sigmoid(x), 1 - p_t
   TLF_ALWAYS_INLINE SigmoidTerms(const V& x, const V& t) {
     const V one(1), zero(0);
-    const V e = vexp_elementwise(x.abs().neg());  // exp(-|x|) never overflows
+    const V ax = x.abs();
+    const V e = vexp_elementwise(ax.neg());  // exp(-|x|) never overflows
     const V u = one + e;
     const V inv = vrecip_unit(u);
-    ce = at::vec::maximum(x, zero) - x * t + vlog1p_unit(e, u, inv);
+    // max(x, 0) - x t as |x| (1 - t) or |x| t by x's sign: +inf with t < 1 gives inf, as
+    // torchvision's (1 - t) x - logsigmoid(x) does (inf - inf t was nan), and a large x with
+    // t near 1 keeps its relative accuracy (1 - t is exact there; x - x t cancels).
+    ce = at::vec::fmadd(ax, pick_if<Cmp::kGe>(x, zero, t, one - t), vlog1p_unit(e, u, inv));
     const V e_inv = e * inv;
     p = pick_if<Cmp::kGe>(x, zero, e_inv, inv);
     q = pick_if<Cmp::kGe>(x, zero, inv, e_inv);
@@ -1294,7 +1298,9 @@ TLF_ALWAYS_INLINE Vectorized<acc_t> sigmoid_focal_deriv(const SigmoidTerms<acc_t
     if (gamma < 1) {  // m = 0 only where p q = 0: the limit of the product is 0
       dpow = pick_if<Cmp::kGt>(s.m, V(0), V(0), dpow);
     }
-    d = d * vpow(s.m, gamma) + s.ce * dpow * s.p * s.q * (V(1) - V(2) * t);
+    // ce (p q) first: ce grows as |x| where p q decays as exp(-|x|), so the product stays
+    // finite for every finite x (ce * dpow overflowed beyond about max / gamma: nan)
+    d = d * vpow(s.m, gamma) + s.ce * (s.p * s.q) * dpow * (V(1) - V(2) * t);
   }
   return alpha >= 0 ? d * alpha_t(t, alpha) : d;
 }

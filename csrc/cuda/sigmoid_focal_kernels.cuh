@@ -26,10 +26,13 @@ template <typename acc_t>
 struct SigmoidTerms {
   acc_t ce, p, q, m;  // BCE-with-logits, sigmoid(x), 1 - sigmoid(x), 1 - p_t
   __device__ __forceinline__ SigmoidTerms(acc_t x, acc_t t) {
-    const acc_t e = exp_accurate(-fabs(x));  // exp(-|x|) never overflows
-    ce = max_nan(x, acc_t(0)) - x * t + log1p_accurate(e);
-    const acc_t inv = div_rn(acc_t(1), acc_t(1) + e);
+    const acc_t ax = fabs(x);
+    const acc_t e = exp_accurate(-ax);  // exp(-|x|) never overflows
     const bool pos = x >= acc_t(0);
+    // max(x, 0) - x t as |x| (1 - t) or |x| t, as the CPU kernels: +inf with t < 1 gives
+    // inf (inf - inf t was nan), and 1 - t is exact where t is near 1
+    ce = fma_acc(ax, pos ? acc_t(1) - t : t, log1p_accurate(e));
+    const acc_t inv = div_rn(acc_t(1), acc_t(1) + e);
     p = pos ? inv : e * inv;
     q = pos ? e * inv : inv;
     m = t * q + (acc_t(1) - t) * p;
@@ -73,7 +76,8 @@ __device__ __forceinline__ acc_t sigmoid_focal_deriv(const SigmoidTerms<acc_t>& 
     // d/dx [ce * m^gamma] = d m^gamma + ce gamma m^(gamma-1) p q (1 - 2t)
     acc_t dpow = gamma * pow_gamma(s.m, gamma - acc_t(1));
     if (gamma < 1 && !(s.m > 0)) dpow = 0;  // m = 0 only where p q = 0: the product's limit
-    d = d * pow_gamma(s.m, gamma) + s.ce * dpow * s.p * s.q * (acc_t(1) - acc_t(2) * t);
+    // ce (p q) first: finite for every finite x, where ce * dpow overflowed
+    d = d * pow_gamma(s.m, gamma) + s.ce * (s.p * s.q) * dpow * (acc_t(1) - acc_t(2) * t);
   }
   if (alpha >= 0) d = d * sigmoid_alpha_t(t, alpha);
   return d;
