@@ -212,3 +212,36 @@ def test_confidently_wrong_inputs_near_the_range_edge(device, backend, dtype, ga
     expect = torch.tensor([0.75, -0.25, g2.item()], dtype=torch.float64) * scale
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
     torch.testing.assert_close(g.double().cpu(), expect, rtol=tol, atol=0)
+
+
+def _layouts(device):
+    base = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)
+    return {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "transposed": base[0, 0].t(),
+        "strided": base[:, :, :, ::2],
+        "transposed-strided": base[0].transpose(0, 2)[:, ::2],
+        "contiguous": base,
+    }
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided",
+                                    "transposed-strided", "contiguous"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("same_target_layout", [True, False])
+def test_loss_and_gradient_keep_the_input_layout(device, backend, layout, reduction,
+                                                 same_target_layout):
+    """As torchvision's elementwise ops do: the loss (reduction='none') and the gradient
+    have the input's layout, with torchvision's values."""
+    x = _layouts(device)[layout].float().requires_grad_()
+    t = torch.rand_like(x) if same_target_layout else torch.rand(x.shape, device=device)
+    ours = tlf.sigmoid_focal_loss(x, t, reduction=reduction)
+    g_out = torch.rand_like(ours) + 0.5
+    (g,) = torch.autograd.grad(ours, x, g_out)
+    x2 = x.detach().clone().requires_grad_()
+    ref = torchvision_formula(x2, t, reduction=reduction)
+    (g2,) = torch.autograd.grad(ref, x2, g_out)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-6)
+    assert g.stride() == g2.stride()
+    assert ours.stride() == ref.stride()

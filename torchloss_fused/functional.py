@@ -15,11 +15,13 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 from torch.nn import _reduction as _legacy_reduction
 
 from . import _eager, _reduction, reference, vocab_parallel
 from ._higher_order import carries_derivative, transform_active, unwrapped
 from ._overrides import dispatches_torch_function
+from ._tracing import recording
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss"]
 
@@ -670,6 +672,31 @@ def focal_loss(
 
 
 @dispatches_torch_function(2)
+def _memory_order(x: Tensor, *others: Tensor) -> list[int] | None:
+    """x's dims from outermost to innermost in memory where that is not their own order
+    (channels_last, a transpose): the kernels then walk x as it lies, without a contiguous
+    copy, and the loss and gradient keep its layout, as PyTorch's elementwise ops do (with
+    `others`, the order an elementwise op of x and them gives its output, x deciding first).
+    None for a contiguous x, a DTensor, or code being traced (whose layouts are decided
+    there)."""
+    if x.dim() < 2 or recording() or vocab_parallel.is_dtensor(x) or x.is_contiguous():
+        return None
+    order, _ = compute_elementwise_output_logical_to_physical_perm(x, *others)
+    return None if order == sorted(order) else list(order)
+
+
+def _inverse(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
+def _with_layout(t: Tensor, order: list[int] | None) -> Tensor:
+    """t with its dims laid out in memory in `order` (None: contiguous); t itself where
+    they are."""
+    if order is None:
+        return t.contiguous()
+    return t.permute(order).contiguous().permute(_inverse(order))
+
+
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,
@@ -716,10 +743,20 @@ def sigmoid_focal_loss(
     # under torch.jit.trace (_may_want_grad), where the mean below divides by a traced size
     # (the kernels' reduction takes the element count as a number, which a trace would freeze).
     use_reference = _may_want_grad(t) or transform_active(x, t)
+    order = None if use_reference else _memory_order(x)
+    # torchvision's loss has the layout its BCE gives, (1 - t) x - logsigmoid(x): the
+    # target's, then the input's where that leaves dims unordered (TensorIterator's rule)
+    laid_out = None if use_reference else _memory_order(t, x)
+    if order is not None:
+        x, t = x.permute(order), t.permute(order)
     if reduction == "none" or x.numel() == 0 or use_reference:
         fwd = reference.sigmoid_focal_fwd if use_reference else (
             _eager.ops_for(x.device).sigmoid_focal_fwd)
         loss = fwd(x, t, alpha, gamma)
+        if order is not None:
+            loss = loss.permute(_inverse(order))
+        if reduction == "none" and not use_reference:
+            loss = _with_layout(loss, laid_out)
         if reduction == "mean":
             # (nan for an empty input, as mean() gives)
             loss = _reduction.ordered_sum(loss) / loss.numel()
