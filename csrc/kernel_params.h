@@ -199,6 +199,18 @@ TLF_HOST_DEVICE RowLse<acc_t> split_lse(double v) {
   return l;
 }
 
+// Whether a backward computed apart from the forward may take a row's lse from its stored
+// double: split_lse gives back hi and lo to within half an ulp of hi in double, which is
+// below float's rounding (6e-8) while |hi| < 2^30, and for float64 rows (whose stored lse
+// is hi alone, lo dropped) 3e-14 while |hi| < 2^8. Beyond (logits of 1e12 made the float32
+// gradient 1e-5 off, of 1e20 every p_c 1), the backward recomputes the row's lse from its
+// logits: one more read of the row, the forward's hi and lo. NaN and inf rows keep theirs.
+template <typename acc_t>
+TLF_HOST_DEVICE bool stored_lse_suffices(acc_t hi) {
+  const acc_t limit = std::is_same_v<acc_t, double> ? acc_t(0x1p8) : acc_t(0x1p30);
+  return !(hi >= limit || hi <= -limit) || hi - hi != acc_t(0);
+}
+
 // Value of row r of a per-row vector of acc_t (float or double).
 template <typename acc_t>
 TLF_HOST_DEVICE acc_t read_row_value(const RowVector& v, int64_t r) {

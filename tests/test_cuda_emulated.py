@@ -1064,9 +1064,12 @@ def bulk_configs() -> list[SoftmaxConfig]:
 # half an ulp of hi, then takes each tier of RowLse::correction (1 - lo below 2^-16, the
 # polynomial below 2^-12, exp beyond: hi near 30, 1000 and 5000, and 1e5 or 1e8) and
 # enters the loss, the smoothing and probability-target sums and focal's log p_t with
-# values far from 0. (float16 holds 65504 at most.)
-FAR_OFFSETS = {torch.float32: (30.0, 1000.0, 5000.0, 1e5, 1e8),
-               torch.bfloat16: (30.0, 1000.0, 5000.0, 1e5, 1e8),
+# values far from 0. Beyond 2^30 (3e9, 1e20) the base-2 loops give way to base e (their
+# shift's residual would leave ex2's range) and the backward recomputes the row's lse (its
+# stored double lost lo); those come early, so that the 5-row configurations have them.
+# (float16 holds 65504 at most.)
+FAR_OFFSETS = {torch.float32: (30.0, 3e9, 1000.0, 1e20, 5000.0, 1e5, 1e8),
+               torch.bfloat16: (30.0, 3e9, 1000.0, 1e20, 5000.0, 1e5, 1e8),
                torch.float16: (30.0, 1000.0, 5000.0, 3e4, 6e4),
                torch.float64: (30.0, 1e5)}
 
@@ -1092,6 +1095,14 @@ def far_configs() -> list[SoftmaxConfig]:
         for o in ({"eps": 0.1, "weight": True, "z": 1e-3}, {"focal": True, "gamma": 2.0},
                   {"prob": True}):
             out.append(SoftmaxConfig(dtype, C, "far", o, launch="auto", B=5))
+    # Rows whose cache bulk copies fill (a block's, a cluster's), every offset: beyond 2^30
+    # the backward takes pass 1 again, from the copies it started for its one pass.
+    for dtype in (torch.float32, torch.bfloat16):
+        for group, cluster, threads in ((2, 1, 32), (2, 1, 64), (3, 2, 32), (3, 4, 32)):
+            out.append(SoftmaxConfig(
+                dtype, rnd.choice([1000, 3079]), "far", deal(), group=group, threads=threads,
+                vec=True, cluster=cluster, bulk=True, cache=rnd.choice(["part", "full"]),
+                grid=cluster * rnd.choice([1, 2]), B=7))
     return out
 
 

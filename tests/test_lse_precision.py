@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import torchloss_fused as tlf
-from torchloss_fused import _backend, reference
+from torchloss_fused import reference
 
 from .helpers import _max_err, assert_as_accurate_as_f
 
@@ -178,14 +178,11 @@ def test_linear_cross_entropy_ops_keep_lse_in_float64(backend):
 @pytest.mark.parametrize("offset", [1e5, 1e12, 1e16], ids=str)
 @pytest.mark.parametrize("kwargs", [{}, {"label_smoothing": 0.1}, {"reduction": "none"}],
                          ids=str)
-def test_float64_training_far_from_zero(offset, kwargs):
+def test_float64_training_far_from_zero(backend, offset, kwargs):
     """float64 logits far from 0, eager training (the fused kernel, forward-only loss): as
-    exact as F's. The kernels keep a double row's lse as hi + lo too; as one double
-    M + log S the loss and gradient were off by about an ulp of M (a row of two logits 1e16
-    gave loss 0 and gradient [0, 1] where F gives log 2 and [-0.5, 0.5]). The C++ kernels
-    only: the split backward and the reference code still read one double (README)."""
-    if not _backend.EXTENSION_LOADED:
-        pytest.skip("the C++ kernels")
+    exact as F's. The kernels and the reference keep a double row's lse as hi + lo too; as
+    one double M + log S the loss and gradient were off by about an ulp of M (a row of two
+    logits 1e16 gave loss 0 and gradient [0, 1] where F gives log 2 and [-0.5, 0.5])."""
     torch.manual_seed(0)
     x = torch.randn(64, 50, dtype=torch.float64) * 3 + offset
     t = torch.randint(0, 50, (64,))
@@ -200,3 +197,38 @@ def test_float64_training_far_from_zero(offset, kwargs):
     with torch.no_grad():
         torch.testing.assert_close(tlf.cross_entropy(x, t, **kwargs), f_loss.detach(),
                                    rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype,offset", [
+    (torch.float32, 1e12), (torch.float32, 1e20), (torch.float32, 3e38),
+    (torch.bfloat16, 1e12), (torch.bfloat16, 3e38),
+    (torch.float64, 1e5), (torch.float64, 1e12), (torch.float64, 1e300)], ids=str)
+@pytest.mark.parametrize("route", ["inplace_backward", "compile", "focal-compile"])
+def test_split_backward_far_from_zero(backend, dtype, offset, route):
+    """A backward computed apart from the forward reads the stored float64 lse, which
+    cannot hold hi + lo far from 0: those rows take their lse from their logits again, as
+    exact as the forward. (Rows of equal logits, p_c = 1/C, show it most: near 1e20 the
+    float32 gradient had every p_c = 1.)"""
+    torch.manual_seed(0)
+    x = torch.randn(16, 40, dtype=torch.float64) * 3 + offset
+    x[::2] = offset  # rows of equal logits
+    x = x.to(dtype)
+    t = torch.randint(0, 40, (16,))
+    exact = x.detach().double().clone().requires_grad_()
+    if route == "focal-compile":
+        ref = tlf.focal_loss(exact, t, gamma=0.0, reduction="sum")  # (== CE, float64)
+    else:
+        ref = F.cross_entropy(exact, t, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, exact)
+    leaf = x.clone().requires_grad_()
+    h = leaf * 1  # (inplace_backward takes no leaf)
+    if route == "inplace_backward":
+        loss = tlf.cross_entropy(h, t, reduction="sum", inplace_backward=True)
+    elif route == "focal-compile":
+        loss = torch.compile(lambda z: tlf.focal_loss(z, t, gamma=0.0, reduction="sum"))(h)
+    else:
+        loss = torch.compile(lambda z: tlf.cross_entropy(z, t, reduction="sum"))(h)
+    loss.backward()
+    tol = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float64: 1e-13}[dtype]
+    torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=0, atol=tol)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol * 16)

@@ -98,19 +98,56 @@ def logsumexp(s: Tensor) -> Tensor:
     return torch.where(lse == float("inf"), float("nan"), lse)
 
 
+def lse_parts(s: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo): the rows' log-sum-exp as the kernels keep it (csrc/kernel_params.h,
+    lse_of): hi = M + log S rounded in s's dtype, M the row's largest value, and lo that
+    rounding's error, exactly (two-sum), 0 where hi is not finite. hi carries logsumexp's
+    gradient, softmax(s); lo none. NaN for a row holding +inf or NaN, -inf for one of
+    -inf, as the max-shifted softmax gives."""
+    if s.shape[-1] == 0:
+        lse = logsumexp(s)
+        return lse, torch.zeros_like(lse)
+    m = s.amax(-1).detach()  # NaN where a NaN is; +-inf as the row's extremes
+    finite = torch.isfinite(m)
+    m0 = torch.where(finite, m, 0)
+    log_s = torch.exp(s - m0.unsqueeze(-1)).sum(-1).log()
+    special = torch.where(m == float("-inf"), float("-inf"), float("nan")).to(s.dtype)
+    hi = torch.where(finite, m0 + log_s, special)
+    with torch.no_grad():
+        h, ls = hi.detach(), log_s.detach()
+        b = h - m0
+        lo = (m0 - (h - b)) + (ls - b)
+        lo = torch.where(torch.isfinite(h), lo, 0)
+    return hi, lo
+
+
+def _stored(hi: Tensor, lo: Tensor) -> Tensor:
+    """The lse the ops return and the backward reads (float64) from lse_parts: a float
+    row's hi + lo, a float64 row's hi (lo is dropped, as the kernels drop it)."""
+    if hi.dtype == LSE_DTYPE:
+        return hi
+    return hi.to(LSE_DTYPE) + lo.to(LSE_DTYPE)
+
+
 def stored_lse(s: Tensor) -> Tensor:
     """logsumexp(s) as the ops return it (in float64): for float rows M + log S, M the
     row's largest value and log S rounded to float32, as the kernels compute it, so that
     nothing rounds lse to float32 (its gradient is softmax(s), as logsumexp's)."""
-    if s.dtype != torch.float32 or s.shape[-1] == 0:
-        return logsumexp(s).to(LSE_DTYPE)
-    m = s.amax(-1).detach()  # NaN where a NaN is; +-inf as the row's extremes
-    finite = torch.isfinite(m)
-    m0 = torch.where(finite, m, 0).unsqueeze(-1)
-    log_s = torch.exp(s - m0).sum(-1).log()
-    v = m.double() + log_s.double()
-    special = torch.where(m == float("-inf"), float("-inf"), float("nan")).double()
-    return torch.where(finite, v, special)
+    return _stored(*lse_parts(s))
+
+
+def _backward_lse(s: Tensor, lse: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """split_lse(lse) for a backward of rows s, where rows whose stored double cannot give
+    hi and lo back (csrc/kernel_params.h's stored_lse_suffices: a finite |hi| of 2^30 or
+    more, 2^8 for float64 rows) take them from their logits again, as the kernels do."""
+    hi, lo = split_lse(lse, acc)
+    limit = 2.0 ** (8 if acc == torch.float64 else 30)
+    redo = torch.isfinite(hi) & (hi.abs() >= limit)
+    if not recording() and not isinstance(hi, _DTensor) and not bool(redo.any()):
+        return hi, lo
+    hi2, lo2 = lse_parts(s)
+    lo = torch.zeros_like(lo2) if lo is None else lo
+    return torch.where(redo, hi2, hi), torch.where(redo, lo2, lo)
 
 
 def split_lse(lse: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -162,10 +199,9 @@ def _smoothed_prob_target(t: Tensor, eps: float, C: int) -> Tensor:
     return t * (1 - eps) + eps / C if eps > 0 else t
 
 
-def _ce_chunk(s, lse, target, w, ignore_index, eps, z_loss):
-    """Per-row loss of one chunk; s is (b, D, C), lse (b, D) as stored."""
+def _ce_chunk(s, lse, lo, target, w, ignore_index, eps, z_loss):
+    """Per-row loss of one chunk; s is (b, D, C), (lse, lo) (b, D) of lse_parts."""
     C = s.shape[-1]
-    lse, lo = split_lse(lse, s.dtype)
     lo_c = None if lo is None else lo.unsqueeze(-1)
     if target.is_floating_point():
         q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
@@ -200,10 +236,10 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
     losses, lses = [], []
     for b0, b1 in _chunks(input):
         s = _rows(_part(input, b0, b1), acc, softcap, logit_scale)
-        lse = stored_lse(s)
-        losses.append(_ce_chunk(s, lse, _part(target, b0, b1), w, ignore_index,
+        hi, lo = lse_parts(s)
+        losses.append(_ce_chunk(s, hi, lo, _part(target, b0, b1), w, ignore_index,
                                 label_smoothing, z_loss))
-        lses.append(lse)
+        lses.append(_stored(hi, lo))
     return _cat_rows(losses, input, acc), _cat_rows(lses, input, LSE_DTYPE)
 
 
@@ -281,7 +317,7 @@ def _ce_bwd_into(out, grad_loss, grad_lse, input, target, weight, lse, ignore_in
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, softcap, logit_scale)
         g_lse = None if grad_lse is None else grad_lse[b0:b1].to(acc)
-        hi, lo = split_lse(lse[b0:b1], acc)
+        hi, lo = _backward_lse(s, lse[b0:b1], acc)
         A, Dq, B, t, keep = _ce_coefficients(s, hi, target[b0:b1], w, ignore_index,
                                              label_smoothing, z_loss,
                                              grad_loss[b0:b1].to(acc), g_lse)
@@ -359,15 +395,14 @@ def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: 
     losses, lses = [], []
     for b0, b1 in _chunks(input):
         s = _rows(_part(input, b0, b1), acc, 0.0, 1.0)
-        lse = stored_lse(s)
-        hi, lo = split_lse(lse, acc)
+        hi, lo = lse_parts(s)
         t = _part(target, b0, b1).long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)
         log_pt = _log_p(hi, lo, _gather_target(s, safe))
         loss, _ = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
         losses.append(torch.where(valid, loss, torch.zeros((), dtype=acc, device=loss.device)))
-        lses.append(lse)
+        lses.append(_stored(hi, lo))
     return _cat_rows(losses, input, acc), _cat_rows(lses, input, LSE_DTYPE)
 
 
@@ -378,7 +413,7 @@ def focal_bwd(grad_loss: Tensor, input: Tensor, target: Tensor, alpha: Tensor | 
     out = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     for b0, b1 in _chunks(input):
         s = _rows(input[b0:b1], acc, 0.0, 1.0)
-        hi, lo = split_lse(lse[b0:b1], acc)
+        hi, lo = _backward_lse(s, lse[b0:b1], acc)
         t = target[b0:b1].long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)

@@ -1146,9 +1146,12 @@ int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
     const acc_t g = read_row_value<acc_t>(p.grad_loss, r);
     const acc_t g_lse =
         has_g_lse ? static_cast<acc_t>(read_row_value<double>(p.grad_lse, r)) : acc_t(0);
-    write_row_grad<scalar_t>(p, r, x + p.in.row_offset(r), t,
-                             split_lse<kSplitLse<scalar_t>, acc_t>(lse_in[r]), g, g_lse,
-                             has_g_lse, tf, b);
+    const scalar_t* row = x + p.in.row_offset(r);
+    RowLse<acc_t> L = split_lse<kSplitLse<scalar_t>, acc_t>(lse_in[r]);
+    if (!stored_lse_suffices(L.hi)) {
+      L = row_lse<scalar_t, acc_t>(row, C, p.in.sc, tf, -1, nullptr, b.s);
+    }
+    write_row_grad<scalar_t>(p, r, row, t, L, g, g_lse, has_g_lse, tf, b);
   }
   return -1;
 }

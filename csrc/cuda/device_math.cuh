@@ -57,6 +57,12 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t base2_residual(acc_t m, acc_t m2) {
   return exp2_fast(-fma_acc(m, kLog2e<acc_t>, -m2));
 }
+// Whether the base-2 loops may shift by m2: base2_residual's exponent is up to half an ulp
+// of m2, which leaves ex2's range once |m2| reaches 2^31 in float (logits beyond about
+// 1.5e9; 2^60 in double), and inf * 0 made the sums and gradients NaN. Below 2^30 it is
+// at most 2^5. False for an infinite or NaN m2 too: the base-e loops take those rows.
+__device__ __forceinline__ bool base2_ok(float m2) { return fabsf(m2) < 0x1p30f; }
+__device__ __forceinline__ bool base2_ok(double m2) { return fabs(m2) < 0x1p30; }
 
 __device__ __forceinline__ float log_fast(float x) { return __logf(x); }
 __device__ __forceinline__ double log_fast(double x) { return log(x); }

@@ -232,6 +232,16 @@ class SoftmaxRow {
       if (with_mass) mass = grp.sum(mass);
     } else {
       L = split_lse<kSplit, acc_t>(static_cast<const double*>(p.lse_in)[r]);
+      // A float row far from 0 (kernel_params.h's stored_lse_suffices) takes pass 1 again:
+      // its stored double lost lo. The same value for the whole group (one row's lse), so
+      // every thread takes the branch or none does. (float64 rows keep no lo here.)
+      if (kSplit && !stored_lse_suffices(L.hi)) {
+        LseState<acc_t> st;
+        acc_t no_mass = 0;
+        pass1(st, no_mass, false);
+        grp.merge(st);
+        L = lse_of<kSplit>(st.m, st.log_s());
+      }
       if (p.prob_target) mass = grp.sum(mass_pass());
     }
     lse = L.hi;
@@ -375,7 +385,8 @@ class SoftmaxRow {
   // ---- pass 1: online log-sum-exp (and the target mass of the fused probability case) ----
 
   __device__ __forceinline__ void pass1(LseState<acc_t>& st, acc_t& mass, bool with_mass) {
-    if constexpr (kBulk) start_bulk();
+    // (the backward starts its row's copies itself, before its scalars)
+    if constexpr (kBulk && kMode != Mode::Backward) start_bulk();
     if (kVec) {
       // At most one head and one tail element per thread (both fewer than kN <= 32).
       acc_t ends[2];
@@ -557,11 +568,11 @@ class SoftmaxRow {
       if (!kBulk && !(st.s < acc_t(0))) cache_batch(raw, v0, slot, cstep, v0 < cached_end);
       if (live) {
         // In base 2 (device_math.cuh's exp2_shifted), as pass 2's plain loop: one fma and
-        // one ex2 per value. A row whose maximum is infinite, NaN or beyond about 2.4e38
-        // (m2 not finite) leaves for the vector by vector loop in base e, from this batch
-        // on (its maximum is already in st).
+        // one ex2 per value. A row whose maximum is infinite, NaN or beyond about 7e8
+        // (!base2_ok) leaves for the vector by vector loop in base e, from this batch on
+        // (its maximum is already in st).
         const acc_t m2 = st.m * kLog2e<acc_t>;
-        if (!is_finite(m2)) break;
+        if (!base2_ok(m2)) break;
         acc_t e[kU * kN];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -640,14 +651,15 @@ class SoftmaxRow {
   //   Smooth  label smoothing without weights or transform, class-index target:
   //           A p_c - D, and the smoothing sum of lse - s_c
   //   Generic anything else (probability targets, weighted smoothing, softcap, scale, and
-  //           rows whose lse2 is not finite).
+  //           rows whose lse2 is not base2_ok).
   enum class Loop { Plain, Folded, Smooth, Generic };
 
-  // lse2 is finite for a finite lse below about 2.4e38 (else the generic loop, base e).
+  // The plain loop shifts by lse2 in base 2 where base2_ok(lse2): |lse| below about 7e8
+  // (else the generic loop, base e).
   __device__ __forceinline__ Loop loop_of(bool counted, acc_t eps, const acc_t* w) const {
     if (tf.active() || p.prob_target) return Loop::Generic;
     if (!counted || eps == acc_t(0)) {  // no q_c term and no sum
-      return is_finite(lse2) ? Loop::Plain : Loop::Generic;
+      return base2_ok(lse2) ? Loop::Plain : Loop::Generic;
     }
     return w == nullptr ? Loop::Smooth : Loop::Generic;
   }
