@@ -149,7 +149,9 @@ Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArr
 
 struct Result {
   Tensor loss, lse, grad, grad_scale, denom;
-  bool guessed = false;  // the gradient was written for the guessed upstream
+  // The factor the gradient was written with for the guessed upstream (guessed_factor):
+  // 1 where no guess applied.
+  double post = 1.0;
 };
 
 // The upstream guess (torchloss_fused/_upstream_guess.py): a loss that the caller scales
@@ -230,7 +232,7 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
     std::tie(rows, r.lse, r.grad) = kind == kFocal
                                         ? focal_fwd_grad(x, t, w, focal, r.grad_scale)
                                         : ce_fwd_grad(x, t, w, ce, r.grad_scale);
-    r.guessed = post != 1.0;
+    r.post = post;
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
@@ -313,9 +315,9 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
             guess);
   }
   if (!with_grad) return THPVariable_Wrap(r.loss);
-  return Py_BuildValue("(NNNNNO)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
+  return Py_BuildValue("(NNNNNd)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
                        THPVariable_Wrap(r.grad), THPVariable_Wrap(r.grad_scale),
-                       wrap_or_none(r.denom), r.guessed ? Py_True : Py_False);
+                       wrap_or_none(r.denom), r.post);
   END_HANDLE_TH_ERRORS
 }
 

@@ -11,10 +11,11 @@
 //   dtype: the loss's; out_shape: the unreduced loss's shape (a tuple). Computes the mean's
 //   denominator, runs ce_fwd/focal_fwd (with_grad false) or the *_fwd_grad op for a unit
 //   upstream gradient, and reduces. Returns the loss, or (loss, lse, grad, grad_scale,
-//   denom or None, guessed) with_grad. guess: a 0-dim CPU tensor, the loss's gradient
+//   denom or None, post) with_grad. guess: a 0-dim CPU tensor, the loss's gradient
 //   the backward will likely get (the last ones it got), or None; where it applies (see
-//   guessed_factor in reduced_loss.cpp) the gradient is written for it and guessed is
-//   True (grad_scale stays the unit upstream's rows).
+//   guessed_factor in reduced_loss.cpp) the gradient is written for it, post (a float) is
+//   the factor it was written with, the gradient being that of grad_scale * post, and
+//   grad_scale stays the unit upstream's rows; post is 1.0 where no guess applied.
 //
 // _C.rescale_reduced(grad, grad_loss, reduction, denom, grad_scale, target=None,
 //                    ignore_index=0): backward of the above: turns the loss's gradient into

@@ -124,6 +124,42 @@ def test_wrong_guess_changes_no_bit(dtype, loss):
     assert GUESSES.misses == 1
 
 
+def _f_grad(x, t, scale, aux=None):
+    x = x.detach().double().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(x, t) * scale
+    if aux is not None:
+        loss = loss + aux * torch.nn.functional.cross_entropy(x, t.flip(0))
+    loss.backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("change", ["clamp_", "inplace_backward"])
+def test_wrong_guess_with_logits_changed_in_place(dtype, change):
+    """A wrong guess's backward cannot recompute from logits written in place since the
+    forward: it rescales the gradient written for the guessed upstream, where it raised
+    autograd's in-place error at that step alone (F, which needs no logits, runs on)."""
+    tol = {"atol": 1e-6, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-3,
+                                                                       "rtol": 2e-2}
+    for step, scale in enumerate((0.5, 0.5, 0.5, 0.25, 0.25)):
+        x0 = _logits(dtype)
+        t = _targets(x0, ignored=False)
+        x = x0.clone().requires_grad_()
+        h = x * 1  # (inplace_backward takes no leaf)
+        if change == "clamp_":
+            loss = tlf.cross_entropy(h, t) * scale
+            with torch.no_grad():
+                h.clamp_(-1, 1)  # (a metric's in-place edit after the loss)
+            expect = _f_grad(x0, t, scale)
+        else:  # an auxiliary loss on the logits beside a main loss that overwrites them
+            loss = (tlf.cross_entropy(h, t) * scale
+                    + 0.5 * tlf.cross_entropy(h, t.flip(0), inplace_backward=True))
+            expect = _f_grad(x0, t, scale, aux=0.5)
+        loss.backward()
+        torch.testing.assert_close(x.grad.double(), expect, **tol, msg=f"step {step}")
+    assert GUESSES.misses == 1  # step 3 guessed 0.5
+
+
 @pytest.mark.parametrize("right", [True, False])
 def test_second_backward_repeats_the_first(right):
     # retain_graph=True: the second backward recomputes the gradient from the logits.

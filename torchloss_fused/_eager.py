@@ -31,6 +31,8 @@ code anyway).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import _backend, _ops, _reduction
@@ -167,6 +169,14 @@ def _plain(*tensors) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
+def _changed(logits: tuple) -> bool:
+    """Whether the logits a forward kept as (weak reference, version) were written in place
+    since. (Gone: saved-tensor hooks hold them packed as they were.)"""
+    ref, version = logits
+    x = ref()
+    return x is not None and x._version != version
+
+
 class FusedReduced:
     """A fused op's loss, reduced ("sum", "mean") or not ("none"), the extension's C++ doing
     each way's tensor work in one call: `loss(...)` returns None where that does not apply
@@ -187,12 +197,14 @@ class FusedReduced:
             code = _REDUCTION_CODES[reduction]
             key = GUESSES.key(kind, code, x, dtype)
             guess = GUESSES.guess(key)
-            loss, lse, grad, grad_scale, denom, guessed = c.reduced_loss(
+            loss, lse, grad, grad_scale, denom, post = c.reduced_loss(
                 kind, code, True, unbatched, x, t, w, scalars, dtype, out_shape, guess)
             setup_context(ctx, (x, t, w, *scalars, grad_scale), (None, lse, grad))
             # (the rows' gradient in the loss rows' dtype, grad_scale's: lse may be wider)
             ctx.reduction = (reduction, denom, lse.shape, grad_scale.dtype)
-            ctx.guess = (key, guess if guessed else None)
+            ctx.guess = (key, guess if post != 1.0 else None, post)
+            if post != 1.0:  # (a weak reference: saved-tensor hooks may move the logits)
+                ctx.logits = (weakref.ref(x), x._version)
             # (a plain attribute, as the buffer: unpacking the saved target would make a
             # checkpointed loss recompute its forward; see _ops._fused_backward)
             _ops.keep_ignored(ctx, _ops._index_target(t, scalars[2 if kind == FOCAL else 0]))
@@ -202,22 +214,30 @@ class FusedReduced:
             _ops.check_ignored_unchanged(ctx)
             buffer = ctx.fused_grad
             reduction, denom, _, _ = ctx.reduction
-            key, guessed = ctx.guess
+            key, guessed, post = ctx.guess
             formula = grad is None or reference_backward(grad)
             right = key is not None and not formula and GUESSES.observe(key, grad, guessed)
+            scale = ctx.grad_scale  # the rows' upstream the buffer was written for
             if guessed is not None and not formula and not right:
-                # The buffer was written for another upstream gradient: recomputed below
-                # from the logits, as a second backward would, so a wrong guess changes
-                # no bit either (it costs a forward pass where the rescale cost a pass).
-                ctx.fused_grad = buffer = None
+                if _changed(ctx.logits):
+                    # Changed in place since the forward (another loss's inplace_backward,
+                    # an in-place op under no_grad): the buffer is all there is, as F needs
+                    # no logits in its backward. Rescaled from the guessed upstream: one
+                    # more rounding than an unguessed step's, and no error.
+                    scale = ctx.grad_scale * post
+                else:
+                    # Recomputed below from the logits, as a second backward would, so a
+                    # wrong guess changes no bit (a forward pass where the rescale cost
+                    # a pass).
+                    ctx.fused_grad = buffer = None
             if formula or buffer is None:
                 # A second backward, a differentiable or batched gradient: the op's formula.
                 return _rows_backward(backward, ctx, grad)[0], None, None, None, None
             ctx.fused_grad = None
-            if guessed is None:  # (a right guess left no row to rescale)
+            if guessed is None or not right:  # (a right guess left no row to rescale)
                 # (the target: its ignored rows stay zero whatever the upstream)
-                c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom,
-                                  ctx.grad_scale, *ctx.ignored)
+                c.rescale_reduced(buffer, grad, _REDUCTION_CODES[reduction], denom, scale,
+                                  *ctx.ignored)
             return buffer, None, None, None, None
 
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)
