@@ -20,7 +20,13 @@ ROOT = Path(__file__).parent.resolve()
 
 
 def _env_flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """As torchloss_fused/_env.py's switch: 1/true/yes/on, or 0/false/no/off/empty/unset;
+    any other value is an error (it had been read as off)."""
+    text = os.environ.get(name, "").strip().lower()
+    if text not in ("1", "true", "yes", "on", "", "0", "false", "no", "off"):
+        raise SystemExit(f"{name} must be one of 1, true, yes, on, 0, false, no, off, got "
+                         f"{os.environ[name]!r}")
+    return text in ("1", "true", "yes", "on")
 
 
 # Compiler flags per kernel file suffix: csrc/cpu/kernels_<capability>.cpp. The same source
@@ -79,9 +85,13 @@ def _resolve_cuda_home():
 def _want_cuda():
     if _env_flag("TORCHLOSS_FUSED_CPU_ONLY"):
         return False
-    if _env_flag("FORCE_CUDA"):
-        return True
     import torch
+
+    if _env_flag("FORCE_CUDA"):
+        if torch.version.cuda is None:
+            raise SystemExit(f"FORCE_CUDA=1 needs a CUDA build of PyTorch; this torch "
+                             f"({torch.__version__}) is CPU-only")
+        return True
     from torch.utils.cpp_extension import CUDA_HOME
 
     return torch.version.cuda is not None and CUDA_HOME is not None

@@ -202,7 +202,14 @@ PyMethodDef methods[] = {
 extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                    "torchloss_fused compiled kernels", -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  // The version of the functions above that the Python package checks at import
+  // (torchloss_fused/_schemas.py's PY_API): 2 since reduced_loss returns its guess's factor.
+  if (m != nullptr && PyModule_AddIntConstant(m, "PY_API", 2) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 TORCH_LIBRARY(torchloss_fused, m) {

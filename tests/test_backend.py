@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -163,3 +164,69 @@ def test_avx_instructions_only_in_their_capability_copies():
             if "AVX512" not in fn and "AVX2" not in fn:
                 offenders.add(fn)
     assert not offenders, sorted(offenders)[:10]
+
+
+@needs_ext
+def test_an_extension_from_older_sources_is_refused(monkeypatch):
+    """An extension built before an op, a schema or its functions changed (a checkout
+    pulled and not rebuilt) is refused for the fallback: a missing op had made the import
+    itself fail, and a changed function would be called with the wrong arguments."""
+    from types import SimpleNamespace
+
+    from torchloss_fused import _C, _schemas
+
+    assert _backend._stale(_C) is None
+    assert "version 1, not" in _backend._stale(SimpleNamespace())
+    monkeypatch.setitem(_schemas.SCHEMAS, "newer_op", "(Tensor x) -> Tensor")
+    assert _backend._stale(_C) == "it has no op newer_op"
+    monkeypatch.delitem(_schemas.SCHEMAS, "newer_op")
+    monkeypatch.setitem(_schemas.SCHEMAS, "_accumulate_", "(Tensor(a!) acc, Tensor src, "
+                        "float alpha) -> ()")
+    assert _backend._stale(_C).startswith("its op _accumulate_ is")
+
+
+def test_an_extension_never_built_is_named_so(tmp_path):
+    """The package without its _C (installed with TORCHLOSS_FUSED_NO_EXTENSION=1, or never
+    built): the warning says so, where it had quoted a circular-import error."""
+    pkg = Path(tlf.__file__).parent
+    shutil.copytree(pkg, tmp_path / "torchloss_fused",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    code = """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torchloss_fused as tlf
+        print(tlf.backend_info("cpu")["reason"])
+        print([str(w.message) for w in caught if "torchloss_fused" in str(w.message)])
+    """
+    # (-S: no site, so no editable install's finder sends the import to the checkout;
+    # site-packages, for torch, by PYTHONPATH, after the copy)
+    path = os.pathsep.join([str(tmp_path), sysconfig.get_paths()["purelib"],
+                            sysconfig.get_paths()["platlib"]])
+    proc = subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=path))
+    assert proc.returncode == 0, proc.stderr
+    reason, warned = proc.stdout.splitlines()
+    assert reason == "the compiled extension was not built"
+    assert "was not built" in warned and "circular" not in warned
+
+
+@pytest.mark.parametrize("value,on", [("1", True), (" Yes ", True), ("on", True),
+                                      ("", False), ("0", False), ("off", False)])
+def test_switches(monkeypatch, value, on):
+    from torchloss_fused._env import switch
+
+    monkeypatch.setenv("TLF_TEST_SWITCH", value)
+    assert switch("TLF_TEST_SWITCH") is on
+
+
+def test_a_switch_set_to_anything_else_is_an_error(monkeypatch):
+    """TORCHLOSS_FUSED_FORCE_REFERENCE=force had been read as off, silently."""
+    from torchloss_fused._env import mib_from_env, switch
+
+    monkeypatch.setenv("TLF_TEST_SWITCH", "force")
+    with pytest.raises(ValueError, match="TLF_TEST_SWITCH must be one of"):
+        switch("TLF_TEST_SWITCH")
+    monkeypatch.setenv("TLF_TEST_MIB", "")  # (empty: unset, where it had been an error)
+    assert mib_from_env("TLF_TEST_MIB") is None

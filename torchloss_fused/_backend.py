@@ -8,36 +8,63 @@ namespace `torchloss_fused_ref`) serve instead.
 
 from __future__ import annotations
 
-import os
 import warnings
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 
 import torch
 
 from torchloss_fused import _cuda_tuning
+from torchloss_fused._env import switch
+from torchloss_fused._schemas import PY_API, SCHEMAS
 
 FORCE_REFERENCE_ENV = "TORCHLOSS_FUSED_FORCE_REFERENCE"
 
 _OP = "torchloss_fused::ce_fwd"
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _stale(extension) -> str | None:
+    """What an extension built from older sources lacks: an op or a schema of this
+    package's (a missing one made `import torchloss_fused` fail), or its Python functions'
+    version (_schemas.PY_API). None for a current one."""
+    if getattr(extension, "PY_API", None) != PY_API:
+        return f"its functions are version {getattr(extension, 'PY_API', 1)}, not {PY_API}"
+    for name, schema in SCHEMAS.items():
+        expected = str(torch._C.parse_schema(f"torchloss_fused::{name}{schema}"))
+        try:
+            found = str(getattr(torch.ops.torchloss_fused, name).default._schema)
+        except (AttributeError, RuntimeError):
+            return f"it has no op {name}"
+        if found != expected:
+            return f"its op {name} is {found}"
+    return None
+
+
+def _fallback(reason: str, remedy: str) -> tuple[bool, str]:
+    warnings.warn(f"torchloss_fused: {reason}; using the pure-PyTorch fallback, which is "
+                  f"correct but slower. {remedy}", RuntimeWarning, stacklevel=4)
+    return False, reason
+
+
+_BUILD = ("Build it with `pip install --no-build-isolation .` (`-e .` in a checkout) where "
+          "a C++ compiler is.")
 
 
 def _load_extension() -> tuple[bool, str]:
-    if _env_true(FORCE_REFERENCE_ENV):
+    if switch(FORCE_REFERENCE_ENV):
         return False, f"{FORCE_REFERENCE_ENV} is set"
     try:
-        from torchloss_fused import _C  # noqa: F401  (loading registers the kernels)
-    except ImportError as exc:  # not built, or built against another torch
-        reason = f"the compiled extension could not be loaded ({exc})"
-        warnings.warn(
-            f"torchloss_fused: {reason}; using the pure-PyTorch fallback, which is correct "
-            "but slower. Rebuild with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False, reason
+        from torchloss_fused import _C  # (loading registers the kernels)
+    except ImportError as exc:  # not built, built against another torch or elsewhere
+        here = Path(__file__).parent
+        if not any((here / f"_C{suffix}").exists() for suffix in EXTENSION_SUFFIXES):
+            return _fallback("the compiled extension was not built", _BUILD)
+        return _fallback(f"the compiled extension could not be loaded ({exc})",
+                         "Rebuild it against this torch: " + _BUILD)
+    stale = _stale(_C)
+    if stale is not None:
+        return _fallback(f"the compiled extension was built from older sources ({stale})",
+                         "Rebuild it: " + _BUILD)
     return True, "compiled extension loaded"
 
 

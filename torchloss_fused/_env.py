@@ -1,4 +1,4 @@
-"""Sizes read from environment variables at import, checked."""
+"""Sizes and switches read from environment variables at import, checked."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ def whole_number(text: str, what: str, unit: str) -> int:
 
 
 def mib_from_env(name: str) -> int | None:
-    """Bytes from the whole number of MiB in the variable `name`; None when it is unset."""
-    text = os.environ.get(name)
-    return None if text is None else whole_number(text, name, "MiB") << 20
+    """Bytes from the whole number of MiB in the variable `name`; None when it is unset or
+    empty (`NAME=` in a shell, as for the switches)."""
+    text = os.environ.get(name, "").strip()
+    return None if not text else whole_number(text, name, "MiB") << 20
+
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def switch(name: str) -> bool:
+    """Whether the variable `name` is on: 1, true, yes, on (any case); off when unset, empty,
+    0, false, no or off; any other value is a ValueError, where it had been read as off."""
+    text = os.environ.get(name, "").strip().lower()
+    if text in _ON or text in _OFF:
+        return text in _ON
+    raise ValueError(f"{name} must be one of 1, true, yes, on, 0, false, no, off, got "
+                     f"{os.environ[name]!r}")
