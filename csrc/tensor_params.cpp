@@ -7,7 +7,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -19,6 +22,26 @@ namespace {
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Whether elements of t may share memory. has_internal_overlap's "too hard" (as_strided,
+// unfold, also a plain row slice) is decided by the strides, smallest first: apart while
+// each passes the reach of the dims inside it. (An overlapping view had been let through,
+// and rows' gradients were written over logits other rows had still to read.)
+bool may_overlap(const at::Tensor& t) {
+  const at::MemOverlap status = at::has_internal_overlap(t);
+  if (status != at::MemOverlap::TooHard) return status == at::MemOverlap::Yes;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += (size - 1) * stride;
+  }
+  return false;
 }
 
 }  // namespace
@@ -219,7 +242,7 @@ void set_backward_args(const char* op, SoftmaxLossLaunch& l, const at::Tensor& i
   TORCH_CHECK(grad_input.sizes() == input.sizes() &&
                   grad_input.scalar_type() == input.scalar_type(),
               op, ": gradient buffer must match the input");
-  TORCH_CHECK(at::has_internal_overlap(grad_input) != at::MemOverlap::Yes, op,
+  TORCH_CHECK(!may_overlap(grad_input), op,
               ": cannot write the gradient into a tensor whose elements overlap (e.g. an "
               "expanded tensor); use inplace_backward=False");
   l.p.grad_input = grad_input.data_ptr();

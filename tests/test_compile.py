@@ -232,3 +232,33 @@ def test_compiled_sigmoid_focal_keeps_the_fused_op(device, backend, reduction, d
             torch.testing.assert_close(g_compiled, g_eager, rtol=1e-6 if dtype == torch.float32
                                        else 1e-2, atol=0)
     assert torch.equal(compiled(x, t), f(x, t))
+
+
+@pytest.mark.parametrize("call", ["size_average=False", "reduce=False", "module"])
+def test_deprecated_reduction_arguments_trace_whole(device, backend, call):
+    """size_average / reduce, which F still takes, compile to one graph as F's do (the
+    conversion had been torch's own function, which Dynamo records as an op and which
+    returns a str: fullgraph=True failed)."""
+    torch._dynamo.reset()
+    x, y, *_ = _inputs(device)
+    fns = {"size_average=False": lambda m, x: m.cross_entropy(x, y, size_average=False),
+           "reduce=False": lambda m, x: m.cross_entropy(x, y, reduce=False).sum(),
+           "module": lambda m, x: m.CrossEntropyLoss(size_average=False)(x, y)}
+    fn = fns[call]
+    with pytest.warns(UserWarning, match="size_average and reduce"):
+        expect = fn(torch.nn.functional, x) if call != "module" else fn(torch.nn, x)
+    got = torch.compile(functools.partial(fn, tlf), fullgraph=True)(x)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_focal_tensor_alpha_traces_once(device, backend):
+    """A 0-dim tensor alpha is traced as a tensor: one graph for every value (read as a
+    number it broke the graph, fullgraph=True failed, and each value recompiled)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x, y, *_ = _inputs(device)
+    compiled = torch.compile(lambda x, a: tlf.focal_loss(x, y, alpha=a), fullgraph=True)
+    for value in (0.25, 0.5, 0.75):
+        a = torch.tensor(value, device=device)
+        torch.testing.assert_close(compiled(x, a), tlf.focal_loss(x, y, alpha=value))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -16,7 +16,6 @@ import warnings
 import torch
 from torch import Tensor
 from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
-from torch.nn import _reduction as _legacy_reduction
 
 from . import _eager, _reduction, reference, vocab_parallel
 from ._higher_order import carries_derivative, transform_active, unwrapped
@@ -120,6 +119,19 @@ def _dense_prob_target(target):
     return target
 
 
+def _legacy_reduction_string(size_average, reduce) -> str:
+    """torch.nn._reduction.legacy_get_string, with its warning in eager calls: torch.compile
+    records a call of torch's own function into its graph as an op, and this one returns a
+    str (fullgraph=True failed; F's call, inside torch, is traced through)."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn here)
+        warnings.warn("size_average and reduce args will be deprecated, please use "
+                      f"reduction='{reduction}' instead.", stacklevel=3)
+    return reduction
+
+
 def _check_logits(input, name: str = "input") -> None:
     _check_tensor(input, name)
     if input.dtype not in _FLOAT_DTYPES:
@@ -160,16 +172,57 @@ def _check_device(input: Tensor, other: Tensor, name: str) -> None:
         )
 
 
-def _check_inplace_target(input: Tensor, x3: Tensor) -> None:
+def _may_overlap(x: Tensor) -> bool:
+    """Whether two elements of x may share memory: unless each stride, smallest first,
+    passes the reach of the dims inside it. (PyTorch's own test answers "too hard" for
+    views such as as_strided or unfold: those had been let through, and the backward wrote
+    rows' gradients over logits other rows had still to read.)"""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def _spans(x: Tensor, *others: Tensor | None) -> list[tuple[int, int] | None]:
+    """The bytes from each tensor's first element to one past its last; None for one
+    without elements, on another device, or with no memory (meta, fake)."""
+    out = []
+    for t in (x, *others):
+        if not isinstance(t, Tensor) or t.numel() == 0 or t.device != x.device:
+            out.append(None)
+            continue
+        try:
+            start = t.data_ptr()
+        except RuntimeError:  # (a fake tensor has none)
+            start = 0
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        out.append((start, start + (last + 1) * t.element_size()) if start else None)
+    return out
+
+
+def _check_inplace_target(input: Tensor, x3: Tensor, **others: Tensor | None) -> None:
     """inplace_backward=True writes the gradient over the input's storage: refused where
-    that would corrupt something, as PyTorch refuses an in-place op on such a tensor.
-    (Under torch.compile only the leaf test: a compiled backward writes into the input
-    too, and copies the result back to a parameter.)"""
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(x3) == 1:
-        raise ValueError(
-            "inplace_backward=True writes the gradient into the input, but elements of this "
-            "input share memory (an expanded tensor?); clone it or use inplace_backward=False"
-        )
+    that would corrupt something, as PyTorch refuses an in-place op on such a tensor;
+    `others` (the target, the weight), where they lie among the input's bytes, here
+    rather than in the backward. (Under torch.compile only the leaf test: a compiled
+    backward writes into the input too, and copies the result back to a parameter.)"""
+    if not recording() and not vocab_parallel.is_dtensor(x3) and x3.device.type != "meta":
+        if _may_overlap(x3):
+            raise ValueError(
+                "inplace_backward=True writes the gradient into the input, but elements of "
+                "this input share memory (an expanded tensor?); clone it or use "
+                "inplace_backward=False"
+            )
+        x_span, *spans = _spans(x3, *others.values())
+        for name, span in zip(others, spans):
+            if x_span and span and span[0] < x_span[1] and x_span[0] < span[1]:
+                raise ValueError(
+                    f"inplace_backward=True writes the gradient into the input, but the "
+                    f"{name} lies in the input's memory, which the gradient overwrites; "
+                    f"pass a copy of it"
+                )
     # A leaf that requires grad (a parameter), or a view of one: its values would become
     # its own gradient, and .grad the same memory, which the optimizer then steps with.
     base = input if input._base is None else input._base
@@ -487,7 +540,7 @@ def cross_entropy(
       use it only when nothing else needs the logits afterwards.
     """
     if size_average is not None or reduce is not None:
-        reduction = _legacy_reduction.legacy_get_string(size_average, reduce)
+        reduction = _legacy_reduction_string(size_average, reduce)
     reduction = _f_reduction(reduction)
     _check_logits(input)
     target = _dense_prob_target(target)
@@ -503,7 +556,7 @@ def cross_entropy(
     # torch.func and forward-mode AD: the reference code, which they see through.
     transformed = transform_active(input, weight, target if target.is_floating_point() else None)
     if inplace_backward and _wants_grad(x3) and not transformed:
-        _check_inplace_target(input, x3)
+        _check_inplace_target(input, x3, target=target, weight=weight)
     prob = target.is_floating_point()
     if prob:
         if tuple(target.shape) != tuple(input.shape):
@@ -632,8 +685,11 @@ def focal_loss(
     if vocab_parallel.is_dtensor(t):
         vocab_parallel.check_targets(t, x3.shape[1], ignore_index)
     alpha_vec, alpha_scale = None, 1.0
-    if isinstance(alpha, Tensor) and alpha.dim() == 0 and carries_derivative(alpha):
-        alpha = alpha.expand(x3.shape[1])  # (a number to learn: the per-class path's grad)
+    if isinstance(alpha, Tensor) and alpha.dim() == 0 and (
+            carries_derivative(alpha) or (recording() and alpha.is_floating_point())):
+        # A number to learn: the per-class path's grad. In traced code too, which cannot
+        # read it as a number (torch.compile broke the graph there, fullgraph=True failed).
+        alpha = alpha.to(input.device).expand(x3.shape[1])
     if isinstance(alpha, Tensor) and alpha.dim() > 0:
         _check_class_vector(input, alpha, "alpha")
         alpha_vec = alpha
@@ -671,7 +727,6 @@ def focal_loss(
 # ---- sigmoid focal loss -------------------------------------------------------------------
 
 
-@dispatches_torch_function(2)
 def _memory_order(x: Tensor, *others: Tensor) -> list[int] | None:
     """x's dims from outermost to innermost in memory where that is not their own order
     (channels_last, a transpose): the kernels then walk x as it lies, without a contiguous
@@ -697,6 +752,7 @@ def _with_layout(t: Tensor, order: list[int] | None) -> Tensor:
     return t.permute(order).contiguous().permute(_inverse(order))
 
 
+@dispatches_torch_function(2)
 def sigmoid_focal_loss(
     inputs: Tensor,
     targets: Tensor,

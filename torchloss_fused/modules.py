@@ -7,7 +7,6 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torch.nn import _reduction
 
 from . import functional as F
 from .vocab_parallel import replicated_like
@@ -73,7 +72,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         inplace_backward: bool = False,
     ) -> None:
         if size_average is not None or reduce is not None:
-            reduction = _reduction.legacy_get_string(size_average, reduce)
+            reduction = F._legacy_reduction_string(size_average, reduce)
         # (the weight buffer, ignore_index, reduction and label_smoothing, set as torch's)
         super().__init__(weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing)
