@@ -10,6 +10,7 @@ including a selection that leaves nothing to run (checked before anything is mea
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -261,6 +262,9 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _parser().error(f"argument --out: {e}")
+    if importlib.util.find_spec("tabulate") is None:  # (the report's tables need it)
+        _parser().error("the report needs tabulate: pip install -e '.[bench]' "
+                        "(scripts/bench.sh installs it)")
 
     prefault_bytes = _prefault_bytes(args, device, [case for case, _ in plan])
     prefault = {"bytes": prefault_bytes, "seconds": memory.prefault(prefault_bytes)}
