@@ -247,6 +247,10 @@ def test_deprecated_reduction_arguments_trace_whole(device, backend, call):
     fn = fns[call]
     with pytest.warns(UserWarning, match="size_average and reduce"):
         expect = fn(torch.nn.functional, x) if call != "module" else fn(torch.nn, x)
+    if call == "module" and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        # (torch 2.4's Dynamo cannot register a module subclass's buffer inside a compiled
+        # function: the module, built outside, compiles whole there too)
+        pytest.skip("torch 2.4 compiles no module subclass built inside")
     got = torch.compile(functools.partial(fn, tlf), fullgraph=True)(x)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
 

@@ -736,8 +736,10 @@ def _memory_order(x: Tensor, *others: Tensor) -> list[int] | None:
     there)."""
     if x.dim() < 2 or recording() or vocab_parallel.is_dtensor(x) or x.is_contiguous():
         return None
-    order, _ = compute_elementwise_output_logical_to_physical_perm(x, *others)
-    return None if order == sorted(order) else list(order)
+    order = compute_elementwise_output_logical_to_physical_perm(x, *others)
+    if isinstance(order, tuple):  # (torch 2.5 and later: the order and a flag)
+        order = order[0]
+    return None if list(order) == sorted(order) else list(order)
 
 
 def _inverse(order: list[int]) -> list[int]:
