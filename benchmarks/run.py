@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import shlex
+import signal
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -148,22 +150,40 @@ def _ours_info(device):
     return tlf.backend_info(device) if tlf is not None and hasattr(tlf, "backend_info") else None
 
 
-def _sweep(plan, ctx: runner.Context, no_progress: bool) -> list:
+class _Terminated(BaseException):
+    """SIGTERM (a time limit's kill, as gpu_check.sh's timeout sends): the run stops and
+    writes what it has."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated(f"stopped by signal {signum}")
+
+
+def _sweep(plan, ctx: runner.Context, no_progress: bool, rows: list, on_case) -> None:
+    """Appends each case's rows to `rows` and calls on_case() after it. A case that fails
+    outside its implementations' own guards (its inputs, the oracle, eager PyTorch's
+    accuracy check, or a CUDA context a kernel fault broke) gets ERROR rows, and the run
+    goes on: a run that stopped there had written nothing."""
     bar = _progress(sum(len(impls) for _, impls in plan), no_progress)
-    rows = []
     for case, impls in plan:
         if bar is not None:
             bar.set_description(f"{case.op} {case.dtype} {case.shape_str()}")
-        rows += runner.run_case(case, impls, ctx,
-                                on_row=(lambda row: bar.update(1)) if bar is not None
-                                else (lambda row: None))
+        try:
+            rows += runner.run_case(case, impls, ctx,
+                                    on_row=(lambda row: bar.update(1)) if bar is not None
+                                    else (lambda row: None))
+        except Exception as exc:  # noqa: BLE001  (not _Terminated, a BaseException: main)
+            for impl in impls:
+                row = runner._blank_row(case, impl, 0)
+                runner._error(row, exc)
+                rows.append(row)
+        on_case()
     if bar is not None:
         bar.close()
-    return rows
 
 
 def _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
-              load_start, prefault) -> dict:
+              load_start, prefault, described: tuple, complete: bool = True) -> dict:
     argv_list = [sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.run",
                  *(sys.argv[1:] if argv is None else argv)]
     return {
@@ -173,10 +193,10 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
         "command": shlex.join(argv_list),
         "argv": argv_list,
         "sweep": args.size,
-        "device": device_info.describe(device),
+        "device": described[0],
         "software": device_info.software(),
         "git": device_info.git_state(),
-        "ours": _ours_info(device),
+        "ours": described[1],
         "copy_bandwidth": {"tensor_bytes": bw.tensor_bytes, "bytes_moved": bw.bytes_moved,
                            "median_ms": bw.median_s * 1e3, "gb_per_s": bw.gb_per_s},
         "timing": {"method": ("cuda-events" if device.type == "cuda"
@@ -186,6 +206,8 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
         "memory": {"method": mem_method, "probe": probe, "prefault": prefault},
         "load_average": {"start": load_start, "end": device_info.load_average()},
         "rows": [r.to_json() for r in rows],
+        # (False: written after each case while the run went on, or the run was stopped)
+        "complete": complete,
     }
 
 
@@ -228,11 +250,14 @@ def _plan(args, device: torch.device) -> tuple[list, dict]:
     return [(case, impls) for case, impls in plan if impls], left_out
 
 
+def _stem(out: Path, slug: str, started) -> Path:
+    return out / f"{slug}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+
+
 def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool,
            latest_file: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    slug = doc["device"]["slug"]
-    stem = out / f"{slug}-{started.strftime('%Y%m%dT%H%M%SZ')}"
+    stem = _stem(out, doc["device"]["slug"], started)
     results_json.write(doc, stem.with_suffix(".json"))
     latest = out / latest_file
     latest.write_text(text + "\n")  # exactly as printed
@@ -272,10 +297,31 @@ def main(argv=None) -> int:
     probe = memory.probe(device, mem_method)
     bw = timing.copy_bandwidth(device, _copy_tensor_bytes(device, args.size, llc), settings)
     ctx = runner.Context(device, settings, llc, bw.gb_per_s, mem_method, args.seed)
-    rows = _sweep(plan, ctx, args.no_progress)
+    # (before any of our kernels runs: a fault would leave the CUDA context unusable)
+    described = (device_info.describe(device), _ours_info(device))
+    rows: list = []
 
-    doc = _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
-                    load_start, prefault)
+    def document(complete: bool) -> dict:
+        return _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
+                         load_start, prefault, described, complete)
+
+    def save_so_far():  # (the final write replaces it)
+        results_json.write(document(False),
+                           _stem(args.out, described[0]["slug"], started).with_suffix(".json"))
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    stopped = None
+    try:
+        _sweep(plan, ctx, args.no_progress, rows, save_so_far)
+    except _Terminated as exc:
+        stopped = str(exc)
+        print(f"benchmark {stopped}: writing the rows measured so far", file=sys.stderr)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+    doc = document(stopped is None)
     text = report.render(doc, rows)
     print(text)
     latest_file = latest_name(doc["device"]["slug"], args.size, args.ops, args.dtypes,
@@ -284,7 +330,7 @@ def main(argv=None) -> int:
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     ours_broken = any(r.impl_kind == baselines.OURS and r.status in (FAILED, ERROR)
                       for r in rows)
-    return 1 if ours_broken else 0
+    return 1 if ours_broken or stopped else 0
 
 
 if __name__ == "__main__":

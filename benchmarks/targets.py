@@ -3,10 +3,12 @@ benchmark wrote: python -m benchmarks.targets [RESULTS.json ...]
 
 Reads figures, never measures: run `python -m benchmarks.run --targets` first. Each target
 is reported as met, MISSED, or "not measured" when the run lacks the rows it needs (another
-device, sweep or dtype). With no file named, the newest results JSON in
-benchmarks/results/ is read. Exit status 1 when a target was missed, else 0. With
-`--ops OP ...`, only those ops' targets are judged and one not measured counts as missed
-(scripts/gpu_check.sh skips its launch sweep when the first run passes that way).
+device, sweep or dtype). A row the run has but could not measure (failed, error, skipped)
+is a miss, with the row's message, as is a CUDA run whose loss was not the CUDA kernels'.
+With no file named, the newest results JSON in benchmarks/results/ is read. Exit status 1
+when a target was missed, else 0. With `--ops OP ...`, only those ops' targets are judged
+and one not measured counts as missed (scripts/gpu_check.sh skips its launch sweep when the
+first run passes that way).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from . import results_json
-from .baselines import BOUND, EAGER, OURS
+from .baselines import BOUND, COMPILE, EAGER, OURS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -37,6 +39,7 @@ class Target:
     bound: float
     at_least: bool  # value >= bound (else value <= bound)
     unit: str = "x"
+    needs: tuple = ()  # impl kinds whose rows the value was derived from (a speed-up's)
 
 
 def _field(kind: str, key: str):
@@ -69,9 +72,9 @@ TARGETS = [
     Target("cuda", "CE fwd+bwd, % of copy bandwidth", "ce_fwd_bwd", _GPU_CE, ("bf16",),
            _field(OURS, "pct_copy_bw"), 85.0, True, "%"),
     Target("cuda", "CE fwd+bwd, speed-up over eager", "ce_fwd_bwd", _GPU_CE, ("bf16",),
-           _field(OURS, "speedup_vs_eager"), 3.0, True),
+           _field(OURS, "speedup_vs_eager"), 3.0, True, needs=(EAGER,)),
     Target("cuda", "CE fwd+bwd, speed-up over torch.compile", "ce_fwd_bwd", _GPU_CE, ("bf16",),
-           _field(OURS, "speedup_vs_compile"), 1.3, True),
+           _field(OURS, "speedup_vs_compile"), 1.3, True, needs=(COMPILE,)),
     Target("cuda", "CE fwd+bwd, peak extra memory / logits", "ce_fwd_bwd", _GPU_CE, ("bf16",),
            _field(OURS, "peak_extra_ratio"), 1.05, False),
     Target("cuda", "CE fwd+bwd inplace_backward, peak extra / logits", "ce_fwd_bwd", _GPU_CE,
@@ -85,9 +88,9 @@ TARGETS = [
            ("bf16",), _ratio(OURS, BOUND, "median_ms"), 1.2, False),
     # Issue 4 (CPU, fp32 and bf16).
     Target("cpu", "CE fwd+bwd, speed-up over eager", "ce_fwd_bwd", _CPU_CE, ("fp32", "bf16"),
-           _field(OURS, "speedup_vs_eager"), 5.0, True),
+           _field(OURS, "speedup_vs_eager"), 5.0, True, needs=(EAGER,)),
     Target("cpu", "CE fwd+bwd, speed-up over torch.compile", "ce_fwd_bwd", _CPU_CE,
-           ("fp32", "bf16"), _field(OURS, "speedup_vs_compile"), 2.5, True),
+           ("fp32", "bf16"), _field(OURS, "speedup_vs_compile"), 2.5, True, needs=(COMPILE,)),
     Target("cpu", "CE fwd+bwd, peak extra memory / logits", "ce_fwd_bwd", _CPU_CE,
            ("fp32", "bf16"), _field(OURS, "peak_extra_ratio"), 1.1, False),
     # Issue 5 (CPU, fp32 and bf16).
@@ -99,8 +102,8 @@ TARGETS = [
 __all__ = ["TARGETS", "Target", "evaluate", "main"]
 
 
-def _row_finder(results: dict, target: Target, dtype: str):
-    rows = [r for r in results.get("rows", []) if r.get("status") == "ok"
+def _row_finder(results: dict, target: Target, dtype: str, ok_only: bool = True):
+    rows = [r for r in results.get("rows", []) if (r.get("status") == "ok" or not ok_only)
             and r.get("dtype") == dtype and tuple(r.get("shape", ())) == target.shape]
 
     def row_of(kind: str, op: str | None):
@@ -118,24 +121,46 @@ def _row_finder(results: dict, target: Target, dtype: str):
     return row_of
 
 
+def _unusable(results: dict, target: Target, dtype: str) -> str:
+    """The rows the target reads (and target.needs) that the run has but did not measure,
+    as 'impl: status (message)'; empty when there are none."""
+    find = _row_finder(results, target, dtype, ok_only=False)
+    asked = []
+
+    def recording(kind: str, op: str | None):
+        row = find(kind, op)
+        asked.append(row)
+        return None  # (only which rows: their figures may be missing)
+
+    target.value(recording)
+    asked += [find(kind, None) for kind in target.needs]
+    return "; ".join(f"{r['impl']}: {r['status']} ({(r.get('message') or '').strip()[:120]})"
+                     for r in asked if r is not None and r.get("status") != "ok")
+
+
 def evaluate(results: dict) -> list[dict]:
     """One verdict per (target, dtype) for the results' device kind: value, bound, met
-    (True/False, or None when not measured)."""
+    (True/False, or None when not measured) and a note saying why where a row is broken."""
     kind = results.get("device", {}).get("kind")
+    implementation = (results.get("ours") or {}).get("implementation")
     verdicts = []
     for target in TARGETS:
         if target.device_kind != kind:
             continue
         for dtype in target.dtypes:
             value = target.value(_row_finder(results, target, dtype))
-            met = None
+            met, note = None, _unusable(results, target, dtype)
             if value is not None:
                 cmp = operator.ge if target.at_least else operator.le
                 met = bool(cmp(value, target.bound))
+            if note:
+                met = False
+            if kind == "cuda" and implementation not in (None, "cuda"):
+                met, note = False, f"the loss ran on the {implementation} implementation"
             verdicts.append({"target": target.what, "op": target.op, "dtype": dtype,
                              "shape": "x".join(map(str, target.shape)), "value": value,
                              "bound": target.bound, "at_least": target.at_least,
-                             "unit": target.unit, "met": met})
+                             "unit": target.unit, "met": met, "note": note})
     return verdicts
 
 
@@ -155,8 +180,9 @@ def report(results: dict, verdicts: list[dict]) -> str:
              for v in verdicts]
     if not table:
         return head + "\n(no targets are set for this device kind)"
-    return head + "\n" + tabulate(table, ["target", "dtype", "shape", "measured", "target",
-                                          "verdict"], tablefmt="github")
+    notes = [f"- {v['target']} ({v['dtype']}): {v['note']}" for v in verdicts if v.get("note")]
+    return "\n".join([head, tabulate(table, ["target", "dtype", "shape", "measured", "target",
+                                             "verdict"], tablefmt="github"), *notes])
 
 
 def _newest_results() -> Path | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
 import sys
 
 import pytest
@@ -638,3 +640,44 @@ def test_tuning_sweep_refuses_unreadable_files(tmp_path, capsys):
     for path in (tmp_path / "missing.json", bad, listed, tmp_path):
         err = _usage_error(tuning_sweep.main, [str(path)], capsys)
         assert err.startswith("usage: python -m benchmarks.tuning_sweep") and str(path) in err
+
+
+@pytest.mark.parametrize("failure", ["case", "sigterm"])
+def test_a_failing_or_stopped_run_writes_what_it_has(monkeypatch, tmp_path, failure):
+    """A case that fails outside its rows' guards (its inputs, the oracle, a CUDA context
+    a kernel fault broke) gets ERROR rows and the run goes on; a run stopped by SIGTERM (a
+    time limit) writes the rows it has, marked incomplete. Both had written nothing."""
+    pytest.importorskip("tabulate")
+    real = runner.run_case
+    calls = []
+
+    def run_case(case, impls, ctx, on_row=lambda row: None):
+        calls.append(case)
+        if len(calls) == 2:
+            if failure == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(case, impls, ctx, on_row)
+
+    monkeypatch.setattr(runner, "run_case", run_case)
+    argv = ["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--no-plot",
+            "--ops", "ce_fwd_bwd,focal_fwd_bwd", "--dtypes", "fp32", "bf16"]
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    with redirect_stdout(StringIO()):
+        code = run.main(argv)
+    (json_path,) = tmp_path.glob("cpu-*.json")
+    doc = json.loads(json_path.read_text())
+    cases = {(r["op"], r["dtype"], tuple(r["shape"])) for r in doc["rows"]}
+    if failure == "case":
+        assert doc["complete"] is True and len(calls) > 2 and len(cases) == len(calls)
+        c = calls[1]
+        broken = [r for r in doc["rows"]
+                  if (r["op"], r["dtype"], tuple(r["shape"])) == (c.op, c.dtype, tuple(c.shape))]
+        assert broken and all(r["status"] == ERROR and "illegal memory" in r["message"]
+                              for r in broken)
+        assert code == 1  # (our row of that case is an ERROR)
+    else:
+        assert doc["complete"] is False and len(calls) == 2 and len(cases) == 1
+        assert code == 1

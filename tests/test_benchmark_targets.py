@@ -181,3 +181,38 @@ def test_summary_lines(tmp_path, capsys):
     assert summary.main([str(path)]) == 0
     assert "peer_b 2.500" in capsys.readouterr().out
     assert summary.main(["--op", "ce_fwd", str(path)]) == 1
+
+
+H200_RUN = RESULTS / "cuda-nvidia-h200-20261204T182137Z.json"
+
+
+@pytest.mark.parametrize("broken", ["ours", "eager", "implementation"])
+def test_a_row_the_run_could_not_measure_is_a_miss(broken):
+    """A target whose row failed (a kernel fault, an out-of-memory) is MISSED with the row's
+    message, not 'not measured' (which passed without --ops), and a CUDA run whose loss ran
+    on the fallback meets nothing."""
+    results = json.loads(H200_RUN.read_text())
+    figures = ("median_ms", "pct_copy_bw", "speedup_vs_eager", "speedup_vs_compile",
+               "peak_extra_ratio", "peak_extra_bytes")
+    for r in results["rows"]:
+        if r["op"] != "ce_fwd_bwd" or tuple(r["shape"]) != (16384, 128256):
+            continue
+        if (broken == "ours" and r["impl_kind"] == "ours"
+                and not r["impl"].endswith(targets.INPLACE)) or (
+                broken == "eager" and r["impl_kind"] == "eager"):
+            r.update({"status": "failed", "message": "an illegal memory access"},
+                     **dict.fromkeys(figures))
+            if broken == "eager":  # (our row's ratio to it goes too)
+                for o in results["rows"]:
+                    if o["op"] == "ce_fwd_bwd" and o["impl_kind"] == "ours":
+                        o["speedup_vs_eager"] = None
+    if broken == "implementation":
+        results["ours"]["implementation"] = "reference"
+    verdicts = {v["target"]: v for v in targets.evaluate(results)}
+    over_eager = verdicts["CE fwd+bwd, speed-up over eager"]
+    assert over_eager["met"] is False
+    if broken != "implementation":
+        assert "illegal memory access" in over_eager["note"]
+        assert "illegal memory access" in targets.report(results, list(verdicts.values()))
+    inplace = verdicts["CE fwd+bwd inplace_backward, peak extra / logits"]
+    assert inplace["met"] is (broken == "ours" or broken == "eager")
