@@ -54,7 +54,8 @@ log "$("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "C
 SOURCES="$("$ROOT/scripts/source_hash.sh")"
 SRC="$(mktemp -d)"
 trap 'rm -rf "$SRC"' EXIT
-(cd "$ROOT" && git ls-files -z | xargs -0 cp --parents -t "$SRC")
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
+  xargs -0 cp --parents -t "$SRC")
 log "building for $ARCH (FORCE_CUDA=1)"
 start=$SECONDS
 (cd "$SRC" && FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
@@ -65,6 +66,9 @@ info = t.backend_info("cuda")
 assert info["implementation"] == "cuda", info')
 so="$(cd "$SRC" && ls torchloss_fused/_C.cpython-*.so)"
 cp "$SRC/$so" "$ROOT/$so"
+# Python's CFLAGS carry -g: 50 MB of debug info of the 64 MiB a device call may carry (the
+# kernels' fatbin and -lineinfo stay).
+command -v strip >/dev/null && strip --strip-debug "$ROOT/$so"
 echo "$SOURCES" >"$ROOT/torchloss_fused/_C.sources"
 log "built in $((SECONDS - start)) s: $so, sources $SOURCES (carry both it and"
 log "torchloss_fused/_C.sources with the device run)"

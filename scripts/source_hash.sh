@@ -5,4 +5,9 @@
 # scripts/gpu_check.sh compares.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-git ls-files -z csrc setup.py | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+# (untracked files too, as setup.py globs csrc/: a new source not yet added counts; a tree
+# without git, or git refusing it, is an error rather than the hash of nothing)
+files="$(git ls-files -z --cached --others --exclude-standard csrc setup.py | tr '\0' '\n')"
+[[ -n "$files" ]] || { echo "source_hash.sh: git lists no sources here" >&2; exit 1; }
+printf '%s\n' "$files" | LC_ALL=C sort | tr '\n' '\0' | xargs -0 sha256sum | sha256sum |
+  cut -c1-16
