@@ -180,8 +180,18 @@ def test_matches_f_linear_cross_entropy(device, backend, call):
     assert loss.dtype == eager.dtype and loss.shape == eager.shape, (loss.dtype, eager.dtype)
     assert lse.shape == ref_lse.shape
     assert_matches(loss.detach().cpu(), ref.detach(), eager.detach(), dtype, what="loss")
+    # (bf16/fp16: the lse is that of the logits rounded to the dtype, as F.linear rounds
+    # them, within half an ulp of the largest; where |lse| is far below the logits', the
+    # house floor, relative to |lse|, is narrower than that, and eager's own rounding can
+    # land nearer by chance: 10 in 20000 draws of one configuration in a helper's fuzz)
+    lse_extra = 0.0
+    if dtype in (torch.bfloat16, torch.float16):
+        logits64 = F.linear(oracle_in["hidden"].detach(), oracle_in["weight"].detach(),
+                            None if oracle_in["bias"] is None else oracle_in["bias"].detach())
+        lse_extra = torch.finfo(dtype).eps * float(logits64.abs().max()) if logits64.numel() \
+            else 0.0
     assert_matches(lse.detach().cpu(), ref_lse.detach(), eager_lse.detach(), dtype,
-                   what="lse")
+                   what="lse", extra=lse_extra)
     if not names or ref.numel() == 0:
         return
 

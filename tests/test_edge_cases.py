@@ -452,3 +452,22 @@ def test_target_written_before_backward_raises_as_in_f(device, backend, case, re
     t2[:3] = -100
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (f_loss.sum() * 3).backward()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_weighted_smoothed_mean_over_zero_weight_is_nan_with_f_gradient(backend, inplace):
+    """Counted targets that weigh 0 in all, with label smoothing: the mean is nan and so is
+    F's gradient on the counted rows (an ignored row keeps its zeros). inplace_backward's
+    path had given every row a zero gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 5, dtype=torch.float64)
+    t = torch.tensor([0, 0, 2, -100, 2])
+    w = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    ref = x.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(ref, t, weight=w, label_smoothing=0.5).backward()
+    leaf = x.clone().requires_grad_()
+    loss = tlf.cross_entropy(leaf * 1, t, weight=w, label_smoothing=0.5,
+                             inplace_backward=inplace)
+    loss.backward()
+    assert torch.isnan(loss)
+    torch.testing.assert_close(leaf.grad, ref.grad, equal_nan=True)

@@ -69,8 +69,11 @@ def mean_total(total: Tensor, denom: Tensor, split_terms: bool) -> Tensor:
     """The sum a mean divides by denom. split_terms: a label-smoothed cross-entropy with
     class weights, whose mean F takes of its NLL and smoothing terms apart; where the
     counted targets weigh 0 in all, its NLL term is 0/0 and the mean nan, where one
-    combined sum over 0 would be inf. (Only the value: the gradient is F's either way.)"""
-    return torch.where(denom == 0, math.nan, total) if split_terms else total
+    combined sum over 0 would be inf; its gradient nan too, as F's (a where() that put
+    nan in the value had given the rows a zero gradient: inplace_backward's path). Rows
+    with ignored targets keep their zeros: the ops' backward writes them whatever the
+    upstream."""
+    return total * torch.where(denom == 0, math.nan, 1.0) if split_terms else total
 
 
 def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: torch.Size,
