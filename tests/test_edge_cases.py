@@ -471,3 +471,25 @@ def test_weighted_smoothed_mean_over_zero_weight_is_nan_with_f_gradient(backend,
     loss.backward()
     assert torch.isnan(loss)
     torch.testing.assert_close(leaf.grad, ref.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("learned", ["alpha", "prob-target", "weight"])
+def test_empty_batch_keeps_learned_arguments_in_the_graph(backend, reduction, learned):
+    """A batch of no rows (a rank's empty share): the loss still depends on a learned
+    alpha, probability target or weight, as F's formula does, and backward runs (the loss
+    had been detached, and backward() raised)."""
+    x = torch.zeros(0, 3, dtype=torch.float64)
+    index = torch.zeros(0, dtype=torch.long)
+    if learned == "alpha":
+        leaf = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        loss = tlf.focal_loss(x, index, alpha=leaf, reduction=reduction)
+    elif learned == "prob-target":
+        leaf = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+        loss = tlf.cross_entropy(x, leaf, reduction=reduction)
+    else:
+        leaf = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        loss = tlf.cross_entropy(x, index, weight=leaf, reduction=reduction)
+    assert loss.requires_grad
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    assert grad.shape == leaf.shape

@@ -48,6 +48,12 @@ def _chunks(input: Tensor):
         # temporaries are its own rows'.
         yield 0, B
         return
+    if B == 0:
+        # One empty chunk: its results, empty, are still made from the inputs, so a loss
+        # of no rows depends on a weight, alpha or target requiring grad, as F's does (with
+        # no chunk it was a fresh tensor, and backward() raised).
+        yield 0, 0
+        return
     step = max(1, _CHUNK_ELEMENTS // max(1, C * D))
     for b0 in range(0, B, step):
         yield b0, min(B, b0 + step)
