@@ -802,9 +802,9 @@ def sigmoid_focal_loss(
     # (the kernels' reduction takes the element count as a number, which a trace would freeze).
     use_reference = _may_want_grad(t) or transform_active(x, t)
     order = None if use_reference else _memory_order(x)
-    # torchvision's loss has the layout its BCE gives, (1 - t) x - logsigmoid(x): the
-    # target's, then the input's where that leaves dims unordered (TensorIterator's rule)
-    laid_out = None if use_reference else _memory_order(t, x)
+    # torchvision's unreduced loss has the layout its BCE gives, (1 - t) x - logsigmoid(x):
+    # the target's, then the input's where that leaves dims unordered (TensorIterator's)
+    laid_out = None if use_reference or reduction != "none" else _memory_order(t, x)
     if order is not None:
         x, t = x.permute(order), t.permute(order)
     if reduction == "none" or x.numel() == 0 or use_reference:

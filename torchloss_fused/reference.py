@@ -208,7 +208,7 @@ def _smoothed_prob_target(t: Tensor, eps: float, C: int) -> Tensor:
 def _ce_chunk(s, lse, lo, target, w, ignore_index, eps, z_loss):
     """Per-row loss of one chunk; s is (b, D, C), (lse, lo) (b, D) of lse_parts."""
     C = s.shape[-1]
-    lo_c = None if lo is None else lo.unsqueeze(-1)
+    lo_c = lo.unsqueeze(-1)
     if target.is_floating_point():
         q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
         if w is not None:
