@@ -236,8 +236,10 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
-  // (F's weighted, label-smoothed mean: see _reduction.mean_total)
-  const bool split_terms = kind == kCeIndex && w.has_value() && ce.label_smoothing > 0;
+  // (F's weighted mean of two terms, label smoothing's or the z-loss's: see
+  // _reduction.splits_terms and mean_total)
+  const bool split_terms =
+      kind == kCeIndex && w.has_value() && (ce.label_smoothing > 0 || ce.z_loss != 0);
   r.loss = reduce(rows, reduction, r.denom, out_shape, dtype, split_terms);
   return r;
 }

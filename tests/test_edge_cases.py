@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchloss_fused as tlf
 from torchloss_fused import reference
 
-from .helpers import random_logits, random_targets
+from .helpers import oracle_cross_entropy, random_logits, random_targets
 
 
 @pytest.mark.parametrize("weight", [False, True])
@@ -455,22 +455,43 @@ def test_target_written_before_backward_raises_as_in_f(device, backend, case, re
 
 
 @pytest.mark.parametrize("inplace", [False, True])
-def test_weighted_smoothed_mean_over_zero_weight_is_nan_with_f_gradient(backend, inplace):
-    """Counted targets that weigh 0 in all, with label smoothing: the mean is nan and so is
-    F's gradient on the counted rows (an ignored row keeps its zeros). inplace_backward's
-    path had given every row a zero gradient."""
+@pytest.mark.parametrize("extra", ["label_smoothing", "z_loss"])
+def test_weighted_two_term_mean_over_zero_weight_is_nan_with_f_gradient(backend, inplace,
+                                                                       extra):
+    """Counted targets that weigh 0 in all, with label smoothing or a z-loss: the mean is
+    nan (F's mean is 0/0, whatever the other term's) and so is F's gradient on the counted
+    rows (an ignored row keeps its zeros). inplace_backward's path had given every row a
+    zero gradient with smoothing; with a z-loss the mean was inf on every path. (The fused
+    path's gradient for a z-loss is inf or nan there, not nan throughout: README.)"""
     torch.manual_seed(0)
     x = torch.randn(5, 5, dtype=torch.float64)
     t = torch.tensor([0, 0, 2, -100, 2])
     w = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    opts = {"label_smoothing": 0.5} if extra == "label_smoothing" else {"z_loss": 1e-3}
     ref = x.clone().requires_grad_()
-    torch.nn.functional.cross_entropy(ref, t, weight=w, label_smoothing=0.5).backward()
+    oracle_cross_entropy(ref, t, weight=w, **opts)[0].backward()
     leaf = x.clone().requires_grad_()
-    loss = tlf.cross_entropy(leaf * 1, t, weight=w, label_smoothing=0.5,
-                             inplace_backward=inplace)
+    loss = tlf.cross_entropy(leaf * 1, t, weight=w, inplace_backward=inplace, **opts)
     loss.backward()
     assert torch.isnan(loss)
-    torch.testing.assert_close(leaf.grad, ref.grad, equal_nan=True)
+    assert torch.isnan(ref.grad[[0, 1, 2, 4]]).all() and (ref.grad[3] == 0).all()
+    if extra == "z_loss" and not inplace:
+        assert not leaf.grad[[0, 1, 2, 4]].isfinite().any() and (leaf.grad[3] == 0).all()
+    else:
+        torch.testing.assert_close(leaf.grad, ref.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("extra", ["label_smoothing", "z_loss"])
+def test_linear_ce_weighted_two_term_mean_over_zero_weight_is_nan(backend, extra):
+    """linear_cross_entropy's mean in the case above: nan, as the composed F's."""
+    torch.manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64)
+    head = torch.randn(5, 4, dtype=torch.float64)
+    t = torch.tensor([0, 0, 2, -100, 2])
+    w = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    opts = {"label_smoothing": 0.5} if extra == "label_smoothing" else {"z_loss": 1e-3}
+    assert torch.isnan(oracle_cross_entropy(h @ head.T, t, weight=w, **opts)[0])
+    assert torch.isnan(tlf.linear_cross_entropy(h, head, t, class_weight=w, **opts))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -59,19 +59,22 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
     return (mean_total(total, denom, split_terms) / denom).to(dtype)
 
 
-def splits_terms(weight: Tensor | None, prob_target: bool, label_smoothing: float) -> bool:
-    """Whether F's mean of this cross-entropy divides two terms apart (mean_total): class
-    weights, class-index targets and label smoothing."""
-    return weight is not None and not prob_target and label_smoothing > 0
+def splits_terms(weight: Tensor | None, prob_target: bool, label_smoothing: float,
+                 z_loss: float = 0.0) -> bool:
+    """Whether the mean of this cross-entropy is that of two terms taken apart
+    (mean_total): class weights and class-index targets, with label smoothing (F divides
+    its NLL and smoothing terms apart) or a z-loss (F's mean plus the z term's)."""
+    return weight is not None and not prob_target and (label_smoothing > 0 or z_loss != 0)
 
 
 def mean_total(total: Tensor, denom: Tensor, split_terms: bool) -> Tensor:
-    """The sum a mean divides by denom. split_terms: a label-smoothed cross-entropy with
-    class weights, whose mean F takes of its NLL and smoothing terms apart; where the
-    counted targets weigh 0 in all, its NLL term is 0/0 and the mean nan, where one
-    combined sum over 0 would be inf; its gradient nan too, as F's (a where() that put
-    nan in the value had given the rows a zero gradient: inplace_backward's path). Rows
-    with ignored targets keep their zeros: the ops' backward writes them whatever the
+    """The sum a mean divides by denom. split_terms: a cross-entropy with class weights
+    whose mean is that of two terms taken apart (F's NLL and smoothing terms; F's mean and
+    the z-loss's); where the counted targets weigh 0 in all, the NLL term is 0/0 and the
+    mean nan, where one combined sum over 0 would be inf. Its gradient is nan too, as
+    F's (a where() that put nan in the value had given the rows a zero gradient:
+    inplace_backward's path), but for the fused path's with a z-loss (README). Rows with
+    ignored targets keep their zeros: the ops' backward writes them whatever the
     upstream."""
     return total * torch.where(denom == 0, math.nan, 1.0) if split_terms else total
 

@@ -607,7 +607,7 @@ def cross_entropy(
 
     acc = reference.acc_dtype(x3.dtype)
     C = x3.shape[1]
-    split_terms = _reduction.splits_terms(weight, prob, label_smoothing)
+    split_terms = _reduction.splits_terms(weight, prob, label_smoothing, z_loss)
     if reduction != "mean":
         denom = None
     elif prob:

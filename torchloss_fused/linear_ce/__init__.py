@@ -269,7 +269,7 @@ def linear_cross_entropy(
     else:
         loss_rows, lse = EAGER["linear_ce_fwd"](h2, weight, bias, t1, class_weight,
                                                 *ce_args, chunk, accum_dtype)
-    split_terms = _reduction.splits_terms(class_weight, prob, label_smoothing)
+    split_terms = _reduction.splits_terms(class_weight, prob, label_smoothing, z_loss)
     loss = _reduction.reduce(loss_rows, reduction, denom, rows_shape, out_dtype,
                              split_terms)
     return _with_lse(loss, lse, rows_shape, return_lse, acc)

@@ -65,7 +65,7 @@ def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_ind
         chunk_size, accum_dtype, row_grad=row_scale, lse_in=None,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
     split_terms = _reduction.splits_terms(class_weight, target.is_floating_point(),
-                                          label_smoothing)
+                                          label_smoothing, z_loss)
     loss = _reduction.reduce(loss_rows, "sum" if denom is None else "mean", denom, (),
                              loss_rows.dtype, split_terms)
     return (loss, lse, gh if gh is not None else _placeholder(hidden),
