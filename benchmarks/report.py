@@ -70,7 +70,8 @@ def header(doc: dict) -> str:
         (f"- environment: {env or 'no performance variables set'}; transparent hugepages: "
          f"{sw['transparent_hugepage']}"),
         (f"- copy bandwidth: {bw['gb_per_s']:.1f} GB/s (copy_ of a "
-         f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms)"),
+         f"{bw['tensor_bytes'] / 2**20:.0f} MiB tensor, median {bw['median_ms']:.2f} ms"
+         f"{_bandwidth_ends(bw)})"),
         *_prefault_line(mem),
         (f"- timing: {doc['timing']['method']}, median{_rounds(doc['timing'])}; memory: "
          f"{mem['method']} "
@@ -82,6 +83,16 @@ def header(doc: dict) -> str:
          f"most {EAGER_FACTOR:g}x eager PyTorch's own); a miss is FAILED, with no figures"),
     ]
     return "\n".join(lines)
+
+
+def _bandwidth_ends(bw: dict) -> str:
+    if "start_gb_per_s" not in bw:  # (files before schema 4 measured it once)
+        return ""
+    end = bw.get("end_gb_per_s")
+    if end is None:
+        return "; measured at the start only: the run was stopped"
+    return (f"; the faster of {bw['start_gb_per_s']:.1f} GB/s at the start and {end:.1f} "
+            "at the end")
 
 
 def _rounds(t: dict) -> str:

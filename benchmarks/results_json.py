@@ -2,7 +2,7 @@
 
 Top level (all keys required):
   schema          "torchloss_fused-benchmark"
-  schema_version  3 (int; bumped on any incompatible change)
+  schema_version  4 (int; bumped on any incompatible change)
   date            ISO 8601 UTC, e.g. "2026-11-21T12:00:00Z"
   command         the command line as run (str); argv: list[str]
   sweep           "tiny" | "quick" | "full" | "targets"
@@ -15,7 +15,10 @@ Top level (all keys required):
   git             {commit: str ("unknown" outside a checkout), dirty: bool|null}
   ours            torchloss_fused.backend_info(device) ({device, implementation, detail,
                   reason}) or null when the package does not import
-  copy_bandwidth  {tensor_bytes: int, bytes_moved: int, median_ms: float, gb_per_s: float}
+  copy_bandwidth  {tensor_bytes: int, bytes_moved: int, median_ms: float, gb_per_s: float,
+                   start_gb_per_s: float, end_gb_per_s: float|null}: gb_per_s (what
+                   pct_copy_bw is of) and median_ms are the faster of the measurements at
+                   the run's start and end (null: the run was stopped before it)
   timing          {method: str, min_run_time_s: float, min_runs: int, warmup: int,
                    rounds: int (turns each implementation of a case took at being timed)}
   memory          {method: "peak-rss"|"profiler"|"cuda-allocator",
@@ -25,7 +28,7 @@ Top level (all keys required):
   load_average    {start, end: [1-min, 5-min, 15-min] | null}: host load around the run
   rows            list of rows:
     op, op_label, impl, dtype: str
-    impl_kind: "ours"|"ours_compiled"|"eager"|"compile"|"peer"|"bound"
+    impl_kind: "ours"|"ours_compiled"|"eager"|"compile"|"peer"|"bound"|"yardstick"
     shape: list[int]; logits_bytes, bytes_moved, input_sets: int
     status: "ok"|"FAILED"|"ERROR"|"SKIPPED"; message: str (why, when not ok)
     median_ms, iqr_ms: float|null; runs: int|null
@@ -42,7 +45,7 @@ import json
 from pathlib import Path
 
 SCHEMA = "torchloss_fused-benchmark"
-SCHEMA_VERSION = 3  # 2: memory.prefault; 3: timing.rounds
+SCHEMA_VERSION = 4  # 2: memory.prefault; 3: timing.rounds; 4: copy_bandwidth at both ends
 
 _STR, _INT, _FLOAT, _BOOL = (str,), (int,), (int, float), (bool,)
 _NONE = (type(None),)
@@ -61,7 +64,8 @@ NESTED = {
                  "env": (dict,), "transparent_hugepage": _STR + _NONE},
     "git": {"commit": _STR, "dirty": _BOOL + _NONE},
     "copy_bandwidth": {"tensor_bytes": _INT, "bytes_moved": _INT, "median_ms": _FLOAT,
-                       "gb_per_s": _FLOAT},
+                       "gb_per_s": _FLOAT, "start_gb_per_s": _FLOAT,
+                       "end_gb_per_s": _FLOAT + _NONE},
     "timing": {"method": _STR, "min_run_time_s": _FLOAT, "min_runs": _INT, "warmup": _INT,
                "rounds": _INT},
     "memory": {"method": _STR, "probe": (dict,), "prefault": (dict,)},

@@ -12,7 +12,7 @@ class Row:
     op: str
     op_label: str
     impl: str
-    impl_kind: str  # ours | ours_compiled | eager | compile | peer | bound
+    impl_kind: str  # ours | ours_compiled | eager | compile | peer | bound | yardstick
     dtype: str
     shape: list[int]
     logits_bytes: int

@@ -182,7 +182,7 @@ def _sweep(plan, ctx: runner.Context, no_progress: bool, rows: list, on_case) ->
         bar.close()
 
 
-def _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
+def _document(args, argv, started, device, settings, bws, mem_method, probe, rows,
               load_start, prefault, described: tuple, complete: bool = True) -> dict:
     argv_list = [sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.run",
                  *(sys.argv[1:] if argv is None else argv)]
@@ -197,10 +197,10 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
         "software": device_info.software(),
         "git": device_info.git_state(),
         "ours": described[1],
-        "copy_bandwidth": {"tensor_bytes": bw.tensor_bytes, "bytes_moved": bw.bytes_moved,
-                           "median_ms": bw.median_s * 1e3, "gb_per_s": bw.gb_per_s},
+        "copy_bandwidth": _copy_bandwidth_doc(bws),
         "timing": {"method": ("cuda-events" if device.type == "cuda"
-                              else "torch.utils.benchmark.Timer.blocked_autorange"),
+                              else "torch.utils.benchmark.Timer.blocked_autorange")
+                   + RESTORED_TIMING,
                    "min_run_time_s": settings.min_run_time, "min_runs": settings.min_runs,
                    "warmup": settings.warmup, "rounds": settings.rounds},
         "memory": {"method": mem_method, "probe": probe, "prefault": prefault},
@@ -209,6 +209,22 @@ def _document(args, argv, started, device, settings, bw, mem_method, probe, rows
         # (False: written after each case while the run went on, or the run was stopped)
         "complete": complete,
     }
+
+
+# (runner.RestoringStep, timing.measure's `between`)
+RESTORED_TIMING = ("; rows that overwrite their inputs: one step at a time, the inputs "
+                   "restored untimed before each")
+
+
+def _copy_bandwidth_doc(bws: list) -> dict:
+    """The copy bandwidth the % columns are of: the faster of the run's measurements (at
+    its start and, once every case ran, at its end), so a device that slowed down or sped
+    up during the run (clocks, a neighbour) flatters no row; both are recorded."""
+    best = max(bws, key=lambda bw: bw.gb_per_s)
+    return {"tensor_bytes": best.tensor_bytes, "bytes_moved": best.bytes_moved,
+            "median_ms": best.median_s * 1e3, "gb_per_s": best.gb_per_s,
+            "start_gb_per_s": bws[0].gb_per_s,
+            "end_gb_per_s": bws[1].gb_per_s if len(bws) > 1 else None}
 
 
 def latest_name(slug: str, size: str, ops, dtypes, compile: bool | None = None,
@@ -295,14 +311,15 @@ def main(argv=None) -> int:
     prefault = {"bytes": prefault_bytes, "seconds": memory.prefault(prefault_bytes)}
     mem_method = memory.method_for(device)
     probe = memory.probe(device, mem_method)
-    bw = timing.copy_bandwidth(device, _copy_tensor_bytes(device, args.size, llc), settings)
-    ctx = runner.Context(device, settings, llc, bw.gb_per_s, mem_method, args.seed)
+    copy_bytes = _copy_tensor_bytes(device, args.size, llc)
+    bws = [timing.copy_bandwidth(device, copy_bytes, settings)]
+    ctx = runner.Context(device, settings, llc, bws[0].gb_per_s, mem_method, args.seed)
     # (before any of our kernels runs: a fault would leave the CUDA context unusable)
     described = (device_info.describe(device), _ours_info(device))
     rows: list = []
 
     def document(complete: bool) -> dict:
-        return _document(args, argv, started, device, settings, bw, mem_method, probe, rows,
+        return _document(args, argv, started, device, settings, bws, mem_method, probe, rows,
                          load_start, prefault, described, complete)
 
     def save_so_far():  # (the final write replaces it)
@@ -314,6 +331,8 @@ def main(argv=None) -> int:
     stopped = None
     try:
         _sweep(plan, ctx, args.no_progress, rows, save_so_far)
+        bws.append(timing.copy_bandwidth(device, copy_bytes, settings))
+        runner.set_copy_bandwidth(rows, max(bw.gb_per_s for bw in bws))
     except _Terminated as exc:
         stopped = str(exc)
         print(f"benchmark {stopped}: writing the rows measured so far", file=sys.stderr)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bytes_model, correctness, memory, oracle, problems, timing
-from .baselines import COMPILE, EAGER, OURS_COMPILED, Impl, eager_fn
+from .baselines import COMPILE, EAGER, OURS_COMPILED, UNCHECKED_WHY, Impl, eager_fn
 from .cases import LINEAR_OPS, OP_LABELS, Case
 from .rows import ERROR, FAILED, OK, SKIPPED, Row
 
@@ -80,6 +80,43 @@ def make_step(fn: Callable, sets: list[tuple], backward: bool) -> Callable[[], N
     return step
 
 
+class RestoringStep:
+    """make_step's step for an implementation that overwrites its inputs, with `between`
+    for timing.measure: it copies back every input set a step (or `dirty`) touched from a
+    copy made before any call, then writes a scratch buffer CACHE_MULTIPLE times the
+    last-level cache, so that the next step finds its inputs as the other implementations
+    do: the original values (not a gradient: a CPU's subnormals would slow it), not in
+    cache."""
+
+    def __init__(self, fn: Callable, sets: list[tuple], backward: bool, llc_bytes: int,
+                 device: torch.device):
+        self._sets = sets
+        self._pristine = [[t.detach().clone() for t in problems.grad_inputs(s)] for s in sets]
+        self._scratch = torch.empty(CACHE_MULTIPLE * llc_bytes // 4, dtype=torch.float32,
+                                    device=device)
+        self._fn, self._backward, self._next = fn, backward, 0
+        self.dirty: set[int] = set()
+
+    def __call__(self) -> None:
+        k = self._next
+        self._next = (k + 1) % len(self._sets)
+        self.dirty.add(k)
+        args = self._sets[k]
+        loss = self._fn(*args)
+        if self._backward:
+            loss.backward()
+            for t in problems.grad_inputs(args):
+                t.grad = None
+
+    def between(self) -> None:
+        with torch.no_grad():
+            for k in sorted(self.dirty):
+                for t, saved in zip(problems.grad_inputs(self._sets[k]), self._pristine[k]):
+                    t.copy_(saved)
+            self._scratch.zero_()
+        self.dirty.clear()
+
+
 def _blank_row(case: Case, impl: Impl, sets: int) -> Row:
     return Row(op=case.op, op_label=OP_LABELS[case.op], impl=impl.name, impl_kind=impl.kind,
                dtype=case.dtype, shape=list(case.shape),
@@ -113,7 +150,11 @@ def _prepare(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Cont
     """Check, peak memory and warm-up: the step to time and one run's estimated seconds, or
     None when the row failed its check."""
     fn = impl.build()
-    step = make_step(fn, sets, case.backward)
+    if impl.mutates_inputs:  # (its copies of the inputs are made before the check's call)
+        step = RestoringStep(fn, sets, case.backward, ctx.llc_bytes, ctx.device)
+        step.dirty.add(0)
+    else:
+        step = make_step(fn, sets, case.backward)
     if impl.checked:
         result = _check(case, fn, sets[0], ref, tol)  # first call: also compiles
         row.check = result.to_json()
@@ -121,8 +162,8 @@ def _prepare(row: Row, case: Case, impl: Impl, sets: list[tuple], ref, ctx: Cont
             row.status, row.message = FAILED, result.message
             return None
     else:
-        step()  # a bound computes no loss to check: its first call only warms up
-        row.message = "a lower bound: computes no loss, so it is not checked"
+        step()  # (its first call only warms up)
+        row.message = UNCHECKED_WHY[impl.kind]
     # The check was the first call (compiles, lazy init); the memory run is the second and
     # counts as warm-up too. Then every other input set once, so that all their pages are
     # resident before timing, and up to `warmup` calls in all; at least one, whose time
@@ -139,6 +180,14 @@ def _record_timing(row: Row, t: timing.Timing, ctx: Context) -> None:
     row.median_ms, row.iqr_ms, row.runs = t.median_s * 1e3, t.iqr_s * 1e3, t.runs
     row.gb_per_s = bytes_model.gb_per_s(row.bytes_moved, t.median_s)
     row.pct_copy_bw = 100 * row.gb_per_s / ctx.copy_gb_per_s
+
+
+def set_copy_bandwidth(rows: list[Row], gb_per_s: float) -> None:
+    """The rows' % of copy bandwidth against `gb_per_s` (run.py: the faster of the run's
+    measurements)."""
+    for row in rows:
+        if row.gb_per_s is not None:
+            row.pct_copy_bw = 100 * row.gb_per_s / gb_per_s
 
 
 def _error(row: Row, exc: Exception) -> None:
@@ -182,9 +231,12 @@ def _time_in_turns(ready: list[tuple[Row, Callable[[], None], float]], sets: lis
         for entry in list(live):
             row, step, estimate = entry
             try:
+                between = getattr(step, "between", None)
+                if between is not None:
+                    between()
                 timing.warm_up(step, ctx.device, 1)
-                parts[id(row)].append(
-                    timing.measure(step, ctx.device, ctx.settings, estimate, rounds))
+                parts[id(row)].append(timing.measure(step, ctx.device, ctx.settings, estimate,
+                                                     rounds, between))
             except Exception as exc:  # noqa: BLE001
                 _error(row, exc)
                 live.remove(entry)
@@ -230,7 +282,8 @@ def run_case(case: Case, impls: list[Impl], ctx: Context,
     ref = oracle.compute(case, sets[0])
     tol = _tolerances(case, sets[0], ref)
     # Implementations that leave the inputs intact are timed taking turns (see timing.py);
-    # one that overwrites them (inplace_backward) is timed alone, on fresh inputs after it.
+    # one that overwrites them (inplace_backward) is timed alone, its inputs restored before
+    # each timed step (RestoringStep), and the sets are made afresh after it.
     rows: list[Row | None] = [None] * len(impls)
     steady = [k for k, impl in enumerate(impls) if not impl.mutates_inputs]
     ready, p = [], None

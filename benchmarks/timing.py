@@ -7,6 +7,12 @@ after the batch, so host overhead between steps is not counted but launch gaps w
 step are. Both ask for at least `min_runs` steps however slow a step is, since a median of
 one or two samples says little.
 
+A step that overwrites its inputs (inplace_backward, Liger's gradient in the logits) is
+measured with `between`: an untimed call before each step that restores its inputs, so
+every timed step sees the inputs the others see, not the gradient a previous step left.
+Each sample is then one step: CUDA events around it alone; on the CPU its perf_counter
+time.
+
 The implementations of one case are timed in `rounds` rounds, taking turns within each
 (runner.py), and each one's samples are merged (`merge`): a machine whose speed drifts
 while a case runs then slows all of them alike instead of whichever ran during the slow
@@ -27,6 +33,7 @@ import torch.utils.benchmark as tbench
 from . import bytes_model
 
 MAX_CUDA_RUNS = 2000
+MAX_STEP_RUNS = 2000  # steps timed one by one (`between`): a cap for the tiny shapes
 
 
 @dataclass
@@ -78,12 +85,16 @@ def warm_up(step: Callable[[], None], device: torch.device, count: int) -> float
 
 
 def measure(step: Callable[[], None], device: torch.device, settings: Settings,
-            estimate_s: float, rounds: int = 1) -> Timing:
+            estimate_s: float, rounds: int = 1,
+            between: Callable[[], None] | None = None) -> Timing:
     """Times `step` (already warmed up; `estimate_s` is one run's duration from warm-up):
-    one round's share, 1/rounds, of the time and runs the settings ask for."""
+    one round's share, 1/rounds, of the time and runs the settings ask for. `between`, if
+    given, runs untimed before every step (see the module's docstring)."""
     rounds = max(1, rounds)
     budget = max(settings.min_run_time, settings.min_runs * estimate_s) / rounds
     min_runs = math.ceil(settings.min_runs / rounds)
+    if between is not None:
+        return _measure_steps(step, between, device, budget, min_runs, estimate_s)
     if device.type == "cuda":
         return _measure_cuda(step, device, budget, min_runs, estimate_s)
     return _measure_cpu(step, budget, min_runs)
@@ -115,6 +126,34 @@ def _measure_cuda(step, device, budget: float, min_runs: int, estimate_s: float)
     torch.cuda.synchronize(device)
     return _summary([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)], runs,
                     "cuda-events")
+
+
+def _measure_steps(step, between, device, budget: float, min_runs: int,
+                   estimate_s: float) -> Timing:
+    runs = min(MAX_STEP_RUNS, max(min_runs, math.ceil(budget / max(estimate_s, 1e-6))))
+    if device.type == "cuda":
+        # (queued without a sync, as _measure_cuda's steps: between's kernels run before
+        # each start event, and the host's work on a step overlaps the device's on the last)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(runs)]
+        torch.cuda.synchronize(device)
+        for start, end in events:
+            between()
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) / 1e3 for start, end in events]
+        method = "cuda-events"
+    else:
+        samples = []
+        for _ in range(runs):
+            between()
+            t0 = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - t0)
+        method = "perf_counter"
+    return _summary(samples, runs, f"{method}, one step at a time, inputs restored between")
 
 
 @dataclass

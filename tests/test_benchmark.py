@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import bytes_model, memory, report, results_json, run, runner, timing
+from benchmarks import bytes_model, memory, problems, report, results_json, run, runner, timing
 from benchmarks.baselines import COMPILE, EAGER, OURS, OURS_COMPILED, Impl, impls_for
 from benchmarks.cases import OPS, Case, sweep
 from benchmarks.rows import ERROR, FAILED, OK, SKIPPED, Row
@@ -380,8 +380,15 @@ def test_results_schema(tiny_run):
     (json_path,) = out.glob("cpu-*.json")
     doc = json.loads(json_path.read_text())
     assert doc["schema"] == results_json.SCHEMA
-    assert doc["schema_version"] == results_json.SCHEMA_VERSION == 3
+    assert doc["schema_version"] == results_json.SCHEMA_VERSION == 4
     assert doc["timing"]["rounds"] == timing.Settings().rounds == 3
+    # The copy bandwidth is measured at both ends of the run; the % columns are of the
+    # faster measurement.
+    bw = doc["copy_bandwidth"]
+    assert bw["end_gb_per_s"] is not None
+    assert bw["gb_per_s"] == max(bw["start_gb_per_s"], bw["end_gb_per_s"])
+    for r in (r for r in doc["rows"] if r["status"] == OK):
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["gb_per_s"] / bw["gb_per_s"])
     assert doc["device"]["kind"] == "cpu" and doc["device"]["cores"] >= 1
     assert doc["date"].endswith("Z") and "T" in doc["date"]
     assert doc["git"]["commit"] == "unknown" or len(doc["git"]["commit"]) == 40
@@ -398,11 +405,44 @@ def test_results_schema(tiny_run):
         lambda d: d["rows"][0].__setitem__("status", "fine"),
         lambda d: d["rows"][0].__setitem__("shape", [1.5, 2]),
         lambda d: d["rows"][0].__setitem__("runs", True),
+        lambda d: d["copy_bandwidth"].pop("end_gb_per_s"),
     ):
         bad = copy.deepcopy(doc)
         mutate(bad)
         with pytest.raises(ValueError):
             results_json.validate(bad)
+
+
+def test_inputs_overwritten_by_a_step_are_restored_between_timed_steps():
+    """An implementation that writes into its inputs (inplace_backward, Liger) is timed
+    on the inputs the other implementations see: each timed step finds its set as made,
+    not the gradient an earlier step left in it (a CPU's subnormals would slow it)."""
+    sets = [problems.make_inputs(Case("ce_fwd_bwd", "fp32", (4, 8)), CPU, k) for k in range(3)]
+    made = [s[0].detach().clone() for s in sets]
+    seen = []
+
+    def overwrite(x, t):
+        k = next(k for k, s in enumerate(sets) if s[0] is x)
+        seen.append(torch.equal(x.detach(), made[k]))
+        with torch.no_grad():
+            x.zero_()  # (as inplace_backward leaves the logits)
+        return x.sum()
+
+    step = runner.RestoringStep(overwrite, sets, True, 2**20, CPU)
+    for s in sets:  # (the check and warm-up's calls, before timing: they overwrite too)
+        overwrite(*s)
+    step.dirty.update(range(3))
+    seen.clear()
+    t = timing.measure(step, CPU, timing.Settings(min_run_time=0.0, min_runs=7), 1e-3,
+                       between=step.between)
+    assert t.runs == 7 and len(seen) == 7 and all(seen)
+    assert "restored" in t.method
+    # Without `between`, a step sees what the previous call on its set left (the 7 steps
+    # used sets 0, 1, 2, 0, 1, 2, 0; `between` ran before each).
+    seen.clear()
+    for _ in range(3):
+        step()
+    assert seen == [True, True, False]
 
 
 def test_cli_arguments():
