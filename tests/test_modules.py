@@ -141,8 +141,8 @@ def test_torchscript_warns_and_keeps_held_losses(name, listed):
 
 def test_repr_shows_every_setting_that_changes_the_result():
     # Default-constructed, a module prints as torch.nn's does ("CrossEntropyLoss()"); any
-    # setting away from its default is shown, so two modules that compute differently never
-    # print alike (FocalLoss(alpha=0.25) and return_lse=True printed as the defaults).
+    # setting away from its default is shown, a tensor by its shape (FocalLoss(alpha=0.25)
+    # and return_lse=True printed as the defaults).
     assert repr(tlf.CrossEntropyLoss()) == repr(torch.nn.CrossEntropyLoss())
     assert repr(tlf.FocalLoss()) == "FocalLoss()"
     assert repr(tlf.SigmoidFocalLoss()) == "SigmoidFocalLoss()"
@@ -165,3 +165,38 @@ def test_repr_shows_every_setting_that_changes_the_result():
     assert len(set(reprs)) == len(reprs), reprs
     assert "return_lse=True" in reprs[1] and "inplace_backward=True" in reprs[2]
     assert "alpha=0.25" in reprs[11] and "reduction='sum'" in reprs[5]
+
+
+def test_focal_alpha_assigned_later_is_a_buffer():
+    """A tensor alpha is a buffer whether given to the constructor or assigned after (it
+    had been a plain attribute: a reloaded module lost it, .to() left it); a number
+    assigned over it is a plain attribute again."""
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    module = tlf.FocalLoss()
+    module.alpha = torch.tensor([0.1, 0.5, 2.0])
+    assert list(module.state_dict()) == ["alpha"]
+    loaded = tlf.FocalLoss(alpha=torch.zeros(3))
+    loaded.load_state_dict(module.state_dict(), strict=True)
+    assert torch.equal(loaded(x, y), module(x, y))
+    assert module.double().alpha.dtype == torch.float64
+    module.alpha = 0.25
+    assert module.alpha == 0.25 and list(module.state_dict()) == []
+    torch.testing.assert_close(module(x, y), tlf.FocalLoss(alpha=0.25)(x, y))
+
+
+def test_repr_of_an_array_setting():
+    """A NumPy alpha (refused at the call, as a non-tensor sequence) still prints: its
+    comparison with the default is elementwise, and print(model) had raised."""
+    np = pytest.importorskip("numpy")
+    assert "alpha=array(" in repr(tlf.FocalLoss(alpha=np.array([0.2, 0.3, 0.5])))
+    assert "alpha=array(" in repr(tlf.SigmoidFocalLoss(alpha=np.array([0.9])))
+
+
+def test_legacy_reduction_warning_points_at_the_caller():
+    """size_average/reduce's deprecation warning names the caller's line, as the module's
+    does (it had named the DTensor wrapper inside the package)."""
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    with pytest.warns(UserWarning, match="size_average and reduce") as caught:
+        tlf.cross_entropy(x, y, size_average=False)
+        tlf.CrossEntropyLoss(reduce=False)
+    assert [w.filename for w in caught] == [__file__] * 2

@@ -126,9 +126,10 @@ def _legacy_reduction_string(size_average, reduce) -> str:
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
     reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
-    if not torch.compiler.is_compiling():  # (Dynamo cannot trace warnings.warn here)
-        warnings.warn("size_average and reduce args will be deprecated, please use "
-                      f"reduction='{reduction}' instead.", stacklevel=3)
+    # (at the caller's line, through the DTensor wrapper or a module's constructor;
+    # _warn_at_caller also says nothing under Dynamo, which cannot trace warnings.warn here)
+    _warn_at_caller("size_average and reduce args will be deprecated, please use "
+                    f"reduction='{reduction}' instead.")
     return reduction
 
 

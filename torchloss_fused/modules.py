@@ -33,18 +33,25 @@ def warn_torchscript(module: nn.Module) -> nn.Module:
 
 def settings_repr(module: nn.Module, init, names: tuple[str, ...]) -> str:
     """extra_repr: the settings in `names` that differ from `init`'s defaults (a tensor, as
-    weight or alpha, by its shape: buffers are not printed otherwise). A default-constructed
-    module prints as torch.nn's losses do (``CrossEntropyLoss()``), and two modules that
-    compute differently never print alike."""
+    weight or alpha, by its shape only: torch.nn's losses print no buffer). A
+    default-constructed module prints as torch.nn's losses do (``CrossEntropyLoss()``)."""
     defaults = inspect.signature(init).parameters
     parts = []
     for name in names:
         value = getattr(module, name)
         if isinstance(value, Tensor):
             parts.append(f"{name}=Tensor(shape={tuple(value.shape)})")
-        elif value != defaults[name].default:
+        elif _differs(value, defaults[name].default):
             parts.append(f"{name}={value!r}")
     return ", ".join(parts)
+
+
+def _differs(value, default) -> bool:
+    # (a NumPy array's != is elementwise: its truth ambiguous, and print(model) raised)
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError, RuntimeError):
+        return True
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
@@ -101,7 +108,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 
 class FocalLoss(nn.Module):
     """Softmax focal loss module; see :func:`torchloss_fused.focal_loss`. A per-class
-    ``alpha`` tensor is a buffer (it follows ``.to(device)``)."""
+    ``alpha`` tensor is a buffer (in the state dict; it follows ``.to(device)``), whether
+    given to the constructor or assigned later; a number or None is a plain attribute."""
 
     __prepare_scriptable__ = warn_torchscript
 
@@ -109,12 +117,21 @@ class FocalLoss(nn.Module):
                  ignore_index: int = -100, reduction: str = "mean") -> None:
         super().__init__()
         self.gamma = gamma
-        if isinstance(alpha, torch.Tensor):
-            self.register_buffer("alpha", alpha)
-        else:
-            self.alpha = alpha
+        self.alpha = alpha
         self.ignore_index = ignore_index
         self.reduction = reduction
+
+    def __setattr__(self, name: str, value) -> None:
+        # alpha changes kind with its value (as weight cannot: torch's is always a buffer,
+        # None or a tensor); a tensor assigned after construction had been a plain
+        # attribute, left out of the state dict (a reloaded module lost it) and of .to().
+        if name == "alpha" and "_buffers" in self.__dict__:
+            if isinstance(value, Tensor):
+                self.__dict__.pop("alpha", None)
+                self._buffers["alpha"] = value
+                return
+            self._buffers.pop("alpha", None)
+        super().__setattr__(name, value)
 
     @torch.jit.unused  # (see warn_torchscript)
     def forward(self, input: Tensor, target: Tensor) -> Tensor:

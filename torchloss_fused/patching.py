@@ -10,11 +10,20 @@ replacement changes speed and memory, not results.
 Patches are counted: the replacement holds while any patch is live, and the last one
 restored puts PyTorch's function back, whatever the order (two threads each inside a
 ``with tlf.patch_torch():`` block may leave them in either order).
+
+TorchScript cannot compile this library's function, and scripting ``nn.CrossEntropyLoss``
+(or any function calling ``F.cross_entropy``) compiles what that attribute holds; so the
+attribute holds ``_installed``, which calls ours and which TorchScript, as for
+``torch.jit._script_if_tracing``'s wrappers, replaces by the function it replaced: the
+scripted code computes PyTorch's loss (the same values), where it had failed to compile
+and left the failed class registered, so that scripting failed after the patch too.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 
 import torch.nn.functional as torch_functional
 
@@ -27,30 +36,55 @@ _live = 0          # patches made and not restored
 _replaced = None   # what torch.nn.functional.cross_entropy was before the first of them
 
 
+@functools.wraps(cross_entropy)
+def _installed(*args, **kwargs):
+    return cross_entropy(*args, **kwargs)
+
+
+# (pickled by reference as itself: an object that took F.cross_entropy while patched)
+_installed.__module__, _installed.__qualname__ = __name__, "_installed"
+setattr(_installed, "__script_if_tracing_wrapper", True)
+
+
+def _install() -> None:
+    global _replaced
+    _replaced = torch_functional.cross_entropy
+    setattr(_installed, "__original_fn", _replaced)  # (TorchScript compiles this one)
+    torch_functional.cross_entropy = _installed
+
+
+def _ours(fn) -> bool:
+    return fn is _installed or fn is cross_entropy
+
+
 class TorchPatch:
     """One live replacement made by :func:`patch_torch`: ended by ``restore()``, or on
     leaving a ``with`` block."""
 
     def __init__(self) -> None:
-        global _live, _replaced
+        global _live
         with _lock:
             if _live == 0:
-                _replaced = torch_functional.cross_entropy
-                torch_functional.cross_entropy = cross_entropy
+                _install()
+            elif torch_functional.cross_entropy is _replaced:
+                # (someone put the original back behind the live patches: a failed
+                # restore's caller undoing their own replacement, say)
+                torch_functional.cross_entropy = _installed
             _live += 1
         self.active = True
 
     def restore(self) -> None:
         """Ends this patch; the last live one puts back the function found when the first
         was made. An error, changing nothing, when ``torch.nn.functional.cross_entropy``
-        was meanwhile replaced by someone else (undo that first). A second ``restore()``
-        does nothing."""
+        was meanwhile replaced by someone else (undo that first: put back this library's
+        ``cross_entropy`` or the original). A second ``restore()`` does nothing."""
         global _live, _replaced
         with _lock:
             if not self.active:
                 return
             if _live == 1:
-                if torch_functional.cross_entropy is not cross_entropy:
+                current = torch_functional.cross_entropy
+                if not (_ours(current) or current is _replaced):
                     raise RuntimeError(
                         "torch.nn.functional.cross_entropy was replaced by something else "
                         "after patch_torch(); undo that replacement first")
@@ -73,8 +107,31 @@ class TorchPatch:
     def __enter__(self) -> TorchPatch:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.restore()
+    def _abandon(self) -> None:
+        """Ends this patch leaving the attribute as it is (someone else's now)."""
+        global _live, _replaced
+        with _lock:
+            if self.active:
+                _live -= 1
+                self.active = False
+                if _live == 0:
+                    _replaced = None
+
+    def __exit__(self, exc_type, *exc) -> None:
+        # A block's patch ends with the block: one that cannot put the function back
+        # (replaced inside the block) is abandoned, not left live with no handle to restore
+        # it by, after which later patches were no-ops; the block's own exception, if any,
+        # is the one raised.
+        try:
+            self.restore()
+        except RuntimeError:
+            self._abandon()
+            message = ("torch.nn.functional.cross_entropy was replaced by something else "
+                       "inside the patch_torch() block; it is left as it is, and the patch "
+                       "has ended")
+            if exc_type is None:
+                raise RuntimeError(message) from None
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def _restored_patch() -> TorchPatch:
