@@ -16,6 +16,10 @@ import torch
 import torchloss_fused as tlf
 from torchloss_fused import _upstream_guess
 
+from .arg_types import positive_int
+
+WARMUP_STEPS = 3  # (the guess forms over two steps)
+
 SCALES = {
     "loss": lambda loss: loss,
     "loss / 4": lambda loss: loss / 4,
@@ -37,19 +41,23 @@ def _best_step_ms(x: torch.Tensor, t: torch.Tensor, scale, guess: bool, steps: i
             del grad
     finally:
         _upstream_guess.MIN_ELEMENTS = saved
-    return min(times[3:]) * 1e3
+    return min(times[WARMUP_STEPS:]) * 1e3
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--classes", type=int, default=32000)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rows", type=positive_int, default=4096)
+    parser.add_argument("--classes", type=positive_int, default=32000)
+    parser.add_argument("--steps", type=positive_int, default=8,
+                        help=f"steps per run, the first {WARMUP_STEPS} untimed (more than that)")
+    parser.add_argument("--rounds", type=positive_int, default=2)
     args = parser.parse_args(argv)
+    if args.steps <= WARMUP_STEPS:  # (min() of no timed step had raised a ValueError)
+        parser.error(f"argument --steps: must be more than {WARMUP_STEPS}")
     torch.manual_seed(0)
     print(f"cpu, {torch.get_num_threads()} threads, ({args.rows}, {args.classes}); "
-          f"best of steps 4-{args.steps}, ms; each round: without the guess, then with it")
+          f"best of steps {WARMUP_STEPS + 1}-{args.steps}, ms; each round: without the guess, "
+          "then with it")
     for dtype in (torch.bfloat16, torch.float32):
         x = (torch.randn(args.rows, args.classes) * 2).to(dtype).requires_grad_()
         t = torch.randint(0, args.classes, (args.rows,))

@@ -186,16 +186,21 @@ def report(results: dict, verdicts: list[dict]) -> str:
 
 
 def _newest_results() -> Path | None:
-    """The newest benchmarks.run results file (other benchmarks' files, such as
-    benchmarks.tensor_parallel's, have another schema and are passed over)."""
-    files = sorted(RESULTS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in files:
+    """The benchmarks.run results file of the latest run, by the date it records (a
+    checkout's file times are those of the checkout); other benchmarks' files, such as
+    benchmarks.tensor_parallel's, have another schema and are passed over."""
+    newest = None
+    for path in RESULTS_DIR.glob("*.json"):
         try:
-            if json.loads(path.read_text()).get("schema") == results_json.SCHEMA:
-                return path
+            doc = json.loads(path.read_text())
+            if doc.get("schema") != results_json.SCHEMA:
+                continue
+            key = (str(doc.get("date", "")), path.name)
         except (OSError, ValueError, AttributeError):
             continue
-    return None
+        if newest is None or key > newest[0]:
+            newest = (key, path)
+    return None if newest is None else newest[1]
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "$TORCH_SPEC"
 fi
 echo "[setup] installing build, test and benchmark tools"
-"$PY" -m pip install --quiet setuptools wheel pybind11 ninja pytest hypothesis numpy \
-  tqdm tabulate matplotlib
+# (setuptools 77 or newer reads pyproject's SPDX license; a fresh Python 3.11 venv holds
+# 65.5, which a requirement without a version leaves)
+"$PY" -m pip install --quiet "setuptools>=77" wheel pybind11 ninja pytest hypothesis \
+  numpy tqdm tabulate matplotlib
 echo "[setup] building torchloss_fused"
 start=$SECONDS
 "$PY" -m pip install --quiet --no-build-isolation --no-deps -e "$ROOT"

@@ -111,16 +111,30 @@ def test_focal_ratio_needs_cross_entropy_timed_in_the_focal_case():
     assert verdict["met"] is False and "boom" in verdict["note"]
 
 
-def test_default_file_is_the_newest_benchmark_run(tmp_path, monkeypatch):
-    """A newer results file of another benchmark (tensor_parallel's) is not taken for one."""
+def test_default_file_is_the_latest_benchmark_run(tmp_path, monkeypatch):
+    """The latest run by the date it records, not by file time (a checkout's): a newer
+    file of another benchmark (tensor_parallel's) is not taken for one."""
     import os
 
-    run_file, tp_file = tmp_path / "cpu-x-1.json", tmp_path / "tp-cpu-x-2.json"
-    run_file.write_text(json.dumps({"schema": results_json.SCHEMA}))
-    tp_file.write_text(json.dumps({"schema": "torchloss_fused-tp-benchmark"}))
-    os.utime(run_file, (1, 1))
+    older, newer = tmp_path / "cpu-x-1.json", tmp_path / "cpu-x-2.json"
+    tp_file = tmp_path / "tp-cpu-x-3.json"
+    older.write_text(json.dumps({"schema": results_json.SCHEMA, "date": "2026-12-04T10:00:00Z"}))
+    newer.write_text(json.dumps({"schema": results_json.SCHEMA, "date": "2026-12-05T10:00:00Z"}))
+    tp_file.write_text(json.dumps({"schema": "torchloss_fused-tp-benchmark",
+                                   "date": "2026-12-06T10:00:00Z"}))
+    os.utime(newer, (1, 1))  # (checked out first)
     monkeypatch.setattr(targets, "RESULTS_DIR", tmp_path)
-    assert targets._newest_results() == run_file
+    assert targets._newest_results() == newer
+
+
+def test_scaled_loss_needs_a_timed_step(capsys):
+    """benchmarks.scaled_loss's first three steps are untimed: fewer steps are an argparse
+    error (exit 2), where min() of no step had raised a ValueError after the set-up."""
+    from benchmarks import scaled_loss
+
+    with pytest.raises(SystemExit) as exit_info:
+        scaled_loss.main(["--steps", "3"])
+    assert exit_info.value.code == 2 and "--steps" in capsys.readouterr().err
 
 
 def test_tuning_sweep_table(tmp_path, capsys):

@@ -777,7 +777,7 @@ def test_bad_arguments(what, exc, match, kw):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_mismatch():
+def test_device_mismatch_cuda():
     with pytest.raises(ValueError, match="same device"):
         tlf.linear_cross_entropy(H_.cuda(), W_, Y_)
     with pytest.raises(ValueError, match="same device"):

@@ -11,17 +11,15 @@ Patches are counted: the replacement holds while any patch is live, and the last
 restored puts PyTorch's function back, whatever the order (two threads each inside a
 ``with tlf.patch_torch():`` block may leave them in either order).
 
-TorchScript cannot compile this library's function, and scripting ``nn.CrossEntropyLoss``
-(or any function calling ``F.cross_entropy``) compiles what that attribute holds; so the
-attribute holds ``_installed``, which calls ours and which TorchScript, as for
-``torch.jit._script_if_tracing``'s wrappers, replaces by the function it replaced: the
-scripted code computes PyTorch's loss (the same values), where it had failed to compile
-and left the failed class registered, so that scripting failed after the patch too.
+The attribute holds this library's ``cross_entropy`` itself. (Stop 40 tried a wrapper
+marked as ``torch.jit._script_if_tracing``'s are, so that TorchScript would compile the
+replaced function where it cannot compile ours; Dynamo unwraps such wrappers too, and
+``torch.compile`` then traced PyTorch's loss under the patch. README says TorchScript
+fails under the patch.)
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import warnings
 
@@ -36,40 +34,20 @@ _live = 0          # patches made and not restored
 _replaced = None   # what torch.nn.functional.cross_entropy was before the first of them
 
 
-@functools.wraps(cross_entropy)
-def _installed(*args, **kwargs):
-    return cross_entropy(*args, **kwargs)
-
-
-# (pickled by reference as itself: an object that took F.cross_entropy while patched)
-_installed.__module__, _installed.__qualname__ = __name__, "_installed"
-setattr(_installed, "__script_if_tracing_wrapper", True)
-
-
-def _install() -> None:
-    global _replaced
-    _replaced = torch_functional.cross_entropy
-    setattr(_installed, "__original_fn", _replaced)  # (TorchScript compiles this one)
-    torch_functional.cross_entropy = _installed
-
-
-def _ours(fn) -> bool:
-    return fn is _installed or fn is cross_entropy
-
-
 class TorchPatch:
     """One live replacement made by :func:`patch_torch`: ended by ``restore()``, or on
     leaving a ``with`` block."""
 
     def __init__(self) -> None:
-        global _live
+        global _live, _replaced
         with _lock:
             if _live == 0:
-                _install()
+                _replaced = torch_functional.cross_entropy
+                torch_functional.cross_entropy = cross_entropy
             elif torch_functional.cross_entropy is _replaced:
                 # (someone put the original back behind the live patches: a failed
                 # restore's caller undoing their own replacement, say)
-                torch_functional.cross_entropy = _installed
+                torch_functional.cross_entropy = cross_entropy
             _live += 1
         self.active = True
 
@@ -84,7 +62,7 @@ class TorchPatch:
                 return
             if _live == 1:
                 current = torch_functional.cross_entropy
-                if not (_ours(current) or current is _replaced):
+                if not (current is cross_entropy or current is _replaced):
                     raise RuntimeError(
                         "torch.nn.functional.cross_entropy was replaced by something else "
                         "after patch_torch(); undo that replacement first")
@@ -151,7 +129,8 @@ def patch_torch() -> TorchPatch:
             trainer.train()
 
     It applies to the whole process (all threads), as any replacement of a module
-    attribute does. Code already compiled by ``torch.compile`` keeps the function it
-    traced (Dynamo does not guard module attributes of torch.nn.functional): patch before
-    compiling, or call ``torch.compiler.reset()`` after patching or restoring."""
+    attribute does. Code already compiled by ``torch.compile`` recompiles under it in
+    torch 2.13 (Dynamo guards the attribute); to be sure under other releases, patch
+    before compiling, or call ``torch.compiler.reset()`` after patching or restoring.
+    ``torch.jit.script`` cannot compile the patched function (README)."""
     return TorchPatch()
