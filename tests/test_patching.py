@@ -67,6 +67,27 @@ def test_patch_under_torch_compile(calls):
     torch.testing.assert_close(got, ORIGINAL(x, y))
 
 
+@pytest.mark.skipif(not tlf.backend_info("cpu")["implementation"] == "cpp",
+                    reason="the graph shows our ops where the kernels serve")
+def test_compiled_graph_under_the_patch_holds_our_ops():
+    """torch.compile of code calling F.cross_entropy under the patch traces ours (its ops
+    in the graph), not PyTorch's: a patch that Dynamo unwrapped to the replaced function
+    (stop 40's TorchScript wrapper) had compiled PyTorch's loss."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes})
+        return gm.forward
+
+    x, y = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    with tlf.patch_torch():
+        torch.compiler.reset()
+        torch.compile(lambda a, b: F.cross_entropy(a, b), backend=backend,
+                      fullgraph=True)(x, y)
+    torch.compiler.reset()
+    assert graphs and any("torchloss_fused" in target for target in graphs[0]), graphs
+
+
 def test_code_compiled_before_the_patch_after_a_reset(calls):
     # (Dynamo does not guard torch.nn.functional's attributes: code compiled before the
     # patch keeps torch's function until torch.compiler.reset(), as README says)
