@@ -782,3 +782,34 @@ def test_device_mismatch_cuda():
         tlf.linear_cross_entropy(H_.cuda(), W_, Y_)
     with pytest.raises(ValueError, match="same device"):
         tlf.linear_cross_entropy(H_.cuda(), W_.cuda(), Y_)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bias_written_in_place_before_backward(reduction):
+    """F's composed loss does not save the bias (its logits are saved), so an optimizer's
+    step on the bias before backward is fine there. Ours: fine for a mean/sum loss's
+    backward, which uses the gradients made in the forward (it raised autograd's error);
+    where the bias's old value is needed (none, a second backward), that error."""
+    torch.manual_seed(0)
+    t = torch.randint(0, 11, (6,))
+    h, w, b = torch.randn(6, 8), torch.randn(11, 8), torch.randn(11)
+
+    def grads(loss_fn, twice=False):
+        leaves = [v.clone().requires_grad_() for v in (h, w, b)]
+        loss = loss_fn(*leaves)
+        with torch.no_grad():
+            leaves[2].add_(0.1)
+        if twice:
+            torch.autograd.grad(loss.sum(), leaves, retain_graph=True)
+        return torch.autograd.grad(loss.sum(), leaves)
+
+    want = grads(lambda h, w, b: F.cross_entropy(F.linear(h, w, b), t, reduction=reduction))
+    ours = lambda h, w, b: tlf.linear_cross_entropy(h, w, t, b, reduction=reduction)  # noqa: E731
+    if reduction == "none":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            grads(ours)
+        return
+    for got, expected in zip(grads(ours), want, strict=True):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grads(ours, twice=True)

@@ -215,7 +215,12 @@ def _fwd_grad_setup_context(ctx, inputs, output):
     ctx.eager = not recording() and type(gh) is torch.Tensor
     if ctx.eager:
         ctx.fused = (gh.detach(), gw.detach(), gb.detach())
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, denom, lse)
+        # The bias is read only by a backward that recomputes (_saved_with_bias), and F's
+        # composed loss never saves it (its logits are saved): kept apart from the saved
+        # tensors with its version, so that writing it in place after the forward (an
+        # optimizer's step on it) raises only where its old value would be needed.
+        ctx.bias = None if bias is None else (bias, bias._version)
+        ctx.save_for_backward(hidden, weight, None, target, class_weight, denom, lse)
     else:
         ctx.fused = None
         ctx.save_for_backward(hidden, weight, bias, target, class_weight, denom, lse, gh, gw,
@@ -229,7 +234,12 @@ def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
         return (None, None, None) + none
     saved = ctx.saved_tensors
     hidden, weight, bias, target, class_weight, denom, lse = saved[:7]
-    needs = (needs[0], needs[1], needs[2] and bias is not None)
+    has_bias = ctx.bias is not None if ctx.eager else bias is not None
+    needs = (needs[0], needs[1], needs[2] and has_bias)
+    if ctx.eager and (ctx.fused is None or grad_lse is not None
+                      or reference_backward(grad_loss, grad_lse)):  # (the paths that recompute)
+        saved = _saved_with_bias(ctx, saved)
+        bias = saved[2]
     if reference_backward(grad_loss, grad_lse):
         ctx.fused = None
         rows = None if grad_loss is None else _row_grads(grad_loss, denom, lse)
@@ -253,6 +263,23 @@ def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
         grads = tuple((g.mul_(f) if ctx.eager else g * f) if need else None
                       for g, f, need in zip(fused, factors, needs))
     return _masked(grads, needs) + none
+
+
+def _saved_with_bias(ctx, saved: tuple) -> tuple:
+    """The eager fused op's saved tensors with its bias (kept apart: see the setup), which
+    must not have been written in place since the forward, as autograd's check of a
+    saved tensor says."""
+    if ctx.bias is None:
+        return saved
+    bias, version = ctx.bias
+    if bias._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{bias.type()} {list(bias.shape)}] (linear_cross_entropy's "
+            f"bias) is at version {bias._version}; expected version {version} instead. "
+            "This backward recomputes the logits (a second backward, or a gradient through "
+            "the returned lse): write the bias after it.")
+    return (*saved[:2], bias, *saved[3:])
 
 
 def _scale_factors(grad_loss: Tensor, target: Tensor, ignore_index: int) -> tuple:
