@@ -558,6 +558,13 @@ def cross_entropy(
     transformed = transform_active(input, weight, target if target.is_floating_point() else None)
     if inplace_backward and _wants_grad(x3) and not transformed:
         _check_inplace_target(input, x3, target=target, weight=weight)
+    if inplace_backward and vocab_parallel.is_dtensor(x3) and not vocab_parallel.class_sharded(x3):
+        # Not applied to DTensor logits on the row path: its in-place op runs under
+        # DTensor's dispatch, which may hand it a redistributed copy of the logits (rows
+        # fewer than the ranks, a replicated input beside sharded targets) and the gradient
+        # returned was then the untouched logits. The vocab-parallel path writes each
+        # rank's slice itself.
+        inplace_backward = False
     prob = target.is_floating_point()
     if prob:
         if tuple(target.shape) != tuple(input.shape):
