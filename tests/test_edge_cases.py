@@ -514,3 +514,52 @@ def test_empty_batch_keeps_learned_arguments_in_the_graph(backend, reduction, le
     assert loss.requires_grad
     (grad,) = torch.autograd.grad(loss.sum(), leaf)
     assert grad.shape == leaf.shape
+
+
+@pytest.mark.parametrize("written", ["weight", "prob-target", "alpha"])
+def test_weight_or_probability_target_written_before_backward_raises(backend, written):
+    """A weight, alpha or probability target written in place between forward and backward
+    raises autograd's error on every step, as F's saved ones do. The fused path, whose
+    backward does not unpack them, had raised only on the steps whose upstream guess was
+    wrong (they recompute), so a crash depended on the history of loss scales."""
+    x = random_logits((64, 2048), torch.float32, "cpu")
+    w = torch.rand(2048) + 0.5
+    index = random_targets((64,), 2048, "cpu")
+    prob = torch.softmax(torch.randn(64, 2048), 1)
+    for scale in (1 / 3, 1 / 4, 1 / 4, 1 / 4, 1 / 3):
+        leaf = x.clone().requires_grad_()
+        if written == "weight":
+            loss, arg = tlf.cross_entropy(leaf, index, weight=w), w
+        elif written == "alpha":
+            loss, arg = tlf.focal_loss(leaf, index, alpha=w), w
+        else:
+            loss, arg = tlf.cross_entropy(leaf, prob), prob
+        with torch.no_grad():
+            arg.mul_(0.9)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (loss * scale).backward()
+
+
+@pytest.mark.parametrize("row", ["nan", "-inf", "+inf"])
+@pytest.mark.parametrize("path", ["learned-alpha", "learned-weight", "func-grad"])
+def test_ignored_non_finite_row_through_autograd_of_the_reference(row, path):
+    """An ignored row holding NaN or infinite logits (masked padding) gets exact zeros, and
+    a learned alpha or weight a finite gradient, where autograd runs through the reference
+    code (a learned alpha or weight, torch.func): the loss masks the row after, but its
+    NaN had reached the gradients as 0 * nan, where the kernels write zeros."""
+    value = {"nan": math.nan, "-inf": -math.inf, "+inf": math.inf}[row]
+    x = torch.tensor([[value, value if row == "-inf" else 1.0, 2.0], [1.0, 2.0, 3.0]],
+                     dtype=torch.float64)
+    t = torch.tensor([-100, 1])
+    leaf = x.clone().requires_grad_()
+    if path == "func-grad":
+        grads = (torch.func.grad(lambda z: tlf.cross_entropy(z, t))(x),)
+    else:
+        learned = torch.tensor([0.3, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+        loss = (tlf.focal_loss(leaf, t, alpha=learned) if path == "learned-alpha"
+                else tlf.cross_entropy(leaf, t, weight=learned))
+        assert loss.isfinite()
+        grads = torch.autograd.grad(loss, (leaf, learned))
+        assert grads[1].isfinite().all()
+    assert torch.equal(grads[0][0], torch.zeros(3, dtype=torch.float64))
+    assert grads[0][1].isfinite().all()

@@ -195,15 +195,19 @@ def _make_ce_autograd(namespace: str):
 
 
 def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor,
-                ignored: tuple = ()) -> None:
+                ignored: tuple = (), read: tuple = ()) -> None:
     # Kept outside save_for_backward: backward rescales the buffer in place and hands it
     # on (a detached alias, so no reference cycle through the output's grad_fn).
     # `ignored`: (class-index target, ignore_index), for _fused_backward's ignored rows; a
     # plain attribute too, since unpacking saved tensors makes a checkpointed loss
-    # recompute its forward, which the buffer spares it.
+    # recompute its forward, which the buffer spares it. `read`: the other arguments the
+    # gradient was made from (weight or alpha, a float target), whose versions
+    # check_ignored_unchanged compares, as unpacking them would.
     ctx.fused_grad = grad.detach()
     ctx.grad_scale = grad_scale
     keep_ignored(ctx, ignored)
+    ctx.read_versions = tuple((t, t._version) for t in read
+                              if t is not None and t.is_floating_point())
     ctx.set_materialize_grads(False)
 
 
@@ -217,13 +221,25 @@ def check_ignored_unchanged(ctx) -> None:
     """The version check autograd makes of a saved tensor, for the target kept in
     ctx.ignored (a plain attribute: see _save_fused): a target written in place between
     forward and backward raises, as F's does, instead of the rescale reading its new
-    ignored rows (their gradients would be those made for another upstream gradient)."""
-    if ctx.ignored and not torch.compiler.is_compiling() and \
-            ctx.ignored[0]._version != ctx.ignored_version:
+    ignored rows (their gradients would be those made for another upstream gradient).
+    Likewise the weight (alpha) and a float target (ctx.read_versions), which the backward
+    does not unpack unless it recomputes: written in place, they had raised only on such
+    steps (a wrong upstream guess, a second backward), so whether training crashed
+    depended on the history of loss scales; F's saved ones raise at every backward."""
+    if torch.compiler.is_compiling():
+        return
+    if ctx.ignored and ctx.ignored[0]._version != ctx.ignored_version:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an "
             "inplace operation: the class-index target of a torchloss_fused loss is at version "
             f"{ctx.ignored[0]._version}; expected version {ctx.ignored_version} instead")
+    for tensor, version in ctx.read_versions:
+        if tensor._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by "
+                f"an inplace operation: [{tensor.type()} {list(tensor.shape)}] (the weight, "
+                "alpha or float target of a torchloss_fused loss) is at version "
+                f"{tensor._version}; expected version {version} instead")
 
 
 def _index_target(target: torch.Tensor, ignore_index: int) -> tuple:
@@ -299,7 +315,8 @@ def _make_ce_fwd_grad_autograd(namespace: str):
         input, target, weight, *args, grad_scale = inputs
         ctx.save_for_backward(input, target, weight, output[1])
         ctx.args = tuple(args)
-        _save_fused(ctx, output[2], grad_scale, _index_target(target, args[0]))
+        _save_fused(ctx, output[2], grad_scale, _index_target(target, args[0]),
+                    (target, weight))
 
     def backward(ctx, grad_loss, grad_lse, _unused):
         def redo_forward(grad_scale):
@@ -342,7 +359,7 @@ def _make_focal_fwd_grad_autograd(namespace: str):
         input, target, alpha, *args, grad_scale = inputs
         ctx.save_for_backward(input, target, alpha, output[1])
         ctx.args = tuple(args)
-        _save_fused(ctx, output[2], grad_scale, _index_target(target, args[2]))
+        _save_fused(ctx, output[2], grad_scale, _index_target(target, args[2]), (alpha,))
 
     def backward(ctx, grad_loss, grad_lse, _unused):
         # focal_loss does not expose lse: a gradient for it can only be zero, and is ignored.
@@ -414,7 +431,7 @@ def _make_sigmoid_sum_grad_autograd(namespace: str):
         ctx.save_for_backward(input, target)
         ctx.args = tuple(args)
         # The buffer is d(output)/dx itself: backward rescales it by grad_loss unless 1.
-        _save_fused(ctx, output[1], torch.ones_like(output[0]))
+        _save_fused(ctx, output[1], torch.ones_like(output[0]), read=(target,))
 
     def backward(ctx, grad_loss, _unused):
         def redo_forward(_):

@@ -205,6 +205,22 @@ def _smoothed_prob_target(t: Tensor, eps: float, C: int) -> Tensor:
     return t * (1 - eps) + eps / C if eps > 0 else t
 
 
+def _ignored_rows_finite(s: Tensor, hi: Tensor, lo: Tensor, target: Tensor,
+                         ignore_index: int, *params) -> tuple[Tensor, Tensor, Tensor]:
+    """(s, hi, lo) for a chunk's loss. Where autograd records it (torch.func, create_graph,
+    a learned weight or alpha), the rows of ignored class-index targets are set to 0 and
+    their lse recomputed: their NaN or infinite logits (masked padding) had reached the
+    gradients as 0 * nan (the loss masks those rows after; the lse's own backward and a
+    weight's multiply by them), where the kernels write exact zeros. The stored lse stays
+    the logits' own."""
+    if (target.is_floating_point() or not torch.is_grad_enabled()
+            or not any(p is not None and p.requires_grad for p in (s, *params))):
+        return s, hi, lo
+    valid = target.long() != ignore_index
+    s = torch.where(valid.unsqueeze(-1), s, 0)
+    return (s, *lse_parts(s))
+
+
 def _ce_chunk(s, lse, lo, target, w, ignore_index, eps, z_loss):
     """Per-row loss of one chunk; s is (b, D, C), (lse, lo) (b, D) of lse_parts."""
     C = s.shape[-1]
@@ -243,8 +259,9 @@ def ce_fwd(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: i
     for b0, b1 in _chunks(input):
         s = _rows(_part(input, b0, b1), acc, softcap, logit_scale)
         hi, lo = lse_parts(s)
-        losses.append(_ce_chunk(s, hi, lo, _part(target, b0, b1), w, ignore_index,
-                                label_smoothing, z_loss))
+        t = _part(target, b0, b1)
+        losses.append(_ce_chunk(*_ignored_rows_finite(s, hi, lo, t, ignore_index, w), t, w,
+                                ignore_index, label_smoothing, z_loss))
         lses.append(_stored(hi, lo))
     return _cat_rows(losses, input, acc), _cat_rows(lses, input, LSE_DTYPE)
 
@@ -381,7 +398,11 @@ def _modulating(base: Tensor, gamma: float) -> Tensor:
 
 def _focal_terms(log_pt: Tensor, alpha_t, gamma: float):
     """(loss, factor) as csrc/cpu/kernels_impl.h's Focal: finite at saturation."""
-    q = -torch.expm1(log_pt)
+    # 1 - p_t, differentiated as -p_t: autograd's slope of expm1, expm1(x) + 1, cancels
+    # for a small p_t (a confidently wrong row's gradient was up to 77 eps off at gamma=10
+    # through autograd, where the kernels' is within 3). The same value.
+    slope = -torch.exp(log_pt)
+    q = (-torch.expm1(log_pt)).detach() + (slope - slope.detach())
     loss = (alpha_t * _modulating(q, gamma)) * (0 - log_pt)  # 0 - x: +0.0 at p_t = 1, as lse - s_t
     if gamma == 0:
         factor = alpha_t * torch.ones_like(log_pt)
@@ -405,7 +426,8 @@ def focal_fwd(input: Tensor, target: Tensor, alpha: Tensor | None, alpha_scale: 
         t = _part(target, b0, b1).long()
         valid = t != ignore_index
         safe = t.masked_fill(~valid, 0)
-        log_pt = _log_p(hi, lo, _gather_target(s, safe))
+        s_l, hi_l, lo_l = _ignored_rows_finite(s, hi, lo, t, ignore_index, a)
+        log_pt = _log_p(hi_l, lo_l, _gather_target(s_l, safe))
         loss, _ = _focal_terms(log_pt, _focal_alpha_t(a, alpha_scale, safe), gamma)
         losses.append(torch.where(valid, loss, torch.zeros((), dtype=acc, device=loss.device)))
         lses.append(_stored(hi, lo))
