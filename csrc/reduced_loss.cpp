@@ -347,14 +347,12 @@ PyObject* rescale_reduced(PyObject*, PyObject* args) {
     pybind11::gil_scoped_release no_gil;
     Tensor rows =
         rows_grad(g, reduction, denom, grad.size(0), grad.size(2), grad_scale.scalar_type());
-    // An ignored row's gradient is zero whatever its upstream, as F's (nll_loss's backward
+    // An ignored row's gradient is +0 whatever its upstream, as F's (nll_loss's backward
     // never writes it): a nan or infinite one (a sum divided by a count of 0) would make
-    // the rescale's 0 * f nan. Such a row gets the upstream it was made for, so the rescale
-    // leaves it. (A finite 0-dim upstream on the CPU needs no look at the targets.)
-    if (target.defined() &&
-        !(g.dim() == 0 && g.is_cpu() && std::isfinite(g.item<double>()))) {
-      rows = at::where(counted(target, ignore_index), rows, grad_scale);
-    }
+    // the rescale's 0 * f nan, and a negative one -0, where a recomputing backward (a
+    // wrong upstream guess, a second one) writes +0. Such a row gets the upstream it was
+    // made for, so the rescale leaves it.
+    if (target.defined()) rows = at::where(counted(target, ignore_index), rows, grad_scale);
     at::AutoDispatchBelowAutograd below_autograd;
     rescale_grad_rows(grad, rows, grad_scale);
   }

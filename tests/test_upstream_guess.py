@@ -320,3 +320,29 @@ def test_differentiable_and_batched_backwards_after_a_streak():
         GUESSES._seen.clear()
         one, = torch.autograd.grad(loss_fn(x, t) / 3, x, u)
         torch.testing.assert_close(batched[i], one)
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "focal"])
+def test_ignored_rows_are_plus_zero_after_any_history(loss):
+    """A negative scale: ignored rows are +0, as F's (never written), on an unguessed step,
+    a rightly and a wrongly guessed one, and a second backward. The rescale had made them
+    -0 (0 times a negative factor) where the recomputing paths wrote +0, so their bits
+    depended on the history of scales."""
+    loss_fn = LOSSES[loss]
+    x = _logits(torch.float32)
+    t = _targets(x)
+    ignored = t == -100
+
+    def plus_zero(grad):
+        return bool((grad[ignored] == 0).all() and not grad[ignored].signbit().any())
+
+    assert plus_zero(_cold(loss_fn, x, t, -0.25))  # unguessed
+    _streak(loss_fn, torch.float32, 0.25)
+    assert plus_zero(_grad(loss_fn, x, t, -0.25))  # a wrong guess: recomputed
+    _streak(loss_fn, torch.float32, -0.25)
+    assert plus_zero(_grad(loss_fn, x, t, -0.25))  # a right one
+    leaf = x.clone().requires_grad_()
+    scaled = loss_fn(leaf, t) * -0.25
+    for _ in range(2):  # (the second backward recomputes)
+        (grad,) = torch.autograd.grad(scaled, leaf, retain_graph=True)
+        assert plus_zero(grad)

@@ -927,10 +927,9 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
     if (has_g_lse && g_lse != 0) {
       row_grad<scalar_t>(p, r, row, grow, tf, lse, g_lse * corr, acc_t(0), acc_t(0), -1, b);
     } else {
+      // (+0 whatever the post scale: the backward's rescale leaves ignored rows as made,
+      // and F never writes them)
       zero_row(grow, C, p.grad_layout.sc);
-      // (-0 for a negative post scale, as the backward's rescale would leave)
-      scale_row_of<scalar_t, acc_t>(static_cast<scalar_t*>(p.grad_input), p.grad_layout, r,
-                                    static_cast<acc_t>(p.post_scale));
     }
     return;
   }
