@@ -212,9 +212,11 @@ def _ignored_rows_finite(s: Tensor, hi: Tensor, lo: Tensor, target: Tensor,
     their lse recomputed: their NaN or infinite logits (masked padding) had reached the
     gradients as 0 * nan (the loss masks those rows after; the lse's own backward and a
     weight's multiply by them), where the kernels write exact zeros. The stored lse stays
-    the logits' own."""
-    if (target.is_floating_point() or not torch.is_grad_enabled()
-            or not any(p is not None and p.requires_grad for p in (s, *params))):
+    the logits' own. Always under torch.jit.trace, whose check traces again without
+    gradients: the graph must not depend on them."""
+    if target.is_floating_point() or not (torch.jit.is_tracing() or (
+            torch.is_grad_enabled()
+            and any(p is not None and p.requires_grad for p in (s, *params)))):
         return s, hi, lo
     valid = target.long() != ignore_index
     s = torch.where(valid.unsqueeze(-1), s, 0)
