@@ -205,3 +205,16 @@ def test_learned_alpha_gradient_of_a_confidently_wrong_row_is_accurate():
     (got,) = torch.autograd.grad(tlf.focal_loss(leaf, t, gamma=10.0, alpha=alpha), leaf)
     err = (got.double() - want).abs().max() / want.abs().max()
     assert err <= 8 * torch.finfo(torch.float32).eps, err
+
+
+def test_learnable_alpha_is_checked_as_a_number_is():
+    """A 0-dim alpha that requires grad is refused where a number alpha is (NaN), and on a
+    device other than the logits' (but the CPU: a CPU scalar goes with them); it had been
+    taken, giving a NaN loss, or moved."""
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        tlf.focal_loss(x, y, alpha=torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(ValueError, match="same device"):
+        tlf.focal_loss(x, y, alpha=torch.tensor(0.5, device="meta", requires_grad=True))
+    learned = torch.tensor(0.5, requires_grad=True)
+    torch.testing.assert_close(tlf.focal_loss(x, y, alpha=learned), tlf.focal_loss(x, y, alpha=0.5))

@@ -200,3 +200,19 @@ def test_legacy_reduction_warning_points_at_the_caller():
         tlf.cross_entropy(x, y, size_average=False)
         tlf.CrossEntropyLoss(reduce=False)
     assert [w.filename for w in caught] == [__file__] * 2
+
+
+def test_focal_alpha_parameter_is_learned_with_the_model():
+    """An nn.Parameter alpha is a parameter of FocalLoss (torch's losses make a weight
+    Parameter a buffer, which model.parameters() leaves out: it had been one here too),
+    stays a leaf through .double(), and gets its gradient."""
+    module = tlf.FocalLoss(alpha=torch.nn.Parameter(torch.tensor(0.25)))
+    assert [name for name, _ in module.named_parameters()] == ["alpha"]
+    assert list(module.state_dict()) == ["alpha"]
+    module.double()
+    assert module.alpha.is_leaf and module.alpha.dtype == torch.float64
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    module(x, y).backward()
+    assert module.alpha.grad is not None and module.alpha.grad != 0
+    module.alpha = torch.tensor([0.1, 0.2, 0.3])  # a plain tensor: a buffer again
+    assert not list(module.parameters()) and list(module.state_dict()) == ["alpha"]

@@ -697,6 +697,15 @@ def focal_loss(
             carries_derivative(alpha) or (recording() and alpha.is_floating_point())):
         # A number to learn: the per-class path's grad. In traced code too, which cannot
         # read it as a number (torch.compile broke the graph there, fullgraph=True failed).
+        if type(alpha) is Tensor and not recording() and \
+                not torch._C._functorch.is_functorch_wrapped_tensor(alpha):
+            # (a CPU scalar goes with the logits, as PyTorch takes CPU scalars beside other
+            # devices' tensors, and is checked as a number alpha is; another device's is
+            # not read: that would wait for the device)
+            if alpha.device.type != "cpu":
+                _check_device(input, alpha, "alpha")
+            else:
+                _check_number(alpha.detach(), "alpha")
         alpha = alpha.to(input.device).expand(x3.shape[1])
     if isinstance(alpha, Tensor) and alpha.dim() > 0:
         _check_class_vector(input, alpha, "alpha")

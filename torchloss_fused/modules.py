@@ -109,7 +109,8 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 class FocalLoss(nn.Module):
     """Softmax focal loss module; see :func:`torchloss_fused.focal_loss`. A per-class
     ``alpha`` tensor is a buffer (in the state dict; it follows ``.to(device)``), whether
-    given to the constructor or assigned later; a number or None is a plain attribute."""
+    given to the constructor or assigned later; an ``nn.Parameter`` a parameter, learned
+    with the model's; a number or None a plain attribute."""
 
     __prepare_scriptable__ = warn_torchscript
 
@@ -125,12 +126,20 @@ class FocalLoss(nn.Module):
         # alpha changes kind with its value (as weight cannot: torch's is always a buffer,
         # None or a tensor); a tensor assigned after construction had been a plain
         # attribute, left out of the state dict (a reloaded module lost it) and of .to().
+        # An nn.Parameter is a parameter (torch's losses make a weight one a buffer, which
+        # no optimizer given model.parameters() then learns; a learnable alpha is this
+        # loss's own feature).
         if name == "alpha" and "_buffers" in self.__dict__:
-            if isinstance(value, Tensor):
+            if isinstance(value, nn.Parameter):
+                self._buffers.pop("alpha", None)
+            elif isinstance(value, Tensor):
                 self.__dict__.pop("alpha", None)
+                self._parameters.pop("alpha", None)
                 self._buffers["alpha"] = value
                 return
-            self._buffers.pop("alpha", None)
+            else:
+                self._buffers.pop("alpha", None)
+                self._parameters.pop("alpha", None)
         super().__setattr__(name, value)
 
     @torch.jit.unused  # (see warn_torchscript)
