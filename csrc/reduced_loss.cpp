@@ -351,8 +351,15 @@ PyObject* rescale_reduced(PyObject*, PyObject* args) {
     // never writes it): a nan or infinite one (a sum divided by a count of 0) would make
     // the rescale's 0 * f nan, and a negative one -0, where a recomputing backward (a
     // wrong upstream guess, a second one) writes +0. Such a row gets the upstream it was
-    // made for, so the rescale leaves it.
-    if (target.defined()) rows = at::where(counted(target, ignore_index), rows, grad_scale);
+    // made for, so the rescale leaves it. (A finite, positive 0-dim upstream on the CPU,
+    // loss.backward()'s, needs no look at the targets: 0 * f is +0.)
+    if (target.defined()) {
+      const bool plain = g.dim() == 0 && g.is_cpu() && [&] {
+        const double v = g.item<double>();
+        return std::isfinite(v) && !std::signbit(v);
+      }();
+      if (!plain) rows = at::where(counted(target, ignore_index), rows, grad_scale);
+    }
     at::AutoDispatchBelowAutograd below_autograd;
     rescale_grad_rows(grad, rows, grad_scale);
   }

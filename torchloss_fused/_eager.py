@@ -205,9 +205,9 @@ class FusedReduced:
             ctx.guess = (key, guess if post != 1.0 else None, post)
             if post != 1.0:  # (a weak reference: saved-tensor hooks may move the logits)
                 ctx.logits = (weakref.ref(x), x._version)
-            # (a plain attribute, as the buffer: unpacking the saved target would make a
-            # checkpointed loss recompute its forward; see _ops._fused_backward)
-            _ops.keep_ignored(ctx, _ops._index_target(t, scalars[2 if kind == FOCAL else 0]))
+            # (the target kept as a plain attribute, as the buffer, by setup_context's
+            # _ops._save_fused: unpacking the saved target would make a checkpointed loss
+            # recompute its forward; see _ops._fused_backward)
             return loss
 
         def reduced_backward(ctx, grad):

@@ -228,18 +228,22 @@ def check_ignored_unchanged(ctx) -> None:
     depended on the history of loss scales; F's saved ones raise at every backward."""
     if torch.compiler.is_compiling():
         return
-    if ctx.ignored and ctx.ignored[0]._version != ctx.ignored_version:
+    if ctx.ignored:
+        check_version(ctx.ignored[0], ctx.ignored_version,
+                      "the class-index target of a torchloss_fused loss")
+    for tensor, version in ctx.read_versions:
+        check_version(tensor, version,
+                      "the weight, alpha or float target of a torchloss_fused loss")
+
+
+def check_version(tensor: torch.Tensor, version: int, what: str, why: str = "") -> None:
+    """Autograd's check of a saved tensor, for one kept outside the saved tensors with its
+    version at the forward: its error, naming `what` (and `why`, if given)."""
+    if tensor._version != version:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an "
-            "inplace operation: the class-index target of a torchloss_fused loss is at version "
-            f"{ctx.ignored[0]._version}; expected version {ctx.ignored_version} instead")
-    for tensor, version in ctx.read_versions:
-        if tensor._version != version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by "
-                f"an inplace operation: [{tensor.type()} {list(tensor.shape)}] (the weight, "
-                "alpha or float target of a torchloss_fused loss) is at version "
-                f"{tensor._version}; expected version {version} instead")
+            f"inplace operation: [{tensor.type()} {list(tensor.shape)}] ({what}) is at "
+            f"version {tensor._version}; expected version {version} instead.{why}")
 
 
 def _index_target(target: torch.Tensor, ignore_index: int) -> tuple:

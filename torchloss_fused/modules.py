@@ -129,17 +129,15 @@ class FocalLoss(nn.Module):
         # An nn.Parameter is a parameter (torch's losses make a weight one a buffer, which
         # no optimizer given model.parameters() then learns; a learnable alpha is this
         # loss's own feature).
-        if name == "alpha" and "_buffers" in self.__dict__:
-            if isinstance(value, nn.Parameter):
-                self._buffers.pop("alpha", None)
-            elif isinstance(value, Tensor):
+        # (nn.Module's own assignment handles a Parameter: it leaves the buffers itself)
+        if name == "alpha" and "_buffers" in self.__dict__ and \
+                not isinstance(value, nn.Parameter):
+            self._parameters.pop("alpha", None)
+            self._buffers.pop("alpha", None)
+            if isinstance(value, Tensor):
                 self.__dict__.pop("alpha", None)
-                self._parameters.pop("alpha", None)
-                self._buffers["alpha"] = value
+                self.register_buffer("alpha", value)
                 return
-            else:
-                self._buffers.pop("alpha", None)
-                self._parameters.pop("alpha", None)
         super().__setattr__(name, value)
 
     @torch.jit.unused  # (see warn_torchscript)

@@ -272,13 +272,9 @@ def _saved_with_bias(ctx, saved: tuple) -> tuple:
     if ctx.bias is None:
         return saved
     bias, version = ctx.bias
-    if bias._version != version:
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by an "
-            f"inplace operation: [{bias.type()} {list(bias.shape)}] (linear_cross_entropy's "
-            f"bias) is at version {bias._version}; expected version {version} instead. "
-            "This backward recomputes the logits (a second backward, or a gradient through "
-            "the returned lse): write the bias after it.")
+    _ops.check_version(bias, version, "linear_cross_entropy's bias",
+                       " This backward recomputes the logits (a second backward, or a "
+                       "gradient through the returned lse): write the bias after it.")
     return (*saved[:2], bias, *saved[3:])
 
 
