@@ -250,9 +250,16 @@ def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
         grad_loss = torch.where(denom == 0, torch.ones_like(grad_loss), grad_loss)
     fused = ctx.fused if ctx.eager else saved[7:]
     ctx.fused = None
-    if fused is None or grad_lse is not None:
-        # A second backward through the same graph (retain_graph), or a gradient for the
-        # lse, which the gradients made in forward leave out: recompute.
+    if fused is None and grad_lse is None:
+        # A second backward through the same graph (retain_graph): the forward's gradients
+        # made again (its unit upstream) and scaled below as the first backward's were, so
+        # both backwards give the same bits.
+        acc = targets.acc_dtype(hidden.dtype, target, class_weight)
+        unit = _row_scale(denom, hidden, acc).expand(lse.shape[0])
+        fused = _ns()._linear_ce_bwd(unit, None, hidden, weight, bias, target, class_weight,
+                                     lse, *ctx.ce_args, *ctx.chunk, *needs)
+    if grad_lse is not None:
+        # A gradient for the lse, which the gradients made in forward leave out: recompute.
         grads = _ns()._linear_ce_bwd(_row_grads(grad_loss, denom, lse), grad_lse, hidden,
                                      weight, bias, target, class_weight, lse, *ctx.ce_args,
                                      *ctx.chunk, *needs)
