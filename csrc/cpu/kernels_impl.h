@@ -65,6 +65,26 @@ template <typename scalar_t>
 constexpr bool kReduced =
     std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
 
+// v rounded to scalar_t as this build's vector stores round it, NaN's bits included, so an
+// element's bits do not depend on whether a row's vector body or its tail stored it (nor
+// on a scaled loss's guessed step, which stores the target element alone). ATen's
+// AVX2/AVX-512 conversions write a bfloat16 NaN as 0xffff and a float16 one as
+// vcvtps2ph does (its sign and top payload bits kept), where c10's scalar conversions
+// write 0x7fc0 and a canonical 0x7e00; F's CPU gradients are the vector ones.
+template <typename scalar_t, typename acc_t>
+inline scalar_t narrow(acc_t v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (std::isnan(v)) return c10::BFloat16(0xffff, c10::BFloat16::from_bits());
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(static_cast<unsigned short>(_cvtss_sh(
+                         static_cast<float>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)),
+                     c10::Half::from_bits());
+  }
+#endif
+  return static_cast<scalar_t>(v);
+}
+
 template <typename T>
 inline Vectorized<T> vmax(const Vectorized<T>& a, const Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // propagates NaN, so a NaN logit poisons its row
@@ -287,7 +307,7 @@ struct PostScale {
   }
 
   acc_t operator()(acc_t v) const {
-    return static_cast<acc_t>(static_cast<scalar_t>(v)) * f;
+    return static_cast<acc_t>(narrow<scalar_t>(v)) * f;
   }
 
   // put_pair of the two vectors, post-scaled when on.
@@ -304,7 +324,7 @@ struct PostScale {
   }
 
   // One element's store, post-scaled when on.
-  scalar_t scalar(acc_t v) const { return static_cast<scalar_t>(on ? (*this)(v) : v); }
+  scalar_t scalar(acc_t v) const { return narrow<scalar_t>(on ? (*this)(v) : v); }
 };
 
 inline void stream_fence() {
@@ -359,7 +379,7 @@ inline void load_block(const scalar_t* src, int64_t stride, int64_t n, acc_t* ds
 template <typename scalar_t, typename acc_t>
 inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stride) {
   if (stride != 1) {
-    for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<scalar_t>(src[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = narrow<scalar_t>(src[i]);
   } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(dst, src, n * sizeof(acc_t));
   } else if constexpr (kReduced<scalar_t>) {
@@ -369,7 +389,7 @@ inline void store_block(const acc_t* src, int64_t n, scalar_t* dst, int64_t stri
     for (; i + bVec::size() <= n; i += bVec::size()) {
       store_pair(dst + i, fVec::loadu(src + i), fVec::loadu(src + i + fVec::size()));
     }
-    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+    for (; i < n; ++i) dst[i] = narrow<scalar_t>(src[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
@@ -574,7 +594,7 @@ inline void scale_row(scalar_t* row, int64_t C, acc_t f) {
     load_pair(row + c, lo, hi);
     store_pair(row + c, lo * fv, hi * fv);
   }
-  for (; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * f);
+  for (; c < C; ++c) row[c] = narrow<scalar_t>(static_cast<acc_t>(row[c]) * f);
 }
 
 // Row r of a gradient laid out as l (D == 1) times f; untouched where f is 1.
@@ -586,7 +606,7 @@ inline void scale_row_of(scalar_t* grad, const RowLayout& l, int64_t r, acc_t f)
     scale_row(row, l.C, f);
   } else {
     for (int64_t c = 0; c < l.C; ++c) {
-      row[c * l.sc] = static_cast<scalar_t>(static_cast<acc_t>(row[c * l.sc]) * f);
+      row[c * l.sc] = narrow<scalar_t>(static_cast<acc_t>(row[c * l.sc]) * f);
     }
   }
 }
@@ -595,7 +615,7 @@ template <typename scalar_t, typename acc_t = typename AccOf<scalar_t>::type>
 inline void scale_rows_range(scalar_t* grad, const RowLayout& l, const acc_t* factor,
                              int64_t begin, int64_t end) {
   auto scale1 = [](scalar_t* e, acc_t f) {
-    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) * f);
+    *e = narrow<scalar_t>(static_cast<acc_t>(*e) * f);
   };
   if (l.D == 1) {
     for (int64_t r = begin; r < end; ++r) scale_row_of<scalar_t, acc_t>(grad, l, r, factor[r]);
