@@ -246,3 +246,28 @@ def test_a_row_the_run_could_not_measure_is_a_miss(broken):
         assert "illegal memory access" in targets.report(results, list(verdicts.values()))
     inplace = verdicts["CE fwd+bwd inplace_backward, peak extra / logits"]
     assert inplace["met"] is (broken == "ours" or broken == "eager")
+
+
+def test_tuning_sweep_best_beyond_the_noise(tmp_path, capsys):
+    """--best asks more than the margin where the default's own runs differ more (benchmark
+    1 and the sweep's default run: the same setting minutes apart), and a winner whose
+    lead is within the rows' interquartile ranges is none."""
+    def results(name, env, ms, iqr=0.0):
+        path = tmp_path / f"{name}.json"
+        row = {"op": "ce_fwd_bwd", "dtype": "bf16", "shape": [16384, 128256],
+               "impl": "torchloss_fused", "impl_kind": "ours", "status": "ok",
+               "median_ms": ms, "iqr_ms": iqr}
+        path.write_text(json.dumps({"software": {"env": env}, "rows": [row]}))
+        return str(path)
+
+    def best(*paths):
+        assert tuning_sweep.main(["--best", "ce_fwd_bwd", *paths]) == 0
+        return capsys.readouterr().out.strip()
+
+    default, again = results("d", {}, 4.0), results("d2", {}, 4.3)
+    five = results("f", {"TLF_CUDA_TUNING": "bulk_load=1"}, 3.8)  # 5% ahead
+    assert best(default, five) == "bulk_load=1"
+    assert best(default, five, again) == ""  # the default's runs differ by 7.5%
+    assert best(default, five, results("d3", {}, 4.1)) == "bulk_load=1"
+    wide = results("w", {"TLF_CUDA_TUNING": "prefetch_kib=64"}, 3.8, iqr=0.5)
+    assert best(default, wide) == ""  # 0.2 ms ahead, within half its IQR of 0.5
