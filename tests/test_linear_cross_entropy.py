@@ -366,6 +366,76 @@ def test_layouts_and_target_dtypes(device):
         check(hidden, w_t, tt, None, "mean", chunk_size=3)
 
 
+def _hidden_laid_out(how, B, T, H, make_values):
+    """hidden (B*T, H) or (B, T, H), laid out as `how` says."""
+    N = B * T
+    return {
+        "contiguous": lambda: make_values(N, H),
+        "transposed": lambda: make_values(H, N).t(),  # column-major: F's gradient is too
+        "sliced": lambda: make_values(N, H + 3)[:, :H],
+        "3d": lambda: make_values(B, T, H),
+        # (B, T) flatten to a view of strides (1, N): column-major, as "transposed"
+        "3d-hidden-outermost": lambda: make_values(H, B, T).permute(1, 2, 0),
+        # time-major: flattening copies, so F's gradient is contiguous
+        "3d-time-major": lambda: make_values(T, B, H).transpose(0, 1),
+    }[how]()
+
+
+def _weight_laid_out(how, V, H, make_values):
+    return {
+        "contiguous": lambda: make_values(V, H),
+        "transposed": lambda: make_values(H, V).t(),  # a tied embedding's, stored (H, V)
+        "sliced": lambda: make_values(V, H + 2)[:, :H],
+    }[how]()
+
+
+@pytest.mark.parametrize("hidden_layout", ["contiguous", "transposed", "sliced", "3d",
+                                           "3d-hidden-outermost", "3d-time-major"])
+@pytest.mark.parametrize("weight_layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_strides_as_f_linear(device, backend, hidden_layout, weight_layout,
+                                      reduction):
+    """The gradients have the strides F.linear's backward gives them (mm_mat1_backward and
+    mm_mat2_backward compute a column-major matrix's gradient in the transposed orientation):
+    hidden's transposed where its (N, H) rows are column-major, weight's transposed unless
+    the weight is contiguous (a transposed or sliced one's), bias's contiguous. They had
+    always been contiguous. One chunk in float32; several in bfloat16, with a bias and the
+    float32 grad_weight accumulator."""
+    B, T, H, V = 3, 4, 8, 11
+    for dtype, chunk_size, bias in ((torch.float32, None, False),
+                                    (torch.bfloat16, 5, True)):
+        def values(*shape, dtype=dtype):
+            return torch.randn(*shape, device=device).to(dtype)
+
+        h0 = _hidden_laid_out(hidden_layout, B, T, H, values)
+        w0 = _weight_laid_out(weight_layout, V, H, values) * 0.5
+        b0 = values(V) if bias else None
+        target = torch.randint(0, V, h0.shape[:-1], device=device)
+        target[..., 0] = -100
+        results = []
+        for fn in (tlf.linear_cross_entropy, "F"):
+            leaves = [t.detach().requires_grad_() for t in (h0, w0, b0) if t is not None]
+            h, w, *b = leaves
+            b = b[0] if b else None
+            if fn == "F":
+                loss = F.cross_entropy(F.linear(h, w, b).flatten(0, -2), target.flatten(),
+                                       reduction=reduction)
+                loss = loss.view(target.shape) if reduction == "none" else loss
+            else:
+                loss = fn(h, w, target, b, reduction=reduction, chunk_size=chunk_size)
+            up = (torch.rand(loss.shape, device=device) + 0.5).to(loss.dtype) \
+                if not results else results[0][2]
+            results.append((loss, torch.autograd.grad(loss, leaves, up), up))
+        (_, ours, _), (_, ref, _) = results
+        # (bfloat16: F's composition rounds the logits and their gradient, ours not; the
+        # values are held to the float64 oracle by the tests above)
+        tol = {"rtol": 5e-2, "atol": 3e-2} if dtype == torch.bfloat16 else {}
+        for name, g, r in zip(("hidden", "weight", "bias"), ours, ref):
+            torch.testing.assert_close(g.float(), r.float(), **tol)
+            assert g.stride() == r.stride(), (name, dtype, g.stride(), r.stride())
+        assert len(ours) == len(ref) == 2 + bias
+
+
 def test_deterministic(device):
     hidden, weight, target, b = make(64, 16, 97, torch.float32, device, bias=True)
     runs = []
@@ -714,8 +784,14 @@ def test_compile_one_opaque_op(device, weighted):
 
 @pytest.mark.parametrize("name", ["linear_ce_fwd", "linear_ce_fwd_grad", "_linear_ce_bwd"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck(device, name, weighted):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(device, name, weighted, transposed):
+    """(transposed: hidden and weight column-major, whose gradients are transposed too,
+    the fake kernels' strides as the real ones')"""
     hidden, weight, target, b = make(9, 6, 11, torch.float32, device, bias=True)
+    if transposed:
+        hidden, weight = (t.detach().t().contiguous().t().requires_grad_()
+                          for t in (hidden, weight))
     cw = class_weights(11, torch.float32, device) if weighted else None
     ce = (-100, 0.1, 1e-3, 0.0)
     ops = getattr(torch.ops, lce_ops.NAMESPACE)

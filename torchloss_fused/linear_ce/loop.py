@@ -50,11 +50,19 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         # which the backward splits again; linear_cross_entropy returns it in acc)
         lse = hidden.new_empty((N,), dtype=reference.LSE_DTYPE)
     big = {"dtype": hidden.dtype, "device": hidden.device}
-    grad_h = _host_buffers.empty((N, H), **big) if need_h else None
+    # The gradients laid out as F.linear's backward lays them out (grad_transposed), each
+    # product computed in that orientation, as PyTorch's: no copy.
+    h_t, w_t = grad_transposed(hidden, weight)
+    grad_h = grad_hT = None
+    if need_h and h_t:
+        grad_hT = _host_buffers.empty((H, N), **big)
+    elif need_h:
+        grad_h = _host_buffers.empty((N, H), **big)
     # One chunk: one product, accumulated inside the matmul, rounded once, as F.linear's
     # backward does; no separate accumulator is needed.
     w_accum = weight.dtype if chunk >= N else resolve_accum(weight.dtype, accum_dtype)
-    gw = WeightGrad(weight, w_accum) if need_w else None
+    # (transposed: the (H, V) gradient h^T @ grad_logits accumulated, returned as its .t())
+    gw = WeightGrad(weight.t() if w_t else weight, w_accum) if need_w else None
     gb = None
     if need_b:
         gb = torch.zeros((V,), dtype=resolve_accum(bias.dtype, accum_dtype),
@@ -93,9 +101,13 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
         ops._ce_bwd_inplace(g, g_lse, x3, t2, class_weight, lse_c, *chunk_args, 1.0)
         if x3.dtype != logits.dtype:
             logits.copy_(x3.view(n, V))  # the float64 gradient, rounded as F.linear gets it
-        if need_h:
+        if grad_h is not None:
             torch.mm(logits, weight, out=grad_h[s:e])
-        if need_w:
+        elif need_h:  # (mm_mat1_backward's product for a column-major input)
+            torch.mm(weight.t(), logits.t(), out=grad_hT[:, s:e])
+        if need_w and w_t:  # (mm_mat2_backward's for a weight whose .t() is not column-major)
+            gw.add(h, logits)
+        elif need_w:
             gw.add(logits, h)
         if need_b:  # column sums as a matrix-vector product (fp32 accumulation inside)
             ones = ones if ones is not None and ones.shape[0] == n else logits.new_ones((n,))
@@ -104,9 +116,27 @@ def _loop(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
             else:  # rounded to the input dtype once per chunk, summed across chunks in gb
                 gb.add_(torch.mv(logits.t(), ones))
     del buf
+    if grad_hT is not None:
+        grad_h = grad_hT.t()
     grad_w = gw.result() if need_w else None
+    if grad_w is not None and w_t:
+        grad_w = grad_w.t()
     grad_b = gb.to(bias.dtype) if need_b else None
     return loss_rows, lse, grad_h, grad_w, grad_b
+
+
+def grad_transposed(hidden: Tensor, weight: Tensor) -> tuple[bool, bool]:
+    """Whether F.linear's backward returns hidden's (N, H) and weight's (V, H) gradients
+    transposed (strides (1, N) and (1, V)) rather than contiguous. The product is
+    mm(hidden, weight.t()) (addmm with a bias), whose backward (mm_mat1_backward,
+    mm_mat2_backward in autograd's FunctionsManual.cpp) computes a matrix's gradient in
+    the transposed orientation where that matrix is column-major (strides (1, rows)): for
+    hidden, where it is; for weight.t(), where it is not, since its gradient is the
+    column-major one's transpose (a contiguous weight's is contiguous; a transposed or
+    sliced weight's is transposed). The fake kernels give the same strides."""
+    h_t = hidden.stride(0) == 1 and hidden.stride(1) == hidden.shape[0]
+    w_t = not (weight.stride(1) == 1 and weight.stride(0) == weight.shape[1])
+    return h_t, w_t
 
 
 def _placeholder(like: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from .. import vocab_parallel as vp
 from .._higher_order import differentiable_grads, reference_backward
 from .._tracing import recording
 from . import targets
-from .loop import _loop, _placeholder
+from .loop import _loop, _placeholder, grad_transposed
 
 NAMESPACE = "torchloss_fused_py"
 
@@ -122,8 +122,13 @@ def _graph_grads(saved, ce_args, needs, grad_rows, grad_lse):
 def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
     N, H = hidden.shape
     V = weight.shape[0]
-    gh = hidden.new_empty((N, H)) if grad_hidden else _placeholder(hidden)
-    gw = weight.new_empty((V, H)) if grad_weight else _placeholder(hidden)
+    h_t, w_t = grad_transposed(hidden, weight)
+    gh = _placeholder(hidden)
+    if grad_hidden:
+        gh = hidden.new_empty((H, N)).t() if h_t else hidden.new_empty((N, H))
+    gw = _placeholder(hidden)
+    if grad_weight:
+        gw = weight.new_empty((H, V)).t() if w_t else weight.new_empty((V, H))
     gb = bias.new_empty((V,)) if grad_bias and bias is not None else _placeholder(hidden)
     return gh, gw, gb
 

@@ -39,8 +39,10 @@ def resolve_accum(weight_dtype: torch.dtype, accum_dtype: torch.dtype | None) ->
 
 class WeightGrad:
     """grad_weight (V, H) accumulated over row chunks in `accum` dtype, returned in the
-    weight's dtype. Where accum is exactly twice as wide, the accumulator's rows [0, V//2)
-    live in the returned tensor's own storage and are converted in place at the end."""
+    weight's dtype (contiguous; `weight` may be weight.t(), for the (H, V) gradient of a
+    weight whose gradient is transposed). Where accum is exactly twice as wide, the
+    accumulator's rows [0, V//2) live in the returned tensor's own storage and are
+    converted in place at the end."""
 
     def __init__(self, weight: Tensor, accum: torch.dtype):
         V, H = weight.shape
@@ -71,7 +73,8 @@ class WeightGrad:
         self.tmp = self.tmp_acc = None
 
     def add(self, grad_logits: Tensor, h: Tensor) -> None:
-        """+= grad_logits.T @ h for one chunk (grad_logits (n, V), h (n, H))."""
+        """+= grad_logits.T @ h for one chunk (grad_logits (n, V), h (n, H); for the (H, V)
+        gradient, h and grad_logits in each other's place)."""
         gT = grad_logits.t()
         beta = 0 if self.first else 1  # beta=0: the uninitialised buffer is not read
         for v0, v1, acc in self.parts:
