@@ -245,3 +245,47 @@ def test_loss_and_gradient_keep_the_input_layout(device, backend, layout, reduct
     torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-6)
     assert g.stride() == g2.stride()
     assert ours.stride() == ref.stride()
+
+
+def _layouts_4d(shape, device, make):
+    """A (2, 3, 4, 5) tensor laid out in several ways; `make(size)` draws the values."""
+    n, c, h, w = shape
+    return {
+        "contiguous": make((n, c, h, w)),
+        "channels_last": make((n, c, h, w)).to(memory_format=torch.channels_last),
+        "transposed": make((w, h, c, n)).permute(3, 2, 1, 0),
+        # stride 0 in two dims, the others not in dim order: TensorIterator's output
+        # order for it is neither contiguous nor channels_last
+        "expanded": make((w, 1, c, 1)).permute(3, 2, 1, 0).expand(n, c, h, w),
+    }
+
+
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("t_layout", ["contiguous", "channels_last", "transposed", "expanded"])
+@pytest.mark.parametrize("t_grad", [False, True], ids=["t", "t_grad"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_layouts_of_inputs_and_targets_as_torchvision(device, backend, x_layout, t_layout,
+                                                       t_grad, reduction):
+    """torchvision's composition lays out the unreduced loss as an elementwise op of the
+    targets alone (its BCE's `1 - targets`), the targets' gradient likewise (contiguous
+    behind a mean, whose backward is dense), and the inputs' gradient as the inputs:
+    ours the same, with the targets requiring grad too (autograd through the formula had
+    laid everything out as the inputs) and with an expanded target (the unreduced loss had
+    taken the inputs' order where the target's strides are 0)."""
+    shape = (2, 3, 4, 5)
+    x0 = _layouts_4d(shape, device, lambda s: torch.randn(s, device=device) * 3)[x_layout]
+    t0 = _layouts_4d(shape, device, lambda s: torch.rand(s, device=device))[t_layout]
+    g_out = torch.rand(shape, device=device) + 0.5
+    results = []
+    for fn in (tlf.sigmoid_focal_loss, torchvision_formula):
+        x, t = x0.detach().requires_grad_(), t0.detach().requires_grad_(t_grad)
+        loss = fn(x, t, reduction=reduction)
+        # (the upstream gradient laid out as the loss, as ones_like(loss) would be)
+        up = torch.empty_like(loss).copy_(g_out) if reduction == "none" else None
+        results.append((loss, torch.autograd.grad(loss, (x, t) if t_grad else x, up)))
+    (ours, our_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert ours.stride() == ref.stride()
+    for g, g2 in zip(our_grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, g2, rtol=1e-5, atol=1e-6)
+        assert g.stride() == g2.stride()

@@ -90,3 +90,28 @@ def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: to
     if reduction == "mean":
         grad = grad / denom  # DivBackward0
     return grad.expand(rows_shape)  # SumBackward0
+
+
+class _OrderedTotal(torch.autograd.Function):
+    """ordered_sum(v), divided by v.numel() for a mean, whose backward is autograd's
+    SumBackward / MeanBackward: the upstream expanded to v's shape (a mean's then divided,
+    a dense contiguous tensor). The gradients made behind it are then laid out as behind
+    v.sum() / v.mean() (ordered_sum's reshape and padding of a large tensor, and the Div
+    node before a Sum, would hand v a gradient of another layout); the same values."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, mean: bool) -> Tensor:
+        ctx.shape, ctx.count = v.shape, v.numel() if mean else None
+        total = ordered_sum(v)
+        return total / v.numel() if mean else total  # (nan for an empty mean, as mean())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.expand(ctx.shape)
+        return (grad if ctx.count is None else grad / ctx.count), None
+
+
+def ordered_total(v: Tensor, mean: bool) -> Tensor:
+    """ordered_sum(v) (/ v.numel() for a mean) for autograd through an elementwise loss,
+    laid out behind as v.sum() / v.mean() (_OrderedTotal)."""
+    return _OrderedTotal.apply(v, mean)

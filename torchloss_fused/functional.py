@@ -744,31 +744,21 @@ def focal_loss(
 # ---- sigmoid focal loss -------------------------------------------------------------------
 
 
-def _memory_order(x: Tensor, *others: Tensor) -> list[int] | None:
+def _memory_order(x: Tensor) -> list[int] | None:
     """x's dims from outermost to innermost in memory where that is not their own order
     (channels_last, a transpose): the kernels then walk x as it lies, without a contiguous
-    copy, and the loss and gradient keep its layout, as PyTorch's elementwise ops do (with
-    `others`, the order an elementwise op of x and them gives its output, x deciding first).
-    None for a contiguous x, a DTensor, or code being traced (whose layouts are decided
-    there)."""
+    copy, and the gradient keeps its layout, as PyTorch's elementwise ops do (the order
+    TensorIterator gives an elementwise op of x alone, e.g. for an expanded x). None for a
+    contiguous x, a DTensor, or code being traced (whose layouts are decided there)."""
     if x.dim() < 2 or recording() or vocab_parallel.is_dtensor(x) or x.is_contiguous():
         return None
-    order = compute_elementwise_output_logical_to_physical_perm(x, *others)
+    order = compute_elementwise_output_logical_to_physical_perm(x)
     if isinstance(order, tuple):  # (torch 2.5 and later: the order and a flag)
         order = order[0]
     return None if list(order) == sorted(order) else list(order)
 
 
-def _inverse(order: list[int]) -> list[int]:
-    return sorted(range(len(order)), key=order.__getitem__)
-
-
-def _with_layout(t: Tensor, order: list[int] | None) -> Tensor:
-    """t with its dims laid out in memory in `order` (None: contiguous); t itself where
-    they are."""
-    if order is None:
-        return t.contiguous()
-    return t.permute(order).contiguous().permute(_inverse(order))
+_inverse, _with_layout = reference.inverse_order, reference.with_layout
 
 
 @dispatches_torch_function(2)
@@ -817,22 +807,36 @@ def sigmoid_focal_loss(
     # Gradients for the target, torch.func: autograd through the reference code; so too
     # under torch.jit.trace (_may_want_grad), where the mean below divides by a traced size
     # (the kernels' reduction takes the element count as a number, which a trace would freeze).
-    use_reference = _may_want_grad(t) or transform_active(x, t)
+    transformed = transform_active(x, t)
+    use_reference = _may_want_grad(t) or transformed
     order = None if use_reference else _memory_order(x)
-    # torchvision's unreduced loss has the layout its BCE gives, (1 - t) x - logsigmoid(x):
-    # the target's, then the input's where that leaves dims unordered (TensorIterator's)
-    laid_out = None if use_reference or reduction != "none" else _memory_order(t, x)
+    # torchvision's unreduced loss has the layout its BCE's `1 - targets` gives (an
+    # elementwise op of the targets alone: TensorIterator's order of their strides, that of
+    # the targets as given, also where they are converted here), and so has the targets'
+    # gradient; the input's gradient has the input's (`order`)
+    laid_out = _memory_order(targets) if reduction == "none" or use_reference else None
     if order is not None:
         x, t = x.permute(order), t.permute(order)
+    # autograd through the formula, laid out as torchvision's (not where traced or
+    # transformed code, or DTensor's rules, decide the layouts)
+    autograd_laid_out = use_reference and not (
+        transformed or recording() or vocab_parallel.is_dtensor(x))
     if reduction == "none" or x.numel() == 0 or use_reference:
-        fwd = reference.sigmoid_focal_fwd if use_reference else (
-            _eager.ops_for(x.device).sigmoid_focal_fwd)
-        loss = fwd(x, t, alpha, gamma)
+        if autograd_laid_out:
+            t = t if t is targets else _with_layout(t, laid_out)  # (converted: laid out)
+            loss = reference.sigmoid_focal_fwd_laid_out(x, t, alpha, gamma, laid_out)
+        else:
+            fwd = reference.sigmoid_focal_fwd if use_reference else (
+                _eager.ops_for(x.device).sigmoid_focal_fwd)
+            loss = fwd(x, t, alpha, gamma)
         if order is not None:
             loss = loss.permute(_inverse(order))
         if reduction == "none" and not use_reference:
             loss = _with_layout(loss, laid_out)
-        if reduction == "mean":
+        if reduction != "none" and autograd_laid_out:
+            # the targets' gradient laid out as behind torchvision's sum() / mean()
+            loss = _reduction.ordered_total(loss, reduction == "mean")
+        elif reduction == "mean":
             # (nan for an empty input, as mean() gives)
             loss = _reduction.ordered_sum(loss) / loss.numel()
         elif reduction == "sum":

@@ -484,19 +484,25 @@ def accumulate_(acc: Tensor, src: Tensor) -> None:
 # ---- sigmoid focal loss (torchvision.ops.sigmoid_focal_loss) ----------------------------
 
 
-def _sigmoid_terms(x: Tensor, t: Tensor):
+def _sigmoid_terms(x: Tensor, t: Tensor, t_side: Tensor | None = None):
     # |x| as the x >= 0 side computes it (the same values): autograd then differentiates
     # every term at x = 0 from that side, as clamp_min and `pos` do, giving sigmoid(0) - t.
     # (abs's derivative 0 there mixed the sides: ce's slope came out 1 - t.)
     pos = x >= 0
     ax = torch.where(pos, x, -x)
     e = torch.exp(-ax)
-    # max(x, 0) - x t by x's sign, as the kernels: +inf with t < 1 gives inf, not nan
-    ce = ax * torch.where(pos, 1 - t, t) + torch.log1p(e)
+    # max(x, 0) - x t by x's sign, as the kernels: +inf with t < 1 gives inf, not nan.
+    # The terms with t take the layout of a tensor of t's first (TensorIterator lays out
+    # an output as its first operand that orders the dims), so that under autograd the
+    # loss and t's gradient are laid out as `t_side` (pos in the loss's layout, which
+    # decides the where's) and x's gradient as x (where(pos, ...)'s backward): as
+    # torchvision's composition, whose loss starts from 1 - t. (The same bits.)
+    side = pos if t_side is None else t_side
+    ce = torch.where(side, 1 - t, t) * ax + torch.log1p(e)
     inv = 1 / (1 + e)
     p = torch.where(pos, inv, e * inv)
     q = torch.where(pos, e * inv, inv)
-    m = t * q + (1 - t) * p
+    m = (1 - t) * p + t * q
     return ce, p, q, m
 
 
@@ -504,10 +510,18 @@ def _alpha_t(t: Tensor, alpha: float) -> Tensor:
     return alpha * t + (1 - alpha) * (1 - t)
 
 
-def _sigmoid_focal_losses(input: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
+def _sigmoid_focal_losses(input: Tensor, target: Tensor, alpha: float, gamma: float,
+                          order: list[int] | None | bool = False) -> Tensor:
+    """The elementwise losses in the accumulation dtype. `order` (for autograd: targets
+    requiring grad) lays the loss and t's gradient out as with_layout does (outermost
+    dim first, None: contiguous), x's gradient as x; False leaves the layouts to the ops."""
     acc = acc_dtype(input.dtype)
     x, t = input.to(acc), target.to(acc)
-    ce, _, _, m = _sigmoid_terms(x, t)
+    t_side = None
+    if order is not False:
+        t = t if t is target else with_layout(t, order)  # (a converted copy: as laid out)
+        t_side = with_layout(x >= 0, order)
+    ce, _, _, m = _sigmoid_terms(x, t, t_side)
     loss = ce * _modulating(m, gamma)
     if alpha >= 0:
         loss = loss * _alpha_t(t, alpha)
@@ -516,6 +530,25 @@ def _sigmoid_focal_losses(input: Tensor, target: Tensor, alpha: float, gamma: fl
 
 def sigmoid_focal_fwd(input: Tensor, target: Tensor, alpha: float, gamma: float) -> Tensor:
     return _sigmoid_focal_losses(input, target, alpha, gamma).to(input.dtype)
+
+
+def sigmoid_focal_fwd_laid_out(input: Tensor, target: Tensor, alpha: float, gamma: float,
+                               order: list[int] | None) -> Tensor:
+    """sigmoid_focal_fwd for autograd, the loss and t's gradient laid out in `order` (see
+    _sigmoid_focal_losses)."""
+    return _sigmoid_focal_losses(input, target, alpha, gamma, order).to(input.dtype)
+
+
+def inverse_order(order: list[int]) -> list[int]:
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
+def with_layout(t: Tensor, order: list[int] | None) -> Tensor:
+    """t with its dims laid out in memory in `order`, outermost first (None: contiguous);
+    t itself where they are."""
+    if order is None:
+        return t.contiguous()
+    return t.permute(order).contiguous().permute(inverse_order(order))
 
 
 def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
