@@ -104,9 +104,21 @@ __device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
   return done != 0;
 }
 
-// A wait this long (about 8 s at 2 GHz) means a copy that will never land (a bug): a device
-// assert ends the kernel with an error instead of hanging the process.
-constexpr long long kBulkWaitCycles = 1ll << 34;
+// The GPU's global nanosecond timer (%globaltimer): one clock for every SM, in wall time.
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A wait this long (about 137 s) means a copy that will never land (a bug): a device assert
+// ends the kernel with an error instead of hanging the process. Timed by %globaltimer, not
+// clock64(), which counts the cycles of one SM at whatever clock it runs: a thread that
+// preemption resumes on another SM (PTX ISA, %smid) would compare two SMs'
+// counters. A copy takes microseconds; the bound leaves room for compute-sanitizer's
+// slowdown and time-slicing with other processes (DeepEP's waits give up after about
+// 100 s). Only a debugger halted at a breakpoint mid-wait for longer can trip it spuriously.
+constexpr uint64_t kBulkWaitNs = uint64_t{1} << 37;
 #endif
 
 // Returns once `bar`'s phase of parity `parity` has completed: the bytes of the copy armed on
@@ -114,9 +126,9 @@ constexpr long long kBulkWaitCycles = 1ll << 34;
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if defined(TLF_HAS_BULK_COPY)
   if (mbar_try_wait(bar, parity)) return;
-  const long long t0 = clock64();
+  const uint64_t t0 = global_ns();
   while (!mbar_try_wait(bar, parity)) {
-    if (clock64() - t0 > kBulkWaitCycles) {
+    if (global_ns() - t0 > kBulkWaitNs) {
       __assert_fail("bulk copy never completed (mbarrier wait timed out)", __FILE__, __LINE__,
                     __func__);
     }
