@@ -9,7 +9,7 @@ build/cuda_emulation/<hash of every input>, runs a seeded sample of cases in a f
 
 - cross-entropy and focal forward, backward, fused and in-place backward: f32, bf16, f16,
   f64; thread / warp / block / cluster of blocks per row (direct launches of every
-  instantiation, and the real launcher on three emulated devices); vector and scalar paths,
+  instantiation, and the real launcher on six emulated devices); vector and scalar paths,
   row caches; contiguous, misaligned, padded and sliced rows, class stride != 1, D > 1;
   weights, label smoothing, z-loss, softcap, logit scale, probability targets, focal alpha /
   gamma, ignore_index, int32 / uint8 targets, grad_lse, broadcast grad_output, NaN, -inf and
@@ -19,7 +19,9 @@ build/cuda_emulation/<hash of every input>, runs a seeded sample of cases in a f
 - an out-of-range target is the device assert, and nothing is accessed out of bounds (the
   next-row L2 prefetch included);
 - the real launcher under run-time tuning (block size, row-cache cap, prefetch, clusters,
-  bulk loads) launches what the tuning asks, with the same values;
+  bulk loads) launches what the tuning asks, with the same values; a cluster launch the
+  device refuses (its configuration) falls back to a block per row, one that fails
+  otherwise is the op's error at once;
 - bulk copies into the row cache (sm_90 cp.async.bulk and mbarriers, emulated: a copy
   lands at the first wait on its phase) give the plain kernels' bits, for a block or a
   cluster per row, forward, fused and backward (in place too), rows whose chunk count
@@ -985,6 +987,9 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
     # apply, take precedence.
     # Device 3 runs clusters of at most 8 blocks: 16 falls back to a block per row. Device 4
     # is sm_90 with only compute_80 code in the build: neither clusters nor bulk loads.
+    # Device 5 (sm_120-like) refuses cluster launches and the non-portable opt-in with
+    # cudaErrorInvalidValue although its occupancy calculator counts clusters: a block per
+    # row, with no error.
     for dtype, C, layout, device, tuning in [
             (torch.bfloat16, 50000, "contig", 2, (256, 4096, 2048, 0, 0)),
             (torch.float32, 20000, "mis1", 0, (128, 0, 1 << 20, 0, 0)),
@@ -1000,7 +1005,9 @@ def softmax_configs(rnd: random.Random) -> list[SoftmaxConfig]:
             (torch.bfloat16, 70000, "contig", 3, (512, -1, 0, 16, 0)),
             (torch.float32, 20000, "mis1", 3, (512, -1, 0, 8, 1)),
             (torch.float16, 40000, "padded", 4, (512, -1, 0, 8, 1)),
-            (torch.bfloat16, 20000, "contig", 4, (256, -1, 0, 0, 1))]:
+            (torch.bfloat16, 20000, "contig", 4, (256, -1, 0, 0, 1)),
+            (torch.bfloat16, 50000, "contig", 5, (512, -1, 0, 4, 0)),
+            (torch.float32, 40000, "mis1", 5, (512, -1, 0, 16, 1))]:
         for o in ({"eps": 0.1, "weight": True}, {"focal": True, "gamma": 2.0}, {}):
             out.append(SoftmaxConfig(dtype, C, layout, o, launch="auto", B=4, device=device,
                                      tuning=tuning))
@@ -1338,7 +1345,8 @@ def test_launcher_follows_tuning(emulated):
     rows are long enough not to halve it) and keep the row cache within its cap; with
     cluster_blocks, on an sm_90-like device that runs clusters of that size with sm_90 code
     every launch is a cluster of that many blocks of 128 threads (a whole number of
-    clusters, each block's cache within the cap), and elsewhere a block per row, no error;
+    clusters, each block's cache within the cap), and elsewhere a block per row, no error
+    (on the device that refuses cluster launches, the refused launches are clusters only);
     with bulk_load, on an sm_90-like device with sm_90 code every launch (block or cluster)
     takes the bulk-copy kernel, with a row cache, and elsewhere the plain one. The values
     are checked with the other softmax cases, against the reference."""
@@ -1346,16 +1354,21 @@ def test_launcher_follows_tuning(emulated):
     launches = {cid: lns for b in emulated.batches for cid, lns in b.launches.items()}
     tuned = [s for s in emulated.scenarios
              if isinstance(s, SoftmaxScenario) and s.cfg.tuning is not None]
-    assert len(tuned) == 45
-    # The largest cluster each emulated device runs, and whether the build has sm_90 code
-    # for it (emu_runtime.cpp's devices()).
-    max_cluster = {0: 16, 1: 0, 2: 16, 3: 8, 4: 16}
-    sm90_code = {0: True, 1: False, 2: True, 3: True, 4: False}
-    clustered = bulk = 0
+    assert len(tuned) == 51
+    # The largest cluster each emulated device runs (device 5 none: it refuses the launches
+    # its occupancy calculator counts), and whether the build has sm_90 code for it
+    # (emu_runtime.cpp's devices()).
+    max_cluster = {0: 16, 1: 0, 2: 16, 3: 8, 4: 16, 5: 0}
+    sm90_code = {0: True, 1: False, 2: True, 3: True, 4: False, 5: True}
+    clustered = bulk = refused = 0
     for s in tuned:
         threads, cap, _, cluster, bulk_load = s.cfg.tuning
         cap = cap if cap >= 0 else 1 << 62
-        mine = [ln for cid, lns in launches.items() if cid.startswith(s.sid + ".") for ln in lns]
+        ran = [ln for cid, lns in launches.items() if cid.startswith(s.sid + ".") for ln in lns]
+        mine = [ln for ln in ran if ln[3] == "-"]
+        no = [ln for ln in ran if ln[3] != "-"]
+        assert all(s.cfg.device == 5 and ln[5] == cluster > 1 for ln in no), no
+        refused += len(no)
         if cluster and sm90_code[s.cfg.device] and cluster <= max_cluster[s.cfg.device]:
             clustered += 1
             shape, threads = "ClusterGroup, true", 128
@@ -1372,9 +1385,31 @@ def test_launcher_follows_tuning(emulated):
         assert all(f"{shape}, {str(want).lower()}>" in ln[4] and (ln[2] > 0 or not want)
                    for ln in mine), (s.cfg.describe(), mine)
     assert clustered == 15
-    # 4 settings (2 a block per row, 2 clusters) x 3 option sets x (fwd, fused, bwd, and
+    assert refused > 0, "device 5 never refused a cluster launch: the fallback went untested"
+    # 5 settings (3 a block per row, 2 clusters) x 3 option sets x (fwd, fused, bwd, and
     # in-place but for focal loss)
-    assert bulk == 44
+    assert bulk == 55
+
+
+def test_cluster_launch_error_is_returned_not_retried(emulated):
+    """A cluster launch that fails with an error other than a refusal of its configuration
+    (device 6: cudaErrorLaunchFailure, as an error left by earlier asynchronous work comes
+    back) is the op's error: returned at once, with no smaller row cache tried and no block
+    per row launched instead (which would run on, past a broken context)."""
+    _assert_none(emulated)
+    exe, _ = build_harness()
+    batch = Batch()
+    scenario = SoftmaxScenario(batch, SoftmaxConfig(
+        torch.bfloat16, 20000, "contig", {}, launch="auto", B=4, device=6,
+        tuning=(512, -1, 0, 4, 0)), sid="e", seed=1)
+    with tempfile.TemporaryDirectory() as work:
+        assert batch.run(exe, Path(work), "errors") is None
+    assert scenario.fused is not None and batch.results, batch.results
+    launch_failure = "719"  # cudaErrorLaunchFailure
+    for cid, (status, asserts, _) in batch.results.items():
+        assert status == launch_failure and asserts == 0, (cid, status)
+        lns = batch.launches.get(cid, [])
+        assert len(lns) == 1 and lns[0][5] == 4 and lns[0][3] != "-", (cid, lns)
 
 
 def main(argv: list[str]) -> int:

@@ -41,6 +41,29 @@ inline cudaError_t device_props(int device, DeviceProps* out) {
   return cudaSuccess;
 }
 
+// Whether `err` is the runtime refusing a launch configuration, so that the launcher may
+// clear it (cudaGetLastError) and try a smaller row cache or another kernel: shared memory
+// beyond what the function or device grants (cudaErrorInvalidValue, from
+// cudaFuncSetAttribute or the launch), a shape or resources it cannot run
+// (cudaErrorInvalidConfiguration, cudaErrorLaunchOutOfResources), or clusters it does not run
+// (cudaErrorInvalidClusterSize, "cluster misconfiguration"; cudaErrorNotSupported; an sm_120
+// GPU has refused cluster launches with cudaErrorInvalidValue, vllm-project/vllm#47164).
+// Every other error (one left by earlier asynchronous work, such as an illegal address or a
+// device assert, which the runtime returns from any later call; a missing kernel image) is
+// the caller's to report, uncleared, as PyTorch's launch checks report it.
+inline bool refused_configuration(cudaError_t err) {
+  switch (err) {
+    case cudaErrorInvalidValue:
+    case cudaErrorInvalidConfiguration:
+    case cudaErrorLaunchOutOfResources:
+    case cudaErrorInvalidClusterSize:
+    case cudaErrorNotSupported:
+      return true;
+    default:
+      return false;
+  }
+}
+
 inline cudaError_t current_device_props(DeviceProps* out) {
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
@@ -105,8 +128,21 @@ cudaError_t persistent_grid(Kernel kernel, int threads, size_t smem, int64_t wor
   return cudaSuccess;
 }
 
+// The record of resident_clusters and refuse_clusters: clusters of a kernel, device,
+// cluster size and dynamic shared memory co-resident on the device.
+struct ClusterCounts {
+  std::mutex mu;
+  std::map<std::tuple<const void*, int, int, size_t>, int> n;
+};
+inline ClusterCounts& cluster_counts() {
+  static ClusterCounts c;
+  return c;
+}
+
 // Clusters of `cfg` (grid size aside) co-resident on the device, 0 when none fits; opts the
-// kernel into its shared memory and, above 8 blocks, into non-portable cluster sizes.
+// kernel into its shared memory and, above 8 blocks, into non-portable cluster sizes. A
+// configuration the runtime refuses (refused_configuration) counts as none fitting, its
+// error cleared and the answer kept, so later launches ask the driver no more.
 template <typename Kernel>
 cudaError_t resident_clusters(Kernel kernel, const cudaLaunchConfig_t& cfg, int cluster,
                               int* out) {
@@ -114,24 +150,39 @@ cudaError_t resident_clusters(Kernel kernel, const cudaLaunchConfig_t& cfg, int 
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   const void* fn = reinterpret_cast<const void*>(kernel);
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int, size_t>, int> clusters;
-  std::lock_guard<std::mutex> lock(mu);
+  ClusterCounts& counts = cluster_counts();
+  std::lock_guard<std::mutex> lock(counts.mu);
   const auto key = std::make_tuple(fn, device, cluster, cfg.dynamicSmemBytes);
-  auto it = clusters.find(key);
-  if (it == clusters.end()) {
+  auto it = counts.n.find(key);
+  if (it == counts.n.end()) {
     err = opt_in_smem(fn, device, cfg.dynamicSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (cluster > 8) {
+    if (err == cudaSuccess && cluster > 8) {
       err = cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     }
     int n = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&n, fn, &cfg);
-    if (err != cudaSuccess) return err;
-    it = clusters.emplace(key, n).first;
+    if (err != cudaSuccess) {
+      if (!refused_configuration(err)) return err;
+      (void)cudaGetLastError();  // the refusal is an answer, not this launch's error
+      n = 0;
+    }
+    it = counts.n.emplace(key, n).first;
   }
   *out = it->second;
   return cudaSuccess;
+}
+
+// Records that the launch of clusters of `cfg` was refused although resident_clusters
+// counted some ("the calculated occupancy is not guaranteed to be achievable",
+// cudaOccupancyMaxActiveClusters): later launches take it as none fitting.
+template <typename Kernel>
+void refuse_clusters(Kernel kernel, const cudaLaunchConfig_t& cfg, int cluster) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  ClusterCounts& counts = cluster_counts();
+  std::lock_guard<std::mutex> lock(counts.mu);
+  counts.n[std::make_tuple(fn, device, cluster, cfg.dynamicSmemBytes)] = 0;
 }
 
 // Whether the code of `kernel` that runs on the current device was compiled for sm_90 or

@@ -93,8 +93,9 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
       return cudaGetLastError();
     }
     // A device that grants less shared memory than it reports: a smaller cache (the
-    // results do not depend on its size), down to none.
-    if (cache_vecs == 0) return err;
+    // results do not depend on its size), down to none. Any error but such a refusal
+    // (refused_configuration) is returned as it is.
+    if (cache_vecs == 0 || !refused_configuration(err)) return err;
     (void)cudaGetLastError();  // the refused request is not this launch's error
     cache_vecs /= 2;
   }
@@ -102,9 +103,12 @@ cudaError_t launch_rows(const SoftmaxLossParams& p, int threads, int rows_per_bl
 
 // A cluster of `cluster` blocks per row (vector path). The row cache holds the whole row
 // (each block its share, a whole number of slots per thread) within the cap of tuning.h
-// and what the device grants, halved while no cluster fits. cudaErrorNotSupported when no
-// cluster fits even without a cache, when the device refuses clusters of that size, or
-// when the build has no sm_90 code for this GPU: the caller takes a block per row instead.
+// and what the device grants, halved while no cluster fits or the launch is refused.
+// cudaErrorNotSupported, with no error left pending, when no cluster fits or launches even
+// without a cache, when the device refuses clusters of that size (refused_configuration:
+// say a GPU without non-portable sizes, or one whose launches of them fail), or when the
+// build has no sm_90 code for this GPU: the caller takes a block per row instead. Any
+// other error is returned at once, uncleared and not retried.
 template <typename T, Mode kMode, bool kBulk = false>
 cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props,
                             const BlockRowTuning& tune, bool two_pass, bool grad_vec,
@@ -135,24 +139,22 @@ cudaError_t launch_clusters(const SoftmaxLossParams& p, const DeviceProps& props
   for (;;) {
     cfg.gridDim = dim3(static_cast<unsigned>(cluster));
     cfg.dynamicSmemBytes = static_cast<size_t>(cache) * sizeof(uint4);
-    int resident = 0;
+    int resident = 0;  // 0 too where the runtime refuses this configuration
     cudaError_t err = resident_clusters(kernel, cfg, cluster, &resident);
-    if (err == cudaErrorInvalidClusterSize || err == cudaErrorNotSupported) {
-      // Clusters of this size are not offered here (above 8 blocks, a non-portable size,
-      // on some GPUs), whatever the cache: the refusal is not this launch's error.
-      (void)cudaGetLastError();
-      return cudaErrorNotSupported;
-    }
-    if (err == cudaSuccess && resident > 0) {
+    if (err != cudaSuccess) return err;
+    if (resident > 0) {
       const int64_t clusters = std::min<int64_t>(rows, resident);
       cfg.gridDim = dim3(static_cast<unsigned>(clusters * cluster));
       err = cudaLaunchKernelEx(&cfg, kernel, p, cache, grad_vec, tune.prefetch_bytes);
       if (err == cudaSuccess) return cudaGetLastError();
+      if (!refused_configuration(err)) return err;
+      (void)cudaGetLastError();  // the refused request is not this launch's error
+      refuse_clusters(kernel, cfg, cluster);
     }
-    // A device that grants less shared memory than it reports: a smaller cache (the
-    // results do not depend on its size), down to none.
-    if (cache == 0) return err == cudaSuccess ? cudaErrorNotSupported : err;
-    (void)cudaGetLastError();  // the refused request is not this launch's error
+    // A device that grants less shared memory than it reports, or runs fewer clusters than
+    // the occupancy calculator counts: a smaller cache (the results do not depend on its
+    // size), down to none; then a block per row.
+    if (cache == 0) return cudaErrorNotSupported;
     cache = cache / (2 * kThreads) * kThreads;
   }
 }

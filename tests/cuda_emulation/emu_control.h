@@ -20,6 +20,10 @@ struct Device {
   int max_cluster;  // the largest cluster it runs (with the non-portable opt-in above 8)
   int ptx_version;  // cudaFuncGetAttributes' ptxVersion of every kernel: what the build's
                     // code for this device was compiled for (80: only compute_80 PTX)
+  int cluster_launch_error;  // what a cluster launch that passes every check above returns
+                             // (a cudaError_t; 0: it runs)
+  int non_portable_error;    // what cudaFuncSetAttribute(NonPortableClusterSizeAllowed, 1)
+                             // returns (0: it is set)
 };
 const std::vector<Device>& devices();
 

@@ -734,6 +734,10 @@ cudaError_t run_grid(const void* kernel, const Config& cfg, void (*body)(void*),
     if (blocks_per_sm(kernel, cfg.block.x, cfg.smem) * dev.sms < static_cast<int>(n)) {
       return refuse(rec, "a cluster does not fit on the device", cudaErrorInvalidClusterSize);
     }
+    if (dev.cluster_launch_error != 0) {
+      return refuse(rec, "this device refuses cluster launches",
+                    static_cast<cudaError_t>(dev.cluster_launch_error));
+    }
   }
   g_launches.push_back(rec);
 
@@ -788,13 +792,24 @@ cudaError_t run_grid(const void* kernel, const Config& cfg, void (*body)(void*),
 const std::vector<Device>& devices() {
   static const std::vector<Device> d = {
       // sms, smem_optin, smem_grant, smem_per_sm, threads_per_sm, cc_major, max_cluster,
-      // ptx_version
-      {2, 232448, 232448, 233472, 2048, 9, 16, 90},  // H100-like (few SMs: the grids loop)
-      {3, 101376, 101376, 102400, 1536, 8, 0, 80},   // sm_86-like
-      {1, 232448, 65536, 233472, 2048, 9, 16, 90},   // grants less shared memory than it reports
-      {2, 232448, 232448, 233472, 2048, 9, 8, 90},   // runs clusters of at most 8 blocks
-      {2, 232448, 232448, 233472, 2048, 9, 16, 80},  // H100-like, but the build's code for it
-                                                     // is compute_80 PTX, compiled just in time
+      // ptx_version, cluster_launch_error, non_portable_error
+      {2, 232448, 232448, 233472, 2048, 9, 16, 90, 0, 0},  // H100-like (few SMs: the grids loop)
+      {3, 101376, 101376, 102400, 1536, 8, 0, 80, 0, 0},   // sm_86-like
+      {1, 232448, 65536, 233472, 2048, 9, 16, 90, 0, 0},   // grants less shared memory than it
+                                                           // reports
+      {2, 232448, 232448, 233472, 2048, 9, 8, 90, 0, 0},   // runs clusters of at most 8 blocks
+      {2, 232448, 232448, 233472, 2048, 9, 16, 80, 0, 0},  // H100-like, but the build's code for
+                                                           // it is compute_80 PTX, compiled
+                                                           // just in time
+      // sm_120-like: the occupancy calculator counts clusters, but launches of them are
+      // refused with cudaErrorInvalidValue (vllm-project/vllm#47164), and so is the
+      // non-portable size opt-in: the launcher must fall back to a block per row.
+      {2, 101376, 101376, 102400, 1536, 12, 8, 120, cudaErrorInvalidValue,
+       cudaErrorInvalidValue},
+      // H100-like whose cluster launches fail with an error that is no refusal of the
+      // configuration (cudaErrorLaunchFailure, as an error left by earlier work comes back):
+      // the launcher must return it at once, with no retry and no other launch.
+      {2, 232448, 232448, 233472, 2048, 9, 16, 90, cudaErrorLaunchFailure, 0},
   };
   return d;
 }
@@ -849,6 +864,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
 
 cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed && (value == 0 || value == 1)) {
+    if (value == 1 && emu::devices()[emu::g_device].non_portable_error != 0) {
+      return emu::g_last_error =
+                 static_cast<cudaError_t>(emu::devices()[emu::g_device].non_portable_error);
+    }
     if (value == 1) {
       emu::g_non_portable_cluster.insert({func, emu::g_device});
     } else {
