@@ -230,3 +230,17 @@ def test_a_switch_set_to_anything_else_is_an_error(monkeypatch):
         switch("TLF_TEST_SWITCH")
     monkeypatch.setenv("TLF_TEST_MIB", "")  # (empty: unset, where it had been an error)
     assert mib_from_env("TLF_TEST_MIB") is None
+
+
+@pytest.mark.parametrize("name", ["TLF_CPU_CACHE_MIB", "TLF_CPU_STREAM_MIB"])
+def test_a_size_beyond_int64_is_a_checked_error(name):
+    """A MiB count of 2^43 or more (2^63 bytes) had passed the check and failed the import
+    with a bare OverflowError from the extension's argument parsing, naming nothing."""
+    proc = _run("import torchloss_fused", **{name: str(1 << 43)})
+    assert proc.returncode != 0
+    assert f"ValueError: {name} must be at most {(1 << 43) - 1} MiB" in proc.stderr
+    assert _run("import torchloss_fused", **{name: str((1 << 43) - 1)}).returncode == 0
+    from torchloss_fused import _cuda_tuning
+
+    with pytest.raises(ValueError, match="prefetch_kib must be at most"):
+        _cuda_tuning.parse(f"prefetch_kib={1 << 53}")

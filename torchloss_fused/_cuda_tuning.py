@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from ._env import whole_number
+from ._env import MAX_BYTES, whole_number
 
 ENV = "TLF_CUDA_TUNING"
 THREADS = (128, 256, 512)
@@ -77,7 +77,7 @@ DEFAULT = CudaTuning()
 
 
 def _kib(key: str, text: str) -> int:
-    return whole_number(text, f"{ENV}: {key}", "KiB")
+    return whole_number(text, f"{ENV}: {key}", "KiB", MAX_BYTES >> 10)
 
 
 def parse(spec: str) -> CudaTuning:
