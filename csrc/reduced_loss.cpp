@@ -132,9 +132,9 @@ Tensor rows_grad(const Tensor& grad, int reduction, const Tensor& denom, int64_t
   return g.expand({B, D});
 }
 
-// _reduction.reduce (split_terms: _reduction.mean_total's).
+// _reduction.reduce.
 Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArrayRef out_shape,
-              at::ScalarType dtype, bool split_terms) {
+              at::ScalarType dtype) {
   if (reduction == kNone) {
     // Not a view as autograd sees views: an output of a custom Function that is one may not
     // be modified in place, where F's loss (a tensor of its own) may.
@@ -143,7 +143,6 @@ Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArr
   }
   Tensor total = ordered_sum(rows);
   if (reduction != kMean) return total.to(dtype);
-  if (split_terms) total = at::where(denom.eq(0), std::numeric_limits<double>::quiet_NaN(), total);
   return (total / denom).to(dtype);
 }
 
@@ -211,6 +210,12 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
     } else {  // (the focal loss's mean counts rows: its alpha is no weight here)
       r.denom = index_denominator(t, kind == kFocal ? OptTensor() : w, ignore_index, C, acc,
                                   unbatched);
+      // F's weighted mean of two terms, label smoothing's or the z-loss's: nan where the
+      // counted targets weigh 0 in all (_reduction.splits_terms and mean_denominator),
+      // which makes grad_scale nan too. (where() on the device: no host read on CUDA.)
+      if (kind == kCeIndex && w.has_value() && (ce.label_smoothing > 0 || ce.z_loss != 0)) {
+        r.denom = at::where(r.denom.eq(0), std::numeric_limits<double>::quiet_NaN(), r.denom);
+      }
     }
   }
   // The kernels run below autograd, as _eager's calls run them.
@@ -236,11 +241,7 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
-  // (F's weighted mean of two terms, label smoothing's or the z-loss's: see
-  // _reduction.splits_terms and mean_total)
-  const bool split_terms =
-      kind == kCeIndex && w.has_value() && (ce.label_smoothing > 0 || ce.z_loss != 0);
-  r.loss = reduce(rows, reduction, r.denom, out_shape, dtype, split_terms);
+  r.loss = reduce(rows, reduction, r.denom, out_shape, dtype);
   return r;
 }
 

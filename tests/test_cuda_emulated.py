@@ -773,8 +773,8 @@ class BadTargetScenario:
 
 
 class RescaleScenario:
-    """Rows where grad_loss == grad_scale, or grad_scale is infinite, stay untouched, others
-    scaled (NaN included);
+    """Rows where grad_loss == grad_scale, or grad_scale is infinite or NaN, stay untouched,
+    others scaled (a NaN grad_loss included);
     bitwise as the reference, and nothing outside the view changes."""
 
     def __init__(self, batch: Batch, sid: str, seed: int, dtype, layout: str, C: int,
@@ -789,6 +789,7 @@ class RescaleScenario:
         gl = gs.clone()
         gl[1], gl[3], gl[4] = 1.5, float("nan"), 0.25
         gs[5], gl[5] = float("inf"), -float("inf")  # made for 1/0: stays as made
+        gs[0], gl[0] = float("nan"), 2.0  # made for a nan 1/denom: stays as made
         self.x, self.gl, self.gs = x, gl, gs
         self.ref = batch.tensor(x, written=True)
         kv = {"op": "rescale", "dtype": DTYPE_CODE[dtype], "launch": launch,

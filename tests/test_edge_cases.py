@@ -454,44 +454,63 @@ def test_target_written_before_backward_raises_as_in_f(device, backend, case, re
         (f_loss.sum() * 3).backward()
 
 
-@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("path", ["fused", "inplace", "return_lse"])
+@pytest.mark.parametrize("targets", ["zero_weight", "all_ignored"])
 @pytest.mark.parametrize("extra", ["label_smoothing", "z_loss"])
-def test_weighted_two_term_mean_over_zero_weight_is_nan_with_f_gradient(backend, inplace,
-                                                                       extra):
+def test_weighted_two_term_mean_over_zero_weight_is_nan_with_f_gradient(
+        backend, extra, targets, path, scale, dtype):
     """Counted targets that weigh 0 in all, with label smoothing or a z-loss: the mean is
     nan (F's mean is 0/0, whatever the other term's) and so is F's gradient on the counted
-    rows (an ignored row keeps its zeros). inplace_backward's path had given every row a
-    zero gradient with smoothing; with a z-loss the mean was inf on every path. (The fused
-    path's gradient for a z-loss is inf or nan there, not nan throughout: README.)"""
+    rows, elementwise; an ignored row keeps its zeros (all of them where every target is
+    ignored). inplace_backward's path had given every row a zero gradient with smoothing;
+    with a z-loss the mean was inf on every path, and then the fused path's counted rows
+    (the C++ and the reference kernels, with or without return_lse) got inf where F's are
+    nan (1/0 times the z term's gradient, nan only at the target)."""
     torch.manual_seed(0)
-    x = torch.randn(5, 5, dtype=torch.float64)
-    t = torch.tensor([0, 0, 2, -100, 2])
-    w = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    x = torch.randn(5, 5, dtype=dtype)
+    t = torch.tensor([0, 0, 2, -100, 2]) if targets == "zero_weight" else torch.full((5,), -100)
+    w = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=dtype)
     opts = {"label_smoothing": 0.5} if extra == "label_smoothing" else {"z_loss": 1e-3}
-    ref = x.clone().requires_grad_()
-    oracle_cross_entropy(ref, t, weight=w, **opts)[0].backward()
+    ref = x.to(torch.float64, copy=True).requires_grad_()
+    (oracle_cross_entropy(ref, t, weight=w, **opts)[0] * scale).backward()
     leaf = x.clone().requires_grad_()
-    loss = tlf.cross_entropy(leaf * 1, t, weight=w, inplace_backward=inplace, **opts)
-    loss.backward()
+    out = tlf.cross_entropy(leaf * 1, t, weight=w, inplace_backward=path == "inplace",
+                            return_lse=path == "return_lse", **opts)
+    loss = out[0] if path == "return_lse" else out
+    (loss * scale).backward()
     assert torch.isnan(loss)
-    assert torch.isnan(ref.grad[[0, 1, 2, 4]]).all() and (ref.grad[3] == 0).all()
-    if extra == "z_loss" and not inplace:
-        assert not leaf.grad[[0, 1, 2, 4]].isfinite().any() and (leaf.grad[3] == 0).all()
-    else:
-        torch.testing.assert_close(leaf.grad, ref.grad, equal_nan=True)
+    counted = t != -100
+    assert torch.isnan(ref.grad[counted]).all() and (ref.grad[~counted] == 0).all()
+    torch.testing.assert_close(leaf.grad, ref.grad.to(dtype), equal_nan=True)
+    assert not torch.signbit(leaf.grad[~counted]).any()  # +0, as F's
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("targets", ["zero_weight", "all_ignored"])
 @pytest.mark.parametrize("extra", ["label_smoothing", "z_loss"])
-def test_linear_ce_weighted_two_term_mean_over_zero_weight_is_nan(backend, extra):
-    """linear_cross_entropy's mean in the case above: nan, as the composed F's."""
-    torch.manual_seed(0)
+def test_linear_ce_weighted_two_term_mean_over_zero_weight_is_nan(backend, extra, targets,
+                                                                  scale):
+    """linear_cross_entropy's mean in the case above: nan, as the composed F's, and so are
+    its gradients, elementwise (an ignored row's hidden gradient zero). With a z-loss the
+    head's gradient had -inf where F's is nan (from the logits' inf gradient)."""
+    torch.manual_seed(3)  # (a draw where the head's gradient had -inf beside nan)
     h = torch.randn(5, 4, dtype=torch.float64)
     head = torch.randn(5, 4, dtype=torch.float64)
-    t = torch.tensor([0, 0, 2, -100, 2])
+    t = torch.tensor([0, 0, 2, -100, 2]) if targets == "zero_weight" else torch.full((5,), -100)
     w = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     opts = {"label_smoothing": 0.5} if extra == "label_smoothing" else {"z_loss": 1e-3}
-    assert torch.isnan(oracle_cross_entropy(h @ head.T, t, weight=w, **opts)[0])
-    assert torch.isnan(tlf.linear_cross_entropy(h, head, t, class_weight=w, **opts))
+    ref_h, ref_w = h.clone().requires_grad_(), head.clone().requires_grad_()
+    ref = oracle_cross_entropy(ref_h @ ref_w.T, t, weight=w, **opts)[0]
+    (ref * scale).backward()
+    leaf_h, leaf_w = h.clone().requires_grad_(), head.clone().requires_grad_()
+    loss = tlf.linear_cross_entropy(leaf_h, leaf_w, t, class_weight=w, **opts)
+    (loss * scale).backward()
+    assert torch.isnan(ref) and torch.isnan(loss)
+    assert ref_w.grad.isnan().all() == (targets == "zero_weight")
+    torch.testing.assert_close(leaf_h.grad, ref_h.grad, equal_nan=True)
+    torch.testing.assert_close(leaf_w.grad, ref_w.grad, equal_nan=True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

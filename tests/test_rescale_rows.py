@@ -1,9 +1,9 @@
 """_rescale_grad_rows, the fused ops' backward: each row of the gradient made for grad_scale
 times grad_loss / grad_scale, rounded once to the gradient's dtype (as a multiplication in
 the accumulation dtype rounds it), rows that received the expected gradient (or were made
-for an infinite scale) left as they are. Checked bit for bit against that formula in ATen
-for every dtype and the layouts the kernels take: vector rows with a tail, strided rows,
-(B, C, D) planes, padded rows."""
+for a non-finite scale: 1/0, or _reduction.mean_denominator's nan) left as they are.
+Checked bit for bit against that formula in ATen for every dtype and the layouts the
+kernels take: vector rows with a tail, strided rows, (B, C, D) planes, padded rows."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _layouts(B, C, D, dtype, device):
 
 def _per_row(grad, dtype, device):
     """(grad_loss, grad_scale): most rows as expected, the others scaled by a mix of
-    factors, zero, a negative, NaN, and a row made for an infinite scale."""
+    factors, zero, a negative, NaN, and rows made for an infinite and a NaN scale."""
     B, _, D = grad.shape
     acc = _acc(dtype)
     scale = (torch.rand(B, D, dtype=acc) + 0.5).to(device)
@@ -54,12 +54,17 @@ def _per_row(grad, dtype, device):
     if n > len(specials):
         flat_s[len(specials)] = float("inf")  # a mean over no counted target: kept as made
         flat_g[len(specials)] = 0.5
+    if n > len(specials) + 1:
+        # a weighted two-term mean over targets weighing 0 (nan): kept as made (its
+        # ignored rows' zeros had become nan)
+        flat_s[len(specials) + 1] = float("nan")
+        flat_g[len(specials) + 1] = 0.5
     return g, scale
 
 
 def _expected(grad, g, s):
     acc = g.dtype
-    factor = torch.where((g == s) | s.isinf(), torch.ones_like(g), g / s)
+    factor = torch.where((g == s) | ~s.isfinite(), torch.ones_like(g), g / s)
     return (grad.to(acc) * factor.unsqueeze(1)).to(grad.dtype)
 
 
@@ -76,7 +81,7 @@ def test_rescale_rows_bitwise_as_a_multiplication(device, dtype, B, C, D):
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True,
                                    msg=f"{name} {tuple(grad.shape)}")
         # rows that keep their gradient are not touched at all (the same bits, NaNs too)
-        keep = ((g == s) | s.isinf()).unsqueeze(1).expand_as(got)
+        keep = ((g == s) | ~s.isfinite()).unsqueeze(1).expand_as(got)
         assert torch.equal(_bits(got[keep]), _bits(before[keep])), name
 
 

@@ -82,8 +82,8 @@ def _eager_function(op, name: str, backward, setup_context):
 def _eager_reduced_function(op, name: str, backward, setup_context):
     op_forward = _op_forward(op, setup_context)
 
-    # The last forward argument is the reduction (kind, denominator, loss shape, dtype and
-    # optionally split_terms: _reduction.reduce's arguments after the rows); the op's
+    # The last forward argument is the reduction (kind, denominator, loss shape and dtype:
+    # _reduction.reduce's arguments after the rows); the op's
     # formulas see its own arguments, as in _eager_function.
     def forward(ctx, *args):
         *args, spec = args

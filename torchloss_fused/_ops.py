@@ -289,8 +289,8 @@ def _fused_backward(ctx, namespace, grad_loss, grad_lse, redo_forward, recompute
         # scale out of place. (functional.py does not pick the fused ops under
         # torch.compile; this keeps direct calls of them correct there.)
         # (== rather than !=: DTensor of torch <= 2.11 has no rule for aten.ne.Tensor.
-        # Rows made for an infinite scale stay as made, as _rescale_grad_rows leaves them.)
-        factor = torch.where((g == scale) | scale.isinf(), 1.0, g / scale)
+        # Rows made for a non-finite scale stay as made, as _rescale_grad_rows leaves them.)
+        factor = torch.where((g == scale) | ~scale.isfinite(), 1.0, g / scale)
         return (rows * factor.unsqueeze(1)).to(grad.dtype).view(grad.shape)
     _ns(namespace)._rescale_grad_rows(rows, g, scale)
     return grad

@@ -46,9 +46,9 @@ def counted(t: Tensor, ignore_index: int) -> Tensor:
 
 
 def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: tuple,
-           dtype: torch.dtype, split_terms: bool = False) -> Tensor:
+           dtype: torch.dtype) -> Tensor:
     """The loss from its per-row values (in the accumulation dtype): "none", "sum", or
-    "mean" over `denom`; returned in `dtype`. split_terms: see mean_total."""
+    "mean" over `denom` (mean_denominator's); returned in `dtype`."""
     if reduction == "none":
         return loss_rows.reshape(out_shape).to(dtype)
     total = ordered_sum(loss_rows)
@@ -56,27 +56,29 @@ def reduce(loss_rows: Tensor, reduction: str, denom: Tensor | None, out_shape: t
         return total.to(dtype)
     # (F's value, NaN or inf when no target counts; _rescale_grad_rows keeps the fused
     # gradient's ignored rows exactly zero there)
-    return (mean_total(total, denom, split_terms) / denom).to(dtype)
+    return (total / denom).to(dtype)
 
 
 def splits_terms(weight: Tensor | None, prob_target: bool, label_smoothing: float,
                  z_loss: float = 0.0) -> bool:
     """Whether the mean of this cross-entropy is that of two terms taken apart
-    (mean_total): class weights and class-index targets, with label smoothing (F divides
+    (mean_denominator): class weights and class-index targets, with label smoothing (F divides
     its NLL and smoothing terms apart) or a z-loss (F's mean plus the z term's)."""
     return weight is not None and not prob_target and (label_smoothing > 0 or z_loss != 0)
 
 
-def mean_total(total: Tensor, denom: Tensor, split_terms: bool) -> Tensor:
-    """The sum a mean divides by denom. split_terms: a cross-entropy with class weights
-    whose mean is that of two terms taken apart (F's NLL and smoothing terms; F's mean and
-    the z-loss's); where the counted targets weigh 0 in all, the NLL term is 0/0 and the
-    mean nan, where one combined sum over 0 would be inf. Its gradient is nan too, as
-    F's (a where() that put nan in the value had given the rows a zero gradient:
-    inplace_backward's path), but for the fused path's with a z-loss (README). Rows with
-    ignored targets keep their zeros: the ops' backward writes them whatever the
-    upstream."""
-    return total * torch.where(denom == 0, math.nan, 1.0) if split_terms else total
+def mean_denominator(denom: Tensor, split_terms: bool) -> Tensor:
+    """A mean's denominator. split_terms: a cross-entropy with class weights whose mean is
+    that of two terms taken apart (F's NLL and smoothing terms; F's mean and the
+    z-loss's): where the counted targets weigh 0 in all, F's NLL term is 0/0, so its mean
+    and its gradient are nan, where one combined sum over 0 would be inf (or 0/0 only at
+    some elements of its gradient: a z-loss's rows had inf). A nan denominator makes the
+    mean nan, and the gradient every path makes from 1/denom (the fused forward's
+    grad_scale, the rows' gradient, linear CE's row scale) nan on the counted rows; rows
+    whose target is ignored keep their zeros (the kernels write them whatever the
+    upstream, and the rescales leave rows made for a non-finite scale as made). Not
+    taken where a target counts with a nonzero weight: there the division is the same."""
+    return torch.where(denom == 0, math.nan, denom) if split_terms else denom
 
 
 def rows_grad(grad: Tensor, reduction: str, denom: Tensor | None, rows_shape: torch.Size,

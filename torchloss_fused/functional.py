@@ -622,7 +622,9 @@ def cross_entropy(
         # F divides by input.numel() / C, and gives nan when the input is empty: C = 0 too.
         denom = _count_denominator(x3.shape[0] * x3.shape[2] if C else 0, x3, acc)
     else:
-        denom = _index_denominator(t, weight, ignore_index, C, acc, unbatched=unbatched)
+        denom = _reduction.mean_denominator(
+            _index_denominator(t, weight, ignore_index, C, acc, unbatched=unbatched),
+            split_terms)
 
     if reference_grads:
         # Gradients for the weight or the target, torch.func: autograd through the reference.
@@ -634,13 +636,13 @@ def cross_entropy(
         if _fused_path(x3, inplace_backward):
             fused = (x3, t, weight, *args, _grad_scale(reduction, denom, x3, acc))
             if reduction != "none" and not return_lse:
-                return ops.reduced("ce_fwd_grad", (reduction, denom, out_shape, dtype,
-                                                   split_terms), *fused)
+                return ops.reduced("ce_fwd_grad", (reduction, denom, out_shape, dtype),
+                                   *fused)
             loss_rows, lse, _ = ops.ce_fwd_grad(*fused)
         else:
             loss_rows, lse = ops.ce_fwd(x3, t, weight, *args, inplace_backward)
 
-    loss = _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype, split_terms)
+    loss = _reduction.reduce(loss_rows, reduction, denom, out_shape, dtype)
     if return_lse:  # (float32 for float32 logits, whose lse the ops keep in float64)
         return loss, lse.reshape(out_shape).to(acc)
     return loss

@@ -464,8 +464,10 @@ def focal_fwd_grad(input, target, alpha, alpha_scale, gamma, ignore_index, grad_
 
 def rescale_grad_rows(grad: Tensor, grad_loss: Tensor, grad_scale: Tensor) -> None:
     """Scales row r of grad (B, C, D) by grad_loss_r / grad_scale_r where they differ,
-    except rows made for an infinite scale (as the kernels)."""
-    differs = (grad_loss != grad_scale) & ~grad_scale.isinf()
+    except rows made for a non-finite scale (as the kernels): 1/0, a mean over no counted
+    target, and nan, _reduction.mean_denominator's (nan already, or an ignored row's
+    zeros)."""
+    differs = (grad_loss != grad_scale) & grad_scale.isfinite()
     factor = torch.where(differs, grad_loss / grad_scale, 1.0)
     grad.mul_(factor.unsqueeze(1))
 

@@ -42,8 +42,11 @@ class BadTarget {
 };
 
 // Per-row factors grad_loss / grad_scale for the rows whose gradient was made for another
-// grad_loss than they received, 1 for the others (and for rows made for an infinite scale,
-// a mean over no counted target, which stay as made); undefined when no row needs one.
+// grad_loss than they received, 1 for the others (and for rows made for a non-finite
+// scale, which stay as made: 1/0, a mean over no counted target, and nan, a weighted
+// two-term mean's over targets weighing 0, _reduction.mean_denominator, whose counted
+// rows are nan already and whose ignored ones keep their zeros); undefined when no row
+// needs one.
 template <typename T>
 at::Tensor row_factors(const at::Tensor& grad_loss, const at::Tensor& grad_scale) {
   const auto g = grad_loss.accessor<T, 2>();
@@ -53,7 +56,8 @@ at::Tensor row_factors(const at::Tensor& grad_loss, const at::Tensor& grad_scale
   T* f = nullptr;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t d = 0; d < D; ++d) {
-      if (g[b][d] == s[b][d] || std::isinf(s[b][d])) continue;  // (NaN != NaN: scaled)
+      // (a NaN grad_loss: NaN != NaN, scaled)
+      if (g[b][d] == s[b][d] || !std::isfinite(s[b][d])) continue;
       if (f == nullptr) {
         factor = at::ones({B, D}, grad_loss.options());
         f = factor.data_ptr<T>();

@@ -28,9 +28,10 @@ __global__ void __launch_bounds__(256)
   for (int64_t r = grp.first(); r < rows; r += grp.stride()) {
     const acc_t a = read_row_value<acc_t>(grad_loss, r);
     const acc_t b = read_row_value<acc_t>(grad_scale, r);
-    // NaN != NaN: a NaN grad_loss still reaches the row. A row made for an infinite
-    // scale (a mean over no counted target: 1/0) stays as made: any factor would be NaN.
-    if (a == b || b == INFINITY || b == -INFINITY) continue;
+    // NaN != NaN: a NaN grad_loss still reaches the row. A row made for a non-finite
+    // scale (a mean over no counted target: 1/0; a nan one, _reduction.mean_denominator's)
+    // stays as made: any factor would be NaN, and an ignored row's zeros must stay.
+    if (a == b || !is_finite(b)) continue;
     const acc_t f = div_rn(a, b);
     T* row = grad + layout.row_offset(r);
     auto scale1 = [&](T* e) { *e = from_acc<T>(to_acc(*e) * f); };

@@ -245,8 +245,10 @@ def linear_cross_entropy(
     if reduction == "mean" and prob:
         denom = _count_denominator(h2.shape[0], h2, acc)  # (F: the number of rows)
     elif reduction == "mean":
-        denom = _index_denominator(t1, class_weight, ignore_index, V, acc,
-                                   unbatched=hidden.dim() == 1 and label_smoothing == 0)
+        denom = _reduction.mean_denominator(
+            _index_denominator(t1, class_weight, ignore_index, V, acc,
+                               unbatched=hidden.dim() == 1 and label_smoothing == 0),
+            _reduction.splits_terms(class_weight, prob, label_smoothing, z_loss))
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
     if transform_active(hidden, weight, bias, class_weight, target if prob else None) or \
@@ -269,9 +271,7 @@ def linear_cross_entropy(
     else:
         loss_rows, lse = EAGER["linear_ce_fwd"](h2, weight, bias, t1, class_weight,
                                                 *ce_args, chunk, accum_dtype)
-    split_terms = _reduction.splits_terms(class_weight, prob, label_smoothing, z_loss)
-    loss = _reduction.reduce(loss_rows, reduction, denom, rows_shape, out_dtype,
-                             split_terms)
+    loss = _reduction.reduce(loss_rows, reduction, denom, rows_shape, out_dtype)
     return _with_lse(loss, lse, rows_shape, return_lse, acc)
 
 

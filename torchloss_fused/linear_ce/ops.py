@@ -64,10 +64,8 @@ def _fwd_grad_impl(hidden, weight, bias, target, class_weight, denom, ignore_ind
         (ignore_index, label_smoothing, z_loss, softcap),
         chunk_size, accum_dtype, row_grad=row_scale, lse_in=None,
         need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None)
-    split_terms = _reduction.splits_terms(class_weight, target.is_floating_point(),
-                                          label_smoothing, z_loss)
     loss = _reduction.reduce(loss_rows, "sum" if denom is None else "mean", denom, (),
-                             loss_rows.dtype, split_terms)
+                             loss_rows.dtype)
     return (loss, lse, gh if gh is not None else _placeholder(hidden),
             gw if gw is not None else _placeholder(hidden),
             gb if gb is not None else _placeholder(hidden))
@@ -251,7 +249,9 @@ def _fwd_grad_backward(ctx, grad_loss, grad_lse, *_unused):
         return _graph_grads(saved, ctx.ce_args, needs, rows, grad_lse) + none
     if denom is not None and grad_loss is not None:
         # Gradients made for a mean over no counted target (1/denom = inf) stay as made,
-        # as _rescale_grad_rows leaves such rows: ignored rows exactly zero, as in F.
+        # as _rescale_grad_rows leaves such rows: ignored rows exactly zero, as in F. (A
+        # nan denom, _reduction.mean_denominator's, made the counted rows' nan whatever
+        # the factor, and _scale_factors keeps the ignored ones at zero.)
         grad_loss = torch.where(denom == 0, torch.ones_like(grad_loss), grad_loss)
     fused = ctx.fused if ctx.eager else saved[7:]
     ctx.fused = None
