@@ -252,3 +252,20 @@ def test_opcheck_accumulate(device, namespace):
     op = getattr(torch.ops, namespace)._accumulate_.default
     torch.library.opcheck(op, (torch.randn(5, 33, device=device),
                                torch.randn(5, 33, device=device).bfloat16()))
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_one_class_backward_with_another_rows_lse(device, namespace):
+    """The backward op on rows of one class, handed a larger lse than their own (as
+    vocab_parallel's _kernel_grad hands a class slice the global lse, with z = 0): p < 1,
+    and the gradient is g (p - 1) + g_lse p. The one-class rows' z-loss formula (B = 0,
+    for p = 1) had dropped g (p - 1) when it also took rows without a z-loss."""
+    ops = getattr(torch.ops, namespace)
+    x = torch.randn(6, 1, 1, dtype=torch.float64, device=device)
+    t = torch.zeros(6, 1, dtype=torch.long, device=device)
+    lse = x[:, 0] + torch.rand(6, 1, dtype=torch.float64, device=device) + 0.5
+    g = torch.rand(6, 1, dtype=torch.float64, device=device) + 0.5
+    g_lse = torch.rand(6, 1, dtype=torch.float64, device=device)
+    p = torch.exp(x[:, 0] - lse)
+    got = ops._ce_bwd(g, g_lse, x, t, None, lse, -1, 0.0, 0.0, 0.0, 1.0)
+    torch.testing.assert_close(got[:, 0], g * (p - 1) + g_lse * p)

@@ -285,12 +285,15 @@ def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
         q = _smoothed_prob_target(target.to(s.dtype).movedim(1, -1), eps, C)
         if w is not None:
             q = q * w
-        A = g * q.sum(-1)
+        # (one class with a z-loss: mass p - q is 0 for a finite logit, p = 1; mass * 0
+        # keeps a non-finite target's nan, and no q term: see below)
+        one_class = C == 1 and z_loss != 0
+        A = g * (q.sum(-1) * 0) if one_class else g * q.sum(-1)
         if z_loss != 0:
             A = A + g * 2 * z_loss * lse
         if g_lse is not None:
             A = A + g_lse
-        return A, g.unsqueeze(-1) * q, None, None, None
+        return A, None if one_class else g.unsqueeze(-1) * q, None, None, None
     t = target.long()
     valid = t != ignore_index
     safe = t.masked_fill(~valid, 0)
@@ -301,11 +304,18 @@ def _ce_coefficients(s, lse, target, w, ignore_index, eps, z_loss, g, g_lse):
         W = ordered_sum(w) if w is not None else C
         coef = coef + eps / C * W
         Dq = (g * (eps / C)).unsqueeze(-1) * (w if w is not None else 1.0)
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    B = torch.where(valid, g * ((1 - eps) * wt), zero)
+    if C == 1 and z_loss != 0:
+        # One class: lse = s, so the cross-entropy and smoothing terms are 0 for every
+        # finite logit and their gradient coef (p - 1) exactly 0; only the z-loss's
+        # 2 z lse p is left, formed alone ((coef + 2 z lse) p - coef lost it to
+        # cancellation). coef * 0 keeps a non-finite weight's nan. As the kernels (only
+        # with a z-loss: kernels_impl.h's index_row_coef says why).
+        coef, Dq, B = coef * 0, None, torch.zeros_like(B)
     if z_loss != 0:
         coef = coef + 2 * z_loss * lse
-    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
     A = torch.where(valid, g * coef, zero)
-    B = torch.where(valid, g * ((1 - eps) * wt), zero)
     if Dq is not None:
         Dq = torch.where(valid.unsqueeze(-1), Dq, zero)
     if g_lse is not None:

@@ -909,6 +909,19 @@ inline IndexRowCoef<acc_t> index_row_coef(const SoftmaxLossParams& p, int64_t t,
     coef += eps / static_cast<acc_t>(C) * W;
     D = g * (eps / static_cast<acc_t>(C));
   }
+  if (C == 1 && z != 0) {
+    // One class: lse = s, so the cross-entropy and smoothing terms are 0 for every finite
+    // logit and their gradient, coef (p - 1), exactly 0 (p = 1), as in F's composition;
+    // only the z-loss's 2 z lse p is left. Formed alone: (coef + 2 z lse) p - coef lost
+    // the z term to cancellation (5e5 float32 ulps at z = 1e-4). coef * 0 keeps a nan or
+    // infinite weight's nan, and A p a non-finite logit's (p nan). A per-row branch; rows
+    // of more classes keep their formula and bits. Only with a z-loss: a backward handed
+    // another lse than the row's own (vocab_parallel's slices of one class, z = 0 there)
+    // has p != 1 and needs B; and without one, A p - B is exactly 0 on CPU already, and
+    // focal's rows (the same formula) stay bitwise cross-entropy's at gamma = 0.
+    coef = coef * acc_t(0) + 2 * z * lse.hi;
+    return {g * coef, acc_t(0), acc_t(0)};
+  }
   if (z != 0) coef += 2 * z * lse.hi;
   return {g * coef, D, g * ((acc_t(1) - eps) * wt)};
 }
@@ -934,10 +947,14 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
       load_prob_target<scalar_t>(p, r, c0, n, b.t);
       mass += at::vec::reduce_all<acc_t>(vadd<acc_t>, b.t, n);
     }
-    acc_t A = g * mass;
+    // (One class with a z-loss: mass p - q is 0 for a finite logit, p = 1; mass * 0 keeps
+    // a non-finite target's nan, and no q term is subtracted. See index_row_coef.)
+    const bool one_class = C == 1 && z != 0;
+    acc_t A = one_class ? g * (mass * acc_t(0)) : g * mass;
     if (z != 0) A += g * 2 * z * lse;
     if (has_g_lse) A += g_lse;
-    row_grad<scalar_t>(p, r, row, grow, tf, lse, A * corr, g, acc_t(0), -1, b);
+    row_grad<scalar_t>(p, r, row, grow, tf, lse, A * corr, one_class ? acc_t(0) : g, acc_t(0), -1,
+                       b);
     return;
   }
 

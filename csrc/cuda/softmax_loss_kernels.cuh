@@ -254,11 +254,14 @@ class SoftmaxRow {
     bool zero_row = false;
     if (kGrad) {
       if (p.prob_target) {
-        // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c.
-        A = g * mass;
+        // d/ds_c sum_k q_k (lse - s_k) = (sum_k q_k) p_c - q_c. (One class with a z-loss:
+        // 0 for a finite logit, p = 1; mass * 0 keeps a non-finite target's nan. As the
+        // CPU kernels'.)
+        const bool one_class = C == 1 && z != 0;
+        A = one_class ? g * (mass * acc_t(0)) : g * mass;
         if (z != 0) A += g * 2 * z * lse;
         if (has_g_lse) A += g_lse;
-        D = g;
+        D = one_class ? acc_t(0) : g;
         if (D != 0) q_grad = QKind::ProbTarget;
       } else if (ignored) {
         // Exact zeros unless the lse has a nonzero gradient, whatever the logits hold
@@ -281,9 +284,22 @@ class SoftmaxRow {
             D = g * (eps / static_cast<acc_t>(C));
             if (D != 0) q_grad = w != nullptr ? QKind::Weight : QKind::One;
           }
-          if (z != 0) coef += 2 * z * lse;
-          A = g * coef;
-          B = g * ((acc_t(1) - eps) * wt);
+          if (C == 1 && z != 0) {
+            // One class: lse = s, so only the z-loss's 2 z lse p is left of the gradient
+            // (coef (p - 1) is 0 for a finite logit); formed alone, without the
+            // cancellation of (coef + 2 z lse) p - coef. coef * 0 keeps a non-finite
+            // weight's nan. As the CPU kernels' index_row_coef (which says why only with
+            // a z-loss).
+            coef = coef * acc_t(0) + 2 * z * lse;
+            D = 0;
+            q_grad = QKind::None;
+            A = g * coef;
+            B = 0;
+          } else {
+            if (z != 0) coef += 2 * z * lse;
+            A = g * coef;
+            B = g * ((acc_t(1) - eps) * wt);
+          }
         }
         if (has_g_lse) A += g_lse;
       }
