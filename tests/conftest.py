@@ -43,3 +43,18 @@ def _fresh_upstream_guesses():
     # A test's guesses, hits and misses must not depend on which losses the tests before
     # it scaled (_upstream_guess.py).
     _upstream_guess.GUESSES.clear()
+
+
+def _denormals_flushed() -> bool:
+    return torch.tensor(1e-40, dtype=torch.float32).mul(1).item() == 0
+
+
+@pytest.fixture(autouse=True)
+def _denormals_kept():
+    # torch 2.4.1's Inductor (not 2.13's) builds its CPU kernels with -ffast-math, so GCC
+    # links crtfastmath.o into them, whose constructor sets FTZ/DAZ when torch.compile loads
+    # the first one: denormals read as 0 in every later test of the process (nextafter(0,
+    # inf) is 0 there, an ulp of 0). A test must not depend on whether one before compiled.
+    yield
+    if _denormals_flushed():
+        torch.set_flush_denormal(False)
