@@ -30,7 +30,7 @@ echo "[setup] installing build, test and benchmark tools"
 # (setuptools 77 or newer reads pyproject's SPDX license; a fresh Python 3.11 venv holds
 # 65.5, which a requirement without a version leaves)
 "$PY" -m pip install --quiet "setuptools>=77" wheel pybind11 ninja pytest hypothesis \
-  numpy tqdm tabulate matplotlib
+  numpy mypy tqdm tabulate matplotlib
 echo "[setup] building torchloss_fused"
 start=$SECONDS
 "$PY" -m pip install --quiet --no-build-isolation --no-deps -e "$ROOT"

@@ -53,12 +53,14 @@ def test_wheel_holds_every_module(built):
     assert "torchloss_fused/linear_ce/__init__.py" in modules
     assert modules - in_wheel == set()
     assert any(n.endswith("/licenses/LICENSE") for n in in_wheel)
+    assert "torchloss_fused/py.typed" in in_wheel  # (PEP 561: typed)
 
 
 def test_sdist_holds_the_sources_and_tests(built):
     in_sdist, _ = built
-    needed = _tree("torchloss_fused/**/*.py", "csrc/**/*.h", "csrc/**/*.cuh", "csrc/**/*.cpp",
-                   "csrc/**/*.cu", "tests/*.py", "tests/cuda_emulation/*", "setup.py",
-                   "pyproject.toml", "LICENSE", "README.md")
+    needed = _tree("torchloss_fused/**/*.py", "torchloss_fused/py.typed", "csrc/**/*.h",
+                   "csrc/**/*.cuh", "csrc/**/*.cpp", "csrc/**/*.cu", "tests/*.py",
+                   "tests/cuda_emulation/*", "setup.py", "pyproject.toml", "LICENSE",
+                   "README.md")
     assert any(n.endswith(".cu") for n in needed)
     assert needed - in_sdist == set()

@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Callable, ParamSpec, TypeVar
 
 from torch.overrides import handle_torch_function, has_torch_function
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = ["dispatches_torch_function"]
 
 
-def dispatches_torch_function(positional: int, always: tuple[str, ...] = ()):
+def dispatches_torch_function(
+    positional: int, always: tuple[str, ...] = ()
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """A loss whose first `positional` parameters an override gets positionally, and the
-    parameters `always` by keyword whether the caller gave them or not."""
-    def decorate(loss_fn):
+    parameters `always` by keyword whether the caller gave them or not. (Typed so that type
+    checkers see the loss's own signature through it.)"""
+    def decorate(loss_fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(loss_fn)
         names = list(signature.parameters)
         keyword_names = names[positional:]
@@ -45,7 +52,7 @@ def dispatches_torch_function(positional: int, always: tuple[str, ...] = ()):
             return handle_torch_function(loss, relevant, *leading, **keywords)
 
         @functools.wraps(loss_fn)
-        def loss(*args, **kwargs):
+        def loss(*args: P.args, **kwargs: P.kwargs) -> R:
             # (every argument checked: the others are numbers, None or strings, which never
             # override; that costs less than picking the tensors out)
             if has_torch_function(args) or (kwargs and has_torch_function(tuple(kwargs.values()))):

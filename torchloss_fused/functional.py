@@ -12,6 +12,7 @@ import operator
 import os
 import sys
 import warnings
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -507,6 +508,28 @@ _F_KEYWORDS = ("weight", "size_average", "ignore_index", "reduce", "reduction",
                "label_smoothing")
 
 
+# (for type checkers: the loss alone, or (loss, lse) with return_lse=True)
+@overload
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None = ..., size_average: bool | None = ...,
+    ignore_index: int = ..., reduce: bool | None = ..., reduction: str = ...,
+    label_smoothing: float = ..., *, z_loss: float = ..., softcap: float | None = ...,
+    logit_scale: float = ..., return_lse: Literal[False] = ..., inplace_backward: bool = ...,
+) -> Tensor: ...
+@overload
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None = ..., size_average: bool | None = ...,
+    ignore_index: int = ..., reduce: bool | None = ..., reduction: str = ...,
+    label_smoothing: float = ..., *, z_loss: float = ..., softcap: float | None = ...,
+    logit_scale: float = ..., return_lse: Literal[True], inplace_backward: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Tensor | None = ..., size_average: bool | None = ...,
+    ignore_index: int = ..., reduce: bool | None = ..., reduction: str = ...,
+    label_smoothing: float = ..., *, z_loss: float = ..., softcap: float | None = ...,
+    logit_scale: float = ..., return_lse: bool = ..., inplace_backward: bool = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 @dispatches_torch_function(2, _F_KEYWORDS)
 @vocab_parallel.eager_under_compile_when(vocab_parallel.input_class_sharded)
 def cross_entropy(
@@ -524,7 +547,7 @@ def cross_entropy(
     logit_scale: float = 1.0,
     return_lse: bool = False,
     inplace_backward: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """Fused softmax cross-entropy: a drop-in for ``torch.nn.functional.cross_entropy``.
 
     Accepts every call ``F.cross_entropy`` accepts (same positional order, including the

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -41,6 +42,9 @@ try:
 except ImportError:  # torch without distributed, or before the public DTensor API (2.5)
     DTensor = None
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 def is_dtensor(x) -> bool:
     return DTensor is not None and isinstance(x, DTensor)
@@ -51,17 +55,19 @@ def class_sharded(x3) -> bool:
     return is_dtensor(x3) and any(p.is_shard(1) for p in x3.placements)
 
 
-def eager_under_compile_when(needs_eager):
+def eager_under_compile_when(
+    needs_eager: Callable[..., bool],
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Under torch.compile, a call for which needs_eager(*args, **kwargs) holds (its loss
     is vocab-parallel) runs eagerly behind a graph break (fullgraph=True refuses it): its
     collectives are plain torch.distributed calls, and the break comes before any view of
     a DTensor argument is made (AOTAutograd cannot hand a DTensor view across a graph
     boundary)."""
-    def decorate(loss_fn):
+    def decorate(loss_fn: Callable[P, R]) -> Callable[P, R]:
         eager = torch.compiler.disable(loss_fn)
 
         @functools.wraps(loss_fn)
-        def wrapper(*args, **kwargs):
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             if torch.compiler.is_compiling() and needs_eager(*args, **kwargs):
                 return eager(*args, **kwargs)
             return loss_fn(*args, **kwargs)

@@ -39,6 +39,7 @@ driver reports), the mean denominator stays on the device.
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -160,6 +161,31 @@ def _autocast_inputs(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias), torch.float32
 
 
+# (for type checkers: the loss alone, or (loss, lse) with return_lse=True)
+@overload
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
+    ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+    class_weight: Tensor | None = ..., z_loss: float = ..., softcap: float | None = ...,
+    chunk_size: int | None = ..., accum_dtype: torch.dtype | None = ...,
+    return_lse: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
+    ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+    class_weight: Tensor | None = ..., z_loss: float = ..., softcap: float | None = ...,
+    chunk_size: int | None = ..., accum_dtype: torch.dtype | None = ...,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
+    ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ..., *,
+    class_weight: Tensor | None = ..., z_loss: float = ..., softcap: float | None = ...,
+    chunk_size: int | None = ..., accum_dtype: torch.dtype | None = ...,
+    return_lse: bool = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 @dispatches_torch_function(3)
 @vocab_parallel.vp.eager_under_compile_when(vocab_parallel.head_vocab_sharded)
 def linear_cross_entropy(
@@ -177,7 +203,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
     return_lse: bool = False,
-):
+) -> Tensor | tuple[Tensor, Tensor]:
     """``F.cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(), ...)``
     without materialising the logits.
 
