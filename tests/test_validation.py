@@ -84,6 +84,17 @@ CE_BAD_CALLS = [
     ("view of a parameter, in place", ValueError, "view of a leaf tensor",
      lambda: tlf.cross_entropy(torch.nn.Parameter(torch.randn(20)).view(4, 5), Y,
                                inplace_backward=True)),
+    # (a leaf that is itself a view, of a tensor not requiring grad, and its slices: as
+    # autograd's check_inplace refuses them; they had been overwritten)
+    ("leaf view of a plain tensor, in place", ValueError, "leaf tensor that requires grad",
+     lambda: tlf.cross_entropy(torch.randn(20).view(4, 5).requires_grad_(), Y,
+                               inplace_backward=True)),
+    ("slice of a leaf view, in place", ValueError, "view of a leaf tensor",
+     lambda: tlf.cross_entropy(torch.randn(30).view(6, 5).requires_grad_()[1:5], Y,
+                               inplace_backward=True)),
+    ("leaf column slice of a buffer, in place", ValueError, "leaf tensor that requires grad",
+     lambda: tlf.cross_entropy(torch.randn(4, 9)[:, 2:7].requires_grad_(), Y,
+                               inplace_backward=True)),
     ("parameter, in place, module", ValueError, "leaf tensor that requires grad",
      lambda: tlf.CrossEntropyLoss(inplace_backward=True)(torch.randn(4, 5, requires_grad=True),
                                                          Y)),

@@ -227,9 +227,12 @@ def _check_inplace_target(input: Tensor, x3: Tensor, **others: Tensor | None) ->
                 )
     # A leaf that requires grad (a parameter), or a view of one: its values would become
     # its own gradient, and .grad the same memory, which the optimizer then steps with.
-    base = input if input._base is None else input._base
-    if base.is_leaf and base.requires_grad:
-        what = "is a leaf tensor" if base is input else "is a view of a leaf tensor"
+    # As autograd's check_inplace: a view (requiring grad, as the input here does) whose
+    # base is a leaf, whether the base requires grad or not (randn(N * V).view(N, V) made
+    # to require grad is itself a leaf; its slices are views of the same base).
+    base = input._base
+    if input.is_leaf or (base is not None and base.is_leaf):
+        what = "is a leaf tensor" if input.is_leaf else "is a view of a leaf tensor"
         raise ValueError(
             f"inplace_backward=True writes the gradient into the input, but the input {what} "
             "that requires grad (a parameter?), whose values would become its gradient; use "
