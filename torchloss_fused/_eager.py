@@ -169,12 +169,25 @@ def _plain(*tensors) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
+def _watch(x: torch.Tensor) -> tuple:
+    """What _changed needs of the logits x: weak references to x and to its base, and its
+    version. Views and their base share one version counter, and a live view keeps its
+    base alive: the base answers while any view of the caller's logits lives, also where
+    saved-tensor hooks hold a new alias of the row view x, which then dies (a pack hook
+    `lambda t: t.detach()`)."""
+    base = x._base
+    return (weakref.ref(x), None if base is None else weakref.ref(base), x._version)
+
+
 def _changed(logits: tuple) -> bool:
-    """Whether the logits a forward kept as (weak reference, version) were written in place
-    since. (Gone: saved-tensor hooks hold them packed as they were.)"""
-    ref, version = logits
-    x = ref()
-    return x is not None and x._version != version
+    """Whether the logits _watch kept were written in place since. (All gone: nothing can
+    write them, and saved-tensor hooks hold them packed as they were.)"""
+    *refs, version = logits
+    for ref in refs:
+        x = None if ref is None else ref()
+        if x is not None:
+            return x._version != version
+    return False
 
 
 class FusedReduced:
@@ -203,8 +216,8 @@ class FusedReduced:
             # (the rows' gradient in the loss rows' dtype, grad_scale's: lse may be wider)
             ctx.reduction = (reduction, denom, lse.shape, grad_scale.dtype)
             ctx.guess = (key, guess if post != 1.0 else None, post)
-            if post != 1.0:  # (a weak reference: saved-tensor hooks may move the logits)
-                ctx.logits = (weakref.ref(x), x._version)
+            if post != 1.0:  # (weak references: saved-tensor hooks may move the logits)
+                ctx.logits = _watch(x)
             # (the target kept as a plain attribute, as the buffer, by setup_context's
             # _ops._save_fused: unpacking the saved target would make a checkpointed loss
             # recompute its forward; see _ops._fused_backward)
