@@ -193,7 +193,9 @@ struct LossOps {
   static Tensor reduce_sigmoid_focal(const char* op, const Tensor& input, const Tensor& target,
                                      double alpha, double gamma, int64_t divisor,
                                      const Tensor* grad) {
-    TORCH_CHECK(divisor >= 1, op, ": divisor must be at least 1, got ", divisor);
+    // (0: a mean over no elements, in a graph traced with a symbolic size; its scale is
+    // inf, and the empty sum's 0 * inf the nan of torch's mean())
+    TORCH_CHECK(divisor >= 0, op, ": divisor must be at least 0, got ", divisor);
     const Tensor x = input.contiguous(), t = target.contiguous();
     SigmoidFocalParams p = prepare_sigmoid_focal(op, x, t, alpha, gamma);
     p.scale = 1.0 / static_cast<double>(divisor);  // (as Python's 1.0 / divisor)

@@ -66,3 +66,25 @@ def test_linearize_matches_jvp(device, backend, name):
     want_value, want_jvp = torch.func.jvp(lambda a: LOSSES[name](a, y), (x,), (tangent,))
     torch.testing.assert_close(value, want_value)
     torch.testing.assert_close(jvp_fn(tangent), want_jvp)
+
+
+@pytest.mark.parametrize("empty", [(0, 6), (5, 0)])
+def test_symbolic_sigmoid_focal_mean_of_an_empty_input_is_nan(device, backend, empty):
+    """A graph traced with symbolic sizes (make_fx, torch.export with a dynamic dim) run on
+    an empty input: the mean is nan, as eagerly and as torchvision's loss.mean() gives it,
+    with an empty gradient. The kernels' divisor (the element count) is then 0; it had
+    been refused ("divisor must be at least 1"). A graph of the forward alone, as export
+    makes, and one with the gradient."""
+    def loss_fn(x, t):
+        return tlf.sigmoid_focal_loss(x, t, reduction="mean")
+
+    x = random_logits((5, 6), torch.float32, device).detach()
+    t = torch.rand(5, 6, device=device)
+    forward = make_fx(loss_fn, tracing_mode="symbolic")(x, t)
+    both = make_fx(_loss_and_grad(loss_fn), tracing_mode="symbolic")(x, t)
+    xe, te = torch.randn(empty, device=device), torch.rand(empty, device=device)
+    assert loss_fn(xe, te).isnan()
+    assert forward(xe, te).isnan()
+    loss, g = both(xe, te)
+    assert loss.isnan() and g.shape == xe.shape
+    torch.testing.assert_close(forward(x, t), loss_fn(x, t))

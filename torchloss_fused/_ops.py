@@ -206,7 +206,7 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor,
     ctx.fused_grad = grad.detach()
     ctx.grad_scale = grad_scale
     keep_ignored(ctx, ignored)
-    ctx.read_versions = tuple((t, t._version) for t in read
+    ctx.read_versions = tuple((t, saved_version(t)) for t in read
                               if t is not None and t.is_floating_point())
     ctx.set_materialize_grads(False)
 
@@ -214,7 +214,21 @@ def _save_fused(ctx, grad: torch.Tensor, grad_scale: torch.Tensor,
 def keep_ignored(ctx, ignored: tuple) -> None:
     """ctx.ignored (_index_target's), and its target's version for check_ignored_unchanged."""
     ctx.ignored = ignored
-    ctx.ignored_version = ignored[0]._version if ignored else None
+    ctx.ignored_version = saved_version(ignored[0]) if ignored else None
+
+
+def saved_version(tensor: torch.Tensor) -> int:
+    """The version of a tensor the backward may read, kept outside the saved tensors: an
+    inference tensor has none, and autograd refuses to save one: its error, as F gives it
+    for the same target or weight (the version's own error names no cause)."""
+    if not torch.compiler.is_compiling() and tensor.is_inference():
+        raise RuntimeError(
+            "Inference tensors cannot be saved for backward. Please do not use Tensors "
+            "created in inference mode in computation tracked by autograd. To work around "
+            "this, you can make a clone to get a normal tensor and use it in autograd, or "
+            "use `torch.no_grad()` instead of `torch.inference_mode()`. (Here: a "
+            "torchloss_fused loss's target, weight or alpha.)")
+    return tensor._version
 
 
 def check_ignored_unchanged(ctx) -> None:
@@ -403,7 +417,12 @@ def _elementwise_as_rows(grad, grad_loss, grad_scale):
     grad_scale broadcast to every row: rows of 4096 when they divide it, so a GPU
     rescale has many rows to spread over."""
     n = grad.numel()
-    c = 4096 if n % 4096 == 0 else (grad.shape[-1] if grad.dim() and n else 1)
+    if isinstance(n, torch.SymInt) and not vocab_parallel.is_dtensor(grad):
+        # (traced with symbolic sizes, scaled out of place: any rows do, and one element
+        # per row divides by no size that may be 0 when the graph runs)
+        c = 1
+    else:
+        c = 4096 if n % 4096 == 0 else (grad.shape[-1] if grad.dim() and n else 1)
     rows = grad.view(n // c, c, 1)
     return (rows, grad_loss.reshape(1, 1).expand(n // c, 1),
             grad_scale.reshape(1, 1).expand(n // c, 1))
@@ -422,7 +441,7 @@ def _make_sigmoid_sum_autograd(namespace: str):
         if reference_backward(grad_loss):
             return _graph_grad(ctx, _sigmoid_sum_reference, grad_loss), None, None, None, None
         alpha, gamma, divisor = ctx.args
-        g = (grad_loss * (1.0 / divisor)).to(input.dtype).expand(input.shape)
+        g = (grad_loss * reference.reciprocal(divisor)).to(input.dtype).expand(input.shape)
         grad = _ns(namespace)._sigmoid_focal_bwd(g, input, target, alpha, gamma)
         return grad, None, None, None, None
 

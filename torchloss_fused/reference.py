@@ -14,6 +14,8 @@ and lse in float64: a float row's lse is the float64 M + log S, as the kernels s
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -566,16 +568,23 @@ def with_layout(t: Tensor, order: list[int] | None) -> Tensor:
 def sigmoid_focal_sum(input: Tensor, target: Tensor, alpha: float, gamma: float,
                       divisor: int) -> Tensor:
     """The sum of the elementwise losses times 1.0 / divisor, a 0-dim tensor in the
-    accumulation dtype."""
-    torch._check(divisor >= 1, lambda: f"sigmoid_focal_sum: divisor must be at least 1, "
+    accumulation dtype. (divisor 0: an empty input's mean, in a graph traced with a
+    symbolic size: nan, as torch's mean() of an empty tensor.)"""
+    torch._check(divisor >= 0, lambda: f"sigmoid_focal_sum: divisor must be at least 0, "
                  f"got {divisor}")
-    return ordered_sum(_sigmoid_focal_losses(input, target, alpha, gamma)) * (1.0 / divisor)
+    return ordered_sum(_sigmoid_focal_losses(input, target, alpha, gamma)) * reciprocal(divisor)
+
+
+def reciprocal(divisor) -> float:
+    """1.0 / divisor, an element count (a SymInt while traced); inf for 0, as a kernel's
+    IEEE division gives it, where Python's raises ZeroDivisionError."""
+    return 1.0 / divisor if not isinstance(divisor, int) or divisor != 0 else math.inf
 
 
 def sigmoid_focal_sum_grad(input: Tensor, target: Tensor, alpha: float, gamma: float,
                            divisor: int) -> tuple[Tensor, Tensor]:
     loss = sigmoid_focal_sum(input, target, alpha, gamma, divisor)  # (checks the divisor)
-    grad_loss = torch.full((), 1.0 / divisor, dtype=acc_dtype(input.dtype),
+    grad_loss = torch.full((), reciprocal(divisor), dtype=acc_dtype(input.dtype),
                            device=input.device)
     return loss, sigmoid_focal_bwd(grad_loss, input, target, alpha, gamma)
 

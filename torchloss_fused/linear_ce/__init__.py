@@ -277,6 +277,12 @@ def linear_cross_entropy(
             _reduction.splits_terms(class_weight, prob, label_smoothing, z_loss))
 
     needs = (_wants_grad(hidden), _wants_grad(weight), _wants_grad(bias))
+    if (bias is not None and any(needs) and not torch.compiler.is_compiling()
+            and bias.is_inference()):  # (Dynamo refuses is_inference())
+        # A frozen bias made under inference_mode, beside a hidden or head that trains:
+        # F.linear saves no bias, but the backward here may recompute the logits, and
+        # autograd can neither save an inference tensor nor version it. A copy (V values).
+        bias = bias.clone()
     if transform_active(hidden, weight, bias, class_weight, target if prob else None) or \
             _may_want_grad(class_weight) or (prob and _may_want_grad(target)):
         # torch.func / forward-mode AD see through this, not through the custom ops; and
