@@ -5,7 +5,8 @@ Every implementation is a function of the op's input tuple returning the scalar 
 target)). `build()` is called once per case, so torch.compile wrappers are made fresh for
 each shape (the runner resets dynamo between cases: one compile per shape, reused for all
 its runs). Peer libraries join only when they import; their kernels are GPU-only (Triton /
-CuTe), so they are offered on CUDA devices only.
+CuTe), so they are offered on CUDA devices only, and only for (N, V) logits: none of their
+cross-entropies takes (N, C, H, W) logits with the classes on dim 1.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def _peers(op: str) -> list[Impl]:
 
 
 def impls_for(op: str, device: torch.device, compile_baseline: bool = True,
-              peers: bool = True) -> list[Impl]:
+              peers: bool = True, spatial: bool = False) -> list[Impl]:
     """The implementations of `op` on `device`; those that mutate their inputs come last.
+    spatial: the case's logits are (N, C, H, W) (Case.spatial), which no peer takes.
 
     linear_cross_entropy is benchmarked only once torchloss_fused provides it.
     """
@@ -165,6 +167,6 @@ def impls_for(op: str, device: torch.device, compile_baseline: bool = True,
     if op in LINEAR_OPS:
         impls.append(Impl("3 matmuls alone (time floor, no loss)", BOUND,
                           lambda: eager_losses.linear_matmuls_only))
-    if peers and device.type == "cuda":
+    if peers and device.type == "cuda" and not spatial:
         impls += _peers(op)
     return sorted(impls, key=lambda impl: impl.mutates_inputs)

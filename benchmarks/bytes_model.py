@@ -5,6 +5,8 @@ once, so GB/s = these bytes / median time, and % of copy bandwidth compares that
 plain tensor copy timed the same way in the same run. Per op:
 
 - cross_entropy / focal_loss forward:        logits read once + targets read once.
+  (N, C, H, W) logits (the small-classes sweep's segmentation cases): N x C x H x W
+  elements, N x H x W targets, in either memory format.
 - cross_entropy / focal_loss forward+backward: logits read once + gradient (same dtype and
   shape as the logits) written once + targets read once.
 - sigmoid_focal_loss forward+backward: inputs + targets (both N x C in the input dtype)
@@ -21,6 +23,8 @@ vanishing fraction of N x V and no implementation can avoid them.
 
 from __future__ import annotations
 
+import math
+
 from .cases import Case
 
 TARGET_BYTES = 8  # class-index targets are int64
@@ -31,7 +35,10 @@ def _itemsize(case: Case) -> int:
 
 
 def logits_bytes(case: Case) -> int:
-    """Bytes of the N x V logits (for linear CE: the logits a naive version materialises)."""
+    """Bytes of the N x V logits (for linear CE: the logits a naive version materialises;
+    for (N, C, H, W) logits, all N x C x H x W of them)."""
+    if case.spatial:
+        return math.prod(case.shape) * _itemsize(case)
     n, v = case.shape[0], case.shape[-1]
     return n * v * _itemsize(case)
 
@@ -47,11 +54,12 @@ def bytes_moved(case: Case) -> int:
     if case.op == "linear_ce_soft_fwd_bwd":
         n, h, v = case.shape
         return 2 * (n * h + v * h) * size + n * v * size
-    n, v = case.shape
+    # (N, V), or (N, C, H, W): the logits' elements, and one target per row (N x H x W)
+    logits, rows = logits_bytes(case), case.rows
     if case.op == "ce_fwd":
-        return n * v * size + n * TARGET_BYTES
+        return logits + rows * TARGET_BYTES
     if case.op in ("ce_fwd_bwd", "focal_fwd_bwd"):
-        return 2 * n * v * size + n * TARGET_BYTES
+        return 2 * logits + rows * TARGET_BYTES
     raise ValueError(f"no bytes model for op {case.op!r}")
 
 

@@ -64,11 +64,13 @@ def compute(case: Case, inputs: tuple[torch.Tensor, ...]) -> Oracle:
 
 def _cross_entropy(case: Case, x: torch.Tensor, y: torch.Tensor) -> Oracle:
     """F.cross_entropy's value from PyTorch's fp64 log_softmax, and its gradient in closed
-    form, (softmax - one_hot) / N: half the passes of autograd over the same chunk."""
-    n = x.shape[0]
+    form, (softmax - one_hot) / N: half the passes of autograd over the same chunk. The
+    classes are on dim 1: (N, C, H, W) logits are chunked by image and averaged over all
+    N x H x W targets."""
+    n = y.numel()
     grad = torch.empty(x.shape, dtype=torch.float32, device=x.device) if case.backward else None
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for rows in row_chunks(n, 8 * x[0].numel(), x.device):
+    for rows in row_chunks(x.shape[0], 8 * x[0].numel(), x.device):
         yc = y[rows, None]
         logp = F.log_softmax(x.detach()[rows].double(), dim=1)
         total -= logp.gather(1, yc).sum() / n

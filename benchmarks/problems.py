@@ -3,7 +3,8 @@
 Input set `k` of a case is a pure function of (case, seed + k): input sets can be rebuilt
 after an implementation that writes into its inputs (inplace backward) and still match the
 oracle computed once per case. Tensors that a user would differentiate are leaves with
-requires_grad=True for the forward+backward ops.
+requires_grad=True for the forward+backward ops. (N, C, H, W) logits are made in the
+case's memory format (Case.layout), with the same values in every layout.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ def make_inputs(case: Case, device: torch.device, seed: int) -> tuple[torch.Tens
     gen.manual_seed(seed)
     dtype, grad = case.torch_dtype, case.backward
 
-    def randn(*shape, scale=1.0):
+    def randn(*shape, scale=1.0, memory_format=torch.contiguous_format):
         t = torch.randn(*shape, generator=gen, device=device, dtype=dtype)
         if scale != 1.0:
             t.mul_(scale)
+        if memory_format is not torch.contiguous_format:
+            t = t.contiguous(memory_format=memory_format)
         return t.requires_grad_(grad)
 
     if case.op == "sigmoid_focal_fwd_bwd":
@@ -41,6 +44,10 @@ def make_inputs(case: Case, device: torch.device, seed: int) -> tuple[torch.Tens
             teacher = torch.randn(n, v, generator=gen, device=device).mul_(LOGIT_STD)
             return hidden, weight, torch.softmax(teacher, -1).to(dtype)
         return hidden, weight, _targets(n, v, gen, device)
+    if case.spatial:
+        n, c, h, w = case.shape
+        logits = randn(n, c, h, w, scale=LOGIT_STD, memory_format=case.memory_format)
+        return logits, torch.randint(0, c, (n, h, w), generator=gen, device=device)
     n, v = case.shape
     return randn(n, v, scale=LOGIT_STD), _targets(n, v, gen, device)
 
@@ -88,5 +95,7 @@ def input_set_nbytes(case: Case) -> int:
         n, h, v = case.shape
         target = n * v * size if case.op == "linear_ce_soft_fwd_bwd" else 8 * n
         return (n * h + v * h) * size + target
+    if case.spatial:  # logits, and one int64 target per row (N x H x W)
+        return math.prod(case.shape) * size + 8 * case.rows
     n, v = case.shape
     return n * v * size + 8 * n

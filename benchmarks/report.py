@@ -3,7 +3,7 @@ format), so the same text is printed and written to <device-slug>-latest.md."""
 
 from __future__ import annotations
 
-from .cases import OP_LABELS, OPS
+from .cases import OP_LABELS, OPS, shape_label
 from .correctness import EAGER_FACTOR
 from .rows import OK, Row
 
@@ -21,7 +21,7 @@ def _x(v: float | None) -> str:
 
 
 def _cells(r: Row) -> list[str]:
-    head = [r.dtype, "x".join(map(str, r.shape)), r.impl]
+    head = [r.dtype, shape_label(r.shape, r.layout), r.impl]
     if r.status != OK:
         status = f"{r.status}: {r.message}" if r.message else r.status
         if len(status) > MAX_STATUS:

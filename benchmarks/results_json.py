@@ -5,7 +5,7 @@ Top level (all keys required):
   schema_version  4 (int; bumped on any incompatible change)
   date            ISO 8601 UTC, e.g. "2026-11-21T12:00:00Z"
   command         the command line as run (str); argv: list[str]
-  sweep           "tiny" | "quick" | "full" | "targets"
+  sweep           "tiny" | "quick" | "full" | "targets" | "small-classes"
   device          {kind: "cpu"|"cuda", name, slug, cpu_model: str, gpu_name: str|null,
                    cores: int, threads: int, cpu_capability: str, llc_bytes: int,
                    memory_bytes: int|null}
@@ -30,6 +30,8 @@ Top level (all keys required):
     op, op_label, impl, dtype: str
     impl_kind: "ours"|"ours_compiled"|"eager"|"compile"|"peer"|"bound"|"yardstick"
     shape: list[int]; logits_bytes, bytes_moved, input_sets: int
+    layout: "nchw"|"channels_last", only in the rows of (N, C, H, W) logits (the classes
+            on dim 1; small-classes sweep): their memory format. Absent: (N, V) logits
     status: "ok"|"FAILED"|"ERROR"|"SKIPPED"; message: str (why, when not ok)
     median_ms, iqr_ms: float|null; runs: int|null
     peak_extra_bytes: int|null; peak_extra_mib, peak_extra_ratio: float|null
@@ -82,6 +84,7 @@ ROW = {
     "speedup_vs_compile": _FLOAT + _NONE, "check": (dict,) + _NONE,
 }
 ROW_STATUSES = ("ok", "FAILED", "ERROR", "SKIPPED")
+ROW_LAYOUTS = ("nchw", "channels_last")  # (cases.LAYOUTS) the optional key "layout"
 
 
 class SchemaError(ValueError):
@@ -117,6 +120,9 @@ def validate(doc: dict) -> None:
             raise SchemaError(f"rows[{i}]: an ok row needs median_ms")
         if not all(isinstance(s, int) for s in row["shape"]):
             raise SchemaError(f"rows[{i}].shape: expected list[int]")
+        if "layout" in row and (row["layout"] not in ROW_LAYOUTS or len(row["shape"]) != 4):
+            raise SchemaError(f"rows[{i}].layout: {row['layout']!r} (one of {ROW_LAYOUTS}, "
+                              "for an (N, C, H, W) shape)")
 
 
 def dumps(doc: dict) -> str:

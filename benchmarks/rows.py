@@ -31,10 +31,17 @@ class Row:
     speedup_vs_eager: float | None = None
     speedup_vs_compile: float | None = None
     check: dict | None = None
+    # (N, C, H, W) logits only: their memory format ("nchw" | "channels_last"), cases.py's
+    # Case.layout; None elsewhere, and then absent from the JSON row.
+    layout: str | None = None
 
     def key(self) -> tuple:
         """The case this row belongs to."""
-        return (self.op, self.dtype, tuple(self.shape))
+        key = (self.op, self.dtype, tuple(self.shape))
+        return key if self.layout is None else (*key, self.layout)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["layout"] is None:  # (the rows of (N, V) cases read as before it existed)
+            del d["layout"]
+        return d

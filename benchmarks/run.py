@@ -1,4 +1,5 @@
-"""The benchmark CLI: python -m benchmarks.run [--full | --targets | --tiny] [--device ...] [--help]
+"""The benchmark CLI: python -m benchmarks.run [--full | --targets | --small-classes | --tiny]
+[--device ...] [--help]
 
 Runs each case on the best available device (or --device), prints the report and writes
 <out>/<device-slug>-<UTC stamp>.json and .png plus <out>/<device-slug>-latest.md (the
@@ -20,7 +21,17 @@ from pathlib import Path
 
 import torch
 
-from . import baselines, device_info, memory, plot, report, results_json, runner, timing
+from . import (
+    baselines,
+    bytes_model,
+    device_info,
+    memory,
+    plot,
+    report,
+    results_json,
+    runner,
+    timing,
+)
 from .arg_types import nonnegative_float, output_dir, positive_float, positive_int, seed
 from .cases import DEFAULT_DTYPES, DTYPES, LINEAR_OPS, OP_ALIASES, OPS, sweep
 from .rows import ERROR, FAILED
@@ -33,11 +44,13 @@ SETTINGS = {
     "quick": timing.Settings(min_run_time=0.5, min_runs=5, warmup=2),
     "full": timing.Settings(min_run_time=1.0, min_runs=10, warmup=5),
     "targets": timing.Settings(min_run_time=1.0, min_runs=10, warmup=5),
+    "small-classes": timing.Settings(min_run_time=0.5, min_runs=5, warmup=2),
 }
 
 
 # Why a sweep size holds no shape of an op (cases.py), for the message that says so.
-NO_SHAPE_WHY = {"targets": "no performance target is set on it"}
+NO_SHAPE_WHY = {"targets": "no performance target is set on it",
+                "small-classes": "it measures the softmax losses (cross_entropy, focal_loss)"}
 
 
 def _names(parser, values, allowed, flag, aliases=None):
@@ -68,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="LM vocabularies 32000..262144 at several row counts")
     size.add_argument("--targets", dest="size", action="store_const", const="targets",
                       help="only the shapes the project's performance targets are set on")
+    size.add_argument("--small-classes", dest="size", action="store_const",
+                      const="small-classes",
+                      help="cross_entropy and focal_loss with few classes: (N, C) heads "
+                           "and (8, 21, 128, 128) segmentation logits, NCHW and "
+                           "channels_last")
     size.add_argument("--tiny", dest="size", action="store_const", const="tiny",
                       help="small shapes, few runs, no torch.compile: for tests")
     p.set_defaults(size="quick")
@@ -131,7 +149,7 @@ def _prefault_bytes(args, device: torch.device, cases) -> int:
         return int(args.prefault_gib * 2**30)
     if args.size == "tiny":  # (seconds of runs, for tests: not worth a GiB of page faults)
         return 0
-    largest = max(case.rows * case.classes * case.torch_dtype.itemsize for case in cases)
+    largest = max(bytes_model.logits_bytes(case) for case in cases)
     want = max(2**30, 4 * largest)
     avail = device_info.available_memory_bytes(device)
     return min(want, avail // 3) if avail else want
@@ -252,7 +270,8 @@ def _plan(args, device: torch.device) -> tuple[list, dict]:
     """(case, implementations) pairs to run, and {op: why it is left out} for the selected
     ops that have none."""
     cases = sweep(device.type, args.size, args.ops, args.dtypes)
-    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers))
+    plan = [(case, baselines.impls_for(case.op, device, args.compile, not args.no_peers,
+                                       spatial=case.spatial))
             for case in cases]
     left_out = {}
     for op in args.ops:
@@ -271,7 +290,7 @@ def _stem(out: Path, slug: str, started) -> Path:
 
 
 def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool,
-           latest_file: str) -> list[Path]:
+           latest_file: str, plot_by_case: bool = False) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = _stem(out, doc["device"]["slug"], started)
     results_json.write(doc, stem.with_suffix(".json"))
@@ -279,7 +298,8 @@ def _write(doc: dict, text: str, rows, out: Path, started, with_plot: bool,
     latest.write_text(text + "\n")  # exactly as printed
     written = [stem.with_suffix(".json"), latest]
     if with_plot:
-        png = plot.plot(rows, stem.with_suffix(".png"), f"{doc['device']['name']} - {doc['date']}")
+        png = plot.plot(rows, stem.with_suffix(".png"), f"{doc['device']['name']} - {doc['date']}",
+                        by_case=plot_by_case)
         if png is not None:
             written.append(png)
     return written
@@ -345,7 +365,10 @@ def main(argv=None) -> int:
     print(text)
     latest_file = latest_name(doc["device"]["slug"], args.size, args.ops, args.dtypes,
                               compile=args.compile, peers=not args.no_peers)
-    written = _write(doc, text, rows, args.out, started, not args.no_plot, latest_file)
+    # (the small-classes sweep's cases differ in more than their class count: a bar group
+    # per case, by class count, rather than lines over the classes of one row count)
+    written = _write(doc, text, rows, args.out, started, not args.no_plot, latest_file,
+                     plot_by_case=args.size == "small-classes")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     ours_broken = any(r.impl_kind == baselines.OURS and r.status in (FAILED, ERROR)
                       for r in rows)

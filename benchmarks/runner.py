@@ -119,7 +119,7 @@ class RestoringStep:
 
 def _blank_row(case: Case, impl: Impl, sets: int) -> Row:
     return Row(op=case.op, op_label=OP_LABELS[case.op], impl=impl.name, impl_kind=impl.kind,
-               dtype=case.dtype, shape=list(case.shape),
+               dtype=case.dtype, shape=list(case.shape), layout=case.layout,
                logits_bytes=bytes_model.logits_bytes(case),
                bytes_moved=bytes_model.bytes_moved(case), input_sets=sets)
 

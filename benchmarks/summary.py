@@ -19,7 +19,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from .baselines import OURS, PEER
-from .cases import OPS
+from .cases import OPS, shape_label
 from .report import _ms, _x
 from .targets import INPLACE
 
@@ -42,9 +42,11 @@ def lines_of(results: dict, op: str) -> list[list[str]]:
     machine = results.get("device", {}).get("name", "?")
     run = f"{results.get('date', '?')[:10]} {results.get('git', {}).get('commit', '?')[:7]}"
     out = []
-    cases = dict.fromkeys((r["dtype"], tuple(r["shape"])) for r in rows)
-    for dtype, shape in cases:
-        case = [r for r in rows if r["dtype"] == dtype and tuple(r["shape"]) == shape]
+    # ((N, C, H, W) logits: one line per memory format, the layout beside the shape)
+    cases = dict.fromkeys((r["dtype"], tuple(r["shape"]), r.get("layout")) for r in rows)
+    for dtype, shape, layout in cases:
+        case = [r for r in rows if r["dtype"] == dtype and tuple(r["shape"]) == shape
+                and r.get("layout") == layout]
         ours = _ok(case, lambda r: r["impl_kind"] == OURS and not r["impl"].endswith(INPLACE))
         if not ours:
             continue
@@ -52,7 +54,7 @@ def lines_of(results: dict, op: str) -> list[list[str]]:
         in_place = _ok(case, lambda r: r["impl"].endswith(INPLACE))
         peers = sorted(_ok(case, lambda r: r["impl_kind"] == PEER), key=lambda r: r["median_ms"])
         out.append([
-            machine, run, dtype, "x".join(map(str, shape)), _ms(ours["median_ms"]),
+            machine, run, dtype, shape_label(shape, layout), _ms(ours["median_ms"]),
             _pct(ours.get("pct_copy_bw")),
             _x(ours.get("speedup_vs_eager")), _x(ours.get("speedup_vs_compile")),
             f"{peers[0]['impl']} {_ms(peers[0]['median_ms'])}" if peers else "",

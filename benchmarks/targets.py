@@ -105,7 +105,8 @@ __all__ = ["TARGETS", "Target", "evaluate", "main"]
 
 def _row_finder(results: dict, target: Target, dtype: str, ok_only: bool = True):
     rows = [r for r in results.get("rows", []) if (r.get("status") == "ok" or not ok_only)
-            and r.get("dtype") == dtype and tuple(r.get("shape", ())) == target.shape]
+            and r.get("dtype") == dtype and tuple(r.get("shape", ())) == target.shape
+            and r.get("layout") is None]  # (targets are on (N, V) logits)
 
     def row_of(kind: str):
         for r in rows:

@@ -27,6 +27,7 @@ from tabulate import tabulate
 
 from .arg_types import nonnegative_float
 from .baselines import OURS
+from .cases import shape_label
 
 HEADERS = ["op", "dtype", "shape", "impl", "TLF_CUDA_TUNING", "median ms", "% copy BW",
            "vs default"]
@@ -59,7 +60,7 @@ def rows_of(paths: list[Path]) -> list[dict]:
 
 def table(rows: list[dict]) -> list[list]:
     def key(r):
-        return r["op"], r["dtype"], tuple(r["shape"]), r["impl"]
+        return r["op"], r["dtype"], tuple(r["shape"]), r.get("layout") or "", r["impl"]
 
     default_ms = {key(r): r["median_ms"] for r in rows if r["tuning"] == "default"}
     lines = []
@@ -67,7 +68,7 @@ def table(rows: list[dict]) -> list[list]:
         base = default_ms.get(key(r))
         rel = f"{r['median_ms'] / base:.3f}x" if base else "-"
         pct = r.get("pct_copy_bw")
-        lines.append([r["op"], r["dtype"], "x".join(map(str, r["shape"])), r["impl"],
+        lines.append([r["op"], r["dtype"], shape_label(r["shape"], r.get("layout")), r["impl"],
                       r["tuning"], f"{r['median_ms']:.3f}",
                       "-" if pct is None else f"{pct:.1f}", rel])
     return lines
@@ -84,8 +85,8 @@ def best_setting(rows: list[dict], op: str, margin: float) -> str | None:
     mine = [r for r in rows if r["op"] == op and r["impl"] == "torchloss_fused"]
     if not mine:
         return None
-    first = mine[0]["dtype"], tuple(mine[0]["shape"])
-    mine = [r for r in mine if (r["dtype"], tuple(r["shape"])) == first]
+    first = mine[0]["dtype"], tuple(mine[0]["shape"]), mine[0].get("layout")
+    mine = [r for r in mine if (r["dtype"], tuple(r["shape"]), r.get("layout")) == first]
     defaults = [r for r in mine if r["tuning"] == "default"]
     best = min(mine, key=lambda r: r["median_ms"])
     if not defaults or best["tuning"] == "default":

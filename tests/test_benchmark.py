@@ -39,6 +39,14 @@ MiB = 2**20
         # hidden + weight read, their gradients written, targets
         (Case("linear_ce_fwd_bwd", "bf16", (512, 256, 32000)),
          2 * (512 * 256 + 32000 * 256) * 2 + 512 * 8),
+        # (N, C, H, W) logits, either layout: N*C*H*W elements read (and the gradient
+        # written), N*H*W int64 targets
+        (Case("ce_fwd", "bf16", (8, 21, 128, 128), "nchw"),
+         8 * 21 * 128 * 128 * 2 + 8 * 128 * 128 * 8),
+        (Case("ce_fwd_bwd", "fp32", (8, 21, 128, 128), "channels_last"),
+         2 * 8 * 21 * 128 * 128 * 4 + 8 * 128 * 128 * 8),
+        (Case("focal_fwd_bwd", "bf16", (8, 21, 128, 128), "nchw"),
+         2 * 8 * 21 * 128 * 128 * 2 + 8 * 128 * 128 * 8),
     ],
 )
 def test_bytes_model(case, expected):
@@ -49,6 +57,7 @@ def test_bytes_model_logits_copy_and_rate():
     assert bytes_model.logits_bytes(Case("ce_fwd_bwd", "bf16", (4096, 32000))) == 262_144_000
     # linear CE: the logits a materialising implementation would hold
     assert bytes_model.logits_bytes(Case("linear_ce_fwd_bwd", "fp32", (8, 4, 10))) == 320
+    assert bytes_model.logits_bytes(Case("ce_fwd", "fp32", (2, 3, 4, 5), "channels_last")) == 480
     assert bytes_model.copy_bytes_moved(256 * MiB) == 512 * MiB
     assert bytes_model.gb_per_s(3_000_000_000, 1.5) == pytest.approx(2.0)
 
@@ -599,6 +608,239 @@ def test_latest_file_names_the_selection_as_a_set():
     assert name(["--dtypes", "bf16", "fp32"]) == default
     assert name(["--ops", *reversed(OPS)]) == default
     assert name(["--ops", "focal_fwd_bwd", "ce_fwd"]) == name(["--ops", "ce_fwd,focal_fwd_bwd"])
+
+
+# ---- the small-classes sweep: (N, C) heads and (N, C, H, W) segmentation logits -----------
+
+
+SEG = (2, 5, 6, 7)  # a tiny (N, C, H, W): H != W, so a mixed-up dim shows
+
+
+def test_small_classes_sweep_cases():
+    for kind in ("cpu", "cuda"):
+        cases = sweep(kind, "small-classes")
+        assert {c.op for c in cases} == {"ce_fwd", "ce_fwd_bwd", "focal_fwd_bwd"}
+        for op in ("ce_fwd", "ce_fwd_bwd", "focal_fwd_bwd"):
+            got = {(c.shape, c.layout) for c in cases if c.op == op and c.dtype == "fp32"}
+            assert got == {((65536, 2), None), ((65536, 10), None), ((4096, 100), None),
+                           ((64, 1000), None), ((8, 21, 128, 128), "nchw"),
+                           ((8, 21, 128, 128), "channels_last")}
+        assert {c.dtype for c in cases} == {"fp32", "bf16"}
+    seg = Case("ce_fwd_bwd", "fp32", (8, 21, 128, 128), "channels_last")
+    assert (seg.classes, seg.rows, seg.spatial) == (21, 8 * 128 * 128, True)
+    assert seg.shape_str() == "8x21x128x128 channels_last"
+    assert (Case("ce_fwd", "fp32", (4096, 100)).classes, Case("ce_fwd", "fp32", (4096, 100)).rows) \
+        == (100, 4096)
+    for bad in (((4096, 100), "nchw"), ((2, 3, 4, 5), "nhwc")):
+        with pytest.raises(ValueError):
+            Case("ce_fwd", "fp32", *bad)
+
+
+@pytest.mark.parametrize("size", ["tiny", "quick", "full", "targets"])
+def test_other_sweeps_have_no_layout(size):
+    for kind in ("cpu", "cuda"):
+        assert all(c.layout is None and len(c.shape) in (2, 3) for c in sweep(kind, size))
+
+
+@pytest.mark.parametrize("op", ["ce_fwd", "ce_fwd_bwd", "focal_fwd_bwd"])
+def test_segmentation_inputs_have_the_layout(op):
+    made = {}
+    for layout in ("nchw", "channels_last"):
+        case = Case(op, "bf16", SEG, layout)
+        x, y = problems.make_inputs(case, CPU, 3)
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        assert x.shape == SEG and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=fmt)
+        assert x.is_contiguous() == (layout == "nchw")  # (C > 1: the two formats differ)
+        assert x.requires_grad == case.backward and x.is_leaf
+        assert y.shape == (2, 6, 7) and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 5
+        assert problems.input_set_nbytes(case) == problems.input_set_bytes((x, y))
+        made[layout] = x, y
+    # The same values in both layouts: the two cases differ in memory format only.
+    assert torch.equal(made["nchw"][0], made["channels_last"][0])
+    assert torch.equal(made["nchw"][1], made["channels_last"][1])
+
+
+def _class_dim_last(x, y):
+    """A layout bug: the logits' memory read as (rows, C), whatever their format."""
+    return F.cross_entropy(x.reshape(-1, x.shape[1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("op", ["ce_fwd", "ce_fwd_bwd", "focal_fwd_bwd"])
+def test_segmentation_case_is_checked(op, layout):
+    """The fp64 oracle takes (N, C, H, W) logits in either format: eager PyTorch and ours
+    pass it (their check holds the gradient's error too), and implementations that read
+    the classes from the wrong dim or average over the images instead of the pixels fail."""
+    impls = impls_for(op, CPU, compile_baseline=False, spatial=True)
+    assert {i.kind for i in impls} >= {OURS, EAGER}
+    eager = next(i for i in impls if i.kind == EAGER).build()
+    impls += [_impl("class dim last", _class_dim_last),
+              _impl("mean over images", lambda x, y: eager(x, y) * y[0].numel())]
+    for dtype in ("fp32", "bf16"):
+        case = Case(op, dtype, SEG, layout)
+        rows = runner.run_case(case, impls, _context())
+        by = {r.impl: r for r in rows}
+        assert all(r.layout == layout and r.shape == list(SEG) for r in rows)
+        for r in rows[:-2]:
+            assert r.status == OK, (r.impl, r.message)
+            if r.impl_kind == "yardstick":  # (not checked here: the CE case checks it)
+                continue
+            assert r.check is not None and r.check["ok"], (r.impl, r.check)
+            assert (r.check["grad_err"] is not None) == case.backward
+            if r.impl_kind == OURS:
+                assert r.median_ms > 0 and r.peak_extra_bytes is not None
+        assert by["class dim last"].status == FAILED and by["mean over images"].status == FAILED
+
+
+def test_segmentation_case_is_offered_no_peer(monkeypatch):
+    # The peers' cross-entropies take (N, V) logits only.
+    from benchmarks import baselines
+
+    monkeypatch.setattr(baselines, "_peers", lambda op: [_impl("peer", F.cross_entropy, "peer")])
+    gpu = torch.device("cuda")
+    assert "peer" in [i.kind for i in impls_for("ce_fwd", gpu, False, True)]
+    assert "peer" not in [i.kind for i in impls_for("ce_fwd", gpu, False, True, spatial=True)]
+
+
+def test_small_classes_cli():
+    args = run.parse_args(["--small-classes"])
+    assert args.size == "small-classes" and args.compile is True
+    assert run._settings(args).min_run_time > 0
+    for other in ("--tiny", "--quick", "--full", "--targets"):
+        _usage_error(run.parse_args, ["--small-classes", other])
+    assert run.latest_name("cpu-x", "small-classes", OPS, ("fp32", "bf16"), compile=True,
+                           peers=False) == "cpu-x-small-classes-no-peers-latest.md"
+
+
+@pytest.fixture(scope="module")
+def small_classes_run(tmp_path_factory):
+    """The small-classes sweep end to end at tiny sizes (the real ones take minutes)."""
+    pytest.importorskip("tabulate")
+    from benchmarks import cases
+
+    out = tmp_path_factory.mktemp("bench-small")
+    argv = ["--small-classes", "--device", "cpu", "--out", str(out), "--no-progress",
+            "--no-compile", "--min-run-time", "0.001", "--min-runs", "2", "--prefault-gib", "0",
+            "--dtypes", "fp32", "--ops", "ce_fwd_bwd", "focal_fwd_bwd", "sigmoid_focal_fwd_bwd"]
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
+    printed, err = StringIO(), StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cases, "SMALL_CLASSES", ((96, 2),))
+        mp.setattr(cases, "SEGMENTATION", (SEG,))
+        mp.setattr(run, "_copy_tensor_bytes", lambda device, size, llc: 32 * MiB)
+        with redirect_stdout(printed), redirect_stderr(err):
+            code = run.main(argv)
+    return code, out, printed.getvalue(), err.getvalue()
+
+
+def test_small_classes_sweep_end_to_end(small_classes_run):
+    code, out, printed, err = small_classes_run
+    (json_path,) = out.glob("cpu-*.json")
+    doc = json.loads(json_path.read_text())
+    results_json.validate(doc)
+    assert doc["sweep"] == "small-classes" and "--small-classes" in doc["argv"]
+    rows = doc["rows"]
+    keys = {(r["op"], tuple(r["shape"]), r.get("layout")) for r in rows}
+    assert keys == {(op, shape, layout) for op in ("ce_fwd_bwd", "focal_fwd_bwd")
+                    for shape, layout in (((96, 2), None), (SEG, "nchw"), (SEG, "channels_last"))}
+    # (N, V) rows carry no layout key (as every other sweep's rows); the others name theirs
+    assert all(("layout" in r) == (len(r["shape"]) == 4) for r in rows)
+    assert all(r["status"] == OK for r in rows if r["impl_kind"] != OURS)
+    ours = [r for r in rows if r["impl_kind"] == OURS]
+    assert ours and all(r["status"] in (OK, FAILED) for r in ours), ours
+    assert code == (1 if any(r["status"] == FAILED for r in ours) else 0)
+    for r in rows:
+        case = Case(r["op"], r["dtype"], tuple(r["shape"]), r.get("layout"))
+        assert r["bytes_moved"] == bytes_model.bytes_moved(case)
+        assert r["logits_bytes"] == math.prod(r["shape"]) * 4
+        if r["status"] == OK:
+            assert r["median_ms"] > 0 and r["peak_extra_bytes"] is not None
+            assert r["check"] is not None or r["impl_kind"] == "yardstick"
+    # The table says which layout each segmentation row has.
+    assert "| fp32    | 2x5x6x7 nchw" in printed and "| 2x5x6x7 channels_last |" in printed
+    assert "| 96x2 " in printed
+    (md,) = out.glob("cpu-*-latest.md")
+    assert "-small-classes-" in md.name and md.name.endswith("-fp32-no-compile-latest.md")
+    assert md.read_text() == printed
+    # A selected op the sweep has no shape of is named, with why.
+    assert "sigmoid_focal_fwd_bwd (the small-classes sweep has no shape of it" in err
+    if _has_matplotlib():
+        (png,) = out.glob("cpu-*.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_keeps_the_layouts_apart(small_classes_run):
+    from benchmarks import summary
+
+    _, out, _, _ = small_classes_run
+    (json_path,) = out.glob("cpu-*.json")
+    lines = summary.lines_of(json.loads(json_path.read_text()), "ce_fwd_bwd")
+    shapes = [line[3] for line in lines]
+    assert "2x5x6x7 nchw" in shapes and "2x5x6x7 channels_last" in shapes, shapes
+
+
+def test_results_schema_layout():
+    row = Row(op="ce_fwd", op_label="x", impl="i", impl_kind=OURS, dtype="fp32",
+              shape=[2, 3, 4, 5], logits_bytes=480, bytes_moved=8, input_sets=1,
+              median_ms=1.0, layout="channels_last")
+    assert row.to_json()["layout"] == "channels_last"
+    assert row.key() == ("ce_fwd", "fp32", (2, 3, 4, 5), "channels_last")
+    flat = Row(op="ce_fwd", op_label="x", impl="i", impl_kind=OURS, dtype="fp32", shape=[1, 2],
+               logits_bytes=8, bytes_moved=8, input_sets=1, median_ms=1.0)
+    assert "layout" not in flat.to_json() and flat.key() == ("ce_fwd", "fp32", (1, 2))
+    for layout, shape in (("nhwc", [2, 3, 4, 5]), ("nchw", [6, 20])):
+        bad = dict(row.to_json(), layout=layout, shape=shape)
+        with pytest.raises(results_json.SchemaError):
+            results_json.validate({**_minimal_doc(), "rows": [bad]})
+    results_json.validate({**_minimal_doc(), "rows": [row.to_json(), flat.to_json()]})
+
+
+def _minimal_doc() -> dict:
+    nested = {"device": {"kind": "cpu", "name": "n", "slug": "s", "cpu_model": "m",
+                         "gpu_name": None, "cores": 1, "threads": 1, "cpu_capability": "c",
+                         "llc_bytes": 1, "memory_bytes": None},
+              "software": {"torch": "t", "python": "p", "platform": "p", "cuda": None,
+                           "env": {}, "transparent_hugepage": None},
+              "git": {"commit": "unknown", "dirty": None},
+              "copy_bandwidth": {"tensor_bytes": 1, "bytes_moved": 2, "median_ms": 1.0,
+                                 "gb_per_s": 1.0, "start_gb_per_s": 1.0, "end_gb_per_s": None},
+              "timing": {"method": "m", "min_run_time_s": 1.0, "min_runs": 1, "warmup": 1,
+                         "rounds": 1},
+              "memory": {"method": "m", "probe": {}, "prefault": {}},
+              "load_average": {"start": None, "end": None}}
+    return {"schema": results_json.SCHEMA, "schema_version": results_json.SCHEMA_VERSION,
+            "date": "d", "command": "c", "argv": [], "sweep": "small-classes", "ours": None,
+            "rows": [], **nested}
+
+
+def test_plot_takes_the_class_count_from_dim_1(tmp_path):
+    from benchmarks import plot
+
+    def row(shape, layout, impl, ms):
+        return Row(op="ce_fwd_bwd", op_label="x", impl=impl, impl_kind=OURS, dtype="fp32",
+                   shape=list(shape), logits_bytes=1, bytes_moved=1, input_sets=1,
+                   median_ms=ms, peak_extra_ratio=1.0, layout=layout)
+
+    seg = row((8, 21, 128, 128), "channels_last", "a", 1.0)
+    assert plot._classes(seg) == 21 and plot._fixed(seg) == (8, 128, 128, "channels_last")
+    assert plot._classes(row((65536, 2), None, "a", 1.0)) == 2
+    rows = [row(s, lay, impl, k * m) for s, lay, m in (((65536, 2), None, 1.0),
+                                                       ((4096, 100), None, 2.0),
+                                                       ((8, 21, 128, 128), "nchw", 3.0),
+                                                       ((8, 21, 128, 128), "channels_last", 4.0))
+            for k, impl in ((1, "a"), (2, "b"))]
+    # by case (the small-classes sweep's plot): every case in one panel per (op, dtype)
+    ((_, _, _, prows),) = plot._panels(rows, by_case=True)
+    assert len(prows) == len(rows)
+    # by class count at one fixed rest (the other sweeps'): never a spatial dim as classes
+    for _, _, _, prows in plot._panels(rows):
+        assert len({plot._fixed(r) for r in prows}) == 1
+    pytest.importorskip("matplotlib")
+    for by_case in (True, False):
+        png = plot.plot(rows, tmp_path / f"p{by_case}.png", "t", by_case=by_case)
+        assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
 
 
 # ---- tensor_parallel and tuning_sweep -----------------------------------------------------
