@@ -1081,9 +1081,15 @@ inline RowLse<acc_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const sc
   return L;
 }
 
+// Rows laid across memory ((N, C, H, W) maps): tiles of rows, a lane each.
+#include "column_rows_impl.h"
+
 template <typename scalar_t>
 int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
                               int64_t* bad_target) {
+  if (column_layout(p, p.with_grad)) {
+    return softmax_loss_fwd_columns<scalar_t>(p, begin, end, bad_target);
+  }
   using acc_t = typename AccOf<scalar_t>::type;
   const auto* x = static_cast<const scalar_t*>(p.input);
   const int64_t C = p.in.C, sc = p.in.sc;
@@ -1161,6 +1167,7 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
 template <typename scalar_t>
 int64_t softmax_loss_bwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t end,
                               int64_t* bad_target) {
+  if (column_layout(p, true)) return softmax_loss_bwd_columns<scalar_t>(p, begin, end, bad_target);
   using acc_t = typename AccOf<scalar_t>::type;
   const auto* x = static_cast<const scalar_t*>(p.input);
   const int64_t C = p.in.C;

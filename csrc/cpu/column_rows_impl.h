@@ -1,0 +1,327 @@
+// Short rows laid across memory: (B, C, D) logits whose rows (b, d) are adjacent in d and
+// whose classes are D apart (an (N, C, H, W) segmentation map, contiguous). Included by
+// kernels_impl.h inside its capability's namespace, after the row kernels' helpers.
+//
+// The row kernels gather each such row's C classes one by one and pay their per-row
+// passes, reductions across vector lanes and conversions for a few classes: 3-8x slower
+// than F on (8, 21, 128, 128). Here a tile of up to W rows (consecutive d of one plane) is
+// one lane each: each class of the tile is one contiguous load of W values, converted and
+// transformed into a scratch tile [c][lane] once; the max and the sum of exponentials run
+// down the classes, lane-wise; the gradient is stored a class (W contiguous values) at a
+// time. A lane's results depend on its row alone, never on which lanes share its tile,
+// so the bits do not depend on how a call's rows are split over threads.
+//
+// The gradient is the row kernels' formula element for element (row_grad,
+// write_row_grad): A exp(s - hi) [- D q_c] [* ds/dx], the target's A exp(s_t - hi) - D q_t
+// - B (times its ds/dx) by std::exp, ignored rows +0; so the fused forward here and the
+// row kernels' split backward from the stored lse make the same bits. The lse itself, a
+// sum down the classes in another order than a row's, may differ from the row kernels' in
+// the last bit for the same logits in another layout.
+#ifndef CPU_CAPABILITY
+#error "column_rows_impl.h is included by kernels_impl.h"
+#endif
+
+// Rows per tile: two vectors of the accumulation type (a bf16/fp16 vector's width in float).
+template <typename acc_t>
+constexpr int64_t kColumnLanes = 2 * Vectorized<acc_t>::size();
+// Classes up to which rows laid across memory take the column kernels: the scratch tile
+// (C x kColumnLanes values) then stays within L1/L2 (32 KiB of floats on AVX-512).
+constexpr int64_t kColumnMaxClasses = 256;
+
+// Whether p's rows take the column kernels: D > 1 with adjacent rows (sd = 1) and classes
+// apart, class-index targets, and (with a gradient) the gradient laid out alike.
+inline bool column_layout(const SoftmaxLossParams& p, bool with_grad) {
+  const auto across = [&](const RowLayout& l) { return l.D > 1 && l.sd == 1 && l.sc != 1; };
+  return across(p.in) && !p.prob_target && p.in.C <= kColumnMaxClasses && p.in.C >= 1 &&
+         p.post_scale == 1.0 && (!with_grad || across(p.grad_layout));
+}
+
+// Up to kColumnLanes values from src (k of them, k >= 1) into lanes [0, k) of dst as acc_t;
+// lanes [k, kColumnLanes) get 0.
+template <typename scalar_t, typename acc_t>
+inline void column_load(const scalar_t* src, int64_t k, acc_t* dst) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t n = V::size();
+  V lo, hi;
+  if constexpr (kReduced<scalar_t>) {
+    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(
+        k == 2 * n ? Vectorized<scalar_t>::loadu(src) : Vectorized<scalar_t>::loadu(src, k));
+  } else {
+    lo = k >= n ? V::loadu(src) : V::loadu(src, k);
+    hi = k >= 2 * n ? V::loadu(src + n) : k > n ? V::loadu(src + n, k - n) : V(acc_t(0));
+  }
+  lo.store(dst);
+  hi.store(dst + n);
+}
+
+// Lanes [0, k) of src to dst, rounded once as the vector stores round (narrow's bits).
+template <typename scalar_t, typename acc_t>
+inline void column_store(const acc_t* src, int64_t k, scalar_t* dst) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t n = V::size();
+  const V lo = V::loadu(src), hi = V::loadu(src + n);
+  if constexpr (kReduced<scalar_t>) {
+    const auto v = at::vec::convert_from_float<scalar_t>(lo, hi);
+    if (k == 2 * n) {
+      v.store(dst);
+    } else {
+      v.store(dst, k);
+    }
+  } else {
+    if (k >= n) {
+      lo.store(dst);
+    } else {
+      lo.store(dst, k);
+    }
+    if (k >= 2 * n) {
+      hi.store(dst + n);
+    } else if (k > n) {
+      hi.store(dst + n, k - n);
+    }
+  }
+}
+
+// A tile: up to kColumnLanes rows of one plane, their transformed logits [c][lane], and
+// per-lane values the passes share.
+template <typename acc_t>
+struct ColumnTile {
+  static constexpr int64_t W = kColumnLanes<acc_t>;
+  std::vector<acc_t> s;  // C x W transformed logits
+  alignas(64) acc_t M[W], S[W];
+  // gradient coefficients per lane (row_grad's A, D, B folded as below)
+  alignas(64) acc_t A[W], D[W], hi[W], target[W], gt[W], keep[W];
+
+  explicit ColumnTile(int64_t C) : s(static_cast<size_t>(C * W)) {}
+
+  // Loads rows r0 .. r0 + k - 1 (one plane, adjacent) of x, transformed.
+  template <typename scalar_t>
+  void load(const SoftmaxLossParams& p, const scalar_t* x, int64_t r0, int64_t k,
+            const Transform<acc_t>& tf) {
+    const scalar_t* base = x + p.in.row_offset(r0);
+    for (int64_t c = 0; c < p.in.C; ++c) {
+      acc_t* dst = s.data() + c * W;
+      column_load(base + c * p.in.sc, k, dst);
+      if (tf.active()) tf.apply(dst, W);
+    }
+  }
+
+  // M and S per lane: the max down the classes, and the sum of exp(s - M); S = 0 where
+  // M = -inf (no finite logit: each term exp(-inf) = 0, as row_lse skips them), and NaN
+  // for a row holding NaN (the max propagates it), as row_lse's.
+  void max_and_sum(int64_t C) {
+    using V = Vectorized<acc_t>;
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < W; j += V::size()) {
+      V m(kNegInf);
+      for (int64_t c = 0; c < C; ++c) m = vmax(m, V::loadu(s.data() + c * W + j));
+      V sum(acc_t(0));
+      for (int64_t c = 0; c < C; ++c) sum = sum + vexp<acc_t>(V::loadu(s.data() + c * W + j) - m);
+      sum = V::blendv(sum, V(acc_t(0)), m == V(kNegInf));
+      m.store(M + j);
+      sum.store(S + j);
+    }
+  }
+
+  // sum_c q_c (lse - s_c) per lane (row_weighted_nll_sum's, q = w or 1), for lane l.
+  acc_t weighted_nll_sum(int64_t C, const acc_t* w, int64_t l, const RowLse<acc_t>& L) const {
+    acc_t total = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t nll = L.minus(s[c * W + l]);
+      total += w != nullptr ? w[c] * nll : nll;
+    }
+    return total;
+  }
+
+  // The gradient of lanes [0, k), a class at a time, into rows r0 .. of p.grad_input, from
+  // the per-lane A, D, hi, target, gt and keep set by the caller (keep 0: an ignored row,
+  // +0). smooth: D may be nonzero on some lane (q = w, or 1 without weights).
+  template <typename scalar_t>
+  void write_grad(const SoftmaxLossParams& p, int64_t r0, int64_t k, const Transform<acc_t>& tf,
+                  bool smooth) {
+    using V = Vectorized<acc_t>;
+    const int64_t C = p.in.C;
+    const auto* w = static_cast<const acc_t*>(p.weight);
+    scalar_t* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r0);
+    alignas(64) acc_t out[W];
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* sc = s.data() + c * W;
+      const V vq(w != nullptr ? w[c] : acc_t(1)), vc(static_cast<acc_t>(c));
+      for (int64_t j = 0; j < W; j += V::size()) {
+        const V sv = V::loadu(sc + j), vD = V::loadu(D + j);
+        V gv = V::loadu(A + j) * vexp<acc_t>(sv - V::loadu(hi + j));
+        if (smooth) {
+          // (row_grad subtracts D q only on rows where D != 0: 0 * q of a non-finite
+          // weight would be NaN)
+          const V minus = w != nullptr ? gv - vD * vq : gv - vD;
+          gv = V::blendv(gv, minus, vD != V(acc_t(0)));
+        }
+        if (tf.active()) gv = gv * tf.deriv(sv);
+        gv = V::blendv(gv, V::loadu(gt + j), V::loadu(target + j) == vc);
+        gv = V::blendv(V(acc_t(0)), gv, V::loadu(keep + j) != V(acc_t(0)));
+        gv.store(out + j);
+      }
+      column_store<scalar_t>(out, k, g + c * p.grad_layout.sc);
+    }
+  }
+
+  // Lane l's gradient coefficients, as write_row_grad / row_grad form them for an index
+  // target t (ignored: keep 0 unless the lse has a gradient), g the row's loss gradient,
+  // raw_st its target's logit as stored (index_row_coef's), g_lse the lse's gradient.
+  void set_coefficients(const SoftmaxLossParams& p, int64_t l, int64_t t, const RowLse<acc_t>& L,
+                        acc_t g, acc_t raw_st, acc_t g_lse, bool has_g_lse,
+                        const Transform<acc_t>& tf) {
+    const acc_t corr = L.correction();
+    hi[l] = L.hi;
+    if (t == p.ignore_index) {
+      const bool lse_grad = has_g_lse && g_lse != 0;
+      A[l] = lse_grad ? g_lse * corr : acc_t(0);
+      D[l] = 0;
+      target[l] = -1;
+      gt[l] = 0;
+      keep[l] = lse_grad ? acc_t(1) : acc_t(0);
+      return;
+    }
+    IndexRowCoef<acc_t> kc = index_row_coef<acc_t>(p, t, L, g, raw_st);
+    if (has_g_lse) kc.A += g_lse;
+    const acc_t a = kc.A * corr;
+    const auto* w = static_cast<const acc_t*>(p.weight);
+    const acc_t st = s[t * W + l];
+    const bool with_q = kc.D != 0 && w != nullptr, uniform_q = kc.D != 0 && w == nullptr;
+    const acc_t qt = with_q ? w[t] : (uniform_q ? acc_t(1) : acc_t(0));
+    const acc_t v = a * std::exp(st - L.hi) - kc.D * qt - kc.B;
+    A[l] = a;
+    D[l] = kc.D;
+    target[l] = static_cast<acc_t>(t);
+    gt[l] = tf.active() ? v * tf.deriv1(st) : v;
+    keep[l] = 1;
+  }
+
+  // Lanes [k, W) of the coefficients: zeros, never stored.
+  void clear_from(int64_t k) {
+    for (int64_t l = k; l < W; ++l) {
+      A[l] = D[l] = hi[l] = gt[l] = keep[l] = 0;
+      target[l] = -1;
+    }
+  }
+};
+
+// Tiles of rows [begin, end): runs of adjacent rows within a plane, at most W each.
+template <typename F>
+inline void for_each_column_tile(const RowLayout& l, int64_t begin, int64_t end, int64_t W,
+                                 F&& f) {
+  for (int64_t r = begin; r < end;) {
+    const int64_t k = std::min({W, end - r, l.D - r % l.D});
+    f(r, k);
+    r += k;
+  }
+}
+
+// softmax_loss_fwd_rows for a column layout (column_layout(p, p.with_grad)).
+template <typename scalar_t>
+int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int64_t end,
+                                 int64_t* bad_target) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const int64_t C = p.in.C;
+  const Transform<acc_t> tf(p.logit_scale, p.softcap);
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  const acc_t z = static_cast<acc_t>(p.z_loss);
+  auto* loss = static_cast<acc_t*>(p.loss);
+  auto* lse_out = static_cast<double*>(p.lse);
+  ColumnTile<acc_t> tile(C);
+  int64_t bad_row = -1;
+  for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
+    if (bad_row >= 0) return;
+    for (int64_t l = 0; l < k; ++l) {  // (checked first: the row kernels stop at a bad one)
+      const int64_t t = read_index(p, r0 + l);
+      if (t != p.ignore_index && (t < 0 || t >= C)) {
+        *bad_target = t;
+        bad_row = r0 + l;
+        return;
+      }
+    }
+    tile.load(p, x, r0, k, tf);
+    tile.max_and_sum(C);
+    tile.clear_from(k);
+    for (int64_t l = 0; l < k; ++l) {
+      const int64_t r = r0 + l;
+      const int64_t t = read_index(p, r);
+      const RowLse<acc_t> L = lse_of<kSplitLse<scalar_t>>(tile.M[l], std::log(tile.S[l]));
+      lse_out[r] = stored_lse<kSplitLse<scalar_t>>(L);
+      const bool ignored = t == p.ignore_index;
+      if (p.with_grad) {
+        const acc_t raw_st =
+            ignored ? acc_t(0) : static_cast<acc_t>(x[p.in.row_offset(r) + t * p.in.sc]);
+        tile.set_coefficients(p, l, t, L, read_row_value<acc_t>(p.grad_loss, r), raw_st,
+                              acc_t(0), false, tf);
+      }
+      if (ignored) {
+        loss[r] = 0;
+        continue;
+      }
+      const acc_t s_t = tile.s[t * tile.W + l];
+      if (p.focal) {
+        loss[r] = Focal<acc_t>(L.log_p(s_t), focal_alpha<acc_t>(p, t),
+                               static_cast<acc_t>(p.gamma))
+                      .loss();
+        continue;
+      }
+      const acc_t nll = L.minus(s_t);
+      acc_t v = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
+      if (eps > 0) v += eps / static_cast<acc_t>(C) * tile.weighted_nll_sum(C, w, l, L);
+      if (z != 0) v += z * L.hi * L.hi;
+      loss[r] = v;
+    }
+    if (p.with_grad) tile.template write_grad<scalar_t>(p, r0, k, tf, eps > 0 && !p.focal);
+  });
+  return bad_row;
+}
+
+// softmax_loss_bwd_rows for a column layout (column_layout(p, true)): the gradient from
+// the stored lse (recomputed where it does not suffice, as there).
+template <typename scalar_t>
+int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int64_t end,
+                                 int64_t* bad_target) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* x = static_cast<const scalar_t*>(p.input);
+  const int64_t C = p.in.C;
+  const Transform<acc_t> tf(p.logit_scale, p.softcap);
+  const auto* lse_in = static_cast<const double*>(p.lse_in);
+  const bool has_g_lse = p.grad_lse.ptr != nullptr;
+  ColumnTile<acc_t> tile(C);
+  int64_t bad_row = -1;
+  for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
+    if (bad_row >= 0) return;
+    for (int64_t l = 0; l < k; ++l) {
+      const int64_t t = read_index(p, r0 + l);
+      if (t != p.ignore_index && (t < 0 || t >= C)) {
+        *bad_target = t;
+        bad_row = r0 + l;
+        return;
+      }
+    }
+    tile.load(p, x, r0, k, tf);
+    bool recomputed = false;
+    tile.clear_from(k);
+    for (int64_t l = 0; l < k; ++l) {
+      const int64_t r = r0 + l;
+      const int64_t t = read_index(p, r);
+      RowLse<acc_t> L = split_lse<kSplitLse<scalar_t>, acc_t>(lse_in[r]);
+      if (!stored_lse_suffices(L.hi)) {  // (as the forward made it: the same column sums)
+        if (!recomputed) tile.max_and_sum(C);
+        recomputed = true;
+        L = lse_of<kSplitLse<scalar_t>>(tile.M[l], std::log(tile.S[l]));
+      }
+      const bool ignored = t == p.ignore_index;
+      const acc_t raw_st =
+          ignored ? acc_t(0) : static_cast<acc_t>(x[p.in.row_offset(r) + t * p.in.sc]);
+      const acc_t g_lse =
+          has_g_lse ? static_cast<acc_t>(read_row_value<double>(p.grad_lse, r)) : acc_t(0);
+      tile.set_coefficients(p, l, t, L, read_row_value<acc_t>(p.grad_loss, r), raw_st, g_lse,
+                            has_g_lse, tf);
+    }
+    tile.template write_grad<scalar_t>(p, r0, k, tf, p.label_smoothing > 0 && !p.focal);
+  });
+  return bad_row;
+}
