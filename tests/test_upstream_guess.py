@@ -374,3 +374,19 @@ def test_nan_rows_keep_their_bits_under_a_guess(dtype, loss):
         assert warm[1:4].isnan().all()
         assert torch.equal(warm.view(torch.int16), _cold(loss_fn, x, t, 0.3).view(torch.int16))
     assert (GUESSES.hits, GUESSES.misses) == (2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", ["ce-mean", "ce-options", "focal"])
+@pytest.mark.parametrize("shape", [(300, 2), (97, 20), (3, 7, 40)])
+def test_short_rows_guess_bitwise(dtype, loss, shape):
+    """Short rows (C <= 32) and (N, C, L) maps take the column kernels
+    (csrc/cpu/column_rows_impl.h), which apply the guessed step's post scale as the row
+    kernels do: right and wrong guesses change no bit."""
+    loss_fn = LOSSES[loss]
+    for step, scale in enumerate((0.25, 0.25, 0.25, 0.25, 0.5)):
+        x = _logits(dtype, shape)
+        t = _targets(x)
+        assert torch.equal(_grad(loss_fn, x, t, scale), _cold(loss_fn, x, t, scale)), step
+    # ((N, C, d) inputs are not guessed for: see the module's docstring)
+    assert (GUESSES.hits, GUESSES.misses) == ((2, 1) if len(shape) == 2 else (0, 0))

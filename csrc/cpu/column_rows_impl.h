@@ -27,21 +27,35 @@ constexpr int64_t kColumnLanes = 2 * Vectorized<acc_t>::size();
 // Classes up to which rows laid across memory take the column kernels: the scratch tile
 // (C x kColumnLanes values) then stays within L1/L2 (32 KiB of floats on AVX-512).
 constexpr int64_t kColumnMaxClasses = 256;
+// Classes up to which any other rows (contiguous (N, C) rows, channels-last maps) take
+// them too, their lanes gathered and scattered element by element: shorter rows than the
+// row kernels' passes pay for (a (65536, 2) forward+backward was 0.6x F's).
+constexpr int64_t kShortRowClasses = 32;
 
-// Whether p's rows take the column kernels: D > 1 with adjacent rows (sd = 1) and classes
-// apart, class-index targets, and (with a gradient) the gradient laid out alike.
+// The element distance between a tile's adjacent lanes (rows r and r + 1 of one plane).
+inline int64_t lane_stride(const RowLayout& l) { return l.D > 1 ? l.sd : l.sb; }
+
+// Whether p's rows take the column kernels: class-index targets, and either rows laid
+// across memory (D > 1, adjacent rows sd = 1, classes apart; with a gradient, laid out
+// alike) or short rows of any layout.
 inline bool column_layout(const SoftmaxLossParams& p, bool with_grad) {
   const auto across = [&](const RowLayout& l) { return l.D > 1 && l.sd == 1 && l.sc != 1; };
-  return across(p.in) && !p.prob_target && p.in.C <= kColumnMaxClasses && p.in.C >= 1 &&
-         p.post_scale == 1.0 && (!with_grad || across(p.grad_layout));
+  if (p.prob_target || p.in.C < 1) return false;
+  if (p.in.C <= kShortRowClasses) return true;
+  return across(p.in) && p.in.C <= kColumnMaxClasses && (!with_grad || across(p.grad_layout));
 }
 
-// Up to kColumnLanes values from src (k of them, k >= 1) into lanes [0, k) of dst as acc_t;
-// lanes [k, kColumnLanes) get 0.
+// Up to kColumnLanes values from src (k of them, k >= 1, `stride` elements apart) into lanes
+// [0, k) of dst as acc_t; lanes [k, kColumnLanes) get 0.
 template <typename scalar_t, typename acc_t>
-inline void column_load(const scalar_t* src, int64_t k, acc_t* dst) {
+inline void column_load(const scalar_t* src, int64_t k, int64_t stride, acc_t* dst) {
   using V = Vectorized<acc_t>;
   constexpr int64_t n = V::size();
+  if (stride != 1) {  // (a widening conversion: exact, as the vector one)
+    for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<acc_t>(src[i * stride]);
+    for (int64_t i = k; i < 2 * n; ++i) dst[i] = acc_t(0);
+    return;
+  }
   V lo, hi;
   if constexpr (kReduced<scalar_t>) {
     std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(
@@ -54,11 +68,16 @@ inline void column_load(const scalar_t* src, int64_t k, acc_t* dst) {
   hi.store(dst + n);
 }
 
-// Lanes [0, k) of src to dst, rounded once as the vector stores round (narrow's bits).
+// Lanes [0, k) of src to dst (`stride` elements apart), rounded once as the vector stores
+// round (narrow's bits).
 template <typename scalar_t, typename acc_t>
-inline void column_store(const acc_t* src, int64_t k, scalar_t* dst) {
+inline void column_store(const acc_t* src, int64_t k, int64_t stride, scalar_t* dst) {
   using V = Vectorized<acc_t>;
   constexpr int64_t n = V::size();
+  if (stride != 1) {
+    for (int64_t i = 0; i < k; ++i) dst[i * stride] = narrow<scalar_t>(src[i]);
+    return;
+  }
   const V lo = V::loadu(src), hi = V::loadu(src + n);
   if constexpr (kReduced<scalar_t>) {
     const auto v = at::vec::convert_from_float<scalar_t>(lo, hi);
@@ -98,9 +117,10 @@ struct ColumnTile {
   void load(const SoftmaxLossParams& p, const scalar_t* x, int64_t r0, int64_t k,
             const Transform<acc_t>& tf) {
     const scalar_t* base = x + p.in.row_offset(r0);
+    const int64_t ls = lane_stride(p.in);
     for (int64_t c = 0; c < p.in.C; ++c) {
       acc_t* dst = s.data() + c * W;
-      column_load(base + c * p.in.sc, k, dst);
+      column_load(base + c * p.in.sc, k, ls, dst);
       if (tf.active()) tf.apply(dst, W);
     }
   }
@@ -134,14 +154,17 @@ struct ColumnTile {
 
   // The gradient of lanes [0, k), a class at a time, into rows r0 .. of p.grad_input, from
   // the per-lane A, D, hi, target, gt and keep set by the caller (keep 0: an ignored row,
-  // +0). smooth: D may be nonzero on some lane (q = w, or 1 without weights).
+  // +0). smooth: D may be nonzero on some lane (q = w, or 1 without weights). A fused
+  // forward's post scale (the upstream guess) as row_grad applies it: to every element of
+  // a counted row, the target's too.
   template <typename scalar_t>
   void write_grad(const SoftmaxLossParams& p, int64_t r0, int64_t k, const Transform<acc_t>& tf,
-                  bool smooth) {
+                  bool smooth, const PostScale<scalar_t, acc_t>& post) {
     using V = Vectorized<acc_t>;
     const int64_t C = p.in.C;
     const auto* w = static_cast<const acc_t*>(p.weight);
     scalar_t* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r0);
+    const int64_t ls = lane_stride(p.grad_layout);
     alignas(64) acc_t out[W];
     for (int64_t c = 0; c < C; ++c) {
       const acc_t* sc = s.data() + c * W;
@@ -157,10 +180,11 @@ struct ColumnTile {
         }
         if (tf.active()) gv = gv * tf.deriv(sv);
         gv = V::blendv(gv, V::loadu(gt + j), V::loadu(target + j) == vc);
+        if (post.on) gv = post(gv);
         gv = V::blendv(V(acc_t(0)), gv, V::loadu(keep + j) != V(acc_t(0)));
         gv.store(out + j);
       }
-      column_store<scalar_t>(out, k, g + c * p.grad_layout.sc);
+      column_store<scalar_t>(out, k, ls, g + c * p.grad_layout.sc);
     }
   }
 
@@ -205,12 +229,12 @@ struct ColumnTile {
   }
 };
 
-// Tiles of rows [begin, end): runs of adjacent rows within a plane, at most W each.
+// Tiles of rows [begin, end): runs of adjacent rows within a plane (D > 1), at most W each.
 template <typename F>
 inline void for_each_column_tile(const RowLayout& l, int64_t begin, int64_t end, int64_t W,
                                  F&& f) {
   for (int64_t r = begin; r < end;) {
-    const int64_t k = std::min({W, end - r, l.D - r % l.D});
+    const int64_t k = std::min({W, end - r, l.D > 1 ? l.D - r % l.D : end - r});
     f(r, k);
     r += k;
   }
@@ -273,7 +297,10 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
       if (z != 0) v += z * L.hi * L.hi;
       loss[r] = v;
     }
-    if (p.with_grad) tile.template write_grad<scalar_t>(p, r0, k, tf, eps > 0 && !p.focal);
+    if (p.with_grad) {
+      tile.template write_grad<scalar_t>(p, r0, k, tf, eps > 0 && !p.focal,
+                                         PostScale<scalar_t, acc_t>(p.post_scale));
+    }
   });
   return bad_row;
 }
@@ -321,7 +348,8 @@ int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
       tile.set_coefficients(p, l, t, L, read_row_value<acc_t>(p.grad_loss, r), raw_st, g_lse,
                             has_g_lse, tf);
     }
-    tile.template write_grad<scalar_t>(p, r0, k, tf, p.label_smoothing > 0 && !p.focal);
+    tile.template write_grad<scalar_t>(p, r0, k, tf, p.label_smoothing > 0 && !p.focal,
+                                       PostScale<scalar_t, acc_t>(1.0));
   });
   return bad_row;
 }
