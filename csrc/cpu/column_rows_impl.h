@@ -240,6 +240,21 @@ inline void for_each_column_tile(const RowLayout& l, int64_t begin, int64_t end,
   }
 }
 
+// The first of rows r0 .. r0 + k - 1 whose class-index target is out of range (and not
+// ignore_index), its target in *bad_target; -1 if none. (A tile is checked before it is
+// computed: the row kernels stop at a bad row too.)
+inline int64_t first_bad_target(const SoftmaxLossParams& p, int64_t r0, int64_t k,
+                                int64_t* bad_target) {
+  for (int64_t l = 0; l < k; ++l) {
+    const int64_t t = read_index(p, r0 + l);
+    if (t != p.ignore_index && (t < 0 || t >= p.in.C)) {
+      *bad_target = t;
+      return r0 + l;
+    }
+  }
+  return -1;
+}
+
 // softmax_loss_fwd_rows for a column layout (column_layout(p, p.with_grad)).
 template <typename scalar_t>
 int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int64_t end,
@@ -256,15 +271,7 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   ColumnTile<acc_t> tile(C);
   int64_t bad_row = -1;
   for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
-    if (bad_row >= 0) return;
-    for (int64_t l = 0; l < k; ++l) {  // (checked first: the row kernels stop at a bad one)
-      const int64_t t = read_index(p, r0 + l);
-      if (t != p.ignore_index && (t < 0 || t >= C)) {
-        *bad_target = t;
-        bad_row = r0 + l;
-        return;
-      }
-    }
+    if (bad_row >= 0 || (bad_row = first_bad_target(p, r0, k, bad_target)) >= 0) return;
     tile.load(p, x, r0, k, tf);
     tile.max_and_sum(C);
     tile.clear_from(k);
@@ -319,15 +326,7 @@ int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   ColumnTile<acc_t> tile(C);
   int64_t bad_row = -1;
   for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
-    if (bad_row >= 0) return;
-    for (int64_t l = 0; l < k; ++l) {
-      const int64_t t = read_index(p, r0 + l);
-      if (t != p.ignore_index && (t < 0 || t >= C)) {
-        *bad_target = t;
-        bad_row = r0 + l;
-        return;
-      }
-    }
+    if (bad_row >= 0 || (bad_row = first_bad_target(p, r0, k, bad_target)) >= 0) return;
     tile.load(p, x, r0, k, tf);
     bool recomputed = false;
     tile.clear_from(k);
