@@ -45,61 +45,6 @@ inline bool column_layout(const SoftmaxLossParams& p, bool with_grad) {
   return across(p.in) && p.in.C <= kColumnMaxClasses && (!with_grad || across(p.grad_layout));
 }
 
-// Up to kColumnLanes values from src (k of them, k >= 1, `stride` elements apart) into lanes
-// [0, k) of dst as acc_t; lanes [k, kColumnLanes) get 0.
-template <typename scalar_t, typename acc_t>
-inline void column_load(const scalar_t* src, int64_t k, int64_t stride, acc_t* dst) {
-  using V = Vectorized<acc_t>;
-  constexpr int64_t n = V::size();
-  if (stride != 1) {  // (a widening conversion: exact, as the vector one)
-    for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<acc_t>(src[i * stride]);
-    for (int64_t i = k; i < 2 * n; ++i) dst[i] = acc_t(0);
-    return;
-  }
-  V lo, hi;
-  if constexpr (kReduced<scalar_t>) {
-    std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(
-        k == 2 * n ? Vectorized<scalar_t>::loadu(src) : Vectorized<scalar_t>::loadu(src, k));
-  } else {
-    lo = k >= n ? V::loadu(src) : V::loadu(src, k);
-    hi = k >= 2 * n ? V::loadu(src + n) : k > n ? V::loadu(src + n, k - n) : V(acc_t(0));
-  }
-  lo.store(dst);
-  hi.store(dst + n);
-}
-
-// Lanes [0, k) of src to dst (`stride` elements apart), rounded once as the vector stores
-// round (narrow's bits).
-template <typename scalar_t, typename acc_t>
-inline void column_store(const acc_t* src, int64_t k, int64_t stride, scalar_t* dst) {
-  using V = Vectorized<acc_t>;
-  constexpr int64_t n = V::size();
-  if (stride != 1) {
-    for (int64_t i = 0; i < k; ++i) dst[i * stride] = narrow<scalar_t>(src[i]);
-    return;
-  }
-  const V lo = V::loadu(src), hi = V::loadu(src + n);
-  if constexpr (kReduced<scalar_t>) {
-    const auto v = at::vec::convert_from_float<scalar_t>(lo, hi);
-    if (k == 2 * n) {
-      v.store(dst);
-    } else {
-      v.store(dst, k);
-    }
-  } else {
-    if (k >= n) {
-      lo.store(dst);
-    } else {
-      lo.store(dst, k);
-    }
-    if (k >= 2 * n) {
-      hi.store(dst + n);
-    } else if (k > n) {
-      hi.store(dst + n, k - n);
-    }
-  }
-}
-
 // A tile: up to kColumnLanes rows of one plane, their transformed logits [c][lane], and
 // per-lane values the passes share.
 template <typename acc_t>
@@ -120,7 +65,8 @@ struct ColumnTile {
     const int64_t ls = lane_stride(p.in);
     for (int64_t c = 0; c < p.in.C; ++c) {
       acc_t* dst = s.data() + c * W;
-      column_load(base + c * p.in.sc, k, ls, dst);
+      load_block(base + c * p.in.sc, ls, k, dst);
+      std::fill(dst + k, dst + W, acc_t(0));  // (lanes past the tile's rows: never stored)
       if (tf.active()) tf.apply(dst, W);
     }
   }
@@ -184,7 +130,7 @@ struct ColumnTile {
         gv = V::blendv(V(acc_t(0)), gv, V::loadu(keep + j) != V(acc_t(0)));
         gv.store(out + j);
       }
-      column_store<scalar_t>(out, k, ls, g + c * p.grad_layout.sc);
+      store_block(out, k, g + c * p.grad_layout.sc, ls);
     }
   }
 
@@ -212,11 +158,10 @@ struct ColumnTile {
     const acc_t st = s[t * W + l];
     const bool with_q = kc.D != 0 && w != nullptr, uniform_q = kc.D != 0 && w == nullptr;
     const acc_t qt = with_q ? w[t] : (uniform_q ? acc_t(1) : acc_t(0));
-    const acc_t v = a * std::exp(st - L.hi) - kc.D * qt - kc.B;
     A[l] = a;
     D[l] = kc.D;
     target[l] = static_cast<acc_t>(t);
-    gt[l] = tf.active() ? v * tf.deriv1(st) : v;
+    gt[l] = target_grad(a, kc.D, kc.B, qt, st, L.hi, tf);
     keep[l] = 1;
   }
 
@@ -265,7 +210,6 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   const Transform<acc_t> tf(p.logit_scale, p.softcap);
   const auto* w = static_cast<const acc_t*>(p.weight);
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
-  const acc_t z = static_cast<acc_t>(p.z_loss);
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<double*>(p.lse);
   ColumnTile<acc_t> tile(C);
@@ -291,18 +235,8 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
         loss[r] = 0;
         continue;
       }
-      const acc_t s_t = tile.s[t * tile.W + l];
-      if (p.focal) {
-        loss[r] = Focal<acc_t>(L.log_p(s_t), focal_alpha<acc_t>(p, t),
-                               static_cast<acc_t>(p.gamma))
-                      .loss();
-        continue;
-      }
-      const acc_t nll = L.minus(s_t);
-      acc_t v = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
-      if (eps > 0) v += eps / static_cast<acc_t>(C) * tile.weighted_nll_sum(C, w, l, L);
-      if (z != 0) v += z * L.hi * L.hi;
-      loss[r] = v;
+      loss[r] = index_row_loss<acc_t>(p, t, L, tile.s[t * tile.W + l],
+                                      [&] { return tile.weighted_nll_sum(C, w, l, L); });
     }
     if (p.with_grad) {
       tile.template write_grad<scalar_t>(p, r0, k, tf, eps > 0 && !p.focal,

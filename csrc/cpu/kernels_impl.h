@@ -755,6 +755,35 @@ inline acc_t focal_alpha(const SoftmaxLossParams& p, int64_t t) {
   return p.alpha != nullptr ? a * static_cast<const acc_t*>(p.alpha)[t] : a;
 }
 
+// The loss of a counted class-index row from its lse and its target's (transformed) logit
+// s_t; smooth_sum() gives sum_c q_c (lse - s_c) (row_weighted_nll_sum's), called only
+// with label smoothing. The row and column kernels share it.
+template <typename acc_t, typename SmoothSum>
+inline acc_t index_row_loss(const SoftmaxLossParams& p, int64_t t, const RowLse<acc_t>& L,
+                            acc_t s_t, SmoothSum&& smooth_sum) {
+  if (p.focal) {
+    return Focal<acc_t>(L.log_p(s_t), focal_alpha<acc_t>(p, t), static_cast<acc_t>(p.gamma))
+        .loss();
+  }
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+  const acc_t z = static_cast<acc_t>(p.z_loss);
+  const acc_t nll = L.minus(s_t);
+  acc_t l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
+  if (eps > 0) l += eps / static_cast<acc_t>(p.in.C) * smooth_sum();
+  if (z != 0) l += z * L.hi * L.hi;
+  return l;
+}
+
+// The target's gradient element, A exp(s_t - lse) - D q_t - B, times ds/dx: by std::exp,
+// in the row and column kernels alike (the same bits in the fused and split passes).
+template <typename acc_t>
+inline acc_t target_grad(acc_t A, acc_t D, acc_t B, acc_t qt, acc_t st, acc_t lse,
+                         const Transform<acc_t>& tf) {
+  const acc_t gt = A * std::exp(st - lse) - D * qt - B;
+  return tf.active() ? gt * tf.deriv1(st) : gt;
+}
+
 // row_grad for contiguous bf16/fp16 rows without soft-capping or probability targets (the
 // LM-training case). Each block is first converted into the L1 buffer s by a load-only
 // loop, then the gradient is computed from s and stored: interleaving the loads with the
@@ -862,8 +891,7 @@ inline void row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t* x, s
     if (has_target) {
       const int64_t i = target - c0;
       const acc_t qt = q != nullptr ? q[i] : (uniform_q ? acc_t(1) : acc_t(0));
-      const acc_t gt = A * std::exp(st - lse) - D * qt - B;
-      out[i] = tf.active() ? gt * tf.deriv1(st) : gt;
+      out[i] = target_grad(A, D, B, qt, st, lse, tf);
     }
     if (post.on) at::vec::map([&](V v) { return post(v); }, out, out, n);
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -1094,8 +1122,6 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   const auto* x = static_cast<const scalar_t*>(p.input);
   const int64_t C = p.in.C, sc = p.in.sc;
   const Transform<acc_t> tf(p.logit_scale, p.softcap);
-  const auto* w = static_cast<const acc_t*>(p.weight);
-  const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   const acc_t z = static_cast<acc_t>(p.z_loss);
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<double*>(p.lse);
@@ -1146,20 +1172,12 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
       loss[r] = 0;
       continue;
     }
-    if (p.focal) {
-      loss[r] = on_one_exp ? focal_loss
-                           : Focal<acc_t>(lse.log_p(s_t), focal_alpha<acc_t>(p, t),
-                                          static_cast<acc_t>(p.gamma))
-                                 .loss();
+    if (p.focal && on_one_exp) {
+      loss[r] = focal_loss;
       continue;
     }
-    const acc_t nll = lse.minus(s_t);
-    acc_t l = (acc_t(1) - eps) * (w != nullptr ? w[t] * nll : nll);
-    if (eps > 0) {
-      l += eps / static_cast<acc_t>(C) * row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
-    }
-    if (z != 0) l += z * lse.hi * lse.hi;
-    loss[r] = l;
+    loss[r] = index_row_loss<acc_t>(
+        p, t, lse, s_t, [&] { return row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b); });
   }
   return -1;
 }
