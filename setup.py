@@ -44,7 +44,7 @@ IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 def _sources(x86=IS_X86):
     cpu = ["csrc/ops.cpp", "csrc/tensor_params.cpp", "csrc/host_buffers.cpp",
-           "csrc/reduced_loss.cpp", "csrc/ordered_sum.cpp",
+           "csrc/reduced_loss.cpp", "csrc/reduced_loss_node.cpp", "csrc/ordered_sum.cpp",
            "csrc/cpu/kernel_table.cpp",
            "csrc/cpu/ops_cpu.cpp",
            # Default-capability objects come first in the link so that the inline functions

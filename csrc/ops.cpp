@@ -18,6 +18,7 @@
 #include "cpu/kernels.h"
 #include "host_buffers.h"
 #include "reduced_loss.h"
+#include "reduced_loss_node.h"
 #include "tensor_params.h"
 #if defined(TLF_WITH_CUDA)
 #include "cuda/tuning.h"
@@ -194,6 +195,10 @@ PyMethodDef methods[] = {
      "A softmax loss reduced to a sum or a mean, eagerly, in one call (reduced_loss.h)."},
     {"rescale_reduced", tlf::rescale_reduced, METH_VARARGS,
      "Backward of reduced_loss's fused gradient, in place (reduced_loss.h)."},
+    {"reduced_loss_node", tlf::reduced_loss_node, METH_VARARGS,
+     "reduced_loss with its gradient, as a C++ autograd node (reduced_loss_node.h)."},
+    {"set_reduced_node_backward", tlf::set_reduced_node_backward, METH_O,
+     "Set the Python backward of reduced_loss_node's rare cases (reduced_loss_node.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -204,8 +209,10 @@ extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
                                    "torchloss_fused compiled kernels", -1, methods};
   PyObject* m = PyModule_Create(&module_def);
   // The version of the functions above that the Python package checks at import
-  // (torchloss_fused/_schemas.py's PY_API): 2 since reduced_loss returns its guess's factor.
-  if (m != nullptr && PyModule_AddIntConstant(m, "PY_API", 2) != 0) {
+  // (torchloss_fused/_schemas.py's PY_API): 2 since reduced_loss returns its guess's factor,
+  // 3 since reduced_loss_node.
+  if (m != nullptr &&
+      (PyModule_AddIntConstant(m, "PY_API", 3) != 0 || !tlf::register_reduced_loss_nodes())) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -25,23 +25,9 @@
 
 namespace tlf {
 
+namespace reduced {
+
 namespace {
-
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-enum Kind { kCeIndex = 0, kCeProb = 1, kFocal = 2 };
-enum Reduction { kNone = 0, kSum = 1, kMean = 2 };
-
-struct CeArgs {
-  long long ignore_index = 0;
-  double label_smoothing = 0, z_loss = 0, softcap = 0, logit_scale = 1;
-};
-
-struct FocalArgs {
-  double alpha_scale = 1, gamma = 0;
-  long long ignore_index = 0;
-};
 
 template <class Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -146,13 +132,6 @@ Tensor reduce(const Tensor& rows, int reduction, const Tensor& denom, at::IntArr
   return (total / denom).to(dtype);
 }
 
-struct Result {
-  Tensor loss, lse, grad, grad_scale, denom;
-  // The factor the gradient was written with for the guessed upstream (guessed_factor):
-  // 1 where no guess applied.
-  double post = 1.0;
-};
-
 // The upstream guess (torchloss_fused/_upstream_guess.py): a loss that the caller scales
 // (divided by an accumulation count, GradScaler's scale) gets another upstream gradient
 // than the unit one the fused forward assumes, and the backward then rescales the whole
@@ -188,9 +167,14 @@ double guessed_factor(const Tensor& x, int reduction, const OptTensor& guess,
   return f;
 }
 
-Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor& x,
-           const Tensor& t, const OptTensor& w, const CeArgs& ce, const FocalArgs& focal,
-           at::IntArrayRef out_shape, at::ScalarType dtype, const OptTensor& guess) {
+}  // namespace
+
+Result run(const Call& call, bool with_grad, const OptTensor& guess) {
+  const int kind = call.kind, reduction = call.reduction;
+  const Tensor &x = call.x, &t = call.t;
+  const OptTensor& w = call.w;
+  const CeArgs& ce = call.ce;
+  const FocalArgs& focal = call.focal;
   const at::ScalarType acc = acc_dtype(x);
   const int64_t B = x.size(0), C = x.size(1), D = x.size(2);
   const auto acc_options = x.options().dtype(acc);
@@ -209,7 +193,7 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
       r.denom = at::scalar_tensor(static_cast<double>(*count), acc_options);
     } else {  // (the focal loss's mean counts rows: its alpha is no weight here)
       r.denom = index_denominator(t, kind == kFocal ? OptTensor() : w, ignore_index, C, acc,
-                                  unbatched);
+                                  call.unbatched);
       // F's weighted mean of two terms, label smoothing's or the z-loss's: nan where the
       // counted targets weigh 0 in all (_reduction.splits_terms and mean_denominator),
       // which makes grad_scale nan too. (where() on the device: no host read on CUDA.)
@@ -241,8 +225,29 @@ Result run(int kind, int reduction, bool with_grad, bool unbatched, const Tensor
   } else {
     std::tie(rows, r.lse) = kind == kFocal ? focal_fwd(x, t, w, focal) : ce_fwd(x, t, w, ce);
   }
-  r.loss = reduce(rows, reduction, r.denom, out_shape, dtype);
+  r.loss = reduce(rows, reduction, r.denom, call.out_shape, call.dtype);
   return r;
+}
+
+void rescale(const Tensor& grad, const Tensor& g, int reduction, const Tensor& denom,
+             const Tensor& grad_scale, const Tensor& target, long long ignore_index) {
+  Tensor rows =
+      rows_grad(g, reduction, denom, grad.size(0), grad.size(2), grad_scale.scalar_type());
+  // An ignored row's gradient is +0 whatever its upstream, as F's (nll_loss's backward
+  // never writes it): a nan or infinite one (a sum divided by a count of 0) would make
+  // the rescale's 0 * f nan, and a negative one -0, where a recomputing backward (a
+  // wrong upstream guess, a second one) writes +0. Such a row gets the upstream it was
+  // made for, so the rescale leaves it. (A finite, positive 0-dim upstream on the CPU,
+  // loss.backward()'s, needs no look at the targets: 0 * f is +0.)
+  if (target.defined()) {
+    const bool plain = g.dim() == 0 && g.is_cpu() && [&] {
+      const double v = g.item<double>();
+      return std::isfinite(v) && !std::signbit(v);
+    }();
+    if (!plain) rows = at::where(counted(target, ignore_index), rows, grad_scale);
+  }
+  at::AutoDispatchBelowAutograd below_autograd;
+  rescale_grad_rows(grad, rows, grad_scale);
 }
 
 bool unpack_tensor(PyObject* obj, const char* name, Tensor& out) {
@@ -254,7 +259,52 @@ bool unpack_tensor(PyObject* obj, const char* name, Tensor& out) {
   return true;
 }
 
-PyObject* wrap_or_none(const Tensor& t) {
+bool unpack_call(int kind, int reduction, int unbatched, PyObject* input, PyObject* target,
+                 PyObject* weight, PyObject* scalars, PyObject* dtype, PyObject* shape,
+                 Call& call) {
+  if (kind < kCeIndex || kind > kFocal || reduction < kNone || reduction > kMean) {
+    PyErr_SetString(PyExc_ValueError, "reduced_loss: unknown kind or reduction");
+    return false;
+  }
+  if (!THPDtype_Check(dtype)) {
+    PyErr_SetString(PyExc_TypeError, "reduced_loss: dtype must be a torch.dtype");
+    return false;
+  }
+  call.kind = kind;
+  call.reduction = reduction;
+  call.unbatched = unbatched != 0;
+  const bool parsed =
+      kind == kFocal
+          ? PyArg_ParseTuple(scalars, "ddL", &call.focal.alpha_scale, &call.focal.gamma,
+                             &call.focal.ignore_index)
+          : PyArg_ParseTuple(scalars, "Ldddd", &call.ce.ignore_index,
+                             &call.ce.label_smoothing, &call.ce.z_loss, &call.ce.softcap,
+                             &call.ce.logit_scale);
+  if (!parsed) return false;
+  if (!unpack_tensor(input, "input", call.x) || !unpack_tensor(target, "target", call.t)) {
+    return false;
+  }
+  if (weight != Py_None) {
+    Tensor v;
+    if (!unpack_tensor(weight, "weight", v)) return false;
+    call.w = v;
+  }
+  call.dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+  call.out_shape.resize(PyTuple_GET_SIZE(shape));
+  for (size_t i = 0; i < call.out_shape.size(); ++i) {
+    call.out_shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    if (call.out_shape[i] == -1 && PyErr_Occurred()) return false;
+  }
+  return true;
+}
+
+}  // namespace reduced
+
+namespace {
+
+using reduced::unpack_tensor;
+
+PyObject* wrap_or_none(const at::Tensor& t) {
   if (!t.defined()) Py_RETURN_NONE;
   return THPVariable_Wrap(t);
 }
@@ -271,51 +321,25 @@ PyObject* reduced_loss(PyObject*, PyObject* args) {
                         &PyTuple_Type, &shape, &guess_obj)) {
     return nullptr;
   }
-  if (kind < kCeIndex || kind > kFocal || reduction < kNone || reduction > kMean) {
-    PyErr_SetString(PyExc_ValueError, "reduced_loss: unknown kind or reduction");
+  reduced::Call call;
+  if (!reduced::unpack_call(kind, reduction, unbatched, input, target, weight, scalars, dtype,
+                            shape, call)) {
     return nullptr;
   }
-  if (!THPDtype_Check(dtype)) {
-    PyErr_SetString(PyExc_TypeError, "reduced_loss: dtype must be a torch.dtype");
-    return nullptr;
-  }
-  CeArgs ce;
-  FocalArgs focal;
-  const bool parsed =
-      kind == kFocal
-          ? PyArg_ParseTuple(scalars, "ddL", &focal.alpha_scale, &focal.gamma,
-                             &focal.ignore_index)
-          : PyArg_ParseTuple(scalars, "Ldddd", &ce.ignore_index, &ce.label_smoothing,
-                             &ce.z_loss, &ce.softcap, &ce.logit_scale);
-  if (!parsed) return nullptr;
-  Tensor x, t;
-  OptTensor w;
-  if (!unpack_tensor(input, "input", x) || !unpack_tensor(target, "target", t)) return nullptr;
-  if (weight != Py_None) {
-    Tensor v;
-    if (!unpack_tensor(weight, "weight", v)) return nullptr;
-    w = v;
-  }
-  OptTensor guess;
+  TORCH_CHECK_VALUE(call.x.dim() == 3, "reduced_loss: input must be (B, C, D), got ",
+                    call.x.sizes());
+  std::optional<at::Tensor> guess;
   if (guess_obj != Py_None) {
-    Tensor v;
+    at::Tensor v;
     if (!unpack_tensor(guess_obj, "guess", v)) return nullptr;
     TORCH_CHECK_VALUE(v.dim() == 0 && v.is_cpu() && v.is_floating_point(),
                       "reduced_loss: guess must be a 0-dim floating-point CPU tensor");
     guess = v;
   }
-  TORCH_CHECK_VALUE(x.dim() == 3, "reduced_loss: input must be (B, C, D), got ", x.sizes());
-  const at::ScalarType out_dtype = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
-  std::vector<int64_t> out_shape(PyTuple_GET_SIZE(shape));
-  for (size_t i = 0; i < out_shape.size(); ++i) {
-    out_shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
-    if (out_shape[i] == -1 && PyErr_Occurred()) return nullptr;
-  }
-  Result r;
+  reduced::Result r;
   {
     pybind11::gil_scoped_release no_gil;
-    r = run(kind, reduction, with_grad, unbatched, x, t, w, ce, focal, out_shape, out_dtype,
-            guess);
+    r = reduced::run(call, with_grad, guess);
   }
   if (!with_grad) return THPVariable_Wrap(r.loss);
   return Py_BuildValue("(NNNNNd)", THPVariable_Wrap(r.loss), THPVariable_Wrap(r.lse),
@@ -334,35 +358,20 @@ PyObject* rescale_reduced(PyObject*, PyObject* args) {
                         &scale_obj, &target_obj, &ignore_index)) {
     return nullptr;
   }
-  Tensor grad, g, denom, grad_scale, target;
+  at::Tensor grad, g, denom, grad_scale, target;
   if (!unpack_tensor(grad_obj, "grad", grad) || !unpack_tensor(loss_grad, "grad_loss", g) ||
       !unpack_tensor(scale_obj, "grad_scale", grad_scale)) {
     return nullptr;
   }
   if (denom_obj != Py_None && !unpack_tensor(denom_obj, "denom", denom)) return nullptr;
   if (target_obj != Py_None && !unpack_tensor(target_obj, "target", target)) return nullptr;
-  TORCH_CHECK_VALUE(grad.dim() == 3 && reduction >= kNone && reduction <= kMean &&
-                        (reduction != kMean || denom.defined()),
+  TORCH_CHECK_VALUE(grad.dim() == 3 && reduction >= reduced::kNone &&
+                        reduction <= reduced::kMean &&
+                        (reduction != reduced::kMean || denom.defined()),
                     "rescale_reduced: bad arguments");
   {
     pybind11::gil_scoped_release no_gil;
-    Tensor rows =
-        rows_grad(g, reduction, denom, grad.size(0), grad.size(2), grad_scale.scalar_type());
-    // An ignored row's gradient is +0 whatever its upstream, as F's (nll_loss's backward
-    // never writes it): a nan or infinite one (a sum divided by a count of 0) would make
-    // the rescale's 0 * f nan, and a negative one -0, where a recomputing backward (a
-    // wrong upstream guess, a second one) writes +0. Such a row gets the upstream it was
-    // made for, so the rescale leaves it. (A finite, positive 0-dim upstream on the CPU,
-    // loss.backward()'s, needs no look at the targets: 0 * f is +0.)
-    if (target.defined()) {
-      const bool plain = g.dim() == 0 && g.is_cpu() && [&] {
-        const double v = g.item<double>();
-        return std::isfinite(v) && !std::signbit(v);
-      }();
-      if (!plain) rows = at::where(counted(target, ignore_index), rows, grad_scale);
-    }
-    at::AutoDispatchBelowAutograd below_autograd;
-    rescale_grad_rows(grad, rows, grad_scale);
+    reduced::rescale(grad, g, reduction, denom, grad_scale, target, ignore_index);
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS

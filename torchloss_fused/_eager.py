@@ -31,7 +31,9 @@ code anyway).
 
 from __future__ import annotations
 
+import math
 import weakref
+from types import SimpleNamespace
 
 import torch
 
@@ -151,6 +153,7 @@ def _reduced_call(namespace: str, name: str, plain_call):
 _REDUCIBLE = ("ce_fwd_grad", "focal_fwd_grad")
 
 _REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
+_REDUCTION_NAMES = tuple(_REDUCTION_CODES)
 
 # FusedReduced's kinds of loss (_C.reduced_loss's codes), and the fused op of each.
 CE_INDEX, CE_PROB, FOCAL = 0, 1, 2
@@ -163,6 +166,17 @@ def _rows_backward(backward, ctx, grad):
     `backward`'s gradients for the op's arguments."""
     rows = None if grad is None else _reduction.rows_grad(grad, *ctx.reduction)
     return backward(ctx, rows, None, None)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """functional._rows_view(x)[0]: (N, C, d1..dK) logits as (N, C, d1*...*dK) rows."""
+    if x.dim() == 1:
+        return x.reshape(1, x.shape[0], 1)
+    if x.dim() == 3:
+        return x
+    if x.dim() == 2:
+        return x.unsqueeze(-1)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def _plain(*tensors) -> bool:
@@ -199,6 +213,39 @@ class FusedReduced:
         self._c = extension
         self._functions = {name: self._function(name, *_ops._AUTOGRAD[name](namespace))
                            for name in _REDUCIBLE}
+        self._backwards = {name: _ops._AUTOGRAD[name](namespace)[0] for name in _REDUCIBLE}
+        # The C++ node (csrc/reduced_loss_node.h) serves CPU calls that keep no upstream
+        # guess; its rare cases come back to node_backward.
+        self._node = getattr(extension, "reduced_loss_node", None)
+        if self._node is not None:
+            extension.set_reduced_node_backward(self.node_backward)
+
+    def node_backward(self, kind: int, reduction: int, grad, saved, scalars: tuple,
+                      grad_scale, denom, buffer, target, weight, target_version: int,
+                      weight_version: int):
+        """The C++ node's backward where it does not rescale its buffer itself: the
+        Function's (reduced_backward's) formula path, from the same state, with a context
+        rebuilt from what the node kept. saved: its unpacked saved tensors (input, target,
+        weight, lse), None where the target or weight changed since the forward (this
+        raises autograd's error for them)."""
+        # (_ops._save_fused's: a class-index target's ignored rows; a float target and the
+        # weight or alpha as read tensors)
+        ignored = () if kind == CE_PROB else (target, scalars[2 if kind == FOCAL else 0])
+        read = (((target, target_version),) if kind == CE_PROB else ()) + (
+            () if weight is None else ((weight, weight_version),))
+        ctx = SimpleNamespace(
+            saved_tensors=saved, args=scalars, needs_input_grad=(True,), fused_grad=buffer,
+            grad_scale=grad_scale, ignored=ignored, ignored_version=target_version,
+            read_versions=read,
+            reduction=(_REDUCTION_NAMES[reduction], denom, grad_scale.shape, grad_scale.dtype))
+        _ops.check_ignored_unchanged(ctx)
+        if saved is None:  # (the C++ node found a version changed that this did not)
+            raise RuntimeError("torchloss_fused: a saved tensor changed; versions disagree")
+        logits = saved[0]
+        with torch.enable_grad():  # (the rows a view of the logits, as the Function's were)
+            ctx.saved_tensors = (_as_rows(logits), *saved[1:])
+        grad = _rows_backward(self._backwards[_KIND_OPS[kind]], ctx, grad)[0]
+        return None if grad is None else grad.reshape(logits.shape)
 
     def _function(self, name: str, backward, setup_context):
         c = self._c
@@ -256,13 +303,21 @@ class FusedReduced:
         return _function(f"{name}_reduced_fast_eager", forward, reduced_backward)
 
     def loss(self, kind: int, reduction: str, unbatched: bool, x, t, w, scalars: tuple,
-             dtype: torch.dtype, out_shape: tuple):
+             dtype: torch.dtype, out_shape: tuple, logits=None):
         """reduce(op(x, t, w, *scalars, grad_scale)[0]) as functional.py computes it, with
         its gradient for x where autograd wants one; None where this path does not serve.
-        kind: CE_INDEX, CE_PROB or FOCAL (see reduced_loss.h)."""
+        kind: CE_INDEX, CE_PROB or FOCAL (see reduced_loss.h). logits: the caller's tensor
+        whose _rows_view x is, or None (x was converted)."""
         if traced() or not _plain(x, t, w) or _wrapped(x):
             return None
         if torch.is_grad_enabled() and x.requires_grad:
+            code = _REDUCTION_CODES[reduction]
+            if (self._node is not None and logits is not None and x.device.type == "cpu"
+                    and GUESSES.key(kind, code, x, dtype) is None):
+                loss = self._node(kind, code, unbatched, logits, t, w, scalars, dtype,
+                                  out_shape)
+                if loss is not None:
+                    return loss
             spec = (kind, reduction, unbatched, dtype, out_shape)
             return self._functions[_KIND_OPS[kind]].apply(x, t, w, scalars, spec)
         return self._c.reduced_loss(kind, _REDUCTION_CODES[reduction], False, unbatched,

@@ -495,13 +495,15 @@ def _grad_scale(reduction: str, denom: Tensor | None, x3: Tensor, acc: torch.dty
 
 
 def _fused_reduced_loss(kind: int, reduction: str, unbatched: bool, x3: Tensor, t: Tensor,
-                        w: Tensor | None, args: tuple, dtype: torch.dtype, out_shape: tuple):
+                        w: Tensor | None, args: tuple, dtype: torch.dtype, out_shape: tuple,
+                        logits: Tensor | None):
     """The eager loss of a fused op, denominator to reduction in one C++ call
     (_eager.FusedReduced.loss); None where that path does not serve (no compiled kernels
-    for the device, traced code...)."""
+    for the device, traced code...). logits: the input x3 is _rows_view of, or None where
+    x3 was converted."""
     fast = _eager.ops_for(x3.device).fused_reduced
     return None if fast is None else fast.loss(kind, reduction, unbatched, x3, t, w, args,
-                                               dtype, out_shape)
+                                               dtype, out_shape, logits)
 
 
 # ---- cross-entropy ------------------------------------------------------------------------
@@ -622,8 +624,11 @@ def cross_entropy(
                 input.dtype == torch.float32 and _autocast_enabled(input.device)))
 
     dtype = _loss_dtype(input.dtype, target, weight)
+    rows_of = input  # (what x3 is _rows_view of; None once converted)
     if prob:
-        x3 = x3.to(_compute_dtype(input.dtype, target, weight))
+        compute_dtype = _compute_dtype(input.dtype, target, weight)
+        if compute_dtype != x3.dtype:
+            x3, rows_of = x3.to(compute_dtype), None
         t, label_smoothing = _prob_target_for(t, x3.dtype, label_smoothing,
                                               _autocast_enabled(input.device))
 
@@ -635,7 +640,7 @@ def cross_entropy(
     if not (return_lse or reference_grads or (inplace_backward and _wants_grad(x3))):
         kind = _eager.CE_PROB if prob else _eager.CE_INDEX
         loss = _fused_reduced_loss(kind, reduction, unbatched, x3, t, weight, args, dtype,
-                                   out_shape)
+                                   out_shape, rows_of)
         if loss is not None:
             return loss
 
@@ -746,7 +751,7 @@ def focal_loss(
     reference_grads = _may_want_grad(alpha_vec) or transform_active(input, alpha_vec)
     if not reference_grads:
         loss = _fused_reduced_loss(_eager.FOCAL, reduction, False, x3, t, alpha_vec, args,
-                                   dtype, out_shape)
+                                   dtype, out_shape, input)
         if loss is not None:
             return loss
 
