@@ -199,6 +199,8 @@ PyMethodDef methods[] = {
      "reduced_loss with its gradient, as a C++ autograd node (reduced_loss_node.h)."},
     {"set_reduced_node_backward", tlf::set_reduced_node_backward, METH_O,
      "Set the Python backward of reduced_loss_node's rare cases (reduced_loss_node.h)."},
+    {"fast_cross_entropy", tlf::fast_cross_entropy, METH_VARARGS,
+     "cross_entropy's commonest eager CPU call, or None (reduced_loss_node.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

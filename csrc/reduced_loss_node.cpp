@@ -14,12 +14,16 @@
 
 #include "reduced_loss.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <typeinfo>
@@ -215,6 +219,60 @@ bool register_node(const char* name) {
   return true;
 }
 
+// The loss of a call whose call.x is the caller's logits, with the node as its grad_fn, or
+// None (inference tensors: the Function raises autograd's error, naming the argument).
+PyObject* node_loss(reduced::Call& call) {
+  if (python_backward == nullptr || call.x.is_inference() || call.t.is_inference() ||
+      (call.w.has_value() && call.w->is_inference())) {
+    Py_RETURN_NONE;
+  }
+  const Tensor logits = call.x;  // (forward replaces call.x by their rows)
+  const variable_list out = call.kind == reduced::kFocal
+                                ? focal_fwd_grad_reduced_fast_eager::apply(logits, &call)
+                                : ce_fwd_grad_reduced_fast_eager::apply(logits, &call);
+  return THPVariable_Wrap(out[0]);
+}
+
+// "none", "sum", "mean" (an exact str) as reduced_loss's codes; -1 for anything else.
+int reduction_code(PyObject* reduction) {
+  static const char* const names[] = {"none", "sum", "mean"};  // (the codes' order)
+  if (!PyUnicode_CheckExact(reduction)) return -1;
+  for (int code = reduced::kNone; code <= reduced::kMean; ++code) {
+    if (PyUnicode_CompareWithASCIIString(reduction, names[code]) == 0) return code;
+  }
+  return -1;
+}
+
+// Whether obj is a Python float or int (not a bool) equal to value.
+bool number_is(PyObject* obj, double value) {
+  if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj) == value;
+  if (!PyLong_CheckExact(obj)) return false;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  return static_cast<double>(v) == value;
+}
+
+// Whether fast_cross_entropy may serve these (N, C) logits and (N,) class indices as
+// functional.cross_entropy's eager path would: plain dense CPU tensors of the dtypes it
+// takes, and nothing that it hands elsewhere (torch.func transforms, dispatch modes such
+// as make_fx's or fake tensors, torch.jit.trace, autocast).
+bool plain_call(const Tensor& x, const Tensor& t) {
+  const auto xt = x.scalar_type(), tt = t.scalar_type();
+  return x.layout() == at::kStrided && t.layout() == at::kStrided && x.device().is_cpu() &&
+         t.device().is_cpu() && x.dim() == 2 && t.dim() == 1 && t.size(0) == x.size(0) &&
+         (xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf || xt == at::kDouble) &&
+         (tt == at::kLong || tt == at::kInt || tt == at::kByte) && plain(x) && plain(t) &&
+         // (a torch.func transform includes functorch's front key while it runs)
+         !c10::impl::tls_is_dispatch_key_included(
+             c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set() && !torch::jit::tracer::isTracing() &&
+         !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
 }  // namespace
 
 bool register_reduced_loss_nodes() {
@@ -247,16 +305,63 @@ PyObject* reduced_loss_node(PyObject*, PyObject* args) {
                             shape, call)) {
     return nullptr;
   }
-  // (inference tensors: the Function raises autograd's error, naming the argument)
-  if (python_backward == nullptr || call.x.is_inference() || call.t.is_inference() ||
-      (call.w.has_value() && call.w->is_inference())) {
+  return node_loss(call);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* fast_cross_entropy(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *input = nullptr, *target = nullptr, *weight = nullptr, *size_average = nullptr;
+  PyObject *ignore_index = nullptr, *reduce = nullptr, *reduction = nullptr;
+  PyObject *label_smoothing = nullptr, *z_loss = nullptr, *softcap = nullptr;
+  PyObject *logit_scale = nullptr, *return_lse = nullptr, *inplace_backward = nullptr;
+  long long min_elements = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOOL", &input, &target, &weight, &size_average,
+                        &ignore_index, &reduce, &reduction, &label_smoothing, &z_loss,
+                        &softcap, &logit_scale, &return_lse, &inplace_backward,
+                        &min_elements)) {
+    return nullptr;
+  }
+  // Only F's own call with the defaults that change nothing; anything else, a bad argument
+  // included, goes to functional.py, which checks it and says what is wrong.
+  const int code = reduction_code(reduction);
+  if (code < 0 || !THPVariable_CheckExact(input) || !THPVariable_CheckExact(target) ||
+      weight != Py_None || size_average != Py_None || reduce != Py_None ||
+      softcap != Py_None || return_lse != Py_False || inplace_backward != Py_False ||
+      !number_is(label_smoothing, 0.0) || !number_is(z_loss, 0.0) ||
+      !number_is(logit_scale, 1.0) || !PyLong_CheckExact(ignore_index)) {
     Py_RETURN_NONE;
   }
-  const Tensor logits = call.x;  // (forward replaces call.x by their rows)
-  const variable_list out = kind == reduced::kFocal
-                                ? focal_fwd_grad_reduced_fast_eager::apply(logits, &call)
-                                : ce_fwd_grad_reduced_fast_eager::apply(logits, &call);
-  return THPVariable_Wrap(out[0]);
+  int overflow = 0;
+  const long long ignore = PyLong_AsLongLongAndOverflow(ignore_index, &overflow);
+  if (overflow != 0 || (ignore == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  const Tensor& x = THPVariable_Unpack(input);
+  const Tensor& t = THPVariable_Unpack(target);
+  if (!plain_call(x, t)) Py_RETURN_NONE;
+  reduced::Call call;
+  call.kind = reduced::kCeIndex;
+  call.reduction = code;
+  call.ce.ignore_index = ignore;
+  call.out_shape = {x.size(0)};
+  call.dtype = x.scalar_type();
+  // (functional._reshaped's view, tracked: the target's version is the one it checks)
+  call.t = t.unsqueeze(-1);
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    call.x = as_rows(x);
+    reduced::Result r;
+    {
+      pybind11::gil_scoped_release no_gil;
+      r = reduced::run(call, /*with_grad=*/false, std::nullopt);
+    }
+    return THPVariable_Wrap(r.loss);
+  }
+  // (the Function keeps an upstream guess for a large reduced loss: _upstream_guess.key)
+  if (code != reduced::kNone && x.numel() >= min_elements) Py_RETURN_NONE;
+  call.x = x;
+  return node_loss(call);
   END_HANDLE_TH_ERRORS
 }
 

@@ -16,6 +16,15 @@
 //   grad, saved, scalars, grad_scale, denom, buffer, target, weight, target_version,
 //   weight_version) returns the input's gradient; saved is (input, target, weight, lse),
 //   input as given, or None where the versions differ.
+// _C.fast_cross_entropy(input, target, weight, size_average, ignore_index, reduce,
+//                       reduction, label_smoothing, z_loss, softcap, logit_scale, return_lse,
+//                       inplace_backward, min_elements)
+//   functional.cross_entropy's arguments, and _upstream_guess.MIN_ELEMENTS: the loss of the
+//   commonest call, F's own with its defaults ((N, C) CPU logits, (N,) class indices, no
+//   weight, any ignore_index and reduction), by the node (or, without grad, reduced_loss's
+//   forward), with every check functional.py would make in C++; None for any other call,
+//   which functional.py then takes through its checks. The same steps and kernels as
+//   functional.py's path, so the same bits.
 //
 // Why: an autograd.Function costs tens of microseconds a step in Python (its apply, the
 // context, the engine's call back into Python), more than the whole of F.cross_entropy on
@@ -29,6 +38,7 @@ namespace tlf {
 
 PyObject* reduced_loss_node(PyObject* self, PyObject* args);
 PyObject* set_reduced_node_backward(PyObject* self, PyObject* fn);
+PyObject* fast_cross_entropy(PyObject* self, PyObject* args);
 
 // Gives the nodes their Python type names; false with a Python error set.
 bool register_reduced_loss_nodes();

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import torchloss_fused as tlf
-from torchloss_fused import _backend
+from torchloss_fused import _backend, _eager
 from torchloss_fused._upstream_guess import MIN_ELEMENTS
 
 from .helpers import random_logits, random_targets
@@ -149,3 +149,110 @@ def test_node_under_compiled_autograd():
     F.cross_entropy(x64, t).backward()
     torch.testing.assert_close(x.grad, x64.grad.float())
     torch._dynamo.reset()
+
+
+# ---- functional.cross_entropy's fast lane (_C.fast_cross_entropy) ----------------------------
+
+_DEFAULTS = dict(weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                 logit_scale=1.0, return_lse=False, inplace_backward=False)
+
+
+def _fast(x, t, **changes):
+    """_eager.fast_cross_entropy with functional.cross_entropy's arguments in its order."""
+    a = {**_DEFAULTS, **changes}
+    return _eager.fast_cross_entropy(x, t, *a.values())
+
+
+def _slow_path(monkeypatch):
+    monkeypatch.setattr(_eager, "fast_cross_entropy", lambda *args: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target", ["int64", "int32-ignore-3", "uint8-ignore-big"])
+def test_fast_lane_is_the_slow_path_bit_for_bit(monkeypatch, dtype, reduction, target):
+    x = random_logits((9, 13), dtype, "cpu")
+    t = random_targets((9,), 13, "cpu", ignore_frac=0.3)
+    ignore_index = -100
+    if target == "int32-ignore-3":
+        t, ignore_index = t.clamp_min(3).to(torch.int32), 3
+    elif target == "uint8-ignore-big":
+        t, ignore_index = t.clamp_min(0).to(torch.uint8), 2**40
+    upstream = torch.rand(9 if reduction == "none" else (), dtype=torch.float64) + 0.5
+    assert _fast(x, t, ignore_index=ignore_index, reduction=reduction) is not None
+    results = []
+    for fast in (True, False):
+        if not fast:
+            _slow_path(monkeypatch)
+        loss = tlf.cross_entropy(x, t, ignore_index=ignore_index, reduction=reduction)
+        assert _is_node(loss)
+        (grad,) = torch.autograd.grad(loss, x, upstream.to(loss.dtype))
+        with torch.no_grad():
+            no_grad = tlf.cross_entropy(x, t, ignore_index=ignore_index, reduction=reduction)
+        results.append((loss.detach(), grad, no_grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(weight=torch.ones(13)), dict(size_average=True), dict(reduce=False),
+    dict(reduction="elementwise_mean"), dict(reduction="batchmean"),
+    dict(label_smoothing=0.1), dict(label_smoothing=False), dict(label_smoothing=-0.5),
+    dict(z_loss=1e-4), dict(softcap=30.0), dict(logit_scale=2.0), dict(return_lse=True),
+    dict(inplace_backward=True), dict(ignore_index=True), dict(ignore_index=2.0),
+    dict(ignore_index=2**63), dict(ignore_index=torch.tensor(3)),
+], ids=lambda c: next(iter(c)) + "=" + repr(next(iter(c.values())))[:12])
+def test_fast_lane_declines_other_arguments(changes):
+    # (functional.py then checks them: its warnings and errors, and the options' paths)
+    x = random_logits((5, 13), torch.float32, "cpu")
+    t = random_targets((5,), 13, "cpu")
+    assert _fast(x, t) is not None
+    assert _fast(x, t, **changes) is None
+
+
+def test_fast_lane_declines_other_tensors():
+    x = random_logits((5, 13), torch.float32, "cpu")
+    t = random_targets((5,), 13, "cpu")
+    for xs, ts in [
+        (x[0], t[0]),  # unbatched
+        (x.reshape(5, 13, 1), t.reshape(5, 1)),  # (N, C, d)
+        (x, torch.softmax(x.detach(), 1)),  # probabilities
+        (x, t[:4]),  # another batch size (functional.py's error)
+        (x, t.to(torch.int16)),  # a dtype F refuses
+        (x.detach().to(torch.int64), t),
+        (x.detach().to_sparse(), t),
+    ]:
+        assert _fast(xs, ts) is None, (tuple(xs.shape), ts.dtype)
+    # (served: a Parameter, no classes with every target ignored)
+    assert _fast(torch.nn.Parameter(x.detach()), t) is not None
+    assert _fast(x[:, :0], torch.full_like(t, -100)) is not None
+
+
+def test_fast_lane_declines_inside_transforms_modes_and_autocast():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = random_logits((5, 13), torch.float32, "cpu")
+    t = random_targets((5,), 13, "cpu")
+    seen = []
+
+    def record(d):
+        seen.append(_fast(x, t))
+        return d
+
+    torch.func.vmap(record)(torch.zeros(2))  # (x and t from outside the transform)
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passing():
+        seen.append(_fast(x, t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen.append(_fast(x, t))
+    assert seen == [None] * 3
+    # (a torch.func transform through the public function: the reference's gradient)
+    (g,) = torch.func.grad(lambda z: tlf.cross_entropy(z, t))(x.detach()),
+    x64 = x.detach().double().requires_grad_()
+    F.cross_entropy(x64, t).backward()
+    torch.testing.assert_close(g, x64.grad.float())

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _backend, _ops, _reduction
+from . import _backend, _ops, _reduction, _upstream_guess
 from ._higher_order import reference_backward
 from ._tracing import recording
 from ._upstream_guess import GUESSES
@@ -217,8 +217,16 @@ class FusedReduced:
         # The C++ node (csrc/reduced_loss_node.h) serves CPU calls that keep no upstream
         # guess; its rare cases come back to node_backward.
         self._node = getattr(extension, "reduced_loss_node", None)
+        self._fast_ce = getattr(extension, "fast_cross_entropy", None)
         if self._node is not None:
             extension.set_reduced_node_backward(self.node_backward)
+
+    def cross_entropy(self, *args):
+        """functional.cross_entropy(*args) for its commonest eager call, F's own with the
+        defaults on (N, C) CPU logits, straight to the C++ node (csrc/reduced_loss_node.h:
+        fast_cross_entropy, which checks the call); None for any other call."""
+        fast = self._fast_ce
+        return None if fast is None else fast(*args, _upstream_guess.MIN_ELEMENTS)
 
     def node_backward(self, kind: int, reduction: int, grad, saved, scalars: tuple,
                       grad_scale, denom, buffer, target, weight, target_version: int,
@@ -350,6 +358,16 @@ class _Ops:
 # Built at import: traced code (torch.compile) only reads this dict.
 _NAMESPACES = {ns: _Ops(ns) for ns in (_ops.REF_NAMESPACE, "torchloss_fused")
                if ns == _ops.REF_NAMESPACE or _backend.EXTENSION_LOADED}
+
+
+def fast_cross_entropy(*args):
+    """FusedReduced.cross_entropy of the namespace that serves CPU tensors (ops_for's), or
+    None where that is not the extension's, or has the fused reduced path switched off (as
+    tests do)."""
+    if not _backend.has_kernels("cpu"):
+        return None
+    fast = _NAMESPACES["torchloss_fused"].fused_reduced
+    return None if fast is None else fast.cross_entropy(*args)
 
 
 def ops_for(device: torch.device):
