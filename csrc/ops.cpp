@@ -214,7 +214,9 @@ extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
   // (torchloss_fused/_schemas.py's PY_API): 2 since reduced_loss returns its guess's factor,
   // 3 since reduced_loss_node.
   if (m != nullptr &&
-      (PyModule_AddIntConstant(m, "PY_API", 3) != 0 || !tlf::register_reduced_loss_nodes())) {
+      (PyModule_AddIntConstant(m, "PY_API", 3) != 0 ||
+       PyModule_AddIntConstant(m, "REDUCED_NODE", tlf::reduced_node_in_use()) != 0 ||
+       !tlf::register_reduced_loss_nodes())) {
     Py_DECREF(m);
     return nullptr;
   }

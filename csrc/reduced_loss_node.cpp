@@ -25,12 +25,19 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/version.h>
 
 #include <typeinfo>
 
 namespace tlf {
 
 namespace {
+
+// Compiled autograd (torch.compile of a backward) refuses a C++ custom function not marked
+// traceable before torch 2.7 (pytorch/pytorch#146229, which graph-breaks on it since),
+// where it took the Python Function: older torch keeps the Function for every call.
+constexpr bool kNodeInUse =
+    TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 7);
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -222,7 +229,7 @@ bool register_node(const char* name) {
 // The loss of a call whose call.x is the caller's logits, with the node as its grad_fn, or
 // None (inference tensors: the Function raises autograd's error, naming the argument).
 PyObject* node_loss(reduced::Call& call) {
-  if (python_backward == nullptr || call.x.is_inference() || call.t.is_inference() ||
+  if (!kNodeInUse || python_backward == nullptr || call.x.is_inference() || call.t.is_inference() ||
       (call.w.has_value() && call.w->is_inference())) {
     Py_RETURN_NONE;
   }
@@ -275,6 +282,8 @@ bool plain_call(const Tensor& x, const Tensor& t) {
 
 }  // namespace
 
+bool reduced_node_in_use() { return kNodeInUse; }
+
 bool register_reduced_loss_nodes() {
   return register_node<ce_fwd_grad_reduced_fast_eager>("ce_fwd_grad_reduced_fast_eagerBackward") &&
          register_node<focal_fwd_grad_reduced_fast_eager>(
@@ -325,7 +334,7 @@ PyObject* fast_cross_entropy(PyObject*, PyObject* args) {
   // Only F's own call with the defaults that change nothing; anything else, a bad argument
   // included, goes to functional.py, which checks it and says what is wrong.
   const int code = reduction_code(reduction);
-  if (code < 0 || !THPVariable_CheckExact(input) || !THPVariable_CheckExact(target) ||
+  if (!kNodeInUse || code < 0 || !THPVariable_CheckExact(input) || !THPVariable_CheckExact(target) ||
       weight != Py_None || size_average != Py_None || reduce != Py_None ||
       softcap != Py_None || return_lse != Py_False || inplace_backward != Py_False ||
       !number_is(label_smoothing, 0.0) || !number_is(z_loss, 0.0) ||

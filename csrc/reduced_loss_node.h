@@ -43,4 +43,8 @@ PyObject* fast_cross_entropy(PyObject* self, PyObject* args);
 // Gives the nodes their Python type names; false with a Python error set.
 bool register_reduced_loss_nodes();
 
+// Whether this build uses the node (torch 2.7 or newer; older compiled autograd refuses
+// it). Without it, reduced_loss_node and fast_cross_entropy always return None.
+bool reduced_node_in_use();
+
 }  // namespace tlf

@@ -19,9 +19,9 @@ from torchloss_fused._upstream_guess import MIN_ELEMENTS
 from .helpers import random_logits, random_targets
 
 pytestmark = pytest.mark.skipif(
-    not _backend.EXTENSION_LOADED or not hasattr(_backend.extension_module(),
-                                                 "reduced_loss_node"),
-    reason="compiled extension with reduced_loss_node not loaded")
+    not _backend.EXTENSION_LOADED or not getattr(_backend.extension_module(),
+                                                 "REDUCED_NODE", 0),
+    reason="compiled extension with the node not loaded (or torch < 2.7: REDUCED_NODE 0)")
 
 NODE_TYPES = {"ce_fwd_grad_reduced_fast_eagerBackward",
               "focal_fwd_grad_reduced_fast_eagerBackward"}

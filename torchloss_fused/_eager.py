@@ -215,9 +215,11 @@ class FusedReduced:
                            for name in _REDUCIBLE}
         self._backwards = {name: _ops._AUTOGRAD[name](namespace)[0] for name in _REDUCIBLE}
         # The C++ node (csrc/reduced_loss_node.h) serves CPU calls that keep no upstream
-        # guess; its rare cases come back to node_backward.
-        self._node = getattr(extension, "reduced_loss_node", None)
-        self._fast_ce = getattr(extension, "fast_cross_entropy", None)
+        # guess; its rare cases come back to node_backward. (Not under torch before 2.7,
+        # whose compiled autograd refuses it: REDUCED_NODE is 0 there.)
+        in_use = getattr(extension, "REDUCED_NODE", 0)
+        self._node = getattr(extension, "reduced_loss_node", None) if in_use else None
+        self._fast_ce = getattr(extension, "fast_cross_entropy", None) if in_use else None
         if self._node is not None:
             extension.set_reduced_node_backward(self.node_backward)
 
