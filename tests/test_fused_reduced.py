@@ -155,3 +155,26 @@ def test_fused_unreduced_loss_is_a_tensor_of_its_own(device, dtype):
     (grad,) = torch.autograd.grad(loss.sum(), x)
     (want,) = torch.autograd.grad(2 * tlf.cross_entropy(x, t, reduction="none").sum(), x)
     torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("rows", [8, 2048])
+def test_fused_reduced_loss_under_compiled_autograd(rows):
+    # A loss made eagerly, its backward compiled (compiled autograd): the C++ node of small
+    # CPU losses (torch >= 2.7; the Function before), the Function of large ones, each with
+    # F's gradient.
+    ca = pytest.importorskip("torch._dynamo.compiled_autograd")
+    enable = getattr(ca, "_enable", None) or getattr(ca, "enable", None)
+    if enable is None:
+        pytest.skip("this torch has no compiled autograd context")
+    torch._dynamo.reset()
+    x = random_logits((rows, 64), torch.float32, "cpu")
+    t = random_targets((rows,), 64, "cpu", ignore_frac=0.2)
+    loss = tlf.cross_entropy(x, t)
+    assert type(loss.grad_fn).__name__ == "ce_fwd_grad_reduced_fast_eagerBackward"
+    with enable(torch.compile(backend="eager")):
+        loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(x64, t).backward()
+    torch.testing.assert_close(x.grad, x64.grad.float())
+    torch._dynamo.reset()
