@@ -31,7 +31,6 @@ code anyway).
 
 from __future__ import annotations
 
-import math
 import weakref
 from types import SimpleNamespace
 
@@ -168,17 +167,6 @@ def _rows_backward(backward, ctx, grad):
     return backward(ctx, rows, None, None)
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """functional._rows_view(x)[0]: (N, C, d1..dK) logits as (N, C, d1*...*dK) rows."""
-    if x.dim() == 1:
-        return x.reshape(1, x.shape[0], 1)
-    if x.dim() == 3:
-        return x
-    if x.dim() == 2:
-        return x.unsqueeze(-1)
-    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
-
-
 def _plain(*tensors) -> bool:
     return all(t is None or type(t) is torch.Tensor for t in tensors)
 
@@ -251,9 +239,11 @@ class FusedReduced:
         _ops.check_ignored_unchanged(ctx)
         if saved is None:  # (the C++ node found a version changed that this did not)
             raise RuntimeError("torchloss_fused: a saved tensor changed; versions disagree")
+        from .functional import _rows_view  # (functional imports this module)
+
         logits = saved[0]
         with torch.enable_grad():  # (the rows a view of the logits, as the Function's were)
-            ctx.saved_tensors = (_as_rows(logits), *saved[1:])
+            ctx.saved_tensors = (_rows_view(logits)[0], *saved[1:])
         grad = _rows_backward(self._backwards[_KIND_OPS[kind]], ctx, grad)[0]
         return None if grad is None else grad.reshape(logits.shape)
 
