@@ -238,6 +238,19 @@ inline void store_pair(scalar_t* dst, const Vectorized<acc_t>& lo, const Vectori
   }
 }
 
+// The first n (< 2W) elements of a pair, rounded as store_pair rounds them.
+template <typename scalar_t, typename acc_t>
+inline void store_pair_head(scalar_t* dst, const Vectorized<acc_t>& lo,
+                            const Vectorized<acc_t>& hi, int64_t n) {
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  if constexpr (kReduced<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(lo, hi).store(dst, n);
+  } else {
+    lo.store(dst, std::min(n, W));
+    if (n > W) hi.store(dst + W, n - W);
+  }
+}
+
 // Non-temporal stores, for gradients too large for the caches (stream_threshold_bytes):
 // a plain store first reads the line it writes (a read for ownership), which was a third
 // of a fused bf16 forward's memory traffic. stream_pair stores as store_pair does, at a
@@ -325,6 +338,15 @@ struct PostScale {
 
   // One element's store, post-scaled when on.
   scalar_t scalar(acc_t v) const { return narrow<scalar_t>(on ? (*this)(v) : v); }
+
+  // The first n (< 2W) elements of a pair, as put (without streaming) and scalar store them.
+  void put_head(scalar_t* dst, Vectorized<float> lo, Vectorized<float> hi, int64_t n) const {
+    if (on) {
+      lo = (*this)(lo);
+      hi = (*this)(hi);
+    }
+    store_pair_head(dst, lo, hi, n);
+  }
 };
 
 inline void stream_fence() {
@@ -641,12 +663,24 @@ struct RowBuffers {
   bool stream = false;  // gradient rows by streaming stores (stream_gradient)
 };
 
+// A row's max M and sum S of exp(s - M), before the log that makes them its lse: the
+// chunked loop (kRowChunk) runs this pass over several rows before their logs.
+template <typename acc_t>
+struct RowSums {
+  acc_t M, S;
+};
+
+template <typename scalar_t, typename acc_t>
+inline RowLse<acc_t> lse_of_sums(const RowSums<acc_t>& r) {
+  return lse_of<kSplitLse<scalar_t>>(r.M, std::log(r.S));
+}
+
 // Pass over a row: online log-sum-exp. Captures the transformed logit at `target` (when
 // 0 <= target < C) from the same buffer the sum used, so forward and backward agree.
 template <typename scalar_t, typename acc_t>
-inline RowLse<acc_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
-                             const Transform<acc_t>& tf, int64_t target, acc_t* s_target,
-                             acc_t* buf) {
+inline RowSums<acc_t> row_sums(const scalar_t* x, int64_t C, int64_t sc,
+                               const Transform<acc_t>& tf, int64_t target, acc_t* s_target,
+                               acc_t* buf) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
@@ -661,7 +695,14 @@ inline RowLse<acc_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
     if (M == kNegInf) continue;  // all -inf so far: each term is exp(-inf) = 0
     S += block_expsum(s, n, M);
   }
-  return lse_of<kSplitLse<scalar_t>>(M, std::log(S));
+  return {M, S};
+}
+
+template <typename scalar_t, typename acc_t>
+inline RowLse<acc_t> row_lse(const scalar_t* x, int64_t C, int64_t sc,
+                             const Transform<acc_t>& tf, int64_t target, acc_t* s_target,
+                             acc_t* buf) {
+  return lse_of_sums<scalar_t>(row_sums<scalar_t, acc_t>(x, C, sc, tf, target, s_target, buf));
 }
 
 // Loads a probability-target block and turns it into t'_c * w_c, where
@@ -1012,10 +1053,25 @@ inline void write_row_grad(const SoftmaxLossParams& p, int64_t r, const scalar_t
 // then needs no exp per logit: p_c = e_c * exp(M_b - lse). float rows keep e in the
 // gradient buffer itself, bf16/fp16 rows in a per-thread float scratch row.
 
+// Rows of up to kChunkClasses classes go kRowChunk at a time: first each row's pass of
+// max and sum of exponentials, then each row's log, loss and gradient. A short row's
+// passes are one chain of dependent steps (the max's and the sum's reductions across
+// lanes, std::log, std::exp) that row by row the core ran one after another; a chunk's
+// rows give it independent work to overlap. Each row's arithmetic is the same as alone,
+// so the bits are. (Longer rows go one at a time: their chains are a small part.)
+constexpr int64_t kRowChunk = 4;
+constexpr int64_t kChunkClasses = 1024;
+
+inline int64_t row_chunk(int64_t C) { return C <= kChunkClasses ? kRowChunk : 1; }
+
+// The exp terms and running maxima of a chunk's rows (kept for their gradient pass).
 template <typename acc_t>
 struct ExpRow {
-  std::vector<acc_t> e;      // bf16/fp16 rows: exp terms of the whole row
-  std::vector<acc_t> max_b;  // running max per block
+  std::vector<acc_t> e;      // bf16/fp16 rows, or streamed ones: exp terms of each row
+  std::vector<acc_t> max_b;  // running max per block, of each row
+  int64_t C = 0, blocks = 0;
+  acc_t* e_of(int64_t j) { return e.empty() ? nullptr : e.data() + j * C; }
+  acc_t* max_b_of(int64_t j) { return max_b.data() + j * blocks; }
 };
 
 // Whether the fused forward's counted rows take the one-exp path. (The separate backward
@@ -1027,17 +1083,19 @@ inline bool one_exp_path(const SoftmaxLossParams& p, const Transform<acc_t>& tf)
 }
 
 template <typename acc_t>
-inline void size_scratch(ExpRow<acc_t>& scratch, int64_t C, bool need_e) {
-  if (need_e) scratch.e.resize(C);
-  scratch.max_b.resize((C + kBlock - 1) / kBlock + 1);
+inline void size_scratch(ExpRow<acc_t>& scratch, int64_t C, int64_t rows, bool need_e) {
+  scratch.C = C;
+  scratch.blocks = (C + kBlock - 1) / kBlock + 1;
+  if (need_e) scratch.e.resize(C * rows);
+  scratch.max_b.resize(scratch.blocks * rows);
 }
 
 // Pass 1: online log-sum-exp keeping the exp terms in e (C values) and the running max per
 // block in max_b; captures the target's transformed logit.
 template <typename scalar_t, typename acc_t>
-inline RowLse<acc_t> row_lse_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_t>& tf,
-                                      int64_t target, acc_t* s_target, acc_t* buf, acc_t* e,
-                                      acc_t* max_b) {
+inline RowSums<acc_t> row_sums_keep_exp(const scalar_t* x, int64_t C, const Transform<acc_t>& tf,
+                                        int64_t target, acc_t* s_target, acc_t* buf, acc_t* e,
+                                        acc_t* max_b) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t M = kNegInf, S = 0;
   for (int64_t c0 = 0, k = 0; c0 < C; c0 += kBlock, ++k) {
@@ -1056,7 +1114,7 @@ inline RowLse<acc_t> row_lse_keep_exp(const scalar_t* x, int64_t C, const Transf
     }
     S += block_exp_terms<true>(s, n, M, e + c0);
   }
-  return lse_of<kSplitLse<scalar_t>>(M, std::log(S));
+  return {M, S};
 }
 
 // Pass 2: grad_c = ds/dx * (A e_c exp(M_b - lse)) - [c == t] ds/dx_t B, written over g;
@@ -1079,7 +1137,12 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
       for (; i + 2 * W <= n; i += 2 * W) {
         post.put(stream, g + c0 + i, V::loadu(e + c0 + i) * f, V::loadu(e + c0 + i + W) * f);
       }
-      for (; i < n; ++i) g[c0 + i] = post.scalar(e[c0 + i] * fs);
+      if (i < n) {  // a partial pair: lanes past n are neither read nor stored
+        const int64_t m = n - i;
+        const V lo = V::loadu(e + c0 + i, std::min(m, W)) * f;
+        const V hi = m > W ? V::loadu(e + c0 + i + W, m - W) * f : V(acc_t(0));
+        post.put_head(g + c0 + i, lo, hi, m);
+      }
     } else if (post.on) {
       at::vec::map([&](V ev) { return post(ev * f); }, g + c0, e + c0, n);
     } else {
@@ -1090,21 +1153,39 @@ inline void row_grad_from_exp(const acc_t* e, const acc_t* max_b, scalar_t* g, i
   if (target >= 0) g[target] = post.scalar((A * std::exp(s_t - lse) - B) * deriv);
 }
 
-// Both passes for a counted row on the one-exp path; g is the row's gradient. Returns its
-// lse; sets *focal_loss to a focal row's loss.
+// The one-exp path's passes for a counted row, slot j of the chunk's scratch: the first
+// keeps the row's exp terms (in its gradient row unless the scratch holds them).
 template <typename scalar_t, typename acc_t>
-inline RowLse<acc_t> one_exp_row(const SoftmaxLossParams& p, int64_t r, const scalar_t* row,
-                                 int64_t t, acc_t g_loss, const Transform<acc_t>& tf,
-                                 acc_t* buf, ExpRow<acc_t>& scratch, acc_t* s_t, bool stream,
-                                 acc_t* focal_loss) {
+inline acc_t* exp_terms_of(const SoftmaxLossParams& p, int64_t r, ExpRow<acc_t>& scratch,
+                           int64_t j) {
+  acc_t* e = scratch.e_of(j);
+  if (e != nullptr) return e;
+  return reinterpret_cast<acc_t*>(static_cast<scalar_t*>(p.grad_input) +
+                                  p.grad_layout.row_offset(r));
+}
+
+template <typename scalar_t, typename acc_t>
+inline RowSums<acc_t> one_exp_sums(const SoftmaxLossParams& p, int64_t r, const scalar_t* row,
+                                   int64_t t, const Transform<acc_t>& tf, acc_t* buf,
+                                   ExpRow<acc_t>& scratch, int64_t j, acc_t* s_t) {
+  return row_sums_keep_exp<scalar_t, acc_t>(row, p.in.C, tf, t, s_t, buf,
+                                            exp_terms_of<scalar_t>(p, r, scratch, j),
+                                            scratch.max_b_of(j));
+}
+
+// The second: the gradient from the kept terms. Returns the row's lse; sets *focal_loss to
+// a focal row's loss.
+template <typename scalar_t, typename acc_t>
+inline RowLse<acc_t> one_exp_grad(const SoftmaxLossParams& p, int64_t r, int64_t t,
+                                  acc_t g_loss, const Transform<acc_t>& tf,
+                                  const RowSums<acc_t>& sums, ExpRow<acc_t>& scratch, int64_t j,
+                                  acc_t s_t, bool stream, acc_t* focal_loss) {
   auto* g = static_cast<scalar_t*>(p.grad_input) + p.grad_layout.row_offset(r);
-  acc_t* e = scratch.e.empty() ? reinterpret_cast<acc_t*>(g) : scratch.e.data();
-  const int64_t C = p.in.C;
-  const RowLse<acc_t> L = row_lse_keep_exp<scalar_t, acc_t>(row, C, tf, t, s_t, buf, e,
-                                                             scratch.max_b.data());
-  const auto k = index_row_coef<acc_t>(p, t, L, g_loss, *s_t, focal_loss);
-  row_grad_from_exp<scalar_t, acc_t>(e, scratch.max_b.data(), g, C, tf, L.hi,
-                                     k.A * L.correction(), k.B, t, *s_t,
+  const RowLse<acc_t> L = lse_of_sums<scalar_t>(sums);
+  const auto k = index_row_coef<acc_t>(p, t, L, g_loss, s_t, focal_loss);
+  row_grad_from_exp<scalar_t, acc_t>(exp_terms_of<scalar_t>(p, r, scratch, j),
+                                     scratch.max_b_of(j), g, p.in.C, tf, L.hi,
+                                     k.A * L.correction(), k.B, t, s_t,
                                      stream && !scratch.e.empty(),
                                      PostScale<scalar_t, acc_t>(p.post_scale));
   return L;
@@ -1137,48 +1218,77 @@ int64_t softmax_loss_fwd_rows(const SoftmaxLossParams& p, int64_t begin, int64_t
   // float one then keeps its exp terms in the scratch row instead of in itself.
   const bool stream = p.with_grad && stream_gradient<scalar_t>(p);
   b.stream = stream;
+  const int64_t K = p.prob_target ? 1 : row_chunk(C);
   ExpRow<acc_t> scratch;
-  if (one_exp) size_scratch(scratch, C, !std::is_same_v<scalar_t, acc_t> || stream);
+  if (one_exp) size_scratch(scratch, C, K, !std::is_same_v<scalar_t, acc_t> || stream);
 
-  for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* row = x + p.in.row_offset(r);
-    if (p.prob_target) {
+  // A chunk's rows between their passes.
+  struct Pending {
+    int64_t t;
+    bool ignored, one_exp;
+    acc_t s_t;
+    RowSums<acc_t> sums;
+  };
+  Pending rows[kRowChunk];
+  for (int64_t r0 = begin; r0 < end; r0 += K) {
+    const int64_t k = std::min(K, end - r0);
+    if (p.prob_target) {  // (K is 1)
+      const scalar_t* row = x + p.in.row_offset(r0);
       const RowLse<acc_t> lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, -1, nullptr, b.s);
-      acc_t l = row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
+      acc_t l = row_weighted_nll_sum<scalar_t>(p, r0, row, tf, lse, b);
       if (z != 0) l += z * lse.hi * lse.hi;
-      loss[r] = l;
+      loss[r0] = l;
+      lse_out[r0] = stored_lse<kSplitLse<scalar_t>>(lse);
+      if (p.with_grad) fused_grad(r0, -1, lse);
+      continue;
+    }
+    // Pass 1 of each row, up to a target out of range (its row and those after it untouched)
+    int64_t done = 0;
+    for (; done < k; ++done) {
+      const int64_t r = r0 + done;
+      Pending& q = rows[done];
+      q.t = read_index(p, r);
+      q.ignored = q.t == p.ignore_index;
+      if (!q.ignored && (q.t < 0 || q.t >= C)) break;
+      q.s_t = 0;
+      q.one_exp = one_exp && !q.ignored;
+      const scalar_t* row = x + p.in.row_offset(r);
+      q.sums = q.one_exp ? one_exp_sums<scalar_t, acc_t>(p, r, row, q.t, tf, b.s, scratch,
+                                                          done, &q.s_t)
+                         : row_sums<scalar_t, acc_t>(row, C, sc, tf, q.ignored ? -1 : q.t,
+                                                     &q.s_t, b.s);
+    }
+    for (int64_t j = 0; j < done; ++j) {
+      const int64_t r = r0 + j;
+      const Pending& q = rows[j];
+      const scalar_t* row = x + p.in.row_offset(r);
+      RowLse<acc_t> lse;
+      acc_t focal_loss = 0;
+      if (q.one_exp) {
+        lse = one_exp_grad<scalar_t, acc_t>(p, r, q.t, read_row_value<acc_t>(p.grad_loss, r),
+                                            tf, q.sums, scratch, j, q.s_t, stream,
+                                            &focal_loss);
+      } else {
+        lse = lse_of_sums<scalar_t>(q.sums);
+        if (p.with_grad) fused_grad(r, q.t, lse);
+      }
       lse_out[r] = stored_lse<kSplitLse<scalar_t>>(lse);
-      if (p.with_grad) fused_grad(r, -1, lse);
-      continue;
+      if (q.ignored) {
+        loss[r] = 0;
+        continue;
+      }
+      if (p.focal && q.one_exp) {
+        loss[r] = focal_loss;
+        continue;
+      }
+      loss[r] = index_row_loss<acc_t>(p, q.t, lse, q.s_t, [&] {
+        return row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b);
+      });
     }
-    const int64_t t = read_index(p, r);
-    const bool ignored = t == p.ignore_index;
-    if (!ignored && (t < 0 || t >= C)) {
-      *bad_target = t;
-      return r;
+    if (done < k) {
+      *bad_target = rows[done].t;
+      return r0 + done;
     }
-    acc_t s_t = 0;
-    RowLse<acc_t> lse;
-    acc_t focal_loss = 0;
-    const bool on_one_exp = one_exp && !ignored;
-    if (on_one_exp) {
-      lse = one_exp_row<scalar_t, acc_t>(p, r, row, t, read_row_value<acc_t>(p.grad_loss, r),
-                                         tf, b.s, scratch, &s_t, stream, &focal_loss);
-    } else {
-      lse = row_lse<scalar_t, acc_t>(row, C, sc, tf, ignored ? -1 : t, &s_t, b.s);
-      if (p.with_grad) fused_grad(r, t, lse);
-    }
-    lse_out[r] = stored_lse<kSplitLse<scalar_t>>(lse);
-    if (ignored) {
-      loss[r] = 0;
-      continue;
-    }
-    if (p.focal && on_one_exp) {
-      loss[r] = focal_loss;
-      continue;
-    }
-    loss[r] = index_row_loss<acc_t>(
-        p, t, lse, s_t, [&] { return row_weighted_nll_sum<scalar_t>(p, r, row, tf, lse, b); });
   }
   return -1;
 }
