@@ -116,6 +116,26 @@ def test_input_rotation_only_when_data_fits_in_cache():
                                                        runner.CACHE_MULTIPLE * llc)
 
 
+def test_restoring_step_flushes_only_where_the_rotation_leaves_the_cache():
+    """An in-place row's step finds its inputs where the other rows' steps find theirs: out
+    of the cache for a large case, in it for a tiny one whose rotation MAX_INPUT_SETS caps."""
+    llc = 32 * MiB
+    large, tiny = Case("ce_fwd_bwd", "fp32", (4096, 32000)), Case("ce_fwd_bwd", "fp32", (64, 1000))
+    assert runner.rotation_leaves_cache(large, llc)
+    assert runner.rotation_leaves_cache(Case("ce_fwd_bwd", "fp32", (1024, 8192)), llc)
+    assert not runner.rotation_leaves_cache(tiny, llc)
+    sets = [problems.make_inputs(Case("ce_fwd_bwd", "fp32", (4, 8)), CPU, k) for k in range(2)]
+    zeroed = []
+    for flush in (True, False):
+        step = runner.RestoringStep(lambda x, t: x.sum(), sets, True, 2**16, CPU, flush=flush)
+        step.dirty.add(0)
+        if flush:
+            step._scratch.fill_(1.0)
+        step.between()
+        zeroed.append(flush and bool((step._scratch == 0).all()))
+    assert zeroed == [True, False]
+
+
 # ---- correctness gate -----------------------------------------------------------------------
 
 
