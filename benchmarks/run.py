@@ -231,7 +231,8 @@ def _document(args, argv, started, device, settings, bws, mem_method, probe, row
 
 # (runner.RestoringStep, timing.measure's `between`)
 RESTORED_TIMING = ("; rows that overwrite their inputs: one step at a time, the inputs "
-                   "restored untimed before each")
+                   "restored untimed before each (and the cache flushed where the other "
+                   "rows' rotation of input sets leaves it)")
 
 
 def _copy_bandwidth_doc(bws: list) -> dict:
