@@ -201,6 +201,8 @@ PyMethodDef methods[] = {
      "Set the Python backward of reduced_loss_node's rare cases (reduced_loss_node.h)."},
     {"fast_cross_entropy", tlf::fast_cross_entropy, METH_VARARGS,
      "cross_entropy's commonest eager CPU call, or None (reduced_loss_node.h)."},
+    {"fast_focal_loss", tlf::fast_focal_loss, METH_VARARGS,
+     "focal_loss's commonest eager CPU call, or None (reduced_loss_node.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -212,9 +214,9 @@ extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   // The version of the functions above that the Python package checks at import
   // (torchloss_fused/_schemas.py's PY_API): 2 since reduced_loss returns its guess's factor,
-  // 3 since reduced_loss_node.
+  // 3 since reduced_loss_node, 4 since fast_focal_loss.
   if (m != nullptr &&
-      (PyModule_AddIntConstant(m, "PY_API", 3) != 0 ||
+      (PyModule_AddIntConstant(m, "PY_API", 4) != 0 ||
        PyModule_AddIntConstant(m, "REDUCED_NODE", tlf::reduced_node_in_use()) != 0 ||
        !tlf::register_reduced_loss_nodes())) {
     Py_DECREF(m);

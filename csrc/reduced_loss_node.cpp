@@ -27,6 +27,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
+#include <cmath>
 #include <typeinfo>
 
 namespace tlf {
@@ -250,17 +251,40 @@ int reduction_code(PyObject* reduction) {
   return -1;
 }
 
-// Whether obj is a Python float or int (not a bool) equal to value.
-bool number_is(PyObject* obj, double value) {
-  if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj) == value;
+// A Python int (exact type) as int64; false for anything else or one out of range.
+bool exact_int64(PyObject* obj, long long* out) {
   if (!PyLong_CheckExact(obj)) return false;
   int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
-  if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+  *out = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow != 0 || (*out == -1 && PyErr_Occurred())) {
     PyErr_Clear();
     return false;
   }
-  return static_cast<double>(v) == value;
+  return true;
+}
+
+// A Python float or int (exact types, so not a bool) as the finite double functional.py's
+// _check_number would make of it; false for anything else, which functional.py checks.
+bool finite_number(PyObject* obj, double* out) {
+  if (PyFloat_CheckExact(obj)) {
+    *out = PyFloat_AS_DOUBLE(obj);
+  } else if (PyLong_CheckExact(obj)) {
+    *out = PyLong_AsDouble(obj);
+    if (*out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  } else {
+    return false;
+  }
+  return std::isfinite(*out);
+}
+
+// Whether obj is a Python float or int (not a bool) equal to value.
+bool number_is(PyObject* obj, double value) {
+  if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj) == value;
+  long long v = 0;
+  return exact_int64(obj, &v) && static_cast<double>(v) == value;
 }
 
 // Whether fast_cross_entropy may serve these (N, C) logits and (N,) class indices as
@@ -318,6 +342,34 @@ PyObject* reduced_loss_node(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+namespace {
+
+// The fast lanes' common part, for (N, C) logits x and (N,) targets t that plain_call
+// took and a call whose kind, reduction and options are set: the loss without grad by
+// reduced_loss's forward, with grad by the node; None for a large reduced loss with grad,
+// which the Function serves (it keeps an upstream guess: _upstream_guess.key).
+PyObject* fast_loss(reduced::Call& call, const Tensor& x, const Tensor& t,
+                    long long min_elements) {
+  call.out_shape = {x.size(0)};
+  call.dtype = x.scalar_type();
+  // (functional._reshaped's view, tracked: the target's version is the one it checks)
+  call.t = t.unsqueeze(-1);
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
+    call.x = as_rows(x);
+    reduced::Result r;
+    {
+      pybind11::gil_scoped_release no_gil;
+      r = reduced::run(call, /*with_grad=*/false, std::nullopt);
+    }
+    return THPVariable_Wrap(r.loss);
+  }
+  if (call.reduction != reduced::kNone && x.numel() >= min_elements) Py_RETURN_NONE;
+  call.x = x;
+  return node_loss(call);
+}
+
+}  // namespace
+
 PyObject* fast_cross_entropy(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *input = nullptr, *target = nullptr, *weight = nullptr, *size_average = nullptr;
@@ -334,17 +386,12 @@ PyObject* fast_cross_entropy(PyObject*, PyObject* args) {
   // Only F's own call with the defaults that change nothing; anything else, a bad argument
   // included, goes to functional.py, which checks it and says what is wrong.
   const int code = reduction_code(reduction);
+  long long ignore = 0;
   if (!kNodeInUse || code < 0 || !THPVariable_CheckExact(input) || !THPVariable_CheckExact(target) ||
       weight != Py_None || size_average != Py_None || reduce != Py_None ||
       softcap != Py_None || return_lse != Py_False || inplace_backward != Py_False ||
       !number_is(label_smoothing, 0.0) || !number_is(z_loss, 0.0) ||
-      !number_is(logit_scale, 1.0) || !PyLong_CheckExact(ignore_index)) {
-    Py_RETURN_NONE;
-  }
-  int overflow = 0;
-  const long long ignore = PyLong_AsLongLongAndOverflow(ignore_index, &overflow);
-  if (overflow != 0 || (ignore == -1 && PyErr_Occurred())) {
-    PyErr_Clear();
+      !number_is(logit_scale, 1.0) || !exact_int64(ignore_index, &ignore)) {
     Py_RETURN_NONE;
   }
   const Tensor& x = THPVariable_Unpack(input);
@@ -354,23 +401,39 @@ PyObject* fast_cross_entropy(PyObject*, PyObject* args) {
   call.kind = reduced::kCeIndex;
   call.reduction = code;
   call.ce.ignore_index = ignore;
-  call.out_shape = {x.size(0)};
-  call.dtype = x.scalar_type();
-  // (functional._reshaped's view, tracked: the target's version is the one it checks)
-  call.t = t.unsqueeze(-1);
-  if (!at::GradMode::is_enabled() || !x.requires_grad()) {
-    call.x = as_rows(x);
-    reduced::Result r;
-    {
-      pybind11::gil_scoped_release no_gil;
-      r = reduced::run(call, /*with_grad=*/false, std::nullopt);
-    }
-    return THPVariable_Wrap(r.loss);
+  return fast_loss(call, x, t, min_elements);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* fast_focal_loss(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *input = nullptr, *target = nullptr, *gamma = nullptr, *alpha = nullptr;
+  PyObject *ignore_index = nullptr, *reduction = nullptr;
+  long long min_elements = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOOL", &input, &target, &gamma, &alpha, &ignore_index,
+                        &reduction, &min_elements)) {
+    return nullptr;
   }
-  // (the Function keeps an upstream guess for a large reduced loss: _upstream_guess.key)
-  if (code != reduced::kNone && x.numel() >= min_elements) Py_RETURN_NONE;
-  call.x = x;
-  return node_loss(call);
+  // A number alpha (or none) and gamma >= 0; a tensor alpha (per class, or a 0-dim one
+  // that may be learnt) and anything to check go to functional.py.
+  const int code = reduction_code(reduction);
+  long long ignore = 0;
+  double g = 0, a = 1;
+  if (!kNodeInUse || code < 0 || !THPVariable_CheckExact(input) ||
+      !THPVariable_CheckExact(target) || !finite_number(gamma, &g) || !(g >= 0) ||
+      (alpha != Py_None && !finite_number(alpha, &a)) || !exact_int64(ignore_index, &ignore)) {
+    Py_RETURN_NONE;
+  }
+  const Tensor& x = THPVariable_Unpack(input);
+  const Tensor& t = THPVariable_Unpack(target);
+  if (!plain_call(x, t)) Py_RETURN_NONE;
+  reduced::Call call;
+  call.kind = reduced::kFocal;
+  call.reduction = code;
+  call.focal.alpha_scale = a;
+  call.focal.gamma = g;
+  call.focal.ignore_index = ignore;
+  return fast_loss(call, x, t, min_elements);
   END_HANDLE_TH_ERRORS
 }
 

@@ -25,6 +25,9 @@
 //   forward), with every check functional.py would make in C++; None for any other call,
 //   which functional.py then takes through its checks. The same steps and kernels as
 //   functional.py's path, so the same bits.
+// _C.fast_focal_loss(input, target, gamma, alpha, ignore_index, reduction, min_elements)
+//   The same for functional.focal_loss: (N, C) CPU logits, (N,) class indices, gamma a
+//   finite Python number >= 0, alpha None or a finite Python number.
 //
 // Why: an autograd.Function costs tens of microseconds a step in Python (its apply, the
 // context, the engine's call back into Python), more than the whole of F.cross_entropy on
@@ -39,12 +42,13 @@ namespace tlf {
 PyObject* reduced_loss_node(PyObject* self, PyObject* args);
 PyObject* set_reduced_node_backward(PyObject* self, PyObject* fn);
 PyObject* fast_cross_entropy(PyObject* self, PyObject* args);
+PyObject* fast_focal_loss(PyObject* self, PyObject* args);
 
 // Gives the nodes their Python type names; false with a Python error set.
 bool register_reduced_loss_nodes();
 
 // Whether this build uses the node (torch 2.7 or newer; older compiled autograd refuses
-// it). Without it, reduced_loss_node and fast_cross_entropy always return None.
+// it). Without it, reduced_loss_node and the fast lanes always return None.
 bool reduced_node_in_use();
 
 }  // namespace tlf

@@ -256,3 +256,89 @@ def test_fast_lane_declines_inside_transforms_modes_and_autocast():
     x64 = x.detach().double().requires_grad_()
     F.cross_entropy(x64, t).backward()
     torch.testing.assert_close(g, x64.grad.float())
+
+
+# ---- functional.focal_loss's fast lane (_C.fast_focal_loss) --------------------------------
+
+_FOCAL_DEFAULTS = dict(gamma=2.0, alpha=None, ignore_index=-100, reduction="mean")
+
+
+def _fast_focal(x, t, **changes):
+    """_eager.fast_focal_loss with functional.focal_loss's arguments in its order."""
+    a = {**_FOCAL_DEFAULTS, **changes}
+    return _eager.fast_focal_loss(x, t, *a.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [
+    dict(), dict(gamma=0), dict(gamma=1.0, alpha=0.25), dict(gamma=0.5, alpha=3),
+    dict(gamma=2, ignore_index=3, target="int32"), dict(ignore_index=2**40, target="uint8"),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_focal_fast_lane_is_the_slow_path_bit_for_bit(monkeypatch, dtype, reduction, options):
+    options = dict(options)
+    target = options.pop("target", "int64")
+    x = random_logits((9, 13), dtype, "cpu")
+    t = random_targets((9,), 13, "cpu", ignore_frac=0.3)
+    if target == "int32":
+        t = t.clamp_min(3).to(torch.int32)
+    elif target == "uint8":
+        t = t.clamp_min(0).to(torch.uint8)
+    upstream = torch.rand(9 if reduction == "none" else (), dtype=torch.float64) + 0.5
+    assert _fast_focal(x, t, reduction=reduction, **options) is not None
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(_eager, "fast_focal_loss", lambda *args: None)
+        loss = tlf.focal_loss(x, t, reduction=reduction, **options)
+        assert _is_node(loss)
+        (grad,) = torch.autograd.grad(loss, x, upstream.to(loss.dtype))
+        with torch.no_grad():
+            no_grad = tlf.focal_loss(x, t, reduction=reduction, **options)
+        results.append((loss.detach(), grad, no_grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(gamma=-1.0), dict(gamma=float("nan")), dict(gamma=float("inf")), dict(gamma=True),
+    dict(gamma=torch.tensor(2.0)), dict(gamma=10**400), dict(alpha=float("inf")),
+    dict(alpha=False), dict(alpha=torch.tensor(0.25)), dict(alpha=torch.ones(13)),
+    dict(reduction="elementwise_mean"), dict(reduction="batchmean"), dict(ignore_index=True),
+    dict(ignore_index=2.0), dict(ignore_index=2**63), dict(ignore_index=torch.tensor(3)),
+], ids=lambda c: next(iter(c)) + "=" + repr(next(iter(c.values())))[:12])
+def test_focal_fast_lane_declines_other_arguments(changes):
+    # (functional.py then checks them, and takes a tensor alpha's paths)
+    x = random_logits((5, 13), torch.float32, "cpu")
+    t = random_targets((5,), 13, "cpu")
+    assert _fast_focal(x, t) is not None
+    assert _fast_focal(x, t, **changes) is None
+
+
+def test_focal_fast_lane_declines_other_tensors_modes_and_large_losses():
+    x = random_logits((5, 13), torch.float32, "cpu")
+    t = random_targets((5,), 13, "cpu")
+    for xs, ts in [(x[0], t[0]), (x.reshape(5, 13, 1), t.reshape(5, 1)), (x, t[:4]),
+                   (x, t.to(torch.int16)), (x, t.float())]:
+        assert _fast_focal(xs, ts) is None, (tuple(xs.shape), ts.dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _fast_focal(x, t) is None
+    # a reduced loss large enough for an upstream guess takes the Function, without grad
+    # the lane serves it
+    n = MIN_ELEMENTS // 13 + 1
+    xl = random_logits((n, 13), torch.float32, "cpu")
+    tl = random_targets((n,), 13, "cpu")
+    assert _fast_focal(xl, tl) is None
+    assert _fast_focal(xl, tl, reduction="none") is not None
+    with torch.no_grad():
+        assert _fast_focal(xl, tl) is not None
+
+
+def test_focal_fast_lane_errors_are_functional_pys():
+    x = random_logits((5, 13), torch.float32, "cpu")
+    t = random_targets((5,), 13, "cpu")
+    with pytest.raises(ValueError, match="gamma must be finite and >= 0"):
+        tlf.focal_loss(x, t, gamma=-1.0)
+    t[2] = 13
+    with pytest.raises(IndexError, match="Target 13 is out of bounds"):
+        tlf.focal_loss(x, t)

@@ -208,6 +208,7 @@ class FusedReduced:
         in_use = getattr(extension, "REDUCED_NODE", 0)
         self._node = getattr(extension, "reduced_loss_node", None) if in_use else None
         self._fast_ce = getattr(extension, "fast_cross_entropy", None) if in_use else None
+        self._fast_focal = getattr(extension, "fast_focal_loss", None) if in_use else None
         if self._node is not None:
             extension.set_reduced_node_backward(self.node_backward)
 
@@ -216,6 +217,12 @@ class FusedReduced:
         defaults on (N, C) CPU logits, straight to the C++ node (csrc/reduced_loss_node.h:
         fast_cross_entropy, which checks the call); None for any other call."""
         fast = self._fast_ce
+        return None if fast is None else fast(*args, _upstream_guess.MIN_ELEMENTS)
+
+    def focal_loss(self, *args):
+        """functional.focal_loss(*args) for its commonest eager call ((N, C) CPU logits, a
+        number alpha or none) as cross_entropy above (fast_focal_loss); None otherwise."""
+        fast = self._fast_focal
         return None if fast is None else fast(*args, _upstream_guess.MIN_ELEMENTS)
 
     def node_backward(self, kind: int, reduction: int, grad, saved, scalars: tuple,
@@ -352,14 +359,24 @@ _NAMESPACES = {ns: _Ops(ns) for ns in (_ops.REF_NAMESPACE, "torchloss_fused")
                if ns == _ops.REF_NAMESPACE or _backend.EXTENSION_LOADED}
 
 
-def fast_cross_entropy(*args):
-    """FusedReduced.cross_entropy of the namespace that serves CPU tensors (ops_for's), or
-    None where that is not the extension's, or has the fused reduced path switched off (as
-    tests do)."""
+def _fast_lane() -> FusedReduced | None:
+    """The FusedReduced of the namespace that serves CPU tensors (ops_for's), or None where
+    that is not the extension's, or has the fused reduced path switched off (as tests do)."""
     if not _backend.has_kernels("cpu"):
         return None
-    fast = _NAMESPACES["torchloss_fused"].fused_reduced
+    return _NAMESPACES["torchloss_fused"].fused_reduced
+
+
+def fast_cross_entropy(*args):
+    """_fast_lane()'s cross_entropy, or None."""
+    fast = _fast_lane()
     return None if fast is None else fast.cross_entropy(*args)
+
+
+def fast_focal_loss(*args):
+    """_fast_lane()'s focal_loss, or None."""
+    fast = _fast_lane()
+    return None if fast is None else fast.focal_loss(*args)
 
 
 def ops_for(device: torch.device):

@@ -6,7 +6,7 @@ older sources: an editable install not rebuilt after a pull), for the fallback."
 from __future__ import annotations
 
 # ops.cpp's TLF_PY_API: raised with any change of those functions' arguments or results.
-PY_API = 3
+PY_API = 4
 
 SCHEMAS = {
     "ce_fwd": "(Tensor input, Tensor target, Tensor? weight, int ignore_index, "

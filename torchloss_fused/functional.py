@@ -720,6 +720,11 @@ def focal_loss(
     With ``gamma=0`` and ``alpha=None`` it equals ``cross_entropy`` exactly, in value and
     gradient; values and gradients stay finite at saturated logits for every ``gamma >= 0``.
     """
+    # The commonest call on plain CPU tensors in one C++ call, as in cross_entropy.
+    if not torch.compiler.is_compiling() and forward_ad._current_level < 0:
+        loss = _eager.fast_focal_loss(input, target, gamma, alpha, ignore_index, reduction)
+        if loss is not None:
+            return loss
     _check_reduction(reduction)
     _check_logits(input)
     _check_tensor(target, "target")
