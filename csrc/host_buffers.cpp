@@ -26,6 +26,15 @@ namespace tlf {
 namespace {
 
 constexpr size_t kBlockAlign = size_t(2) << 20;  // a transparent huge page
+// Blocks from this size are kBlockAlign multiples, kBlockAlign aligned and advised onto
+// huge pages (advise_huge_pages's own limit); smaller ones are whole 4 KiB pages.
+constexpr size_t kHugeBlockBytes = size_t(8) << 20;
+constexpr size_t kPage = size_t(4) << 10;
+
+size_t block_bytes(size_t n) {
+  const size_t unit = n < kHugeBlockBytes ? kPage : kBlockAlign;
+  return (n + unit - 1) / unit * unit;
+}
 
 struct Block {
   void* ptr;
@@ -37,6 +46,10 @@ struct Block {
 // large frees), and freeing them would not give memory back to the OS.
 void* map_block(size_t bytes) {
 #if defined(__linux__)
+  if (bytes < kHugeBlockBytes) {
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return m == MAP_FAILED ? nullptr : m;
+  }
   const size_t span = bytes + kBlockAlign;
   void* m = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED) return nullptr;
@@ -63,7 +76,7 @@ void unmap_block(void* p, size_t bytes) {
 
 class HostCache {
  public:
-  // A block of `bytes` (a kBlockAlign multiple): a cached one of that size, or fresh memory.
+  // A block of `bytes` (block_bytes'): a cached one of that size, or fresh memory.
   Block take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -214,8 +227,7 @@ class HostCacheAllocator final : public c10::Allocator {
       advise_huge_pages(p.get(), n);
       return p;
     }
-    const size_t bytes = (n + kBlockAlign - 1) / kBlockAlign * kBlockAlign;
-    auto* b = new Block(cache().take(bytes));
+    auto* b = new Block(cache().take(block_bytes(n)));
     return {b->ptr, b, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {

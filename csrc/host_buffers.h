@@ -6,10 +6,15 @@
 // of a float32 cross-entropy forward + backward step (4096 x 32000: 79 ms with fresh pages,
 // 52 ms on reused ones). A training loop frees its gradients every step and asks for the
 // same sizes again, so the blocks are kept (up to a limit, least recently freed evicted
-// first) and handed out again whole. Blocks are 2 MiB multiples, 2 MiB aligned and advised
-// onto transparent huge pages. The profiler sees every allocation and release, as with
-// PyTorch's own CPU allocator; a process's resident memory keeps the cached blocks until
-// host_cache_clear() (torchloss_fused.empty_cpu_cache()).
+// first) and handed out again whole. Blocks of 8 MiB or more are 2 MiB multiples, 2 MiB
+// aligned and advised onto transparent huge pages; smaller ones are whole 4 KiB pages.
+// From 1 MiB: a (4096, 100) float32 gradient (1.6 MB) from PyTorch's allocator was, in
+// some processes, faulted in afresh on every step (up to about 185 page faults a step:
+// glibc's heap gave the pages back); a forward+backward step took a median 941 us that way
+// and 692 from the cache (AMD EPYC, 1 thread, stop 45).
+// The profiler sees every allocation and release, as with PyTorch's own CPU allocator; a
+// process's resident memory keeps the cached blocks until host_cache_clear()
+// (torchloss_fused.empty_cpu_cache()).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,7 +25,7 @@
 namespace tlf {
 
 // Below this a buffer comes from PyTorch's allocator as usual.
-constexpr size_t kHostCacheMinBytes = size_t(8) << 20;
+constexpr size_t kHostCacheMinBytes = size_t(1) << 20;
 
 // A contiguous CPU tensor of `sizes` and `dtype`, uninitialised: from the cache when it is
 // at least kHostCacheMinBytes and the cache is on (limit > 0), else at::empty (advised onto

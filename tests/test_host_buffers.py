@@ -117,10 +117,39 @@ def test_small_buffers_bypass_the_cache(cache_limit):
     cache_limit(64 * MiB)
     hits = tlf.cpu_cache_info()["hits"]
     for _ in range(3):
-        t = _host_buffers.empty((MiB,), dtype=torch.float32, device=CPU)  # 4 MiB
+        t = _host_buffers.empty((MiB // 8,), dtype=torch.float32, device=CPU)  # 512 KiB
         del t
     info = tlf.cpu_cache_info()
     assert info["cached_bytes"] == 0 and info["hits"] == hits
+
+
+@pytest.mark.parametrize("floats", [MiB // 4, 409600, MiB + 1, 2 * MiB - 5])
+def test_blocks_below_8_mib_are_whole_pages(cache_limit, floats):
+    """From 1 MiB to 8 MiB (no huge pages there) a block is the buffer rounded up to 4 KiB
+    pages, not to 2 MiB: a (4096, 100) float32 gradient (1.6 MB) is no 2 MiB block."""
+    cache_limit(64 * MiB)
+    t = _host_buffers.empty((floats,), dtype=torch.float32, device=CPU)
+    address = t.data_ptr()
+    assert address % 4096 == 0
+    del t
+    page = 4096
+    assert tlf.cpu_cache_info()["cached_bytes"] == (4 * floats + page - 1) // page * page
+    assert _host_buffers.empty((floats,), dtype=torch.float32, device=CPU).data_ptr() == address
+
+
+def test_a_mid_sized_gradient_is_reused_step_after_step(cache_limit):
+    # (4096, 100) float32: a 1.6 MB gradient, which PyTorch's allocator (glibc's heap) had
+    # faulted in afresh on many steps (up to about 185 page faults a step)
+    cache_limit(64 * MiB)
+    x = torch.randn(4096, 100, requires_grad=True)
+    t = torch.randint(0, 100, (4096,))
+    tlf.cross_entropy(x, t).backward()
+    address, hits = x.grad.data_ptr(), tlf.cpu_cache_info()["hits"]
+    for step in range(3):
+        x.grad = None
+        tlf.cross_entropy(x, t).backward()
+        assert x.grad.data_ptr() == address
+    assert tlf.cpu_cache_info()["hits"] == hits + 3
 
 
 def test_limit_evicts_the_least_recently_freed(cache_limit):
