@@ -145,7 +145,7 @@ def test_a_mid_sized_gradient_is_reused_step_after_step(cache_limit):
     t = torch.randint(0, 100, (4096,))
     tlf.cross_entropy(x, t).backward()
     address, hits = x.grad.data_ptr(), tlf.cpu_cache_info()["hits"]
-    for step in range(3):
+    for _ in range(3):
         x.grad = None
         tlf.cross_entropy(x, t).backward()
         assert x.grad.data_ptr() == address
