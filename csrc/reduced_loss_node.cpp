@@ -346,12 +346,14 @@ namespace {
 
 // The fast lanes' common part, for a call whose kind, reduction and options are set: the
 // loss of (N, C) logits and (N,) targets that plain_call takes (exact tensors), without
-// grad by reduced_loss's forward, with grad by the node; None for other tensors, and for
-// a large reduced loss with grad, which the Function serves (it keeps an upstream guess:
-// _upstream_guess.key).
+// grad by reduced_loss's forward, with grad by the node; None for other tensors, for a
+// large reduced loss with grad, which the Function serves (it keeps an upstream guess:
+// _upstream_guess.key), and in a build without the node (reduced_node_in_use).
 PyObject* fast_loss(reduced::Call& call, PyObject* input, PyObject* target,
                     long long min_elements) {
-  if (!THPVariable_CheckExact(input) || !THPVariable_CheckExact(target)) Py_RETURN_NONE;
+  if (!kNodeInUse || !THPVariable_CheckExact(input) || !THPVariable_CheckExact(target)) {
+    Py_RETURN_NONE;
+  }
   const Tensor& x = THPVariable_Unpack(input);
   const Tensor& t = THPVariable_Unpack(target);
   if (!plain_call(x, t)) Py_RETURN_NONE;
@@ -392,7 +394,7 @@ PyObject* fast_cross_entropy(PyObject*, PyObject* args) {
   // included, goes to functional.py, which checks it and says what is wrong.
   const int code = reduction_code(reduction);
   long long ignore = 0;
-  if (!kNodeInUse || code < 0 || weight != Py_None || size_average != Py_None || reduce != Py_None ||
+  if (code < 0 || weight != Py_None || size_average != Py_None || reduce != Py_None ||
       softcap != Py_None || return_lse != Py_False || inplace_backward != Py_False ||
       !number_is(label_smoothing, 0.0) || !number_is(z_loss, 0.0) ||
       !number_is(logit_scale, 1.0) || !exact_int64(ignore_index, &ignore)) {
@@ -420,7 +422,7 @@ PyObject* fast_focal_loss(PyObject*, PyObject* args) {
   const int code = reduction_code(reduction);
   long long ignore = 0;
   double g = 0, a = 1;
-  if (!kNodeInUse || code < 0 || !finite_number(gamma, &g) || !(g >= 0) ||
+  if (code < 0 || !finite_number(gamma, &g) || !(g >= 0) ||
       (alpha != Py_None && !finite_number(alpha, &a)) || !exact_int64(ignore_index, &ignore)) {
     Py_RETURN_NONE;
   }
