@@ -5,7 +5,9 @@ beyond what a test should allocate, so two subprocesses run the same calls, one 
 TLF_CPU_STREAM_MIB=0 (streaming at every size) and one with a threshold no test reaches:
 their results must be the same bits. The calls cover the fused forward's rows (the one-exp
 path, generic rows, soft-capped rows) and the separate backward, every reduced dtype, and
-rows whose start is aligned for the streaming stores or not.
+rows whose start is aligned for the streaming stores or not; and (N, C, H, W) maps, which
+stream from a lower threshold (map_stream_threshold_bytes), in the fused forward and the
+separate backward.
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ CASES = textwrap.dedent("""
                     key = f"{c}-{str(dtype)[6:]}-{name}"
                     out[key + "-loss"] = loss.detach()
                     out[key + "-grad"] = leaf.grad
+        # (N, C, H, W) maps: the column kernels' tiles, a class's lanes contiguous; 96
+        # positions a plane: whole tiles, planes aligned; 63: a partial tile, planes not
+        for shape in ((2, 21, 8, 12), (2, 5, 7, 9)):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+                y = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen)
+                y[0, 0, 1] = -100
+                for name, fn in (
+                        ("mean", lambda v: tlf.cross_entropy(v, y)),
+                        ("lse", lambda v: sum(t.sum() for t in tlf.cross_entropy(
+                            v, y, reduction="none", return_lse=True)))):
+                    leaf = x.clone().requires_grad_()
+                    loss = fn(leaf)
+                    loss.backward()
+                    key = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}"
+                    out[key + "-loss"] = loss.detach()
+                    out[key + "-grad"] = leaf.grad
         return out
 
     if __name__ == "__main__":
@@ -88,7 +107,7 @@ def test_streamed_gradients_are_bitwise_the_plain_ones(tmp_path):
     assert plain.returncode == 0, plain.stderr
     a = torch.load(tmp_path / "streamed.pt")
     b = torch.load(tmp_path / "plain.pt")
-    assert a.keys() == b.keys() and len(a) == 192
+    assert a.keys() == b.keys() and len(a) == 216
     differ = [k for k in a if not torch.equal(a[k].reshape(-1).view(torch.uint8),
                                              b[k].reshape(-1).view(torch.uint8))]
     assert not differ, differ[:10]

@@ -3,6 +3,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 
 #include "kernels.h"
@@ -28,6 +29,12 @@ int64_t stream_threshold_bytes() {
   static const int64_t kDefault = last_level_cache_bytes();
   const int64_t t = stream_threshold.load(std::memory_order_relaxed);
   return t < 0 ? kDefault : t;
+}
+
+int64_t map_stream_threshold_bytes() {
+  constexpr int64_t kMapDefault = int64_t{4} << 20;
+  const int64_t t = stream_threshold.load(std::memory_order_relaxed);
+  return t < 0 ? std::min(stream_threshold_bytes(), kMapDefault) : t;
 }
 
 void set_stream_threshold_bytes(int64_t bytes) {

@@ -53,5 +53,10 @@ const KernelTable& kernel_table();
 // the caches anyway. set_stream_threshold_bytes(-1) restores the default.
 int64_t stream_threshold_bytes();
 void set_stream_threshold_bytes(int64_t bytes);
+// The same for the column kernels' (N, C, H, W) maps, whose tiles write each of C planes
+// at the same offset (a 128 x 128 map's planes are 64 KiB apart: the same cache sets), so
+// that plain stores' reads for ownership cost more than a row's: by default 4 MiB (or the
+// threshold above, if smaller); a threshold that was set applies as it is.
+int64_t map_stream_threshold_bytes();
 
 }  // namespace tlf::cpu

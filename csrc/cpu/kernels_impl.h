@@ -359,11 +359,11 @@ inline void stream_fence() {
 // together outgrow the last-level cache, and the gradient is not written over the logits
 // (an in-place row's lines are in the cache already, just read).
 template <typename scalar_t>
-inline bool stream_gradient(const SoftmaxLossParams& p) {
+inline bool stream_gradient(const SoftmaxLossParams& p,
+                            int64_t threshold_bytes = stream_threshold_bytes()) {
   return kStreamStores && std::is_same_v<typename AccOf<scalar_t>::type, float> &&
          p.grad_input != nullptr && p.grad_input != p.input &&
-         2 * p.in.rows() * p.in.C * static_cast<int64_t>(sizeof(scalar_t)) >
-             stream_threshold_bytes();
+         2 * p.in.rows() * p.in.C * static_cast<int64_t>(sizeof(scalar_t)) > threshold_bytes;
 }
 
 // Whether a gradient row starting at g takes the streaming stores (every pair after an

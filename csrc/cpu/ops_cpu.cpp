@@ -52,6 +52,13 @@ at::Tensor row_factors(const at::Tensor& grad_loss, const at::Tensor& grad_scale
   const auto g = grad_loss.accessor<T, 2>();
   const auto s = grad_scale.accessor<T, 2>();
   const int64_t B = g.size(0), D = g.size(1);
+  // One value each, expanded (loss.backward() of a mean or a sum): one comparison stands
+  // for every row's (the loop over a (65536, 10) loss's rows was ~5% of its backward).
+  const auto uniform = [](const at::Tensor& t) { return t.stride(0) == 0 && t.stride(1) == 0; };
+  if (B > 0 && D > 0 && uniform(grad_loss) && uniform(grad_scale) &&
+      (g[0][0] == s[0][0] || !std::isfinite(s[0][0]))) {
+    return at::Tensor();
+  }
   at::Tensor factor;  // allocated at the first row that needs a factor
   T* f = nullptr;
   for (int64_t b = 0; b < B; ++b) {
