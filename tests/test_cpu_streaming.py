@@ -34,6 +34,13 @@ CASES = textwrap.dedent("""
     import torch
     import torchloss_fused as tlf
 
+    def record(out, key, x, fn):
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        loss.backward()
+        out[key + "-loss"] = loss.detach()
+        out[key + "-grad"] = leaf.grad
+
     def cases():
         out = {}
         gen = torch.Generator().manual_seed(7)
@@ -59,12 +66,7 @@ CASES = textwrap.dedent("""
                         # a gradient into lse: the separate backward
                         ("lse", lambda v: sum(t.sum() for t in tlf.cross_entropy(
                             v, y, reduction="none", return_lse=True)))):
-                    leaf = x.clone().requires_grad_()
-                    loss = fn(leaf)
-                    loss.backward()
-                    key = f"{c}-{str(dtype)[6:]}-{name}"
-                    out[key + "-loss"] = loss.detach()
-                    out[key + "-grad"] = leaf.grad
+                    record(out, f"{c}-{str(dtype)[6:]}-{name}", x, fn)
         # (N, C, H, W) maps: the column kernels' tiles, a class's lanes contiguous; 96
         # positions a plane: whole tiles, planes aligned; 63: a partial tile, planes not
         for shape in ((2, 21, 8, 12), (2, 5, 7, 9)):
@@ -76,12 +78,7 @@ CASES = textwrap.dedent("""
                         ("mean", lambda v: tlf.cross_entropy(v, y)),
                         ("lse", lambda v: sum(t.sum() for t in tlf.cross_entropy(
                             v, y, reduction="none", return_lse=True)))):
-                    leaf = x.clone().requires_grad_()
-                    loss = fn(leaf)
-                    loss.backward()
-                    key = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}"
-                    out[key + "-loss"] = loss.detach()
-                    out[key + "-grad"] = leaf.grad
+                    record(out, f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}", x, fn)
         return out
 
     if __name__ == "__main__":
