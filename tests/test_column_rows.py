@@ -162,10 +162,14 @@ def test_a_rows_bits_do_not_depend_on_its_tile(dtype):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("gamma", [0.0, 2.0])
-def test_focal_loss(dtype, gamma):
-    x, t, _ = _inputs((2, 10, 3, 11), dtype, {"ignore": True}, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.7])
+@pytest.mark.parametrize("shape", [(2, 10, 3, 11), (90, 10, 1, 1)])
+def test_focal_loss(dtype, gamma, shape):
+    """Focal's terms are formed a vector of lanes at a time (FocalLanes: gamma 1 and 2 by
+    products, others by pow; 1 - p_t by expm1 near p_t = 1): a map's rows and short rows
+    against the reference's rows, p_t on both sides of 1/2."""
+    x, t, _ = _inputs(shape, dtype, {"ignore": True}, seed=3)
     alpha = torch.rand(10, dtype=torch.float64).to(dtype) + 0.1
     for reduction in ("mean", "none"):
         loss, grad = _loss_and_grad(tlf.focal_loss, x, t, reduction, gamma=gamma, alpha=alpha)

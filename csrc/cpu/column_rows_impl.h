@@ -13,10 +13,14 @@
 //
 // The gradient is the row kernels' formula element for element (row_grad,
 // write_row_grad): A exp(s - hi) [- D q_c] [* ds/dx], the target's A exp(s_t - hi) - D q_t
-// - B (times its ds/dx) by std::exp, ignored rows +0; so the fused forward here and the
-// row kernels' split backward from the stored lse make the same bits. The lse itself, a
-// sum down the classes in another order than a row's, may differ from the row kernels' in
-// the last bit for the same logits in another layout.
+// - B (times its ds/dx), ignored rows +0. The per-row terms that take a transcendental
+// function (the target's exp; focal loss's exp, expm1 and pow) are formed a vector of
+// lanes at a time (ColumnTile::finish_lanes), where the row kernels call the library once
+// per row: a few-class row's time went mostly to those calls. The fused forward here and
+// the split backward (both these kernels: column_layout decides alike for both) make the
+// same bits. The lse, a sum down the classes in another order than a row's, and those
+// vector functions may differ from the row kernels' in the last bit for the same logits
+// in another layout.
 #ifndef CPU_CAPABILITY
 #error "column_rows_impl.h is included by kernels_impl.h"
 #endif
@@ -45,6 +49,34 @@ inline bool column_layout(const SoftmaxLossParams& p, bool with_grad) {
   return across(p.in) && p.in.C <= kColumnMaxClasses && (!with_grad || across(p.grad_layout));
 }
 
+// Focal's terms (kernels_impl.h) for a vector of lanes: the same formulas, branches as
+// selects, with vector exp, expm1 and pow for the library's scalar calls. gamma = 0 gives
+// cross-entropy's values exactly, as Focal does (no function is called then).
+template <typename acc_t>
+struct FocalLanes {
+  using V = Vectorized<acc_t>;
+  V log_pt, alpha_t, pt, q, q_pow, loss;
+  acc_t gamma;
+  FocalLanes(const V& log_pt_, const V& alpha_t_, acc_t gamma_)
+      : log_pt(log_pt_), alpha_t(alpha_t_), pt(0), q(0), q_pow(1), gamma(gamma_) {
+    if (gamma != 0) {
+      pt = vexp_elementwise<acc_t>(log_pt);
+      // (1 - p_t below p_t = 1/2, as Focal: expm1 only near p_t = 1)
+      q = V::blendv(log_pt.expm1().neg(), V(acc_t(1)) - pt,
+                    log_pt < V(acc_t(-0.6931471805599453)));
+      q_pow = gamma == 1 ? q : gamma == 2 ? q * q : q.pow(V(gamma));
+    }
+    loss = (alpha_t * q_pow) * (V(acc_t(0)) - log_pt);
+  }
+  V factor() const {
+    if (gamma == 0) return alpha_t;
+    const V zero(acc_t(0));
+    const V ratio = V::blendv(V(acc_t(-1)), log_pt / q, q > zero);
+    const V corr = V::blendv(zero, V(gamma) * pt * ratio, pt > zero);
+    return alpha_t * q_pow * (V(acc_t(1)) - corr);
+  }
+};
+
 // A tile: up to kColumnLanes rows of one plane, their transformed logits [c][lane], and
 // per-lane values the passes share.
 template <typename acc_t>
@@ -54,6 +86,10 @@ struct ColumnTile {
   alignas(64) acc_t M[W], S[W];
   // gradient coefficients per lane (row_grad's A, D, B folded as below)
   alignas(64) acc_t A[W], D[W], hi[W], target[W], gt[W], keep[W];
+  // the rest of a lane's terms for finish_lanes: its lse's lo, its target's transformed
+  // logit, B and q_t; for focal rows the loss gradient, lse gradient, exp(-lo), alpha_t,
+  // and the loss it forms
+  alignas(64) acc_t lo[W], st[W], B[W], qt[W], g[W], g_lse[W], corr[W], alpha[W], loss[W];
   int64_t t[W];  // the lanes' class-index targets (read_targets)
   alignas(64) acc_t lse_hi[W], lse_lo[W];  // the lanes' lse (lse_lanes)
 
@@ -179,41 +215,94 @@ struct ColumnTile {
     }
   }
 
-  // Lane l's gradient coefficients, as write_row_grad / row_grad form them for an index
-  // target t (ignored: keep 0 unless the lse has a gradient), g the row's loss gradient,
-  // raw_st its target's logit as stored (index_row_coef's), g_lse the lse's gradient.
-  void set_coefficients(const SoftmaxLossParams& p, int64_t l, int64_t t, const RowLse<acc_t>& L,
-                        acc_t g, acc_t raw_st, acc_t g_lse, bool has_g_lse,
-                        const Transform<acc_t>& tf) {
-    const acc_t corr = L.correction();
+  // Lane l's terms for a focal row's loss (finish_lanes): t its target, ignored or not.
+  void set_focal_lane(const SoftmaxLossParams& p, int64_t l, int64_t t, const RowLse<acc_t>& L) {
+    const bool ignored = t == p.ignore_index;
     hi[l] = L.hi;
+    lo[l] = L.lo;
+    target[l] = ignored ? acc_t(-1) : static_cast<acc_t>(t);
+    st[l] = ignored ? acc_t(0) : s[t * W + l];
+    alpha[l] = ignored ? acc_t(0) : focal_alpha<acc_t>(p, t);
+  }
+
+  // Lane l's gradient coefficients, as write_row_grad / row_grad form them for an index
+  // target t (ignored: keep 0 unless the lse has a gradient), g_loss the row's loss
+  // gradient, lse_grad the lse's. The target's element gt, and a focal row's A and B, are
+  // finish_lanes' to form.
+  void set_coefficients(const SoftmaxLossParams& p, int64_t l, int64_t t, const RowLse<acc_t>& L,
+                        acc_t g_loss, acc_t lse_grad, bool has_g_lse) {
+    const acc_t c = L.correction();
+    hi[l] = L.hi;
+    lo[l] = L.lo;
+    B[l] = qt[l] = D[l] = 0;
+    st[l] = 0;
     if (t == p.ignore_index) {
-      const bool lse_grad = has_g_lse && g_lse != 0;
-      A[l] = lse_grad ? g_lse * corr : acc_t(0);
-      D[l] = 0;
+      const bool through_lse = has_g_lse && lse_grad != 0;
+      A[l] = through_lse ? lse_grad * c : acc_t(0);
       target[l] = -1;
-      gt[l] = 0;
-      keep[l] = lse_grad ? acc_t(1) : acc_t(0);
+      alpha[l] = g[l] = g_lse[l] = corr[l] = 0;
+      keep[l] = through_lse ? acc_t(1) : acc_t(0);
       return;
     }
-    IndexRowCoef<acc_t> kc = index_row_coef<acc_t>(p, t, L, g, raw_st);
-    if (has_g_lse) kc.A += g_lse;
-    const acc_t a = kc.A * corr;
-    const auto* w = static_cast<const acc_t*>(p.weight);
-    const acc_t st = s[t * W + l];
-    const bool with_q = kc.D != 0 && w != nullptr, uniform_q = kc.D != 0 && w == nullptr;
-    const acc_t qt = with_q ? w[t] : (uniform_q ? acc_t(1) : acc_t(0));
-    A[l] = a;
-    D[l] = kc.D;
-    target[l] = static_cast<acc_t>(t);
-    gt[l] = target_grad(a, kc.D, kc.B, qt, st, L.hi, tf);
     keep[l] = 1;
+    if (p.focal) {  // (finish_lanes forms A and B from Focal's factor)
+      set_focal_lane(p, l, t, L);
+      g[l] = g_loss;
+      g_lse[l] = lse_grad;
+      corr[l] = c;
+      return;
+    }
+    // (the target logit index_row_coef takes is focal's only)
+    IndexRowCoef<acc_t> kc = index_row_coef<acc_t>(p, t, L, g_loss, acc_t(0));
+    if (has_g_lse) kc.A += lse_grad;
+    const auto* w = static_cast<const acc_t*>(p.weight);
+    const bool with_q = kc.D != 0 && w != nullptr, uniform_q = kc.D != 0 && w == nullptr;
+    A[l] = kc.A * c;
+    D[l] = kc.D;
+    B[l] = kc.B;
+    qt[l] = with_q ? w[t] : (uniform_q ? acc_t(1) : acc_t(0));
+    target[l] = static_cast<acc_t>(t);
+    st[l] = s[t * W + l];
+  }
+
+  // The lanes' per-row terms that take a transcendental function, a vector of lanes at a
+  // time: focal rows' loss (into loss) and, with a gradient, their A = (g F [+ g_lse])
+  // exp(-lo) and B = g F (index_row_coef's, F Focal's factor); then every counted lane's
+  // target element gt = A exp(s_t - hi) - D q_t - B [times ds/dx] (target_grad's formula).
+  void finish_lanes(const SoftmaxLossParams& p, const Transform<acc_t>& tf, bool with_grad,
+                    bool has_g_lse) {
+    using V = Vectorized<acc_t>;
+    if (!p.focal && !with_grad) return;
+    const V zero(acc_t(0));
+    for (int64_t j = 0; j < W; j += V::size()) {
+      const V sv = V::loadu(st + j), h = V::loadu(hi + j);
+      const V counted = V::loadu(target + j) >= zero;
+      V a = V::loadu(A + j), b = V::loadu(B + j);
+      if (p.focal) {
+        const FocalLanes<acc_t> fo((sv - h) - V::loadu(lo + j), V::loadu(alpha + j),
+                                   static_cast<acc_t>(p.gamma));
+        fo.loss.store(loss + j);
+        if (with_grad) {
+          const V gf = V::loadu(g + j) * fo.factor();
+          const V ga = has_g_lse ? gf + V::loadu(g_lse + j) : gf;
+          a = V::blendv(a, ga * V::loadu(corr + j), counted);
+          b = V::blendv(b, gf, counted);
+          a.store(A + j);
+          b.store(B + j);
+        }
+      }
+      if (!with_grad) continue;
+      V e = a * vexp_elementwise<acc_t>(sv - h) - V::loadu(D + j) * V::loadu(qt + j) - b;
+      if (tf.active()) e = e * tf.deriv(sv);
+      e.store(gt + j);
+    }
   }
 
   // Lanes [k, W) of the coefficients: zeros, never stored.
   void clear_from(int64_t k) {
     for (int64_t l = k; l < W; ++l) {
       A[l] = D[l] = hi[l] = gt[l] = keep[l] = 0;
+      lo[l] = st[l] = B[l] = qt[l] = g[l] = g_lse[l] = corr[l] = alpha[l] = 0;
       target[l] = -1;
     }
   }
@@ -291,14 +380,12 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   auto* lse_out = static_cast<double*>(p.lse);
   ColumnTile<acc_t> tile(C);
   int64_t bad_row = -1;
-  const int64_t ls = lane_stride(p.in);
   for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
     if (bad_row >= 0 || (bad_row = read_targets(p, r0, k, tile.t, bad_target)) >= 0) return;
     tile.load(p, x, r0, k, tf);
     tile.max_and_sum(C);
     tile.lse_lanes();
     tile.clear_from(k);
-    const scalar_t* x0 = x + p.in.row_offset(r0);
     const LaneOffsets g_at(p.grad_loss, r0);
     for (int64_t l = 0; l < k; ++l) {
       const int64_t r = r0 + l;
@@ -307,16 +394,23 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
       lse_out[r] = stored_lse<kSplitLse<scalar_t>>(L);
       const bool ignored = t == p.ignore_index;
       if (p.with_grad) {
-        const acc_t raw_st = ignored ? acc_t(0) : static_cast<acc_t>(x0[l * ls + t * p.in.sc]);
-        tile.set_coefficients(p, l, t, L, lane_value<acc_t>(p.grad_loss, g_at, l), raw_st,
-                              acc_t(0), false, tf);
+        tile.set_coefficients(p, l, t, L, lane_value<acc_t>(p.grad_loss, g_at, l), acc_t(0),
+                              false);
+      } else if (p.focal) {
+        tile.set_focal_lane(p, l, t, L);
       }
       if (ignored) {
         loss[r] = 0;
-        continue;
+      } else if (!p.focal) {
+        loss[r] = index_row_loss<acc_t>(p, t, L, tile.s[t * tile.W + l],
+                                        [&] { return tile.weighted_nll_sum(C, w, l, L); });
       }
-      loss[r] = index_row_loss<acc_t>(p, t, L, tile.s[t * tile.W + l],
-                                      [&] { return tile.weighted_nll_sum(C, w, l, L); });
+    }
+    tile.finish_lanes(p, tf, p.with_grad, false);
+    if (p.focal) {
+      for (int64_t l = 0; l < k; ++l) {
+        if (tile.t[l] != p.ignore_index) loss[r0 + l] = tile.loss[l];
+      }
     }
     if (p.with_grad) {
       tile.template write_grad<scalar_t>(p, r0, k, tf, eps > 0 && !p.focal,
@@ -340,13 +434,11 @@ int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
   ColumnTile<acc_t> tile(C);
   int64_t bad_row = -1;
-  const int64_t ls = lane_stride(p.in);
   for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
     if (bad_row >= 0 || (bad_row = read_targets(p, r0, k, tile.t, bad_target)) >= 0) return;
     tile.load(p, x, r0, k, tf);
     bool recomputed = false;
     tile.clear_from(k);
-    const scalar_t* x0 = x + p.in.row_offset(r0);
     const LaneOffsets g_at(p.grad_loss, r0);
     const LaneOffsets g_lse_at(p.grad_lse, r0);
     for (int64_t l = 0; l < k; ++l) {
@@ -361,13 +453,12 @@ int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
         recomputed = true;
         L = tile.lse(l);
       }
-      const bool ignored = t == p.ignore_index;
-      const acc_t raw_st = ignored ? acc_t(0) : static_cast<acc_t>(x0[l * ls + t * p.in.sc]);
       const acc_t g_lse =
           has_g_lse ? static_cast<acc_t>(lane_value<double>(p.grad_lse, g_lse_at, l)) : acc_t(0);
-      tile.set_coefficients(p, l, t, L, lane_value<acc_t>(p.grad_loss, g_at, l), raw_st, g_lse,
-                            has_g_lse, tf);
+      tile.set_coefficients(p, l, t, L, lane_value<acc_t>(p.grad_loss, g_at, l), g_lse,
+                            has_g_lse);
     }
+    tile.finish_lanes(p, tf, true, has_g_lse);
     tile.template write_grad<scalar_t>(p, r0, k, tf, p.label_smoothing > 0 && !p.focal,
                                        PostScale<scalar_t, acc_t>(1.0));
   });
