@@ -5,9 +5,9 @@ any layout, gathered lane by lane (a (65536, 2) forward+backward was 0.6x F's). 
 every option against F and against the pure-PyTorch reference in float64 on the same logits laid
 out as (N*H*W, C) rows;
 the fused forward's gradient bitwise the split backward's (the tests' retain_graph and
-`none` paths), also on a layout whose gradient goes back through the row kernels; a row's
-bits independent of where the tiles fall (views shifted by a row, thread counts);
-in-place backward; out-of-range targets; non-finite rows."""
+`none` paths); a row's bits independent of where the tiles fall (views shifted by a row,
+thread counts); in-place backward; out-of-range targets; non-finite rows; focal loss;
+probability targets (in their own layout, float32 beside reduced logits)."""
 
 from __future__ import annotations
 
@@ -240,3 +240,100 @@ def test_unused_dims():
         f_loss, f_grad = _loss_and_grad(F.cross_entropy, x.double(), t, red)
         torch.testing.assert_close(loss.double(), f_loss, rtol=TOL[dtype], atol=TOL[dtype])
         torch.testing.assert_close(grad.double(), f_grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# Probability targets (soft labels: mixup, distillation) take the column kernels as well:
+# the target's tile is gathered as the logits' is, in its own layout.
+PROB_OPTIONS = {
+    "plain": {},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap+scale": {"softcap": 3.0, "logit_scale": 0.7},
+}
+
+
+def _prob_target(shape, dtype, layout, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    p = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).softmax(1)
+    return _laid_out(p.to(dtype), layout)
+
+
+def _reference_prob_rows(x, target, reduction, kw, dtype=torch.float64):
+    kw = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in kw.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_backend, "_HAS_KERNELS", {})
+        loss, grad = _loss_and_grad(tlf.cross_entropy, _as_rows(x).to(dtype),
+                                    _as_rows(target).to(dtype), reduction, **kw)
+    N, C, H, W = x.shape
+    return loss, grad.reshape(N, H, W, C).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("opt", list(PROB_OPTIONS))
+@pytest.mark.parametrize("target_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "transposed rows"])
+@pytest.mark.parametrize("shape", SHAPES + [(40, 10, 1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_probability_targets(dtype, shape, layout, target_layout, opt, reduction):
+    x, _, kw = _inputs(shape, dtype, PROB_OPTIONS[opt])
+    x = _laid_out(x, layout)
+    target = _prob_target(shape, dtype, target_layout)
+    loss, grad = _loss_and_grad(tlf.cross_entropy, x, target, reduction, **kw)
+    rows_loss, rows_grad = _reference_prob_rows(x, target, reduction, kw)
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double().reshape(-1), rows_loss.reshape(-1),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.double(), rows_grad, rtol=tol, atol=tol)
+    if not {"softcap", "logit_scale", "z_loss"} & set(kw):  # (F has none of them)
+        kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        f_loss, f_grad = _loss_and_grad(F.cross_entropy, x.double(), target.double(), reduction,
+                                        **kw64)
+        torch.testing.assert_close(loss.double(), f_loss, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad.double(), f_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", ["plain", "weight+smoothing", "softcap+scale"])
+def test_probability_targets_fused_gradient_is_the_split_backwards(dtype, opt):
+    x, _, kw = _inputs((2, 21, 5, 13), dtype, PROB_OPTIONS[opt], seed=6)
+    target = _prob_target((2, 21, 5, 13), dtype, "nchw")
+    xg = x.clone().requires_grad_()
+    loss = tlf.cross_entropy(xg, target, reduction="sum", **kw)
+    (first,) = torch.autograd.grad(loss, xg, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, xg)
+    assert torch.equal(first, second)
+    _, split = _loss_and_grad(tlf.cross_entropy, x, target, "none", **kw)
+    assert torch.equal(first, split)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_probability_targets_in_float32_beside_reduced_logits(dtype):
+    """A float32 target with bf16/fp16 logits is read as float32 (not rounded to the
+    logits' dtype), on a map and on short rows."""
+    for shape in ((2, 7, 3, 11), (50, 5, 1, 1)):
+        x, _, _ = _inputs(shape, dtype, {})
+        target = _prob_target(shape, torch.float32, "nchw")
+        loss, grad = _loss_and_grad(tlf.cross_entropy, x, target, "none")
+        rows_loss, rows_grad = _reference_prob_rows(x, target, "none", {})
+        torch.testing.assert_close(loss.double().reshape(-1), rows_loss.reshape(-1),
+                                   rtol=TOL[dtype], atol=TOL[dtype])
+        torch.testing.assert_close(grad.double(), rows_grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_probability_targets_non_finite_as_the_reference():
+    """A NaN or infinite target probability, and -inf/NaN logits: the same NaN/inf
+    positions as the reference's rows."""
+    x, _, _ = _inputs((1, 4, 1, 40), torch.float32, {})
+    target = _prob_target((1, 4, 1, 40), torch.float32, "nchw").clone()
+    x = x.clone()
+    target[0, 1, 0, 0] = float("nan")
+    target[0, 2, 0, 1] = float("inf")
+    x[0, 1:, 0, 2] = float("-inf")
+    x[0, :, 0, 3] = float("-inf")
+    x[0, 2, 0, 4] = float("nan")
+    for reduction in ("none", "sum"):
+        loss, grad = _loss_and_grad(tlf.cross_entropy, x, target, reduction)
+        rows_loss, rows_grad = _reference_prob_rows(x, target, reduction, {},
+                                                    dtype=torch.float32)
+        torch.testing.assert_close(loss.reshape(-1), rows_loss.reshape(-1), equal_nan=True)
+        torch.testing.assert_close(grad, rows_grad, equal_nan=True)

@@ -9,7 +9,9 @@
 // transformed into a scratch tile [c][lane] once; the max and the sum of exponentials run
 // down the classes, lane-wise; the gradient is stored a class (W contiguous values) at a
 // time. A lane's results depend on its row alone, never on which lanes share its tile,
-// so the bits do not depend on how a call's rows are split over threads.
+// so the bits do not depend on how a call's rows are split over threads. A probability
+// target is loaded into a second tile [c][lane] (as q_c = t'_c w_c), its sums run down
+// the classes as the max's do.
 //
 // The gradient is the row kernels' formula element for element (row_grad,
 // write_row_grad): A exp(s - hi) [- D q_c] [* ds/dx], the target's A exp(s_t - hi) - D q_t
@@ -39,12 +41,13 @@ constexpr int64_t kShortRowClasses = 32;
 // The element distance between a tile's adjacent lanes (rows r and r + 1 of one plane).
 inline int64_t lane_stride(const RowLayout& l) { return l.D > 1 ? l.sd : l.sb; }
 
-// Whether p's rows take the column kernels: class-index targets, and either rows laid
-// across memory (D > 1, adjacent rows sd = 1, classes apart; with a gradient, laid out
-// alike) or short rows of any layout.
+// Whether p's rows take the column kernels: rows laid across memory (D > 1, adjacent rows
+// sd = 1, classes apart; with a gradient, laid out alike) or short rows of any layout,
+// with class-index or probability targets (a probability target in any layout: its tile
+// is gathered as the logits' is).
 inline bool column_layout(const SoftmaxLossParams& p, bool with_grad) {
   const auto across = [&](const RowLayout& l) { return l.D > 1 && l.sd == 1 && l.sc != 1; };
-  if (p.prob_target || p.in.C < 1) return false;
+  if (p.in.C < 1) return false;
   if (p.in.C <= kShortRowClasses) return true;
   return across(p.in) && p.in.C <= kColumnMaxClasses && (!with_grad || across(p.grad_layout));
 }
@@ -92,8 +95,13 @@ struct ColumnTile {
   alignas(64) acc_t lo[W], st[W], B[W], qt[W], g[W], g_lse[W], corr[W], alpha[W], loss[W];
   int64_t t[W];  // the lanes' class-index targets (read_targets)
   alignas(64) acc_t lse_hi[W], lse_lo[W];  // the lanes' lse (lse_lanes)
+  // probability targets: C x W weights q_c = t'_c w_c (load_prob_target), and per lane
+  // sum_c q_c and sum_c q_c (lse - s_c) (prob_sums)
+  std::vector<acc_t> q;
+  alignas(64) acc_t mass[W], nll[W];
 
-  explicit ColumnTile(int64_t C) : s(static_cast<size_t>(C * W)) {}
+  explicit ColumnTile(int64_t C, bool prob_target = false)
+      : s(static_cast<size_t>(C * W)), q(prob_target ? static_cast<size_t>(C * W) : 0) {}
 
   // Loads rows r0 .. r0 + k - 1 (one plane, adjacent) of x, transformed. Short rows read
   // one block a tile, element by element; the next tiles' blocks are prefetched. (A map's
@@ -150,6 +158,77 @@ struct ColumnTile {
     }
   }
 
+  // Rows r0 .. r0 + k - 1 of p's probability target into q, as q_c = t'_c w_c with
+  // t' = (1 - eps) t + eps / C (kernels_impl.h's load_prob_target, elementwise alike).
+  template <typename scalar_t>
+  void load_prob_target(const SoftmaxLossParams& p, int64_t r0, int64_t k) {
+    if (p.target_is_float32 && !std::is_same_v<scalar_t, float>) {
+      load_q(static_cast<const float*>(p.prob_target_ptr), p, r0, k);
+    } else {
+      load_q(static_cast<const scalar_t*>(p.prob_target_ptr), p, r0, k);
+    }
+  }
+
+  template <typename target_t>
+  void load_q(const target_t* target_ptr, const SoftmaxLossParams& p, int64_t r0, int64_t k) {
+    using V = Vectorized<acc_t>;
+    const RowLayout& tl = p.prob_target_layout;
+    const target_t* base = target_ptr + tl.row_offset(r0);
+    const int64_t ls = lane_stride(tl);
+    const auto* w = static_cast<const acc_t*>(p.weight);
+    const acc_t eps = static_cast<acc_t>(p.label_smoothing);
+    const V keep_t(acc_t(1) - eps), add(eps / static_cast<acc_t>(p.in.C));
+    for (int64_t c = 0; c < p.in.C; ++c) {
+      acc_t* dst = q.data() + c * W;
+      load_block(base + c * tl.sc, ls, k, dst);
+      std::fill(dst + k, dst + W, acc_t(0));
+      for (int64_t j = 0; j < W; j += V::size()) {
+        V v = V::loadu(dst + j);
+        if (eps > 0) v = v * keep_t + add;
+        if (w != nullptr) v = v * V(w[c]);
+        v.store(dst + j);
+      }
+    }
+  }
+
+  // Per lane, sum_c q_c into mass and (with_loss) sum_c q_c (lse - s_c) into nll, down
+  // the classes, from the lanes' lse (lse_lanes).
+  void prob_sums(int64_t C, bool with_loss) {
+    using V = Vectorized<acc_t>;
+    for (int64_t j = 0; j < W; j += V::size()) {
+      V m(acc_t(0));
+      for (int64_t c = 0; c < C; ++c) m = m + V::loadu(q.data() + c * W + j);
+      m.store(mass + j);
+      if (!with_loss) continue;
+      // (lse - s as RowLse::minus: (hi - s) - (0 - lo))
+      const V h = V::loadu(lse_hi + j), neg_lo = V(acc_t(0)) - V::loadu(lse_lo + j);
+      V n(acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        n = n + V::loadu(q.data() + c * W + j) * ((h - V::loadu(s.data() + c * W + j)) - neg_lo);
+      }
+      n.store(nll + j);
+    }
+  }
+
+  // Lane l's gradient coefficients for a probability target, as write_row_grad forms
+  // them: A = g (sum_c q_c) [+ 2 z lse g] [+ g_lse], times exp(-lo), and D = g (q from
+  // the tile). One class with a z-loss: A's mass term is mass * 0 and D = 0
+  // (index_row_coef says why).
+  void set_prob_coefficients(const SoftmaxLossParams& p, int64_t l, const RowLse<acc_t>& L,
+                             acc_t g_loss, acc_t lse_grad, bool has_g_lse) {
+    const acc_t z = static_cast<acc_t>(p.z_loss);
+    const bool one_class = p.in.C == 1 && z != 0;
+    acc_t a = one_class ? g_loss * (mass[l] * acc_t(0)) : g_loss * mass[l];
+    if (z != 0) a += g_loss * 2 * z * L.hi;
+    if (has_g_lse) a += lse_grad;
+    A[l] = a * L.correction();
+    D[l] = one_class ? acc_t(0) : g_loss;
+    hi[l] = L.hi;
+    target[l] = -1;
+    gt[l] = 0;
+    keep[l] = 1;
+  }
+
   RowLse<acc_t> lse(int64_t l) const {
     RowLse<acc_t> L;
     L.hi = lse_hi[l];
@@ -169,12 +248,13 @@ struct ColumnTile {
 
   // The gradient of lanes [0, k), a class at a time, into rows r0 .. of p.grad_input, from
   // the per-lane A, D, hi, target, gt and keep set by the caller (keep 0: an ignored row,
-  // +0). smooth: D may be nonzero on some lane (q = w, or 1 without weights). A fused
-  // forward's post scale (the upstream guess) as row_grad applies it: to every element of
-  // a counted row, the target's too.
+  // +0). smooth: D may be nonzero on some lane (q = w, or 1 without weights, or the
+  // tile's q for a probability target). A fused forward's post scale (the upstream
+  // guess) as row_grad applies it: to every element of a counted row, the target's too.
   template <typename scalar_t>
   void write_grad(const SoftmaxLossParams& p, int64_t r0, int64_t k, const Transform<acc_t>& tf,
                   bool smooth, const PostScale<scalar_t, acc_t>& post) {
+    const acc_t* qt_tile = p.prob_target ? q.data() : nullptr;
     using V = Vectorized<acc_t>;
     const int64_t C = p.in.C;
     const auto* w = static_cast<const acc_t*>(p.weight);
@@ -195,7 +275,9 @@ struct ColumnTile {
         if (smooth) {
           // (row_grad subtracts D q only on rows where D != 0: 0 * q of a non-finite
           // weight would be NaN)
-          const V minus = w != nullptr ? gv - vD * vq : gv - vD;
+          const V minus = qt_tile != nullptr ? gv - vD * V::loadu(qt_tile + c * W + j)
+                          : w != nullptr     ? gv - vD * vq
+                                             : gv - vD;
           gv = V::blendv(gv, minus, vD != V(acc_t(0)));
         }
         if (tf.active()) gv = gv * tf.deriv(sv);
@@ -378,15 +460,39 @@ int64_t softmax_loss_fwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   const acc_t eps = static_cast<acc_t>(p.label_smoothing);
   auto* loss = static_cast<acc_t*>(p.loss);
   auto* lse_out = static_cast<double*>(p.lse);
-  ColumnTile<acc_t> tile(C);
+  ColumnTile<acc_t> tile(C, p.prob_target);
   int64_t bad_row = -1;
   for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
-    if (bad_row >= 0 || (bad_row = read_targets(p, r0, k, tile.t, bad_target)) >= 0) return;
+    if (!p.prob_target &&
+        (bad_row >= 0 || (bad_row = read_targets(p, r0, k, tile.t, bad_target)) >= 0)) {
+      return;
+    }
     tile.load(p, x, r0, k, tf);
     tile.max_and_sum(C);
     tile.lse_lanes();
     tile.clear_from(k);
     const LaneOffsets g_at(p.grad_loss, r0);
+    if (p.prob_target) {
+      tile.template load_prob_target<scalar_t>(p, r0, k);
+      tile.prob_sums(C, true);
+      const acc_t z = static_cast<acc_t>(p.z_loss);
+      for (int64_t l = 0; l < k; ++l) {
+        const RowLse<acc_t> L = tile.lse(l);
+        acc_t row_loss = tile.nll[l];
+        if (z != 0) row_loss += z * L.hi * L.hi;
+        loss[r0 + l] = row_loss;
+        lse_out[r0 + l] = stored_lse<kSplitLse<scalar_t>>(L);
+        if (p.with_grad) {
+          tile.set_prob_coefficients(p, l, L, lane_value<acc_t>(p.grad_loss, g_at, l), acc_t(0),
+                                     false);
+        }
+      }
+      if (p.with_grad) {
+        tile.template write_grad<scalar_t>(p, r0, k, tf, true,
+                                           PostScale<scalar_t, acc_t>(p.post_scale));
+      }
+      return;
+    }
     for (int64_t l = 0; l < k; ++l) {
       const int64_t r = r0 + l;
       const int64_t t = tile.t[l];
@@ -432,18 +538,24 @@ int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
   const Transform<acc_t> tf(p.logit_scale, p.softcap);
   const auto* lse_in = static_cast<const double*>(p.lse_in);
   const bool has_g_lse = p.grad_lse.ptr != nullptr;
-  ColumnTile<acc_t> tile(C);
+  ColumnTile<acc_t> tile(C, p.prob_target);
   int64_t bad_row = -1;
   for_each_column_tile(p.in, begin, end, tile.W, [&](int64_t r0, int64_t k) {
-    if (bad_row >= 0 || (bad_row = read_targets(p, r0, k, tile.t, bad_target)) >= 0) return;
+    if (!p.prob_target &&
+        (bad_row >= 0 || (bad_row = read_targets(p, r0, k, tile.t, bad_target)) >= 0)) {
+      return;
+    }
     tile.load(p, x, r0, k, tf);
     bool recomputed = false;
     tile.clear_from(k);
+    if (p.prob_target) {
+      tile.template load_prob_target<scalar_t>(p, r0, k);
+      tile.prob_sums(C, false);
+    }
     const LaneOffsets g_at(p.grad_loss, r0);
     const LaneOffsets g_lse_at(p.grad_lse, r0);
     for (int64_t l = 0; l < k; ++l) {
       const int64_t r = r0 + l;
-      const int64_t t = tile.t[l];
       RowLse<acc_t> L = split_lse<kSplitLse<scalar_t>, acc_t>(lse_in[r]);
       if (!stored_lse_suffices(L.hi)) {  // (as the forward made it: the same column sums)
         if (!recomputed) {
@@ -455,12 +567,17 @@ int64_t softmax_loss_bwd_columns(const SoftmaxLossParams& p, int64_t begin, int6
       }
       const acc_t g_lse =
           has_g_lse ? static_cast<acc_t>(lane_value<double>(p.grad_lse, g_lse_at, l)) : acc_t(0);
-      tile.set_coefficients(p, l, t, L, lane_value<acc_t>(p.grad_loss, g_at, l), g_lse,
-                            has_g_lse);
+      const acc_t g_loss = lane_value<acc_t>(p.grad_loss, g_at, l);
+      if (p.prob_target) {
+        tile.set_prob_coefficients(p, l, L, g_loss, g_lse, has_g_lse);
+      } else {
+        tile.set_coefficients(p, l, tile.t[l], L, g_loss, g_lse, has_g_lse);
+      }
     }
-    tile.finish_lanes(p, tf, true, has_g_lse);
-    tile.template write_grad<scalar_t>(p, r0, k, tf, p.label_smoothing > 0 && !p.focal,
-                                       PostScale<scalar_t, acc_t>(1.0));
+    if (!p.prob_target) tile.finish_lanes(p, tf, true, has_g_lse);
+    tile.template write_grad<scalar_t>(
+        p, r0, k, tf, p.prob_target || (p.label_smoothing > 0 && !p.focal),
+        PostScale<scalar_t, acc_t>(1.0));
   });
   stream_fence();  // (write_grad's streaming stores)
   return bad_row;
